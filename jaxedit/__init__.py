@@ -1,0 +1,10 @@
+"""jaxedit: locate and edit memories in language models, in JAX."""
+from jaxedit.config import ModelConfig
+from jaxedit.errors import JaxeditError
+from jaxedit.forward import ForwardOutput, Interventions, apply
+from jaxedit.loading import DEFAULT_MODEL, load
+from jaxedit.model import count_params, create_model, forward, model_from_params, params_of
+
+__all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "apply", "load", "DEFAULT_MODEL",
+           "forward", "create_model", "model_from_params", "params_of", "count_params"]
+__version__ = "0.1.0"

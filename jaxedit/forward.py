@@ -1,0 +1,163 @@
+"""The one forward pass every jaxedit method runs through.
+
+``apply(config, params, input_ids, ...)`` is a pure function of the parameters, the token ids, the attention mask
+and an :class:`Interventions` record of plain arrays, so it works under ``jax.jit`` and ``jax.vmap``.
+Interventions use masks and ``jnp.where`` (never scatters at traced indices):
+
+* ``embed_mask``/``embed_values``: add noise to (or, with ``embed_replace``, replace) the token embeddings of the
+  masked tokens (GPT-2: before the position embedding is added);
+* ``restore_hidden``/``restore_attn``/``restore_mlp`` [B, L, T] masks with ``clean_*`` [B, L, T, d] values: force the
+  block output / attention output / MLP output of a layer at a token to the given value;
+* ``resid_delta`` [B, L, T, d]: a vector added to the residual stream (the block output) at (layer, token);
+* ``capture``: a static tuple naming what to return per layer: "hidden" (block outputs), "attn", "mlp",
+  "keys" (the MLP output projection's input), "embeds" (the input of layer 0).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxedit.config import ModelConfig
+from jaxedit.models import FAMILY_MODULES
+
+CAPTURE_NAMES = ("hidden", "attn", "mlp", "keys", "embeds")
+
+
+@struct.dataclass
+class Interventions:
+    embed_mask: Optional[jax.Array] = None  # [B, T] bool
+    embed_values: Optional[jax.Array] = None  # [B, T, d]
+    restore_hidden: Optional[jax.Array] = None  # [B, L, T] bool
+    clean_hidden: Optional[jax.Array] = None  # [B, L, T, d]
+    restore_attn: Optional[jax.Array] = None
+    clean_attn: Optional[jax.Array] = None
+    restore_mlp: Optional[jax.Array] = None
+    clean_mlp: Optional[jax.Array] = None
+    resid_delta: Optional[jax.Array] = None  # [B, L, T, d]
+    embed_replace: bool = struct.field(pytree_node=False, default=False)
+
+    def per_layer(self):
+        """The layer-indexed fields, with the layer axis moved to the front (the scan axis)."""
+        names = ("restore_hidden", "clean_hidden", "restore_attn", "clean_attn", "restore_mlp", "clean_mlp",
+                 "resid_delta")
+        return {n: None if getattr(self, n) is None else jnp.moveaxis(getattr(self, n), 1, 0) for n in names}
+
+
+@struct.dataclass
+class ForwardOutput:
+    logits: jax.Array  # [B, T, V] float32 (or [B, K, V] when logit_positions is given)
+    hidden: Optional[jax.Array] = None  # [B, L, T, d] block outputs
+    attn: Optional[jax.Array] = None  # [B, L, T, d] attention outputs
+    mlp: Optional[jax.Array] = None  # [B, L, T, d] MLP outputs
+    keys: Optional[jax.Array] = None  # [B, L, T, d_ff] MLP output-projection inputs
+    embeds: Optional[jax.Array] = None  # [B, T, d] input of layer 0
+
+
+def positions_from_mask(attention_mask):
+    """Position ids that start at 0 on each row's first real token (left or right padding)."""
+    return jnp.clip(jnp.cumsum(attention_mask, -1) - 1, 0).astype(jnp.int32)
+
+
+def causal_allowed(attention_mask):
+    """[B, T, T] bool: query t may attend key s iff s <= t and s is a real token."""
+    T = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((T, T), bool))
+    return causal[None] & attention_mask[:, None, :].astype(bool)
+
+
+def attention(q, k, v, allowed):
+    """Grouped-query attention. q [B,Tq,H,hd], k/v [B,Tk,KV,hd], allowed [B,Tq,Tk] -> [B,Tq,H*hd].
+
+    Scores and softmax in float32.
+    """
+    B, Tq, H, hd = q.shape
+    KV = k.shape[2]
+    q = q.reshape(B, Tq, KV, H // KV, hd)
+    s = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) / np.sqrt(hd).astype(np.float32)
+    s = jnp.where(allowed[:, None, None], s, jnp.finfo(jnp.float32).min)
+    w = jax.nn.softmax(s, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgqs,bskd->bqkgd", w, v).reshape(B, Tq, H * hd)
+
+
+def _restore(value, mask, clean):
+    if mask is None:
+        return value
+    return jnp.where(mask[..., None], clean.astype(value.dtype), value)
+
+
+def block(cfg: ModelConfig, pl, x, positions, allowed, ivl=None, kv_prefix=None):
+    """One transformer block on x [B, T, d] with one layer's params ``pl`` and that layer's interventions ``ivl``.
+
+    ``kv_prefix`` = (k, v) [B, Tp, KV, hd] are keys/values of earlier tokens computed elsewhere; they are put
+    before this call's own keys, and ``allowed`` is then [B, T, Tp + T].
+    Returns the block output and a dict of the intermediate values (hidden, attn, mlp, keys).
+    """
+    fam = FAMILY_MODULES[cfg.family]
+    ivl = ivl or {}
+    q, k, v = fam.qkv(cfg, pl, fam.norm_attn(cfg, pl, x), positions)
+    if kv_prefix is not None:
+        k = jnp.concatenate([kv_prefix[0].astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([kv_prefix[1].astype(v.dtype), v], axis=1)
+    a = fam.attn_out(cfg, pl, attention(q, k, v, allowed))
+    a = _restore(a, ivl.get("restore_attn"), ivl.get("clean_attn"))
+    x = x + a
+    key = fam.mlp_key(cfg, pl, fam.norm_mlp(cfg, pl, x))
+    m = _restore(fam.mlp_out(cfg, pl, key), ivl.get("restore_mlp"), ivl.get("clean_mlp"))
+    x = x + m
+    if ivl.get("resid_delta") is not None:
+        x = x + ivl["resid_delta"].astype(x.dtype)
+    x = _restore(x, ivl.get("restore_hidden"), ivl.get("clean_hidden"))
+    return x, {"hidden": x, "attn": a, "mlp": m, "keys": key}
+
+
+def embed(cfg: ModelConfig, params, input_ids, positions, iv: Optional[Interventions] = None):
+    """Token embeddings (with the embedding intervention applied) plus position embeddings: the input of layer 0."""
+    fam = FAMILY_MODULES[cfg.family]
+    x = fam.embed_tokens(cfg, params, input_ids)
+    if iv is not None and iv.embed_values is not None:
+        m = iv.embed_mask[..., None].astype(bool)
+        vals = iv.embed_values.astype(x.dtype)
+        x = jnp.where(m, vals, x) if iv.embed_replace else x + jnp.where(m, vals, jnp.zeros_like(vals))
+    return fam.add_positions(cfg, params, x, positions)
+
+
+def apply(cfg: ModelConfig, params, input_ids, attention_mask=None, interventions: Optional[Interventions] = None,
+          capture: tuple = (), logit_positions=None) -> ForwardOutput:
+    """Pure forward pass. ``logit_positions`` [B, K] int: compute logits only at those positions."""
+    capture = tuple(capture)
+    for name in capture:
+        if name not in CAPTURE_NAMES:
+            raise ValueError(f"unknown capture {name!r} (known: {', '.join(CAPTURE_NAMES)})")
+    fam = FAMILY_MODULES[cfg.family]
+    input_ids = jnp.asarray(input_ids)
+    if attention_mask is None:
+        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    positions = positions_from_mask(attention_mask)
+    allowed = causal_allowed(attention_mask)
+    iv = interventions if interventions is not None else Interventions()
+    x = embed(cfg, params, input_ids, positions, iv)
+    embeds = x
+    layer_capture = tuple(n for n in capture if n != "embeds")
+
+    def step(x, xs):
+        pl, ivl = xs
+        x, parts = block(cfg, pl, x, positions, allowed, ivl)
+        return x, {n: parts[n] for n in layer_capture}
+
+    x, caps = jax.lax.scan(step, x, (params["blocks"], iv.per_layer()))
+    x = fam.final_norm(cfg, params, x)
+    if logit_positions is not None:
+        x = jnp.take_along_axis(x, jnp.asarray(logit_positions)[..., None], axis=1)
+    logits = fam.lm_head(cfg, params, x)
+    out = {n: jnp.moveaxis(v, 0, 1) for n, v in caps.items()}
+    if "embeds" in capture:
+        out["embeds"] = embeds
+    return ForwardOutput(logits=logits, **out)
+
+
+apply_jit = jax.jit(apply, static_argnames=("cfg", "capture"))

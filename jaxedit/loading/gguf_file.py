@@ -1,0 +1,71 @@
+"""llama.cpp GGUF files (LLaMA architecture): metadata -> config, tensors dequantized with the ``gguf`` package."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from jaxedit.config import ModelConfig
+from jaxedit.errors import JaxeditError
+from jaxedit.loading.convert import convert
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        if default is None:
+            raise JaxeditError(f"GGUF file lacks the metadata key {key!r}")
+        return default
+    return f.contents()
+
+
+def read_gguf(path: str):
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:
+        raise JaxeditError(f"{path}: not a readable GGUF file ({e})") from None
+
+
+def gguf_config(reader) -> ModelConfig:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise JaxeditError(f"GGUF architecture {arch!r} is not supported (supported: llama)")
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise JaxeditError("GGUF files with a rope_freqs tensor (llama3 rope scaling) are not supported yet")
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    n_heads = int(_field(reader, "llama.attention.head_count"))
+    d = int(_field(reader, "llama.embedding_length"))
+    return ModelConfig(
+        family="llama", n_layers=int(_field(reader, "llama.block_count")), d_model=d, n_heads=n_heads,
+        n_kv_heads=int(_field(reader, "llama.attention.head_count_kv", n_heads)),
+        head_dim=int(_field(reader, "llama.rope.dimension_count", d // n_heads)),
+        d_ff=int(_field(reader, "llama.feed_forward_length")), vocab_size=int(embd.shape[-1]),
+        max_positions=int(_field(reader, "llama.context_length", 2048)),
+        norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon")),
+        tie_embeddings="output.weight" not in names, activation="silu",
+        rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
+    )
+
+
+def load_gguf(path: str, dtype="float32"):
+    import gguf
+
+    reader = read_gguf(path)
+    cfg = gguf_config(reader)
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name):
+        t = tensors[name]
+        arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        return np.asarray(arr, np.float32).reshape(tuple(int(n) for n in reversed(t.shape)))
+
+    return convert(list(tensors), get, cfg, "gguf", dtype)
+
+
+def gguf_tokenizer(path: str):
+    from jaxedit.loading.hf import load_tokenizer
+
+    return load_tokenizer(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))

@@ -1,0 +1,64 @@
+"""Building models and running them: abstract init, parameter access, and the public ``forward``."""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxedit.config import ModelConfig
+from jaxedit.errors import JaxeditError
+from jaxedit.forward import ForwardOutput, Interventions, apply_jit
+from jaxedit.models import MODEL_CLASSES
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(dtype):
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise JaxeditError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+        return DTYPES[dtype]
+    return jnp.dtype(dtype).type
+
+
+def create_model(cfg: ModelConfig, dtype="float32", seed: int = 0) -> nnx.Module:
+    """A model with random weights (useful for timing and tests)."""
+    return MODEL_CLASSES[cfg.family](cfg, dtype=resolve_dtype(dtype), rngs=nnx.Rngs(seed))
+
+
+def abstract_params(cfg: ModelConfig, dtype="float32") -> dict:
+    """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, without allocating anything."""
+    abstract = nnx.eval_shape(lambda: create_model(cfg, dtype))
+    return nnx.state(abstract, nnx.Param).to_pure_dict()
+
+
+def model_from_params(cfg: ModelConfig, params: dict) -> nnx.Module:
+    """Abstract init, then fill with ``params`` (a pure dict with the model's structure)."""
+    dtype = params["blocks"]["w_out"].dtype
+    abstract = nnx.eval_shape(lambda: create_model(cfg, dtype))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, params)
+    return nnx.merge(graphdef, state)
+
+
+def params_of(model) -> dict:
+    """The model's parameters as a pure nested dict of arrays (the input of :func:`jaxedit.forward.apply`)."""
+    return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def count_params(model) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params_of(model)))
+
+
+def forward(model, input_ids, attention_mask=None, interventions: Optional[Interventions] = None,
+            capture: tuple = (), logit_positions=None) -> ForwardOutput:
+    """Run ``model`` on ``input_ids`` [B, T] (jitted). Returns a :class:`ForwardOutput`; ``.logits`` is [B, T, V]."""
+    ids = jnp.asarray(input_ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    mask = None if attention_mask is None else jnp.asarray(attention_mask)
+    if mask is not None and mask.ndim == 1:
+        mask = mask[None]
+    return apply_jit(model.config, params_of(model), ids, mask, interventions, tuple(capture), logit_positions)

@@ -1,0 +1,25 @@
+"""Pieces shared by the model families' parameter containers."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def normal(rngs: nnx.Rngs, shape, dtype, std=0.02):
+    return (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Blocks(nnx.Module):
+    """All transformer layers' parameters, each stacked on a leading layer axis (run with ``jax.lax.scan``).
+
+    ``spec`` maps a parameter name to (shape, init) with init one of "normal", "ones", "zeros".
+    """
+
+    def __init__(self, rngs: nnx.Rngs, dtype, spec: dict):
+        for name, (shape, init) in spec.items():
+            if init == "normal":
+                value = normal(rngs, shape, dtype)
+            else:
+                value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dtype)
+            setattr(self, name, nnx.Param(value))
