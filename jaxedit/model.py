@@ -31,7 +31,7 @@ def create_model(cfg: ModelConfig, dtype="float32", seed: int = 0) -> nnx.Module
 def abstract_params(cfg: ModelConfig, dtype="float32") -> dict:
     """The parameter tree as ``jax.ShapeDtypeStruct`` leaves, without allocating anything."""
     abstract = nnx.eval_shape(lambda: create_model(cfg, dtype))
-    return nnx.state(abstract, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
 
 
 def model_from_params(cfg: ModelConfig, params: dict) -> nnx.Module:
@@ -45,7 +45,7 @@ def model_from_params(cfg: ModelConfig, params: dict) -> nnx.Module:
 
 def params_of(model) -> dict:
     """The model's parameters as a pure nested dict of arrays (the input of :func:`jaxedit.forward.apply`)."""
-    return nnx.state(model, nnx.Param).to_pure_dict()
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def count_params(model) -> int:

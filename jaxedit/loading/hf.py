@@ -119,8 +119,15 @@ def download(repo_id: str, revision=None) -> str:
                            "pass a local directory or a .gguf file instead") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
 def load_tokenizer(path: str, **kwargs):
+    """The directory's tokenizer, or None when it holds no tokenizer files at all."""
     from transformers import AutoTokenizer
+
+    if "gguf_file" not in kwargs and not any(os.path.isfile(os.path.join(path, f)) for f in TOKENIZER_FILES):
+        return None
 
     try:
         return AutoTokenizer.from_pretrained(path, **kwargs)
