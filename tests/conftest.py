@@ -45,8 +45,8 @@ TINY_CONFIGS = {
 }
 
 
-def build_hf_model(name: str, seed: int = 0):
-    spec = dict(TINY_CONFIGS[name])
+def build_hf_model(name: str, seed: int = 0, init_std: float = 0.02):
+    spec = dict(TINY_CONFIGS[name], initializer_range=init_std)
     kind = spec.pop("kind")
     torch.manual_seed(seed)
     if kind == "gpt2":

@@ -1,0 +1,437 @@
+"""Causal tracing (Meng et al., ROME): corrupt a span's token embeddings, restore one clean state, measure p(answer).
+
+Semantics follow ``REFERENCE.md`` section 1: noise drawn as ``RandomState(seed).randn(samples, span_len, d)`` x level
+(seed 1 = the reference's draw), the same noise for every restoration of a prompt; a score is the mean over the
+noisy samples of softmax(logits at the last token)[answer]; kind "hidden" restores one block output, "mlp"/"attn"
+restore that sublayer's output at one token over a window of layers ``max(0, l - w//2) .. min(L, l + ceil(w/2)) - 1``.
+
+How the grid is computed (method "shared", the default): a restoration at (layer l, token t) leaves every state
+below its first restored layer, and every token before t, equal to the corrupted run. So for each l the work starts
+at that layer from the corrupted run's stored states, and for each t only tokens t..T-1 are recomputed, attending
+to the corrupted run's keys/values for tokens < t. All T token-rows of one layer are packed into one sequence of
+T(T+1)/2 positions with a block mask, and the LM head runs only at each row's last token. This is exact (the same
+arithmetic as a full forward per cell) and does about a quarter of the work. Method "dense" runs one full forward per
+cell (vmapped over cells, chunked with ``lax.map``): simpler, for cross-checks.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from functools import partial
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxedit.config import ModelConfig
+from jaxedit.errors import JaxeditError
+from jaxedit.forward import Interventions, apply, block, embed
+from jaxedit.model import params_of
+from jaxedit.models import FAMILY_MODULES
+
+KINDS = ("hidden", "mlp", "attn")
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+@dataclasses.dataclass
+class TraceResult:
+    kind: str
+    scores: np.ndarray  # [T, L]: p(answer) after restoring (token, layer)
+    low_score: float  # corrupted, nothing restored
+    high_score: float  # clean
+    answer_id: int
+    answer: str
+    input_ids: np.ndarray  # [T]
+    tokens: list  # decoded tokens
+    span: tuple  # (start, end) half-open token range that was corrupted
+    window: int
+    samples: int
+    noise_level: float
+
+    @property
+    def ie(self) -> np.ndarray:
+        """Indirect effect per cell: scores - low_score."""
+        return self.scores - self.low_score
+
+    def npz_fields(self) -> dict:
+        """Fields named like the reference's saved traces (so its plotting code reads them)."""
+        return dict(scores=self.scores, low_score=self.low_score, high_score=self.high_score,
+                    input_ids=self.input_ids, input_tokens=np.array(self.tokens), subject_range=np.array(self.span),
+                    answer=self.answer, answer_id=self.answer_id, window=self.window,
+                    kind="" if self.kind == "hidden" else self.kind, samples=self.samples,
+                    noise_level=self.noise_level, correct_prediction=True)
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def find_token_range(tokenizer, input_ids: Sequence[int], substring: str) -> tuple:
+    """Half-open range of the tokens overlapping the first occurrence of ``substring`` in the decoded tokens."""
+    toks = [tokenizer.decode([int(i)]) for i in input_ids]
+    whole = "".join(toks)
+    pos = whole.find(substring)
+    if not substring or pos < 0:
+        raise JaxeditError(f"span {substring!r} does not occur in the prompt {whole!r}")
+    loc, start, end = 0, None, None
+    for i, t in enumerate(toks):
+        loc += len(t)
+        if start is None and loc > pos:
+            start = i
+        if end is None and loc >= pos + len(substring):
+            end = i + 1
+            break
+    return start, end
+
+
+def window_layers(layer: int, window: int, n_layers: int) -> range:
+    return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
+
+
+def parse_noise(noise):
+    """A float, 's<k>' (k x std of the span embeddings), or an explicit array -> (kind, value)."""
+    if isinstance(noise, str):
+        m = re.fullmatch(r"s(\d+(\.\d+)?)", noise.strip())
+        if m:
+            return "std", float(m.group(1))
+        try:
+            return "level", float(noise)
+        except ValueError:
+            raise JaxeditError(f"bad noise {noise!r}: use a number, 's<k>' (k x embedding std) or an array") from None
+    if isinstance(noise, (int, float)):
+        return "level", float(noise)
+    return "array", np.asarray(noise, np.float32)
+
+
+def embedding_std(model, token_id_lists) -> float:
+    """Std (unbiased, over all elements) of the token embeddings of the given token lists, concatenated."""
+    fam = FAMILY_MODULES[model.config.family]
+    ids = np.concatenate([np.asarray(t, np.int64) for t in token_id_lists])
+    if ids.size == 0:
+        raise JaxeditError("no tokens to take the embedding std over")
+    emb = np.asarray(fam.embed_tokens(model.config, params_of(model), jnp.asarray(ids)), np.float64)
+    return float(emb.std(ddof=1)) if emb.size > 1 else 0.0
+
+
+def draw_noise(samples: int, span_len: int, d: int, level: float, seed: int = 1, uniform: bool = False):
+    prng = np.random.RandomState(seed)
+    base = prng.uniform(-1, 1, (samples, span_len, d)) if uniform else prng.randn(samples, span_len, d)
+    return (level * base).astype(np.float32)
+
+
+@dataclasses.dataclass
+class Prepared:
+    input_ids: np.ndarray
+    span: tuple
+    noise: np.ndarray  # [samples, span_len, d]
+    noise_level: float
+    target: Optional[int]
+
+
+def _resolve_target(tokenizer, target):
+    if target is None or isinstance(target, (int, np.integer)):
+        return None if target is None else int(target)
+    if tokenizer is None:
+        raise JaxeditError("a target string needs a tokenizer")
+    ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise JaxeditError(f"target {target!r} encodes to no tokens")
+    return int(ids[0])
+
+
+def prepare_inputs(model, tokenizer, prompt, input_ids, span):
+    if input_ids is None:
+        if prompt is None or not str(prompt).strip():
+            raise JaxeditError("empty prompt")
+        if tokenizer is None:
+            raise JaxeditError("a text prompt needs a tokenizer")
+        input_ids = tokenizer(prompt)["input_ids"]
+    ids = np.asarray(input_ids, np.int32).reshape(-1)
+    T = ids.size
+    if T == 0:
+        raise JaxeditError("empty prompt")
+    if T > model.config.max_positions:
+        raise JaxeditError(f"prompt has {T} tokens, longer than the model's context ({model.config.max_positions})")
+    if span is None:
+        raise JaxeditError("no span: give a subject string or a (start, end) token range")
+    if isinstance(span, str):
+        if tokenizer is None:
+            raise JaxeditError("a subject string needs a tokenizer")
+        span = find_token_range(tokenizer, ids, span)
+    start, end = (int(s) for s in span)
+    if not 0 <= start < end <= T:
+        raise JaxeditError(f"span {(start, end)} is not a token range inside the {T}-token prompt")
+    return ids, (start, end)
+
+
+def check_options(kinds, samples, window):
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    for k in kinds:
+        if k not in KINDS:
+            raise JaxeditError(f"unknown kind {k!r} (choose from {', '.join(KINDS)})")
+    if not kinds:
+        raise JaxeditError("no kind to trace")
+    if int(samples) < 1:
+        raise JaxeditError(f"samples must be >= 1 (got {samples})")
+    if int(window) < 1:
+        raise JaxeditError(f"window must be >= 1 (got {window})")
+    return kinds
+
+
+# ---------------------------------------------------------------------------------------------- the computation
+# Everything below works on one prompt padded on the right to a bucket length T (real length n); jax.vmap adds
+# the prompt axis. Right padding leaves the real tokens' computation untouched (causal attention).
+
+def _p_answer(logits, answer):
+    return jax.nn.softmax(logits, axis=-1)[..., answer]
+
+
+def _clean_and_corrupted(cfg, params, ids, n, embed_mask, noise, answer, replace):
+    """Clean run (captures) and corrupted runs (per-layer inputs). Returns what every kind's grid needs."""
+    T = ids.shape[0]
+    S = noise.shape[0]
+    mask = (jnp.arange(T) < n).astype(jnp.int32)[None]
+    last = jnp.reshape(n - 1, (1, 1))
+    clean = apply(cfg, params, ids[None], mask, capture=("hidden", "attn", "mlp"), logit_positions=last)
+    p_clean = jax.nn.softmax(clean.logits[0, 0])
+    answer = jnp.where(answer < 0, jnp.argmax(p_clean), answer)
+    iv = Interventions(embed_mask=jnp.broadcast_to(embed_mask, (S, T)), embed_values=noise, embed_replace=replace)
+    corr = apply(cfg, params, jnp.broadcast_to(ids, (S, T)), jnp.broadcast_to(mask, (S, T)), iv,
+                 capture=("hidden", "embeds"), logit_positions=jnp.broadcast_to(last, (S, 1)))
+    low = _p_answer(corr.logits[:, 0], answer).mean()
+    # layer inputs of the corrupted runs: [L + 1, S, T, d] (index 0: the embeddings; index j: block j-1's output)
+    layer_in = jnp.concatenate([corr.embeds[None], jnp.moveaxis(corr.hidden, 1, 0)], axis=0)
+    return dict(answer=answer, high=p_clean[answer], low=low, clean_hidden=clean.hidden[0], clean_attn=clean.attn[0],
+                clean_mlp=clean.mlp[0], layer_in=layer_in)
+
+
+def packed_layout(T: int, rows: Sequence[int]):
+    """Static index arrays for packing token-rows ``rows`` (restored token t; positions t..T-1) into one sequence."""
+    row_of = np.concatenate([np.full(T - t, t) for t in rows]).astype(np.int32)
+    tok_of = np.concatenate([np.arange(t, T) for t in rows]).astype(np.int32)
+    offsets = np.cumsum([0] + [T - t for t in rows])[:-1].astype(np.int32)
+    allowed_cache = np.arange(T)[None, :] < row_of[:, None]  # corrupted tokens before the row's token
+    allowed_self = (row_of[:, None] == row_of[None, :]) & (tok_of[None, :] <= tok_of[:, None])
+    return row_of, tok_of, offsets, np.concatenate([allowed_cache, allowed_self], axis=1)
+
+
+def _grid_shared(cfg, params, kind, window, base, n, rows):
+    """Scores [len(rows), L] for one kind and the token-rows ``rows``, with prefix sharing (see module doc)."""
+    L = cfg.n_layers
+    T = base["layer_in"].shape[2]
+    S = base["layer_in"].shape[1]
+    row_of, tok_of, offsets, allowed = packed_layout(T, rows)
+    diag = jnp.asarray(row_of == tok_of)
+    row_of_j, tok_of_j = jnp.asarray(row_of), jnp.asarray(tok_of)
+    positions = jnp.broadcast_to(tok_of_j, (S, tok_of.size))
+    allowed = jnp.broadcast_to(jnp.asarray(allowed), (S,) + allowed.shape)
+    last_idx = jnp.asarray(offsets) + jnp.clip(n - 1 - jnp.asarray(rows), 0)  # each row's last real token
+    fam = FAMILY_MODULES[cfg.family]
+    blocks = params["blocks"]
+    clean_sub = {"mlp": base["clean_mlp"], "attn": base["clean_attn"]}.get(kind)
+    half = window // 2
+
+    def layer_params(j):
+        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False), blocks)
+
+    def one_layer(l):
+        if kind == "hidden":
+            start = l + 1
+            x = base["layer_in"][start][:, tok_of]  # block l's corrupted output ...
+            x = jnp.where(diag[None, :, None], base["clean_hidden"][l][row_of_j][None], x)  # ... with t restored
+        else:
+            start = jnp.maximum(0, l - half)
+            x = jnp.take(base["layer_in"], start, axis=0)[:, tok_of]
+
+        def body(j, x):
+            pl = layer_params(j)
+            _, k, v = fam.qkv(cfg, pl, fam.norm_attn(cfg, pl, base["layer_in"][j]), jnp.arange(T)[None])
+            ivl = {}
+            if kind != "hidden":
+                in_window = (j >= l - half) & (j < l + window - half)
+                ivl[f"restore_{kind}"] = jnp.broadcast_to(diag & in_window, (S, tok_of.size))
+                ivl[f"clean_{kind}"] = clean_sub[j][row_of_j][None]
+            x, _ = block(cfg, pl, x, positions, allowed, ivl, kv_prefix=(k, v))
+            return x
+
+        x = jax.lax.fori_loop(start, L, body, x)
+        x_last = fam.final_norm(cfg, params, x[:, last_idx])
+        return _p_answer(fam.lm_head(cfg, params, x_last), base["answer"]).mean(0)  # [rows]
+
+    return jax.lax.map(one_layer, jnp.arange(L)).T  # [rows, L]
+
+
+def _grid_dense(cfg, params, kind, window, base, ids, n, embed_mask, noise, replace, cells_per_step):
+    """Scores [T, L]: one full forward per cell (vmapped over cells, lax.map over chunks of cells)."""
+    L = cfg.n_layers
+    T = ids.shape[0]
+    S = noise.shape[0]
+    mask = (jnp.arange(T) < n).astype(jnp.int32)
+    layers = np.arange(L)
+
+    lo = jnp.asarray(layers)[None, :]
+
+    def cell(c):
+        t, l = c // L, c % L
+        sel = (lo == l) if kind == "hidden" else (lo >= l - window // 2) & (lo < l + window - window // 2)
+        restore = jnp.broadcast_to(sel.T & (jnp.arange(T) == t)[None], (S, L, T))
+        iv = Interventions(embed_mask=jnp.broadcast_to(embed_mask, (S, T)), embed_values=noise, embed_replace=replace,
+                           **{f"restore_{kind}": restore, f"clean_{kind}": base[f"clean_{kind}"][None]})
+        out = apply(cfg, params, jnp.broadcast_to(ids, (S, T)), jnp.broadcast_to(mask, (S, T)), iv,
+                    logit_positions=jnp.broadcast_to(jnp.reshape(n - 1, (1, 1)), (S, 1)))
+        return _p_answer(out.logits[:, 0], base["answer"]).mean()
+
+    scores = jax.lax.map(cell, jnp.arange(T * L), batch_size=cells_per_step)
+    return scores.reshape(T, L)
+
+
+def row_groups(T: int, S: int, cfg: ModelConfig, budget_bytes: float):
+    """Split token-rows 0..T-1 into consecutive groups whose packed working set fits ``budget_bytes``."""
+    groups, cur, size = [], [], 0
+    for t in range(T):
+        rows = T - t
+        # activations ~ rows x (d_ff + 4d) plus attention scores rows x (T + packed) x heads, float32, x samples
+        est = lambda P: 4 * S * P * (cfg.d_ff + 4 * cfg.d_model + cfg.n_heads * (T + P))
+        if cur and est(size + rows) > budget_bytes:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(t)
+        size += rows
+    groups.append(cur)
+    return groups
+
+
+@partial(jax.jit, static_argnames=("cfg", "kinds", "window", "replace", "method", "groups", "cells_per_step"))
+def trace_grid(cfg, params, ids, n, embed_mask, noise, answer, *, kinds, window, replace=False, method="shared",
+               groups=None, cells_per_step=None):
+    """The whole computation for a batch of prompts in one jit call.
+
+    ids [B, T] (right-padded), n [B] real lengths, embed_mask [B, T] (the span), noise [B, S, T, d] (zero outside
+    the span), answer [B] (-1 = the clean argmax). Returns a dict: answer, high, low [B] and per kind scores [B, T, L].
+    """
+    def one(ids, n, embed_mask, noise, answer):
+        base = _clean_and_corrupted(cfg, params, ids, n, embed_mask, noise, answer, replace)
+        out = {"answer": base["answer"], "high": base["high"], "low": base["low"]}
+        for kind in kinds:
+            if method == "dense":
+                out[kind] = _grid_dense(cfg, params, kind, window, base, ids, n, embed_mask, noise, replace,
+                                        cells_per_step)
+            else:
+                parts = [_grid_shared(cfg, params, kind, window, base, n, rows) for rows in groups]
+                out[kind] = jnp.concatenate(parts, axis=0)
+        return out
+
+    return jax.vmap(one)(ids, n, embed_mask, noise, answer)
+
+
+# ---------------------------------------------------------------------------------------------- public API
+
+def _bucket(n: int, multiple: int = 8) -> int:
+    return int(math.ceil(n / multiple) * multiple)
+
+
+def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=10, tokenizer=None, seed=1,
+                uniform=False, replace=False, method="shared", batch_size=8, bucket=8, memory_budget=None,
+                cells_per_step=None, noise_strings=None, progress=None):
+    """Trace many prompts. ``requests``: dicts with "prompt" (or "input_ids"), "subject" (a string) or "span"
+    ((start, end) token range), optional "target", optional "noise" (an explicit array for this prompt).
+
+    Prompts are right-padded into length buckets (multiples of ``bucket`` tokens) and run ``batch_size`` at a time,
+    so each bucket compiles once. ``noise``: float, "s<k>" (k x std of the token embeddings of the requests' spans,
+    or of ``noise_strings`` when given), or one array [samples, span_len, d] used for every request.
+    ``progress``: a callable(n_done) called after each batch (the CLI passes a progress bar's update).
+    Returns one dict kind -> :class:`TraceResult` per request, in order.
+    """
+    kinds = check_options(kinds, samples, window)
+    cfg = model.config
+    params = params_of(model)
+    prepared = []
+    for r in requests:
+        ids, span = prepare_inputs(model, tokenizer, r.get("prompt"), r.get("input_ids"),
+                                   r.get("span", r.get("subject")))
+        prepared.append((ids, span, _resolve_target(tokenizer, r.get("target")), r.get("noise")))
+    mode, value = parse_noise(noise)
+    level = value if mode == "level" else float("nan")
+    if mode == "std":
+        if noise_strings:
+            lists = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in noise_strings]
+        else:
+            lists = [ids[s:e] for ids, (s, e), _, _ in prepared]
+        level = value * embedding_std(model, lists)
+
+    d = cfg.d_model
+    noises = []
+    for ids, (s, e), _, own in prepared:
+        arr = own if own is not None else (value if mode == "array" else None)
+        if arr is None:
+            arr = draw_noise(samples, e - s, d, level, seed, uniform)
+        arr = np.asarray(arr, np.float32)
+        if arr.shape != (samples, e - s, d):
+            raise JaxeditError(f"noise array has shape {arr.shape}, expected (samples, span_len, d) = "
+                               f"{(samples, e - s, d)}")
+        noises.append(arr)
+
+    order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][0]))
+    results: list = [None] * len(prepared)
+    budget = memory_budget or default_memory_budget()
+    i = 0
+    while i < len(order):
+        T = _bucket(len(prepared[order[i]][0]), bucket)
+        T = min(T, cfg.max_positions)
+        chunk = [j for j in order[i:i + batch_size] if len(prepared[j][0]) <= T]
+        i += len(chunk)
+        B = batch_size if len(requests) > batch_size else len(chunk)  # fixed batch shape -> one compile per bucket
+        ids_b = np.zeros((B, T), np.int32)
+        n_b = np.ones((B,), np.int32)
+        span_b = np.zeros((B, T), bool)
+        noise_b = np.zeros((B, samples, T, d), np.float32)
+        ans_b = np.full((B,), -1, np.int32)
+        for b, j in enumerate(chunk + [chunk[0]] * (B - len(chunk))):
+            ids, (s, e), tgt, _ = prepared[j]
+            ids_b[b, :len(ids)], n_b[b] = ids, len(ids)
+            span_b[b, s:e] = True
+            noise_b[b, :, s:e] = noises[j]
+            ans_b[b] = -1 if tgt is None else tgt
+        groups = tuple(tuple(g) for g in row_groups(T, samples, cfg, budget))
+        out = trace_grid(cfg, params, jnp.asarray(ids_b), jnp.asarray(n_b), jnp.asarray(span_b),
+                         jnp.asarray(noise_b), jnp.asarray(ans_b), kinds=kinds, window=int(window),
+                         replace=bool(replace), method=method, groups=groups,
+                         cells_per_step=cells_per_step or max(1, int(budget // (4 * samples * T * (cfg.d_ff + 4 * d) * 2))))
+        out = jax.device_get(out)
+        for b, j in enumerate(chunk):
+            ids, span, _, _ = prepared[j]
+            n = len(ids)
+            answer = int(out["answer"][b])
+            toks = [tokenizer.decode([int(t)]) for t in ids] if tokenizer is not None else [str(int(t)) for t in ids]
+            ans_str = tokenizer.decode([answer]) if tokenizer is not None else str(answer)
+            results[j] = {k: TraceResult(kind=k, scores=np.asarray(out[k][b][:n], np.float64),
+                                         low_score=float(out["low"][b]), high_score=float(out["high"][b]),
+                                         answer_id=answer, answer=ans_str, input_ids=np.asarray(ids), tokens=toks,
+                                         span=span, window=int(window), samples=int(samples), noise_level=level)
+                          for k in kinds}
+        if progress is not None:
+            progress(len(chunk))
+    return results
+
+
+def trace(model, prompt=None, *, input_ids=None, span=None, kinds=KINDS, samples=10, noise="s3", window=10,
+          target=None, tokenizer=None, seed=1, uniform=False, replace=False, method="shared", memory_budget=None):
+    """Causal trace of one prompt. ``span``: a subject string or a (start, end) token range; ``noise``: a float,
+    "s<k>" (k x std of the span's token embeddings) or an array [samples, span_len, d_model]; ``target``: the
+    answer token (id or string; default the clean argmax). Returns a dict kind -> :class:`TraceResult`."""
+    req = {"prompt": prompt, "input_ids": input_ids, "span": span, "target": target}
+    return trace_batch(model, [req], kinds=kinds, samples=samples, noise=noise, window=window,
+                       tokenizer=tokenizer, seed=seed, uniform=uniform, replace=replace, method=method, batch_size=1,
+                       bucket=1, memory_budget=memory_budget)[0]
+
+
+def default_memory_budget() -> float:
+    """Bytes of working memory one chunk of the grid may use: a quarter of the accelerator's, or 2 GiB on CPU."""
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" in stats:
+            return stats["bytes_limit"] / 4
+    except Exception:
+        pass
+    return 2 * 2**30

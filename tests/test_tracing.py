@@ -1,0 +1,158 @@
+"""Causal tracing against an independent per-cell loop: the reference's structure (one corrupted forward with a
+clean row 0 per cell, torch forward hooks on the HF model), written here from REFERENCE.md section 1."""
+import numpy as np
+import pytest
+import torch
+
+import jaxedit
+from jaxedit import JaxeditError
+from jaxedit.tracing import draw_noise, find_token_range, trace, trace_batch
+from conftest import build_hf_model
+
+PROMPT = "The Eiffel Tower is located in the city of"
+SUBJECT = "Eiffel Tower"
+
+
+def sharpen(hf, scale=6.0):
+    """Random tiny models predict near-uniformly; scale the head so probabilities carry signal."""
+    with torch.no_grad():
+        head = hf.get_output_embeddings()
+        head.weight.mul_(scale)
+    return hf
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama-gqa-untied"])
+def tiny(request, tmp_path_factory, tokenizer):
+    hf = sharpen(build_hf_model(request.param, seed=5, init_std=0.15), 2.0)
+    d = tmp_path_factory.mktemp("trace-" + request.param)
+    hf.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    model, tok = jaxedit.load(str(d))
+    return hf, model, tok
+
+
+def torch_trace(hf, ids, span, noise, answer, kind, window):
+    """Naive loop: scores[t, l] from one forward of 1 clean + S noisy rows per cell, with hooks."""
+    gpt2 = hf.config.model_type == "gpt2"
+    base = hf.transformer if gpt2 else hf.model
+    layers = base.h if gpt2 else base.layers
+    emb = base.wte if gpt2 else base.embed_tokens
+    L, T, S = len(layers), len(ids), noise.shape[0]
+    s, e = span
+
+    def sub(l):
+        if kind == "hidden":
+            return layers[l]
+        return layers[l].mlp if kind == "mlp" else (layers[l].attn if gpt2 else layers[l].self_attn)
+
+    def run(patch):  # patch: list of (module, token)
+        hooks = [emb.register_forward_hook(lambda m, i, o: o.__setitem__(
+            (slice(1, None), slice(s, e)), o[1:, s:e] + torch.from_numpy(noise)))]
+        for module, t in patch:
+            def restore(m, i, o, t=t):
+                h = o[0] if isinstance(o, tuple) else o
+                h[1:, t] = h[0, t]
+            hooks.append(module.register_forward_hook(restore))
+        try:
+            with torch.no_grad():
+                logits = hf(torch.tensor([list(ids)] * (S + 1))).logits
+        finally:
+            for h in hooks:
+                h.remove()
+        probs = torch.softmax(logits[:, -1].double(), -1)
+        return float(probs[0, answer]), float(probs[1:, answer].mean())
+
+    high, low = run([])
+    scores = np.zeros((T, L))
+    for t in range(T):
+        for l in range(L):
+            lays = [l] if kind == "hidden" else range(max(0, l - window // 2), min(L, l - (-window // 2)))
+            scores[t, l] = run([(sub(j), t) for j in lays])[1]
+    return scores, low, high
+
+
+@pytest.mark.parametrize("method", ["shared", "dense"])
+def test_grid_equals_naive_torch_loop(tiny, method):
+    hf, model, tok = tiny
+    ids = tok(PROMPT)["input_ids"]
+    span = find_token_range(tok, ids, SUBJECT)
+    S, window = 3, 3  # with 3 layers, window 3 is clipped at both the first and the last layer
+    noise = draw_noise(S, span[1] - span[0], model.config.d_model, level=0.5)
+    res = trace(model, input_ids=ids, span=span, samples=S, noise=noise, window=window, method=method)
+    for kind in ("hidden", "mlp", "attn"):
+        r = res[kind]
+        ref, low, high = torch_trace(hf, ids, span, noise, r.answer_id, kind, window)
+        assert r.answer_id == int(hf(torch.tensor([ids])).logits[0, -1].argmax())
+        assert abs(r.high_score - high) < 1e-5 and abs(r.low_score - low) < 1e-5
+        assert r.scores.shape == (len(ids), model.config.n_layers)
+        assert np.abs(r.scores - ref).max() < 1e-5, (kind, np.abs(r.scores - ref).max())
+        assert np.ptp(ref) > 1e-3  # the grid has signal: a wrong cell could not pass unnoticed
+
+
+def test_restoration_identities(tiny):
+    """Restoring the last token's final state gives the clean probability; restoring a token before the span,
+    which the noise never reached, changes nothing."""
+    _, model, tok = tiny
+    res = trace(model, PROMPT, span=SUBJECT, tokenizer=tok, samples=4, kinds=("hidden", "mlp"))
+    r = res["hidden"]
+    s, _ = r.span
+    assert s >= 1
+    assert abs(r.scores[-1, -1] - r.high_score) < 1e-6
+    np.testing.assert_allclose(r.scores[:s], r.low_score, atol=1e-6)
+    np.testing.assert_allclose(res["mlp"].scores[:s], r.low_score, atol=1e-6)
+    assert r.high_score != pytest.approx(r.low_score, abs=1e-4)
+
+
+def test_seeded_noise_equals_explicit_reference_draw(tiny):
+    _, model, tok = tiny
+    ids = tok(PROMPT)["input_ids"]
+    s, e = find_token_range(tok, ids, SUBJECT)
+    level = 0.7
+    explicit = level * np.random.RandomState(1).randn(5, e - s, model.config.d_model)
+    a = trace(model, input_ids=ids, span=(s, e), samples=5, noise=explicit, kinds=("hidden",))["hidden"]
+    b = trace(model, input_ids=ids, span=(s, e), samples=5, noise=level, kinds=("hidden",))["hidden"]
+    np.testing.assert_array_equal(a.scores, b.scores)
+    c = trace(model, input_ids=ids, span=(s, e), samples=5, noise=level, seed=2, kinds=("hidden",))["hidden"]
+    assert np.abs(c.scores - b.scores).max() > 0
+
+
+def test_batch_of_different_lengths_equals_one_by_one(tiny):
+    _, model, tok = tiny
+    reqs = [{"prompt": PROMPT, "subject": SUBJECT},
+            {"prompt": "Miles Davis plays the", "subject": "Miles Davis"},
+            {"prompt": "The Space Needle is in", "subject": "Space Needle", "target": " Seattle"},
+            {"prompt": "Beats Music is owned by", "subject": "Beats Music"}]
+    batch = trace_batch(model, reqs, tokenizer=tok, samples=3, noise=0.5, kinds=("hidden", "attn"), batch_size=3)
+    for req, got in zip(reqs, batch):
+        one = trace(model, req["prompt"], span=req["subject"], target=req.get("target"), tokenizer=tok, samples=3,
+                    noise=0.5, kinds=("hidden", "attn"))
+        for k in ("hidden", "attn"):
+            assert got[k].answer_id == one[k].answer_id
+            assert got[k].scores.shape == one[k].scores.shape
+            np.testing.assert_allclose(got[k].scores, one[k].scores, atol=1e-6)
+            assert got[k].low_score == pytest.approx(one[k].low_score, abs=1e-6)
+    # a given target replaces the argmax: its first token is the answer
+    assert batch[2]["hidden"].answer_id == tok(" Seattle", add_special_tokens=False)["input_ids"][0]
+
+
+def test_s3_noise_is_three_embedding_stds(tiny):
+    _, model, tok = tiny
+    r = trace(model, PROMPT, span=SUBJECT, tokenizer=tok, samples=2, kinds=("hidden",))["hidden"]
+    ids = r.input_ids[r.span[0]:r.span[1]]
+    emb = np.asarray(jaxedit.params_of(model)["wte" if model.config.family == "gpt2" else "embed"])[ids]
+    assert r.noise_level == pytest.approx(3 * emb.astype(np.float64).std(ddof=1), rel=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompt=PROMPT, span="Louvre"), "does not occur"),
+    (dict(prompt="   ", span="x"), "empty prompt"),
+    (dict(prompt=PROMPT, span=SUBJECT, kinds=("hidden", "ffn")), "unknown kind 'ffn'"),
+    (dict(prompt=PROMPT, span=SUBJECT, samples=0), "samples must be >= 1"),
+    (dict(prompt=PROMPT, span=(3, 99)), "not a token range"),
+    (dict(prompt=PROMPT, span=SUBJECT, noise="loud"), "bad noise"),
+    (dict(prompt=PROMPT * 20, span=SUBJECT), "longer than the model's context"),
+])
+def test_bad_input_errors(tiny, kwargs, message):
+    _, model, tok = tiny
+    with pytest.raises(JaxeditError, match=message):
+        trace(model, tokenizer=tok, **kwargs)
