@@ -114,19 +114,25 @@ def embedding_std(model, token_id_lists) -> float:
     return float(emb.std(ddof=1)) if emb.size > 1 else 0.0
 
 
+def resolve_noise_level(model, tokenizer, noise, span_token_lists, noise_strings=None) -> float:
+    """The noise scale: the float itself, or k x embedding std for "s<k>" (over ``noise_strings`` when given, else
+    over the spans' tokens); NaN for an explicit array."""
+    mode, value = parse_noise(noise)
+    if mode == "level":
+        return value
+    if mode == "array":
+        return float("nan")
+    if noise_strings:
+        if tokenizer is None:
+            raise JaxeditError("noise strings need a tokenizer")
+        span_token_lists = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in noise_strings]
+    return value * embedding_std(model, span_token_lists)
+
+
 def draw_noise(samples: int, span_len: int, d: int, level: float, seed: int = 1, uniform: bool = False):
     prng = np.random.RandomState(seed)
     base = prng.uniform(-1, 1, (samples, span_len, d)) if uniform else prng.randn(samples, span_len, d)
     return (level * base).astype(np.float32)
-
-
-@dataclasses.dataclass
-class Prepared:
-    input_ids: np.ndarray
-    span: tuple
-    noise: np.ndarray  # [samples, span_len, d]
-    noise_level: float
-    target: Optional[int]
 
 
 def _resolve_target(tokenizer, target):
@@ -332,8 +338,8 @@ def _bucket(n: int, multiple: int = 8) -> int:
 
 
 def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=10, tokenizer=None, seed=1,
-                uniform=False, replace=False, method="shared", batch_size=8, bucket=8, memory_budget=None,
-                cells_per_step=None, noise_strings=None, progress=None):
+                uniform=False, replace=False, method="shared", batch_size=8, bucket=4, memory_budget=None,
+                cells_per_step=None, noise_strings=None, progress=None, fixed_batch=False):
     """Trace many prompts. ``requests``: dicts with "prompt" (or "input_ids"), "subject" (a string) or "span"
     ((start, end) token range), optional "target", optional "noise" (an explicit array for this prompt).
 
@@ -341,6 +347,7 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
     so each bucket compiles once. ``noise``: float, "s<k>" (k x std of the token embeddings of the requests' spans,
     or of ``noise_strings`` when given), or one array [samples, span_len, d] used for every request.
     ``progress``: a callable(n_done) called after each batch (the CLI passes a progress bar's update).
+    ``fixed_batch``: always pad a batch to ``batch_size`` prompts (one compile per bucket across calls).
     Returns one dict kind -> :class:`TraceResult` per request, in order.
     """
     kinds = check_options(kinds, samples, window)
@@ -352,13 +359,7 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
                                    r.get("span", r.get("subject")))
         prepared.append((ids, span, _resolve_target(tokenizer, r.get("target")), r.get("noise")))
     mode, value = parse_noise(noise)
-    level = value if mode == "level" else float("nan")
-    if mode == "std":
-        if noise_strings:
-            lists = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in noise_strings]
-        else:
-            lists = [ids[s:e] for ids, (s, e), _, _ in prepared]
-        level = value * embedding_std(model, lists)
+    level = resolve_noise_level(model, tokenizer, noise, [ids[s:e] for ids, (s, e), _, _ in prepared], noise_strings)
 
     d = cfg.d_model
     noises = []
@@ -381,7 +382,8 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
         T = min(T, cfg.max_positions)
         chunk = [j for j in order[i:i + batch_size] if len(prepared[j][0]) <= T]
         i += len(chunk)
-        B = batch_size if len(requests) > batch_size else len(chunk)  # fixed batch shape -> one compile per bucket
+        # a fixed batch shape means one compile per bucket
+        B = batch_size if (fixed_batch or len(requests) > batch_size) else len(chunk)
         ids_b = np.zeros((B, T), np.int32)
         n_b = np.ones((B,), np.int32)
         span_b = np.zeros((B, T), bool)
