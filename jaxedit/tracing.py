@@ -11,7 +11,8 @@ at that layer from the corrupted run's stored states, and for each t only tokens
 to the corrupted run's keys/values for tokens < t. All T token-rows of one layer are packed into one sequence of
 T(T+1)/2 positions with a block mask, and the LM head runs only at each row's last token. This is exact (the same
 arithmetic as a full forward per cell) and does about a quarter of the work. Method "dense" runs one full forward per
-cell (vmapped over cells, chunked with ``lax.map``): simpler, for cross-checks.
+cell (vmapped over cells, chunked with ``lax.map``): simpler, for cross-checks. Rows of tokens before the corrupted
+span are never reached by the noise, so "shared" fills them with low_score instead of computing them.
 """
 from __future__ import annotations
 
@@ -292,10 +293,10 @@ def _grid_dense(cfg, params, kind, window, base, ids, n, embed_mask, noise, repl
     return scores.reshape(T, L)
 
 
-def row_groups(T: int, S: int, cfg: ModelConfig, budget_bytes: float):
-    """Split token-rows 0..T-1 into consecutive groups whose packed working set fits ``budget_bytes``."""
+def row_groups(T: int, S: int, cfg: ModelConfig, budget_bytes: float, first: int = 0):
+    """Split token-rows first..T-1 into consecutive groups whose packed working set fits ``budget_bytes``."""
     groups, cur, size = [], [], 0
-    for t in range(T):
+    for t in range(first, T):
         rows = T - t
         # activations ~ rows x (d_ff + 4d) plus attention scores rows x (T + packed) x heads, float32, x samples
         est = lambda P: 4 * S * P * (cfg.d_ff + 4 * cfg.d_model + cfg.n_heads * (T + P))
@@ -324,8 +325,10 @@ def trace_grid(cfg, params, ids, n, embed_mask, noise, answer, *, kinds, window,
                 out[kind] = _grid_dense(cfg, params, kind, window, base, ids, n, embed_mask, noise, replace,
                                         cells_per_step)
             else:
+                # rows before the first corrupted token are never touched by the noise: exactly low_score
+                skipped = jnp.full((groups[0][0], cfg.n_layers), base["low"])
                 parts = [_grid_shared(cfg, params, kind, window, base, n, rows) for rows in groups]
-                out[kind] = jnp.concatenate(parts, axis=0)
+                out[kind] = jnp.concatenate([skipped] + parts, axis=0)
         return out
 
     return jax.vmap(one)(ids, n, embed_mask, noise, answer)
@@ -395,7 +398,8 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
             span_b[b, s:e] = True
             noise_b[b, :, s:e] = noises[j]
             ans_b[b] = -1 if tgt is None else tgt
-        groups = tuple(tuple(g) for g in row_groups(T, samples, cfg, budget))
+        first = min(prepared[j][1][0] for j in chunk)  # earliest span start: rows before it cannot change
+        groups = tuple(tuple(g) for g in row_groups(T, samples, cfg, budget, first))
         out = trace_grid(cfg, params, jnp.asarray(ids_b), jnp.asarray(n_b), jnp.asarray(span_b),
                          jnp.asarray(noise_b), jnp.asarray(ans_b), kinds=kinds, window=int(window),
                          replace=bool(replace), method=method, groups=groups,

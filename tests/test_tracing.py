@@ -89,11 +89,12 @@ def test_grid_equals_naive_torch_loop(tiny, method):
         assert np.ptp(ref) > 1e-3  # the grid has signal: a wrong cell could not pass unnoticed
 
 
-def test_restoration_identities(tiny):
+@pytest.mark.parametrize("method", ["shared", "dense"])
+def test_restoration_identities(tiny, method):
     """Restoring the last token's final state gives the clean probability; restoring a token before the span,
     which the noise never reached, changes nothing."""
     _, model, tok = tiny
-    res = trace(model, PROMPT, span=SUBJECT, tokenizer=tok, samples=4, kinds=("hidden", "mlp"))
+    res = trace(model, PROMPT, span=SUBJECT, tokenizer=tok, samples=4, kinds=("hidden", "mlp"), method=method)
     r = res["hidden"]
     s, _ = r.span
     assert s >= 1

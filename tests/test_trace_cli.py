@@ -1,0 +1,111 @@
+"""`jaxedit trace`: output files, resuming a killed --batch run, and one-line errors for bad input."""
+import json
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from jaxedit.cli.main import cli
+
+REQS = [{"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower"},
+        {"prompt": "Miles Davis plays the", "subject": "Miles Davis"},
+        {"prompt": "The Space Needle is in", "span": [1, 3], "target": " Seattle"}]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_dirs):
+    return tiny_dirs["gpt2"][0]
+
+
+def run(*args):
+    return CliRunner().invoke(cli, ["trace", *map(str, args)])
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_single_prompt_outputs(model_dir, tmp_path):
+    out = tmp_path / "o"
+    res = run("--model", model_dir, "--prompt", REQS[0]["prompt"], "--subject", "Eiffel Tower", "--samples", 3,
+              "--out", out)
+    assert res.exit_code == 0, res.output
+    assert "answer" in res.output and "max IE" in res.output
+    for f in ["results.jsonl", "prompt00001.png", "prompt00001.pdf", "aie.csv", "aie.md", "aie.png", "aie.pdf"]:
+        assert (out / f).is_file(), f
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 1
+    for kind in ("hidden", "mlp", "attn"):
+        z = np.load(out / f"prompt00001_{kind}.npz")
+        T = len(z["input_ids"])
+        assert z["scores"].shape == (T, 3)
+        assert float(z["high_score"]) == pytest.approx(rows[0]["high_score"])
+        assert tuple(z["subject_range"]) == tuple(rows[0]["span"])
+        assert z["input_tokens"].shape == (T,)
+    csv = (out / "aie.csv").read_text().splitlines()
+    assert csv[0].startswith("kind,group,n,layer0") and len(csv) == 1 + 3 * 6
+
+
+def test_batch_resumes_after_a_kill(model_dir, tmp_path):
+    src = write_jsonl(tmp_path / "r.jsonl", REQS)
+    out = tmp_path / "o"
+    args = ("--model", model_dir, "--batch", src, "--samples", 2, "--kinds", "hidden", "--no-plots", "--out", out,
+            "--batch-size", 2)
+    first = run(*args)
+    assert first.exit_code == 0, first.output
+    full = (out / "results.jsonl").read_text().splitlines()
+    assert sorted(json.loads(x)["line"] for x in full) == [1, 2, 3]
+    # simulate a kill: one finished row (marked, to see it is not recomputed) and a torn second line
+    kept = json.loads(full[0])
+    kept["marker"] = "kept"
+    (out / "results.jsonl").write_text(json.dumps(kept) + "\n" + full[1][: len(full[1]) // 2])
+    again = run(*args)
+    assert again.exit_code == 0, again.output
+    rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["line"] for r in rows) == [1, 2, 3]  # none duplicated, none lost
+    assert [r for r in rows if r["line"] == kept["line"]][0].get("marker") == "kept"
+    redone = {r["line"]: r for r in rows}
+    for x in full:
+        r = json.loads(x)
+        assert redone[r["line"]]["high_score"] == pytest.approx(r["high_score"], abs=1e-6)
+    # a third run finds nothing to do and changes nothing
+    before = (out / "results.jsonl").read_text()
+    assert run(*args).exit_code == 0
+    assert (out / "results.jsonl").read_text() == before
+
+
+def test_batch_bad_line_stops_before_anything_is_written(model_dir, tmp_path):
+    src = write_jsonl(tmp_path / "r.jsonl", [REQS[0], "{not json", REQS[1]])
+    out = tmp_path / "o"
+    res = run("--model", model_dir, "--batch", src, "--out", out)
+    assert res.exit_code == 2
+    assert res.output.strip() == f"error: {src}:2: malformed JSON (Expecting property name enclosed in double quotes)"
+    assert not out.exists()
+
+
+def test_batch_skip_bad_reports_and_continues(model_dir, tmp_path):
+    src = write_jsonl(tmp_path / "r.jsonl", [REQS[0], {"prompt": "Miles Davis plays the", "subject": "Coltrane"}])
+    out = tmp_path / "o"
+    res = run("--model", model_dir, "--batch", src, "--out", out, "--samples", 2, "--kinds", "hidden",
+              "--no-plots", "--skip-bad")
+    assert res.exit_code == 0, res.output
+    assert f"skipped {src}:2: span 'Coltrane' does not occur" in res.output
+    assert len((out / "results.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "Miles Davis plays the", "--subject", "Coltrane"], "span 'Coltrane' does not occur"),
+    (["--prompt", "", "--subject", "x"], "empty prompt"),
+    (["--prompt", "Miles Davis plays the " * 20, "--subject", "Miles"], "longer than the model's context"),
+    (["--prompt", "Miles Davis plays the", "--subject", "Miles", "--kinds", "hidden,ffn"], "unknown kind 'ffn'"),
+    (["--prompt", "Miles Davis plays the", "--subject", "Miles", "--samples", "0"], "samples must be >= 1"),
+    (["--prompt", "Miles Davis plays the"], "give the span to corrupt"),
+    (["--subject", "Miles"], "give either --prompt"),
+])
+def test_bad_input_is_one_line_error(model_dir, tmp_path, args, message):
+    res = run("--model", model_dir, "--out", tmp_path / "o", *args)
+    assert res.exit_code == 2
+    assert res.output.startswith("error: ") and message in res.output and res.output.count("\n") == 1
+    assert not (tmp_path / "o").exists()
