@@ -163,7 +163,7 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
         for i in range(0, len(pending), batch_size):
             chunk = pending[i:i + batch_size]
             results = trace_batch(model, [r for _, r, _ in chunk], kinds=kinds_t, samples=samples,
-                                  noise=level if "noise" not in chunk[0][1] else chunk[0][1]["noise"],
+                                  noise=level,  # a request's own "noise" array (--noise-file) overrides it
                                   window=window, tokenizer=tok, seed=seed, uniform=uniform, replace=replace,
                                   method=method, batch_size=batch_size, fixed_batch=len(valid) > batch_size,
                                   bucket=bucket)

@@ -223,50 +223,59 @@ def packed_layout(T: int, rows: Sequence[int]):
     return row_of, tok_of, offsets, np.concatenate([allowed_cache, allowed_self], axis=1)
 
 
-def _grid_shared(cfg, params, kind, window, base, n, rows):
-    """Scores [len(rows), L] for one kind and the token-rows ``rows``, with prefix sharing (see module doc)."""
+def _grid_shared(cfg, params, kind, window, base, n, rows, group):
+    """Scores [len(rows), L] for one kind and the token-rows ``rows``, with prefix sharing (see module doc).
+
+    ``group`` restore layers run together as one batch (lax.map over the groups): a layer step then updates only
+    the rows whose start layer has been reached. group=1 does the least arithmetic; larger groups make fewer,
+    bigger steps (per-step overhead on small models, utilisation on accelerators).
+    """
     L = cfg.n_layers
-    T = base["layer_in"].shape[2]
-    S = base["layer_in"].shape[1]
+    _, S, T, d = base["layer_in"].shape
+    G = group
     row_of, tok_of, offsets, allowed = packed_layout(T, rows)
+    P = tok_of.size
     diag = jnp.asarray(row_of == tok_of)
-    row_of_j, tok_of_j = jnp.asarray(row_of), jnp.asarray(tok_of)
-    positions = jnp.broadcast_to(tok_of_j, (S, tok_of.size))
-    allowed = jnp.broadcast_to(jnp.asarray(allowed), (S,) + allowed.shape)
+    row_of_j = jnp.asarray(row_of)
+    positions = jnp.broadcast_to(jnp.asarray(tok_of), (G * S, P))
+    allowed = jnp.broadcast_to(jnp.asarray(allowed), (G * S,) + allowed.shape)
     last_idx = jnp.asarray(offsets) + jnp.clip(n - 1 - jnp.asarray(rows), 0)  # each row's last real token
     fam = FAMILY_MODULES[cfg.family]
-    blocks = params["blocks"]
     clean_sub = {"mlp": base["clean_mlp"], "attn": base["clean_attn"]}.get(kind)
     half = window // 2
 
-    def layer_params(j):
-        return jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False), blocks)
+    def start_of(l):  # the first layer a restoration at l changes
+        return l + 1 if kind == "hidden" else jnp.maximum(0, l - half)
 
-    def one_layer(l):
+    def init(l):  # the packed state entering layer start_of(l): the corrupted run, plus the restored hidden state
+        x = jnp.take(base["layer_in"], start_of(l), axis=0)[:, tok_of]
         if kind == "hidden":
-            start = l + 1
-            x = base["layer_in"][start][:, tok_of]  # block l's corrupted output ...
-            x = jnp.where(diag[None, :, None], base["clean_hidden"][l][row_of_j][None], x)  # ... with t restored
-        else:
-            start = jnp.maximum(0, l - half)
-            x = jnp.take(base["layer_in"], start, axis=0)[:, tok_of]
+            x = jnp.where(diag[None, :, None], base["clean_hidden"][l][row_of_j][None], x)
+        return x
+
+    def run(ls):  # ls: [G] restore layers
+        starts = start_of(ls)
 
         def body(j, x):
-            pl = layer_params(j)
+            pl = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, j, keepdims=False), params["blocks"])
             _, k, v = fam.qkv(cfg, pl, fam.norm_attn(cfg, pl, base["layer_in"][j]), jnp.arange(T)[None])
             ivl = {}
             if kind != "hidden":
-                in_window = (j >= l - half) & (j < l + window - half)
-                ivl[f"restore_{kind}"] = jnp.broadcast_to(diag & in_window, (S, tok_of.size))
+                in_window = (j >= ls - half) & (j < ls + window - half)  # [G]
+                restore = diag[None, None, :] & in_window[:, None, None]
+                ivl[f"restore_{kind}"] = jnp.broadcast_to(restore, (G, S, P)).reshape(G * S, P)
                 ivl[f"clean_{kind}"] = clean_sub[j][row_of_j][None]
-            x, _ = block(cfg, pl, x, positions, allowed, ivl, kv_prefix=(k, v))
-            return x
+            kv = (jnp.tile(k, (G, 1, 1, 1)), jnp.tile(v, (G, 1, 1, 1)))
+            y, _ = block(cfg, pl, x.reshape(G * S, P, d), positions, allowed, ivl, kv_prefix=kv)
+            return jnp.where((j >= starts)[:, None, None, None], y.reshape(G, S, P, d), x)
 
-        x = jax.lax.fori_loop(start, L, body, x)
-        x_last = fam.final_norm(cfg, params, x[:, last_idx])
-        return _p_answer(fam.lm_head(cfg, params, x_last), base["answer"]).mean(0)  # [rows]
+        x = jax.lax.fori_loop(jnp.min(starts), L, body, jax.vmap(init)(ls))
+        x_last = fam.final_norm(cfg, params, x[:, :, last_idx])
+        return _p_answer(fam.lm_head(cfg, params, x_last), base["answer"]).mean(1)  # [G, rows]
 
-    return jax.lax.map(one_layer, jnp.arange(L)).T  # [rows, L]
+    steps = -(-L // G)
+    ls = jnp.minimum(jnp.arange(steps * G), L - 1).reshape(steps, G)
+    return jax.lax.map(run, ls).reshape(steps * G, len(rows))[:L].T  # [rows, L]
 
 
 def _grid_dense(cfg, params, kind, window, base, ids, n, embed_mask, noise, replace, cells_per_step):
@@ -293,6 +302,24 @@ def _grid_dense(cfg, params, kind, window, base, ids, n, embed_mask, noise, repl
     return scores.reshape(T, L)
 
 
+def row_flops(cfg: ModelConfig, keys: int) -> float:
+    """Matmul FLOPs of one block for one query row attending to ``keys`` keys."""
+    proj = 2 * cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    mlp = 2 * cfg.d_model * cfg.d_ff * (3 if cfg.family == "llama" else 2)
+    return proj + mlp + 4 * keys * cfg.n_heads * cfg.head_dim
+
+
+def auto_layers_per_step(cfg: ModelConfig, S: int, T: int, groups, budget_bytes: float) -> int:
+    """How many restore layers to batch per step: enough that a step is not dominated by per-step overhead
+    (~2e8 FLOPs on CPU, ~5e10 on accelerators), within the memory budget; 1 when a single layer's step is big."""
+    P = max(sum(T - t for t in g) for g in groups)
+    work = S * P * row_flops(cfg, T + P)
+    target = 2e8 if jax.default_backend() == "cpu" else 5e10
+    g = max(1, min(cfg.n_layers, int(math.ceil(target / work))))
+    per_layer = 4 * S * P * (cfg.d_ff + 4 * cfg.d_model + cfg.n_heads * (T + P))
+    return max(1, min(g, int(budget_bytes // max(per_layer, 1))))
+
+
 def row_groups(T: int, S: int, cfg: ModelConfig, budget_bytes: float, first: int = 0):
     """Split token-rows first..T-1 into consecutive groups whose packed working set fits ``budget_bytes``."""
     groups, cur, size = [], [], 0
@@ -309,9 +336,10 @@ def row_groups(T: int, S: int, cfg: ModelConfig, budget_bytes: float, first: int
     return groups
 
 
-@partial(jax.jit, static_argnames=("cfg", "kinds", "window", "replace", "method", "groups", "cells_per_step"))
+@partial(jax.jit, static_argnames=("cfg", "kinds", "window", "replace", "method", "groups", "cells_per_step",
+                                   "layers_per_step"))
 def trace_grid(cfg, params, ids, n, embed_mask, noise, answer, *, kinds, window, replace=False, method="shared",
-               groups=None, cells_per_step=None):
+               groups=None, cells_per_step=None, layers_per_step=1):
     """The whole computation for a batch of prompts in one jit call.
 
     ids [B, T] (right-padded), n [B] real lengths, embed_mask [B, T] (the span), noise [B, S, T, d] (zero outside
@@ -327,7 +355,7 @@ def trace_grid(cfg, params, ids, n, embed_mask, noise, answer, *, kinds, window,
             else:
                 # rows before the first corrupted token are never touched by the noise: exactly low_score
                 skipped = jnp.full((groups[0][0], cfg.n_layers), base["low"])
-                parts = [_grid_shared(cfg, params, kind, window, base, n, rows) for rows in groups]
+                parts = [_grid_shared(cfg, params, kind, window, base, n, rows, layers_per_step) for rows in groups]
                 out[kind] = jnp.concatenate([skipped] + parts, axis=0)
         return out
 
@@ -342,7 +370,7 @@ def _bucket(n: int, multiple: int = 8) -> int:
 
 def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=10, tokenizer=None, seed=1,
                 uniform=False, replace=False, method="shared", batch_size=8, bucket=4, memory_budget=None,
-                cells_per_step=None, noise_strings=None, progress=None, fixed_batch=False):
+                cells_per_step=None, layers_per_step=None, noise_strings=None, progress=None, fixed_batch=False):
     """Trace many prompts. ``requests``: dicts with "prompt" (or "input_ids"), "subject" (a string) or "span"
     ((start, end) token range), optional "target", optional "noise" (an explicit array for this prompt).
 
@@ -351,6 +379,7 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
     or of ``noise_strings`` when given), or one array [samples, span_len, d] used for every request.
     ``progress``: a callable(n_done) called after each batch (the CLI passes a progress bar's update).
     ``fixed_batch``: always pad a batch to ``batch_size`` prompts (one compile per bucket across calls).
+    ``layers_per_step`` / ``cells_per_step`` / ``memory_budget``: chunking of the shared / dense grid (auto).
     Returns one dict kind -> :class:`TraceResult` per request, in order.
     """
     kinds = check_options(kinds, samples, window)
@@ -403,6 +432,7 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
         out = trace_grid(cfg, params, jnp.asarray(ids_b), jnp.asarray(n_b), jnp.asarray(span_b),
                          jnp.asarray(noise_b), jnp.asarray(ans_b), kinds=kinds, window=int(window),
                          replace=bool(replace), method=method, groups=groups,
+                         layers_per_step=layers_per_step or auto_layers_per_step(cfg, samples, T, groups, budget),
                          cells_per_step=cells_per_step or max(1, int(budget // (4 * samples * T * (cfg.d_ff + 4 * d) * 2))))
         out = jax.device_get(out)
         for b, j in enumerate(chunk):
@@ -422,14 +452,15 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
 
 
 def trace(model, prompt=None, *, input_ids=None, span=None, kinds=KINDS, samples=10, noise="s3", window=10,
-          target=None, tokenizer=None, seed=1, uniform=False, replace=False, method="shared", memory_budget=None):
+          target=None, tokenizer=None, seed=1, uniform=False, replace=False, method="shared", memory_budget=None,
+          layers_per_step=None):
     """Causal trace of one prompt. ``span``: a subject string or a (start, end) token range; ``noise``: a float,
     "s<k>" (k x std of the span's token embeddings) or an array [samples, span_len, d_model]; ``target``: the
     answer token (id or string; default the clean argmax). Returns a dict kind -> :class:`TraceResult`."""
     req = {"prompt": prompt, "input_ids": input_ids, "span": span, "target": target}
     return trace_batch(model, [req], kinds=kinds, samples=samples, noise=noise, window=window,
                        tokenizer=tokenizer, seed=seed, uniform=uniform, replace=replace, method=method, batch_size=1,
-                       bucket=1, memory_budget=memory_budget)[0]
+                       bucket=1, memory_budget=memory_budget, layers_per_step=layers_per_step)[0]
 
 
 def default_memory_budget() -> float:

@@ -126,3 +126,31 @@ def test_native_round_trip(tiny_dirs, tmp_path):
     np.testing.assert_array_equal(np.asarray(jaxedit.forward(again, IDS).logits),
                                   np.asarray(jaxedit.forward(model, IDS).logits))
     assert tok2("Paris")["input_ids"] == tok("Paris")["input_ids"]
+
+
+def test_hub_id_goes_through_snapshot_download(tiny_dirs, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, revision, allow_patterns))
+        return tiny_dirs["gpt2"][0]
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+    model, tok = jaxedit.load("someone/tiny-gpt2", revision="main")
+    assert calls[0][0] == "someone/tiny-gpt2" and calls[0][1] == "main"
+    assert "*.safetensors" in calls[0][2] and "config.json" in calls[0][2]
+    assert "*.bin" not in calls[0][2]  # pickles are never fetched
+    assert model.config.family == "gpt2" and tok is not None
+
+
+def test_unreachable_hub_is_one_clear_error(monkeypatch):
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise OSError("We couldn't connect to the hub.\nmore details")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(JaxeditError, match=r"could not fetch 'gpt2-xl' from the Hugging Face hub \(We couldn't connect"):
+        jaxedit.load("gpt2-xl")

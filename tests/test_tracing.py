@@ -71,14 +71,15 @@ def torch_trace(hf, ids, span, noise, answer, kind, window):
     return scores, low, high
 
 
-@pytest.mark.parametrize("method", ["shared", "dense"])
-def test_grid_equals_naive_torch_loop(tiny, method):
+@pytest.mark.parametrize("method, layers_per_step", [("shared", 1), ("shared", 2), ("shared", 3), ("dense", None)])
+def test_grid_equals_naive_torch_loop(tiny, method, layers_per_step):
     hf, model, tok = tiny
     ids = tok(PROMPT)["input_ids"]
     span = find_token_range(tok, ids, SUBJECT)
     S, window = 3, 3  # with 3 layers, window 3 is clipped at both the first and the last layer
     noise = draw_noise(S, span[1] - span[0], model.config.d_model, level=0.5)
-    res = trace(model, input_ids=ids, span=span, samples=S, noise=noise, window=window, method=method)
+    res = trace(model, input_ids=ids, span=span, samples=S, noise=noise, window=window, method=method,
+                layers_per_step=layers_per_step)
     for kind in ("hidden", "mlp", "attn"):
         r = res[kind]
         ref, low, high = torch_trace(hf, ids, span, noise, r.answer_id, kind, window)
