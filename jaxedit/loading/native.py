@@ -46,6 +46,15 @@ def save_native(model, tokenizer, path: str, extra: dict | None = None) -> None:
         raise
 
 
+def load_native_tokenizer(path: str):
+    """The tokenizer saved beside the parameters (a fast tokenizer; skips the slower AutoTokenizer import)."""
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        return None
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast.from_pretrained(path)
+
+
 def load_native(path: str, dtype="float32"):
     from safetensors.numpy import load_file
 
@@ -55,4 +64,4 @@ def load_native(path: str, dtype="float32"):
         raise JaxeditError(f"{path}: unsupported jaxedit format version {meta.get('format_version')}")
     cfg = ModelConfig.from_json(json.dumps(meta["config"]))
     params = unflat_params(load_file(os.path.join(path, "params.safetensors")))
-    return model_from_params(cfg, cast_params(params, dtype))
+    return model_from_params(cfg, cast_params(params, dtype))  # device arrays, converted once here
