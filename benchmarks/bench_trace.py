@@ -12,6 +12,8 @@ Prints a markdown table. Times exclude compilation (reported separately).
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import jax
@@ -21,7 +23,9 @@ import numpy as np
 import jaxedit
 from jaxedit.config import ModelConfig
 from jaxedit.forward import Interventions, apply
-from jaxedit.tracing import KINDS, draw_noise, trace_batch
+from jaxedit.tracing import draw_noise, trace_batch, window_layers
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 SHAPES = {
     "micro": dict(family="gpt2", n_layers=4, d_model=32, n_heads=4, n_kv_heads=4, head_dim=8, d_ff=128,
@@ -104,8 +108,7 @@ def jax_cell_loop(model, ids, span, noise, kinds, window):
         for t in range(T):
             for l in range(L):
                 m = off.copy()
-                lays = [l] if kind == "hidden" else range(max(0, l - window // 2), min(L, l - (-window // 2)))
-                m[1:, list(lays), t] = True
+                m[1:, list([l] if kind == "hidden" else window_layers(l, window, L)), t] = True
                 masks.append({"hidden": (m, off, off), "attn": (off, m, off), "mlp": (off, off, m)}[kind])
     cell(*masks[0]).block_until_ready()
     t0 = time.perf_counter()
@@ -116,53 +119,21 @@ def jax_cell_loop(model, ids, span, noise, kinds, window):
 
 
 def torch_cell_loop(c: ModelConfig, ids, span, noise, kinds, window):
-    """The reference's structure in PyTorch over a HF model of the same shape (random weights)."""
-    import torch
+    """The reference's structure in PyTorch (tests/reference_torch.py) over a HF model of the same shape."""
     import transformers
+    from reference_torch import torch_trace
 
     if c.family == "gpt2":
         hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
             n_layer=c.n_layers, n_embd=c.d_model, n_head=c.n_heads, n_inner=c.d_ff, vocab_size=c.vocab_size,
             n_positions=c.max_positions)).eval()
-        base, layers, emb = hf.transformer, hf.transformer.h, hf.transformer.wte
     else:
         hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
             num_hidden_layers=c.n_layers, hidden_size=c.d_model, num_attention_heads=c.n_heads,
             num_key_value_heads=c.n_kv_heads, intermediate_size=c.d_ff, vocab_size=c.vocab_size)).eval()
-        base, layers, emb = hf.model, hf.model.layers, hf.model.embed_tokens
-    S, T, L = noise.shape[0], len(ids), c.n_layers
-    s, e = span
-    x = torch.tensor(np.repeat(np.asarray(ids)[None], S + 1, 0))
-    tnoise = torch.from_numpy(noise)
-
-    def sub(kind, l):
-        if kind == "hidden":
-            return layers[l]
-        if kind == "mlp":
-            return layers[l].mlp
-        return layers[l].attn if c.family == "gpt2" else layers[l].self_attn
-
-    def run(patch):
-        hooks = [emb.register_forward_hook(lambda m, i, o: o.__setitem__((slice(1, None), slice(s, e)),
-                                                                         o[1:, s:e] + tnoise))]
-        for module, t in patch:
-            def restore(m, i, o, t=t):
-                h = o[0] if isinstance(o, tuple) else o
-                h[1:, t] = h[0, t]
-            hooks.append(module.register_forward_hook(restore))
-        with torch.no_grad():
-            p = torch.softmax(hf(x).logits[1:, -1], -1).mean(0)
-        for h in hooks:
-            h.remove()
-        return p
-
     t0 = time.perf_counter()
-    run([])
     for kind in kinds:
-        for t in range(T):
-            for l in range(L):
-                lays = [l] if kind == "hidden" else range(max(0, l - window // 2), min(L, l - (-window // 2)))
-                run([(sub(kind, j), t) for j in lays])
+        torch_trace(hf, ids, span, noise, 0, kind, window)
     return time.perf_counter() - t0
 
 

@@ -77,3 +77,22 @@ def test_eiffel_tower_is_in_paris(smollm2):
     p /= p.sum()
     assert tok.decode([int(p.argmax())]) == " Paris"
     assert 0.6 < p.max() < 0.8
+
+
+@pytest.mark.slow
+def test_gguf_tokenizer_without_torch_equals_transformers():
+    """The tokenizer built from GGUF metadata (the path taken where torch is not installed) encodes like
+    transformers' own GGUF tokenizer."""
+    from transformers import AutoTokenizer
+
+    from jaxedit.loading import embedded_gguf_path
+    from jaxedit.loading.gguf_file import gguf_tokenizer_without_torch
+
+    path = embedded_gguf_path("smollm2")
+    ours = gguf_tokenizer_without_torch(path)
+    ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    texts = PROMPTS + ["  Hello,\tworld!\n\nÜber 123 4567 café 🙂", "<|im_start|>user\nhi<|im_end|>", "it's WE'LL"]
+    for t in texts:
+        assert ours(t)["input_ids"] == ref(t)["input_ids"], t
+        assert ours.decode(ours(t)["input_ids"]) == ref.decode(ref(t)["input_ids"])
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (ref.bos_token, ref.eos_token, ref.pad_token)

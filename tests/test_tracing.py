@@ -1,5 +1,5 @@
 """Causal tracing against an independent per-cell loop: the reference's structure (one corrupted forward with a
-clean row 0 per cell, torch forward hooks on the HF model), written here from REFERENCE.md section 1."""
+clean row 0 per cell, torch forward hooks on the HF model; tests/reference_torch.py)."""
 import numpy as np
 import pytest
 import torch
@@ -8,6 +8,7 @@ import jaxedit
 from jaxedit import JaxeditError
 from jaxedit.tracing import draw_noise, find_token_range, trace, trace_batch
 from conftest import build_hf_model
+from reference_torch import torch_trace
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"
@@ -29,46 +30,6 @@ def tiny(request, tmp_path_factory, tokenizer):
     tokenizer.save_pretrained(d)
     model, tok = jaxedit.load(str(d))
     return hf, model, tok
-
-
-def torch_trace(hf, ids, span, noise, answer, kind, window):
-    """Naive loop: scores[t, l] from one forward of 1 clean + S noisy rows per cell, with hooks."""
-    gpt2 = hf.config.model_type == "gpt2"
-    base = hf.transformer if gpt2 else hf.model
-    layers = base.h if gpt2 else base.layers
-    emb = base.wte if gpt2 else base.embed_tokens
-    L, T, S = len(layers), len(ids), noise.shape[0]
-    s, e = span
-
-    def sub(l):
-        if kind == "hidden":
-            return layers[l]
-        return layers[l].mlp if kind == "mlp" else (layers[l].attn if gpt2 else layers[l].self_attn)
-
-    def run(patch):  # patch: list of (module, token)
-        hooks = [emb.register_forward_hook(lambda m, i, o: o.__setitem__(
-            (slice(1, None), slice(s, e)), o[1:, s:e] + torch.from_numpy(noise)))]
-        for module, t in patch:
-            def restore(m, i, o, t=t):
-                h = o[0] if isinstance(o, tuple) else o
-                h[1:, t] = h[0, t]
-            hooks.append(module.register_forward_hook(restore))
-        try:
-            with torch.no_grad():
-                logits = hf(torch.tensor([list(ids)] * (S + 1))).logits
-        finally:
-            for h in hooks:
-                h.remove()
-        probs = torch.softmax(logits[:, -1].double(), -1)
-        return float(probs[0, answer]), float(probs[1:, answer].mean())
-
-    high, low = run([])
-    scores = np.zeros((T, L))
-    for t in range(T):
-        for l in range(L):
-            lays = [l] if kind == "hidden" else range(max(0, l - window // 2), min(L, l - (-window // 2)))
-            scores[t, l] = run([(sub(j), t) for j in lays])[1]
-    return scores, low, high
 
 
 @pytest.mark.parametrize("method, layers_per_step", [("shared", 1), ("shared", 2), ("shared", 3), ("dense", None)])

@@ -66,6 +66,50 @@ def load_gguf(path: str, dtype="float32"):
 
 
 def gguf_tokenizer(path: str):
+    """The tokenizer a GGUF file describes. transformers' own GGUF path reads the file with torch; where torch is
+    not installed, the same tokenizer is built from the metadata read by the ``gguf`` package."""
     from jaxedit.loading.hf import load_tokenizer
 
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return gguf_tokenizer_without_torch(path)
     return load_tokenizer(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
+
+
+# llama.cpp metadata keys -> the names transformers' GGUF tokenizer builder expects
+_TOKENIZER_KEYS = {"model": "tokenizer_type", "pre": "pre_tokenizer_type", "tokens": "tokens", "scores": "scores",
+                   "token_type": "token_type", "merges": "merges", "bos_token_id": "bos_token_id",
+                   "eos_token_id": "eos_token_id", "unknown_token_id": "unk_token_id",
+                   "padding_token_id": "pad_token_id", "add_space_prefix": "add_prefix_space"}
+
+
+def gguf_tokenizer_without_torch(path: str):
+    try:
+        from transformers import PreTrainedTokenizerFast
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+    except ImportError:
+        raise JaxeditError("reading a GGUF tokenizer needs torch or transformers >= 5 (with its GGUF "
+                           "tokenizer builder)") from None
+    reader = read_gguf(path)
+    meta = {}
+    for key, name in _TOKENIZER_KEYS.items():
+        f = reader.fields.get(f"tokenizer.ggml.{key}")
+        if f is not None:
+            meta[name] = f.contents()
+    if "tokens" not in meta:
+        raise JaxeditError(f"{path}: the GGUF file has no tokenizer")
+    backend, _ = convert_gguf_tokenizer(_field(reader, "general.architecture"), meta)
+    special = {name: meta["tokens"][meta[key]] for name, key in
+               (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unk_token_id"),
+                ("pad_token", "pad_token_id")) if key in meta}
+    add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")
+    add_bos = bool(add_bos.contents()) if add_bos is not None else meta.get("tokenizer_type") == "llama"
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+    if add_bos and tok.bos_token_id is not None:
+        from tokenizers import processors
+
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{tok.bos_token}:0 $A:0", pair=f"{tok.bos_token}:0 $A:0 {tok.bos_token}:1 $B:1",
+            special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    return tok
