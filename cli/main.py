@@ -186,6 +186,82 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
                f"{'' if no_plots else 'heatmaps, '}aie.csv/md/png)")
 
 
+@cli.command()
+@click.option("--model", "model_name", default="smollm2", show_default=True, help=MODEL_HELP)
+@click.option("--prompt", help="one prompt")
+@click.option("--target", help="the continuation whose NLL is differentiated (default: the model's argmax token)")
+@click.option("--batch", "batch_file", type=click.Path(dir_okay=False),
+              help="JSONL file, one example a line: {\"prompt\", optional \"target\"}")
+@click.option("--out", default="saliency_out", show_default=True, type=click.Path(file_okay=False))
+@click.option("--top", default=5, show_default=True, type=int, help="how many top layers to print")
+@click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
+@clean_errors
+def saliency(model_name, prompt, target, batch_file, out, top, dtype):
+    """Saliency profiles: |dNLL/dtheta| per layer (whole block, attention, MLP, MLP output projection).
+
+    Writes saliency.json (per-example and mean profiles), saliency.csv (the mean) and saliency.png/pdf (bars).
+    """
+    import os
+
+    import jaxedit
+    from jaxedit.saliency import saliency_batch
+
+    if (prompt is None) == (batch_file is None):
+        raise JaxeditError("give either --prompt or --batch FILE")
+    if batch_file:
+        if target:
+            raise JaxeditError("--target goes with --prompt; in --batch it is per line")
+        requests = []
+        try:
+            lines = open(batch_file).read().splitlines()
+        except OSError as e:
+            raise JaxeditError(f"cannot read {batch_file}: {e.strerror}") from None
+        for no, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                req = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise JaxeditError(f"{batch_file}:{no}: malformed JSON ({e.msg})") from None
+            if not isinstance(req, dict) or not isinstance(req.get("prompt"), str):
+                raise JaxeditError(f"{batch_file}:{no}: expected an object with a \"prompt\" string")
+            requests.append({"prompt": req["prompt"], "target": req.get("target")})
+    else:
+        requests = [{"prompt": prompt, "target": target}]
+    model, tok = jaxedit.load(model_name, dtype=dtype)
+    per, mean = saliency_batch(model, requests, tokenizer=tok)
+    os.makedirs(out, exist_ok=True)
+    names = ["block"] + list(mean.modules)
+
+    def prof(r):
+        return {"block": r.layer.tolist(), **{m: v.tolist() for m, v in r.modules.items()}}
+
+    with open(os.path.join(out, "saliency.json"), "w") as f:
+        json.dump({"mean": prof(mean), "loss": mean.loss,
+                   "examples": [{"prompt": q["prompt"], "target": q["target"], "loss": r.loss, **prof(r)}
+                                for q, r in zip(requests, per)]}, f)
+    with open(os.path.join(out, "saliency.csv"), "w") as f:
+        f.write("layer," + ",".join(names) + "\n")
+        for l in range(len(mean.layer)):
+            f.write(f"{l}," + ",".join(f"{prof(mean)[n][l]:.6g}" for n in names) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(names), 1, figsize=(7, 1.6 * len(names)), sharex=True, constrained_layout=True)
+    for ax, n in zip(axes, names):
+        ax.bar(range(len(mean.layer)), prof(mean)[n])
+        ax.set_ylabel(n, fontsize=8)
+    axes[-1].set_xlabel(f"layer (mean over {len(per)} examples)")
+    fig.savefig(os.path.join(out, "saliency.png"), dpi=110)
+    fig.savefig(os.path.join(out, "saliency.pdf"))
+    plt.close(fig)
+    click.echo(f"loss {mean.loss:.4f} over {len(per)} examples; top-{top} layers by saliency: "
+               f"block {mean.top_layers(top)}, mlp_out {mean.top_layers(top, 'mlp_out')}")
+    click.echo(f"wrote {out}/ (saliency.json, saliency.csv, saliency.png/pdf)")
+
+
 def main():
     cli(prog_name="jaxedit")
 

@@ -1,0 +1,143 @@
+"""Saliency profiles (SaLEM, after Levin et al.): gradient magnitudes aggregated parameter -> column -> layer.
+
+For an example (prompt X, target Y) the loss is the NLL of Y given X (mean over Y's tokens). Parameter saliency is
+|dL/dtheta|; the saliency of a column (the weights feeding one output unit: a column of jaxedit's [in, out]
+matrices, i.e. a row of a torch nn.Linear weight) is the mean over it; the saliency of a layer, or of a module of a
+layer, is the mean of its columns' saliencies over its weight matrices (norm gains and biases are not columns and
+are left out). Per-example gradients are reduced to these per-layer numbers inside the jitted computation, so no
+per-example copy of all parameter gradients is ever kept beyond one chunk.
+"""
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxedit.config import ModelConfig
+from jaxedit.errors import JaxeditError
+from jaxedit.forward import apply
+from jaxedit.model import params_of
+
+# module name -> the stacked weight matrices it is made of
+MODULES = {
+    "gpt2": {"attention": ("wq", "wk", "wv", "wo"), "mlp": ("w_in", "w_out"), "mlp_out": ("w_out",)},
+    "llama": {"attention": ("wq", "wk", "wv", "wo"), "mlp": ("w_gate", "w_up", "w_out"), "mlp_out": ("w_out",)},
+}
+
+
+@dataclasses.dataclass
+class SaliencyResult:
+    layer: np.ndarray  # [L]: layer saliency of the whole block (all its weight matrices)
+    modules: dict  # module name -> [L]
+    loss: float  # mean NLL over the examples
+    n_examples: int
+
+    def top_layers(self, k: int, module: str | None = None) -> list:
+        prof = self.layer if module is None else self.modules[module]
+        return [int(i) for i in np.argsort(-prof, kind="stable")[:k]]
+
+
+def _layer_profiles(cfg: ModelConfig, grads) -> dict:
+    """|grad| -> per-layer mean of column means, for the block and each module. grads: the blocks' stacked grads."""
+    col = {n: jnp.abs(g.astype(jnp.float32)).mean(axis=1) for n, g in grads.items() if g.ndim == 3}  # [L, out]
+    out = {}
+    groups = dict(MODULES[cfg.family], block=tuple(col))
+    for name, mats in groups.items():
+        total = sum(col[m].sum(-1) for m in mats)
+        out[name] = total / sum(col[m].shape[-1] for m in mats)
+    return out
+
+
+def _nll(cfg, params, ids, mask, target_mask):
+    """Mean NLL of the tokens marked by target_mask (each predicted from the position before it)."""
+    logits = apply(cfg, params, ids[None], mask[None]).logits[0]
+    logp = jax.nn.log_softmax(logits[:-1], -1)
+    tok_logp = jnp.take_along_axis(logp, ids[1:, None], -1)[:, 0]
+    w = target_mask[1:].astype(jnp.float32)
+    return -(tok_logp * w).sum() / jnp.maximum(w.sum(), 1)
+
+
+@partial(jax.jit, static_argnames=("cfg", "chunk"))
+def saliency_profiles(cfg, params, ids, mask, target_mask, *, chunk=1):
+    """Per-example profiles for a right-padded batch: ids/mask/target_mask [B, T]. Returns (losses [B], dict of
+    [B, L] profiles). Examples run ``chunk`` at a time (vmapped), reduced to per-layer numbers before the next."""
+    def one(args):
+        i, m, t = args
+        loss, g = jax.value_and_grad(_nll, argnums=1)(cfg, params, i, m, t)
+        return loss, _layer_profiles(cfg, g["blocks"])
+
+    return jax.lax.map(one, (ids, mask, target_mask), batch_size=chunk)
+
+
+def _encode(tokenizer, model, prompt, input_ids, target):
+    if input_ids is None:
+        if tokenizer is None:
+            raise JaxeditError("a text prompt needs a tokenizer")
+        if prompt is None or not str(prompt).strip():
+            raise JaxeditError("empty prompt")
+        input_ids = tokenizer(prompt)["input_ids"]
+    ids = [int(i) for i in np.asarray(input_ids).reshape(-1)]
+    if not ids:
+        raise JaxeditError("empty prompt")
+    if target is None:
+        tgt = None
+    elif isinstance(target, str):
+        if tokenizer is None:
+            raise JaxeditError("a target string needs a tokenizer")
+        tgt = tokenizer(target, add_special_tokens=False)["input_ids"]
+        if not tgt:
+            raise JaxeditError(f"target {target!r} encodes to no tokens")
+    else:
+        tgt = [int(t) for t in np.atleast_1d(target)]
+    if len(ids) + len(tgt or [0]) > model.config.max_positions:
+        raise JaxeditError("prompt and target are longer than the model's context")
+    return ids, tgt
+
+
+def saliency_batch(model, requests, *, tokenizer=None, chunk=None):
+    """Saliency of many examples. ``requests``: dicts with "prompt" (or "input_ids") and optional "target" (a
+    string, a token id or ids; default the model's own argmax next token). Returns (per-example list of
+    :class:`SaliencyResult`, the dataset-level result: the mean of the per-example profiles)."""
+    cfg = model.config
+    params = params_of(model)
+    encoded = [_encode(tokenizer, model, r.get("prompt"), r.get("input_ids"), r.get("target")) for r in requests]
+    if not encoded:
+        raise JaxeditError("no examples")
+    need_argmax = [i for i, (_, t) in enumerate(encoded) if t is None]
+    if need_argmax:
+        from jaxedit.model import forward
+
+        for i in need_argmax:
+            ids = encoded[i][0]
+            encoded[i] = (ids, [int(np.asarray(forward(model, [ids]).logits[0, -1]).argmax())])
+    T = max(len(i) + len(t) for i, t in encoded)
+    B = len(encoded)
+    ids = np.zeros((B, T), np.int32)
+    mask = np.zeros((B, T), np.int32)
+    tmask = np.zeros((B, T), bool)
+    for b, (p, t) in enumerate(encoded):
+        ids[b, :len(p) + len(t)] = p + t
+        mask[b, :len(p) + len(t)] = 1
+        tmask[b, len(p):len(p) + len(t)] = True
+    if chunk is None:  # one chunk holds a full gradient per example: keep it near 1 GiB
+        n_params = sum(int(x.size) for x in jax.tree.leaves(params))
+        chunk = max(1, min(B, int(2**30 // (8 * n_params))))
+    losses, prof = jax.device_get(saliency_profiles(cfg, params, jnp.asarray(ids), jnp.asarray(mask),
+                                                    jnp.asarray(tmask), chunk=int(chunk)))
+    mods = [m for m in prof if m != "block"]
+    per = [SaliencyResult(layer=np.asarray(prof["block"][b], np.float64),
+                          modules={m: np.asarray(prof[m][b], np.float64) for m in mods},
+                          loss=float(losses[b]), n_examples=1) for b in range(B)]
+    mean = SaliencyResult(layer=np.mean([r.layer for r in per], 0),
+                          modules={m: np.mean([r.modules[m] for r in per], 0) for m in mods},
+                          loss=float(np.mean(losses)), n_examples=B)
+    return per, mean
+
+
+def saliency(model, prompt=None, *, input_ids=None, target=None, tokenizer=None):
+    """Saliency profile of one example: ``.layer`` [L] (whole block) and ``.modules`` (attention, mlp, mlp_out)."""
+    return saliency_batch(model, [{"prompt": prompt, "input_ids": input_ids, "target": target}],
+                          tokenizer=tokenizer)[0][0]
