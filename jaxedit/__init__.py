@@ -4,11 +4,13 @@ from jaxedit.errors import JaxeditError
 from jaxedit.forward import ForwardOutput, Interventions, apply
 from jaxedit.loading import DEFAULT_MODEL, load
 from jaxedit.model import count_params, create_model, forward, model_from_params, params_of
+from jaxedit.attribution import attribution_patching
 from jaxedit.layer_selection import select_layers
 from jaxedit.saliency import SaliencyResult, saliency, saliency_batch
 from jaxedit.tracing import TraceResult, trace, trace_batch
 
 __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "apply", "load", "DEFAULT_MODEL",
            "forward", "create_model", "model_from_params", "params_of", "count_params", "trace", "trace_batch",
-           "TraceResult", "saliency", "saliency_batch", "SaliencyResult", "select_layers"]
+           "TraceResult", "saliency", "saliency_batch", "SaliencyResult", "select_layers",
+           "attribution_patching"]
 __version__ = "0.1.0"

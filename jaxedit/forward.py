@@ -9,6 +9,8 @@ Interventions use masks and ``jnp.where`` (never scatters at traced indices):
 * ``restore_hidden``/``restore_attn``/``restore_mlp`` [B, L, T] masks with ``clean_*`` [B, L, T, d] values: force the
   block output / attention output / MLP output of a layer at a token to the given value;
 * ``resid_delta`` [B, L, T, d]: a vector added to the residual stream (the block output) at (layer, token);
+* ``attn_delta`` [B, L, T, d]: a vector added to the attention output (the gradient of a metric with respect to a
+  zero ``attn_delta`` is its gradient with respect to the attention outputs);
 * ``capture``: a static tuple naming what to return per layer: "hidden" (block outputs), "attn", "mlp",
   "keys" (the MLP output projection's input), "embeds" (the input of layer 0).
 """
@@ -39,12 +41,13 @@ class Interventions:
     restore_mlp: Optional[jax.Array] = None
     clean_mlp: Optional[jax.Array] = None
     resid_delta: Optional[jax.Array] = None  # [B, L, T, d]
+    attn_delta: Optional[jax.Array] = None  # [B, L, T, d]
     embed_replace: bool = struct.field(pytree_node=False, default=False)
 
     def per_layer(self):
         """The layer-indexed fields, with the layer axis moved to the front (the scan axis)."""
         names = ("restore_hidden", "clean_hidden", "restore_attn", "clean_attn", "restore_mlp", "clean_mlp",
-                 "resid_delta")
+                 "resid_delta", "attn_delta")
         return {n: None if getattr(self, n) is None else jnp.moveaxis(getattr(self, n), 1, 0) for n in names}
 
 
@@ -104,6 +107,8 @@ def block(cfg: ModelConfig, pl, x, positions, allowed, ivl=None, kv_prefix=None)
         k = jnp.concatenate([kv_prefix[0].astype(k.dtype), k], axis=1)
         v = jnp.concatenate([kv_prefix[1].astype(v.dtype), v], axis=1)
     a = fam.attn_out(cfg, pl, attention(q, k, v, allowed))
+    if ivl.get("attn_delta") is not None:
+        a = a + ivl["attn_delta"].astype(a.dtype)
     a = _restore(a, ivl.get("restore_attn"), ivl.get("clean_attn"))
     x = x + a
     key = fam.mlp_key(cfg, pl, fam.norm_mlp(cfg, pl, x))
