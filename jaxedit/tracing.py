@@ -309,6 +309,12 @@ def row_flops(cfg: ModelConfig, keys: int) -> float:
     return proj + mlp + 4 * keys * cfg.n_heads * cfg.head_dim
 
 
+def packed_bytes(cfg: ModelConfig, S: int, T: int, P: int) -> float:
+    """Working set of one restore layer's packed step: activations ~ P x (d_ff + 4d) plus attention scores
+    P x (T + P) x heads, float32, for each of S samples."""
+    return 4 * S * P * (cfg.d_ff + 4 * cfg.d_model + cfg.n_heads * (T + P))
+
+
 def auto_layers_per_step(cfg: ModelConfig, S: int, T: int, groups, budget_bytes: float) -> int:
     """How many restore layers to batch per step: enough that a step is not dominated by per-step overhead
     (~2e8 FLOPs on CPU, ~5e10 on accelerators), within the memory budget; 1 when a single layer's step is big."""
@@ -316,7 +322,7 @@ def auto_layers_per_step(cfg: ModelConfig, S: int, T: int, groups, budget_bytes:
     work = S * P * row_flops(cfg, T + P)
     target = 2e8 if jax.default_backend() == "cpu" else 5e10
     g = max(1, min(cfg.n_layers, int(math.ceil(target / work))))
-    per_layer = 4 * S * P * (cfg.d_ff + 4 * cfg.d_model + cfg.n_heads * (T + P))
+    per_layer = packed_bytes(cfg, S, T, P)
     return max(1, min(g, int(budget_bytes // max(per_layer, 1))))
 
 
@@ -325,9 +331,7 @@ def row_groups(T: int, S: int, cfg: ModelConfig, budget_bytes: float, first: int
     groups, cur, size = [], [], 0
     for t in range(first, T):
         rows = T - t
-        # activations ~ rows x (d_ff + 4d) plus attention scores rows x (T + packed) x heads, float32, x samples
-        est = lambda P: 4 * S * P * (cfg.d_ff + 4 * cfg.d_model + cfg.n_heads * (T + P))
-        if cur and est(size + rows) > budget_bytes:
+        if cur and packed_bytes(cfg, S, T, size + rows) > budget_bytes:
             groups.append(cur)
             cur, size = [], 0
         cur.append(t)
@@ -364,7 +368,7 @@ def trace_grid(cfg, params, ids, n, embed_mask, noise, answer, *, kinds, window,
 
 # ---------------------------------------------------------------------------------------------- public API
 
-def _bucket(n: int, multiple: int = 8) -> int:
+def _bucket(n: int, multiple: int) -> int:
     return int(math.ceil(n / multiple) * multiple)
 
 

@@ -119,3 +119,18 @@ def test_bad_input_errors(tiny, kwargs, message):
     _, model, tok = tiny
     with pytest.raises(JaxeditError, match=message):
         trace(model, tokenizer=tok, **kwargs)
+
+
+def test_memory_chunking_does_not_change_the_grid(tiny):
+    """A small memory budget splits the token-rows into several packed groups, one restore layer per step."""
+    from jaxedit.tracing import packed_bytes, row_groups
+
+    _, model, tok = tiny
+    kw = dict(span=SUBJECT, tokenizer=tok, samples=3, noise=0.5, kinds=("hidden", "attn"), window=3)
+    T = len(tok(PROMPT)["input_ids"])
+    budget = packed_bytes(model.config, 3, T, T * (T + 1) // 2) / 8
+    assert len(row_groups(T, 3, model.config, budget)) >= 3
+    a = trace(model, PROMPT, **kw)
+    b = trace(model, PROMPT, memory_budget=budget, **kw)
+    for k in ("hidden", "attn"):
+        np.testing.assert_allclose(a[k].scores, b[k].scores, atol=1e-6)
