@@ -53,7 +53,7 @@ class Interventions:
 
 @struct.dataclass
 class ForwardOutput:
-    logits: jax.Array  # [B, T, V] float32 (or [B, K, V] when logit_positions is given)
+    logits: Optional[jax.Array]  # [B, T, V] float32 ([B, K, V] with logit_positions; None with num_layers)
     hidden: Optional[jax.Array] = None  # [B, L, T, d] block outputs
     attn: Optional[jax.Array] = None  # [B, L, T, d] attention outputs
     mlp: Optional[jax.Array] = None  # [B, L, T, d] MLP outputs
@@ -98,11 +98,13 @@ def block(cfg: ModelConfig, pl, x, positions, allowed, ivl=None, kv_prefix=None)
 
     ``kv_prefix`` = (k, v) [B, Tp, KV, hd] are keys/values of earlier tokens computed elsewhere; they are put
     before this call's own keys, and ``allowed`` is then [B, T, Tp + T].
-    Returns the block output and a dict of the intermediate values (hidden, attn, mlp, keys).
+    Returns the block output and a dict of the intermediate values (hidden, attn, mlp, keys, and this call's own
+    attention keys/values "kv" for a cache).
     """
     fam = FAMILY_MODULES[cfg.family]
     ivl = ivl or {}
     q, k, v = fam.qkv(cfg, pl, fam.norm_attn(cfg, pl, x), positions)
+    own_kv = (k, v)
     if kv_prefix is not None:
         k = jnp.concatenate([kv_prefix[0].astype(k.dtype), k], axis=1)
         v = jnp.concatenate([kv_prefix[1].astype(v.dtype), v], axis=1)
@@ -117,7 +119,7 @@ def block(cfg: ModelConfig, pl, x, positions, allowed, ivl=None, kv_prefix=None)
     if ivl.get("resid_delta") is not None:
         x = x + ivl["resid_delta"].astype(x.dtype)
     x = _restore(x, ivl.get("restore_hidden"), ivl.get("clean_hidden"))
-    return x, {"hidden": x, "attn": a, "mlp": m, "keys": key}
+    return x, {"hidden": x, "attn": a, "mlp": m, "keys": key, "kv": own_kv}
 
 
 def embed(cfg: ModelConfig, params, input_ids, positions, iv: Optional[Interventions] = None):
@@ -132,8 +134,12 @@ def embed(cfg: ModelConfig, params, input_ids, positions, iv: Optional[Intervent
 
 
 def apply(cfg: ModelConfig, params, input_ids, attention_mask=None, interventions: Optional[Interventions] = None,
-          capture: tuple = (), logit_positions=None) -> ForwardOutput:
-    """Pure forward pass. ``logit_positions`` [B, K] int: compute logits only at those positions."""
+          capture: tuple = (), logit_positions=None, num_layers: Optional[int] = None) -> ForwardOutput:
+    """Pure forward pass. ``logit_positions`` [B, K] int: compute logits only at those positions.
+
+    ``num_layers``: run only the first ``num_layers`` blocks and stop there (no final norm, ``logits`` is None);
+    the captured arrays then have ``num_layers`` entries on their layer axis.
+    """
     capture = tuple(capture)
     for name in capture:
         if name not in CAPTURE_NAMES:
@@ -154,15 +160,21 @@ def apply(cfg: ModelConfig, params, input_ids, attention_mask=None, intervention
         x, parts = block(cfg, pl, x, positions, allowed, ivl)
         return x, {n: parts[n] for n in layer_capture}
 
-    x, caps = jax.lax.scan(step, x, (params["blocks"], iv.per_layer()))
-    x = fam.final_norm(cfg, params, x)
-    if logit_positions is not None:
-        x = jnp.take_along_axis(x, jnp.asarray(logit_positions)[..., None], axis=1)
-    logits = fam.lm_head(cfg, params, x)
+    blocks, per_layer = params["blocks"], iv.per_layer()
+    if num_layers is not None:
+        blocks, per_layer = jax.tree.map(lambda a: a[:num_layers], (blocks, per_layer))
+    x, caps = jax.lax.scan(step, x, (blocks, per_layer))
     out = {n: jnp.moveaxis(v, 0, 1) for n, v in caps.items()}
+    if num_layers is not None:
+        logits = None
+    else:
+        x = fam.final_norm(cfg, params, x)
+        if logit_positions is not None:
+            x = jnp.take_along_axis(x, jnp.asarray(logit_positions)[..., None], axis=1)
+        logits = fam.lm_head(cfg, params, x)
     if "embeds" in capture:
         out["embeds"] = embeds
     return ForwardOutput(logits=logits, **out)
 
 
-apply_jit = jax.jit(apply, static_argnames=("cfg", "capture"))
+apply_jit = jax.jit(apply, static_argnames=("cfg", "capture", "num_layers"))

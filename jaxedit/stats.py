@@ -1,0 +1,285 @@
+"""Key covariance statistics for MEMIT: C_l = E[k k^T] (uncentered) of the MLP output projection's input at layer l,
+over every non-pad token of a text corpus.
+
+All requested layers are accumulated in **one pass** over the corpus; the forward stops at the last requested layer.
+Sums accumulate in float32 on the device (``precision="float64"``: each batch's float32 sum is added into a float64
+host accumulator). Results are cached on disk, one file per layer, keyed by the model's fingerprint, the corpus, the
+sample count, the truncation length and the precision; a run saves its partial sums every ``save_every`` batches
+and a killed run resumes from there.
+
+Corpora (``corpus=``):
+
+* a local ``.txt`` file (one text per non-empty line), ``.jsonl`` file (a ``"text"`` field per line), or a folder of
+  those;
+* ``"model"``: text sampled from the model itself (the fallback when no corpus is reachable; seeded);
+* anything else is a Hugging Face ``datasets`` name, ``"name"`` or ``"name:config"`` (e.g. ``"wikitext:wikitext-103-raw-v1"``),
+  ``"text"`` field of the train split (needs ``pip install datasets`` and network access or a local datasets cache).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import time
+from functools import partial
+from typing import Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxedit.config import ModelConfig
+from jaxedit.errors import JaxeditError
+from jaxedit.forward import block, causal_allowed, embed, positions_from_mask
+from jaxedit.model import params_of
+
+DEFAULT_CORPUS = "wikitext:wikitext-103-raw-v1"
+MODEL_CORPUS = "model"
+SAMPLE_STARTERS = ("The", "In", "A", "It", "This", "When", "One", "After", "There", "He", "She", "We", "They",
+                   "Many", "Some", "On")
+PRECISIONS = ("float32", "float64")
+
+
+# ---- corpora ----
+
+def _local_files(path: str) -> list:
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.txt")) + glob.glob(os.path.join(path, "*.jsonl")))
+        if not files:
+            raise JaxeditError(f"corpus folder {path} holds no .txt or .jsonl file")
+        return files
+    return [path]
+
+
+def _file_texts(files: Sequence[str]) -> Iterator[str]:
+    for fn in files:
+        with open(fn, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                line = line.strip()
+                if not line:
+                    continue
+                if fn.endswith(".jsonl"):
+                    try:
+                        text = json.loads(line)["text"]
+                    except (ValueError, KeyError, TypeError):
+                        raise JaxeditError(f"{fn}:{i}: expected a JSON object with a \"text\" field") from None
+                    if text and text.strip():
+                        yield text
+                else:
+                    yield line
+
+
+def _dataset_texts(name: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError:
+        raise JaxeditError(f"corpus {name!r} is a datasets name, and the datasets package is not installed "
+                           f"(pip install datasets); or use a local .txt/.jsonl corpus, or corpus 'model' "
+                           f"(text sampled from the model)") from None
+    ds_name, _, ds_config = name.partition(":")
+    try:
+        ds = datasets.load_dataset(ds_name, ds_config or None, split="train", streaming=True)
+        it = iter(ds)
+        first = next(it)
+    except Exception as e:  # network, unknown name, ...
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise JaxeditError(f"cannot reach corpus {name!r} ({msg}); use a local .txt/.jsonl corpus, or corpus "
+                           f"'model' (text sampled from the model itself)") from None
+    for row in _chain(first, it):
+        text = row.get("text")
+        if text and text.strip():
+            yield text
+
+
+def _chain(first, it):
+    yield first
+    yield from it
+
+
+def corpus_key(corpus: str, seed: int, batch_size: int) -> str:
+    """A short name for the corpus, part of the cache key (local files: path, size and mtime; model samples: the
+    seed and the batch size, which together fix the samples)."""
+    if corpus == MODEL_CORPUS:
+        return f"model-samples-seed{seed}-b{batch_size}"
+    if os.path.exists(corpus):
+        h = hashlib.sha1()
+        for fn in _local_files(corpus):
+            st = os.stat(fn)
+            h.update(f"{os.path.abspath(fn)}|{st.st_size}|{st.st_mtime_ns}".encode())
+        return f"{re.sub(r'[^A-Za-z0-9_.-]', '_', os.path.basename(os.path.abspath(corpus)))}-{h.hexdigest()[:12]}"
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", corpus)
+
+
+def token_batches(model, tokenizer, corpus: str, n_samples: int, max_len: int, batch_size: int, seed: int = 0,
+                  skip: int = 0) -> Iterator[list]:
+    """Lists of at most ``batch_size`` token-id lists (each truncated to ``max_len``), ``n_samples`` texts in all,
+    after skipping the first ``skip`` texts."""
+    if corpus == MODEL_CORPUS:
+        from jaxedit.generate import generate_ids
+
+        starters = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in SAMPLE_STARTERS]
+        for b, start in enumerate(range(0, n_samples, batch_size)):
+            n = min(batch_size, n_samples - start)
+            if start + n <= skip:
+                continue
+            prompts = [starters[(start + i) % len(starters)] for i in range(n)]
+            ids = generate_ids(model, prompts, max_len - max(len(p) for p in prompts), top_k=40, seed=seed + b)
+            yield [x[:max_len] for x in ids][max(0, skip - start):]
+        return
+    if os.path.exists(corpus):
+        texts = _file_texts(_local_files(corpus))
+    elif corpus.endswith((".txt", ".jsonl")):
+        raise JaxeditError(f"no such corpus file or folder: {corpus}")
+    else:
+        texts = _dataset_texts(corpus)
+    batch, seen = [], 0
+    for text in texts:
+        if seen >= n_samples:
+            break
+        seen += 1
+        if seen <= skip:
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_len]
+        if ids:
+            batch.append(ids)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+# ---- the pass ----
+
+@partial(jax.jit, static_argnames=("cfg", "layers"), donate_argnums=(4,))
+def accumulate(cfg: ModelConfig, params, ids, mask, acc, *, layers: tuple):
+    """acc [len(layers), d_ff, d_ff] + the sum over non-pad tokens of k k^T at each of ``layers`` (sorted);
+    the forward stops after the last of them."""
+    stop = layers[-1] + 1
+    slot = np.full(stop, -1, np.int32)
+    slot[list(layers)] = np.arange(len(layers))
+    positions, allowed = positions_from_mask(mask), causal_allowed(mask)
+    x = embed(cfg, params, ids, positions)
+    w = mask.astype(jnp.float32)[..., None]
+
+    def step(carry, xs):
+        x, acc = carry
+        pl, s = xs
+        x, parts = block(cfg, pl, x, positions, allowed)
+
+        def add(acc):
+            k = parts["keys"].astype(jnp.float32) * w
+            return acc.at[s].add(jnp.einsum("btf,btg->fg", k, k, precision=jax.lax.Precision.HIGHEST))
+
+        return (x, jax.lax.cond(s >= 0, add, lambda a: a, acc)), None
+
+    blocks = jax.tree.map(lambda a: a[:stop], params["blocks"])
+    (_, acc), _ = jax.lax.scan(step, (x, acc), (blocks, jnp.asarray(slot)))
+    return acc
+
+
+def model_fingerprint(model) -> str:
+    """A short hash of the config and a strided sample of every parameter (cheap; changes when weights change)."""
+    h = hashlib.sha1(model.config.to_json().encode())
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params_of(model)), key=lambda kv: str(kv[0])):
+        h.update(str(path).encode())
+        h.update(np.asarray(jax.device_get(leaf.reshape(-1)[::997]), np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _atomic_savez(path: str, **arrays) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAULT_CORPUS, n_samples: int = 100_000,
+                max_len: Optional[int] = None, batch_size: int = 8, precision: str = "float32", seed: int = 0,
+                cache_dir: Optional[str] = None, save_every: int = 50, progress: bool = True) -> dict:
+    """{layer: C_l [d_ff, d_ff] (numpy, ``precision``)} for the requested layers, from cache where present; the
+    missing layers are computed together in one pass over ``n_samples`` texts of ``corpus`` truncated to
+    ``max_len`` tokens (default: the model's context, at most 1024)."""
+    cfg = model.config
+    layers = sorted({int(l) for l in layers})
+    if not layers:
+        raise JaxeditError("no layers requested")
+    bad = [l for l in layers if not 0 <= l < cfg.n_layers]
+    if bad:
+        raise JaxeditError(f"layers {bad} are outside 0..{cfg.n_layers - 1}")
+    if precision not in PRECISIONS:
+        raise JaxeditError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
+    if n_samples < 1 or batch_size < 1:
+        raise JaxeditError("n_samples and batch_size must be >= 1")
+    max_len = min(cfg.max_positions, 1024) if max_len is None else int(max_len)
+    if not 2 <= max_len <= cfg.max_positions:
+        raise JaxeditError(f"max_len must be within 2..{cfg.max_positions} (got {max_len})")
+    if corpus != MODEL_CORPUS and not os.path.exists(corpus) and corpus.endswith((".txt", ".jsonl")):
+        raise JaxeditError(f"no such corpus file: {corpus}")
+
+    from jaxedit.loading import cache_dir as default_cache
+
+    root = os.path.join(cache_dir or os.path.join(default_cache(), "stats"), model_fingerprint(model),
+                        corpus_key(corpus, seed, batch_size))
+    tag = f"n{n_samples}-t{max_len}-{precision}"
+    path_of = {l: os.path.join(root, f"layer{l}-{tag}.npz") for l in layers}
+    out = {l: np.load(path_of[l])["mom2"] for l in layers if os.path.isfile(path_of[l])}
+    todo = tuple(l for l in layers if l not in out)
+    if not todo:
+        return out
+    os.makedirs(root, exist_ok=True)
+    partial_path = os.path.join(root, f"partial-{'_'.join(map(str, todo))}-{tag}.npz")
+    f = cfg.d_ff
+    host = None
+    done_texts, tokens = 0, 0
+    if os.path.isfile(partial_path):
+        z = np.load(partial_path)
+        host, done_texts, tokens = z["sums"], int(z["texts"]), int(z["tokens"])
+    acc_dtype = np.float64 if precision == "float64" else np.float32
+    if host is None:
+        host = np.zeros((len(todo), f, f), acc_dtype)
+    params = params_of(model)
+    dev = jnp.asarray(host, jnp.float32) if precision == "float32" else None
+
+    from tqdm import tqdm
+
+    def save_partial():
+        sums = np.asarray(dev) if precision == "float32" else host
+        _atomic_savez(partial_path, sums=sums, texts=done_texts, tokens=tokens)
+
+    batches_since = 0
+    with tqdm(total=n_samples, initial=done_texts, unit="text", desc=f"key statistics, layers {list(todo)}",
+              disable=not progress) as bar:
+        for batch in token_batches(model, tokenizer, corpus, n_samples, max_len, batch_size, seed, skip=done_texts):
+            T = -(-max(len(x) for x in batch) // 32) * 32  # round lengths up: few shapes to compile
+            ids = np.zeros((batch_size, T), np.int32)
+            mask = np.zeros((batch_size, T), np.int32)
+            for i, x in enumerate(batch):
+                ids[i, :len(x)] = x
+                mask[i, :len(x)] = 1
+            if precision == "float32":
+                dev = accumulate(cfg, params, jnp.asarray(ids), jnp.asarray(mask), dev, layers=todo)
+            else:
+                zero = jnp.zeros((len(todo), f, f), jnp.float32)
+                host += np.asarray(accumulate(cfg, params, jnp.asarray(ids), jnp.asarray(mask), zero, layers=todo),
+                                   np.float64)
+            done_texts += len(batch)
+            tokens += int(mask.sum())
+            bar.update(len(batch))
+            batches_since += 1
+            if batches_since >= save_every:
+                save_partial()
+                batches_since = 0
+    if tokens == 0:
+        raise JaxeditError(f"corpus {corpus!r} gave no tokens")
+    sums = np.asarray(dev, np.float32) if precision == "float32" else host
+    for i, l in enumerate(todo):
+        mom2 = (sums[i] / tokens).astype(acc_dtype)
+        if not np.all(np.isfinite(mom2)):
+            raise JaxeditError(f"non-finite key statistics at layer {l}")
+        _atomic_savez(path_of[l], mom2=mom2, tokens=tokens, texts=done_texts)
+        out[l] = mom2
+    if os.path.isfile(partial_path):
+        os.remove(partial_path)
+    return out

@@ -1,0 +1,96 @@
+"""Key statistics E[k k^T] against torch: the inputs of the HF model's MLP output projection, captured by hooks,
+summed in float64 over every token of the corpus."""
+import numpy as np
+import pytest
+import torch
+
+import jaxedit
+from jaxedit import JaxeditError
+from jaxedit import stats as st
+
+TEXTS = ["The Eiffel Tower is located in the city of Paris.", "Miles Davis plays the trumpet.",
+         "Beats Music is owned by Apple.", "The Space Needle is in Seattle.", "Toko Yasuda produces music.",
+         "The capital of France is Paris. The Space Needle is in Seattle."]
+
+
+def torch_mom2(hf, tokenizer, texts, layers, max_len):
+    gpt2 = hf.config.model_type == "gpt2"
+    mods = [(hf.transformer.h[l].mlp.c_proj if gpt2 else hf.model.layers[l].mlp.down_proj) for l in layers]
+    got = {l: [] for l in layers}
+    hooks = [m.register_forward_pre_hook(lambda m, a, l=l: got[l].append(a[0][0].double().numpy()))
+             for l, m in zip(layers, mods)]
+    with torch.no_grad():
+        for t in texts:
+            hf(torch.tensor([tokenizer(t)["input_ids"][:max_len]]))
+    for h in hooks:
+        h.remove()
+    out = {}
+    for l in layers:
+        k = np.concatenate(got[l])
+        out[l] = k.T @ k / len(k)
+    return out
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    p = tmp_path / "corpus.txt"
+    p.write_text("\n\n".join(TEXTS) + "\n")
+    return str(p)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied"])
+@pytest.mark.parametrize("precision", ["float32", "float64"])
+def test_mom2_matches_torch(tiny_dirs, tokenizer, tmp_path, corpus_file, name, precision):
+    model, tok = jaxedit.load(tiny_dirs[name][0])
+    layers = [0, 2]
+    got = st.layer_stats(model, tok, layers, corpus=corpus_file, n_samples=5, max_len=9, batch_size=2,
+                         precision=precision, cache_dir=str(tmp_path / "c"), progress=False)
+    ref = torch_mom2(tiny_dirs[name][1], tok, TEXTS[:5], layers, 9)
+    for l in layers:
+        assert got[l].dtype == np.dtype(precision)
+        np.testing.assert_allclose(got[l], ref[l], rtol=1e-5, atol=1e-7 * np.abs(ref[l]).max())
+
+
+def test_cache_and_resume(tiny_dirs, tokenizer, tmp_path, corpus_file, monkeypatch):
+    model, tok = jaxedit.load(tiny_dirs["llama-mha-tied"][0])
+    kw = dict(corpus=corpus_file, n_samples=6, max_len=12, batch_size=1, cache_dir=str(tmp_path / "c"),
+              progress=False, save_every=1)
+    full = st.layer_stats(model, tok, [1, 2], **dict(kw, cache_dir=str(tmp_path / "fresh")))
+
+    real, calls = st.accumulate, []
+
+    def killed_after_three(*a, **k):
+        calls.append(1)
+        if len(calls) > 3:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(st, "accumulate", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        st.layer_stats(model, tok, [1, 2], **kw)
+    monkeypatch.setattr(st, "accumulate", real)
+    seen = []
+    monkeypatch.setattr(st, "accumulate", lambda *a, **k: seen.append(1) or real(*a, **k))
+    resumed = st.layer_stats(model, tok, [1, 2], **kw)
+    assert len(seen) == 3  # texts 4..6 only
+    for l in (1, 2):
+        np.testing.assert_allclose(resumed[l], full[l], rtol=1e-6)
+    # cached now: a further call (any subset of the layers) computes nothing
+    monkeypatch.setattr(st, "accumulate", lambda *a, **k: pytest.fail("recomputed a cached layer"))
+    again = st.layer_stats(model, tok, [2], **kw)
+    np.testing.assert_array_equal(again[2], resumed[2])
+
+
+def test_model_sampled_corpus_and_errors(tiny_dirs, tokenizer, tmp_path):
+    model, tok = jaxedit.load(tiny_dirs["gpt2"][0])
+    kw = dict(corpus="model", n_samples=4, max_len=16, batch_size=2, progress=False)
+    a = st.layer_stats(model, tok, [1], cache_dir=str(tmp_path / "a"), **kw)[1]
+    b = st.layer_stats(model, tok, [1], cache_dir=str(tmp_path / "b"), **kw)[1]
+    np.testing.assert_array_equal(a, b)  # seeded
+    assert a.shape == (128, 128) and np.all(np.linalg.eigvalsh(a.astype(np.float64)) > -1e-6)
+    with pytest.raises(JaxeditError, match="outside"):
+        st.layer_stats(model, tok, [3], cache_dir=str(tmp_path), **kw)
+    with pytest.raises(JaxeditError, match="no such corpus"):
+        st.layer_stats(model, tok, [1], cache_dir=str(tmp_path), **dict(kw, corpus="missing.txt"))
+    with pytest.raises(JaxeditError, match="corpus"):  # a datasets name, offline or without datasets
+        st.layer_stats(model, tok, [1], cache_dir=str(tmp_path), **dict(kw, corpus="no-such-dataset-xyz"))
