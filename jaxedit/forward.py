@@ -134,24 +134,28 @@ def embed(cfg: ModelConfig, params, input_ids, positions, iv: Optional[Intervent
 
 
 def apply(cfg: ModelConfig, params, input_ids, attention_mask=None, interventions: Optional[Interventions] = None,
-          capture: tuple = (), logit_positions=None, num_layers: Optional[int] = None) -> ForwardOutput:
+          capture: tuple = (), logit_positions=None, num_layers: Optional[int] = None, start_layer: int = 0,
+          hidden_in=None) -> ForwardOutput:
     """Pure forward pass. ``logit_positions`` [B, K] int: compute logits only at those positions.
 
-    ``num_layers``: run only the first ``num_layers`` blocks and stop there (no final norm, ``logits`` is None);
-    the captured arrays then have ``num_layers`` entries on their layer axis.
+    ``num_layers``: run only the blocks before ``num_layers`` and stop there (no final norm, ``logits`` is None).
+    ``start_layer`` with ``hidden_in`` [B, T, d] (the output of block ``start_layer - 1``): skip the embedding and
+    the earlier blocks (``input_ids`` is then unused and may be None; give the ``attention_mask``).
+    Captured per-layer arrays hold the blocks that ran, in order.
     """
     capture = tuple(capture)
     for name in capture:
         if name not in CAPTURE_NAMES:
             raise ValueError(f"unknown capture {name!r} (known: {', '.join(CAPTURE_NAMES)})")
     fam = FAMILY_MODULES[cfg.family]
-    input_ids = jnp.asarray(input_ids)
+    if (hidden_in is None) != (start_layer == 0):
+        raise ValueError("start_layer > 0 goes with hidden_in, the output of the block before it")
     if attention_mask is None:
-        attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+        attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
     positions = positions_from_mask(attention_mask)
     allowed = causal_allowed(attention_mask)
     iv = interventions if interventions is not None else Interventions()
-    x = embed(cfg, params, input_ids, positions, iv)
+    x = embed(cfg, params, jnp.asarray(input_ids), positions, iv) if hidden_in is None else hidden_in
     embeds = x
     layer_capture = tuple(n for n in capture if n != "embeds")
 
@@ -161,8 +165,8 @@ def apply(cfg: ModelConfig, params, input_ids, attention_mask=None, intervention
         return x, {n: parts[n] for n in layer_capture}
 
     blocks, per_layer = params["blocks"], iv.per_layer()
-    if num_layers is not None:
-        blocks, per_layer = jax.tree.map(lambda a: a[:num_layers], (blocks, per_layer))
+    if num_layers is not None or start_layer:
+        blocks, per_layer = jax.tree.map(lambda a: a[start_layer:num_layers], (blocks, per_layer))
     x, caps = jax.lax.scan(step, x, (blocks, per_layer))
     out = {n: jnp.moveaxis(v, 0, 1) for n, v in caps.items()}
     if num_layers is not None:
@@ -177,4 +181,4 @@ def apply(cfg: ModelConfig, params, input_ids, attention_mask=None, intervention
     return ForwardOutput(logits=logits, **out)
 
 
-apply_jit = jax.jit(apply, static_argnames=("cfg", "capture", "num_layers"))
+apply_jit = jax.jit(apply, static_argnames=("cfg", "capture", "num_layers", "start_layer"))

@@ -1,0 +1,507 @@
+"""MEMIT edits (Meng et al. 2023) and toxic-memory deletion (Das et al. 2025): closed-form updates of the MLP output
+projections of several layers toward target residual vectors.
+
+For each request a key token (the last token of the subject, or of an explicit span) is chosen. Then:
+
+1. **z**: at the residual stream output of the last edited layer L, at the key token, find ``z = h + delta`` with
+   Adam (optax) on the request's objective: MEMIT's NLL of the new target, or deletion's log-probability of the
+   token(s) to suppress, plus a KL term that keeps the subject's "{} is a" prediction, plus weight decay on
+   ||delta|| / ||h||^2; delta is clamped to ``clamp_norm_factor * ||h||`` after each step. All requests are optimized
+   at once (``jax.vmap``), each with its own early stop; the forward up to layer L is computed once, each step
+   runs only the blocks after L.
+2. **spreading**: for the edited layers in order, the keys K (inputs of the output projection at the key token,
+   averaged over context templates: 1/2 the bare prompt, 1/2 the mean over sampled prefixes) and the current z are
+   recomputed on the partially edited model; the residual ``(z - z_now) / (layers not yet edited)`` is written into
+   the layer by ``dW = (lambda C + K K^T)^-1 K R^T`` (a solve, float32 on the device or float64 on the host), with
+   C = E[k k^T] from :mod:`jaxedit.stats`.
+
+Requests are dicts: "prompt" (containing the subject literally, or a "{}" placeholder for it), "subject" or "span"
+((start, end) token range of the prompt; the key is its last token), and "target" (edit) or "suppress" (delete: a
+string whose first token is pushed away, or a list of such strings). Optional "paraphrases" and "neighborhood"
+prompts are evaluated in the report.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from functools import partial
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxedit.config import ModelConfig
+from jaxedit.errors import JaxeditError
+from jaxedit.forward import apply, apply_jit
+from jaxedit.model import model_from_params, params_of
+
+
+# ---- hyperparameters ----
+
+@dataclasses.dataclass(frozen=True)
+class EditHparams:
+    layers: tuple  # the edited layers (MLP output projections)
+    v_lr: float = 0.5  # Adam learning rate for delta
+    v_num_grad_steps: int = 20
+    v_weight_decay: float = 0.5  # x ||delta|| / ||h||^2
+    clamp_norm_factor: float = 0.75  # ||delta|| <= factor x ||h||
+    kl_factor: float = 0.0625  # MEMIT's KL(P_now || P_orig) weight on "{subject} is a"
+    early_stop_loss: float = 0.05  # MEMIT: stop when the loss falls below this
+    mom2_update_weight: float = 20000.0  # lambda in (lambda C + K K^T)
+    mom2_corpus: str = "wikitext:wikitext-103-raw-v1"
+    mom2_samples: int = 100_000
+    mom2_max_len: Optional[int] = None  # default: the model's context, at most 1024
+    mom2_precision: str = "float32"
+    solve_dtype: str = "float32"  # "float64": the solve on the host in float64, as the reference
+    context_prefixes: tuple = ("The", "Therefore", "Because", "I", "You")
+    context_length: int = 10  # tokens per sampled prefix (starter word included)
+    context_top_k: int = 5
+    kl_prompt: str = "{} is a"
+    max_update_ratio: float = 10.0  # refuse an update with ||dW|| > ratio x ||W|| (absurd weights)
+    seed: int = 0
+
+    def replace(self, **kw):
+        unknown = [k for k in kw if k not in {f.name for f in dataclasses.fields(self)}]
+        if unknown:
+            raise JaxeditError(f"unknown hyperparameter(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **kw)
+
+
+# Presets from the reference configurations (MEMIT's GPT-2-XL; EasyEdit's LLaMA-7B).
+PRESETS = {
+    "gpt2-xl": EditHparams(layers=(13, 14, 15, 16, 17), v_num_grad_steps=20, v_weight_decay=0.5,
+                           clamp_norm_factor=0.75, mom2_update_weight=20000.0),
+    "llama-7b": EditHparams(layers=(4, 5, 6, 7, 8), v_num_grad_steps=25, v_weight_decay=1e-3,
+                            clamp_norm_factor=4.0, mom2_update_weight=15000.0),
+}
+_PRESET_SHAPES = {("gpt2", 48, 1600): "gpt2-xl", ("llama", 32, 4096): "llama-7b"}
+
+
+def default_layers(cfg: ModelConfig) -> tuple:
+    """Five consecutive layers (fewer in models under 30 layers: depth // 6, at least 1) starting at the depth
+    fraction of the reference sets: 13/48 for GPT-2 (GPT-2-XL: 13..17), 4/32 for LLaMA (LLaMA-7B: 4..8)."""
+    L = cfg.n_layers
+    n = min(5, max(1, L // 6))
+    start = round((13 / 48 if cfg.family == "gpt2" else 4 / 32) * L)
+    start = min(start, L - n)
+    return tuple(range(start, start + n))
+
+
+def hparams_for(cfg: ModelConfig, preset: Optional[str] = None, **overrides) -> EditHparams:
+    """The preset for the model's shape (or the named ``preset``); other shapes take their family's preset with
+    :func:`default_layers`. Keyword arguments override single fields."""
+    if preset is not None:
+        if preset not in PRESETS:
+            raise JaxeditError(f"unknown preset {preset!r} (known: {', '.join(PRESETS)})")
+        hp = PRESETS[preset]
+    else:
+        name = _PRESET_SHAPES.get((cfg.family, cfg.n_layers, cfg.d_model))
+        hp = PRESETS[name] if name else dataclasses.replace(
+            PRESETS["gpt2-xl" if cfg.family == "gpt2" else "llama-7b"], layers=default_layers(cfg))
+    return hp.replace(**overrides)
+
+
+# ---- requests and tokenization ----
+
+@dataclasses.dataclass
+class _Request:
+    template: str  # the prompt with "{}" where the subject goes
+    subject: str
+    targets: list  # edit: the target's token ids; delete: the first token id of each string to suppress
+    raw: dict
+
+
+def _ids(tokenizer, text, special=True):
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def parse_requests(requests, tokenizer, mode: str) -> list:
+    if tokenizer is None:
+        raise JaxeditError("editing needs a tokenizer")
+    if isinstance(requests, dict):
+        requests = [requests]
+    if not requests:
+        raise JaxeditError("no requests")
+    field = "target" if mode == "edit" else "suppress"
+    out = []
+    for i, r in enumerate(requests):
+        where = f"request {i}: "
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
+            raise JaxeditError(where + "needs a non-empty \"prompt\"")
+        prompt = r["prompt"]
+        if ("subject" in r) == ("span" in r):
+            raise JaxeditError(where + "give exactly one of \"subject\" and \"span\"")
+        if "span" in r:
+            try:
+                a, b = (int(v) for v in r["span"])
+            except (TypeError, ValueError):
+                raise JaxeditError(where + "\"span\" must be [start, end]") from None
+            enc = tokenizer(prompt, return_offsets_mapping=True)
+            n = len(enc["input_ids"])
+            if not 0 <= a < b <= n:
+                raise JaxeditError(where + f"span ({a}, {b}) is outside the prompt's {n} tokens")
+            offsets = enc["offset_mapping"]
+            c0, c1 = offsets[a][0], offsets[b - 1][1]
+            subject, template = prompt[c0:c1], prompt[:c0] + "{}" + prompt[c1:]
+            if not subject.strip():
+                raise JaxeditError(where + f"span ({a}, {b}) holds no text")
+        else:
+            subject = r["subject"]
+            if not isinstance(subject, str) or not subject.strip():
+                raise JaxeditError(where + "empty \"subject\"")
+            if "{}" in prompt:
+                template = prompt
+            elif subject in prompt:
+                template = prompt.replace(subject, "{}", 1)
+            else:
+                raise JaxeditError(where + f"subject {subject!r} does not occur in the prompt")
+        if template.count("{}") != 1:
+            raise JaxeditError(where + "the prompt must hold the subject (or \"{}\") exactly once")
+        other = "suppress" if mode == "edit" else "target"
+        if field not in r:
+            raise JaxeditError(where + f"needs \"{field}\"" + (f" (\"{other}\" is for jaxedit.{'delete' if mode == 'edit' else 'memit'})" if other in r else ""))
+        val = r[field]
+        if mode == "edit":
+            if not isinstance(val, str) or not val.strip():
+                raise JaxeditError(where + "empty \"target\"")
+            targets = _ids(tokenizer, val, special=False)
+        else:
+            vals = [val] if isinstance(val, str) else list(val)
+            if not vals or any(not isinstance(v, str) or not v for v in vals):
+                raise JaxeditError(where + "\"suppress\" must be a non-empty string or list of strings")
+            targets = [_ids(tokenizer, v, special=False)[0] for v in vals]
+        if not targets:
+            raise JaxeditError(where + f"\"{field}\" has no tokens")
+        out.append(_Request(template, subject, targets, r))
+    return out
+
+
+def context_templates(model, tokenizer, hp: EditHparams) -> list:
+    """["{}"] + one sampled prefix per starter word, as "<prefix>. {}" (braces in samples replaced)."""
+    from jaxedit.generate import generate_ids
+
+    starters = [_ids(tokenizer, s, special=False) for s in hp.context_prefixes]
+    if not starters:
+        return ["{}"]
+    new = max(1, hp.context_length - max(len(s) for s in starters))
+    ids = generate_ids(model, starters, new, top_k=hp.context_top_k, seed=hp.seed)
+    texts = [tokenizer.decode(x, skip_special_tokens=True) for x in ids]
+    return ["{}"] + [t.replace("{", " ").replace("}", " ") + ". {}" for t in texts]
+
+
+def _encode_with_key(tokenizer, context, template, subject, suffix_ids=()):
+    """Token ids of context(template(subject)) + suffix_ids, and the position of the subject's last token."""
+    full = context.replace("{}", template)
+    cut = full.index("{}")
+    prefix_ids = _ids(tokenizer, full[:cut] + subject)
+    ids = _ids(tokenizer, full.replace("{}", subject)) + list(suffix_ids)
+    key = len(prefix_ids) - 1
+    if ids[:len(prefix_ids)] != prefix_ids:  # the tokenizer merged across the subject's end: take the covering token
+        key = next((i for i in range(min(len(ids), len(prefix_ids))) if ids[i] != prefix_ids[i]), key)
+    return ids, key
+
+
+def _pad(rows, T=None):
+    T = T or max(len(r) for r in rows)
+    ids = np.zeros((len(rows), T), np.int32)
+    mask = np.zeros((len(rows), T), np.int32)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = r
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+# ---- the z optimization ----
+
+@partial(jax.jit, static_argnames=("cfg", "layer", "mode", "steps"))
+def optimize_deltas(cfg: ModelConfig, params, h, mask, key_pos, logit_pos, tok_ids, tok_w, h_init, *,
+                    layer: int, mode: str, steps: int, lr, weight_decay, clamp_factor, kl_factor, stop_loss):
+    """Optimize one delta per request (vmapped over the leading axis).
+
+    Per request: h [R, T, d] the output of ``layer`` on R rows (the context-templated prompts, then the KL prompt
+    as the last row), mask [R, T], key_pos [R], logit_pos [R, K] / tok_ids [R, K] / tok_w [R, K] the positions,
+    tokens and weights of the objective (zero weight on the KL row, whose column 0 is its key token), h_init [d].
+    Returns (delta [d], total losses [steps], objective terms [steps], steps run).
+    """
+    tx = optax.adam(lr)
+
+    def one(h, mask, key_pos, logit_pos, tok_ids, tok_w, h_init):
+        onehot = (jnp.arange(h.shape[1])[None] == key_pos[:, None]).astype(h.dtype)[..., None]  # [R, T, 1]
+
+        def logprobs(delta):
+            x = h + onehot * delta.astype(h.dtype)
+            out = apply(cfg, params, None, mask, hidden_in=x, start_layer=layer + 1, logit_positions=logit_pos)
+            return jax.nn.log_softmax(out.logits, -1)  # [R, K, V]
+
+        lp0 = jax.lax.stop_gradient(logprobs(jnp.zeros_like(h_init)))[-1, 0]  # KL row, at its key token
+        norm_h = jnp.linalg.norm(h_init)
+
+        def loss_fn(delta):
+            lp = logprobs(delta)
+            tok = jnp.take_along_axis(lp, tok_ids[..., None], -1)[..., 0]  # [R, K]
+            w = tok_w[:-1]
+            per_row = (tok[:-1] * w).sum(-1) / jnp.maximum(w.sum(-1), 1)  # mean log P over each row's tokens
+            lp_kl = lp[-1, 0]
+            if mode == "edit":
+                main = -per_row.mean()
+                kl = (jnp.exp(lp_kl) * (lp_kl - lp0)).sum()  # KL(P_now || P_orig)
+            else:
+                main = per_row.mean()
+                kl = (jnp.exp(lp0) * (lp0 - lp_kl)).sum()  # KL(P_orig || P_now)
+            wd = weight_decay * jnp.sqrt(jnp.sum(delta ** 2) + 1e-30) / norm_h ** 2  # gradient 0 at delta = 0
+            return main + kl_factor * kl + wd, main
+
+        def step(carry, it):
+            delta, opt, done, n_run = carry
+            (loss, main), g = jax.value_and_grad(loss_fn, has_aux=True)(delta)
+            stop = done | (it == steps - 1) | ((loss < stop_loss) if mode == "edit" else False)
+            upd, opt_new = tx.update(g, opt, delta)
+            new = optax.apply_updates(delta, upd)
+            max_norm = clamp_factor * norm_h
+            nrm = jnp.linalg.norm(new)
+            new = jnp.where(nrm > max_norm, new * max_norm / nrm, new)
+            delta = jnp.where(stop, delta, new)
+            opt = jax.tree.map(lambda a, b: jnp.where(stop, a, b), opt, opt_new)
+            return (delta, opt, stop, n_run + (~done).astype(jnp.int32)), (loss, main)
+
+        d0 = jnp.zeros_like(h_init, dtype=jnp.float32)
+        (delta, _, _, n_run), (losses, mains) = jax.lax.scan(
+            step, (d0, tx.init(d0), jnp.array(False), jnp.int32(0)), jnp.arange(steps))
+        return delta, losses, mains, n_run
+
+    return jax.vmap(one)(h, mask, key_pos, logit_pos, tok_ids, tok_w, h_init)
+
+
+# ---- keys and current z on the (partially edited) model ----
+
+@partial(jax.jit, static_argnames=("cfg", "stop"))
+def _keys_and_hidden(cfg, params, ids, mask, pos, layer, *, stop: int):
+    """Keys at ``layer`` and the output of layer ``stop - 1`` at the positions ``pos`` [B]."""
+    out = apply(cfg, params, ids, mask, capture=("hidden", "keys"), num_layers=stop)
+    rows = jnp.arange(ids.shape[0])
+    return out.keys[rows, layer, pos], out.hidden[rows, stop - 1, pos]
+
+
+def _solve(C, K, R, lam, dtype):
+    """dW = (lam C + K K^T)^-1 K R^T with K [f, n], R [d, n]; returns (dW [f, d] float32, relative residual)."""
+    if dtype == "float64":
+        A = lam * np.asarray(C, np.float64) + K.astype(np.float64) @ K.T.astype(np.float64)
+        X = np.linalg.solve(A, K.astype(np.float64))
+        rel = np.linalg.norm(A @ X - K) / max(np.linalg.norm(K), 1e-30)
+        return (X @ R.T.astype(np.float64)).astype(np.float32), float(rel)
+    A = lam * jnp.asarray(C, jnp.float32) + jnp.asarray(K) @ jnp.asarray(K).T
+    X = jnp.linalg.solve(A, jnp.asarray(K))
+    rel = jnp.linalg.norm(A @ X - K) / jnp.maximum(jnp.linalg.norm(K), 1e-30)
+    return np.asarray(X @ jnp.asarray(R).T, np.float32), float(rel)
+
+
+def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers, hp: EditHparams):
+    """Write the target vectors ``z`` [n, d] (at the output of the last layer of ``layers``) into the layers in
+    order: per layer, keys and current z on the partially edited model, residual / layers left, solve, add.
+    Returns (new params, per-layer report)."""
+    n = len(reqs)
+    L = layers[-1]
+    # key rows: the bare prompt (row 0: also gives the current z) and the prefixed prompts
+    krows, kpos = [], []
+    for r in reqs:
+        for c in contexts:
+            ids_k, k = _encode_with_key(tokenizer, c, r.template, r.subject)
+            krows.append(ids_k)
+            kpos.append(k)
+    kids, kmask = (jnp.asarray(a) for a in _pad(krows))
+    kpos = jnp.asarray(np.array(kpos, np.int32))
+    C = len(contexts)
+
+    blocks = dict(params["blocks"])
+    w_out = blocks["w_out"]
+    layer_report = []
+    for i, l in enumerate(layers):
+        cur_params = dict(params, blocks=dict(blocks, w_out=w_out))
+        keys, hidden = _keys_and_hidden(cfg, cur_params, kids, kmask, kpos, l, stop=L + 1)
+        keys = np.asarray(keys, np.float32).reshape(n, C, -1)
+        K = 0.5 * keys[:, 0] + 0.5 * keys[:, 1:].mean(1) if C > 1 else keys[:, 0]  # [n, f]
+        z_now = np.asarray(hidden, np.float32).reshape(n, C, -1)[:, 0]
+        resid = (z - z_now) / (len(layers) - i)  # [n, d]
+        dW, rel = _solve(stats[l], K.T, resid.T, hp.mom2_update_weight, hp.solve_dtype)
+        W = np.asarray(w_out[l], np.float32)
+        nW, ndW = float(np.linalg.norm(W)), float(np.linalg.norm(dW))
+        if not np.all(np.isfinite(dW)):
+            raise JaxeditError(f"layer {l}: the update is not finite (ill-conditioned solve); nothing was changed")
+        if rel > 1e-2:
+            raise JaxeditError(f"layer {l}: ill-conditioned solve (relative residual {rel:.1e}); nothing was "
+                               f"changed (raise mom2_update_weight or use more statistics samples)")
+        if ndW > hp.max_update_ratio * nW:
+            raise JaxeditError(f"layer {l}: the update's norm {ndW:.3g} exceeds {hp.max_update_ratio} x the "
+                               f"weight's norm {nW:.3g}; refused, nothing was changed")
+        w_out = w_out.at[l].add(jnp.asarray(dW, w_out.dtype))
+        layer_report.append({"layer": l, "update_norm": ndW, "weight_norm": nW,
+                             "residual_norm": float(np.linalg.norm(resid, axis=1).mean()), "solve_residual": rel})
+    if not bool(jnp.all(jnp.isfinite(w_out))):
+        raise JaxeditError("the edited weights are not finite; nothing was changed")
+    return dict(params, blocks=dict(blocks, w_out=w_out)), layer_report
+
+
+def next_token_probs(model, tokenizer, prompts: Sequence[str], token_ids: Sequence[Sequence[int]]):
+    """p(token | prompt) at the next position for each prompt and each of its token ids, and the argmax ids."""
+    rows = [_ids(tokenizer, p) for p in prompts]
+    ids, mask = _pad(rows)
+    last = mask.sum(1) - 1
+    logits = apply_jit(model.config, params_of(model), jnp.asarray(ids), jnp.asarray(mask),
+                       logit_positions=jnp.asarray(last[:, None])).logits[:, 0]
+    p = np.asarray(jax.nn.softmax(logits, -1))
+    return [[float(p[i, t]) for t in toks] for i, toks in enumerate(token_ids)], p.argmax(-1).tolist()
+
+
+# ---- the edit ----
+
+def _check_layers(cfg, layers):
+    layers = sorted({int(l) for l in layers})
+    if not layers:
+        raise JaxeditError("no layers to edit")
+    bad = [l for l in layers if not 0 <= l < cfg.n_layers]
+    if bad:
+        raise JaxeditError(f"layers {bad} are outside 0..{cfg.n_layers - 1}")
+    return tuple(layers)
+
+
+def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides):
+    cfg = model.config
+    preset = hp_overrides.pop("preset", None)
+    hp = hparams_for(cfg, preset, **hp_overrides)
+    if layers is not None:
+        hp = hp.replace(layers=_check_layers(cfg, layers))
+    layers = _check_layers(cfg, hp.layers)
+    if hp.solve_dtype not in ("float32", "float64"):
+        raise JaxeditError("solve_dtype must be float32 or float64")
+    reqs = parse_requests(requests, tokenizer, mode)
+    t0 = time.perf_counter()
+    L = layers[-1]
+    params = params_of(model)
+
+    # covariance statistics (before any change)
+    if stats is None:
+        from jaxedit.stats import layer_stats
+
+        stats = layer_stats(model, tokenizer, layers, corpus=hp.mom2_corpus, n_samples=hp.mom2_samples,
+                            max_len=hp.mom2_max_len, precision=hp.mom2_precision, progress=progress)
+    missing = [l for l in layers if l not in stats]
+    if missing:
+        raise JaxeditError(f"no key statistics for layers {missing}")
+    for l in layers:
+        if np.shape(stats[l]) != (cfg.d_ff, cfg.d_ff):
+            raise JaxeditError(f"key statistics of layer {l} have shape {np.shape(stats[l])}, "
+                               f"expected ({cfg.d_ff}, {cfg.d_ff})")
+
+    contexts = context_templates(model, tokenizer, hp)
+
+    # rows for z: the target appended (edit) under every context, then the KL prompt
+    R = len(contexts) + 1
+    rows, key_pos, logit_pos, tok_ids, tok_w = [], [], [], [], []
+    for r in reqs:
+        suffix = r.targets[:-1] if mode == "edit" else []
+        for c in contexts:
+            ids, k = _encode_with_key(tokenizer, c, r.template, r.subject, suffix)
+            rows.append(ids)
+            key_pos.append(k)
+            if mode == "edit":
+                n0 = len(ids) - len(suffix)  # the first target token is predicted at position n0 - 1
+                logit_pos.append([n0 - 1 + j for j in range(len(r.targets))])
+                tok_ids.append(list(r.targets))
+            else:
+                logit_pos.append([len(ids) - 1] * len(r.targets))
+                tok_ids.append(list(r.targets))
+            tok_w.append([1.0] * len(r.targets))
+        ids, k = _encode_with_key(tokenizer, "{}", hp.kl_prompt, r.subject)
+        rows.append(ids)
+        key_pos.append(k)
+        logit_pos.append([k])
+        tok_ids.append([0])
+        tok_w.append([0.0])
+    Kmax = max(len(x) for x in logit_pos)
+    pad = lambda xs, v: np.array([x + [x[-1] if v is None else v] * (Kmax - len(x)) for x in xs])
+    lp_arr, ti_arr = pad(logit_pos, None), pad(tok_ids, 0)
+    tw_arr = np.array([x + [0.0] * (Kmax - len(x)) for x in tok_w], np.float32)
+    ids, mask = _pad(rows)
+    n, T = len(reqs), ids.shape[1]
+    key_pos = np.array(key_pos, np.int32)
+
+    # the state entering the blocks after L, computed once (the unedited model)
+    hid = apply_jit(cfg, params, jnp.asarray(ids), jnp.asarray(mask), capture=("hidden",), num_layers=L + 1)
+    h = hid.hidden[:, L]  # [n*R, T, d]
+    h_init = h[jnp.arange(n * R), jnp.asarray(key_pos)].reshape(n, R, -1)[:, 0]  # bare context, key token
+    shape = lambda a: jnp.asarray(a).reshape(n, R, *np.shape(a)[1:])
+    delta, losses, mains, n_run = optimize_deltas(
+        cfg, params, shape(h), shape(mask), shape(key_pos), shape(lp_arr), shape(ti_arr), shape(tw_arr),
+        h_init, layer=L, mode=mode, steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay,
+        clamp_factor=hp.clamp_norm_factor, kl_factor=hp.kl_factor, stop_loss=hp.early_stop_loss)
+    delta = np.asarray(delta)
+    if not np.all(np.isfinite(delta)):
+        raise JaxeditError("the target optimization diverged (non-finite delta); nothing was changed")
+    z = np.asarray(h_init, np.float32) + delta  # [n, d]
+
+    new_params, layer_report = spread(cfg, params, tokenizer, reqs, contexts, z, stats, layers, hp)
+    edited = model_from_params(cfg, new_params)
+
+    report = {"mode": mode, "layers": list(layers), "hparams": dataclasses.asdict(hp), "contexts": contexts,
+              "requests": [], "layers_report": layer_report}
+    h_norm = np.linalg.norm(np.asarray(h_init), axis=1)
+    losses, mains, n_run = np.asarray(losses), np.asarray(mains), np.asarray(n_run)
+    for j, r in enumerate(reqs):
+        k = max(int(n_run[j]) - 1, 0)
+        report["requests"].append({
+            "prompt": r.template.replace("{}", r.subject), "subject": r.subject,
+            "loss_first": float(losses[j, 0]), "loss_last": float(losses[j, k]),
+            "objective_first": float(mains[j, 0]), "objective_last": float(mains[j, k]), "steps": int(n_run[j]),
+            "delta_norm": float(np.linalg.norm(delta[j])), "h_norm": float(h_norm[j])})
+    _evaluate(model, edited, tokenizer, reqs, mode, report)
+    report["seconds"] = time.perf_counter() - t0
+    return edited, report
+
+
+def _evaluate(model, edited, tokenizer, reqs, mode, report):
+    """Before/after next-token probabilities of the target's first token (edit) or the suppressed tokens (delete)
+    and of the unedited model's argmax, on the prompt, paraphrases and neighbourhood prompts."""
+    prompts, toks, where = [], [], []
+    for j, r in enumerate(reqs):
+        prompt = r.template.replace("{}", r.subject)
+        tracked = [r.targets[0]] if mode == "edit" else list(r.targets)
+        for kind in ("prompt", "paraphrases", "neighborhood"):
+            texts = [prompt] if kind == "prompt" else list(r.raw.get(kind) or [])
+            for t in texts:
+                prompts.append(t)
+                toks.append(tracked)
+                where.append((j, kind, t))
+    before, arg_before = next_token_probs(model, tokenizer, prompts, toks)
+    # add the unedited argmax to the tracked tokens, then measure both models on the same tokens
+    toks2 = [t + [a] for t, a in zip(toks, arg_before)]
+    before, _ = next_token_probs(model, tokenizer, prompts, toks2)
+    after, arg_after = next_token_probs(edited, tokenizer, prompts, toks2)
+    for (j, kind, text), t, b, a, ab, aa in zip(where, toks2, before, after, arg_before, arg_after):
+        entry = {"text": text, "tokens": [tokenizer.decode([x]) for x in t[:-1]],
+                 "p_before": b[:-1], "p_after": a[:-1], "original_argmax": tokenizer.decode([ab]),
+                 "p_original_before": b[-1], "p_original_after": a[-1],
+                 "argmax_after": tokenizer.decode([aa]), "argmax_kept": ab == aa}
+        rep = report["requests"][j]
+        if kind == "prompt":
+            rep.update(entry)
+        else:
+            rep.setdefault(kind, []).append(entry)
+
+
+def memit(model, requests, layers=None, tokenizer=None, *, stats=None, progress=True, **hparams):
+    """MEMIT: rewrite each request's subject -> "target" association. Returns ``(edited_model, report)``; the input
+    model is untouched. ``layers``: the layers to edit (default: the preset's; see :func:`hparams_for`).
+    ``stats``: {layer: E[k k^T]} (default: computed with :func:`jaxedit.stats.layer_stats`, cached).
+    Other keyword arguments override :class:`EditHparams` fields (``preset="gpt2-xl"``/``"llama-7b"`` picks one)."""
+    return _run(model, requests, "edit", layers, tokenizer, stats, progress, hparams)
+
+
+def delete(model, requests, layers=None, kl_weight: float = 0.0625, tokenizer=None, *, stats=None, progress=True,
+           **hparams):
+    """Das et al.'s deletion: lower p("suppress" | prompt) under a KL constraint (``kl_weight`` x KL(P_orig ||
+    P_edited) on "{subject} is a"), spread over ``layers`` like MEMIT. Returns ``(edited_model, report)``."""
+    if kl_weight < 0:
+        raise JaxeditError("kl_weight must be >= 0")
+    return _run(model, requests, "delete", layers, tokenizer, stats, progress, dict(hparams, kl_factor=kl_weight))
