@@ -2,8 +2,9 @@
 
     python benchmarks/bench_saliency.py [--model smollm2] [--prompts benchmarks/data/facts.jsonl] [--out bench_out]
 
-Cost: wall time per prompt of the mlp-kind trace (over all prompts, batched), the three-kind trace (first
-prompt), and saliency (all prompts, one call); FLOPs estimated from the model shape. Agreement: Spearman
+Cost: wall time per prompt of the mlp-kind trace (over all prompts, batched), the three-kind and the hidden-only
+trace (first prompt, after a warm-up call), saliency (all prompts, one call) and attribution patching (first
+prompt, after a warm-up call); model FLOPs per prompt estimated from the shape (matmuls only). Agreement: Spearman
 correlation between the per-layer AIE profile of the mlp kind (at the span's last token, and the max over
 tokens) and the per-layer saliency profile (whole block and mlp_out), and the overlap of their top-1/3/5 layer
 sets, per prompt and aggregated. Writes a markdown table and a plot of the mean profiles to --out.
@@ -13,12 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
 from scipy.stats import spearmanr
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 import jaxedit
+from bench_trace import layer_flops, shared_flops
+from jaxedit.attribution import attribution_patching
 from jaxedit.saliency import saliency_batch
 from jaxedit.trace_files import read_requests
 from jaxedit.tracing import trace_batch
@@ -45,9 +51,25 @@ def main():
     t = time.perf_counter()
     traces = trace_batch(model, reqs, tokenizer=tok, kinds=("mlp",), samples=args.samples)
     t_mlp = time.perf_counter() - t
-    t = time.perf_counter()
-    trace_batch(model, reqs[:1], tokenizer=tok, samples=args.samples, bucket=1)
-    t_three = time.perf_counter() - t
+    def timed(fn):
+        fn()  # compile
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+
+    first = reqs[0]
+    t_three = timed(lambda: trace_batch(model, [first], tokenizer=tok, samples=args.samples, bucket=1))
+    t_hidden = timed(lambda: trace_batch(model, [first], tokenizer=tok, samples=args.samples, bucket=1,
+                                         kinds=("hidden",)))
+    t_attr = timed(lambda: attribution_patching(model, first["prompt"], span=first["subject"], tokenizer=tok,
+                                                samples=args.samples))
+    c = model.config
+    T = len(tok(first["prompt"])["input_ids"])
+    fwd = T * (c.n_layers * layer_flops(c, 1, T) + 2 * c.d_model * c.vocab_size)  # one row, all positions
+    flops = {"three": shared_flops(c, T, args.samples, ("hidden", "mlp", "attn"), 10),
+             "hidden": shared_flops(c, T, args.samples, ("hidden",), 10),
+             "saliency": 3 * fwd,  # forward + backward ~ 3 forwards
+             "attribution": fwd + 3 * args.samples * fwd}
 
     rows = []
     for r, s in zip(traces, sal_per):
@@ -57,11 +79,18 @@ def main():
         rows.append({"last": last, "max": mx, "block": s.layer, "mlp_out": s.modules["mlp_out"]})
     lines = [f"# Tracing vs saliency: {args.model}, {n} prompts ({os.path.basename(args.prompts)}), "
              f"{args.samples} samples", "",
-             "## Cost (2-core CPU; wall time includes compilation)", "",
-             "| method | s / prompt | ratio to saliency |", "|---|---|---|",
-             f"| trace, three kinds (1 prompt) | {t_three:.2f} | {t_three / (t_sal / n):.0f}x |",
-             f"| trace, mlp kind ({n} prompts, batched) | {t_mlp / n:.2f} | {t_mlp / t_sal:.0f}x |",
-             f"| saliency ({n} prompts, one call) | {t_sal / n:.3f} | 1x |", "",
+             "## Cost", "",
+             "| method | s / prompt | ratio to saliency | model GFLOP / prompt |", "|---|---|---|---|",
+             f"| trace, three kinds (first prompt) | {t_three:.2f} | {t_three / (t_sal / n):.0f}x | "
+             f"{flops['three'] / 1e9:.0f} |",
+             f"| trace, hidden only (first prompt) | {t_hidden:.2f} | {t_hidden / (t_sal / n):.0f}x | "
+             f"{flops['hidden'] / 1e9:.0f} |",
+             f"| trace, mlp kind ({n} prompts, batched, with compilation) | {t_mlp / n:.2f} | {t_mlp / t_sal:.0f}x | |",
+             f"| attribution patching, three kinds (first prompt) | {t_attr:.3f} | {t_attr / (t_sal / n):.1f}x | "
+             f"{flops['attribution'] / 1e9:.1f} |",
+             f"| saliency ({n} prompts, one call, with compilation) | {t_sal / n:.3f} | 1x | "
+             f"{flops['saliency'] / 1e9:.2f} |",
+             f"", f"FLOP ratio three-kind trace / saliency: {flops['three'] / flops['saliency']:.0f}x", "",
              "## Agreement of per-layer profiles (mean over prompts; Spearman rho, top-k overlap)", "",
              "| trace profile | saliency profile | rho | top-1 | top-3 | top-5 |", "|---|---|---|---|---|---|"]
     for tp in ("last", "max"):
