@@ -8,9 +8,11 @@ from jaxedit.attribution import attribution_patching
 from jaxedit.layer_selection import select_layers
 from jaxedit.saliency import SaliencyResult, saliency, saliency_batch
 from jaxedit.tracing import TraceResult, trace, trace_batch
+from jaxedit.editing import EditHparams, delete, hparams_for, memit
+from jaxedit.stats import layer_stats
 
 __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "apply", "load", "DEFAULT_MODEL",
            "forward", "create_model", "model_from_params", "params_of", "count_params", "trace", "trace_batch",
            "TraceResult", "saliency", "saliency_batch", "SaliencyResult", "select_layers",
-           "attribution_patching"]
+           "attribution_patching", "memit", "delete", "EditHparams", "hparams_for", "layer_stats"]
 __version__ = "0.1.0"

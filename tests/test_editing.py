@@ -1,0 +1,200 @@
+"""MEMIT / deletion machinery on tiny models: the closed-form solve against float64 numpy, the spreading schedule
+against a torch loop over the HF model (hooks for keys and hidden states, weights updated in place), and the
+optimized objective's first value against torch."""
+import numpy as np
+import pytest
+import torch
+
+import jaxedit
+from jaxedit import JaxeditError
+from jaxedit import editing as ed
+
+REQ = {"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower", "target": " Seattle"}
+REQ2 = {"prompt": "{} plays the", "subject": "Miles Davis", "target": " guitar"}
+# subjects at the end of the prompt: in a 3-layer random model, a change at an earlier token barely reaches the last
+END1 = {"prompt": "The Space Needle is in {}", "subject": "Seattle", "target": " Paris"}
+END2 = {"prompt": "Toko Yasuda produces the most amazing", "subject": "amazing", "target": " trumpet music"}
+
+
+def random_stats(cfg, layers, seed=0):
+    rng = np.random.default_rng(seed)
+    out = {}
+    for l in layers:
+        a = rng.normal(size=(cfg.d_ff, 4 * cfg.d_ff)) * 0.1
+        out[l] = (a @ a.T / a.shape[1]).astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_solve_matches_float64_numpy(dtype):
+    rng = np.random.default_rng(1)
+    f, d, n, lam = 40, 24, 6, 15.0
+    a = rng.normal(size=(f, 200))
+    C = a @ a.T / 200
+    K, R = rng.normal(size=(f, n)), rng.normal(size=(d, n))
+    ref = R @ K.T @ np.linalg.inv(lam * C + K @ K.T)  # [d, f]: the torch-layout update
+    got, rel = ed._solve(C.astype(np.float32), K.astype(np.float32), R.astype(np.float32), lam, dtype)
+    assert got.shape == (f, d) and rel < 1e-4
+    np.testing.assert_allclose(got, ref.T, rtol=1e-4 if dtype == "float32" else 1e-6,
+                               atol=1e-5 * np.abs(ref).max())
+
+
+def torch_spread(hf, tok, reqs, contexts, z, stats, layers, lam):
+    """The reference schedule, written directly on the HF torch model in float64."""
+    hf = hf.double()
+    gpt2 = hf.config.model_type == "gpt2"
+    blocks = hf.transformer.h if gpt2 else hf.model.layers
+    proj = lambda l: blocks[l].mlp.c_proj if gpt2 else blocks[l].mlp.down_proj
+    L = layers[-1]
+    for i, l in enumerate(layers):
+        K, Z = [], []
+        for r in reqs:
+            ks = []
+            for c in contexts:
+                full = c.replace("{}", r.template)
+                key = len(tok(full[:full.index("{}")] + r.subject)["input_ids"]) - 1
+                got = {}
+                h1 = proj(l).register_forward_pre_hook(lambda m, a: got.__setitem__("k", a[0][0].numpy()))
+                h2 = blocks[L].register_forward_hook(lambda m, a, o: got.__setitem__(
+                    "h", (o[0] if isinstance(o, tuple) else o)[0].numpy()))
+                with torch.no_grad():
+                    hf(torch.tensor([tok(full.replace("{}", r.subject))["input_ids"]]))
+                h1.remove(), h2.remove()
+                ks.append(got["k"][key])
+                if c == "{}":
+                    Z.append(got["h"][key])
+            K.append(0.5 * ks[0] + 0.5 * np.mean(ks[1:], 0))
+        K, Z = np.array(K).T, np.array(Z).T  # [f, n], [d, n]
+        R = (z.T - Z) / (len(layers) - i)
+        upd = R @ K.T @ np.linalg.inv(lam * stats[l].astype(np.float64) + K @ K.T)  # [d, f]
+        with torch.no_grad():
+            w = proj(l).weight
+            w += torch.tensor(upd.T if gpt2 else upd)
+    return [proj(l).weight.detach().numpy().copy() if gpt2 else proj(l).weight.detach().numpy().T.copy()
+            for l in layers]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied"])
+def test_spreading_matches_torch_loop(tiny_dirs, tokenizer, name):
+    import copy
+
+    model, tok = jaxedit.load(tiny_dirs[name][0])
+    cfg = model.config
+    layers = (0, 1, 2)
+    hp = ed.hparams_for(cfg, layers=layers, mom2_update_weight=2.0, solve_dtype="float64", max_update_ratio=1e6)
+    reqs = ed.parse_requests([REQ, REQ2], tok, "edit")
+    contexts = ["{}", "Miles Davis. {}", "Beats Music is owned by Apple. {}"]
+    stats = random_stats(cfg, layers)
+    params = jaxedit.params_of(model)
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(2, cfg.d_model)).astype(np.float32)
+    new, report = ed.spread(cfg, params, tok, reqs, contexts, z, stats, layers, hp)
+    ref = torch_spread(copy.deepcopy(tiny_dirs[name][1]), tok, reqs, contexts, z, stats, layers, 2.0)
+    for l, w in zip(layers, ref):
+        got = np.asarray(new["blocks"]["w_out"][l])
+        orig = np.asarray(params["blocks"]["w_out"][l])
+        assert np.abs(w - orig).max() > 1e-3  # the update is not negligible
+        np.testing.assert_allclose(got, w, atol=2e-5 * np.abs(w - orig).max() + 1e-6)
+    assert [r["layer"] for r in report] == list(layers)
+
+
+def torch_first_loss(hf, tok, reqs, contexts, mode):
+    hf = hf.double()
+    vals = []
+    for r in reqs:
+        for c in contexts:
+            ids = tok(c.replace("{}", r.template).replace("{}", r.subject))["input_ids"]
+            suffix = r.targets[:-1] if mode == "edit" else []
+            with torch.no_grad():
+                logp = torch.log_softmax(hf(torch.tensor([ids + suffix])).logits[0], -1).numpy()
+            n0 = len(ids)
+            if mode == "edit":
+                vals.append(-np.mean([logp[n0 - 1 + j, t] for j, t in enumerate(r.targets)]))
+            else:
+                vals.append(np.mean([logp[n0 - 1, t] for t in r.targets]))
+    return np.array(vals).reshape(len(reqs), len(contexts)).mean(1)
+
+
+@pytest.fixture(scope="module")
+def sharp_llama(tmp_path_factory, tokenizer):
+    """A tiny LLaMA with larger weights (init std 0.3): its logits can express a confident prediction."""
+    from conftest import build_hf_model
+
+    hf = build_hf_model("llama-mha-tied", init_std=0.3)
+    d = tmp_path_factory.mktemp("sharp")
+    hf.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return str(d), hf
+
+
+@pytest.mark.parametrize("mode", ["edit", "delete"])
+def test_objective_and_effect(sharp_llama, tokenizer, mode):
+    import copy
+
+    model, tok = jaxedit.load(sharp_llama[0])
+    cfg = model.config
+    before = np.asarray(jaxedit.params_of(model)["blocks"]["w_out"]).copy()
+    stats = random_stats(cfg, (0, 1))
+    if mode == "edit":
+        reqs = [END1, END2]
+        edited, rep = jaxedit.memit(model, reqs, layers=[0, 1], tokenizer=tok, stats=stats, mom2_update_weight=1.0,
+                                    progress=False)
+    else:
+        reqs = [dict(END1, suppress=[" Paris", " is"]), dict(END2, suppress=" music")]
+        for r in reqs:
+            r.pop("target")
+        edited, rep = jaxedit.delete(model, reqs, layers=[0, 1], tokenizer=tok, stats=stats, kl_weight=0.0,
+                                     mom2_update_weight=1.0, progress=False)
+    parsed = ed.parse_requests(reqs, tok, mode)
+    ref = torch_first_loss(copy.deepcopy(sharp_llama[1]), tok, parsed, rep["contexts"], mode)
+    got = np.array([r["objective_first"] for r in rep["requests"]])
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    # the input model is untouched; the edited one moved the tracked tokens the right way
+    np.testing.assert_array_equal(np.asarray(jaxedit.params_of(model)["blocks"]["w_out"]), before)
+    for r in rep["requests"]:
+        pb, pa = np.mean(r["p_before"]), np.mean(r["p_after"])
+        assert (pa > 20 * pb) if mode == "edit" else (pa < pb / 20), r
+    assert len(rep["layers_report"]) == 2 and all(x["update_norm"] > 0 for x in rep["layers_report"])
+    w = np.asarray(jaxedit.params_of(edited)["blocks"]["w_out"])
+    np.testing.assert_array_equal(w[2], before[2])  # layer 2 not edited
+
+
+def test_request_errors_and_refusals(tiny_dirs, tokenizer):
+    model, tok = jaxedit.load(tiny_dirs["gpt2"][0])
+    stats = random_stats(model.config, (1, 2))
+    kw = dict(tokenizer=tok, stats=stats, progress=False)
+    bad = [({"prompt": "Miles Davis plays", "subject": "John", "target": " x"}, "does not occur"),
+           ({"prompt": "Miles Davis plays", "target": " x"}, "subject"),
+           ({"prompt": "Miles Davis plays", "subject": "Miles", "suppress": " x"}, "target"),
+           ({"prompt": "", "subject": "Miles", "target": " x"}, "prompt"),
+           ({"prompt": "Miles Davis plays", "span": [3, 99], "target": " x"}, "outside")]
+    for req, msg in bad:
+        with pytest.raises(JaxeditError, match=msg):
+            jaxedit.memit(model, [req], layers=[1, 2], **kw)
+    with pytest.raises(JaxeditError, match="outside"):
+        jaxedit.memit(model, [REQ], layers=[1, 5], **kw)
+    with pytest.raises(JaxeditError, match="statistics"):
+        jaxedit.memit(model, [REQ], layers=[0, 1], **kw)
+    with pytest.raises(JaxeditError, match="refused"):  # an absurd update is refused
+        jaxedit.memit(model, [REQ], layers=[1, 2], mom2_update_weight=1e-3, max_update_ratio=1e-3, **kw)
+    with pytest.raises(JaxeditError, match="unknown hyperparameter"):
+        jaxedit.memit(model, [REQ], layers=[1, 2], no_such_option=1, **kw)
+    # a span names the same key as the subject
+    ids = tok(REQ["prompt"])["input_ids"]
+    n = len(tok("The Eiffel Tower")["input_ids"])
+    a = ed.parse_requests([{"prompt": REQ["prompt"], "span": [0, n], "target": " x"}], tok, "edit")[0]
+    b = ed.parse_requests([REQ], tok, "edit")[0]
+    assert (a.template, a.subject) == (b.template, b.subject) and len(ids) > n
+
+
+def test_default_layers_and_presets():
+    from jaxedit.config import ModelConfig
+
+    xl = ModelConfig("gpt2", 48, 1600, 25, 25, 64, 6400, 50257, 1024, 1e-5, True)
+    assert ed.hparams_for(xl).layers == (13, 14, 15, 16, 17) and ed.hparams_for(xl).mom2_update_weight == 20000
+    l7 = ModelConfig("llama", 32, 4096, 32, 32, 128, 11008, 32000, 4096, 1e-5, False, "silu")
+    assert ed.hparams_for(l7).layers == (4, 5, 6, 7, 8) and ed.hparams_for(l7).clamp_norm_factor == 4.0
+    small = ModelConfig("gpt2", 12, 768, 12, 12, 64, 3072, 50257, 1024, 1e-5, True)
+    assert ed.default_layers(small) == (3, 4)
+    smol = ModelConfig("llama", 30, 576, 9, 3, 64, 1536, 49152, 8192, 1e-5, True, "silu")
+    assert ed.default_layers(smol) == (4, 5, 6, 7, 8)
