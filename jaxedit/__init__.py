@@ -2,7 +2,8 @@
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import ForwardOutput, Interventions, apply
-from jaxedit.loading import DEFAULT_MODEL, load
+from jaxedit.loading import DEFAULT_MODEL, load, save
+from jaxedit.loading.export import export_hf
 from jaxedit.model import count_params, create_model, forward, model_from_params, params_of
 from jaxedit.attribution import attribution_patching
 from jaxedit.layer_selection import select_layers
@@ -14,5 +15,6 @@ from jaxedit.stats import layer_stats
 __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "apply", "load", "DEFAULT_MODEL",
            "forward", "create_model", "model_from_params", "params_of", "count_params", "trace", "trace_batch",
            "TraceResult", "saliency", "saliency_batch", "SaliencyResult", "select_layers",
-           "attribution_patching", "memit", "delete", "EditHparams", "hparams_for", "layer_stats"]
+           "attribution_patching", "memit", "delete", "EditHparams", "hparams_for", "layer_stats", "save",
+           "export_hf"]
 __version__ = "0.1.0"

@@ -46,15 +46,45 @@ def _converted_gguf(path: str) -> str:
     return target
 
 
-def load(name_or_path: str = DEFAULT_MODEL, dtype="float32", *, allow_pickle: bool = False, revision=None,
+def check_finite(model) -> None:
+    """Refuse to write a model holding NaN or inf weights."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxedit.model import params_of
+
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params_of(model)):
+        if not bool(jnp.all(jnp.isfinite(leaf))):
+            name = ".".join(str(getattr(k, "key", k)) for k in path)
+            raise JaxeditError(f"parameter {name} holds non-finite values; nothing was written")
+
+
+def save(model, path: str, tokenizer=None) -> None:
+    """Save a (possibly edited) model with orbax-checkpoint, atomically, in its own dtype; ``jaxedit.load(path)``
+    reads it back (with the tokenizer, when given here)."""
+    import jax.numpy as jnp
+
+    from jaxedit.model import params_of
+
+    check_finite(model)
+    if os.path.isfile(path):
+        raise JaxeditError(f"{path} is a file, not a directory")
+    dtype = jnp.dtype(params_of(model)["blocks"]["w_out"].dtype).name
+    save_native(model, tokenizer, path, extra={"dtype": dtype}, orbax=True)
+
+
+def load(name_or_path: str = DEFAULT_MODEL, dtype=None, *, allow_pickle: bool = False, revision=None,
          cache: bool = True):
     """Load a model and its tokenizer. Returns ``(model, tokenizer)``; ``model.config`` describes the architecture.
 
-    ``dtype``: "float32" or "bfloat16" (parameters; softmax and logits are always float32).
+    ``dtype``: "float32" or "bfloat16" (parameters; softmax and logits are always float32). Default: float32, or
+    the saved dtype for a model written by :func:`save`.
     ``allow_pickle``: read ``pytorch_model.bin`` checkpoints (unsafe: pickles can run code).
     ``cache``: convert GGUF files once into a cache directory ($JAXEDIT_CACHE, default ~/.cache/jaxedit).
     """
     name = str(name_or_path)
+    if dtype is None and not (os.path.isdir(name) and is_native_dir(name)):
+        dtype = "float32"
     if name in EMBEDDED:
         name = embedded_gguf_path(name)
     if name.endswith(".gguf"):

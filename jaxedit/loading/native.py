@@ -1,5 +1,7 @@
-"""jaxedit's own directory format: ``jaxedit.json`` (the config), ``params.safetensors`` (the stacked parameters under
-their internal names) and the tokenizer files. Used as the cache of converted models; loads in seconds."""
+"""jaxedit's own directory format: ``jaxedit.json`` (the config) and the tokenizer files, with the stacked
+parameters under their internal names either in ``params.safetensors`` (the cache of converted models; loads in
+seconds) or in an orbax checkpoint ``params/`` (:func:`save`: edited models; restored to the same dtypes).
+Both are written into a temporary sibling directory and renamed into place, so a reader never sees half a model."""
 from __future__ import annotations
 
 import json
@@ -23,19 +25,29 @@ def is_native_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
 
-def save_native(model, tokenizer, path: str, extra: dict | None = None) -> None:
-    """Write atomically: into a temporary sibling directory, then rename."""
+def save_native(model, tokenizer, path: str, extra: dict | None = None, orbax: bool = False) -> None:
+    """Write atomically: into a temporary sibling directory, then rename. ``orbax``: the parameters as an orbax
+    checkpoint (``params/``) instead of one safetensors file."""
     from safetensors.numpy import save_file
 
-    parent = os.path.dirname(os.path.abspath(path)) or "."
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
-        flat = {k: np.asarray(jax.device_get(v)) for k, v in flat_params(params_of(model)).items()}
-        save_file(flat, os.path.join(tmp, "params.safetensors"))
+        if orbax:
+            import orbax.checkpoint as ocp
+
+            with ocp.StandardCheckpointer() as ckpt:
+                ckpt.save(os.path.join(tmp, "params"), params_of(model))
+                ckpt.wait_until_finished()
+        else:
+            flat = {k: np.asarray(jax.device_get(v)) for k, v in flat_params(params_of(model)).items()}
+            save_file(flat, os.path.join(tmp, "params.safetensors"))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        meta = {"format_version": FORMAT_VERSION, "config": json.loads(model.config.to_json()), **(extra or {})}
+        meta = {"format_version": FORMAT_VERSION, "params": "orbax" if orbax else "safetensors",
+                "config": json.loads(model.config.to_json()), **(extra or {})}
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump(meta, f, indent=1)
         if os.path.exists(path):
@@ -55,7 +67,7 @@ def load_native_tokenizer(path: str):
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 
-def load_native(path: str, dtype="float32"):
+def load_native(path: str, dtype=None):
     from safetensors.numpy import load_file
 
     with open(os.path.join(path, MARKER)) as f:
@@ -63,5 +75,14 @@ def load_native(path: str, dtype="float32"):
     if meta.get("format_version") != FORMAT_VERSION:
         raise JaxeditError(f"{path}: unsupported jaxedit format version {meta.get('format_version')}")
     cfg = ModelConfig.from_json(json.dumps(meta["config"]))
+    if meta.get("params") == "orbax":
+        import orbax.checkpoint as ocp
+
+        from jaxedit.model import abstract_params
+
+        saved_dtype = meta.get("dtype", "float32")
+        with ocp.StandardCheckpointer() as ckpt:
+            params = ckpt.restore(os.path.join(os.path.abspath(path), "params"), abstract_params(cfg, saved_dtype))
+        return model_from_params(cfg, params if dtype is None else cast_params(params, dtype))
     params = unflat_params(load_file(os.path.join(path, "params.safetensors")))
-    return model_from_params(cfg, cast_params(params, dtype))  # device arrays, converted once here
+    return model_from_params(cfg, cast_params(params, dtype or "float32"))  # device arrays, converted once here

@@ -1,0 +1,120 @@
+"""Writing a model back as a Hugging Face checkpoint directory (``config.json``, ``model.safetensors``, tokenizer)
+that ``transformers`` loads without jaxedit. The tensor names come from the same mapping tables the loader uses,
+run backwards: each rule's transform hook has an inverse here."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import jax.numpy as jnp
+
+from jaxedit.errors import JaxeditError
+from jaxedit.loading import mappings as mp
+from jaxedit.model import params_of
+
+
+def _concat3(arrays, cfg):
+    return jnp.concatenate(arrays, axis=-1)
+
+
+def _transpose(arrays, cfg):
+    return arrays[0].T
+
+
+def _identity(arrays, cfg):
+    return arrays[0]
+
+
+INVERSES = {None: _identity, mp.transpose: _transpose, mp.split3: _concat3}
+
+
+def hf_config(cfg, tokenizer=None):
+    """The ``transformers`` config object of a jaxedit :class:`~jaxedit.config.ModelConfig`."""
+    import transformers
+
+    special = {}
+    if tokenizer is not None:
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(tokenizer, k, None)
+            if v is not None:
+                special[k] = int(v)
+    if cfg.family == "gpt2":
+        return transformers.GPT2Config(
+            n_layer=cfg.n_layers, n_embd=cfg.d_model, n_head=cfg.n_heads, n_inner=cfg.d_ff,
+            n_positions=cfg.max_positions, vocab_size=cfg.vocab_size, layer_norm_epsilon=cfg.norm_eps,
+            activation_function=cfg.activation, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            architectures=["GPT2LMHeadModel"], tie_word_embeddings=True, **special)
+    rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+    if cfg.rope_scaling:
+        rope = dict(cfg.rope_scaling_dict, rope_type="llama3", rope_theta=cfg.rope_theta)
+        rope["original_max_position_embeddings"] = int(rope["original_max_position_embeddings"])
+    kw = dict(hidden_size=cfg.d_model, intermediate_size=cfg.d_ff, num_hidden_layers=cfg.n_layers,
+              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+              vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_positions, rms_norm_eps=cfg.norm_eps,
+              tie_word_embeddings=cfg.tie_embeddings, hidden_act="silu", architectures=["LlamaForCausalLM"],
+              **special)
+    import inspect
+
+    if "rope_parameters" in inspect.signature(transformers.LlamaConfig.__init__).parameters:
+        return transformers.LlamaConfig(**kw, rope_parameters=rope)
+    return transformers.LlamaConfig(**kw, rope_theta=cfg.rope_theta,
+                                    rope_scaling=None if not cfg.rope_scaling else rope)
+
+
+def hf_tensors(cfg, params) -> dict:
+    """{HF tensor name: array} by running the family's HF mapping table backwards."""
+    rules, _, prefix = mp.TABLES[("hf", cfg.family)]
+    out = {}
+    for rule in rules:
+        if rule.transform not in INVERSES:
+            raise JaxeditError(f"no inverse for the transform of {rule.source}")
+        inverse = INVERSES[rule.transform]
+
+        def get(target, i=None):
+            node = params
+            for part in target.split("."):
+                if part not in node:
+                    return None
+                node = node[part]
+            return node if i is None else node[i]
+
+        if "{i}" in rule.source:
+            for i in range(cfg.n_layers):
+                arrays = [get(t, i) for t in rule.targets]
+                out[prefix + rule.source.replace("{i}", str(i))] = inverse(arrays, cfg)
+        else:
+            arrays = [get(t) for t in rule.targets]
+            if any(a is None for a in arrays):  # e.g. the LM head of a tied model
+                continue
+            out[rule.source if rule.source.startswith("lm_head") else prefix + rule.source] = inverse(arrays, cfg)
+    return out
+
+
+def export_hf(model, tokenizer, path: str) -> None:
+    """Write ``model`` as a Hugging Face checkpoint directory at ``path`` (atomically: a temporary sibling directory
+    renamed into place). Refuses models with non-finite weights."""
+    from safetensors.flax import save_file
+
+    from jaxedit.loading import check_finite
+
+    check_finite(model)
+    cfg = model.config
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        raise JaxeditError(f"{path} is a file, not a directory")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    try:
+        tensors = {k: jnp.asarray(v) for k, v in hf_tensors(cfg, params_of(model)).items()}
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        hf_config(cfg, tokenizer).save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
