@@ -249,9 +249,11 @@ def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAUL
         _atomic_savez(partial_path, sums=sums, texts=done_texts, tokens=tokens)
 
     batches_since = 0
+    batches = token_batches(model, tokenizer, corpus, n_samples, max_len, batch_size, seed, skip=done_texts)
+    first = next(batches, None)  # opens the corpus: an unreachable one fails here, before any progress bar
     with tqdm(total=n_samples, initial=done_texts, unit="text", desc=f"key statistics, layers {list(todo)}",
               disable=not progress) as bar:
-        for batch in token_batches(model, tokenizer, corpus, n_samples, max_len, batch_size, seed, skip=done_texts):
+        for batch in _chain(first, batches) if first is not None else ():
             T = -(-max(len(x) for x in batch) // 32) * 32  # round lengths up: few shapes to compile
             ids = np.zeros((batch_size, T), np.int32)
             mask = np.zeros((batch_size, T), np.int32)

@@ -1,0 +1,114 @@
+"""MEMIT and deletion on the embedded real model (SmolLM2-135M), with key statistics from text sampled from the
+model itself (the offline fallback corpus), and the export of the edited model read back by transformers."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import jaxedit
+from jaxedit.editing import next_token_probs
+
+HERE = os.path.dirname(__file__)
+LAYERS = [4, 5, 6, 7, 8]
+FACTS = [json.loads(l) for l in open(os.path.join(HERE, "..", "benchmarks", "data", "facts.jsonl"))]
+EIFFEL = {"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower", "target": " Rome",
+          "paraphrases": ["Where is the Eiffel Tower? It stands in the city of"]}
+BATCH = [EIFFEL] + [{"prompt": FACTS[i]["prompt"], "subject": FACTS[i]["subject"], "target": t} for i, t in [
+    (1, " London"), (3, " Tokyo"), (4, " Berlin"), (5, " Madrid"), (6, " Moscow"), (7, " Paris"), (8, " violin"),
+    (11, " Brazil"), (18, " Germany")]]
+EXTRA_NEIGHBOURS = ["The capital of France is the city of", "The Louvre is located in the city of",
+                    "Barack Obama was born in the state of", "The Beatles were a band from the city of",
+                    "The currency of Japan is the", "Water is made of hydrogen and"]
+TEXT = ("The river flows slowly through the valley, past old farms and quiet villages. In the spring, farmers plant "
+        "wheat and corn in the fields near the water. Children walk to school along the road every morning, and "
+        "their parents work in the town until the evening.")
+
+
+@pytest.fixture(scope="module")
+def stats(smollm2):
+    model, tok = smollm2
+    return jaxedit.layer_stats(model, tok, LAYERS, corpus="model", n_samples=64, max_len=64, batch_size=16,
+                               progress=False)
+
+
+def perplexity(model, tok, text=TEXT):
+    ids = np.array([tok(text)["input_ids"]])
+    logp = torch.log_softmax(torch.tensor(np.asarray(jaxedit.forward(model, ids).logits[0, :-1])), -1)
+    return float(torch.exp(-logp[torch.arange(ids.shape[1] - 1), torch.tensor(ids[0, 1:])].mean()))
+
+
+def test_edit_eiffel_to_rome(smollm2, stats, tmp_path):
+    model, tok = smollm2
+    neighbours = [f["prompt"] for f in FACTS[1:]] + EXTRA_NEIGHBOURS
+    edited, rep = jaxedit.memit(model, [dict(EIFFEL, neighborhood=neighbours)], layers=LAYERS, tokenizer=tok,
+                                stats=stats, progress=False)
+    r = rep["requests"][0]
+    print("\nedit:", {k: r[k] for k in ("p_before", "p_after", "p_original_before", "p_original_after", "steps")})
+    assert r["argmax_after"] == " Rome" and r["p_after"][0] >= 0.5
+    para = r["paraphrases"][0]
+    print("paraphrase:", para["p_before"], "->", para["p_after"])
+    assert para["p_after"][0] > 5 * para["p_before"][0]
+    kept = [n["argmax_kept"] for n in r["neighborhood"]]
+    print(f"neighbourhood argmax kept: {sum(kept)}/{len(kept)}")
+    assert len(kept) >= 20 and np.mean(kept) >= 0.9
+
+    # the exported checkpoint, loaded by transformers alone, gives the edited logits
+    import transformers
+
+    jaxedit.export_hf(edited, tok, str(tmp_path / "hf"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    ids = np.array([tok(EIFFEL["prompt"])["input_ids"]])
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    got = np.asarray(jaxedit.forward(edited, ids).logits)
+    print("export max-abs logit difference:", np.abs(got - ref).max(), "largest logit:", np.abs(ref).max())
+    # float32 arithmetic through 30 layers (hidden norms ~200) differs by ~1e-4 at logits ~18: 1e-4 + 1e-5 relative
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-5)
+    from safetensors.numpy import load_file
+
+    saved = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    w = np.asarray(jaxedit.params_of(edited)["blocks"]["w_out"])
+    for l in LAYERS:  # the edited weights are in the file bit for bit
+        np.testing.assert_array_equal(saved[f"model.layers.{l}.mlp.down_proj.weight"], w[l].T)
+
+
+def test_batch_of_ten_edits(smollm2, stats):
+    model, tok = smollm2
+    edited_ids = {0, 1, 3, 4, 5, 6, 7, 8, 11, 18}
+    neighbours = [f["prompt"] for i, f in enumerate(FACTS) if i not in edited_ids] + EXTRA_NEIGHBOURS
+    batch = [dict(BATCH[0], neighborhood=neighbours)] + BATCH[1:]
+    # lambda = 5000: with the LLaMA-7B preset's 15000 and statistics from 64 sampled texts, 2 of the 10 edits
+    # stay below p = 0.8 on this model (measured: 0.48 and 0.07)
+    edited, rep = jaxedit.memit(model, batch, layers=LAYERS, tokenizer=tok, stats=stats, progress=False,
+                                mom2_update_weight=5000.0)
+    p = [r["p_after"][0] for r in rep["requests"]]
+    won = [r["p_after"][0] > r["p_original_after"] for r in rep["requests"]]
+    kept = [n["argmax_kept"] for n in rep["requests"][0]["neighborhood"]]
+    print("\nbatch p(target):", np.round(p, 3).tolist(), "argmax hits:",
+          sum(r["argmax_after"] == b["target"] for r, b in zip(rep["requests"], BATCH)),
+          f"neighbourhood argmax kept: {sum(kept)}/{len(kept)}", f"{rep['seconds']:.0f} s")
+    assert min(p) >= 0.8 and all(won)
+    assert np.mean(kept) >= 0.8
+
+
+def test_delete_and_kl_sweep(smollm2, stats):
+    model, tok = smollm2
+    prompts = [FACTS[i] for i in (0, 2, 9, 14, 16)]
+    _, greedy = next_token_probs(model, tok, [f["prompt"] for f in prompts], [[0]] * len(prompts))
+    reqs = [{"prompt": f["prompt"], "subject": f["subject"], "suppress": tok.decode([g])}
+            for f, g in zip(prompts, greedy)]
+    ppl0 = perplexity(model, tok)
+    rows = []
+    for kl in (0.0, 0.5, 5.0):
+        edited, rep = jaxedit.delete(model, reqs, layers=LAYERS, kl_weight=kl, tokenizer=tok, stats=stats,
+                                     progress=False)
+        drop = [r["p_before"][0] / r["p_after"][0] for r in rep["requests"]]
+        rows.append((kl, float(np.exp(np.mean(np.log(drop)))), min(drop), perplexity(edited, tok) / ppl0 - 1))
+    print("\nkl_weight | geo-mean p drop | min drop | perplexity rise")
+    for row in rows:
+        print(" | ".join(f"{v:.4g}" for v in row))
+    assert rows[0][2] >= 10 and rows[0][3] < 0.10
+    drops, rises = [r[1] for r in rows], [r[3] for r in rows]
+    assert drops == sorted(drops, reverse=True) and rises == sorted(rises, reverse=True)
