@@ -212,19 +212,9 @@ def saliency(model_name, prompt, target, batch_file, out, top, dtype):
         if target:
             raise JaxeditError("--target goes with --prompt; in --batch it is per line")
         requests = []
-        try:
-            lines = open(batch_file).read().splitlines()
-        except OSError as e:
-            raise JaxeditError(f"cannot read {batch_file}: {e.strerror}") from None
-        for no, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                req = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise JaxeditError(f"{batch_file}:{no}: malformed JSON ({e.msg})") from None
-            if not isinstance(req, dict) or not isinstance(req.get("prompt"), str):
-                raise JaxeditError(f"{batch_file}:{no}: expected an object with a \"prompt\" string")
+        for no, req in enumerate(read_jsonl(batch_file, "examples"), 1):
+            if not isinstance(req.get("prompt"), str):
+                raise JaxeditError(f"{batch_file}: example {no}: expected a \"prompt\" string")
             requests.append({"prompt": req["prompt"], "target": req.get("target")})
     else:
         requests = [{"prompt": prompt, "target": target}]

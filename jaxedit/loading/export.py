@@ -4,8 +4,6 @@ run backwards: each rule's transform hook has an inverse here."""
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import jax.numpy as jnp
 
@@ -97,24 +95,16 @@ def export_hf(model, tokenizer, path: str) -> None:
     from safetensors.flax import save_file
 
     from jaxedit.loading import check_finite
+    from jaxedit.loading.native import atomic_dir
 
     check_finite(model)
     cfg = model.config
     path = os.path.abspath(path)
     if os.path.isfile(path):
         raise JaxeditError(f"{path} is a file, not a directory")
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
-    try:
+    with atomic_dir(path) as tmp:
         tensors = {k: jnp.asarray(v) for k, v in hf_tensors(cfg, params_of(model)).items()}
         save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
         hf_config(cfg, tokenizer).save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

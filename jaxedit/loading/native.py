@@ -4,6 +4,7 @@ seconds) or in an orbax checkpoint ``params/`` (:func:`save`: edited models; res
 Both are written into a temporary sibling directory and renamed into place, so a reader never sees half a model."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,16 +26,29 @@ def is_native_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
 
-def save_native(model, tokenizer, path: str, extra: dict | None = None, orbax: bool = False) -> None:
-    """Write atomically: into a temporary sibling directory, then rename. ``orbax``: the parameters as an orbax
-    checkpoint (``params/``) instead of one safetensors file."""
-    from safetensors.numpy import save_file
-
+@contextlib.contextmanager
+def atomic_dir(path: str):
+    """Yield a temporary sibling directory of ``path``; on success it replaces ``path``, on failure it is removed."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
+        yield tmp
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_native(model, tokenizer, path: str, extra: dict | None = None, orbax: bool = False) -> None:
+    """Write atomically: into a temporary sibling directory, then rename. ``orbax``: the parameters as an orbax
+    checkpoint (``params/``) instead of one safetensors file."""
+    from safetensors.numpy import save_file
+
+    with atomic_dir(path) as tmp:
         if orbax:
             import orbax.checkpoint as ocp
 
@@ -50,12 +64,6 @@ def save_native(model, tokenizer, path: str, extra: dict | None = None, orbax: b
                 "config": json.loads(model.config.to_json()), **(extra or {})}
         with open(os.path.join(tmp, MARKER), "w") as f:
             json.dump(meta, f, indent=1)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_native_tokenizer(path: str):
