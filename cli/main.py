@@ -212,9 +212,11 @@ def saliency(model_name, prompt, target, batch_file, out, top, dtype):
         if target:
             raise JaxeditError("--target goes with --prompt; in --batch it is per line")
         requests = []
-        for no, req in enumerate(read_jsonl(batch_file, "examples"), 1):
+        from jaxedit.trace_files import read_jsonl
+
+        for no, req in read_jsonl(batch_file, "examples"):
             if not isinstance(req.get("prompt"), str):
-                raise JaxeditError(f"{batch_file}: example {no}: expected a \"prompt\" string")
+                raise JaxeditError(f"{batch_file}:{no}: expected a \"prompt\" string")
             requests.append({"prompt": req["prompt"], "target": req.get("target")})
     else:
         requests = [{"prompt": prompt, "target": target}]
@@ -274,27 +276,6 @@ def parse_layers(text):
     return sorted(out)
 
 
-def read_jsonl(path, what):
-    try:
-        lines = open(path, encoding="utf-8").read().splitlines()
-    except OSError as e:
-        raise JaxeditError(f"cannot read {path}: {e.strerror}") from None
-    out = []
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JaxeditError(f"{path}:{no}: malformed JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise JaxeditError(f"{path}:{no}: expected a JSON object ({what})")
-        out.append(obj)
-    if not out:
-        raise JaxeditError(f"{path} holds no {what}")
-    return out
-
-
 def parse_hparams(items):
     out = {}
     for item in items:
@@ -308,17 +289,22 @@ def parse_hparams(items):
     return out
 
 
-def _stats_options(fn):
-    for opt in reversed([
-        click.option("--corpus", default=None, help="key-statistics corpus: a .txt/.jsonl file or folder, 'model' "
-                     "(text sampled from the model; works offline), or a datasets name[:config] "
-                     "[default: wikitext:wikitext-103-raw-v1]"),
-        click.option("--samples", "n_samples", type=int, default=None, help="texts for the statistics [100000]"),
-        click.option("--max-len", type=int, default=None, help="tokens per text [the model's context, <= 1024]"),
-        click.option("--stats-float64", is_flag=True, help="accumulate the statistics in float64"),
-    ]):
-        fn = opt(fn)
-    return fn
+_STATS_OPTIONS = [
+    click.option("--corpus", default=None, help="key-statistics corpus: a .txt/.jsonl file or folder, 'model' "
+                 "(text sampled from the model; works offline), or a datasets name[:config] "
+                 "[default: wikitext:wikitext-103-raw-v1]"),
+    click.option("--samples", "n_samples", type=int, default=None, help="texts for the statistics [100000]"),
+    click.option("--max-len", type=int, default=None, help="tokens per text [the model's context, <= 1024]"),
+    click.option("--stats-float64", is_flag=True, help="accumulate the statistics in float64"),
+]
+
+
+def _with(options):
+    def deco(fn):
+        for opt in reversed(options):
+            fn = opt(fn)
+        return fn
+    return deco
 
 
 def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, corpus, n_samples, max_len,
@@ -327,7 +313,9 @@ def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, c
 
     import jaxedit
 
-    reqs = read_jsonl(requests_file, "requests")
+    from jaxedit.trace_files import read_jsonl
+
+    reqs = [obj for _, obj in read_jsonl(requests_file, "requests")]
     hp = parse_hparams(hparam)
     if corpus is not None:
         hp["mom2_corpus"] = corpus
@@ -377,20 +365,12 @@ _EDIT_OPTIONS = [
                  help="folder for the edited model (jaxedit.load reads it) and report.json"),
     click.option("--export-hf", "export_hf_dir", type=click.Path(file_okay=False),
                  help="also write a Hugging Face checkpoint folder"),
-    _stats_options,
+    *_STATS_OPTIONS,
     click.option("--preset", type=click.Choice(["gpt2-xl", "llama-7b"]), help="hyperparameter preset"),
     click.option("--solve-float64", is_flag=True, help="solve in float64 on the host (the reference's way)"),
     click.option("--hparam", multiple=True, help="override one hyperparameter: NAME=VALUE (repeatable)"),
     click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True),
 ]
-
-
-def _with(options):
-    def deco(fn):
-        for opt in reversed(options):
-            fn = opt(fn)
-        return fn
-    return deco
 
 
 @cli.command()
@@ -414,7 +394,7 @@ def delete(kl_weight, **kw):
 @cli.command()
 @click.option("--model", "model_name", default="smollm2", show_default=True, help=MODEL_HELP)
 @click.option("--layers", required=True, help="e.g. 13-17 or 4,5,6 (all in one pass)")
-@_stats_options
+@_with(_STATS_OPTIONS)
 @click.option("--batch-size", default=8, show_default=True, type=int)
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
 @clean_errors

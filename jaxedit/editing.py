@@ -35,6 +35,7 @@ import optax
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import apply, apply_jit
+from jaxedit.layer_selection import check_layers
 from jaxedit.model import model_from_params, params_of
 
 
@@ -343,36 +344,30 @@ def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers
     return dict(params, blocks=dict(blocks, w_out=w_out)), layer_report
 
 
-def next_token_probs(model, tokenizer, prompts: Sequence[str], token_ids: Sequence[Sequence[int]]):
-    """p(token | prompt) at the next position for each prompt and each of its token ids, and the argmax ids."""
-    rows = [_ids(tokenizer, p) for p in prompts]
-    ids, mask = _pad(rows)
+def next_token_dist(model, tokenizer, prompts: Sequence[str]) -> np.ndarray:
+    """[len(prompts), vocab]: the next-token distribution after each prompt (one padded batch)."""
+    ids, mask = _pad([_ids(tokenizer, p) for p in prompts])
     last = mask.sum(1) - 1
     logits = apply_jit(model.config, params_of(model), jnp.asarray(ids), jnp.asarray(mask),
                        logit_positions=jnp.asarray(last[:, None])).logits[:, 0]
-    p = np.asarray(jax.nn.softmax(logits, -1))
+    return np.asarray(jax.nn.softmax(logits, -1))
+
+
+def next_token_probs(model, tokenizer, prompts: Sequence[str], token_ids: Sequence[Sequence[int]]):
+    """p(token | prompt) at the next position for each prompt and each of its token ids, and the argmax ids."""
+    p = next_token_dist(model, tokenizer, prompts)
     return [[float(p[i, t]) for t in toks] for i, toks in enumerate(token_ids)], p.argmax(-1).tolist()
 
 
 # ---- the edit ----
-
-def _check_layers(cfg, layers):
-    layers = sorted({int(l) for l in layers})
-    if not layers:
-        raise JaxeditError("no layers to edit")
-    bad = [l for l in layers if not 0 <= l < cfg.n_layers]
-    if bad:
-        raise JaxeditError(f"layers {bad} are outside 0..{cfg.n_layers - 1}")
-    return tuple(layers)
-
 
 def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides):
     cfg = model.config
     preset = hp_overrides.pop("preset", None)
     hp = hparams_for(cfg, preset, **hp_overrides)
     if layers is not None:
-        hp = hp.replace(layers=_check_layers(cfg, layers))
-    layers = _check_layers(cfg, hp.layers)
+        hp = hp.replace(layers=tuple(check_layers(cfg.n_layers, layers)))
+    layers = tuple(check_layers(cfg.n_layers, hp.layers))
     if hp.solve_dtype not in ("float32", "float64"):
         raise JaxeditError("solve_dtype must be float32 or float64")
     reqs = parse_requests(requests, tokenizer, mode)
@@ -473,15 +468,13 @@ def _evaluate(model, edited, tokenizer, reqs, mode, report):
                 prompts.append(t)
                 toks.append(tracked)
                 where.append((j, kind, t))
-    before, arg_before = next_token_probs(model, tokenizer, prompts, toks)
-    # add the unedited argmax to the tracked tokens, then measure both models on the same tokens
-    toks2 = [t + [a] for t, a in zip(toks, arg_before)]
-    before, _ = next_token_probs(model, tokenizer, prompts, toks2)
-    after, arg_after = next_token_probs(edited, tokenizer, prompts, toks2)
-    for (j, kind, text), t, b, a, ab, aa in zip(where, toks2, before, after, arg_before, arg_after):
-        entry = {"text": text, "tokens": [tokenizer.decode([x]) for x in t[:-1]],
-                 "p_before": b[:-1], "p_after": a[:-1], "original_argmax": tokenizer.decode([ab]),
-                 "p_original_before": b[-1], "p_original_after": a[-1],
+    pb, pa = next_token_dist(model, tokenizer, prompts), next_token_dist(edited, tokenizer, prompts)
+    for i, ((j, kind, text), t) in enumerate(zip(where, toks)):
+        ab, aa = int(pb[i].argmax()), int(pa[i].argmax())
+        entry = {"text": text, "tokens": [tokenizer.decode([x]) for x in t],
+                 "p_before": [float(pb[i, x]) for x in t], "p_after": [float(pa[i, x]) for x in t],
+                 "original_argmax": tokenizer.decode([ab]),
+                 "p_original_before": float(pb[i, ab]), "p_original_after": float(pa[i, ab]),
                  "argmax_after": tokenizer.decode([aa]), "argmax_kept": ab == aa}
         rep = report["requests"][j]
         if kind == "prompt":

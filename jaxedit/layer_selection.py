@@ -39,6 +39,17 @@ def _profile(strategy, evidence, n_layers, token, module):
     return prof
 
 
+def check_layers(n_layers: int, layers) -> list:
+    """Sorted distinct layer indices, each within 0..n_layers - 1 (a clear error otherwise)."""
+    out = sorted({int(l) for l in layers or ()})
+    if not out:
+        raise JaxeditError("no layers given")
+    bad = [l for l in out if not 0 <= l < n_layers]
+    if bad:
+        raise JaxeditError(f"layers {bad} are outside 0..{n_layers - 1}")
+    return out
+
+
 def select_layers(strategy: str, n_layers: int, *, n: int = 1, k: int | None = None, layers=None, evidence=None,
                   seed: int = 0, token: str = "last_subject", module: str | None = None) -> list:
     if strategy not in STRATEGIES:
@@ -46,11 +57,7 @@ def select_layers(strategy: str, n_layers: int, *, n: int = 1, k: int | None = N
     if strategy == "fixed":
         if not layers:
             raise JaxeditError("strategy 'fixed' needs a non-empty list of layers")
-        out = sorted({int(l) for l in layers})
-        bad = [l for l in out if not 0 <= l < n_layers]
-        if bad:
-            raise JaxeditError(f"layers {bad} are outside 0..{n_layers - 1}")
-        return out
+        return check_layers(n_layers, layers)
     if n < 1:
         raise JaxeditError(f"n must be >= 1 (got {n})")
     if strategy in ("ct", "saliency"):

@@ -33,6 +33,7 @@ import numpy as np
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import block, causal_allowed, embed, positions_from_mask
+from jaxedit.layer_selection import check_layers
 from jaxedit.model import params_of
 
 DEFAULT_CORPUS = "wikitext:wikitext-103-raw-v1"
@@ -202,12 +203,7 @@ def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAUL
     missing layers are computed together in one pass over ``n_samples`` texts of ``corpus`` truncated to
     ``max_len`` tokens (default: the model's context, at most 1024)."""
     cfg = model.config
-    layers = sorted({int(l) for l in layers})
-    if not layers:
-        raise JaxeditError("no layers requested")
-    bad = [l for l in layers if not 0 <= l < cfg.n_layers]
-    if bad:
-        raise JaxeditError(f"layers {bad} are outside 0..{cfg.n_layers - 1}")
+    layers = check_layers(cfg.n_layers, layers)
     if precision not in PRECISIONS:
         raise JaxeditError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     if n_samples < 1 or batch_size < 1:
@@ -215,8 +211,6 @@ def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAUL
     max_len = min(cfg.max_positions, 1024) if max_len is None else int(max_len)
     if not 2 <= max_len <= cfg.max_positions:
         raise JaxeditError(f"max_len must be within 2..{cfg.max_positions} (got {max_len})")
-    if corpus != MODEL_CORPUS and not os.path.exists(corpus) and corpus.endswith((".txt", ".jsonl")):
-        raise JaxeditError(f"no such corpus file: {corpus}")
 
     from jaxedit.loading import cache_dir as default_cache
 
@@ -228,7 +222,6 @@ def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAUL
     todo = tuple(l for l in layers if l not in out)
     if not todo:
         return out
-    os.makedirs(root, exist_ok=True)
     partial_path = os.path.join(root, f"partial-{'_'.join(map(str, todo))}-{tag}.npz")
     f = cfg.d_ff
     host = None
@@ -251,6 +244,7 @@ def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAUL
     batches_since = 0
     batches = token_batches(model, tokenizer, corpus, n_samples, max_len, batch_size, seed, skip=done_texts)
     first = next(batches, None)  # opens the corpus: an unreachable one fails here, before any progress bar
+    os.makedirs(root, exist_ok=True)  # and before anything is written
     with tqdm(total=n_samples, initial=done_texts, unit="text", desc=f"key statistics, layers {list(todo)}",
               disable=not progress) as bar:
         for batch in _chain(first, batches) if first is not None else ():

@@ -15,23 +15,34 @@ CMAPS = {"hidden": "Purples", "mlp": "Greens", "attn": "Reds"}
 TITLES = {"hidden": "single restored layer", "mlp": "MLP, window", "attn": "attention, window"}
 
 
-def read_requests(path: str) -> list:
-    """Parse a JSONL file of trace requests. Returns [(line_number, request)]; raises on the first bad line."""
-    out = []
+def read_jsonl(path: str, what: str = "lines") -> list:
+    """[(line_number, object)] of a JSONL file of JSON objects (blank lines skipped); raises on the first bad line
+    and on a file holding none."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             lines = f.readlines()
     except OSError as e:
         raise JaxeditError(f"cannot read {path}: {e.strerror}") from None
+    out = []
     for no, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            req = json.loads(line)
+            obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise JaxeditError(f"{path}:{no}: malformed JSON ({e.msg})") from None
-        if not isinstance(req, dict):
+        if not isinstance(obj, dict):
             raise JaxeditError(f"{path}:{no}: expected a JSON object")
+        out.append((no, obj))
+    if not out:
+        raise JaxeditError(f"{path}: no {what}")
+    return out
+
+
+def read_requests(path: str) -> list:
+    """Parse a JSONL file of trace requests. Returns [(line_number, request)]; raises on the first bad line."""
+    out = []
+    for no, req in read_jsonl(path, "requests"):
         if not isinstance(req.get("prompt"), str):
             raise JaxeditError(f"{path}:{no}: missing \"prompt\" (a string)")
         if "span" in req:
@@ -44,8 +55,6 @@ def read_requests(path: str) -> list:
         if "target" in req and not isinstance(req["target"], (str, int)):
             raise JaxeditError(f"{path}:{no}: \"target\" must be a string or a token id")
         out.append((no, req))
-    if not out:
-        raise JaxeditError(f"{path}: no requests")
     return out
 
 

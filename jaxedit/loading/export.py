@@ -63,20 +63,20 @@ def hf_config(cfg, tokenizer=None):
 def hf_tensors(cfg, params) -> dict:
     """{HF tensor name: array} by running the family's HF mapping table backwards."""
     rules, _, prefix = mp.TABLES[("hf", cfg.family)]
+
+    def get(target, i=None):  # an internal parameter by dotted name (layer i of a stacked one); None if absent
+        node = params
+        for part in target.split("."):
+            if part not in node:
+                return None
+            node = node[part]
+        return node if i is None else node[i]
+
     out = {}
     for rule in rules:
         if rule.transform not in INVERSES:
             raise JaxeditError(f"no inverse for the transform of {rule.source}")
         inverse = INVERSES[rule.transform]
-
-        def get(target, i=None):
-            node = params
-            for part in target.split("."):
-                if part not in node:
-                    return None
-                node = node[part]
-            return node if i is None else node[i]
-
         if "{i}" in rule.source:
             for i in range(cfg.n_layers):
                 arrays = [get(t, i) for t in rule.targets]
