@@ -61,17 +61,28 @@ def reference_flops(c: ModelConfig, T: int, S: int, kinds) -> float:
 
 
 def shared_flops(c: ModelConfig, T: int, S: int, kinds, window: int, first: int = 0) -> float:
-    L = c.n_layers
-    P = sum(T - t for t in range(first, T))
-    total = 0.0
-    base = (1 + S) * (L * layer_flops(c, T, T) + 2 * c.d_model * c.vocab_size)
+    """jaxedit's grid (jaxedit/tracing.py): per kind and distinct restoration window, the packed token-rows from the
+    first changed block on, the last block and the LM head only at each row's last token."""
+    L, hd = c.n_layers, c.head_dim
+    R = T - first  # token-rows computed
+    P = sum(T - t for t in range(first, T))  # packed positions
+    qkv = 2 * c.d_model * hd * (c.n_heads + 2 * c.n_kv_heads)
+    mlp = 2 * c.d_model * c.d_ff * (3 if c.family == "llama" else 2)
+    head = 2 * c.d_model * c.vocab_size
+    total = (1 + S) * (L * layer_flops(c, T, T) + head)  # the clean and the corrupted runs
     for kind in kinds:
-        for l in range(L):
-            start = l + 1 if kind == "hidden" else max(0, l - window // 2)
-            kv_cache = 2 * 2 * T * c.d_model * c.n_kv_heads * c.head_dim  # corrupted tokens' keys/values
-            total += (L - start) * S * (layer_flops(c, P, T + P) + kv_cache)
-            total += S * (T - first) * 2 * c.d_model * c.vocab_size
-    return total + base
+        if kind == "hidden":
+            starts = [l + 1 for l in range(L)]
+        else:
+            windows = sorted({(max(0, l - window // 2), min(L, l + window - window // 2)) for l in range(L)})
+            starts = [s + 1 for s, _ in windows]
+            total += S * R * (mlp if kind == "attn" else 0) * len(windows)  # the window's first block, one token
+        for start in starts:
+            total += S * sum(layer_flops(c, P, T + P) for _ in range(start, L - 1))
+            if start <= L - 1:  # the last block: keys/values at every position, the rest at the last tokens
+                total += S * (P * qkv + layer_flops(c, R, T + P) - R * qkv)
+            total += S * R * head
+    return total
 
 
 def timeit(fn, repeat):
@@ -97,10 +108,12 @@ def jax_cell_loop(model, ids, span, noise, kinds, window):
     clean = jaxedit.forward(model, ids[None], capture=("hidden", "attn", "mlp"))
 
     @jax.jit
-    def cell(restore_h, restore_a, restore_m):
+    def cell_fn(params, clean, restore_h, restore_a, restore_m):  # weights as arguments, not folded constants
         iv = Interventions(embed_mask=emask, embed_values=evals, restore_hidden=restore_h, clean_hidden=clean.hidden,
                            restore_attn=restore_a, clean_attn=clean.attn, restore_mlp=restore_m, clean_mlp=clean.mlp)
         return jax.nn.softmax(apply(c, params, rows, interventions=iv).logits[1:, -1]).mean(0)
+
+    cell = lambda *masks: cell_fn(params, clean, *masks)
 
     off = np.zeros((S + 1, L, T), bool)
     masks = []

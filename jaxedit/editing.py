@@ -34,9 +34,10 @@ import optax
 
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
-from jaxedit.forward import apply, apply_jit
+from jaxedit.forward import apply, apply_jit, block
 from jaxedit.layer_selection import check_layers
 from jaxedit.model import model_from_params, params_of
+from jaxedit.models import FAMILY_MODULES
 
 
 # ---- hyperparameters ----
@@ -60,6 +61,7 @@ class EditHparams:
     context_length: int = 10  # tokens per sampled prefix (starter word included)
     context_top_k: int = 5
     kl_prompt: str = "{} is a"
+    delete_objective: str = "logp"  # deletion: "logp" (the reference: mean log P) or "unlikelihood" (-log(1 - P))
     max_update_ratio: float = 10.0  # refuse an update with ||dW|| > ratio x ||W|| (absurd weights)
     seed: int = 0
 
@@ -216,25 +218,47 @@ def _pad(rows, T=None):
 
 # ---- the z optimization ----
 
-@partial(jax.jit, static_argnames=("cfg", "layer", "mode", "steps"))
+@partial(jax.jit, static_argnames=("cfg", "layer", "mode", "steps", "window"))
 def optimize_deltas(cfg: ModelConfig, params, h, mask, key_pos, logit_pos, tok_ids, tok_w, h_init, *,
-                    layer: int, mode: str, steps: int, lr, weight_decay, clamp_factor, kl_factor, stop_loss):
+                    layer: int, mode: str, steps: int, lr, weight_decay, clamp_factor, kl_factor, stop_loss,
+                    window: int):
     """Optimize one delta per request (vmapped over the leading axis).
 
     Per request: h [R, T, d] the output of ``layer`` on R rows (the context-templated prompts, then the KL prompt
     as the last row), mask [R, T], key_pos [R], logit_pos [R, K] / tok_ids [R, K] / tok_w [R, K] the positions,
-    tokens and weights of the objective (zero weight on the KL row, whose column 0 is its key token), h_init [d].
-    Returns (delta [d], total losses [steps], objective terms [steps], steps run).
+    tokens and weights of the objective (zero weight on the KL row, whose column 0 is its key token), h_init [d];
+    ``window``: at least the largest number of tokens from a row's key token to its end.
+    Returns (delta [d], total losses [steps], objective terms [steps] (zero after the steps run), steps run).
     """
     tx = optax.adam(lr)
+    fam = FAMILY_MODULES[cfg.family]
+    later = jax.tree.map(lambda a: a[layer + 1:], params["blocks"])
 
     def one(h, mask, key_pos, logit_pos, tok_ids, tok_w, h_init):
-        onehot = (jnp.arange(h.shape[1])[None] == key_pos[:, None]).astype(h.dtype)[..., None]  # [R, T, 1]
+        # Tokens before the key token do not see delta: their keys/values in the later blocks are computed once,
+        # and each step runs only the ``window`` positions from the key token on (the objective's positions are
+        # all at or after it).
+        R, T, _ = h.shape
+        kv = apply(cfg, params, None, mask, hidden_in=h, start_layer=layer + 1, capture=("kv",),
+                   num_layers=cfg.n_layers).kv
+        cache = tuple(jnp.moveaxis(a, 1, 0) for a in kv)  # [later layers, R, T, KV, hd]
+        idx = key_pos[:, None] + jnp.arange(window)[None]  # [R, W] positions in the window
+        valid = idx < mask.sum(-1)[:, None]
+        idx = jnp.minimum(idx, T - 1)
+        x0 = jnp.take_along_axis(h, idx[..., None], 1)
+        before = (jnp.arange(T)[None, None] < key_pos[:, None, None]) & mask[:, None].astype(bool)
+        allowed = jnp.concatenate([jnp.broadcast_to(before, (R, window, T)),
+                                   jnp.tril(jnp.ones((window, window), bool))[None] & valid[:, None]], -1)
+        at = (logit_pos - key_pos[:, None])[..., None]
 
         def logprobs(delta):
-            x = h + onehot * delta.astype(h.dtype)
-            out = apply(cfg, params, None, mask, hidden_in=x, start_layer=layer + 1, logit_positions=logit_pos)
-            return jax.nn.log_softmax(out.logits, -1)  # [R, K, V]
+            def step(x, xs):
+                pl, k, v = xs
+                return block(cfg, pl, x, idx, allowed, kv_prefix=(k, v))[0], None
+
+            x, _ = jax.lax.scan(step, x0.at[:, 0].add(delta.astype(h.dtype)), (later,) + cache)
+            x = fam.final_norm(cfg, params, jnp.take_along_axis(x, at, 1))
+            return jax.nn.log_softmax(fam.lm_head(cfg, params, x), -1)  # [R, K, V]
 
         lp0 = jax.lax.stop_gradient(logprobs(jnp.zeros_like(h_init)))[-1, 0]  # KL row, at its key token
         norm_h = jnp.linalg.norm(h_init)
@@ -242,6 +266,8 @@ def optimize_deltas(cfg: ModelConfig, params, h, mask, key_pos, logit_pos, tok_i
         def loss_fn(delta):
             lp = logprobs(delta)
             tok = jnp.take_along_axis(lp, tok_ids[..., None], -1)[..., 0]  # [R, K]
+            if mode == "unlikelihood":  # -log(1 - P) per token, for the mean below
+                tok = -jnp.log(-jnp.expm1(jnp.minimum(tok, -1e-7)))
             w = tok_w[:-1]
             per_row = (tok[:-1] * w).sum(-1) / jnp.maximum(w.sum(-1), 1)  # mean log P over each row's tokens
             lp_kl = lp[-1, 0]
@@ -254,10 +280,13 @@ def optimize_deltas(cfg: ModelConfig, params, h, mask, key_pos, logit_pos, tok_i
             wd = weight_decay * jnp.sqrt(jnp.sum(delta ** 2) + 1e-30) / norm_h ** 2  # gradient 0 at delta = 0
             return main + kl_factor * kl + wd, main
 
-        def step(carry, it):
-            delta, opt, done, n_run = carry
+        def cond(carry):
+            return ~carry[2] & (carry[3] < steps)
+
+        def step(carry):  # one Adam step; stop (keeping delta) at the last step or, for edits, below stop_loss
+            delta, opt, _, it, losses, mains = carry
             (loss, main), g = jax.value_and_grad(loss_fn, has_aux=True)(delta)
-            stop = done | (it == steps - 1) | ((loss < stop_loss) if mode == "edit" else False)
+            stop = (it == steps - 1) | ((loss < stop_loss) if mode == "edit" else False)
             upd, opt_new = tx.update(g, opt, delta)
             new = optax.apply_updates(delta, upd)
             max_norm = clamp_factor * norm_h
@@ -265,11 +294,13 @@ def optimize_deltas(cfg: ModelConfig, params, h, mask, key_pos, logit_pos, tok_i
             new = jnp.where(nrm > max_norm, new * max_norm / nrm, new)
             delta = jnp.where(stop, delta, new)
             opt = jax.tree.map(lambda a, b: jnp.where(stop, a, b), opt, opt_new)
-            return (delta, opt, stop, n_run + (~done).astype(jnp.int32)), (loss, main)
+            return delta, opt, stop, it + 1, losses.at[it].set(loss), mains.at[it].set(main)
 
+        # a while loop: under vmap it runs until every request has stopped, not always ``steps`` times
         d0 = jnp.zeros_like(h_init, dtype=jnp.float32)
-        (delta, _, _, n_run), (losses, mains) = jax.lax.scan(
-            step, (d0, tx.init(d0), jnp.array(False), jnp.int32(0)), jnp.arange(steps))
+        zeros = jnp.zeros((steps,), jnp.float32)
+        delta, _, _, n_run, losses, mains = jax.lax.while_loop(
+            cond, step, (d0, tx.init(d0), jnp.array(False), jnp.int32(0), zeros, zeros))
         return delta, losses, mains, n_run
 
     return jax.vmap(one)(h, mask, key_pos, logit_pos, tok_ids, tok_w, h_init)
@@ -370,6 +401,10 @@ def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides
     layers = tuple(check_layers(cfg.n_layers, hp.layers))
     if hp.solve_dtype not in ("float32", "float64"):
         raise JaxeditError("solve_dtype must be float32 or float64")
+    if hp.v_num_grad_steps < 1:
+        raise JaxeditError("v_num_grad_steps must be >= 1")
+    if hp.delete_objective not in ("logp", "unlikelihood"):
+        raise JaxeditError("delete_objective must be logp or unlikelihood")
     reqs = parse_requests(requests, tokenizer, mode)
     t0 = time.perf_counter()
     L = layers[-1]
@@ -429,8 +464,9 @@ def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides
     shape = lambda a: jnp.asarray(a).reshape(n, R, *np.shape(a)[1:])
     delta, losses, mains, n_run = optimize_deltas(
         cfg, params, shape(h), shape(mask), shape(key_pos), shape(lp_arr), shape(ti_arr), shape(tw_arr),
-        h_init, layer=L, mode=mode, steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay,
-        clamp_factor=hp.clamp_norm_factor, kl_factor=hp.kl_factor, stop_loss=hp.early_stop_loss)
+        h_init, layer=L, mode="unlikelihood" if mode == "delete" and hp.delete_objective == "unlikelihood" else mode,
+        steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay, clamp_factor=hp.clamp_norm_factor,
+        kl_factor=hp.kl_factor, stop_loss=hp.early_stop_loss, window=int((mask.sum(1) - key_pos).max()))
     delta = np.asarray(delta)
     if not np.all(np.isfinite(delta)):
         raise JaxeditError("the target optimization diverged (non-finite delta); nothing was changed")

@@ -12,7 +12,8 @@ Interventions use masks and ``jnp.where`` (never scatters at traced indices):
 * ``attn_delta`` [B, L, T, d]: a vector added to the attention output (the gradient of a metric with respect to a
   zero ``attn_delta`` is its gradient with respect to the attention outputs);
 * ``capture``: a static tuple naming what to return per layer: "hidden" (block outputs), "attn", "mlp",
-  "keys" (the MLP output projection's input), "embeds" (the input of layer 0).
+  "keys" (the MLP output projection's input), "kv" (the attention keys and values, a pair), "embeds" (the input of
+  layer 0).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from flax import struct
 from jaxedit.config import ModelConfig
 from jaxedit.models import FAMILY_MODULES
 
-CAPTURE_NAMES = ("hidden", "attn", "mlp", "keys", "embeds")
+CAPTURE_NAMES = ("hidden", "attn", "mlp", "keys", "kv", "embeds")
 
 
 @struct.dataclass
@@ -59,6 +60,7 @@ class ForwardOutput:
     mlp: Optional[jax.Array] = None  # [B, L, T, d] MLP outputs
     keys: Optional[jax.Array] = None  # [B, L, T, d_ff] MLP output-projection inputs
     embeds: Optional[jax.Array] = None  # [B, T, d] input of layer 0
+    kv: Optional[tuple] = None  # ([B, L, T, KV, hd], [B, L, T, KV, hd]) attention keys (position-encoded), values
 
 
 def positions_from_mask(attention_mask):
@@ -93,11 +95,13 @@ def _restore(value, mask, clean):
     return jnp.where(mask[..., None], clean.astype(value.dtype), value)
 
 
-def block(cfg: ModelConfig, pl, x, positions, allowed, ivl=None, kv_prefix=None):
+def block(cfg: ModelConfig, pl, x, positions, allowed, ivl=None, kv_prefix=None, queries=None):
     """One transformer block on x [B, T, d] with one layer's params ``pl`` and that layer's interventions ``ivl``.
 
     ``kv_prefix`` = (k, v) [B, Tp, KV, hd] are keys/values of earlier tokens computed elsewhere; they are put
     before this call's own keys, and ``allowed`` is then [B, T, Tp + T].
+    ``queries`` [Tq] int: compute the block's output only at these positions of x (keys and values still come from
+    all of them); ``allowed`` and the masks in ``ivl`` are then for those Tq positions, and so is the output.
     Returns the block output and a dict of the intermediate values (hidden, attn, mlp, keys, and this call's own
     attention keys/values "kv" for a cache).
     """
@@ -105,6 +109,8 @@ def block(cfg: ModelConfig, pl, x, positions, allowed, ivl=None, kv_prefix=None)
     ivl = ivl or {}
     q, k, v = fam.qkv(cfg, pl, fam.norm_attn(cfg, pl, x), positions)
     own_kv = (k, v)
+    if queries is not None:
+        q, x = q[:, queries], x[:, queries]
     if kv_prefix is not None:
         k = jnp.concatenate([kv_prefix[0].astype(k.dtype), k], axis=1)
         v = jnp.concatenate([kv_prefix[1].astype(v.dtype), v], axis=1)
@@ -168,7 +174,7 @@ def apply(cfg: ModelConfig, params, input_ids, attention_mask=None, intervention
     if num_layers is not None or start_layer:
         blocks, per_layer = jax.tree.map(lambda a: a[start_layer:num_layers], (blocks, per_layer))
     x, caps = jax.lax.scan(step, x, (blocks, per_layer))
-    out = {n: jnp.moveaxis(v, 0, 1) for n, v in caps.items()}
+    out = jax.tree.map(lambda v: jnp.moveaxis(v, 0, 1), caps)
     if num_layers is not None:
         logits = None
     else:

@@ -33,10 +33,14 @@ def stats(smollm2):
                                progress=False)
 
 
-def perplexity(model, tok, text=TEXT):
-    ids = np.array([tok(text)["input_ids"]])
-    logp = torch.log_softmax(torch.tensor(np.asarray(jaxedit.forward(model, ids).logits[0, :-1])), -1)
-    return float(torch.exp(-logp[torch.arange(ids.shape[1] - 1), torch.tensor(ids[0, 1:])].mean()))
+def perplexity(model, tok, texts=(TEXT,)):
+    """exp of the mean next-token NLL over all the tokens of ``texts`` (each text on its own)."""
+    nll = []
+    for text in texts:
+        ids = np.array([tok(text)["input_ids"]])
+        logp = torch.log_softmax(torch.tensor(np.asarray(jaxedit.forward(model, ids).logits[0, :-1])), -1)
+        nll.append(-logp[torch.arange(ids.shape[1] - 1), torch.tensor(ids[0, 1:])])
+    return float(torch.exp(torch.cat(nll).mean()))
 
 
 def test_edit_eiffel_to_rome(smollm2, stats, tmp_path):
@@ -99,18 +103,27 @@ def test_delete_and_kl_sweep(smollm2, stats):
     _, greedy = next_token_probs(model, tok, [f["prompt"] for f in prompts], [[0]] * len(prompts))
     reqs = [{"prompt": f["prompt"], "subject": f["subject"], "suppress": tok.decode([g])}
             for f, g in zip(prompts, greedy)]
-    ppl0 = perplexity(model, tok)
-    rows = []
-    for kl in (0.0, 0.5, 5.0):
-        edited, rep = jaxedit.delete(model, reqs, layers=LAYERS, kl_weight=kl, tokenizer=tok, stats=stats,
-                                     progress=False)
+    texts = [r["prompt"] for r in reqs]
+    ppl0, ppl0_prompts = perplexity(model, tok), perplexity(model, tok, texts)
+
+    def run(**kw):
+        edited, rep = jaxedit.delete(model, reqs, layers=LAYERS, tokenizer=tok, stats=stats, progress=False, **kw)
         drop = [r["p_before"][0] / r["p_after"][0] for r in rep["requests"]]
-        rows.append((kl, float(np.exp(np.mean(np.log(drop)))), min(drop), perplexity(edited, tok) / ppl0 - 1))
-    print("\nkl_weight | geo-mean p drop | min drop | perplexity rise")
+        return (float(np.exp(np.mean(np.log(drop)))), min(drop), perplexity(edited, tok) / ppl0 - 1,
+                perplexity(edited, tok, texts) / ppl0_prompts - 1)
+
+    # the reference objective (mean log P) at the default KL weight
+    geo, low, rise, _ = run()
+    print(f"\nlogp objective: geo-mean p drop {geo:.3g}, min {low:.3g}, perplexity rise {rise:.2%}")
+    assert low >= 10 and rise < 0.10
+    # its log P is unbounded below: every step pushes it further, so the KL weight (measured 0..5) moves neither
+    # perplexity monotonically. The bounded unlikelihood objective -log(1 - P) settles where the KL term balances
+    # it, and the sweep trades the two off.
+    rows = [(kl,) + run(kl_weight=kl, delete_objective="unlikelihood") for kl in (0.0, 0.5, 5.0)]
+    print("unlikelihood: kl_weight | geo-mean p drop | min drop | perplexity rise (text) | (the prompts)")
     for row in rows:
         print(" | ".join(f"{v:.4g}" for v in row))
     assert all(r[2] >= 10 and r[3] < 0.10 for r in rows)
-    drops = [r[1] for r in rows]
-    assert drops == sorted(drops, reverse=True)  # a larger KL weight suppresses less
-    # (the perplexity rise on unrelated text stays under 1% and is not monotonic in the KL weight: measured
-    # 0.53%, 0.72%, 0.89% for 0, 0.5, 5 with five prompts; the KL prompt "{subject} is a" does not cover it)
+    for col in (1, 3, 4):  # suppression and both perplexity rises fall as the KL weight grows
+        vals = [r[col] for r in rows]
+        assert vals == sorted(vals, reverse=True), (col, vals)

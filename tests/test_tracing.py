@@ -32,12 +32,15 @@ def tiny(request, tmp_path_factory, tokenizer):
     return hf, model, tok
 
 
-@pytest.mark.parametrize("method, layers_per_step", [("shared", 1), ("shared", 2), ("shared", 3), ("dense", None)])
-def test_grid_equals_naive_torch_loop(tiny, method, layers_per_step):
+# with 3 layers, window 3 is clipped at both the first and the last layer and every window differs; window 4 gives
+# layers 1 and 2 the same window (0..2), which the shared grid computes once
+@pytest.mark.parametrize("method, layers_per_step, window",
+                         [("shared", 1, 3), ("shared", 2, 3), ("shared", 3, 3), ("shared", 2, 4), ("dense", None, 3)])
+def test_grid_equals_naive_torch_loop(tiny, method, layers_per_step, window):
     hf, model, tok = tiny
     ids = tok(PROMPT)["input_ids"]
     span = find_token_range(tok, ids, SUBJECT)
-    S, window = 3, 3  # with 3 layers, window 3 is clipped at both the first and the last layer
+    S = 3
     noise = draw_noise(S, span[1] - span[0], model.config.d_model, level=0.5)
     res = trace(model, input_ids=ids, span=span, samples=S, noise=noise, window=window, method=method,
                 layers_per_step=layers_per_step)
