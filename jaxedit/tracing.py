@@ -9,8 +9,10 @@ How the grid is computed (method "shared", the default): a restoration at (layer
 below its first restored layer, and every token before t, equal to the corrupted run. So for each l the work starts
 at that layer from the corrupted run's stored states, and for each t only tokens t..T-1 are recomputed, attending
 to the corrupted run's keys/values for tokens < t. All T token-rows of one layer are packed into one sequence of
-T(T+1)/2 positions with a block mask, and the LM head runs only at each row's last token. This is exact (the same
-arithmetic as a full forward per cell) and does about a quarter of the work. Method "dense" runs one full forward per
+T(T+1)/2 positions with a block mask, and the last block and the LM head run only at each row's last token. For
+mlp/attn the window's first block changes only the restored token (a known sublayer value, plus that token's MLP for
+attn), so the packed run starts a block later, and restore layers with the same clipped window share one column.
+This is exact (the same arithmetic as a full forward per cell) and does about a quarter of the work or less. Method "dense" runs one full forward per
 cell (vmapped over cells, chunked with ``lax.map``): simpler, for cross-checks. Rows of tokens before the corrupted
 span are never reached by the noise, so "shared" fills them with low_score instead of computing them.
 """
