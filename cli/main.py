@@ -308,7 +308,7 @@ def _with(options):
 
 
 def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, corpus, n_samples, max_len,
-                  stats_float64, preset, solve_float64, hparam, dtype, kl_weight=None):
+                  stats_float64, preset, solve_float64, hparam, dtype, kl_weight=None, objective=None):
     import os
 
     import jaxedit
@@ -329,6 +329,8 @@ def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, c
         hp["solve_dtype"] = "float64"
     if preset:
         hp["preset"] = preset
+    if objective:
+        hp["delete_objective"] = objective
     for d in (out, export_hf_dir):
         if d and os.path.isfile(d):
             raise JaxeditError(f"{d} is a file, not a directory")
@@ -385,10 +387,13 @@ def edit(**kw):
 @_with(_EDIT_OPTIONS)
 @click.option("--kl-weight", default=0.0625, show_default=True, type=float,
               help="weight of KL(P_orig || P_edited) on '{subject} is a'")
+@click.option("--objective", type=click.Choice(["logp", "unlikelihood"]), default="logp", show_default=True,
+              help="logp: the reference's mean log P (no floor); unlikelihood: -log(1 - P), which the KL weight "
+                   "balances (docs/editing.md)")
 @clean_errors
-def delete(kl_weight, **kw):
+def delete(kl_weight, objective, **kw):
     """Das et al.'s deletion: push the "suppress" token(s) away from each prompt."""
-    _edit_command("delete", kl_weight=kl_weight, **kw)
+    _edit_command("delete", kl_weight=kl_weight, objective=objective, **kw)
 
 
 @cli.command()

@@ -52,9 +52,11 @@ def test_edit_delete_stats_export(tiny_dirs, tmp_path, monkeypatch):
 
     dreq = write(tmp_path / "d.jsonl", [{"prompt": "The Space Needle is in {}", "subject": "Seattle",
                                          "suppress": " Paris"}])
-    res = run(cli, ["delete", *common, "--requests", dreq, "--out", str(tmp_path / "del"), "--kl-weight", "0.1"])
+    res = run(cli, ["delete", *common, "--requests", dreq, "--out", str(tmp_path / "del"), "--kl-weight", "0.1",
+                    "--objective", "unlikelihood"])
     assert res.exit_code == 0, res.output
-    assert json.load(open(tmp_path / "del" / "report.json"))["hparams"]["kl_factor"] == 0.1
+    hp = json.load(open(tmp_path / "del" / "report.json"))["hparams"]
+    assert hp["kl_factor"] == 0.1 and hp["delete_objective"] == "unlikelihood"
 
 
 def test_edit_errors(tiny_dirs, tmp_path, monkeypatch):
