@@ -12,8 +12,9 @@ to the corrupted run's keys/values for tokens < t. All T token-rows of one layer
 T(T+1)/2 positions with a block mask, and the last block and the LM head run only at each row's last token. For
 mlp/attn the window's first block changes only the restored token (a known sublayer value, plus that token's MLP for
 attn), so the packed run starts a block later, and restore layers with the same clipped window share one column.
-This is exact (the same arithmetic as a full forward per cell) and does about a quarter of the work or less. Method "dense" runs one full forward per
-cell (vmapped over cells, chunked with ``lax.map``): simpler, for cross-checks. Rows of tokens before the corrupted
+This is exact (the same arithmetic as a full forward per cell) and does about a quarter of the work or less.
+Method "dense" runs one full forward per cell (vmapped over cells, chunked with ``lax.map``): simpler, for
+cross-checks. Rows of tokens before the corrupted
 span are never reached by the noise, so "shared" fills them with low_score instead of computing them.
 """
 from __future__ import annotations
