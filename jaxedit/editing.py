@@ -269,7 +269,7 @@ def optimize_deltas(cfg: ModelConfig, params, h, mask, key_pos, logit_pos, tok_i
             if mode == "unlikelihood":  # -log(1 - P) per token, for the mean below
                 tok = -jnp.log(-jnp.expm1(jnp.minimum(tok, -1e-7)))
             w = tok_w[:-1]
-            per_row = (tok[:-1] * w).sum(-1) / jnp.maximum(w.sum(-1), 1)  # mean log P over each row's tokens
+            per_row = (tok[:-1] * w).sum(-1) / jnp.maximum(w.sum(-1), 1)  # mean over each row's tokens
             lp_kl = lp[-1, 0]
             if mode == "edit":
                 main = -per_row.mean()
@@ -292,9 +292,8 @@ def optimize_deltas(cfg: ModelConfig, params, h, mask, key_pos, logit_pos, tok_i
             max_norm = clamp_factor * norm_h
             nrm = jnp.linalg.norm(new)
             new = jnp.where(nrm > max_norm, new * max_norm / nrm, new)
-            delta = jnp.where(stop, delta, new)
-            opt = jax.tree.map(lambda a, b: jnp.where(stop, a, b), opt, opt_new)
-            return delta, opt, stop, it + 1, losses.at[it].set(loss), mains.at[it].set(main)
+            delta = jnp.where(stop, delta, new)  # the loop ends at a stop, so the optimizer state needs no guard
+            return delta, opt_new, stop, it + 1, losses.at[it].set(loss), mains.at[it].set(main)
 
         # a while loop: under vmap it runs until every request has stopped, not always ``steps`` times
         d0 = jnp.zeros_like(h_init, dtype=jnp.float32)
