@@ -24,10 +24,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jaxedit
 from bench_trace import layer_flops, shared_flops
-from jaxedit.attribution import attribution_patching
-from jaxedit.saliency import saliency_batch
-from jaxedit.trace_files import read_requests
-from jaxedit.tracing import trace_batch
+from jaxedit.locate.attribution import attribution_patching
+from jaxedit.locate.saliency import saliency_batch
+from jaxedit.locate.trace_files import read_requests
+from jaxedit.locate.tracing import trace_batch
 
 
 def overlap(a, b, k):

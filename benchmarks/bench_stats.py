@@ -22,7 +22,7 @@ import numpy as np
 
 import jaxedit
 from jaxedit.config import ModelConfig
-from jaxedit.stats import accumulate
+from jaxedit.edit.stats import accumulate
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_trace import SHAPES, layer_flops  # noqa: E402

@@ -2,7 +2,7 @@
 
 The per-cell loops have the reference's structure: one batched forward (1 clean + S noisy rows) per (token, layer)
 cell and per kind, logits at every position. jaxedit's grid shares the work that cannot change (see
-jaxedit/tracing.py) and runs all cells of a prompt in one jit call. Random weights at the named shape.
+jaxedit/locate/tracing.py) and runs all cells of a prompt in one jit call. Random weights at the named shape.
 
     python benchmarks/bench_trace.py --shape gpt2-small --tokens 9 --torch
     python benchmarks/bench_trace.py --shape gpt2-xl --batch 64        # on a GPU
@@ -23,7 +23,7 @@ import numpy as np
 import jaxedit
 from jaxedit.config import ModelConfig
 from jaxedit.forward import Interventions, apply
-from jaxedit.tracing import draw_noise, trace_batch, window_layers
+from jaxedit.locate.tracing import draw_noise, trace_batch, window_layers
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
@@ -61,7 +61,7 @@ def reference_flops(c: ModelConfig, T: int, S: int, kinds) -> float:
 
 
 def shared_flops(c: ModelConfig, T: int, S: int, kinds, window: int, first: int = 0) -> float:
-    """jaxedit's grid (jaxedit/tracing.py): per kind and distinct restoration window, the packed token-rows from the
+    """jaxedit's grid (jaxedit/locate/tracing.py): per kind and distinct restoration window, the packed token-rows from the
     first changed block on, the last block and the LM head only at each row's last token."""
     L, hd = c.n_layers, c.head_dim
     R = T - first  # token-rows computed

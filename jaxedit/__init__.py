@@ -5,12 +5,12 @@ from jaxedit.forward import ForwardOutput, Interventions, apply
 from jaxedit.loading import DEFAULT_MODEL, load, save
 from jaxedit.loading.export import export_hf
 from jaxedit.model import count_params, create_model, forward, model_from_params, params_of
-from jaxedit.attribution import attribution_patching
+from jaxedit.locate.attribution import attribution_patching
 from jaxedit.layer_selection import select_layers
-from jaxedit.saliency import SaliencyResult, saliency, saliency_batch
-from jaxedit.tracing import TraceResult, trace, trace_batch
-from jaxedit.editing import EditHparams, delete, hparams_for, memit
-from jaxedit.stats import layer_stats
+from jaxedit.locate.saliency import SaliencyResult, saliency, saliency_batch
+from jaxedit.locate.tracing import TraceResult, trace, trace_batch
+from jaxedit.edit.memit import EditHparams, delete, hparams_for, memit
+from jaxedit.edit.stats import layer_stats
 
 __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "apply", "load", "DEFAULT_MODEL",
            "forward", "create_model", "model_from_params", "params_of", "count_params", "trace", "trace_batch",

@@ -1,9 +1,9 @@
 """Turning evidence into the layers to edit. One entry point, ``select_layers(strategy, n_layers, ...)``:
 
 * ``fixed``: the given ``layers``;
-* ``ct``: the ``n`` layers with the highest AIE in ``evidence`` (a :class:`~jaxedit.tracing.TraceResult`, whose IE
+* ``ct``: the ``n`` layers with the highest AIE in ``evidence`` (a :class:`~jaxedit.locate.tracing.TraceResult`, whose IE
   profile is taken at the span's last token, or over all tokens' max with ``token="max"``; or a [L] profile);
-* ``saliency``: the top ``n`` layers of ``evidence`` (a :class:`~jaxedit.saliency.SaliencyResult`: its whole-block
+* ``saliency``: the top ``n`` layers of ``evidence`` (a :class:`~jaxedit.locate.saliency.SaliencyResult`: its whole-block
   profile, or ``module``'s; or a [L] profile);
 * ``random``: ``n`` distinct layers drawn uniformly from all layers with ``seed``;
 * ``random-topk``: ``n`` distinct layers drawn from the first ``k`` (Das et al.: k = 15 for GPT-2-XL).

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import jaxedit
-from jaxedit.attribution import attribution_patching
-from jaxedit.tracing import draw_noise, find_token_range, trace
+from jaxedit.locate.attribution import attribution_patching
+from jaxedit.locate.tracing import draw_noise, find_token_range, trace
 from conftest import build_hf_model
 
 PROMPT = "The Eiffel Tower is located in the city of"

@@ -42,7 +42,7 @@ def test_edit_delete_stats_export(tiny_dirs, tmp_path, monkeypatch):
     assert report["layers"] == [0, 1] and report["hparams"]["v_num_grad_steps"] == 5
     edited, tok = jaxedit.load(str(tmp_path / "ed"))
     p_after = report["requests"][0]["p_after"][0]
-    from jaxedit.editing import next_token_probs
+    from jaxedit.edit.memit import next_token_probs
 
     (p,), _ = next_token_probs(edited, tok, ["The Space Needle is in Seattle"], [[tok(" Paris")["input_ids"][0]]])
     np.testing.assert_allclose(p, p_after, rtol=1e-5)  # the saved model is the edited one

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import jaxedit
-from jaxedit.editing import next_token_probs
+from jaxedit.edit.memit import next_token_probs
 
 HERE = os.path.dirname(__file__)
 LAYERS = [4, 5, 6, 7, 8]

@@ -7,7 +7,7 @@ import torch
 
 import jaxedit
 from jaxedit import JaxeditError
-from jaxedit import editing as ed
+from jaxedit.edit import memit as ed
 
 REQ = {"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower", "target": " Seattle"}
 REQ2 = {"prompt": "{} plays the", "subject": "Miles Davis", "target": " guitar"}

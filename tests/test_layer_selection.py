@@ -3,8 +3,8 @@ import pytest
 
 from jaxedit import JaxeditError
 from jaxedit.layer_selection import select_layers
-from jaxedit.saliency import SaliencyResult
-from jaxedit.tracing import TraceResult
+from jaxedit.locate.saliency import SaliencyResult
+from jaxedit.locate.tracing import TraceResult
 
 
 def trace_result():

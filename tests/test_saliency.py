@@ -5,7 +5,7 @@ import torch
 
 import jaxedit
 from jaxedit import JaxeditError
-from jaxedit.saliency import saliency, saliency_batch
+from jaxedit.locate.saliency import saliency, saliency_batch
 
 REQS = [{"prompt": "The Eiffel Tower is located in the city of", "target": " Paris"},
         {"prompt": "Miles Davis plays the", "target": " trumpet"},

@@ -6,7 +6,7 @@ import torch
 
 import jaxedit
 from jaxedit import JaxeditError
-from jaxedit import stats as st
+from jaxedit.edit import stats as st
 
 TEXTS = ["The Eiffel Tower is located in the city of Paris.", "Miles Davis plays the trumpet.",
          "Beats Music is owned by Apple.", "The Space Needle is in Seattle.", "Toko Yasuda produces music.",

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from jaxedit.tracing import trace_batch
+from jaxedit.locate.tracing import trace_batch
 
 REQS = [{"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower"},
         {"prompt": "The Colosseum is located in the city of", "subject": "The Colosseum"}]

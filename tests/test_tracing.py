@@ -6,7 +6,7 @@ import torch
 
 import jaxedit
 from jaxedit import JaxeditError
-from jaxedit.tracing import draw_noise, find_token_range, trace, trace_batch
+from jaxedit.locate.tracing import draw_noise, find_token_range, trace, trace_batch
 from conftest import build_hf_model
 from reference_torch import torch_trace
 
@@ -126,7 +126,7 @@ def test_bad_input_errors(tiny, kwargs, message):
 
 def test_memory_chunking_does_not_change_the_grid(tiny):
     """A small memory budget splits the token-rows into several packed groups, one restore layer per step."""
-    from jaxedit.tracing import packed_bytes, row_groups
+    from jaxedit.locate.tracing import packed_bytes, row_groups
 
     _, model, tok = tiny
     kw = dict(span=SUBJECT, tokenizer=tok, samples=3, noise=0.5, kinds=("hidden", "attn"), window=3)

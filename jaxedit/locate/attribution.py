@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxedit.forward import Interventions, apply
 from jaxedit.model import params_of
-from jaxedit.tracing import (KINDS, TraceResult, check_options, draw_noise, parse_noise, prepare_inputs,
+from jaxedit.locate.tracing import (KINDS, TraceResult, check_options, draw_noise, parse_noise, prepare_inputs,
                              resolve_noise_level, _resolve_target)
 
 

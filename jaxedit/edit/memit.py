@@ -13,7 +13,7 @@ For each request a key token (the last token of the subject, or of an explicit s
    averaged over context templates: 1/2 the bare prompt, 1/2 the mean over sampled prefixes) and the current z are
    recomputed on the partially edited model; the residual ``(z - z_now) / (layers not yet edited)`` is written into
    the layer by ``dW = (lambda C + K K^T)^-1 K R^T`` (a solve, float32 on the device or float64 on the host), with
-   C = E[k k^T] from :mod:`jaxedit.stats`.
+   C = E[k k^T] from :mod:`jaxedit.edit.stats`.
 
 Requests are dicts: "prompt" (containing the subject literally, or a "{}" placeholder for it), "subject" or "span"
 ((start, end) token range of the prompt; the key is its last token), and "target" (edit) or "suppress" (delete: a
@@ -411,7 +411,7 @@ def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides
 
     # covariance statistics (before any change)
     if stats is None:
-        from jaxedit.stats import layer_stats
+        from jaxedit.edit.stats import layer_stats
 
         stats = layer_stats(model, tokenizer, layers, corpus=hp.mom2_corpus, n_samples=hp.mom2_samples,
                             max_len=hp.mom2_max_len, precision=hp.mom2_precision, progress=progress)
@@ -521,7 +521,7 @@ def _evaluate(model, edited, tokenizer, reqs, mode, report):
 def memit(model, requests, layers=None, tokenizer=None, *, stats=None, progress=True, **hparams):
     """MEMIT: rewrite each request's subject -> "target" association. Returns ``(edited_model, report)``; the input
     model is untouched. ``layers``: the layers to edit (default: the preset's; see :func:`hparams_for`).
-    ``stats``: {layer: E[k k^T]} (default: computed with :func:`jaxedit.stats.layer_stats`, cached).
+    ``stats``: {layer: E[k k^T]} (default: computed with :func:`jaxedit.edit.stats.layer_stats`, cached).
     Other keyword arguments override :class:`EditHparams` fields (``preset="gpt2-xl"``/``"llama-7b"`` picks one)."""
     return _run(model, requests, "edit", layers, tokenizer, stats, progress, hparams)
 

@@ -1,0 +1,181 @@
+"""Commands of the edit stage: ``jaxedit stats``, ``edit``, ``delete`` and ``export``."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from jaxedit.cli.app import MODEL_HELP, clean_errors, cli, with_options
+from jaxedit.errors import JaxeditError
+
+
+def parse_layers(text):
+    """"13-17", "4,6,8" or "4-6,9" -> sorted layer list."""
+    out = set()
+    try:
+        for part in str(text).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if "-" in part:
+                a, b = (int(v) for v in part.split("-"))
+                if b < a:
+                    raise ValueError
+                out.update(range(a, b + 1))
+            else:
+                out.add(int(part))
+    except ValueError:
+        raise JaxeditError(f"--layers must look like 13-17 or 4,5,6 (got {text!r})") from None
+    if not out:
+        raise JaxeditError("--layers is empty")
+    return sorted(out)
+
+
+def parse_hparams(items):
+    out = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        if not sep:
+            raise JaxeditError(f"--hparam must be NAME=VALUE (got {item!r})")
+        try:
+            out[key.strip()] = json.loads(val)
+        except json.JSONDecodeError:
+            out[key.strip()] = val
+    return out
+
+
+_STATS_OPTIONS = [
+    click.option("--corpus", default=None, help="key-statistics corpus: a .txt/.jsonl file or folder, 'model' "
+                 "(text sampled from the model; works offline), or a datasets name[:config] "
+                 "[default: wikitext:wikitext-103-raw-v1]"),
+    click.option("--samples", "n_samples", type=int, default=None, help="texts for the statistics [100000]"),
+    click.option("--max-len", type=int, default=None, help="tokens per text [the model's context, <= 1024]"),
+    click.option("--stats-float64", is_flag=True, help="accumulate the statistics in float64"),
+]
+
+
+def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, corpus, n_samples, max_len,
+                  stats_float64, preset, solve_float64, hparam, dtype, kl_weight=None, objective=None):
+    import os
+
+    import jaxedit
+
+    from jaxedit.locate.trace_files import read_jsonl
+
+    reqs = [obj for _, obj in read_jsonl(requests_file, "requests")]
+    hp = parse_hparams(hparam)
+    if corpus is not None:
+        hp["mom2_corpus"] = corpus
+    if n_samples is not None:
+        hp["mom2_samples"] = n_samples
+    if max_len is not None:
+        hp["mom2_max_len"] = max_len
+    if stats_float64:
+        hp["mom2_precision"] = "float64"
+    if solve_float64:
+        hp["solve_dtype"] = "float64"
+    if preset:
+        hp["preset"] = preset
+    if objective:
+        hp["delete_objective"] = objective
+    for d in (out, export_hf_dir):
+        if d and os.path.isfile(d):
+            raise JaxeditError(f"{d} is a file, not a directory")
+    model, tok = jaxedit.load(model_name, dtype=dtype)
+    lay = parse_layers(layers) if layers else None
+    if mode == "edit":
+        edited, report = jaxedit.memit(model, reqs, layers=lay, tokenizer=tok, **hp)
+    else:
+        edited, report = jaxedit.delete(model, reqs, layers=lay, kl_weight=kl_weight, tokenizer=tok, **hp)
+    report["model"] = model_name
+    jaxedit.save(edited, out, tokenizer=tok)
+    tmp = os.path.join(out, ".report.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, os.path.join(out, "report.json"))
+    if export_hf_dir:
+        jaxedit.export_hf(edited, tok, export_hf_dir)
+    tracked = "target" if mode == "edit" else "suppressed"
+    for r in report["requests"]:
+        toks = ", ".join(f"{t!r} {b:.4f} -> {a:.4f}" for t, b, a in zip(r["tokens"], r["p_before"], r["p_after"]))
+        click.echo(f"{r['prompt']!r}: {tracked} {toks}; original {r['original_argmax']!r} "
+                   f"{r['p_original_before']:.4f} -> {r['p_original_after']:.4f}; now argmax {r['argmax_after']!r}")
+    click.echo(f"edited layers {report['layers']} in {report['seconds']:.1f} s; wrote {out}/ (orbax checkpoint, "
+               f"report.json){'; exported ' + export_hf_dir if export_hf_dir else ''}")
+
+
+_EDIT_OPTIONS = [
+    click.option("--model", "model_name", default="smollm2", show_default=True, help=MODEL_HELP),
+    click.option("--requests", "requests_file", required=True, type=click.Path(dir_okay=False),
+                 help="JSONL, one request a line: {\"prompt\", \"subject\" or \"span\", \"target\" (edit) or "
+                      "\"suppress\" (delete), optional \"paraphrases\", \"neighborhood\"}"),
+    click.option("--layers", help="layers to edit, e.g. 13-17 or 4,5,6 [the preset's / derived from depth]"),
+    click.option("--out", required=True, type=click.Path(file_okay=False),
+                 help="folder for the edited model (jaxedit.load reads it) and report.json"),
+    click.option("--export-hf", "export_hf_dir", type=click.Path(file_okay=False),
+                 help="also write a Hugging Face checkpoint folder"),
+    *_STATS_OPTIONS,
+    click.option("--preset", type=click.Choice(["gpt2-xl", "llama-7b"]), help="hyperparameter preset"),
+    click.option("--solve-float64", is_flag=True, help="solve in float64 on the host (the reference's way)"),
+    click.option("--hparam", multiple=True, help="override one hyperparameter: NAME=VALUE (repeatable)"),
+    click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True),
+]
+
+
+@cli.command()
+@with_options(_EDIT_OPTIONS)
+@clean_errors
+def edit(**kw):
+    """MEMIT: rewrite subject -> target associations (all requests in one batch edit)."""
+    _edit_command("edit", **kw)
+
+
+@cli.command()
+@with_options(_EDIT_OPTIONS)
+@click.option("--kl-weight", default=0.0625, show_default=True, type=float,
+              help="weight of KL(P_orig || P_edited) on '{subject} is a'")
+@click.option("--objective", type=click.Choice(["logp", "unlikelihood"]), default="logp", show_default=True,
+              help="logp: the reference's mean log P (no floor); unlikelihood: -log(1 - P), which the KL weight "
+                   "balances (docs/editing.md)")
+@clean_errors
+def delete(kl_weight, objective, **kw):
+    """Das et al.'s deletion: push the "suppress" token(s) away from each prompt."""
+    _edit_command("delete", kl_weight=kl_weight, objective=objective, **kw)
+
+
+@cli.command()
+@click.option("--model", "model_name", default="smollm2", show_default=True, help=MODEL_HELP)
+@click.option("--layers", required=True, help="e.g. 13-17 or 4,5,6 (all in one pass)")
+@with_options(_STATS_OPTIONS)
+@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
+@clean_errors
+def stats(model_name, layers, corpus, n_samples, max_len, stats_float64, batch_size, dtype):
+    """Key statistics E[k k^T] of the MLP output projection's input, for MEMIT (cached; a killed run resumes)."""
+    import numpy as np
+
+    import jaxedit
+    from jaxedit.edit.stats import DEFAULT_CORPUS
+
+    model, tok = jaxedit.load(model_name, dtype=dtype)
+    res = jaxedit.layer_stats(model, tok, parse_layers(layers), corpus=corpus or DEFAULT_CORPUS,
+                              n_samples=n_samples or 100_000, max_len=max_len, batch_size=batch_size,
+                              precision="float64" if stats_float64 else "float32")
+    for l, c in sorted(res.items()):
+        click.echo(f"layer {l}: [{c.shape[0]} x {c.shape[1]}], trace {float(np.trace(c)):.4g}")
+    from jaxedit.loading import cache_dir
+
+    click.echo(f"cached under {cache_dir()}/stats/")
+
+
+@cli.command()
+@click.option("--model", "model_name", required=True, help=MODEL_HELP)
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Hugging Face checkpoint folder")
+@clean_errors
+def export(model_name, out):
+    """Write a model (e.g. an edited one saved by `jaxedit edit`) as a Hugging Face checkpoint folder."""
+    import jaxedit
+
+    model, tok = jaxedit.load(model_name)
+    jaxedit.export_hf(model, tok, out)
+    click.echo(f"wrote {out}/ (config.json, model.safetensors, tokenizer)")

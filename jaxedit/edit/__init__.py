@@ -1,0 +1,1 @@
+"""Editing memories: MEMIT edits and deletion (memit.py) with their key statistics (stats.py)."""
