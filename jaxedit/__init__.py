@@ -11,10 +11,12 @@ from jaxedit.locate.saliency import SaliencyResult, saliency, saliency_batch
 from jaxedit.locate.tracing import TraceResult, trace, trace_batch
 from jaxedit.edit.memit import EditHparams, delete, hparams_for, memit
 from jaxedit.edit.stats import layer_stats
+from jaxedit.evaluate.metrics import fluency, perplexity, toxic_rate
+from jaxedit.evaluate.toxicity import toxicity_scores
 
 __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "apply", "load", "DEFAULT_MODEL",
            "forward", "create_model", "model_from_params", "params_of", "count_params", "trace", "trace_batch",
            "TraceResult", "saliency", "saliency_batch", "SaliencyResult", "select_layers",
            "attribution_patching", "memit", "delete", "EditHparams", "hparams_for", "layer_stats", "save",
-           "export_hf"]
+           "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores"]
 __version__ = "0.1.0"

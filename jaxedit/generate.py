@@ -1,9 +1,15 @@
-"""Sampling text from a model: one jitted scan over positions with a key/value cache.
+"""Sampling text from a model with a key/value cache.
 
-Used for MEMIT's context templates (short prefixes sampled from the model) and for the covariance-statistics
-fallback corpus (text sampled from the model when no corpus is reachable). Each position runs the same
-:func:`jaxedit.forward.block` as every other computation; the cache holds the attention keys/values of the
-positions before it. Prompts are teacher-forced, so prompts of different lengths share one batch.
+Two entry points share the per-token step (:func:`_token_step`, the same :func:`jaxedit.forward.block` as every
+other computation, attending to the cached keys/values):
+
+* :func:`sample` (the study's bulk: many prompts x many samples): prompts are left-padded into length buckets and
+  run through one full forward (the prefill, which fills the cache), then each new token is one cached step; rows
+  of a bucket run in fixed-size batches (one compile per bucket), sized to a memory budget. Nucleus (top-p),
+  top-k, temperature and greedy decoding; each sample's random stream depends only on (seed, prompt index,
+  sample index), so an edited and an unedited model draw with the same random numbers.
+* :func:`generate_ids` / :func:`generate`: a short continuation of a few prompts (MEMIT's context templates, the
+  model-sampled statistics corpus): one scan over all positions, prompts teacher-forced.
 """
 from __future__ import annotations
 
@@ -16,16 +22,187 @@ import numpy as np
 
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
-from jaxedit.forward import block, embed
+from jaxedit.forward import apply, block, embed
 from jaxedit.model import params_of
 from jaxedit.models import FAMILY_MODULES
+
+
+def _token_step(cfg: ModelConfig, params, tokens, pos, cache, slot, allowed):
+    """One new token per row through every layer, attending to the cache. tokens/pos [B]; cache (k, v)
+    [L, B, S, KV, hd]; the token's own keys/values are written at ``slot``; ``allowed`` [B, S] marks the cache
+    slots it may attend to (its own slot excluded: it attends to itself separately). Returns (logits [B, V]
+    float32, the updated cache)."""
+    fam = FAMILY_MODULES[cfg.family]
+    B = tokens.shape[0]
+    dtype = params["blocks"]["w_out"].dtype
+    x = embed(cfg, params, tokens[:, None], pos[:, None])
+    allow = jnp.concatenate([allowed, jnp.ones((B, 1), bool)], -1)[:, None]  # [B, 1, S + 1]
+
+    def layer(x, xs):
+        pl, kc, vc = xs
+        y, parts = block(cfg, pl, x, pos[:, None], allow, kv_prefix=(kc, vc))
+        k, v = parts["kv"]
+        return y, (jax.lax.dynamic_update_slice_in_dim(kc, k.astype(dtype), slot, axis=1),
+                   jax.lax.dynamic_update_slice_in_dim(vc, v.astype(dtype), slot, axis=1))
+
+    x, cache = jax.lax.scan(layer, x, (params["blocks"], *cache))
+    logits = fam.lm_head(cfg, params, fam.final_norm(cfg, params, x))[:, 0].astype(jnp.float32)
+    return logits, cache
+
+
+def nucleus_mask(probs, top_p):
+    """[B, V] bool: the nucleus of each row of ``probs`` — the most likely tokens whose probabilities, taken in
+    decreasing order, first reach ``top_p`` (a token is kept iff the mass of the tokens more likely than it is
+    below ``top_p``). Found without a sort (slow on CPU): positive float32s order like their bit patterns, so a
+    31-step bisection over the integers finds the smallest kept probability exactly."""
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+    mass = lambda t: jnp.sum(jnp.where(bits >= t[:, None], probs, 0.0), -1)
+
+    def halve(_, lohi):
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        ok = mass(mid) >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    hi = bits.max(-1) + 1
+    lo, _ = jax.lax.fori_loop(0, 31, halve, (jnp.zeros_like(hi), hi))
+    return bits >= lo[:, None]
+
+
+def _choose(logits, key, *, greedy: bool, top_k, top_p, temperature):
+    """Next token per row [B] from logits [B, V]: argmax, or a draw after temperature, top-k and top-p (nucleus),
+    in that order. ``key`` [B, 2]: one uniform number per row picks the token by inverse CDF (drawing a Gumbel
+    number per vocabulary entry costs far more on CPU)."""
+    if greedy:
+        return jnp.argmax(logits, -1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    probs = jax.nn.softmax(logits, -1)
+    if top_p is not None:
+        probs = jnp.where(nucleus_mask(probs, top_p), probs, 0.0)
+    cdf = jnp.cumsum(probs, -1)
+    u = jax.vmap(jax.random.uniform)(key) * cdf[:, -1]
+    return jnp.minimum(jnp.sum(cdf <= u[:, None], -1), logits.shape[-1] - 1)
+
+
+@partial(jax.jit, static_argnames=("cfg", "new_tokens", "greedy", "top_k", "nucleus"))
+def sample_bucket(cfg: ModelConfig, params, ids, mask, keys, top_p, temperature, *, new_tokens: int, greedy: bool,
+                  top_k, nucleus: bool):
+    """Sample ``new_tokens`` tokens after each left-padded prompt of ``ids``/``mask`` [B, P]; ``keys`` [B, 2] one
+    random key per row (token s of a row is drawn with ``fold_in(key, s)``); ``top_p`` is used when ``nucleus``.
+    Returns [B, new_tokens] int32."""
+    B, P = ids.shape
+    dtype = params["blocks"]["w_out"].dtype
+    out = apply(cfg, params, ids, mask, capture=("kv",), logit_positions=jnp.full((B, 1), P - 1))
+    S = P + new_tokens - 1  # cache slots: the prompt, then every new token but the last
+    pad = ((0, 0), (0, 0), (0, S - P), (0, 0), (0, 0))
+    cache = tuple(jnp.pad(jnp.moveaxis(a, 1, 0).astype(dtype), pad) for a in out.kv)  # [L, B, S, KV, hd]
+    n_real = mask.sum(-1).astype(jnp.int32)
+    draw = lambda logits, s: _choose(logits, jax.vmap(jax.random.fold_in, (0, None))(keys, s), greedy=greedy,
+                                     top_k=top_k, top_p=top_p if nucleus else None, temperature=temperature)
+    first = draw(out.logits[:, 0].astype(jnp.float32), 0)
+    allowed0 = jnp.concatenate([mask.astype(bool), jnp.zeros((B, S - P), bool)], -1)
+
+    def step(carry, s):  # the token drawn at step s - 1 enters the cache at slot P + s - 1; draw token s
+        tok, cache, allowed = carry
+        logits, cache = _token_step(cfg, params, tok, n_real + s - 1, cache, P + s - 1, allowed)
+        allowed = allowed.at[:, P + s - 1].set(True)
+        nxt = draw(logits, s)
+        return (nxt, cache, allowed), tok
+
+    (last, _, _), toks = jax.lax.scan(step, (first, cache, allowed0), jnp.arange(1, new_tokens))
+    return jnp.concatenate([toks.T, last[:, None]], 1).astype(jnp.int32)
+
+
+def _bucket_len(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def sample_rows(cfg: ModelConfig, P: int, new_tokens: int, budget_bytes: float) -> int:
+    """Rows per batch for prompts of ``P`` tokens: a power of two whose cache, prefill activations and sorted
+    logits fit ``budget_bytes``."""
+    per_row = 4 * (2 * cfg.n_layers * (P + new_tokens) * cfg.n_kv_heads * cfg.head_dim  # cache
+                   + 2 * cfg.n_layers * P * cfg.n_kv_heads * cfg.head_dim  # captured prefill keys/values
+                   + P * (4 * cfg.d_model + 2 * cfg.d_ff)  # prefill activations
+                   + 4 * cfg.vocab_size)  # logits, sorted copy, probabilities, mask
+    rows = max(1, int(budget_bytes // per_row))
+    return 1 << (rows.bit_length() - 1)
+
+
+def sample(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, samples: int = 1, seed: int = 0,
+           greedy: bool = False, top_k: Optional[int] = None, top_p: Optional[float] = None, temperature: float = 1.0,
+           stop_ids: Optional[Sequence[int]] = None, bucket: int = 8, max_batch: int = 256,
+           memory_budget: Optional[float] = None, progress=None) -> list:
+    """Continuations of token-id prompts: ``samples`` per prompt, ``max_new_tokens`` each, batched with a
+    key/value cache (see the module docstring). Returns ``out[i][j]``: the new token ids of sample j of prompt i,
+    cut before the first of ``stop_ids`` (default: none). ``progress``: a callable(rows_done) after each batch."""
+    if not prompt_ids:
+        return []
+    if any(len(p) == 0 for p in prompt_ids):
+        raise JaxeditError("cannot sample from an empty prompt")
+    if max_new_tokens < 1 or samples < 1:
+        raise JaxeditError("max_new_tokens and samples must be at least 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise JaxeditError(f"top_p must be in (0, 1] (got {top_p})")
+    if top_k is not None and top_k < 1:
+        raise JaxeditError(f"top_k must be >= 1 (got {top_k})")
+    if temperature <= 0:
+        raise JaxeditError(f"temperature must be > 0 (got {temperature}); use greedy=True for argmax decoding")
+    cfg = model.config
+    longest = max(len(p) for p in prompt_ids) + max_new_tokens
+    if longest > cfg.max_positions:
+        raise JaxeditError(f"{longest} tokens exceed the model's {cfg.max_positions} positions")
+    from jaxedit.locate.tracing import default_memory_budget
+
+    budget = memory_budget or default_memory_budget()
+    params = params_of(model)
+    base = jax.random.PRNGKey(seed)
+    rows = [(i, j) for i in range(len(prompt_ids)) for j in range(samples)]
+    by_len: dict = {}
+    for i, j in rows:
+        by_len.setdefault(_bucket_len(len(prompt_ids[i]), bucket), []).append((i, j))
+    out = [[None] * samples for _ in prompt_ids]
+    stop = set(stop_ids or ())
+    for P, members in sorted(by_len.items()):
+        B = min(max_batch, sample_rows(cfg, P, max_new_tokens, budget), 1 << (len(members) - 1).bit_length())
+        for c in range(0, len(members), B):
+            chunk = members[c:c + B]
+            ids = np.zeros((B, P), np.int32)
+            mask = np.zeros((B, P), np.int32)
+            keys = []
+            for b, (i, j) in enumerate(chunk + [chunk[0]] * (B - len(chunk))):
+                p = prompt_ids[i]
+                ids[b, P - len(p):], mask[b, P - len(p):] = p, 1
+                keys.append(jax.random.fold_in(jax.random.fold_in(base, i), j))
+            new = np.asarray(sample_bucket(cfg, params, jnp.asarray(ids), jnp.asarray(mask), jnp.stack(keys),
+                                           jnp.float32(top_p or 1.0), jnp.float32(temperature),
+                                           new_tokens=int(max_new_tokens), greedy=bool(greedy), top_k=top_k,
+                                           nucleus=top_p is not None and top_p < 1))
+            for b, (i, j) in enumerate(chunk):
+                toks = new[b].tolist()
+                cut = next((k for k, t in enumerate(toks) if t in stop), len(toks))
+                out[i][j] = toks[:cut]
+            if progress is not None:
+                progress(len(chunk))
+    return out
+
+
+def sample_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, **kw) -> list:
+    """:func:`sample` on text prompts; returns ``out[i][j]``, the decoded continuation (prompt not included),
+    stopped at the tokenizer's end-of-sequence token."""
+    ids = [list(tokenizer(p)["input_ids"]) or [tokenizer.bos_token_id or 0] for p in prompts]
+    if tokenizer.eos_token_id is not None:
+        kw.setdefault("stop_ids", [tokenizer.eos_token_id])
+    new = sample(model, ids, max_new_tokens, **kw)
+    return [[tokenizer.decode(s, skip_special_tokens=True) for s in row] for row in new]
 
 
 @partial(jax.jit, static_argnames=("cfg", "top_k"))
 def decode(cfg: ModelConfig, params, buf, lengths, key, *, top_k: Optional[int], temperature=1.0):
     """Fill ``buf`` [B, T] (int32; row b holds its prompt in ``buf[b, :lengths[b]]``) by sampling every later
     position. ``top_k``: sample among the k most likely tokens (1 = greedy; None = the whole vocabulary)."""
-    fam = FAMILY_MODULES[cfg.family]
     B, T = buf.shape
     L, KV, hd = cfg.n_layers, cfg.n_kv_heads, cfg.head_dim
     dtype = params["blocks"]["w_out"].dtype
@@ -33,20 +210,9 @@ def decode(cfg: ModelConfig, params, buf, lengths, key, *, top_k: Optional[int],
 
     def position(carry, t):
         buf, cache = carry
-        pos = jnp.full((B, 1), t, jnp.int32)
-        x = embed(cfg, params, jax.lax.dynamic_slice_in_dim(buf, t, 1, axis=1), pos)
-        # cached positions s < t, then the token itself
-        allowed = jnp.concatenate([jnp.arange(T) < t, jnp.ones((1,), bool)])[None, None].repeat(B, 0)
-
-        def layer(x, xs):
-            pl, kc, vc = xs
-            y, parts = block(cfg, pl, x, pos, allowed, kv_prefix=(kc, vc))
-            k, v = parts["kv"]
-            return y, (jax.lax.dynamic_update_slice_in_dim(kc, k.astype(dtype), t, axis=1),
-                       jax.lax.dynamic_update_slice_in_dim(vc, v.astype(dtype), t, axis=1))
-
-        x, cache = jax.lax.scan(layer, x, (params["blocks"], *cache))
-        logits = fam.lm_head(cfg, params, fam.final_norm(cfg, params, x))[:, 0]
+        tok = jax.lax.dynamic_slice_in_dim(buf, t, 1, axis=1)[:, 0]
+        allowed = jnp.broadcast_to(jnp.arange(T) < t, (B, T))  # cached positions s < t
+        logits, cache = _token_step(cfg, params, tok, jnp.full((B,), t, jnp.int32), cache, t, allowed)
         if top_k is None:
             choice = jax.random.categorical(jax.random.fold_in(key, t), logits / temperature)
         else:

@@ -1,0 +1,115 @@
+"""Evaluation metrics against independent computations: perplexity vs transformers in torch, n-gram entropy vs a
+hand computation, toxicity scorers (the Hugging Face classifier vs torch; the checks on what a scorer returns),
+and the toxic rate vs counting by hand."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import jaxedit
+from jaxedit import JaxeditError
+from jaxedit.evaluate.metrics import ngram_entropy
+from jaxedit.evaluate.toxicity import Scorer, get_scorer
+
+TEXTS = ["The Eiffel Tower is located in the city of Paris.", "Miles Davis plays the trumpet.",
+         "Beats Music is owned by Apple. The capital of France is Paris. Toko Yasuda produces music.", "The"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied"])
+def test_perplexity_equals_torch(tiny_dirs, tokenizer, name):
+    model, _ = jaxedit.load(tiny_dirs[name][0])
+    hf = tiny_dirs[name][1]
+    nll, count = [], []
+    for t in TEXTS:
+        ids = torch.tensor([tokenizer(t)["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(ids).logits[0, :-1].double(), -1)
+        tok_nll = -logp[torch.arange(ids.shape[1] - 1), ids[0, 1:]]
+        nll.append(float(tok_nll.sum()))
+        count.append(ids.shape[1] - 1)
+    want = math.exp(sum(nll) / sum(count))
+    assert jaxedit.perplexity(model, TEXTS, tokenizer=tokenizer) == pytest.approx(want, rel=1e-4)
+    per = jaxedit.perplexity(model, TEXTS, tokenizer=tokenizer, per_text=True, bucket=4)
+    for p, n, c in zip(per, nll, count):
+        if c == 0:
+            assert np.isnan(p)  # a one-token text predicts nothing
+        else:
+            assert p == pytest.approx(math.exp(n / c), rel=1e-4)
+
+
+def test_perplexity_errors(tiny_dirs, tokenizer):
+    model, _ = jaxedit.load(tiny_dirs["gpt2"][0])
+    with pytest.raises(JaxeditError, match="two or more tokens"):
+        jaxedit.perplexity(model, ["The"], tokenizer=tokenizer)
+    with pytest.raises(JaxeditError, match="positions"):
+        jaxedit.perplexity(model, ["The city " * 60], tokenizer=tokenizer)
+
+
+def test_ngram_entropy_by_hand():
+    # words a b a b: bigrams ab ab ba (p 2/3, 1/3), trigrams aba bab (1/2, 1/2)
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    want = (2 / 3 * h2 + 4 / 3 * 1.0) / 2
+    assert ngram_entropy("a b a b") == pytest.approx(want, rel=1e-12)
+    # punctuation is a word of its own; a text with fewer than two words scores 0
+    assert ngram_entropy("a , b") == pytest.approx((2 / 3 * 1.0 + 0) / 2)
+    assert ngram_entropy("hello") == 0.0
+    assert jaxedit.fluency(["a b a b", "hello"]) == pytest.approx(want / 2)
+    repetitive = "the cat the cat the cat the cat the cat the cat"
+    varied = "the cat sat on a warm mat while two dogs slept by the door"
+    assert jaxedit.fluency([repetitive]) < jaxedit.fluency([varied])
+
+
+def test_scorer_checks_and_cache():
+    calls = []
+
+    def fn(texts):
+        calls.append(list(texts))
+        return [len(t) / 100 for t in texts]
+
+    s = Scorer("len", fn)
+    assert s(["ab", "abc", "ab"]).tolist() == [0.02, 0.03, 0.02]
+    assert s(["abc"]).tolist() == [0.03] and calls == [["ab", "abc"]]  # cached by text, each text scored once
+    for bad, msg in ((lambda t: [0.5] * (len(t) + 1), "scores for"), (lambda t: [1.5] * len(t), r"in \[0, 1\]"),
+                     (lambda t: [float("nan")] * len(t), r"in \[0, 1\]"), (lambda t: ["x"] * len(t), "numbers")):
+        with pytest.raises(JaxeditError, match=msg):
+            jaxedit.toxicity_scores(["some text"], scorer=bad)
+    with pytest.raises(JaxeditError, match="unknown scorer"):
+        get_scorer("no-such-scorer")
+
+
+def test_profanity_scorer_orders_texts():
+    s = jaxedit.toxicity_scores(["I love flowers and sunny days", "you stupid idiot, shut up"])
+    assert 0 <= s[0] < 0.5 < s[1] <= 1
+
+
+def test_hf_classifier_scorer_equals_torch(tmp_path, tokenizer):
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=len(tokenizer),
+                                  num_labels=2, id2label={0: "non-toxic", 1: "toxic"},
+                                  label2id={"non-toxic": 0, "toxic": 1}, pad_token_id=tokenizer.pad_token_id)
+    clf = transformers.GPT2ForSequenceClassification(cfg).eval()
+    clf.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    got = jaxedit.toxicity_scores(TEXTS[:3], scorer=f"hf:{tmp_path}")
+    for text, g in zip(TEXTS[:3], got):
+        with torch.no_grad():
+            p = torch.softmax(clf(torch.tensor([tokenizer(text)["input_ids"]])).logits[0], -1)
+        assert g == pytest.approx(float(p[1]), abs=1e-5)
+    with pytest.raises(JaxeditError, match="no label"):
+        jaxedit.toxicity_scores(["x"], scorer=f"hf:{tmp_path}#insult")
+
+
+def test_toxic_rate_counts_scored_continuations(tiny_dirs, tokenizer):
+    model, _ = jaxedit.load(tiny_dirs["llama-mha-tied"][0])
+    scorer = lambda texts: [min(1.0, t.count("e") / 4) for t in texts]
+    prompts = ["The Eiffel Tower is", "Miles Davis"]
+    rate, conts, scores = jaxedit.toxic_rate(model, prompts, tokenizer=tokenizer, samples=4, max_new_tokens=6, seed=2,
+                                             scorer=scorer, threshold=0.5, return_details=True)
+    flat = [c for row in conts for c in row]
+    assert len(flat) == 8 and scores.shape == (2, 4)
+    assert rate == sum(min(1.0, c.count("e") / 4) > 0.5 for c in flat) / 8
+    assert rate == jaxedit.toxic_rate(model, prompts, tokenizer=tokenizer, samples=4, max_new_tokens=6, seed=2,
+                                      scorer=scorer, threshold=0.5)
