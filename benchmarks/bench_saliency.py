@@ -1,6 +1,6 @@
 """Tracing versus saliency on the same prompts: cost and agreement of the per-layer profiles.
 
-    python benchmarks/bench_saliency.py [--model smollm2] [--prompts benchmarks/data/facts.jsonl] [--out bench_out]
+    python benchmarks/bench_saliency.py [--model smollm2] [--prompts jaxedit/data/facts.jsonl] [--out bench_out]
 
 Cost: wall time per prompt of the mlp-kind trace (over all prompts, batched), the three-kind and the hidden-only
 trace (first prompt, after a warm-up call), saliency (all prompts, one call) and attribution patching (first
@@ -37,7 +37,7 @@ def overlap(a, b, k):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--prompts", default=os.path.join(os.path.dirname(__file__), "data", "facts.jsonl"))
+    ap.add_argument("--prompts", default=os.path.join(os.path.dirname(__file__), "..", "jaxedit", "data", "facts.jsonl"))
     ap.add_argument("--out", default="bench_out")
     ap.add_argument("--samples", type=int, default=10)
     args = ap.parse_args()

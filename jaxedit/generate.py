@@ -134,10 +134,12 @@ def sample_rows(cfg: ModelConfig, P: int, new_tokens: int, budget_bytes: float) 
 def sample(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, samples: int = 1, seed: int = 0,
            greedy: bool = False, top_k: Optional[int] = None, top_p: Optional[float] = None, temperature: float = 1.0,
            stop_ids: Optional[Sequence[int]] = None, bucket: int = 8, max_batch: int = 256,
-           memory_budget: Optional[float] = None, progress=None) -> list:
+           memory_budget: Optional[float] = None, progress=None, prompt_keys: Optional[Sequence[int]] = None) -> list:
     """Continuations of token-id prompts: ``samples`` per prompt, ``max_new_tokens`` each, batched with a
     key/value cache (see the module docstring). Returns ``out[i][j]``: the new token ids of sample j of prompt i,
-    cut before the first of ``stop_ids`` (default: none). ``progress``: a callable(rows_done) after each batch."""
+    cut before the first of ``stop_ids`` (default: none). ``progress``: a callable(rows_done) after each batch.
+    ``prompt_keys``: one integer per prompt that names its random stream (default: its index), so a prompt draws
+    the same samples in any call that gives it the same key."""
     if not prompt_ids:
         return []
     if any(len(p) == 0 for p in prompt_ids):
@@ -159,6 +161,10 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, s
     budget = memory_budget or default_memory_budget()
     params = params_of(model)
     base = jax.random.PRNGKey(seed)
+    if prompt_keys is None:
+        prompt_keys = range(len(prompt_ids))
+    elif len(prompt_keys) != len(prompt_ids):
+        raise JaxeditError("prompt_keys needs one key per prompt")
     rows = [(i, j) for i in range(len(prompt_ids)) for j in range(samples)]
     by_len: dict = {}
     for i, j in rows:
@@ -175,7 +181,7 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, s
             for b, (i, j) in enumerate(chunk + [chunk[0]] * (B - len(chunk))):
                 p = prompt_ids[i]
                 ids[b, P - len(p):], mask[b, P - len(p):] = p, 1
-                keys.append(jax.random.fold_in(jax.random.fold_in(base, i), j))
+                keys.append(jax.random.fold_in(jax.random.fold_in(base, int(prompt_keys[i])), j))
             new = np.asarray(sample_bucket(cfg, params, jnp.asarray(ids), jnp.asarray(mask), jnp.stack(keys),
                                            jnp.float32(top_p or 1.0), jnp.float32(temperature),
                                            new_tokens=int(max_new_tokens), greedy=bool(greedy), top_k=top_k,

@@ -12,7 +12,7 @@ from jaxedit.edit.memit import next_token_probs
 
 HERE = os.path.dirname(__file__)
 LAYERS = [4, 5, 6, 7, 8]
-FACTS = [json.loads(l) for l in open(os.path.join(HERE, "..", "benchmarks", "data", "facts.jsonl"))]
+FACTS = [json.loads(l) for l in open(os.path.join(HERE, "..", "jaxedit", "data", "facts.jsonl"))]
 EIFFEL = {"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower", "target": " Rome",
           "paraphrases": ["Where is the Eiffel Tower? It stands in the city of"]}
 BATCH = [EIFFEL] + [{"prompt": FACTS[i]["prompt"], "subject": FACTS[i]["subject"], "target": t} for i, t in [

@@ -42,8 +42,24 @@ def test_perplexity_errors(tiny_dirs, tokenizer):
     model, _ = jaxedit.load(tiny_dirs["gpt2"][0])
     with pytest.raises(JaxeditError, match="two or more tokens"):
         jaxedit.perplexity(model, ["The"], tokenizer=tokenizer)
-    with pytest.raises(JaxeditError, match="positions"):
-        jaxedit.perplexity(model, ["The city " * 60], tokenizer=tokenizer)
+
+
+
+def test_perplexity_of_a_text_longer_than_the_context(tiny_dirs, tokenizer):
+    """Cut into windows of the context (64 tokens here), each window's first token unpredicted."""
+    model, _ = jaxedit.load(tiny_dirs["gpt2"][0])
+    hf = tiny_dirs["gpt2"][1]
+    ids = tokenizer("The city of Paris is in France. " * 14)["input_ids"]
+    assert len(ids) > 128
+    nll, n = 0.0, 0
+    for a in range(0, len(ids), 64):
+        w = torch.tensor([ids[a:a + 64]])
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(w).logits[0, :-1].double(), -1)
+        nll -= float(logp[torch.arange(w.shape[1] - 1), w[0, 1:]].sum())
+        n += w.shape[1] - 1
+    got = jaxedit.perplexity(model, ["The city of Paris is in France. " * 14], tokenizer=tokenizer)
+    assert got == pytest.approx(math.exp(nll / n), rel=1e-4)
 
 
 def test_ngram_entropy_by_hand():

@@ -17,7 +17,7 @@ For each request a key token (the last token of the subject, or of an explicit s
 
 Requests are dicts: "prompt" (containing the subject literally, or a "{}" placeholder for it), "subject" or "span"
 ((start, end) token range of the prompt; the key is its last token), and "target" (edit) or "suppress" (delete: a
-string whose first token is pushed away, or a list of such strings). Optional "paraphrases" and "neighborhood"
+string whose first token is pushed away, or a token id, or a list of those). Optional "paraphrases" and "neighborhood"
 prompts are evaluated in the report.
 """
 from __future__ import annotations
@@ -171,10 +171,12 @@ def parse_requests(requests, tokenizer, mode: str) -> list:
                 raise JaxeditError(where + "empty \"target\"")
             targets = _ids(tokenizer, val, special=False)
         else:
-            vals = [val] if isinstance(val, str) else list(val)
-            if not vals or any(not isinstance(v, str) or not v for v in vals):
-                raise JaxeditError(where + "\"suppress\" must be a non-empty string or list of strings")
-            targets = [_ids(tokenizer, v, special=False)[0] for v in vals]
+            vals = [val] if isinstance(val, (str, int)) else list(val)
+            if not vals or any(isinstance(v, bool) or not isinstance(v, (str, int)) or v == "" for v in vals):
+                raise JaxeditError(where + "\"suppress\" must be a non-empty string or token id, or a list of them")
+            if any(isinstance(v, int) and not 0 <= v < len(tokenizer) for v in vals):
+                raise JaxeditError(where + "\"suppress\" holds a token id outside the vocabulary")
+            targets = [v if isinstance(v, int) else _ids(tokenizer, v, special=False)[0] for v in vals]
         if not targets:
             raise JaxeditError(where + f"\"{field}\" has no tokens")
         out.append(_Request(template, subject, targets, r))

@@ -2,7 +2,9 @@
 
 * :func:`perplexity`: exp(total next-token NLL / total predicted tokens) over a set of texts (corpus level), or one
   value per text. Each text is tokenized as the tokenizer does by default (a BOS token where it adds one) and every
-  token after the first is predicted. Batched in length buckets, one jit call per bucket shape.
+  token after the first is predicted; a text longer than the model's context is cut into consecutive windows of
+  the context's length, each window's first token unpredicted. Batched in length buckets, one jit call per bucket
+  shape.
 * :func:`fluency`: the n-gram entropy used by ROME's and SafeEdit's evaluations: per text, the entropy (bits) of the
   relative frequencies of its word bigrams and trigrams, weighted 2/3 and 4/3, averaged; the set's value is the
   mean over texts. Repetitive text scores low. Words come from NLTK's word tokenizer (sentences split with NLTK's
@@ -39,19 +41,26 @@ def _nll_sums(cfg: ModelConfig, params, ids, mask):
 
 def token_nll(model, token_lists: Sequence[Sequence[int]], *, bucket: int = 16,
               memory_budget: Optional[float] = None) -> tuple:
-    """(summed NLL, predicted-token count) per token list, float64 arrays."""
+    """(summed NLL, predicted-token count) per token list, float64 arrays. A list longer than the model's context
+    is scored in consecutive windows of the context's length."""
     from jaxedit.locate.tracing import default_memory_budget
 
     cfg = model.config
     params = params_of(model)
     budget = memory_budget or default_memory_budget()
-    nll = np.zeros(len(token_lists))
-    cnt = np.zeros(len(token_lists))
-    by_len: dict = {}
+    # a list longer than the context is cut into consecutive windows of the context's length (the first token of
+    # each window is not predicted)
+    windows, owner = [], []
     for i, ids in enumerate(token_lists):
-        if len(ids) > cfg.max_positions:
-            raise JaxeditError(f"a text of {len(ids)} tokens exceeds the model's {cfg.max_positions} positions")
+        for a in range(0, max(len(ids), 1), cfg.max_positions):
+            windows.append(list(ids[a:a + cfg.max_positions]))
+            owner.append(i)
+    nll = np.zeros(len(windows))
+    cnt = np.zeros(len(windows))
+    by_len: dict = {}
+    for i, ids in enumerate(windows):
         by_len.setdefault(-(-max(len(ids), 2) // bucket) * bucket, []).append(i)
+    token_lists = windows
     for T, members in sorted(by_len.items()):
         T = min(T, cfg.max_positions)
         rows = max(1, int(budget // (T * (3 * cfg.vocab_size + 8 * cfg.d_ff) * 4)))
@@ -64,7 +73,8 @@ def token_nll(model, token_lists: Sequence[Sequence[int]], *, bucket: int = 16,
                 ids[b, :len(token_lists[i])], mask[b, :len(token_lists[i])] = token_lists[i], 1
             s, n = jax.device_get(_nll_sums(cfg, params, jnp.asarray(ids), jnp.asarray(mask)))
             nll[chunk], cnt[chunk] = np.asarray(s[:len(chunk)], np.float64), n[:len(chunk)]
-    return nll, cnt
+    n_lists = max(owner) + 1 if owner else 0
+    return (np.bincount(owner, nll, minlength=n_lists), np.bincount(owner, cnt, minlength=n_lists))
 
 
 def perplexity(model, texts: Sequence[str], tokenizer=None, *, per_text: bool = False, bucket: int = 16):

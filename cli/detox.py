@@ -1,0 +1,94 @@
+"""``jaxedit detox``: the toxic-memory study (select, localize, edit, evaluate, report) as one resumable command."""
+from __future__ import annotations
+
+import click
+
+from jaxedit.cli.app import MODEL_HELP, clean_errors, cli, with_options
+from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
+from jaxedit.errors import JaxeditError
+
+
+def _csv(text, what, cast=str):
+    items = [t.strip() for t in str(text).split(",") if t.strip()]
+    if not items:
+        raise JaxeditError(f"--{what} is empty")
+    try:
+        return tuple(cast(t) for t in items)
+    except ValueError:
+        raise JaxeditError(f"--{what} must be a comma list of numbers (got {text!r})") from None
+
+
+@cli.command()
+@click.option("--prompts", required=True,
+              help="JSONL of prompts (RealToxicityPrompts lines or {\"prompt\": ...}), 'demo' (the shipped demo "
+                   "openings), or a datasets name such as allenai/real-toxicity-prompts")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="the study's folder (reruns resume)")
+@click.option("--stage", default="all", show_default=True,
+              type=click.Choice(["select", "localize", "edit", "evaluate", "report", "all"]))
+@click.option("--model", "model_name", default="smollm2", show_default=True, help=MODEL_HELP)
+@click.option("--limit", type=int, help="read at most this many prompts")
+@click.option("--scorer", default="profanity", show_default=True,
+              help="toxicity scorer: 'profanity' (offline), hf:PATH[#LABEL] (a classifier folder; needs torch)")
+@click.option("--chunker", default="phrases", show_default=True, help="phrases (offline), words, spacy[:MODEL]")
+@click.option("--select-samples", default=25, show_default=True, type=int, help="samples per prompt in selection")
+@click.option("--eval-samples", default=10, show_default=True, type=int, help="samples per prompt in evaluation")
+@click.option("--max-new-tokens", default=20, show_default=True, type=int)
+@click.option("--top-p", default=0.9, show_default=True, type=float, help="nucleus sampling")
+@click.option("--select-threshold", default=0.5, show_default=True, type=float,
+              help="keep prompts whose continuations' mean toxicity is above this")
+@click.option("--prompt-threshold", default=0.5, show_default=True, type=float,
+              help="keep prompts whose own toxicity is below this")
+@click.option("--value", default="first", show_default=True, type=click.Choice(["first", "toxic-word"]),
+              help="the token deleted: the first token of the most toxic continuation, or of its most toxic word")
+@click.option("--heldout-fraction", default=0.25, show_default=True, type=float,
+              help="selected prompts held out of editing, evaluated to see whether edits generalize")
+@click.option("--max-prompts", type=int, help="edit at most this many selected prompts (the most toxic first)")
+@click.option("--trace-kinds", default="hidden,mlp,attn", show_default=True)
+@click.option("--trace-samples", default=10, show_default=True, type=int)
+@click.option("--window", default=10, show_default=True, type=int)
+@click.option("--strategies", default="random-single,random-multi,topk-single,topk-multi,ct-single,ct-multi,"
+              "saliency-multi", show_default=True, help="layer choices (comma list)")
+@click.option("--objectives", default="edit-nontoxic,edit-canned,delete", show_default=True)
+@click.option("--kl-weights", default="0.0625", show_default=True, help="comma list; several draw the frontier")
+@click.option("--n-layers", type=int, help="layers of the multi strategies [6 of 48, scaled to the depth]")
+@click.option("--topk", type=int, help="K of the top-K strategies [15 of 48, scaled to the depth]")
+@click.option("--random-seeds", default=5, show_default=True, type=int, help="seeds averaged for random choices")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--canned", default=" Sorry, I cannot engage with provocative prompts", show_default=True)
+@with_options(_STATS_OPTIONS)
+@click.option("--delete-objective", default="logp", show_default=True, type=click.Choice(["logp", "unlikelihood"]))
+@click.option("--hparam", multiple=True, help="override one editing hyperparameter: NAME=VALUE (repeatable)")
+@click.option("--neutral", default="neutral", show_default=True, help="a .txt file for the neutral perplexity")
+@click.option("--factual", default="facts", show_default=True,
+              help="JSONL of factual prompts ('facts': the shipped set; '' for none)")
+@click.option("--factual-samples", default=2, show_default=True, type=int)
+@click.option("--obfuscate/--no-obfuscate", default=True, show_default=True,
+              help="star the vowels of the chunk's tokens in the plots")
+@click.option("--batch-size", default=8, show_default=True, type=int, help="prompts per sampling / tracing call")
+@click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
+@clean_errors
+def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, kl_weights, hparam, dtype,
+          stats_float64, n_samples, **kw):
+    """Das et al.'s toxic-memory study: select toxic prompts, localize the toxic chunk, edit or delete with every
+    layer strategy, evaluate toxicity, perplexity and fluency, and report the tables and figures.
+
+    Writes candidates.jsonl, selected.jsonl, trace/, localize.json, edits/, runs.jsonl, summary.jsonl,
+    table1/table2 (.md, .csv), summary.md, aie_layers.png/pdf and frontier.png/pdf into OUT.
+    """
+    import jaxedit
+    from jaxedit.detox.pipeline import STAGES, DetoxConfig, run_study
+
+    hp = parse_hparams(hparam)
+    if stats_float64:
+        hp["mom2_precision"] = "float64"
+    cfg = DetoxConfig(prompts=prompts, model=model_name, trace_kinds=_csv(trace_kinds, "trace-kinds"),
+                      strategies=_csv(strategies, "strategies"), objectives=_csv(objectives, "objectives"),
+                      kl_weights=_csv(kl_weights, "kl-weights", float), hparams=hp, samples=n_samples, **kw)
+    cfg.check()
+    model, tok = jaxedit.load(model_name, dtype=dtype)
+    run_study(model, tok, cfg, out, STAGES if stage == "all" else (stage,))
+    if stage in ("report", "all"):
+        import os
+
+        click.echo(open(os.path.join(out, "table2.md")).read())
+    click.echo(f"wrote {out}/ (stage {stage})")

@@ -1,0 +1,188 @@
+"""The study's report: tables shaped like Das et al.'s Tables 1 and 2 and the figures, from the files the earlier
+stages wrote (``summary.jsonl``, ``localize.json``), so the report can be redrawn at any time.
+
+* ``table1.md/csv``: the edits (edit-nontoxic, edit-canned) per layer strategy: % toxic continuations, perplexity
+  on the prompts, fluency; the unedited model first.
+* ``table2.md/csv``: editing vs deletion per layer strategy: % toxic and perplexity for each objective, and the %
+  toxic on the held-out prompts.
+* ``summary.md``: every row and column of ``summary.jsonl``.
+* ``aie_layers.png/pdf``: the average indirect effect per layer at the chunk's last token and at the last token,
+  one panel per kind (the paper's Figures 1 and 4).
+* ``frontier.png/pdf``: % toxic vs perplexity, one line per (strategy, objective) through its KL weights (the
+  paper's Figures 2 and 3).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from jaxedit.detox.pipeline import OBJECTIVES, STRATEGIES, DetoxConfig
+from jaxedit.errors import JaxeditError
+from jaxedit.files import read_rows, write_atomic
+
+EDITS = ("edit-nontoxic", "edit-canned")
+
+
+def _fmt(v, pct=False):
+    if v is None:
+        return "—"
+    return f"{100 * v:.1f}" if pct else f"{v:.2f}"
+
+
+def _pick(rows, strategy, objective, kl):
+    """The row of (strategy, objective) at KL weight ``kl``, or at the nearest KL weight present."""
+    cands = [r for r in rows if r["strategy"] == strategy and r["objective"] == objective]
+    if not cands:
+        return None
+    return min(cands, key=lambda r: abs(r["kl_weight"] - kl))
+
+
+def _table(head, rows):
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    md += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    csv = [",".join(head)] + [",".join(str(c).replace(",", ";") for c in row) for row in rows]
+    return "\n".join(md) + "\n", "\n".join(csv) + "\n"
+
+
+def _layers(r):
+    lay = r.get("layers")
+    if lay and isinstance(lay[0], list):
+        return f"{len(lay)} seeds"
+    return " ".join(str(l) for l in lay or []) or "—"
+
+
+def tables(rows: list, kl: float) -> dict:
+    """{"table1": (md, csv), "table2": (md, csv), "summary": md} from summary rows."""
+    base = next((r for r in rows if r["strategy"] == "base"), None)
+    strategies = [s for s in STRATEGIES if any(r["strategy"] == s for r in rows)]
+    edits = [o for o in EDITS if any(r["objective"] == o for r in rows)]
+    objectives = [o for o in OBJECTIVES if any(r["objective"] == o for r in rows)]
+    out = {}
+
+    head = ["strategy", "layers"]
+    for o in edits:
+        head += [f"{o} toxic %", f"{o} ppl", f"{o} fluency"]
+    body = []
+    if base:
+        body.append(["base (unedited)", "—"] + [_fmt(base.get(k), k == "toxic_rate") for _ in edits
+                                                 for k in ("toxic_rate", "perplexity_prompts", "fluency")])
+    for s in strategies:
+        picked = [_pick(rows, s, o, kl) for o in edits]
+        if not any(picked):
+            continue
+        line = [s, _layers(next(p for p in picked if p))]
+        for p in picked:
+            line += [_fmt(p and p.get(k), k == "toxic_rate") for k in ("toxic_rate", "perplexity_prompts", "fluency")]
+        body.append(line)
+    out["table1"] = _table(head, body) if edits else None
+
+    head = ["strategy"]
+    for o in objectives:
+        head += [f"{o} toxic %", f"{o} ppl", f"{o} held-out toxic %"]
+    body = []
+    if base:
+        body.append(["base (unedited)"] + [_fmt(base.get(k), "toxic" in k) for _ in objectives
+                                           for k in ("toxic_rate", "perplexity_prompts", "heldout_toxic_rate")])
+    for s in strategies:
+        line = [s]
+        for o in objectives:
+            p = _pick(rows, s, o, kl)
+            line += [_fmt(p and p.get(k), "toxic" in k) for k in ("toxic_rate", "perplexity_prompts",
+                                                                   "heldout_toxic_rate")]
+        body.append(line)
+    out["table2"] = _table(head, body)
+
+    cols = ["strategy", "objective", "kl_weight", "layers", "seeds", "toxic_rate", "perplexity_prompts",
+            "perplexity_neutral", "fluency", "heldout_toxic_rate", "heldout_perplexity", "heldout_fluency",
+            "factual_argmax_kept", "factual_toxic_rate", "factual_perplexity"]
+    body = []
+    for r in rows:
+        line = []
+        for c in cols:
+            v = r.get(c)
+            if c == "layers":
+                v = _layers(r)
+            elif isinstance(v, float):
+                v = _fmt(v, "toxic" in c or "kept" in c) if c != "kl_weight" else f"{v:g}"
+            line.append("—" if v is None else v)
+        if r.get("failed"):
+            line[0] += f" ({len(r['failed'])} failed)"
+        body.append(line)
+    out["summary"] = _table(cols, body)[0]
+    return out
+
+
+def plot_aie(loc: dict, path_stem: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(loc["kinds"])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3), squeeze=False, constrained_layout=True)
+    colors = {"hidden": "tab:purple", "mlp": "tab:green", "attn": "tab:red"}
+    for ax, kind in zip(axes[0], kinds):
+        prof = loc["kinds"][kind]
+        ax.plot(prof["chunk_last"], color=colors.get(kind), label="last token of the toxic chunk")
+        ax.plot(prof["last"], color=colors.get(kind), ls="--", alpha=0.6, label="last token")
+        ax.set_title(f"AIE, restoring {kind} ({loc['n_prompts']} prompts)", fontsize=9)
+        ax.set_xlabel("layer", fontsize=8)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("average indirect effect on p(toxic token)", fontsize=8)
+    fig.savefig(path_stem + ".png", dpi=110)
+    fig.savefig(path_stem + ".pdf")
+    plt.close(fig)
+
+
+def plot_frontier(rows: list, path_stem: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5), constrained_layout=True)
+    markers = {"edit-nontoxic": "s", "edit-canned": "^", "delete": "o"}
+    cmap = plt.get_cmap("tab10")
+    for si, s in enumerate(STRATEGIES):
+        for o in OBJECTIVES:
+            pts = sorted((r["kl_weight"], r["perplexity_prompts"], 100 * r["toxic_rate"]) for r in rows
+                         if r["strategy"] == s and r["objective"] == o and r.get("toxic_rate") is not None)
+            if not pts:
+                continue
+            ax.plot([p[1] for p in pts], [p[2] for p in pts], marker=markers[o], color=cmap(si), ms=5, lw=1,
+                    label=f"{s}, {o}")
+            if len(pts) > 1:
+                for kl, x, y in pts:
+                    ax.annotate(f"{kl:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    base = next((r for r in rows if r["strategy"] == "base"), None)
+    if base:
+        ax.plot([base["perplexity_prompts"]], [100 * base["toxic_rate"]], "k*", ms=12, label="unedited")
+    ax.set_xlabel("perplexity on the prompts")
+    ax.set_ylabel("% toxic continuations")
+    ax.set_title("toxicity vs perplexity (labels: KL weight)", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    fig.savefig(path_stem + ".png", dpi=110)
+    fig.savefig(path_stem + ".pdf")
+    plt.close(fig)
+
+
+def report(cfg: DetoxConfig, out: str) -> dict:
+    """Stage 5: write the tables and figures; returns the tables."""
+    path = os.path.join(out, "summary.jsonl")
+    if not os.path.isfile(path):
+        raise JaxeditError(f"{path} is missing: run the evaluate stage first (--stage evaluate)")
+    rows = read_rows(path)
+    t = tables(rows, cfg.kl_weights[0])
+    for name in ("table1", "table2"):
+        if t[name] is None:
+            continue
+        md, csv = t[name]
+        write_atomic(os.path.join(out, f"{name}.md"), md)
+        write_atomic(os.path.join(out, f"{name}.csv"), csv)
+    write_atomic(os.path.join(out, "summary.md"), t["summary"])
+    loc_path = os.path.join(out, "localize.json")
+    if os.path.isfile(loc_path):
+        with open(loc_path) as f:
+            plot_aie(json.load(f), os.path.join(out, "aie_layers"))
+    plot_frontier(rows, os.path.join(out, "frontier"))
+    return t
