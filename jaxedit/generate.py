@@ -38,14 +38,16 @@ def _token_step(cfg: ModelConfig, params, tokens, pos, cache, slot, allowed):
     x = embed(cfg, params, tokens[:, None], pos[:, None])
     allow = jnp.concatenate([allowed, jnp.ones((B, 1), bool)], -1)[:, None]  # [B, 1, S + 1]
 
-    def layer(x, xs):
-        pl, kc, vc = xs
-        y, parts = block(cfg, pl, x, pos[:, None], allow, kv_prefix=(kc, vc))
+    def layer(carry, pl):  # the cache is carried and updated in place (one slot of one layer per step)
+        x, kc, vc, l = carry
+        y, parts = block(cfg, pl, x, pos[:, None], allow, kv_prefix=(kc[l], vc[l]))
         k, v = parts["kv"]
-        return y, (jax.lax.dynamic_update_slice_in_dim(kc, k.astype(dtype), slot, axis=1),
-                   jax.lax.dynamic_update_slice_in_dim(vc, v.astype(dtype), slot, axis=1))
+        at = (l, 0, slot, 0, 0)
+        return (y, jax.lax.dynamic_update_slice(kc, k[None].astype(dtype), at),
+                jax.lax.dynamic_update_slice(vc, v[None].astype(dtype), at), l + 1), None
 
-    x, cache = jax.lax.scan(layer, x, (params["blocks"], *cache))
+    (x, *cache, _), _ = jax.lax.scan(layer, (x, *cache, 0), params["blocks"])
+    cache = tuple(cache)
     logits = fam.lm_head(cfg, params, fam.final_norm(cfg, params, x))[:, 0].astype(jnp.float32)
     return logits, cache
 

@@ -460,7 +460,9 @@ def edit(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) ->
     hp.update({k: v for k, v in (("mom2_corpus", cfg.corpus), ("mom2_samples", cfg.samples),
                                  ("mom2_max_len", cfg.max_len)) if v is not None})
     base = hparams_for(model.config, hp.get("preset"), **{k: v for k, v in hp.items() if k != "preset"})
-    needed = sorted({l for r in todo for l in r[5]})
+    # random layer choices can land anywhere: statistics for every layer come from the same single pass
+    needed = (list(range(model.config.n_layers)) if any(r[1] in RANDOM_STRATEGIES for r in runs)
+              else sorted({l for r in todo for l in r[5]}))
     stats = layer_stats(model, tokenizer, needed, corpus=base.mom2_corpus, n_samples=base.mom2_samples,
                         max_len=base.mom2_max_len, precision=base.mom2_precision, progress=progress)
     with _bar(len(runs), "edit: runs", len(runs) - len(todo), progress) as bar:
@@ -637,5 +639,12 @@ def run_study(model, tokenizer, cfg: DetoxConfig, out: str, stages=STAGES, progr
     bad = [s for s in stages if s not in fns]
     if bad:
         raise JaxeditError(f"unknown stage {bad[0]!r} (choose from {', '.join(STAGES)}, all)")
+    import json
+
     for stage in stages:
+        t0 = time.perf_counter()
         fns[stage](model, tokenizer, cfg, out, progress=progress)
+        path = os.path.join(out, "timings.json")
+        timings = json.load(open(path)) if os.path.isfile(path) else {}
+        timings[stage] = round(time.perf_counter() - t0, 2)  # the last run of the stage (a resumed run: its part)
+        write_json(path, timings)
