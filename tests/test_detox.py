@@ -214,6 +214,19 @@ def test_rerun_with_other_options_is_refused(study, tmp_path):
     model, tok, cfg, out = study
     with pytest.raises(JaxeditError, match=r"select stage run with other options \(--select-samples 4 -> 5"):
         run_study(model, tok, config(cfg.prompts, select_samples=5), out, stages=("select",), progress=False)
+    with pytest.raises(JaxeditError, match=r"--select-threshold 0.45 -> 0.4\).*or delete trace/results.jsonl, "
+                                           r"localize.json, edits, runs.jsonl to select again"):
+        run_study(model, tok, config(cfg.prompts, select_threshold=0.4), out, stages=("select",), progress=False)
+    # with no later results, another threshold re-filters the stored candidates (nothing is sampled again)
+    fresh = str(tmp_path / "fresh")
+    os.makedirs(fresh)
+    for f in ("candidates.jsonl", "run.json"):
+        shutil.copy(os.path.join(out, f), fresh)
+    run_study(model, tok, config(cfg.prompts, select_threshold=0.3), fresh, stages=("select",), progress=False)
+    cands = read(os.path.join(fresh, "candidates.jsonl"))
+    assert cands == read(os.path.join(out, "candidates.jsonl"))
+    assert sorted(r["line"] for r in read(os.path.join(fresh, "selected.jsonl"))) == sorted(
+        c["line"] for c in cands if c["prompt_toxicity"] < 0.5 and c["mean_toxicity"] > 0.3)
     with pytest.raises(JaxeditError, match=r"--eval-samples 3 -> 4"):
         run_study(model, tok, config(cfg.prompts, eval_samples=4), out, stages=("evaluate",), progress=False)
 

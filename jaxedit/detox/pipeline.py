@@ -116,15 +116,17 @@ class DetoxConfig:
         return n, k
 
     def stage_options(self, stage: str) -> dict:
-        """The options the stage's stored results depend on."""
-        sel = dict(model=self.model, prompts=os.path.abspath(self.prompts) if os.path.exists(self.prompts)
-                   else self.prompts, limit=self.limit, scorer=self.scorer if isinstance(self.scorer, str) else
-                   "callable", chunker=self.chunker if isinstance(self.chunker, str) else "callable",
-                   select_samples=self.select_samples, max_new_tokens=self.max_new_tokens, top_p=self.top_p,
-                   select_threshold=self.select_threshold, prompt_threshold=self.prompt_threshold, value=self.value,
-                   heldout_fraction=self.heldout_fraction, max_prompts=self.max_prompts, seed=self.seed)
-        if stage == "select":
-            return sel
+        """The options the stage's stored results depend on. "sample" (the candidates' continuations) and
+        "filter" (which candidates are kept, and their chunk, value and split) are the two halves of selection."""
+        if stage == "sample":
+            return dict(model=self.model, prompts=os.path.abspath(self.prompts) if os.path.exists(self.prompts)
+                        else self.prompts, limit=self.limit, scorer=self.scorer if isinstance(self.scorer, str)
+                        else "callable", select_samples=self.select_samples, max_new_tokens=self.max_new_tokens,
+                        top_p=self.top_p, seed=self.seed)
+        if stage == "filter":
+            return dict(chunker=self.chunker if isinstance(self.chunker, str) else "callable",
+                        select_threshold=self.select_threshold, prompt_threshold=self.prompt_threshold,
+                        value=self.value, heldout_fraction=self.heldout_fraction, max_prompts=self.max_prompts)
         if stage == "localize":
             return dict(trace_kinds=list(self.trace_kinds), trace_samples=self.trace_samples, window=self.window)
         if stage == "edit":
@@ -140,8 +142,12 @@ class DetoxConfig:
 # ---------------------------------------------------------------------------------------------- shared
 
 
+DOWNSTREAM = ("trace/results.jsonl", "localize.json", "edits", "runs.jsonl")
+
+
 def _check_stage(out: str, stage: str, cfg: DetoxConfig) -> None:
-    """Record the stage's options in run.json, or refuse a rerun with other options (naming them)."""
+    """Record the stage's options in run.json, or refuse a rerun with other options (naming them). The selection
+    filter's options may change while no later stage has results (the candidates are re-filtered)."""
     import json
 
     path = os.path.join(out, "run.json")
@@ -154,9 +160,12 @@ def _check_stage(out: str, stage: str, cfg: DetoxConfig) -> None:
     if before is not None and before != mine:
         diff = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(before) | set(mine))
                 if before.get(k) != mine.get(k)]
-        raise JaxeditError(f"{out} holds a {stage} stage run with other options ({'; '.join(diff)}); use another "
-                           f"--out, or the same options")
-    if before is None:
+        later = [f for f in DOWNSTREAM if os.path.exists(os.path.join(out, f))]
+        if stage != "filter" or later:
+            hint = (f"; or delete {', '.join(later)} to select again" if stage == "filter" else "")
+            raise JaxeditError(f"{out} holds a {'select' if stage in ('sample', 'filter') else stage} stage run with "
+                               f"other options ({'; '.join(diff)}); use another --out, or the same options{hint}")
+    if before != mine:
         stored[stage] = mine
         write_json(path, stored)
 
@@ -213,7 +222,8 @@ def select(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) 
     get_scorer(cfg.scorer)
     where = {p["line"]: f"{cfg.prompts}:{p['line']}" for p in prompts}
     os.makedirs(out, exist_ok=True)
-    _check_stage(out, "select", cfg)
+    _check_stage(out, "sample", cfg)
+    _check_stage(out, "filter", cfg)
     scorer = _scorer(cfg, out)
     own = dict(zip([p["line"] for p in prompts], scorer([p["prompt"] for p in prompts]).tolist()))
     cand_path = os.path.join(out, "candidates.jsonl")
