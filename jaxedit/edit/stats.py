@@ -249,7 +249,8 @@ def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAUL
         raise JaxeditError("n_samples and batch_size must be >= 1")
     max_len = min(cfg.max_positions, 1024) if max_len is None else int(max_len)
     if not 2 <= max_len <= cfg.max_positions:
-        raise JaxeditError(f"max_len must be within 2..{cfg.max_positions} (got {max_len})")
+        raise JaxeditError(f"the truncation length (max_len, --max-len) must be within 2..{cfg.max_positions} "
+                           f"(got {max_len})")
 
     from jaxedit.loading import cache_dir as default_cache
 

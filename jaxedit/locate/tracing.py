@@ -37,6 +37,7 @@ from jaxedit.model import params_of
 from jaxedit.models import FAMILY_MODULES
 
 KINDS = ("hidden", "mlp", "attn")
+SPLIT_FLOPS = 2e10  # a kind's grid above this (~ seconds on a CPU) runs as its own call: see trace_batch
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -414,7 +415,7 @@ def _bucket(n: int, multiple: int) -> int:
 def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=10, tokenizer=None, seed=1,
                 uniform=False, replace=False, method="shared", batch_size=8, bucket=4, memory_budget=None,
                 cells_per_step=None, layers_per_step=None, noise_strings=None, progress=None, fixed_batch=False,
-                noise_per_prompt=False, on_kind=None):
+                noise_per_prompt=False, on_kind=None, kind_by_kind=None):
     """Trace many prompts. ``requests``: dicts with "prompt" (or "input_ids"), "subject" (a string) or "span"
     ((start, end) token range), optional "target", optional "noise" (an explicit array for this prompt).
 
@@ -424,7 +425,9 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
     request's own span, so a prompt gets the same level alone and in any batch), or one array
     [samples, span_len, d] used for every request. Each result's ``noise_level`` is the level it was traced with.
     ``progress``: a callable(n_done) called after each batch (the CLI passes a progress bar's update);
-    ``on_kind``: a callable(kind) called before each kind of each batch is computed.
+    ``on_kind``: a callable(kinds) called before each call (the kinds it computes, joined by ", ").
+    ``kind_by_kind``: one compiled call per kind (True) or all kinds in one (False); default: per kind when a kind's
+    grid is big (over :data:`SPLIT_FLOPS`: progress between kinds is worth the extra compiles), else in one.
     ``fixed_batch``: always pad a batch to ``batch_size`` prompts (one compile per bucket across calls).
     ``layers_per_step`` / ``cells_per_step`` / ``memory_budget``: chunking of the shared / dense grid (auto).
     Returns one dict kind -> :class:`TraceResult` per request, in order.
@@ -488,11 +491,15 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
         args = (cfg, params, jnp.asarray(ids_b), jnp.asarray(n_b), jnp.asarray(span_b), jnp.asarray(noise_b),
                 jnp.asarray(ans_b))
         out = {}
-        for kind in kinds:  # one call per kind: progress between them, and a program per kind that any run reuses
+        # a long call per kind (progress between kinds, and programs any later run of one kind reuses); short
+        # ones all kinds in one call (one compile)
+        split = kind_by_kind if kind_by_kind is not None else \
+            B * samples * cfg.n_layers * T * (T + 1) / 2 * row_flops(cfg, 2 * T) > SPLIT_FLOPS
+        for part in ([(k,) for k in kinds] if split else [kinds]):
             if on_kind is not None:
-                on_kind(kind)
-            fn = runtime.compiled(trace_grid, *args, kinds=(kind,), **static,
-                                  what=f"causal tracing ({kind}) for {T}-token prompts, {B} per call")
+                on_kind(", ".join(part))
+            fn = runtime.compiled(trace_grid, *args, kinds=part, **static,
+                                  what=f"causal tracing ({', '.join(part)}) for {T}-token prompts, {B} per call")
             out.update(jax.device_get(fn(*args[1:])))
         for b, j in enumerate(chunk):
             ids, span, _, _ = prepared[j]
