@@ -18,6 +18,7 @@ import time
 from typing import Callable, Optional, Union
 
 COMPILE_CACHE_ENV = "JAXEDIT_COMPILE_CACHE"  # "0" turns the persistent compilation cache off; a path moves it
+MIN_COMPILE_SECS = 0.5  # programs that compile faster than this are not written to the cache
 
 _reporter: Optional[Callable[[str], None]] = None
 _bars = True  # the library's bars (key statistics) show unless turned off; status lines need a reporter
@@ -124,7 +125,7 @@ def compile_cache_dir() -> Optional[str]:
     return os.path.join(cache_dir(), "xla")
 
 
-def enable_compile_cache(path: Optional[str] = None, min_compile_secs: float = 0.5) -> Optional[str]:
+def enable_compile_cache(path: Optional[str] = None, min_compile_secs: Optional[float] = None) -> Optional[str]:
     """Turn on JAX's persistent compilation cache (programs that took at least ``min_compile_secs`` to compile are
     written to ``path``, default :func:`compile_cache_dir`). Does nothing when the cache is turned off or when the
     process already has a cache directory. Returns the directory in use (None: off)."""
@@ -141,6 +142,8 @@ def enable_compile_cache(path: Optional[str] = None, min_compile_secs: float = 0
     except OSError:
         return None  # an unwritable cache directory only costs compile time
     jax.config.update("jax_compilation_cache_dir", path)
+    if min_compile_secs is None:
+        min_compile_secs = float(os.environ.get("JAXEDIT_COMPILE_CACHE_MIN_SECS", MIN_COMPILE_SECS))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     _listen_for_cache_hits()
