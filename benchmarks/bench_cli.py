@@ -6,7 +6,7 @@ timestamps every line of output. Examples (``--jaxedit`` picks the executable, e
 
     python benchmarks/bench_cli.py timeline -- trace --prompt "The Eiffel Tower is located in the city of" \\
         --subject "The Eiffel Tower" --out /tmp/t1
-    python benchmarks/bench_cli.py timeline --signal-after 40 -- trace --batch prompts.jsonl --kinds hidden --out /tmp/t2
+    python benchmarks/bench_cli.py timeline --signal-after 40 -- trace --batch facts.jsonl --kinds hidden --out /tmp/t2
     python benchmarks/bench_cli.py cache --repeat 2 -- trace --prompt ... --subject ... --out /tmp/t3
 
 ``cache`` runs the command once to fill a fresh compile cache, then alternates runs without the cache
@@ -96,9 +96,10 @@ def main():
     ap.add_argument("--signal-after", type=float, help="timeline: send Ctrl-C after this many seconds")
     ap.add_argument("--first-file", help="timeline: report when this file first holds something")
     ap.add_argument("--repeat", type=int, default=2, help="cache: runs of each kind after the warm-up")
-    ap.add_argument("args", nargs=argparse.REMAINDER)
-    a = ap.parse_args()
-    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    a = ap.parse_args(argv[:split])
+    args = argv[split + 1:]
     if a.mode == "timeline":
         print(f"load average {load():.1f}")
         print(summary(timeline([a.jaxedit, *args], signal_after=a.signal_after, first_file=a.first_file)))

@@ -118,17 +118,23 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
         valid = [(1, req)]
     spans = [info[line][1] for line, _ in valid]
     level = float("nan") if noise_per_prompt else resolve_noise_level(model, tok, noise, spans)
-    note = _noise_note(noise, level, noise_per_prompt, len(valid))
+    note = f"noise: the array in {noise_file}" if noise_file else _noise_note(noise, level, noise_per_prompt,
+                                                                              len(valid))
 
     os.makedirs(out, exist_ok=True)
     options = {"model": model_name, "kinds": list(kinds_t), "samples": samples, "noise": noise,
                "noise_per_prompt": noise_per_prompt, "level": level, "uniform": uniform, "replace": replace,
                "window": window, "seed": seed, "dtype": dtype,
-               "batch": os.path.abspath(batch_file) if batch_file else None, "prompt": prompt}
+               "batch": os.path.abspath(batch_file) if batch_file else None, "prompt": prompt,
+               "noise_file": os.path.abspath(noise_file) if noise_file else None}
     done = tf.read_done(out)
     differ = tf.options_differ(out, options) if done else None
+    if differ and len(differ) > 1:
+        differ = [d for d in differ if d[0] != "level"]  # the level follows from the others (prompts, noise)
     if differ:
-        what = "; ".join(f"--{k.replace('_', '-')} {_show(new)} here, {_show(old)} there" for k, old, new in differ)
+        what = "; ".join((f"noise level {new:.4g} here, {old:.4g} there (the spans traced together changed)"
+                          if k == "level" else f"--{k.replace('_', '-')} {_show(new)} here, {_show(old)} there")
+                         for k, old, new in differ)
         raise JaxeditError(f"{out} holds a run with other options ({what}); choose another --out or delete it")
     tf.write_run(out, options)
     bs = batch_size or (1 if jax.default_backend() == "cpu" else 8)
@@ -158,21 +164,22 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
                 tf.append_row(out, row)
                 rows[line] = row
             bar.update(len(chunk))
-    if pending:
-        tf.sort_results(out)
+    tf.sort_results(out)
     ordered = [rows[line] for line, _ in valid]
+    runtime.stage(f"writing the average indirect effects over {len(ordered)} prompt{'s' * (len(ordered) != 1)}")
     tf.write_aggregate(out, tf.aggregate_aie(out, ordered, kinds_t), len(ordered))
     if not batch_file:
         row = ordered[0]
+        used = note if noise_file else _noise_note(noise, row["noise_level"], False, 1)
         click.echo(f"answer {row['answer']!r}: clean p = {row['high_score']:.4f}, corrupted p = "
-                   f"{row['low_score']:.4f} ({_noise_note(noise, row['noise_level'], False, 1)})")
+                   f"{row['low_score']:.4f} ({used})")
         for k in kinds_t:
-            best, last = row[k], row[k]["last_subject"]
+            best, last = row[k], row[k].get("last_subject")  # (a row stored by an older version has none)
             tokens = np.load(os.path.join(out, row["files"][k]))["input_tokens"]
             click.echo(f"  {k:<6} max IE {best['max_ie']:+.4f} at token {best['token']} "
-                       f"({str(tokens[best['token']])!r}), layer {best['layer']}; at the last subject token "
-                       f"{last['token']} ({str(tokens[last['token']])!r}): {last['max_ie']:+.4f}, layer "
-                       f"{last['layer']}")
+                       f"({str(tokens[best['token']])!r}), layer {best['layer']}" + ("" if last is None else
+                       f"; at the last subject token {last['token']} ({str(tokens[last['token']])!r}): "
+                       f"{last['max_ie']:+.4f}, layer {last['layer']}"))
         click.echo("  (jaxedit.select_layers(\"ct\", ...) ranks layers by the last subject token's IE unless "
                    "token=\"max\")")
     click.echo(f"wrote {out}/ ({len(ordered)} prompt{'s' * (len(ordered) != 1)}: results.jsonl, .npz per prompt "
@@ -208,6 +215,7 @@ def saliency(model_name, prompt, target, batch_file, out, top, dtype, skip_bad):
     import os
 
     import jaxedit
+    from jaxedit import runtime
     from jaxedit.locate.saliency import encode_example, saliency_batch
 
     if (prompt is None) == (batch_file is None):
@@ -224,6 +232,7 @@ def saliency(model_name, prompt, target, batch_file, out, top, dtype, skip_bad):
     else:
         items = [(1, {"prompt": prompt, "target": target})]
     requests = [q for _, q in items]
+    runtime.set_resume_note(f"nothing written to {out}/ yet")
     per, mean = saliency_batch(model, requests, tokenizer=tok)
     os.makedirs(out, exist_ok=True)
     names = ["block"] + list(mean.modules)

@@ -183,6 +183,10 @@ def test_input_order_line_numbers_and_noise_level(gpt2_dir, tmp_path):
                                                               ["level"])
     assert "all 3 prompts' spans; --noise-per-prompt for one level per prompt" in shared.output
     assert len({r["noise_level"] for r in rows}) == 3
+    # the file's spans changed: resuming would mix two noise levels in one run
+    write_jsonl(tmp_path / "r.jsonl", PROMPTS[:2] + [dict(PROMPTS[2], subject="Needle")])
+    again = CliRunner().invoke(cli, ["trace", *common, "--batch", src, "--out", str(tmp_path / "c")])
+    assert again.exit_code == 2 and "(the spans traced together changed)" in again.output, again.output
 
 
 def test_default_corpus_falls_back_to_cached_statistics(tiny_dirs, tmp_path, monkeypatch):
@@ -207,3 +211,16 @@ def test_default_corpus_falls_back_to_cached_statistics(tiny_dirs, tmp_path, mon
     assert res.exit_code == 0, res.output
     assert ("the default corpus wikitext:wikitext-103-raw-v1 is unreachable; using the key statistics cached from "
             "corpus model-samples-seed0-b8 (4 texts of <= 16 tokens, float32) for layers [0, 1]") in res.output
+
+
+def test_a_killed_writers_temporary_folder_is_removed(tmp_path):
+    """Model folders are written into a temporary sibling and renamed; one left by a killed process (its pid is in
+    the name and no longer runs) is removed by the next writer, a live process's is left alone."""
+    from jaxedit.loading.native import atomic_dir
+
+    dead, live = tmp_path / ".tmp-999999999-abc", tmp_path / f".tmp-{os.getpid()}-xyz"
+    dead.mkdir()
+    live.mkdir()
+    with atomic_dir(str(tmp_path / "model")) as tmp:
+        (tmp_path / "model-was-here").write_text(tmp)
+    assert (tmp_path / "model").is_dir() and not dead.exists() and live.exists()

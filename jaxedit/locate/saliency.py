@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit import runtime
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import apply
@@ -129,8 +130,11 @@ def saliency_batch(model, requests, *, tokenizer=None, chunk=None):
     if chunk is None:  # one chunk holds a full gradient per example: keep it near 1 GiB
         n_params = sum(int(x.size) for x in jax.tree.leaves(params))
         chunk = max(1, min(B, int(2**30 // (8 * n_params))))
-    losses, prof = jax.device_get(saliency_profiles(cfg, params, jnp.asarray(ids), jnp.asarray(mask),
-                                                    jnp.asarray(tmask), chunk=int(chunk)))
+    args = (cfg, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(tmask))
+    fn = runtime.compiled(saliency_profiles, *args, chunk=int(chunk),
+                          what=f"saliency profiles for {B} example{'s' * (B > 1)} of <= {T} tokens")
+    runtime.stage(f"computing the saliency of {B} example{'s' * (B > 1)}")
+    losses, prof = jax.device_get(fn(*args[1:]))
     mods = [m for m in prof if m != "block"]
     per = [SaliencyResult(layer=np.asarray(prof["block"][b], np.float64),
                           modules={m: np.asarray(prof[m][b], np.float64) for m in mods},

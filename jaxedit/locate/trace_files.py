@@ -3,6 +3,7 @@ aggregate AIE table and plot. A run directory can be resumed: rows already in ``
 from __future__ import annotations
 
 import json
+import math
 import os
 
 from typing import Optional
@@ -47,9 +48,10 @@ def read_requests(path: str) -> list:
     return rf.check(check_request)
 
 
-def options_differ(out_dir: str, options: dict, ignore=("level",)) -> Optional[list]:
+def options_differ(out_dir: str, options: dict, close=("level",)) -> Optional[list]:
     """``[(name, recorded value, new value)]`` for the options that differ from the run recorded in
-    ``out_dir/run.json`` (None: no run there)."""
+    ``out_dir/run.json`` (None: no run there). Numbers named in ``close`` are compared to 1e-6 (NaN equals NaN); an
+    option the recorded run does not name (an older version) counts as its default when the new value is falsy."""
     path = os.path.join(out_dir, "run.json")
     if not os.path.isfile(path):
         return None
@@ -58,8 +60,16 @@ def options_differ(out_dir: str, options: dict, ignore=("level",)) -> Optional[l
             earlier = json.load(f)
     except (OSError, ValueError):
         return None
-    keys = sorted((set(earlier) | set(options)) - set(ignore))
-    return [(k, earlier.get(k), options.get(k)) for k in keys if earlier.get(k) != options.get(k)]
+
+    def same(k):
+        a, b = earlier.get(k), options.get(k)
+        if k not in earlier and not b:
+            return True
+        if k in close and isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6)
+        return a == b
+
+    return [(k, earlier.get(k), options.get(k)) for k in sorted(set(earlier) | set(options)) if not same(k)]
 
 
 def write_run(out_dir: str, options: dict) -> None:

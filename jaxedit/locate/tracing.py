@@ -447,6 +447,7 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
         level = resolve_noise_level(model, tokenizer, noise, [ids[s:e] for ids, (s, e), _, _ in prepared],
                                     noise_strings)
         levels = [level] * len(prepared)
+    levels = [float("nan") if own is not None else lv for (_, _, _, own), lv in zip(prepared, levels)]  # own array
 
     d = cfg.d_model
     noises = []
