@@ -16,15 +16,18 @@ folder per run).
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import pty
 import re
 import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import termios
 import time
 
 
@@ -32,6 +35,7 @@ def timeline(cmd, env=None, signal_after=None, first_file=None, echo=True):
     """Run ``cmd`` in a pty. Returns a dict: lines [(t, text)], exit code, wall seconds, seconds from the signal
     to the exit, the first output, the longest silence, and when ``first_file`` first existed with a line in it."""
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a 120-column terminal
     t0 = time.time()
     proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
     os.close(slave)

@@ -224,3 +224,20 @@ def test_a_killed_writers_temporary_folder_is_removed(tmp_path):
     with atomic_dir(str(tmp_path / "model")) as tmp:
         (tmp_path / "model-was-here").write_text(tmp)
     assert (tmp_path / "model").is_dir() and not dead.exists() and live.exists()
+
+
+def test_plots_have_titles(tmp_path, monkeypatch):
+    """Per-prompt heatmaps name the prompt, the answer and its clean / corrupted p."""
+    import matplotlib.figure
+
+    from jaxedit.locate import trace_files as tf
+    from jaxedit.locate.tracing import TraceResult
+
+    titles = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: titles.append(fig._suptitle.get_text() if fig._suptitle else None))
+    r = TraceResult(kind="hidden", scores=np.full((3, 2), 0.1), low_score=0.05, high_score=0.7, answer_id=7,
+                    answer=" Paris", input_ids=np.arange(3), tokens=["The", " Tower", " is"], span=(0, 2), window=10,
+                    samples=10, noise_level=0.1)
+    tf.plot_heatmaps({"hidden": r}, str(tmp_path / "p"), title=tf.heatmap_title("The Tower is", r))
+    assert titles == ["'The Tower is' -> ' Paris': clean p = 0.700, corrupted p = 0.050"] * 2  # png and pdf
