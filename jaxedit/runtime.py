@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 from typing import Callable, Optional, Union
 
@@ -67,16 +68,51 @@ class _NoBar:
         return False
 
 
-def bar(total: int, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True):
+class _TickingBar:
+    """A tqdm bar redrawn every ``every`` seconds by a background thread, so that its elapsed time keeps moving
+    during a long compiled call (tqdm itself redraws only when updated)."""
+
+    def __init__(self, bar, every: float):
+        self._bar, self._every, self._stop = bar, every, threading.Event()
+        threading.Thread(target=self._tick, name="jaxedit-bar", daemon=True).start()
+
+    def _tick(self):
+        while not self._stop.wait(self._every):
+            try:
+                self._bar.refresh()
+            except Exception:  # closed meanwhile
+                return
+
+    def __getattr__(self, name):
+        return getattr(self._bar, name)
+
+    def close(self):
+        self._stop.set()
+        self._bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def bar(total: int, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True, tick: float = 1.0):
     """A progress bar (tqdm on stderr) when bars are on and ``enabled``; a silent object with the same methods
-    otherwise. Use as a context manager."""
+    otherwise. Use as a context manager. On a terminal the bar is redrawn every ``tick`` seconds (its elapsed time
+    moves while a long call runs)."""
     if not (_bars and enabled):
         nb = _NoBar()
         nb.n = initial
         return nb
+    import sys
+
     from tqdm import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+    b = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+    isatty = getattr(sys.stderr, "isatty", lambda: False)
+    return _TickingBar(b, tick) if tick and isatty() else b
 
 
 def set_resume_note(note: Union[None, str, Callable[[], Optional[str]]]) -> None:
