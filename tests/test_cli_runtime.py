@@ -72,7 +72,18 @@ class Process:
         return took
 
 
-def test_interrupt_ends_at_once_keeps_results_and_resumes(gpt2_dir, tmp_path):
+@pytest.fixture(scope="module")
+def gpt2_native(tiny_dirs, tmp_path_factory):
+    """The tiny GPT-2 as a jaxedit directory: a new process loads it (and its tokenizer) faster."""
+    import jaxedit
+    from jaxedit.loading.native import save_native
+
+    path = str(tmp_path_factory.mktemp("native") / "gpt2")
+    save_native(*jaxedit.load(tiny_dirs["gpt2"][0]), path)
+    return path
+
+
+def test_interrupt_ends_at_once_keeps_results_and_resumes(gpt2_native, tmp_path):
     """Ctrl-C, then SIGTERM, in the middle of a compiled call (many noisy samples: several seconds): the process
     ends within 2 s with the finished prompt kept; the second process resumes from it and loads its program from
     the compile cache the first one wrote. The first prompt's span is late in the prompt, so its grid has few rows
@@ -81,7 +92,7 @@ def test_interrupt_ends_at_once_keeps_results_and_resumes(gpt2_dir, tmp_path):
                                              {"prompt": "Miles Davis plays a", "span": [0, 2]},
                                              {"prompt": "Miles Davis plays my", "span": [0, 2]}])
     out = tmp_path / "o"
-    args = ["trace", "--model", gpt2_dir, "--batch", src, "--out", out, "--kinds", "hidden", "--samples", 20000,
+    args = ["trace", "--model", gpt2_native, "--batch", src, "--out", out, "--kinds", "hidden", "--samples", 20000,
             "--no-plots", "--batch-size", 1]
     env = {"JAXEDIT_COMPILE_CACHE": str(tmp_path / "xla")}
     results = out / "results.jsonl"
@@ -176,7 +187,8 @@ def test_input_order_line_numbers_and_noise_level(gpt2_dir, tmp_path):
     za, zb = (np.load(tmp_path / d / f) for d, f in (("a", "prompt00001_hidden.npz"), ("b", "prompt00002_hidden.npz")))
     np.testing.assert_allclose(za["scores"], zb["scores"], atol=1e-5)
     assert f"noise level {a['noise_level']:.4g} = s3" in alone.output
-    shared = CliRunner().invoke(cli, ["trace", *common, "--batch", src, "--out", str(tmp_path / "c")])
+    shared = CliRunner().invoke(cli, ["trace", *common, "--batch", src, "--out", str(tmp_path / "c"),
+                                      "--batch-size", 2])  # the programs of the first run
     assert shared.exit_code == 0, shared.output
     levels = {r["noise_level"] for r in rows_of(tmp_path / "c")}
     assert len(levels) == 1 and levels.pop() == pytest.approx(json.loads((tmp_path / "c" / "run.json").read_text())
@@ -185,7 +197,8 @@ def test_input_order_line_numbers_and_noise_level(gpt2_dir, tmp_path):
     assert len({r["noise_level"] for r in rows}) == 3
     # the file's spans changed: resuming would mix two noise levels in one run
     write_jsonl(tmp_path / "r.jsonl", PROMPTS[:2] + [dict(PROMPTS[2], subject="Needle")])
-    again = CliRunner().invoke(cli, ["trace", *common, "--batch", src, "--out", str(tmp_path / "c")])
+    again = CliRunner().invoke(cli, ["trace", *common, "--batch", src, "--out", str(tmp_path / "c"),
+                                     "--batch-size", 2])
     assert again.exit_code == 2 and "(the spans traced together changed)" in again.output, again.output
 
 
@@ -206,11 +219,14 @@ def test_default_corpus_falls_back_to_cached_statistics(tiny_dirs, tmp_path, mon
     args = ["stats", "--model", model_dir, "--layers", "0-1", "--samples", 4, "--max-len", 16]
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 2 and "--corpus model" in res.output.strip().splitlines()[-1], res.output
-    assert CliRunner().invoke(cli, args + ["--corpus", "model"]).exit_code == 0
+    corpus = tmp_path / "texts.txt"
+    corpus.write_text("The Eiffel Tower is in Paris.\nMiles Davis plays the trumpet.\n")
+    assert CliRunner().invoke(cli, args + ["--corpus", str(corpus), "--samples", 2]).exit_code == 0
     res = CliRunner().invoke(cli, args)
     assert res.exit_code == 0, res.output
+    key = st.corpus_key(str(corpus), 0, 8)
     assert ("the default corpus wikitext:wikitext-103-raw-v1 is unreachable; using the key statistics cached from "
-            "corpus model-samples-seed0-b8 (4 texts of <= 16 tokens, float32) for layers [0, 1]") in res.output
+            f"corpus {key} (2 texts of <= 16 tokens, float32) for layers [0, 1]") in res.output, res.output
 
 
 def test_a_killed_writers_temporary_folder_is_removed(tmp_path):
