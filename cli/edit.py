@@ -185,6 +185,9 @@ def export(model_name, out):
     """Write a model (e.g. an edited one saved by `jaxedit edit`) as a Hugging Face checkpoint folder."""
     import jaxedit
 
+    from jaxedit import runtime
+
     model, tok = jaxedit.load(model_name)
+    runtime.stage(f"writing {out}/")
     jaxedit.export_hf(model, tok, out)
     click.echo(f"wrote {out}/ (config.json, model.safetensors, tokenizer)")
