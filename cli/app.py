@@ -1,8 +1,48 @@
-"""The ``jaxedit`` command group and what every command shares: the one-line error wrapper, option helpers."""
+"""The ``jaxedit`` command group and what every command shares.
+
+Every command registered with ``@cli.command()`` is a :class:`JaxeditCommand`, which gives it, with no code of its
+own:
+
+* **one-line errors**: a :class:`~jaxedit.errors.JaxeditError` (or a missing / unreadable file) prints
+  ``error: ...`` and exits with status 2, no traceback; so do bad options (click's usage errors, made one line);
+* **status lines and bars**: :mod:`jaxedit.runtime`'s reporter prints the library's status lines ("loading ...",
+  "compiling ...") to stderr, and its progress bars are on (``jaxedit --quiet`` turns both off);
+* **the compile cache**: JAX's persistent compilation cache under the jaxedit cache directory
+  (``jaxedit --no-compile-cache`` or ``JAXEDIT_COMPILE_CACHE=0`` turns it off);
+* **interrupts**: the command body runs in a worker thread while the main thread waits; Ctrl-C (SIGINT) or SIGTERM
+  prints ``interrupted; <resume note>`` and ends the process at once (exit status 130 / 143), even in the middle
+  of a compiled computation. Files are written atomically, so what was written stays intact; a command says what it
+  keeps with ``jaxedit.runtime.set_resume_note``;
+* **bad lines**: :func:`request_file` reads a JSONL file with ``FILE:LINE`` errors; with ``--skip-bad``
+  (:data:`SKIP_BAD`) each bad line is reported and skipped, and the command ends with a count and exit status 1.
+
+A new command (e.g. in ``cli/detox.py``)::
+
+    from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file
+    from jaxedit import runtime
+
+    @cli.command()
+    @click.option("--model", "model_name", default="smollm2", show_default=True, help=MODEL_HELP)
+    @click.option("--requests", "requests_file", required=True, type=click.Path(dir_okay=False))
+    @SKIP_BAD
+    @click.option("--out", required=True, type=click.Path(file_okay=False))
+    def detox(model_name, requests_file, skip_bad, out):
+        rf = request_file(requests_file, "requests", skip_bad, check=check_fields)  # no model needed yet
+        model, tok = jaxedit.load(model_name)                                       # prints "loading ..."
+        rf.check(lambda obj: check_with_tokenizer(obj, tok))                        # FILE:LINE errors again
+        runtime.set_resume_note(lambda: f"{done} of {len(rf.items)} kept in {out}/, rerun to resume")
+        ...                                                                         # library calls, writes
+
+and is imported in ``cli/main.py`` to register it. Long library work reports itself with ``runtime.stage(...)``,
+``runtime.bar(...)`` and compiles through ``runtime.compiled(...)``.
+"""
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -10,25 +50,164 @@ from jaxedit.errors import JaxeditError
 
 MODEL_HELP = "model: 'smollm2' (embedded default), a .gguf file, a HF directory or hub id, or a jaxedit directory"
 
+# transformers is used for tokenizers and configs only: its "PyTorch was not found" advice is noise here. Set before
+# anything imports transformers (the commands import the library lazily, after this module).
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+
+ERRORS = (JaxeditError, FileNotFoundError, IsADirectoryError, PermissionError)
+EXIT_ERROR, EXIT_SKIPPED = 2, 1
+
 
 def clean_errors(fn):
-    """Turn library errors (and bad files) into a one-line message and exit status 2, with no traceback."""
+    """Turn library errors (and bad files) into a one-line message and exit status 2, with no traceback. (Every
+    command of the group gets this already; the decorator stays for functions called outside a command.)"""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (JaxeditError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+        except ERRORS as e:
+            _fail(e)
     return wrapper
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def _fail(e):
+    click.echo(f"error: {e}", err=True)
+    sys.exit(EXIT_ERROR)
+
+
+class _OneLineUsageError(click.UsageError):
+    def show(self, file=None):
+        hint = f" (see '{self.ctx.command_path} --help')" if self.ctx is not None else ""
+        click.echo(f"error: {self.format_message()}{hint}", file=file or sys.stderr, err=True)
+
+
+class _Interrupted(BaseException):
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+# what the running command has skipped (reset per command)
+_skipped: list = []
+
+
+class JaxeditCommand(click.Command):
+    """A command with jaxedit's runtime (see the module docstring)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as e:
+            err = _OneLineUsageError(e.format_message(), ctx=e.ctx)
+            err.exit_code = e.exit_code
+            raise err from None
+
+    def invoke(self, ctx):
+        opts = ctx.find_root().obj or {}
+        _skipped.clear()
+        _start_runtime(quiet=opts.get("quiet", False), compile_cache=opts.get("compile_cache", True))
+        try:
+            result = run_interruptibly(super().invoke, ctx)
+        except ERRORS as e:
+            _fail(e)
+        if _skipped:
+            n = len(_skipped)
+            click.echo(f"{n} bad line{'s' * (n != 1)} skipped (listed above); exit status {EXIT_SKIPPED}", err=True)
+            sys.exit(EXIT_SKIPPED)
+        return result
+
+
+class JaxeditGroup(click.Group):
+    command_class = JaxeditCommand
+
+
+def _start_runtime(quiet: bool, compile_cache: bool) -> None:
+    from jaxedit import runtime
+
+    runtime.set_resume_note(None)
+    runtime.set_reporter(None if quiet else status_line, bars=not quiet)
+    if compile_cache:
+        runtime.enable_compile_cache()
+    try:  # transformers may already be imported (tests, the Python API): quiet its advice there too
+        import transformers
+
+        transformers.utils.logging.set_verbosity_error()
+    except Exception:
+        pass
+
+
+def status_line(message: str) -> None:
+    """Print one status line to stderr without breaking a progress bar that is on screen."""
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
+
+
+def run_interruptibly(fn, *args, **kwargs):
+    """Run ``fn`` in a worker thread; on SIGINT / SIGTERM print ``interrupted; <resume note>`` and end the process
+    at once with status 128 + signal (a compiled JAX call cannot be stopped from Python, and an ordinary exit would
+    wait for it). Outside the main thread (no signal handlers there) ``fn`` simply runs."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn(*args, **kwargs)
+    box = {}
+
+    def work():
+        try:
+            box["result"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the main thread as is
+            box["error"] = e
+
+    def on_signal(signum, frame):
+        raise _Interrupted(signum)
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    worker = threading.Thread(target=work, name="jaxedit-command", daemon=True)
+    try:
+        for s in previous:
+            signal.signal(s, on_signal)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.2)
+    except (_Interrupted, KeyboardInterrupt) as e:
+        _exit_interrupted(getattr(e, "signum", signal.SIGINT))
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+    if "error" in box:
+        raise box["error"]
+    return box.get("result")
+
+
+def _exit_interrupted(signum) -> None:
+    from jaxedit import runtime
+
+    note = runtime.resume_note()
+    try:
+        from tqdm import tqdm
+
+        fresh_line = "\n" if list(getattr(tqdm, "_instances", ())) else ""
+    except Exception:
+        fresh_line = ""
+    try:
+        sys.stdout.flush()
+    except Exception:
+        pass
+    name = "interrupted" if signum == signal.SIGINT else "terminated"
+    sys.stderr.write(f"{fresh_line}{name}" + (f"; {note}" if note else "") + "\n")
+    sys.stderr.flush()
+    os._exit(128 + int(signum))
+
+
+@click.group(cls=JaxeditGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="jaxedit")
-def cli():
+@click.option("-q", "--quiet", is_flag=True, help="no status lines or progress bars (results and errors only)")
+@click.option("--no-compile-cache", is_flag=True,
+              help="do not keep compiled programs on disk (default: kept under the jaxedit cache directory, "
+                   "$JAXEDIT_CACHE/xla; JAXEDIT_COMPILE_CACHE=0 also turns it off)")
+@click.pass_context
+def cli(ctx, quiet, no_compile_cache):
     """Locate and edit memories in language models (GPT-2, LLaMA) with JAX."""
-
-
+    ctx.obj = {"quiet": quiet, "compile_cache": not no_compile_cache}
 
 
 def with_options(options):
@@ -38,3 +217,24 @@ def with_options(options):
             fn = opt(fn)
         return fn
     return deco
+
+
+SKIP_BAD = click.option("--skip-bad", is_flag=True,
+                        help="report and skip bad lines of the input file (FILE:LINE each, a count at the end, "
+                             "exit status 1) instead of stopping at the first")
+
+
+def request_file(path, what: str = "requests", skip_bad: bool = False, check=None):
+    """Read a JSONL input file for a command: a :class:`jaxedit.request_files.RequestFile` whose bad lines are
+    errors (``FILE:LINE: ...``) or, with ``skip_bad``, printed as ``skipped FILE:LINE: ...`` and counted for the
+    command's closing summary. ``check`` is a first pass over the objects (see ``RequestFile.check``)."""
+    from jaxedit.request_files import RequestFile
+
+    def on_skip(text):
+        _skipped.append(text)
+        status_line(f"skipped {text}")
+
+    rf = RequestFile(path, what, skip_bad=skip_bad, on_skip=on_skip)
+    if check is not None:
+        rf.check(check)
+    return rf

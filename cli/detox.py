@@ -76,6 +76,7 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
     table1/table2 (.md, .csv), summary.md, aie_layers.png/pdf and frontier.png/pdf into OUT.
     """
     import jaxedit
+    from jaxedit import runtime
     from jaxedit.detox.pipeline import STAGES, DetoxConfig, run_study
 
     hp = parse_hparams(hparam)
@@ -85,6 +86,7 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
                       strategies=_csv(strategies, "strategies"), objectives=_csv(objectives, "objectives"),
                       kl_weights=_csv(kl_weights, "kl-weights", float), hparams=hp, samples=n_samples, **kw)
     cfg.check()
+    runtime.set_resume_note(f"finished steps are kept in {out}/; rerun the same command to resume")
     model, tok = jaxedit.load(model_name, dtype=dtype)
     run_study(model, tok, cfg, out, STAGES if stage == "all" else (stage,))
     if stage in ("report", "all"):

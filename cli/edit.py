@@ -5,7 +5,7 @@ import json
 
 import click
 
-from jaxedit.cli.app import MODEL_HELP, clean_errors, cli, with_options
+from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file, with_options
 from jaxedit.errors import JaxeditError
 
 
@@ -45,24 +45,29 @@ def parse_hparams(items):
 
 
 _STATS_OPTIONS = [
-    click.option("--corpus", default=None, help="key-statistics corpus: a .txt/.jsonl file or folder, 'model' "
-                 "(text sampled from the model; works offline), or a datasets name[:config] "
-                 "[default: wikitext:wikitext-103-raw-v1]"),
-    click.option("--samples", "n_samples", type=int, default=None, help="texts for the statistics [100000]"),
-    click.option("--max-len", type=int, default=None, help="tokens per text [the model's context, <= 1024]"),
+    click.option("--corpus", default=None,
+                 help="key-statistics corpus: a .txt/.jsonl file or folder; 'model' (text sampled from the model "
+                      "itself: works offline, use --corpus model without network); or a datasets name[:config] "
+                      "[default: wikitext:wikitext-103-raw-v1, which needs the datasets package and network; when it "
+                      "is unreachable, cached statistics of another corpus for the same model and layers are used, "
+                      "with a line saying which]"),
+    click.option("--samples", "n_samples", type=click.IntRange(min=1), default=None,
+                 help="texts for the statistics [100000]"),
+    click.option("--max-len", type=click.IntRange(min=2), default=None,
+                 help="tokens per text [the model's context, <= 1024]"),
     click.option("--stats-float64", is_flag=True, help="accumulate the statistics in float64"),
 ]
 
 
 def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, corpus, n_samples, max_len,
-                  stats_float64, preset, solve_float64, hparam, dtype, kl_weight=None, objective=None):
+                  stats_float64, preset, solve_float64, hparam, dtype, skip_bad, kl_weight=None, objective=None):
     import os
 
     import jaxedit
+    from jaxedit import runtime
+    from jaxedit.edit.memit import parse_request
 
-    from jaxedit.locate.trace_files import read_jsonl
-
-    reqs = [obj for _, obj in read_jsonl(requests_file, "requests")]
+    rf = request_file(requests_file, "requests", skip_bad)
     hp = parse_hparams(hparam)
     if corpus is not None:
         hp["mom2_corpus"] = corpus
@@ -81,24 +86,31 @@ def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, c
     for d in (out, export_hf_dir):
         if d and os.path.isfile(d):
             raise JaxeditError(f"{d} is a file, not a directory")
-    model, tok = jaxedit.load(model_name, dtype=dtype)
     lay = parse_layers(layers) if layers else None
+    model, tok = jaxedit.load(model_name, dtype=dtype)
+    other = "jaxedit delete" if mode == "edit" else "jaxedit edit"
+    rf.check(lambda r: parse_request(r, tok, mode, other=other) and None)  # FILE:LINE errors before any work
+    runtime.set_resume_note(f"nothing written to {out}/ (it is written when the edit is complete)")
     if mode == "edit":
-        edited, report = jaxedit.memit(model, reqs, layers=lay, tokenizer=tok, **hp)
+        edited, report = jaxedit.memit(model, rf.objects, layers=lay, tokenizer=tok, **hp)
     else:
-        edited, report = jaxedit.delete(model, reqs, layers=lay, kl_weight=kl_weight, tokenizer=tok, **hp)
+        edited, report = jaxedit.delete(model, rf.objects, layers=lay, kl_weight=kl_weight, tokenizer=tok, **hp)
     report["model"] = model_name
+    for r, line in zip(report["requests"], rf.lines):
+        r["line"] = line
+    runtime.stage(f"writing {out}/")
     jaxedit.save(edited, out, tokenizer=tok)
     tmp = os.path.join(out, ".report.json.tmp")
     with open(tmp, "w") as f:
         json.dump(report, f, indent=1)
     os.replace(tmp, os.path.join(out, "report.json"))
     if export_hf_dir:
+        runtime.stage(f"exporting {export_hf_dir}/")
         jaxedit.export_hf(edited, tok, export_hf_dir)
     tracked = "target" if mode == "edit" else "suppressed"
     for r in report["requests"]:
         toks = ", ".join(f"{t!r} {b:.4f} -> {a:.4f}" for t, b, a in zip(r["tokens"], r["p_before"], r["p_after"]))
-        click.echo(f"{r['prompt']!r}: {tracked} {toks}; original {r['original_argmax']!r} "
+        click.echo(f"{requests_file}:{r['line']}: {r['prompt']!r}: {tracked} {toks}; original {r['original_argmax']!r} "
                    f"{r['p_original_before']:.4f} -> {r['p_original_after']:.4f}; now argmax {r['argmax_after']!r}")
     click.echo(f"edited layers {report['layers']} in {report['seconds']:.1f} s; wrote {out}/ (orbax checkpoint, "
                f"report.json){'; exported ' + export_hf_dir if export_hf_dir else ''}")
@@ -119,12 +131,12 @@ _EDIT_OPTIONS = [
     click.option("--solve-float64", is_flag=True, help="solve in float64 on the host (the reference's way)"),
     click.option("--hparam", multiple=True, help="override one hyperparameter: NAME=VALUE (repeatable)"),
     click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True),
+    SKIP_BAD,
 ]
 
 
 @cli.command()
 @with_options(_EDIT_OPTIONS)
-@clean_errors
 def edit(**kw):
     """MEMIT: rewrite subject -> target associations (all requests in one batch edit)."""
     _edit_command("edit", **kw)
@@ -132,12 +144,11 @@ def edit(**kw):
 
 @cli.command()
 @with_options(_EDIT_OPTIONS)
-@click.option("--kl-weight", default=0.0625, show_default=True, type=float,
+@click.option("--kl-weight", default=0.0625, show_default=True, type=click.FloatRange(min=0),
               help="weight of KL(P_orig || P_edited) on '{subject} is a'")
 @click.option("--objective", type=click.Choice(["logp", "unlikelihood"]), default="logp", show_default=True,
               help="logp: the reference's mean log P (no floor); unlikelihood: -log(1 - P), which the KL weight "
                    "balances (docs/editing.md)")
-@clean_errors
 def delete(kl_weight, objective, **kw):
     """Das et al.'s deletion: push the "suppress" token(s) away from each prompt."""
     _edit_command("delete", kl_weight=kl_weight, objective=objective, **kw)
@@ -147,9 +158,8 @@ def delete(kl_weight, objective, **kw):
 @click.option("--model", "model_name", default="smollm2", show_default=True, help=MODEL_HELP)
 @click.option("--layers", required=True, help="e.g. 13-17 or 4,5,6 (all in one pass)")
 @with_options(_STATS_OPTIONS)
-@click.option("--batch-size", default=8, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
-@clean_errors
 def stats(model_name, layers, corpus, n_samples, max_len, stats_float64, batch_size, dtype):
     """Key statistics E[k k^T] of the MLP output projection's input, for MEMIT (cached; a killed run resumes)."""
     import numpy as np
@@ -171,11 +181,13 @@ def stats(model_name, layers, corpus, n_samples, max_len, stats_float64, batch_s
 @cli.command()
 @click.option("--model", "model_name", required=True, help=MODEL_HELP)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Hugging Face checkpoint folder")
-@clean_errors
 def export(model_name, out):
     """Write a model (e.g. an edited one saved by `jaxedit edit`) as a Hugging Face checkpoint folder."""
     import jaxedit
 
+    from jaxedit import runtime
+
     model, tok = jaxedit.load(model_name)
+    runtime.stage(f"writing {out}/")
     jaxedit.export_hf(model, tok, out)
     click.echo(f"wrote {out}/ (config.json, model.safetensors, tokenizer)")

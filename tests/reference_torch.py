@@ -1,5 +1,5 @@
 """Causal tracing with the reference's structure, in PyTorch over a transformers model, written here from
-REFERENCE.md section 1 as an independent check (tests) and a baseline (benchmarks): for every (token, layer) cell and
+docs/methods.md section 1 as an independent check (tests) and a baseline (benchmarks): for every (token, layer) cell and
 kind, one forward of 1 clean + S noisy rows, noise added to the span's token embeddings and the clean row's state
 copied into the noisy rows by forward hooks, logits at every position."""
 from __future__ import annotations

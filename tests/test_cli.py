@@ -17,5 +17,8 @@ def test_info_on_tiny_checkpoint(tiny_dirs):
 def test_bad_model_is_one_line_error(tmp_path):
     res = CliRunner().invoke(cli, ["info", str(tmp_path / "missing.gguf")])
     assert res.exit_code == 2
-    assert res.output.strip().count("\n") == 0 and res.output.startswith("error: no such GGUF file")
+    lines = res.output.strip().splitlines()  # a status line ("loading ..."), then the error
+    assert lines[-1].startswith("error: no such GGUF file") and not any(l.startswith("error") for l in lines[:-1])
     assert "Traceback" not in res.output
+    quiet = CliRunner().invoke(cli, ["-q", "info", str(tmp_path / "missing.gguf")])  # --quiet: the error alone
+    assert quiet.exit_code == 2 and quiet.output.strip() == lines[-1]

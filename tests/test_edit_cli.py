@@ -69,18 +69,26 @@ def test_edit_errors(tiny_dirs, tmp_path, monkeypatch):
     cases = [
         (["edit", "--model", model_dir, "--requests", str(tmp_path / "missing.jsonl"), "--out", "o"], "cannot read"),
         (["edit", "--model", model_dir, "--requests", str(bad_json), "--out", "o"], "malformed JSON"),
-        (["edit", "--model", model_dir, "--requests", no_subject, "--out", "o", "--layers", "0"], "does not occur"),
+        (["edit", "--model", model_dir, "--requests", no_subject, "--out", "o", "--layers", "0"],
+         f"{no_subject}:1: subject 'John' does not occur"),
+        (["delete", "--model", model_dir, "--requests", good, "--out", "o", "--layers", "0"],
+         f"{good}:1: needs \"suppress\" (\"target\" is for jaxedit edit)"),
+        (["delete", "--model", model_dir, "--requests", good, "--out", "o", "--kl-weight", "-1"],
+         "'--kl-weight': -1.0 is not in the range"),
         (["edit", "--model", model_dir, "--requests", good, "--out", "o", "--layers", "7-9"], "outside"),
         (["edit", "--model", model_dir, "--requests", good, "--out", "o", "--layers", "a-b"], "--layers"),
         (["edit", "--model", model_dir, "--requests", good, "--out", "o", "--layers", "0", "--corpus", "nope.txt"],
          "no such corpus"),
         (["edit", "--model", model_dir, "--requests", good, "--out", "o", "--hparam", "bogus=1"],
          "unknown hyperparameter"),
-        (["stats", "--model", model_dir, "--layers", "0", "--corpus", "no-such-dataset-xyz"], "corpus"),
+        (["stats", "--model", model_dir, "--layers", "0", "--corpus", "no-such-dataset-xyz"], "--corpus model"),
+        (["stats", "--model", model_dir, "--layers", "0", "--samples", "0"], "'--samples': 0 is not in the range"),
+        (["edit", "--model", model_dir, "--out", "o"], "Missing option '--requests'"),
     ]
     for args, msg in cases:
         res = CliRunner().invoke(cli, args)
         assert res.exit_code == 2, (args, res.output)
-        lines = res.output.strip().splitlines()
-        assert len(lines) == 1 and msg in lines[0] and "Traceback" not in res.output, (args, res.output)
+        lines = res.output.strip().splitlines()  # status lines ("loading ..."), then the one error line
+        assert lines[-1].startswith("error: ") and msg in lines[-1], (args, res.output)
+        assert not any(l.startswith("error") for l in lines[:-1]) and "Traceback" not in res.output, (args, res.output)
     assert not os.path.exists("o")  # nothing written on error

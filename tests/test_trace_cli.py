@@ -90,8 +90,9 @@ def test_batch_skip_bad_reports_and_continues(model_dir, tmp_path):
     out = tmp_path / "o"
     res = run("--model", model_dir, "--batch", src, "--out", out, "--samples", 2, "--kinds", "hidden",
               "--no-plots", "--skip-bad")
-    assert res.exit_code == 0, res.output
+    assert res.exit_code == 1, res.output  # done, but not everything: a script can tell
     assert f"skipped {src}:2: span 'Coltrane' does not occur" in res.output
+    assert res.output.rstrip().endswith("1 bad line skipped (listed above); exit status 1")
     assert len((out / "results.jsonl").read_text().splitlines()) == 1
 
 
@@ -100,12 +101,19 @@ def test_batch_skip_bad_reports_and_continues(model_dir, tmp_path):
     (["--prompt", "", "--subject", "x"], "empty prompt"),
     (["--prompt", "Miles Davis plays the " * 20, "--subject", "Miles"], "longer than the model's context"),
     (["--prompt", "Miles Davis plays the", "--subject", "Miles", "--kinds", "hidden,ffn"], "unknown kind 'ffn'"),
-    (["--prompt", "Miles Davis plays the", "--subject", "Miles", "--samples", "0"], "samples must be >= 1"),
+    (["--prompt", "Miles Davis plays the", "--subject", "Miles", "--samples", "0"], "'--samples': 0 is not in"),
     (["--prompt", "Miles Davis plays the"], "give the span to corrupt"),
     (["--subject", "Miles"], "give either --prompt"),
 ])
 def test_bad_input_is_one_line_error(model_dir, tmp_path, args, message):
     res = run("--model", model_dir, "--out", tmp_path / "o", *args)
-    assert res.exit_code == 2
-    assert res.output.startswith("error: ") and message in res.output and res.output.count("\n") == 1
+    assert_one_line_error(res, message)
     assert not (tmp_path / "o").exists()
+
+
+def assert_one_line_error(res, message):
+    """Exit status 2 and one "error: ..." line holding ``message``, last, after at most some status lines."""
+    assert res.exit_code == 2, res.output
+    lines = res.output.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], res.output
+    assert not any(l.startswith("error") for l in lines[:-1]) and "Traceback" not in res.output, res.output

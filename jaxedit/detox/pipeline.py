@@ -171,10 +171,9 @@ def _check_stage(out: str, stage: str, cfg: DetoxConfig) -> None:
 
 
 def _bar(total, desc, initial=0, progress=True):
-    from tqdm import tqdm
+    from jaxedit import runtime
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="prompt" if "run" not in desc else "run",
-                disable=not progress, dynamic_ncols=True)
+    return runtime.bar(total, desc, "prompt" if "run" not in desc else "run", initial, enabled=progress)
 
 
 def _scorer(cfg: DetoxConfig, out: str):

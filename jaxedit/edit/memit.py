@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxedit import runtime
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import apply, apply_jit, block
@@ -120,66 +121,78 @@ def _ids(tokenizer, text, special=True):
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def parse_request(r, tokenizer, mode: str, other: Optional[str] = None) -> _Request:
+    """Check and tokenize one edit ("target") or deletion ("suppress") request; raises :class:`JaxeditError` with a
+    message that does not say where the request came from (the caller adds that). ``other``: how to name the
+    operation a request with the other field belongs to (default its Python function)."""
+    field = "target" if mode == "edit" else "suppress"
+    if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
+        raise JaxeditError("needs a non-empty \"prompt\"")
+    prompt = r["prompt"]
+    if ("subject" in r) == ("span" in r):
+        raise JaxeditError("give exactly one of \"subject\" and \"span\"")
+    if "span" in r:
+        try:
+            a, b = (int(v) for v in r["span"])
+        except (TypeError, ValueError):
+            raise JaxeditError("\"span\" must be [start, end]") from None
+        enc = tokenizer(prompt, return_offsets_mapping=True)
+        n = len(enc["input_ids"])
+        if not 0 <= a < b <= n:
+            raise JaxeditError(f"span ({a}, {b}) is outside the prompt's {n} tokens")
+        offsets = enc["offset_mapping"]
+        c0, c1 = offsets[a][0], offsets[b - 1][1]
+        subject, template = prompt[c0:c1], prompt[:c0] + "{}" + prompt[c1:]
+        if not subject.strip():
+            raise JaxeditError(f"span ({a}, {b}) holds no text")
+    else:
+        subject = r["subject"]
+        if not isinstance(subject, str) or not subject.strip():
+            raise JaxeditError("empty \"subject\"")
+        if "{}" in prompt:
+            template = prompt
+        elif subject in prompt:
+            template = prompt.replace(subject, "{}", 1)
+        else:
+            raise JaxeditError(f"subject {subject!r} does not occur in the prompt")
+    if template.count("{}") != 1:
+        raise JaxeditError("the prompt must hold the subject (or \"{}\") exactly once")
+    if field not in r:
+        wrong = "suppress" if mode == "edit" else "target"
+        other = other or ("jaxedit.delete" if mode == "edit" else "jaxedit.memit")
+        raise JaxeditError(f"needs \"{field}\"" + (f" (\"{wrong}\" is for {other})" if wrong in r else ""))
+    val = r[field]
+    if mode == "edit":
+        if not isinstance(val, str) or not val.strip():
+            raise JaxeditError("empty \"target\"")
+        targets = _ids(tokenizer, val, special=False)
+    else:
+        vals = [val] if isinstance(val, (str, int)) else list(val) if isinstance(val, (list, tuple)) else [None]
+        if not vals or any(isinstance(v, bool) or not isinstance(v, (str, int)) or v == "" for v in vals):
+            raise JaxeditError("\"suppress\" must be a non-empty string or token id, or a list of them")
+        if any(isinstance(v, int) and not 0 <= v < len(tokenizer) for v in vals):
+            raise JaxeditError("\"suppress\" holds a token id outside the vocabulary")
+        targets = [v if isinstance(v, int) else (_ids(tokenizer, v, special=False) or [None])[0] for v in vals]
+        targets = [] if None in targets else targets
+    if not targets:
+        raise JaxeditError(f"\"{field}\" has no tokens")
+    return _Request(template, subject, targets, r)
+
+
 def parse_requests(requests, tokenizer, mode: str) -> list:
+    """:func:`parse_request` for each request; errors name the request by its index (``requests[0]``)."""
     if tokenizer is None:
         raise JaxeditError("editing needs a tokenizer")
     if isinstance(requests, dict):
         requests = [requests]
     if not requests:
         raise JaxeditError("no requests")
-    field = "target" if mode == "edit" else "suppress"
     out = []
     for i, r in enumerate(requests):
-        where = f"request {i}: "
-        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or not r["prompt"].strip():
-            raise JaxeditError(where + "needs a non-empty \"prompt\"")
-        prompt = r["prompt"]
-        if ("subject" in r) == ("span" in r):
-            raise JaxeditError(where + "give exactly one of \"subject\" and \"span\"")
-        if "span" in r:
-            try:
-                a, b = (int(v) for v in r["span"])
-            except (TypeError, ValueError):
-                raise JaxeditError(where + "\"span\" must be [start, end]") from None
-            enc = tokenizer(prompt, return_offsets_mapping=True)
-            n = len(enc["input_ids"])
-            if not 0 <= a < b <= n:
-                raise JaxeditError(where + f"span ({a}, {b}) is outside the prompt's {n} tokens")
-            offsets = enc["offset_mapping"]
-            c0, c1 = offsets[a][0], offsets[b - 1][1]
-            subject, template = prompt[c0:c1], prompt[:c0] + "{}" + prompt[c1:]
-            if not subject.strip():
-                raise JaxeditError(where + f"span ({a}, {b}) holds no text")
-        else:
-            subject = r["subject"]
-            if not isinstance(subject, str) or not subject.strip():
-                raise JaxeditError(where + "empty \"subject\"")
-            if "{}" in prompt:
-                template = prompt
-            elif subject in prompt:
-                template = prompt.replace(subject, "{}", 1)
-            else:
-                raise JaxeditError(where + f"subject {subject!r} does not occur in the prompt")
-        if template.count("{}") != 1:
-            raise JaxeditError(where + "the prompt must hold the subject (or \"{}\") exactly once")
-        other = "suppress" if mode == "edit" else "target"
-        if field not in r:
-            raise JaxeditError(where + f"needs \"{field}\"" + (f" (\"{other}\" is for jaxedit.{'delete' if mode == 'edit' else 'memit'})" if other in r else ""))
-        val = r[field]
-        if mode == "edit":
-            if not isinstance(val, str) or not val.strip():
-                raise JaxeditError(where + "empty \"target\"")
-            targets = _ids(tokenizer, val, special=False)
-        else:
-            vals = [val] if isinstance(val, (str, int)) else list(val)
-            if not vals or any(isinstance(v, bool) or not isinstance(v, (str, int)) or v == "" for v in vals):
-                raise JaxeditError(where + "\"suppress\" must be a non-empty string or token id, or a list of them")
-            if any(isinstance(v, int) and not 0 <= v < len(tokenizer) for v in vals):
-                raise JaxeditError(where + "\"suppress\" holds a token id outside the vocabulary")
-            targets = [v if isinstance(v, int) else _ids(tokenizer, v, special=False)[0] for v in vals]
-        if not targets:
-            raise JaxeditError(where + f"\"{field}\" has no tokens")
-        out.append(_Request(template, subject, targets, r))
+        try:
+            out.append(parse_request(r, tokenizer, mode))
+        except JaxeditError as e:
+            raise JaxeditError(f"requests[{i}]: {e}") from None
     return out
 
 
@@ -425,6 +438,8 @@ def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides
             raise JaxeditError(f"key statistics of layer {l} have shape {np.shape(stats[l])}, "
                                f"expected ({cfg.d_ff}, {cfg.d_ff})")
 
+    stats_source = getattr(stats, "source", None)
+    runtime.stage("sampling context templates")
     contexts = context_templates(model, tokenizer, hp)
 
     # rows for z: the target appended (edit) under every context, then the KL prompt
@@ -459,6 +474,8 @@ def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides
     key_pos = np.array(key_pos, np.int32)
 
     # the state entering the blocks after L, computed once (the unedited model)
+    runtime.stage(f"optimizing the target vector{'s' * (n > 1)} at layer {L} ({n} request{'s' * (n > 1)}, "
+                  f"<= {hp.v_num_grad_steps} steps)")
     hid = apply_jit(cfg, params, jnp.asarray(ids), jnp.asarray(mask), capture=("hidden",), num_layers=L + 1)
     h = hid.hidden[:, L]  # [n*R, T, d]
     h_init = h[jnp.arange(n * R), jnp.asarray(key_pos)].reshape(n, R, -1)[:, 0]  # bare context, key token
@@ -473,11 +490,12 @@ def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides
         raise JaxeditError("the target optimization diverged (non-finite delta); nothing was changed")
     z = np.asarray(h_init, np.float32) + delta  # [n, d]
 
+    runtime.stage(f"spreading the update over layers {list(layers)}")
     new_params, layer_report = spread(cfg, params, tokenizer, reqs, contexts, z, stats, layers, hp)
     edited = model_from_params(cfg, new_params)
 
     report = {"mode": mode, "layers": list(layers), "hparams": dataclasses.asdict(hp), "contexts": contexts,
-              "requests": [], "layers_report": layer_report}
+              "requests": [], "layers_report": layer_report, "stats": stats_source}
     h_norm = np.linalg.norm(np.asarray(h_init), axis=1)
     losses, mains, n_run = np.asarray(losses), np.asarray(mains), np.asarray(n_run)
     for j, r in enumerate(reqs):
@@ -487,6 +505,7 @@ def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides
             "loss_first": float(losses[j, 0]), "loss_last": float(losses[j, k]),
             "objective_first": float(mains[j, 0]), "objective_last": float(mains[j, k]), "steps": int(n_run[j]),
             "delta_norm": float(np.linalg.norm(delta[j])), "h_norm": float(h_norm[j])})
+    runtime.stage("evaluating the edited model")
     _evaluate(model, edited, tokenizer, reqs, mode, report)
     report["seconds"] = time.perf_counter() - t0
     return edited, report

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit import runtime
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import block, causal_allowed, embed, positions_from_mask
@@ -77,8 +78,9 @@ def _dataset_texts(name: str) -> Iterator[str]:
         import datasets
     except ImportError:
         raise JaxeditError(f"corpus {name!r} is a datasets name, and the datasets package is not installed "
-                           f"(pip install datasets); or use a local .txt/.jsonl corpus, or corpus 'model' "
-                           f"(text sampled from the model)") from None
+                           f"(pip install datasets); or use a local .txt/.jsonl corpus, or the corpus \"model\" "
+                           f"(text sampled from the model; works offline; on the command line: --corpus model)"
+                           ) from None
     ds_name, _, ds_config = name.partition(":")
     try:
         ds = datasets.load_dataset(ds_name, ds_config or None, split="train", streaming=True)
@@ -86,8 +88,9 @@ def _dataset_texts(name: str) -> Iterator[str]:
         first = next(it)
     except Exception as e:  # network, unknown name, ...
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise JaxeditError(f"cannot reach corpus {name!r} ({msg}); use a local .txt/.jsonl corpus, or corpus "
-                           f"'model' (text sampled from the model itself)") from None
+        raise JaxeditError(f"cannot reach corpus {name!r} ({msg}); use a local .txt/.jsonl corpus, or the corpus "
+                           f"\"model\" (text sampled from the model itself; works offline; on the command line: "
+                           f"--corpus model)") from None
     for row in _chain(first, it):
         text = row.get("text")
         if text and text.strip():
@@ -196,12 +199,48 @@ def _atomic_savez(path: str, **arrays) -> None:
     os.replace(tmp, path)
 
 
+class Stats(dict):
+    """{layer: C_l}, with ``.source``: the corpus, sample count, truncation length and precision they come from."""
+    source: dict = {}
+
+
+_TAG = re.compile(r"layer(\d+)-n(\d+)-t(\d+)-(float32|float64)\.npz$")
+
+
+def cached_elsewhere(model_root: str, layers: Sequence[int], precision: str, exclude: str = ""):
+    """Statistics cached for this model from another corpus, holding every one of ``layers`` at ``precision``:
+    ``(corpus_key, n_samples, max_len)`` with the most texts (then the longest texts), or None."""
+    best = None
+    if not os.path.isdir(model_root):
+        return None
+    for key in sorted(os.listdir(model_root)):
+        d = os.path.join(model_root, key)
+        if key == exclude or not os.path.isdir(d):
+            continue
+        have = {}
+        for fn in os.listdir(d):
+            m = _TAG.match(fn)
+            if m and m.group(4) == precision:
+                have.setdefault((int(m.group(2)), int(m.group(3))), set()).add(int(m.group(1)))
+        for (n, t), ls in have.items():
+            if set(layers) <= ls and (best is None or (n, t) > best[1:]):
+                best = (key, n, t)
+    return best
+
+
 def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAULT_CORPUS, n_samples: int = 100_000,
                 max_len: Optional[int] = None, batch_size: int = 8, precision: str = "float32", seed: int = 0,
-                cache_dir: Optional[str] = None, save_every: int = 50, progress: bool = True) -> dict:
+                cache_dir: Optional[str] = None, save_every: int = 50, save_seconds: float = 60.0,
+                progress: bool = True) -> dict:
     """{layer: C_l [d_ff, d_ff] (numpy, ``precision``)} for the requested layers, from cache where present; the
     missing layers are computed together in one pass over ``n_samples`` texts of ``corpus`` truncated to
-    ``max_len`` tokens (default: the model's context, at most 1024)."""
+    ``max_len`` tokens (default: the model's context, at most 1024). Partial sums are saved every ``save_every``
+    batches or ``save_seconds``, whichever comes first; a killed run resumes from them.
+
+    When ``corpus`` is the default (:data:`DEFAULT_CORPUS`) and cannot be read (no ``datasets`` package, no
+    network), statistics cached earlier for the same model and layers from another corpus are used instead, with a
+    status line saying which (the returned :class:`Stats`' ``.source`` records it); with none cached, the error
+    says how to use a local corpus or the model's own samples."""
     cfg = model.config
     layers = check_layers(cfg.n_layers, layers)
     if precision not in PRECISIONS:
@@ -210,17 +249,20 @@ def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAUL
         raise JaxeditError("n_samples and batch_size must be >= 1")
     max_len = min(cfg.max_positions, 1024) if max_len is None else int(max_len)
     if not 2 <= max_len <= cfg.max_positions:
-        raise JaxeditError(f"max_len must be within 2..{cfg.max_positions} (got {max_len})")
+        raise JaxeditError(f"the truncation length (max_len, --max-len) must be within 2..{cfg.max_positions} "
+                           f"(got {max_len})")
 
     from jaxedit.loading import cache_dir as default_cache
 
-    root = os.path.join(cache_dir or os.path.join(default_cache(), "stats"), model_fingerprint(model),
-                        corpus_key(corpus, seed, batch_size))
+    model_root = os.path.join(cache_dir or os.path.join(default_cache(), "stats"), model_fingerprint(model))
+    root = os.path.join(model_root, corpus_key(corpus, seed, batch_size))
     tag = f"n{n_samples}-t{max_len}-{precision}"
     path_of = {l: os.path.join(root, f"layer{l}-{tag}.npz") for l in layers}
-    out = {l: np.load(path_of[l])["mom2"] for l in layers if os.path.isfile(path_of[l])}
+    out = Stats({l: np.load(path_of[l])["mom2"] for l in layers if os.path.isfile(path_of[l])})
+    out.source = {"corpus": corpus, "samples": n_samples, "max_len": max_len, "precision": precision}
     todo = tuple(l for l in layers if l not in out)
     if not todo:
+        runtime.stage(f"key statistics of layers {list(layers)}: cached ({corpus}, {n_samples} texts)")
         return out
     partial_path = os.path.join(root, f"partial-{'_'.join(map(str, todo))}-{tag}.npz")
     f = cfg.d_ff
@@ -235,18 +277,35 @@ def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAUL
     params = params_of(model)
     dev = jnp.asarray(host, jnp.float32) if precision == "float32" else None
 
-    from tqdm import tqdm
-
     def save_partial():
         sums = np.asarray(dev) if precision == "float32" else host
         _atomic_savez(partial_path, sums=sums, texts=done_texts, tokens=tokens)
 
-    batches_since = 0
+    batches_since, last_save = 0, time.monotonic()
     batches = token_batches(model, tokenizer, corpus, n_samples, max_len, batch_size, seed, skip=done_texts)
-    first = next(batches, None)  # opens the corpus: an unreachable one fails here, before any progress bar
+    try:
+        first = next(batches, None)  # opens the corpus: an unreachable one fails here, before any progress bar
+    except JaxeditError as e:
+        found = cached_elsewhere(model_root, layers, precision, os.path.basename(root)) \
+            if corpus == DEFAULT_CORPUS else None
+        if found is None:
+            raise
+        key, n, t = found
+        runtime.stage(f"the default corpus {corpus} is unreachable; using the key statistics cached from corpus "
+                      f"{key} ({n} texts of <= {t} tokens, {precision}) for layers {list(layers)}")
+        other = Stats({l: np.load(os.path.join(model_root, key, f"layer{l}-n{n}-t{t}-{precision}.npz"))["mom2"]
+                       for l in layers})
+        other.source = {"corpus": key, "samples": n, "max_len": t, "precision": precision,
+                        "instead_of": corpus, "reason": str(e)}
+        return other
     os.makedirs(root, exist_ok=True)  # and before anything is written
-    with tqdm(total=n_samples, initial=done_texts, unit="text", desc=f"key statistics, layers {list(todo)}",
-              disable=not progress) as bar:
+    runtime.stage(f"computing key statistics of layers {list(todo)} over {n_samples} texts of {corpus} "
+                  f"(cached for later runs)")
+    note = lambda: (f"key statistics: {done_texts} of {n_samples} texts done, "  # noqa: E731
+                    f"{saved[0]} saved in the cache; rerun to resume")
+    saved = [done_texts]
+    with runtime.resume_note_while(note), \
+            runtime.bar(n_samples, f"key statistics, layers {list(todo)}", "text", done_texts, progress) as bar:
         for batch in _chain(first, batches) if first is not None else ():
             T = -(-max(len(x) for x in batch) // 32) * 32  # round lengths up: few shapes to compile
             ids = np.zeros((batch_size, T), np.int32)
@@ -264,9 +323,10 @@ def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAUL
             tokens += int(mask.sum())
             bar.update(len(batch))
             batches_since += 1
-            if batches_since >= save_every:
+            if batches_since >= save_every or time.monotonic() - last_save >= save_seconds:
                 save_partial()
-                batches_since = 0
+                saved[0] = done_texts
+                batches_since, last_save = 0, time.monotonic()
     if tokens == 0:
         raise JaxeditError(f"corpus {corpus!r} gave no tokens")
     sums = np.asarray(dev, np.float32) if precision == "float32" else host

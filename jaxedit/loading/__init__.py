@@ -41,6 +41,9 @@ def _converted_gguf(path: str) -> str:
     key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     target = os.path.join(cache_dir(), f"{os.path.splitext(os.path.basename(path))[0]}-{key}")
     if not is_native_dir(target):
+        from jaxedit.runtime import stage
+
+        stage(f"converting {os.path.basename(path)} into {cache_dir()} (first use only; about 30 s)")
         model = load_gguf(path, "float32")
         save_native(model, gguf_tokenizer(path), target, extra={"source": os.path.abspath(path)})
     return target
@@ -82,7 +85,10 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=None, *, allow_pickle: bool = 
     ``allow_pickle``: read ``pytorch_model.bin`` checkpoints (unsafe: pickles can run code).
     ``cache``: convert GGUF files once into a cache directory ($JAXEDIT_CACHE, default ~/.cache/jaxedit).
     """
+    from jaxedit.runtime import stage
+
     name = str(name_or_path)
+    stage(f"loading {name}")
     if dtype is None and not (os.path.isdir(name) and is_native_dir(name)):
         dtype = "float32"
     if name in EMBEDDED:

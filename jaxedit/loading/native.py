@@ -26,13 +26,38 @@ def is_native_dir(path: str) -> bool:
     return os.path.isfile(os.path.join(path, MARKER))
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove_stale_temps(parent: str) -> None:
+    """Temporary directories left by a process that was killed or interrupted while writing (their writer's pid is
+    in the name and no longer runs): removed, since nothing will ever rename them into place."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if name.startswith(".tmp-") and len(parts) >= 3 and parts[1].isdigit() and not _alive(int(parts[1])):
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str):
-    """Yield a temporary sibling directory of ``path``; on success it replaces ``path``, on failure it is removed."""
+    """Yield a temporary sibling directory of ``path``; on success it replaces ``path``, on failure it is removed
+    (and one left by a killed process is removed by the next writer in the same folder)."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path) or "."
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
+    _remove_stale_temps(parent)
+    tmp = tempfile.mkdtemp(prefix=f".tmp-{os.getpid()}-", dir=parent)
     try:
         yield tmp
         if os.path.exists(path):

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit import runtime
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import apply
@@ -34,6 +36,7 @@ class SaliencyResult:
     modules: dict  # module name -> [L]
     loss: float  # mean NLL over the examples
     n_examples: int
+    target_ids: Optional[list] = None  # one example: the target's token ids (the argmax when none was given)
 
     def top_layers(self, k: int, module: str | None = None) -> list:
         prof = self.layer if module is None else self.modules[module]
@@ -72,7 +75,9 @@ def saliency_profiles(cfg, params, ids, mask, target_mask, *, chunk=1):
     return jax.lax.map(one, (ids, mask, target_mask), batch_size=chunk)
 
 
-def _encode(tokenizer, model, prompt, input_ids, target):
+def encode_example(tokenizer, model, prompt, input_ids, target):
+    """(prompt ids, target ids or None) of one example; raises :class:`JaxeditError` for an empty prompt, a target
+    with no tokens, or an example longer than the model's context."""
     if input_ids is None:
         if tokenizer is None:
             raise JaxeditError("a text prompt needs a tokenizer")
@@ -103,7 +108,7 @@ def saliency_batch(model, requests, *, tokenizer=None, chunk=None):
     :class:`SaliencyResult`, the dataset-level result: the mean of the per-example profiles)."""
     cfg = model.config
     params = params_of(model)
-    encoded = [_encode(tokenizer, model, r.get("prompt"), r.get("input_ids"), r.get("target")) for r in requests]
+    encoded = [encode_example(tokenizer, model, r.get("prompt"), r.get("input_ids"), r.get("target")) for r in requests]
     if not encoded:
         raise JaxeditError("no examples")
     need_argmax = [i for i, (_, t) in enumerate(encoded) if t is None]
@@ -125,12 +130,15 @@ def saliency_batch(model, requests, *, tokenizer=None, chunk=None):
     if chunk is None:  # one chunk holds a full gradient per example: keep it near 1 GiB
         n_params = sum(int(x.size) for x in jax.tree.leaves(params))
         chunk = max(1, min(B, int(2**30 // (8 * n_params))))
-    losses, prof = jax.device_get(saliency_profiles(cfg, params, jnp.asarray(ids), jnp.asarray(mask),
-                                                    jnp.asarray(tmask), chunk=int(chunk)))
+    args = (cfg, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(tmask))
+    fn = runtime.compiled(saliency_profiles, *args, chunk=int(chunk),
+                          what=f"saliency profiles for {B} example{'s' * (B > 1)} of <= {T} tokens")
+    runtime.stage(f"computing the saliency of {B} example{'s' * (B > 1)}")
+    losses, prof = jax.device_get(fn(*args[1:]))
     mods = [m for m in prof if m != "block"]
     per = [SaliencyResult(layer=np.asarray(prof["block"][b], np.float64),
                           modules={m: np.asarray(prof[m][b], np.float64) for m in mods},
-                          loss=float(losses[b]), n_examples=1) for b in range(B)]
+                          loss=float(losses[b]), n_examples=1, target_ids=list(encoded[b][1])) for b in range(B)]
     mean = SaliencyResult(layer=np.mean([r.layer for r in per], 0),
                           modules={m: np.mean([r.modules[m] for r in per], 0) for m in mods},
                           loss=float(np.mean(losses)), n_examples=B)

@@ -3,11 +3,15 @@ aggregate AIE table and plot. A run directory can be resumed: rows already in ``
 from __future__ import annotations
 
 import json
+import math
 import os
+
+from typing import Optional
 
 import numpy as np
 
 from jaxedit.errors import JaxeditError
+from jaxedit.request_files import RequestFile
 
 GROUPS = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",
           "further tokens", "last token")
@@ -18,44 +22,75 @@ TITLES = {"hidden": "single restored layer", "mlp": "MLP, window", "attn": "atte
 def read_jsonl(path: str, what: str = "lines") -> list:
     """[(line_number, object)] of a JSONL file of JSON objects (blank lines skipped); raises on the first bad line
     and on a file holding none."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except OSError as e:
-        raise JaxeditError(f"cannot read {path}: {e.strerror}") from None
-    out = []
-    for no, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JaxeditError(f"{path}:{no}: malformed JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise JaxeditError(f"{path}:{no}: expected a JSON object")
-        out.append((no, obj))
-    if not out:
-        raise JaxeditError(f"{path}: no {what}")
-    return out
+    return RequestFile(path, what).items
+
+
+def check_request(req: dict) -> dict:
+    """A trace request's fields (no model needed): "prompt", "subject" or "span", optional "target". Returns it
+    with "span" as a tuple; raises :class:`JaxeditError` (without the FILE:LINE, which the caller adds)."""
+    if not isinstance(req.get("prompt"), str):
+        raise JaxeditError("missing \"prompt\" (a string)")
+    if "span" in req:
+        sp = req["span"]
+        if not (isinstance(sp, list) and len(sp) == 2 and all(isinstance(v, int) for v in sp)):
+            raise JaxeditError("\"span\" must be [start, end] token indices")
+        req = dict(req, span=tuple(sp))
+    elif not isinstance(req.get("subject"), str):
+        raise JaxeditError("give \"subject\" (a string) or \"span\" ([start, end])")
+    if "target" in req and not isinstance(req["target"], (str, int)):
+        raise JaxeditError("\"target\" must be a string or a token id")
+    return req
 
 
 def read_requests(path: str) -> list:
     """Parse a JSONL file of trace requests. Returns [(line_number, request)]; raises on the first bad line."""
-    out = []
-    for no, req in read_jsonl(path, "requests"):
-        if not isinstance(req.get("prompt"), str):
-            raise JaxeditError(f"{path}:{no}: missing \"prompt\" (a string)")
-        if "span" in req:
-            sp = req["span"]
-            if not (isinstance(sp, list) and len(sp) == 2 and all(isinstance(v, int) for v in sp)):
-                raise JaxeditError(f"{path}:{no}: \"span\" must be [start, end] token indices")
-            req["span"] = tuple(sp)
-        elif not isinstance(req.get("subject"), str):
-            raise JaxeditError(f"{path}:{no}: give \"subject\" (a string) or \"span\" ([start, end])")
-        if "target" in req and not isinstance(req["target"], (str, int)):
-            raise JaxeditError(f"{path}:{no}: \"target\" must be a string or a token id")
-        out.append((no, req))
-    return out
+    rf = RequestFile(path, "requests")
+    return rf.check(check_request)
+
+
+def options_differ(out_dir: str, options: dict, close=("level",)) -> Optional[list]:
+    """``[(name, recorded value, new value)]`` for the options that differ from the run recorded in
+    ``out_dir/run.json`` (None: no run there). Numbers named in ``close`` are compared to 1e-6 (NaN equals NaN); an
+    option the recorded run does not name (an older version) counts as its default when the new value is falsy."""
+    path = os.path.join(out_dir, "run.json")
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        return None
+
+    def same(k):
+        a, b = earlier.get(k), options.get(k)
+        if k not in earlier and not b:
+            return True
+        if k in close and isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-6)
+        return a == b
+
+    return [(k, earlier.get(k), options.get(k)) for k in sorted(set(earlier) | set(options)) if not same(k)]
+
+
+def write_run(out_dir: str, options: dict) -> None:
+    tmp = os.path.join(out_dir, ".run.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(options, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "run.json"))
+
+
+def sort_results(out_dir: str) -> None:
+    """Rewrite results.jsonl with its rows in input-line order (rows are appended as they finish; this runs once
+    a run is complete). Atomic: a reader sees the old file or the new one."""
+    rows = read_done(out_dir)
+    path = os.path.join(out_dir, "results.jsonl")
+    tmp = os.path.join(out_dir, ".results.jsonl.tmp")
+    with open(tmp, "w") as f:
+        for line in sorted(rows):
+            f.write(json.dumps(rows[line]) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_done(out_dir: str) -> dict:
@@ -85,22 +120,28 @@ def stem(line: int) -> str:
     return f"prompt{line:05d}"
 
 
-def save_prompt(out_dir: str, line: int, request: dict, results: dict, plots: bool = True) -> dict:
-    """Write one prompt's .npz files (and heatmaps); return its results.jsonl row (not yet appended)."""
+def save_prompt(out_dir: str, line: int, request: dict, results: dict, plots: bool = True,
+                extra: Optional[dict] = None) -> dict:
+    """Write one prompt's .npz files (and heatmaps); return its results.jsonl row (not yet appended): the input's
+    ``line``, the request, the answer, clean / corrupted p, the noise level, the files, the best cell per kind and
+    ``extra``."""
     for kind, r in results.items():
         tmp = os.path.join(out_dir, f".{stem(line)}_{kind}.tmp.npz")
         np.savez(tmp, **r.npz_fields())
         os.replace(tmp, os.path.join(out_dir, f"{stem(line)}_{kind}.npz"))
-    if plots:
-        plot_heatmaps(results, os.path.join(out_dir, stem(line)))
     r0 = next(iter(results.values()))
+    if plots:
+        plot_heatmaps(results, os.path.join(out_dir, stem(line)), title=heatmap_title(request.get("prompt"), r0))
     row = {"line": line, "prompt": request.get("prompt"), "subject": request.get("subject"),
            "span": list(r0.span), "answer": r0.answer, "answer_id": r0.answer_id,
            "high_score": r0.high_score, "low_score": r0.low_score, "noise_level": r0.noise_level,
-           "files": {k: f"{stem(line)}_{k}.npz" for k in results}}
+           "files": {k: f"{stem(line)}_{k}.npz" for k in results}, **(extra or {})}
     for kind, r in results.items():
         t, l = np.unravel_index(np.argmax(r.scores), r.scores.shape)
-        row[kind] = {"max_ie": float(r.scores[t, l] - r.low_score), "token": int(t), "layer": int(l)}
+        last = r.span[1] - 1  # the token select_layers("ct") ranks layers by
+        ll = int(np.argmax(r.scores[last]))
+        row[kind] = {"max_ie": float(r.scores[t, l] - r.low_score), "token": int(t), "layer": int(l),
+                     "last_subject": {"token": last, "layer": ll, "max_ie": float(r.scores[last, ll] - r.low_score)}}
     return row
 
 
@@ -120,8 +161,17 @@ def _plt():
     return plt
 
 
-def plot_heatmaps(results: dict, path_stem: str) -> None:
-    """One panel per kind: rows = tokens (the corrupted span marked with *), columns = layers; PNG and PDF."""
+def heatmap_title(prompt, r) -> str:
+    """The prompt (or its tokens), the answer and its clean / corrupted probabilities."""
+    text = prompt if isinstance(prompt, str) else "".join(r.tokens)
+    if len(text) > 90:
+        text = text[:87] + "..."
+    return f"{text!r} -> {r.answer!r}: clean p = {r.high_score:.3f}, corrupted p = {r.low_score:.3f}"
+
+
+def plot_heatmaps(results: dict, path_stem: str, title: Optional[str] = None) -> None:
+    """One panel per kind: rows = tokens (the corrupted span marked with *), columns = layers; PNG and PDF, under
+    ``title`` (default :func:`heatmap_title`)."""
     plt = _plt()
     kinds = list(results)
     r0 = results[kinds[0]]
@@ -142,6 +192,7 @@ def plot_heatmaps(results: dict, path_stem: str) -> None:
         cb = fig.colorbar(im, ax=ax)
         cb.ax.tick_params(labelsize=7)
         cb.ax.set_title(f"p({r.answer.strip()})", fontsize=7)
+    fig.suptitle(title or heatmap_title(None, r0), fontsize=9)
     fig.savefig(path_stem + ".png", dpi=110)
     fig.savefig(path_stem + ".pdf")
     plt.close(fig)

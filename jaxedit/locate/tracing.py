@@ -1,7 +1,7 @@
 """Causal tracing (Meng et al., ROME): corrupt a span's token embeddings, restore one clean state, measure p(answer).
 
-Semantics follow ``REFERENCE.md`` section 1: noise drawn as ``RandomState(seed).randn(samples, span_len, d)`` x level
-(seed 1 = the reference's draw), the same noise for every restoration of a prompt; a score is the mean over the
+Semantics follow ``docs/methods.md`` section 1: noise drawn as ``RandomState(seed).randn(samples, span_len, d)`` x
+level (seed 1 = the reference's draw), the same noise for every restoration of a prompt; a score is the mean over the
 noisy samples of softmax(logits at the last token)[answer]; kind "hidden" restores one block output, "mlp"/"attn"
 restore that sublayer's output at one token over a window of layers ``max(0, l - w//2) .. min(L, l + ceil(w/2)) - 1``.
 
@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit import runtime
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import Interventions, apply, block, embed
@@ -36,6 +37,7 @@ from jaxedit.model import params_of
 from jaxedit.models import FAMILY_MODULES
 
 KINDS = ("hidden", "mlp", "attn")
+SPLIT_FLOPS = 2e10  # a kind's grid above this (~ seconds on a CPU) runs as its own call: see trace_batch
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -412,14 +414,20 @@ def _bucket(n: int, multiple: int) -> int:
 
 def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=10, tokenizer=None, seed=1,
                 uniform=False, replace=False, method="shared", batch_size=8, bucket=4, memory_budget=None,
-                cells_per_step=None, layers_per_step=None, noise_strings=None, progress=None, fixed_batch=False):
+                cells_per_step=None, layers_per_step=None, noise_strings=None, progress=None, fixed_batch=False,
+                noise_per_prompt=False, on_kind=None, kind_by_kind=None):
     """Trace many prompts. ``requests``: dicts with "prompt" (or "input_ids"), "subject" (a string) or "span"
     ((start, end) token range), optional "target", optional "noise" (an explicit array for this prompt).
 
     Prompts are right-padded into length buckets (multiples of ``bucket`` tokens) and run ``batch_size`` at a time,
-    so each bucket compiles once. ``noise``: float, "s<k>" (k x std of the token embeddings of the requests' spans,
-    or of ``noise_strings`` when given), or one array [samples, span_len, d] used for every request.
-    ``progress``: a callable(n_done) called after each batch (the CLI passes a progress bar's update).
+    so each bucket compiles once (one program per kind). ``noise``: float, "s<k>" (k x std of the token embeddings
+    of all the requests' spans together, or of ``noise_strings`` when given; with ``noise_per_prompt=True``, of each
+    request's own span, so a prompt gets the same level alone and in any batch), or one array
+    [samples, span_len, d] used for every request. Each result's ``noise_level`` is the level it was traced with.
+    ``progress``: a callable(n_done) called after each batch (the CLI passes a progress bar's update);
+    ``on_kind``: a callable(kinds) called before each call (the kinds it computes, joined by ", ").
+    ``kind_by_kind``: one compiled call per kind (True) or all kinds in one (False); default: per kind when a kind's
+    grid is big (over :data:`SPLIT_FLOPS`: progress between kinds is worth the extra compiles), else in one.
     ``fixed_batch``: always pad a batch to ``batch_size`` prompts (one compile per bucket across calls).
     ``layers_per_step`` / ``cells_per_step`` / ``memory_budget``: chunking of the shared / dense grid (auto).
     Returns one dict kind -> :class:`TraceResult` per request, in order.
@@ -433,11 +441,17 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
                                    r.get("span", r.get("subject")))
         prepared.append((ids, span, _resolve_target(tokenizer, r.get("target")), r.get("noise")))
     mode, value = parse_noise(noise)
-    level = resolve_noise_level(model, tokenizer, noise, [ids[s:e] for ids, (s, e), _, _ in prepared], noise_strings)
+    if noise_per_prompt and not noise_strings:
+        levels = [resolve_noise_level(model, tokenizer, noise, [ids[s:e]]) for ids, (s, e), _, _ in prepared]
+    else:
+        level = resolve_noise_level(model, tokenizer, noise, [ids[s:e] for ids, (s, e), _, _ in prepared],
+                                    noise_strings)
+        levels = [level] * len(prepared)
+    levels = [float("nan") if own is not None else lv for (_, _, _, own), lv in zip(prepared, levels)]  # own array
 
     d = cfg.d_model
     noises = []
-    for ids, (s, e), _, own in prepared:
+    for (ids, (s, e), _, own), level in zip(prepared, levels):
         arr = own if own is not None else (value if mode == "array" else None)
         if arr is None:
             arr = draw_noise(samples, e - s, d, level, seed, uniform)
@@ -469,14 +483,25 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
             span_b[b, s:e] = True
             noise_b[b, :, s:e] = noises[j]
             ans_b[b] = -1 if tgt is None else tgt
-        first = min(prepared[j][1][0] for j in chunk)  # earliest span start: rows before it cannot change
+        # earliest span start: rows before it cannot change (rounded down to the bucket: fewer programs)
+        first = min(prepared[j][1][0] for j in chunk) // bucket * bucket
         groups = tuple(tuple(g) for g in row_groups(T, samples, cfg, budget, first))
-        out = trace_grid(cfg, params, jnp.asarray(ids_b), jnp.asarray(n_b), jnp.asarray(span_b),
-                         jnp.asarray(noise_b), jnp.asarray(ans_b), kinds=kinds, window=int(window),
-                         replace=bool(replace), method=method, groups=groups,
-                         layers_per_step=layers_per_step or auto_layers_per_step(cfg, samples, T, groups, budget),
-                         cells_per_step=cells_per_step or max(1, int(budget // (4 * samples * T * (cfg.d_ff + 4 * d) * 2))))
-        out = jax.device_get(out)
+        static = dict(window=int(window), replace=bool(replace), method=method, groups=groups,
+                      layers_per_step=layers_per_step or auto_layers_per_step(cfg, samples, T, groups, budget),
+                      cells_per_step=cells_per_step or max(1, int(budget // (8 * samples * T * (cfg.d_ff + 4 * d)))))
+        args = (cfg, params, jnp.asarray(ids_b), jnp.asarray(n_b), jnp.asarray(span_b), jnp.asarray(noise_b),
+                jnp.asarray(ans_b))
+        out = {}
+        # a long call per kind (progress between kinds, and programs any later run of one kind reuses); short
+        # ones all kinds in one call (one compile)
+        split = kind_by_kind if kind_by_kind is not None else \
+            B * samples * cfg.n_layers * T * (T + 1) / 2 * row_flops(cfg, 2 * T) > SPLIT_FLOPS
+        for part in ([(k,) for k in kinds] if split else [kinds]):
+            if on_kind is not None:
+                on_kind(", ".join(part))
+            fn = runtime.compiled(trace_grid, *args, kinds=part, **static,
+                                  what=f"causal tracing ({', '.join(part)}) for {T}-token prompts, {B} per call")
+            out.update(jax.device_get(fn(*args[1:])))
         for b, j in enumerate(chunk):
             ids, span, _, _ = prepared[j]
             n = len(ids)
@@ -486,7 +511,8 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
             results[j] = {k: TraceResult(kind=k, scores=np.asarray(out[k][b][:n], np.float64),
                                          low_score=float(out["low"][b]), high_score=float(out["high"][b]),
                                          answer_id=answer, answer=ans_str, input_ids=np.asarray(ids), tokens=toks,
-                                         span=span, window=int(window), samples=int(samples), noise_level=level)
+                                         span=span, window=int(window), samples=int(samples),
+                                         noise_level=levels[j])
                           for k in kinds}
         if progress is not None:
             progress(len(chunk))

@@ -1,0 +1,223 @@
+"""What every long jaxedit operation shares, in the library and on the command line.
+
+* **Status lines**: :func:`stage` announces a step that may take a while ("loading smollm2", "compiling ...",
+  "tracing hidden"). The library is silent unless a reporter is installed with :func:`set_reporter` (the
+  ``jaxedit`` command installs one that prints to stderr).
+* **Progress bars**: :func:`bar` is a tqdm bar when bars are on (the default; ``jaxedit --quiet`` turns them
+  off), a silent stand-in otherwise.
+* **Resume notes**: :func:`set_resume_note` records what an interrupted run keeps (a string, or a callable that
+  returns one); the command line prints it when Ctrl-C or SIGTERM ends a command.
+* **Compilation**: :func:`enable_compile_cache` turns on JAX's persistent compilation cache in the jaxedit cache
+  directory (a second process loads compiled programs instead of compiling them again); :func:`compiled` compiles a
+  jitted function ahead of time, once per argument shapes, with a status line saying so.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Callable, Optional, Union
+
+COMPILE_CACHE_ENV = "JAXEDIT_COMPILE_CACHE"  # "0" turns the persistent compilation cache off; a path moves it
+MIN_COMPILE_SECS = 0.5  # programs that compile faster than this are not written to the cache
+
+_reporter: Optional[Callable[[str], None]] = None
+_bars = True  # the library's bars (key statistics) show unless turned off; status lines need a reporter
+_note: Union[None, str, Callable[[], Optional[str]]] = None
+_compiled: dict = {}
+_cache_events = {"hits": 0}
+
+
+# ---------------------------------------------------------------------------------------------- status
+
+def set_reporter(reporter: Optional[Callable[[str], None]], bars: bool = True) -> None:
+    """Install ``reporter(line)`` for status lines (None: silent) and turn progress bars on or off."""
+    global _reporter, _bars
+    _reporter, _bars = reporter, bool(bars)
+
+
+def stage(message: str) -> None:
+    """Announce a step (one line, no trailing period)."""
+    if _reporter is not None:
+        _reporter(message)
+
+
+def bars_enabled() -> bool:
+    return _bars
+
+
+class _NoBar:
+    n = 0
+
+    def update(self, n=1):
+        self.n += n
+
+    def set_postfix_str(self, *a, **k):
+        pass
+
+    def set_description_str(self, *a, **k):
+        pass
+
+    def close(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _TickingBar:
+    """A tqdm bar redrawn every ``every`` seconds by a background thread, so that its elapsed time keeps moving
+    during a long compiled call (tqdm itself redraws only when updated)."""
+
+    def __init__(self, bar, every: float):
+        self._bar, self._every, self._stop = bar, every, threading.Event()
+        threading.Thread(target=self._tick, name="jaxedit-bar", daemon=True).start()
+
+    def _tick(self):
+        while not self._stop.wait(self._every):
+            try:
+                self._bar.refresh()
+            except Exception:  # closed meanwhile
+                return
+
+    def __getattr__(self, name):
+        return getattr(self._bar, name)
+
+    def close(self):
+        self._stop.set()
+        self._bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+
+def bar(total: int, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True, tick: float = 1.0):
+    """A progress bar (tqdm on stderr) when bars are on and ``enabled``; a silent object with the same methods
+    otherwise. Use as a context manager. On a terminal the bar is redrawn every ``tick`` seconds (its elapsed time
+    moves while a long call runs)."""
+    if not (_bars and enabled):
+        nb = _NoBar()
+        nb.n = initial
+        return nb
+    import sys
+
+    from tqdm import tqdm
+
+    b = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+    isatty = getattr(sys.stderr, "isatty", lambda: False)
+    return _TickingBar(b, tick) if tick and isatty() else b
+
+
+def set_resume_note(note: Union[None, str, Callable[[], Optional[str]]]) -> None:
+    """What an interrupted run keeps, e.g. ``lambda: f"{done} of {total} prompts kept in {out}/, rerun to resume"``."""
+    global _note
+    _note = note
+
+
+class resume_note_while:
+    """Context manager: ``note`` is the resume note inside the block; the one before it is restored after."""
+
+    def __init__(self, note):
+        self.note = note
+
+    def __enter__(self):
+        global _note
+        self.previous, _note = _note, self.note
+        return self
+
+    def __exit__(self, *exc):
+        global _note
+        _note = self.previous
+        return False
+
+
+def resume_note() -> Optional[str]:
+    note = _note
+    try:
+        return note() if callable(note) else note
+    except Exception:  # never let the note stop an interrupt
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- compilation
+
+def compile_cache_dir() -> Optional[str]:
+    """Where compiled programs are kept: ``$JAXEDIT_COMPILE_CACHE`` when it is a path, else ``<cache>/xla``; None
+    when ``$JAXEDIT_COMPILE_CACHE`` is 0 / off / false."""
+    env = os.environ.get(COMPILE_CACHE_ENV, "").strip()
+    if env.lower() in ("0", "off", "false", "no"):
+        return None
+    if env and env.lower() not in ("1", "on", "true", "yes"):
+        return os.path.abspath(os.path.expanduser(env))
+    from jaxedit.loading import cache_dir
+
+    return os.path.join(cache_dir(), "xla")
+
+
+def enable_compile_cache(path: Optional[str] = None, min_compile_secs: Optional[float] = None) -> Optional[str]:
+    """Turn on JAX's persistent compilation cache (programs that took at least ``min_compile_secs`` to compile are
+    written to ``path``, default :func:`compile_cache_dir`). Does nothing when the cache is turned off or when the
+    process already has a cache directory. Returns the directory in use (None: off)."""
+    import jax
+
+    current = jax.config.jax_compilation_cache_dir
+    if current:
+        return current
+    path = path or compile_cache_dir()
+    if path is None:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError:
+        return None  # an unwritable cache directory only costs compile time
+    jax.config.update("jax_compilation_cache_dir", path)
+    if min_compile_secs is None:
+        min_compile_secs = float(os.environ.get("JAXEDIT_COMPILE_CACHE_MIN_SECS", MIN_COMPILE_SECS))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    _listen_for_cache_hits()
+    return path
+
+
+def _listen_for_cache_hits() -> None:
+    if _cache_events.get("listening"):
+        return
+    try:
+        from jax import monitoring
+
+        def on_event(event, **kwargs):
+            if event == "/jax/compilation_cache/cache_hits":
+                _cache_events["hits"] += 1
+
+        monitoring.register_event_listener(on_event)
+        _cache_events["listening"] = True
+    except Exception:  # monitoring is an optional nicety
+        pass
+
+
+def compiled(jitted, *args, what: str, **static):
+    """``jitted`` compiled for these arguments (static ones by keyword), once per process for each combination of
+    static values and argument shapes; the first time, a status line says it is compiling ``what`` and how long it
+    took (or that it came from the persistent cache). Call the result with the non-static arguments."""
+    import jax
+
+    leaves, tree = jax.tree.flatten(args)
+    key = (id(jitted), tree, tuple((a.shape, str(a.dtype)) if hasattr(a, "shape") and hasattr(a, "dtype") else a
+                                   for a in leaves), tuple(sorted(static.items())))
+    exe = _compiled.get(key)
+    if exe is None:
+        stage(f"compiling {what}")
+        t0, hits = time.perf_counter(), _cache_events["hits"]
+        exe = jitted.lower(*args, **static).compile()
+        dt = time.perf_counter() - t0
+        source = "loaded from the compile cache" if _cache_events["hits"] > hits else "compiled"
+        stage(f"{source} in {dt:.1f} s")
+        _compiled[key] = exe
+    return exe
