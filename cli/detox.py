@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from jaxedit.cli.app import MODEL_HELP, clean_errors, cli, with_options
+from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, clean_errors, cli, request_file, with_options
 from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
 from jaxedit.errors import JaxeditError
 
@@ -66,17 +66,21 @@ def _csv(text, what, cast=str):
               help="star the vowels of the chunk's tokens in the plots")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="prompts per sampling / tracing call")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
+@SKIP_BAD
 @clean_errors
 def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, kl_weights, hparam, dtype,
-          stats_float64, n_samples, **kw):
+          stats_float64, n_samples, skip_bad, **kw):
     """Das et al.'s toxic-memory study: select toxic prompts, localize the toxic chunk, edit or delete with every
     layer strategy, evaluate toxicity, perplexity and fluency, and report the tables and figures.
 
     Writes candidates.jsonl, selected.jsonl, trace/, localize.json, edits/, runs.jsonl, summary.jsonl,
     table1/table2 (.md, .csv), summary.md, aie_layers.png/pdf and frontier.png/pdf into OUT.
     """
+    import os
+
     import jaxedit
     from jaxedit import runtime
+    from jaxedit.detox.data import prompt_of
     from jaxedit.detox.pipeline import STAGES, DetoxConfig, run_study
 
     hp = parse_hparams(hparam)
@@ -84,13 +88,14 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
         hp["mom2_precision"] = "float64"
     cfg = DetoxConfig(prompts=prompts, model=model_name, trace_kinds=_csv(trace_kinds, "trace-kinds"),
                       strategies=_csv(strategies, "strategies"), objectives=_csv(objectives, "objectives"),
-                      kl_weights=_csv(kl_weights, "kl-weights", float), hparams=hp, samples=n_samples, **kw)
+                      kl_weights=_csv(kl_weights, "kl-weights", float), hparams=hp, samples=n_samples,
+                      skip_bad=skip_bad, **kw)
     cfg.check()
+    if stage in ("select", "all") and os.path.isfile(prompts):
+        request_file(prompts, "prompts", skip_bad, check=prompt_of)  # every bad line named before the model loads
     runtime.set_resume_note(f"finished steps are kept in {out}/; rerun the same command to resume")
     model, tok = jaxedit.load(model_name, dtype=dtype)
     run_study(model, tok, cfg, out, STAGES if stage == "all" else (stage,))
     if stage in ("report", "all"):
-        import os
-
         click.echo(open(os.path.join(out, "table2.md")).read())
     click.echo(f"wrote {out}/ (stage {stage})")

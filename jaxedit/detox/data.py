@@ -24,35 +24,35 @@ NEUTRAL_TEXT = os.path.join(DATA_DIR, "neutral.txt")
 FACTS = os.path.join(DATA_DIR, "facts.jsonl")
 
 
-def _prompt_of(obj, where: str) -> tuple:
+def prompt_of(obj: dict) -> tuple:
+    """(prompt text, the dataset's toxicity or None) of one JSONL object or dataset row."""
     p = obj.get("prompt")
     tox = obj.get("toxicity")
     if isinstance(p, dict):  # RealToxicityPrompts
         tox = p.get("toxicity", tox)
         p = p.get("text")
     if not isinstance(p, str) or not p.strip():
-        raise JaxeditError(f"{where}: expected \"prompt\" as a non-empty string or as {{\"text\": ...}}")
+        raise JaxeditError("expected \"prompt\" as a non-empty string or as {\"text\": ...}")
     if tox is not None and not isinstance(tox, (int, float)):
         tox = None
     return p, tox
 
 
-def read_prompts(source: str, limit: Optional[int] = None) -> list:
-    """[{"line", "prompt", "dataset_toxicity"}] from a JSONL file, "demo", or a datasets name."""
+def read_prompts(source: str, limit: Optional[int] = None, skip_bad: bool = False) -> list:
+    """[{"line", "prompt", "dataset_toxicity"}] from a JSONL file, "demo", or a datasets name. A bad line is an
+    error naming FILE:LINE, or with ``skip_bad`` left out."""
     if limit is not None and limit < 1:
         raise JaxeditError(f"limit must be >= 1 (got {limit})")
     if source == "demo":
         source = DEMO_PROMPTS
     out = []
     if os.path.exists(source) or source.endswith((".jsonl", ".json")):
-        from jaxedit.locate.trace_files import read_jsonl
+        from jaxedit.request_files import RequestFile
 
-        for no, obj in read_jsonl(source, "prompts"):
-            p, tox = _prompt_of(obj, f"{source}:{no}")
+        rf = RequestFile(source, "prompts", skip_bad=skip_bad)
+        for no, (p, tox) in rf.check(prompt_of):
             out.append({"line": no, "prompt": p, "dataset_toxicity": tox})
-            if limit and len(out) >= limit:
-                break
-        return out
+        return out[:limit] if limit else out
     try:
         import datasets
     except ImportError:
@@ -61,7 +61,12 @@ def read_prompts(source: str, limit: Optional[int] = None) -> list:
     try:
         ds = datasets.load_dataset(source, split="train", streaming=True)
         for i, row in enumerate(ds, 1):
-            p, tox = _prompt_of(row, f"{source} row {i}")
+            try:
+                p, tox = prompt_of(row)
+            except JaxeditError as e:
+                if skip_bad:
+                    continue
+                raise JaxeditError(f"{source} row {i}: {e}") from None
             out.append({"line": i, "prompt": p, "dataset_toxicity": tox})
             if limit and len(out) >= limit:
                 break

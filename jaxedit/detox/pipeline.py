@@ -81,6 +81,7 @@ class DetoxConfig:
     factual_samples: int = 2
     obfuscate: bool = True  # plots show the chunk's tokens with their vowels starred
     batch_size: int = 8  # prompts per sampling / tracing call
+    skip_bad: bool = False  # leave out bad lines of the prompt file instead of stopping
 
     def check(self, n_layers: Optional[int] = None) -> None:
         bad = [s for s in self.strategies if s not in STRATEGIES]
@@ -216,7 +217,7 @@ def select(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) 
     from jaxedit.generate import sample
 
     cfg.check(model.config.n_layers)
-    prompts = read_prompts(cfg.prompts, cfg.limit)  # bad input fails here, before anything is written
+    prompts = read_prompts(cfg.prompts, cfg.limit, cfg.skip_bad)  # bad input fails here, before anything is written
     get_chunker(cfg.chunker)
     get_scorer(cfg.scorer)
     where = {p["line"]: f"{cfg.prompts}:{p['line']}" for p in prompts}
@@ -228,6 +229,10 @@ def select(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) 
     cand_path = os.path.join(out, "candidates.jsonl")
     done = {r["line"]: r for r in read_rows(cand_path)}
     todo = [p for p in prompts if p["line"] not in done]
+    from jaxedit import runtime
+
+    runtime.stage(f"select: {len(prompts)} prompts ({len(prompts) - len(todo)} done earlier), "
+                  f"{cfg.select_samples} continuations of {cfg.max_new_tokens} tokens each")
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
     with _bar(len(prompts), "select: sampling", len(prompts) - len(todo), progress) as bar:
         for i in range(0, len(todo), cfg.batch_size):
@@ -346,6 +351,10 @@ def localize(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True
     ids = [tokenizer(r["prompt"])["input_ids"] for r in rows]
     # one noise level for the whole set (the reference's "s3" over all subjects), whatever the batches
     level = resolve_noise_level(model, tokenizer, "s3", [i[r["span"][0]:r["span"][1]] for i, r in zip(ids, rows)])
+    from jaxedit import runtime
+
+    runtime.stage(f"localize: tracing {len(rows)} prompts ({len(rows) - len(todo)} done earlier), kinds "
+                  f"{', '.join(kinds)}, noise level {level:.4g}")
     with _bar(len(rows), "localize: tracing", len(rows) - len(todo), progress) as bar:
         for i in range(0, len(todo), cfg.batch_size):
             part = todo[i:i + cfg.batch_size]
@@ -474,6 +483,9 @@ def edit(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) ->
               else sorted({l for r in todo for l in r[5]}))
     stats = layer_stats(model, tokenizer, needed, corpus=base.mom2_corpus, n_samples=base.mom2_samples,
                         max_len=base.mom2_max_len, precision=base.mom2_precision, progress=progress)
+    from jaxedit import runtime
+
+    runtime.stage(f"edit: {len(todo)} of {len(runs)} runs to do, {len(rows)} prompts each")
     with _bar(len(runs), "edit: runs", len(runs) - len(todo), progress) as bar:
         for rid, strategy, objective, kl, seed, layers in todo:
             reqs = edit_requests(rows, objective, cfg.canned)
@@ -577,6 +589,9 @@ def evaluate(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True
     todo = [rid for rid in ["base"] + planned if rid not in done]
     common = {"n_prompts": len(sets["edit"]), "n_samples": cfg.eval_samples, "n_heldout": len(sets["heldout"]),
               "n_factual": len(sets["factual"])}
+    from jaxedit import runtime
+
+    runtime.stage(f"evaluate: {len(todo)} of {1 + len(planned)} models to evaluate")
     with _bar(1 + len(planned), "evaluate: runs", 1 + len(planned) - len(todo), progress) as bar:
         for rid in todo:
             t0 = time.perf_counter()
