@@ -98,6 +98,20 @@ def smollm2():
     return jaxedit.load("smollm2")
 
 
+@pytest.fixture(scope="session")
+def hf_gguf():
+    """The embedded SmolLM2 GGUF file as transformers loads it (its own GGUF reader and dequantization)."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    from jaxedit.loading import embedded_gguf_path
+
+    path = embedded_gguf_path("smollm2")
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return model.eval()
+
+
 def hf_logits(model, ids, mask=None):
     with torch.no_grad():
         out = model(input_ids=torch.as_tensor(np.asarray(ids)),
