@@ -46,23 +46,20 @@ def result(name, kind, scale):
                        window=10, samples=3, noise_level=0.1)
 
 
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("aie")
+def test_run_files_against_hand_computation(tmp_path):
+    """One test (no shared fixture): a mutation tool runs, for a mutant, the tests that call the mutated function."""
+    out = str(tmp_path)
     rows = []
     for line, name in enumerate("ABC", 1):
         # kind "mlp": the same tables doubled, so that a mixed-up kind shows
         res = {"hidden": result(name, "hidden", 1.0), "mlp": result(name, "mlp", 2.0)}
-        row = tf.save_prompt(str(out), line, {"prompt": name, "subject": "s"}, res, plots=False)
-        tf.append_row(str(out), row)
+        row = tf.save_prompt(out, line, {"prompt": name, "subject": "s"}, res, plots=False)
+        tf.append_row(out, row)
         rows.append(row)
-    tf.write_aggregate(str(out), tf.aggregate_aie(str(out), rows, ("hidden", "mlp")), len(rows))
-    return out
+    tf.write_aggregate(out, tf.aggregate_aie(out, rows, ("hidden", "mlp")), len(rows))
 
-
-def test_best_cell_per_prompt(run_dir):
-    rows = [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
-    for row, name in zip(rows, "ABC"):
+    # results.jsonl: each prompt's best cell
+    for row, name in zip([json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()], "ABC"):
         ie, span, low = IE[name]
         assert row["span"] == list(span) and row["low_score"] == pytest.approx(low)
         for kind, scale in (("hidden", 1.0), ("mlp", 2.0)):
@@ -70,9 +67,8 @@ def test_best_cell_per_prompt(run_dir):
             assert (row[kind]["token"], row[kind]["layer"]) == (token, layer), (name, kind)
             assert row[kind]["max_ie"] == pytest.approx(scale * max_ie)
 
-
-def test_aie_csv_numbers(run_dir):
-    with open(run_dir / "aie.csv") as f:
+    # aie.csv: every number and count
+    with open(tmp_path / "aie.csv") as f:
         table = list(csv.DictReader(f))
     assert [(r["kind"], r["group"]) for r in table] == [(k, g) for k in ("hidden", "mlp") for g in EXPECTED]
     for r in table:
@@ -82,9 +78,8 @@ def test_aie_csv_numbers(run_dir):
         np.testing.assert_allclose([float(r[f"layer{l}"]) for l in range(L)], scale * want, rtol=1e-5,
                                    err_msg=str(r))
 
-
-def test_aie_md_peaks(run_dir):
-    lines = (run_dir / "aie.md").read_text().splitlines()
+    # aie.md: the peak layer and value of each group
+    lines = (tmp_path / "aie.md").read_text().splitlines()
     hidden = lines[lines.index("## hidden"):lines.index("## mlp")]
     assert hidden[2].startswith("| group | n | peak layer | peak AIE |")
     for g, (want, n) in EXPECTED.items():
