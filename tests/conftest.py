@@ -62,6 +62,16 @@ def build_hf_model(name: str, seed: int = 0, init_std: float = 0.02):
     return model.eval()
 
 
+def offset_span(tok, text, substring):
+    """Half-open token range of the tokens overlapping the first occurrence of ``substring`` in ``text``, from the
+    tokenizer's own character offsets (an independent check of jaxedit's span finding)."""
+    c0 = text.index(substring)
+    c1 = c0 + len(substring)
+    offsets = tok(text, return_offsets_mapping=True)["offset_mapping"]
+    hit = [i for i, (a, b) in enumerate(offsets) if b > a and a < c1 and b > c0]
+    return hit[0], hit[-1] + 1
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()
@@ -86,6 +96,20 @@ def smollm2():
     import jaxedit
 
     return jaxedit.load("smollm2")
+
+
+@pytest.fixture(scope="session")
+def hf_gguf():
+    """The embedded SmolLM2 GGUF file as transformers loads it (its own GGUF reader and dequantization)."""
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    from jaxedit.loading import embedded_gguf_path
+
+    path = embedded_gguf_path("smollm2")
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                 dtype=torch.float32)
+    return model.eval()
 
 
 def hf_logits(model, ids, mask=None):

@@ -14,13 +14,14 @@ def _parts(hf):
     return gpt2, (base.h if gpt2 else base.layers), (base.wte if gpt2 else base.embed_tokens)
 
 
-def torch_trace(hf, ids, span, noise, answer, kind, window):
-    """Returns (scores [T, L], low_score, high_score) for one kind; answer: the token whose probability is read."""
+def torch_scores(hf, ids, span, noise, answer, kind="hidden", window=1, cells=()):
+    """The corrupted run and the restorations of ``cells`` [(token, layer)] alone. Returns ({cell: score},
+    low_score, high_score); answer: the token whose probability is read."""
     gpt2, layers, emb = _parts(hf)
-    L, T, S = len(layers), len(ids), noise.shape[0]
+    L, S = len(layers), noise.shape[0]
     s, e = span
     x = torch.tensor([list(map(int, ids))] * (S + 1))
-    tnoise = torch.from_numpy(np.asarray(noise, np.float32))
+    tnoise = torch.from_numpy(np.asarray(noise, np.float32)).to(emb.weight.dtype)
 
     def sub(l):
         if kind == "hidden":
@@ -45,9 +46,19 @@ def torch_trace(hf, ids, span, noise, answer, kind, window):
         return float(probs[0, answer]), float(probs[1:, answer].mean())
 
     high, low = run([])
+    scores = {}
+    for t, l in cells:
+        lays = [l] if kind == "hidden" else range(max(0, l - window // 2), min(L, l - (-window // 2)))
+        scores[(t, l)] = run([(sub(j), t) for j in lays])[1]
+    return scores, low, high
+
+
+def torch_trace(hf, ids, span, noise, answer, kind, window):
+    """Returns (scores [T, L], low_score, high_score) for one kind; answer: the token whose probability is read."""
+    L, T = len(_parts(hf)[1]), len(ids)
+    cells = [(t, l) for t in range(T) for l in range(L)]
+    got, low, high = torch_scores(hf, ids, span, noise, answer, kind, window, cells)
     scores = np.zeros((T, L))
-    for t in range(T):
-        for l in range(L):
-            lays = [l] if kind == "hidden" else range(max(0, l - window // 2), min(L, l - (-window // 2)))
-            scores[t, l] = run([(sub(j), t) for j in lays])[1]
+    for (t, l), v in got.items():
+        scores[t, l] = v
     return scores, low, high

@@ -43,6 +43,7 @@ def perplexity(model, tok, texts=(TEXT,)):
     return float(torch.exp(torch.cat(nll).mean()))
 
 
+@pytest.mark.slow
 def test_edit_eiffel_to_rome(smollm2, stats, tmp_path):
     model, tok = smollm2
     neighbours = [f["prompt"] for f in FACTS[1:]] + EXTRA_NEIGHBOURS
@@ -78,6 +79,7 @@ def test_edit_eiffel_to_rome(smollm2, stats, tmp_path):
         np.testing.assert_array_equal(saved[f"model.layers.{l}.mlp.down_proj.weight"], w[l].T)
 
 
+@pytest.mark.slow
 def test_batch_of_ten_edits(smollm2, stats):
     model, tok = smollm2
     edited_ids = {0, 1, 3, 4, 5, 6, 7, 8, 11, 18}
@@ -97,6 +99,7 @@ def test_batch_of_ten_edits(smollm2, stats):
     assert np.mean(kept) >= 0.8
 
 
+@pytest.mark.slow
 def test_delete_and_kl_sweep(smollm2, stats):
     model, tok = smollm2
     prompts = [FACTS[i] for i in (0, 9, 16)]

@@ -1,6 +1,6 @@
 """MEMIT / deletion machinery on tiny models: the closed-form solve against float64 numpy, the spreading schedule
-against a torch loop over the HF model (hooks for keys and hidden states, weights updated in place), and the
-optimized objective's first value against torch."""
+against a torch loop over the HF model (hooks for keys and hidden states, weights updated in place), and the z
+optimization (objective at every step, Adam, clamp) against a float64 torch loop."""
 import numpy as np
 import pytest
 import torch
@@ -98,23 +98,6 @@ def test_spreading_matches_torch_loop(tiny_dirs, tokenizer, name):
     assert [r["layer"] for r in report] == list(layers)
 
 
-def torch_first_loss(hf, tok, reqs, contexts, mode):
-    hf = hf.double()
-    vals = []
-    for r in reqs:
-        for c in contexts:
-            ids = tok(c.replace("{}", r.template).replace("{}", r.subject))["input_ids"]
-            suffix = r.targets[:-1] if mode == "edit" else []
-            with torch.no_grad():
-                logp = torch.log_softmax(hf(torch.tensor([ids + suffix])).logits[0], -1).numpy()
-            n0 = len(ids)
-            if mode == "edit":
-                vals.append(-np.mean([logp[n0 - 1 + j, t] for j, t in enumerate(r.targets)]))
-            else:
-                vals.append(np.mean([logp[n0 - 1, t] for t in r.targets]))
-    return np.array(vals).reshape(len(reqs), len(contexts)).mean(1)
-
-
 @pytest.fixture(scope="module")
 def sharp_llama(tmp_path_factory, tokenizer):
     """A tiny LLaMA with larger weights (init std 0.3): its logits can express a confident prediction."""
@@ -127,33 +110,64 @@ def sharp_llama(tmp_path_factory, tokenizer):
     return str(d), hf
 
 
-@pytest.mark.parametrize("mode", ["edit", "delete"])
-def test_objective_and_effect(sharp_llama, tokenizer, mode):
+@pytest.mark.parametrize("mode", ["edit", "logp", "unlikelihood"])
+def test_objective_and_effect(sharp_llama, tokenizer, monkeypatch, mode):
+    """The z optimization against :func:`torch_z_reference` at every step (the whole objective: NLL or deletion term
+    + KL at a nonzero weight + weight decay; the final delta after the Adam steps, the clamp active), and the edit's
+    effect."""
     import copy
 
     model, tok = jaxedit.load(sharp_llama[0])
+    hf = copy.deepcopy(sharp_llama[1]).double()
     cfg = model.config
     before = np.asarray(jaxedit.params_of(model)["blocks"]["w_out"]).copy()
-    stats = random_stats(cfg, (0, 1))
+    real, recorded = ed.optimize_deltas, []
+
+    def record(*args, **kwargs):
+        out = real(*args, **kwargs)
+        recorded.extend(np.asarray(a) for a in out)
+        return out
+
+    monkeypatch.setattr(ed, "optimize_deltas", record)
+    # clamp factors at which the clamp acts in the last steps (unlikelihood settles earlier, with a shorter delta)
+    kw = dict(layers=[0, 1], tokenizer=tok, stats=random_stats(cfg, (0, 1)), mom2_update_weight=1.0, progress=False,
+              clamp_norm_factor=0.25 if mode == "unlikelihood" else 1.0)
     if mode == "edit":
         reqs = [END1, END2]
-        edited, rep = jaxedit.memit(model, reqs, layers=[0, 1], tokenizer=tok, stats=stats, mom2_update_weight=1.0,
-                                    progress=False)
+        edited, rep = jaxedit.memit(model, reqs, **kw)  # the preset's KL weight, 0.0625
     else:
-        reqs = [dict(END1, suppress=[" Paris", " is"]), dict(END2, suppress=" music")]
-        for r in reqs:
-            r.pop("target")
-        edited, rep = jaxedit.delete(model, reqs, layers=[0, 1], tokenizer=tok, stats=stats, kl_weight=0.0,
-                                     mom2_update_weight=1.0, progress=False)
-    parsed = ed.parse_requests(reqs, tok, mode)
-    ref = torch_first_loss(copy.deepcopy(sharp_llama[1]), tok, parsed, rep["contexts"], mode)
-    got = np.array([r["objective_first"] for r in rep["requests"]])
-    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+        if mode == "logp":
+            suppress = [[" Paris", " is"], " music"]
+        else:  # -log(1 - P) is ~P for improbable tokens: suppress what the model predicts
+            suppress = []
+            for r in (END1, END2):
+                with torch.no_grad():
+                    logits = hf(torch.tensor([tok(r["prompt"].format(r["subject"]))["input_ids"]])).logits
+                suppress.append(tok.decode([int(logits[0, -1].argmax())]))
+        reqs = [{"prompt": r["prompt"], "subject": r["subject"], "suppress": s} for r, s in zip((END1, END2), suppress)]
+        edited, rep = jaxedit.delete(model, reqs, kl_weight=0.1, delete_objective=mode, **kw)
+    hp = ed.EditHparams(**dict(rep["hparams"], layers=tuple(rep["hparams"]["layers"])))
+    delta, losses, mains, n_run = recorded
+    clamped = 0
+    for j, req in enumerate(ed.parse_requests(reqs, tok, "edit" if mode == "edit" else "delete")):
+        ref_losses, ref_mains, ref_delta, h_norm = torch_z_reference(hf, tok, req, rep["contexts"], hp, mode)
+        n = len(ref_losses)
+        assert n_run[j] == n == rep["requests"][j]["steps"]
+        np.testing.assert_allclose(losses[j, :n], ref_losses, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(mains[j, :n], ref_mains, rtol=1e-4, atol=1e-5)
+        assert np.abs(ref_losses - ref_mains)[1:].max() > 1e-3  # the KL and weight decay terms weigh in
+        np.testing.assert_allclose(delta[j], ref_delta, atol=1e-3 * np.abs(ref_delta).max())
+        clamped += abs(np.linalg.norm(ref_delta) / (hp.clamp_norm_factor * h_norm) - 1) < 1e-6
+        r = rep["requests"][j]
+        np.testing.assert_allclose([r["objective_first"], r["loss_last"]], [ref_mains[0], ref_losses[-1]],
+                                   rtol=1e-4, atol=1e-5)
+    assert clamped  # the clamp decided the final delta of a request
     # the input model is untouched; the edited one moved the tracked tokens the right way
     np.testing.assert_array_equal(np.asarray(jaxedit.params_of(model)["blocks"]["w_out"]), before)
     for r in rep["requests"]:
         pb, pa = np.mean(r["p_before"]), np.mean(r["p_after"])
-        assert (pa > 20 * pb) if mode == "edit" else (pa < pb / 20), r
+        # the bounded -log(1 - P) pushes little once P is small (and the clamp is tight here): a smaller drop
+        assert (pa > 20 * pb) if mode == "edit" else (pa < pb / (4 if mode == "unlikelihood" else 20)), r
     assert len(rep["layers_report"]) == 2 and all(x["update_norm"] > 0 for x in rep["layers_report"])
     w = np.asarray(jaxedit.params_of(edited)["blocks"]["w_out"])
     np.testing.assert_array_equal(w[2], before[2])  # layer 2 not edited
@@ -198,3 +212,93 @@ def test_default_layers_and_presets():
     assert ed.default_layers(small) == (3, 4)
     smol = ModelConfig("llama", 30, 576, 9, 3, 64, 1536, 49152, 8192, 1e-5, True, "silu")
     assert ed.default_layers(smol) == (4, 5, 6, 7, 8)
+
+
+def torch_z_reference(hf, tok, req, contexts, hp, mode):
+    """The z optimization of one request, written here after MEMIT's compute_v in float64 torch on the HF model:
+    delta added to the output of the last edited layer at the subject's last token of every row (the prompt under
+    each context, then hp.kl_prompt), objective = the NLL of the target (edit; mean over its tokens, then over the
+    rows) or the mean log P / -log(1 - P) of the suppressed tokens (delete), + kl_factor x KL (torch's kl_div:
+    KL(P_now || P_orig) for edits, KL(P_orig || P_now) for deletion, at the KL prompt's key token) + weight_decay x
+    ||delta|| / ||h||^2; torch Adam; after each step delta is scaled back to clamp_norm_factor x ||h||; stop at the
+    last step or (edit) when the loss falls below early_stop_loss, without applying that step.
+    Returns (losses, objective terms, delta, ||h||)."""
+    F = torch.nn.functional
+    blocks = hf.transformer.h if hf.config.model_type == "gpt2" else hf.model.layers
+    L = hp.layers[-1]
+
+    def encode(full):
+        cut = full.index("{}")
+        prefix = tok(full[:cut] + req.subject)["input_ids"]
+        ids = tok(full.replace("{}", req.subject))["input_ids"]
+        assert ids[:len(prefix)] == prefix
+        return ids, len(prefix) - 1
+
+    rows, keys, where = [], [], []  # where: (positions, tokens) of each prompt row's objective
+    for c in contexts:
+        ids, key = encode(c.replace("{}", req.template))
+        n = len(ids)
+        extra = req.targets[:-1] if mode == "edit" else []
+        rows.append(ids + extra)
+        keys.append(key)
+        where.append(([n - 1 + j for j in range(len(req.targets))] if mode == "edit" else [n - 1] * len(req.targets),
+                      req.targets))
+    ids, key = encode(hp.kl_prompt)
+    rows.append(ids)
+    keys.append(key)
+    # one batch, right-padded (causal attention: the padding cannot reach the real tokens)
+    T = max(map(len, rows))
+    batch = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+    at_key = torch.zeros(len(rows), T, 1, dtype=torch.float64)
+    at_key[torch.arange(len(rows)), torch.tensor(keys)] = 1.0
+
+    def run(delta):
+        """log-softmax logits [rows, T, V] and the output of layer L [rows, T, d], delta added at the keys."""
+        seen = {}
+
+        def hook(m, a, o):
+            h = (o[0] if isinstance(o, tuple) else o) + at_key * delta
+            seen["h"] = h
+            return (h,) + tuple(o[1:]) if isinstance(o, tuple) else h
+
+        handle = blocks[L].register_forward_hook(hook)
+        try:
+            logits = hf(batch).logits
+        finally:
+            handle.remove()
+        return torch.log_softmax(logits, -1), seen["h"]
+
+    with torch.no_grad():
+        lp, h = run(torch.zeros(hf.config.hidden_size, dtype=torch.float64))
+        h_norm = h[0, keys[0]].norm()  # the bare prompt (context "{}"), its key token
+        lp0 = lp[-1, keys[-1]]
+
+    def objective(delta):
+        lp = run(delta)[0]
+        per_row = []
+        for i, (pos, toks) in enumerate(where):
+            v = lp[i, pos, toks]
+            per_row.append((-torch.log1p(-torch.exp(v)) if mode == "unlikelihood" else v).mean())
+        main = torch.stack(per_row).mean() * (-1 if mode == "edit" else 1)
+        lp_kl = lp[-1, keys[-1]]
+        kl = (F.kl_div(lp0[None], lp_kl[None], log_target=True, reduction="batchmean") if mode == "edit"
+              else F.kl_div(lp_kl[None], lp0[None], log_target=True, reduction="batchmean"))
+        return main + hp.kl_factor * kl + hp.v_weight_decay * delta.norm() / h_norm ** 2, main
+
+    delta = torch.zeros(hf.config.hidden_size, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=hp.v_lr)
+    losses, mains = [], []
+    for it in range(hp.v_num_grad_steps):
+        opt.zero_grad()
+        loss, main = objective(delta)
+        losses.append(loss.item())
+        mains.append(main.item())
+        if it == hp.v_num_grad_steps - 1 or (mode == "edit" and loss.item() < hp.early_stop_loss):
+            break
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            max_norm = hp.clamp_norm_factor * h_norm
+            if delta.norm() > max_norm:
+                delta[...] = delta * max_norm / delta.norm()
+    return np.array(losses), np.array(mains), delta.detach().numpy(), float(h_norm)

@@ -15,20 +15,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def hf_gguf():
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("accelerate")
-    from transformers import AutoModelForCausalLM
-
-    from jaxedit.loading import embedded_gguf_path
-
-    path = embedded_gguf_path("smollm2")
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                 dtype=torch.float32)
-    return model.eval()
-
-
 @pytest.mark.slow
 def test_config(smollm2):
     model, _ = smollm2

@@ -7,8 +7,8 @@ import torch
 import jaxedit
 from jaxedit import JaxeditError
 from jaxedit.locate.tracing import draw_noise, find_token_range, trace, trace_batch
-from conftest import build_hf_model
-from reference_torch import torch_trace
+from conftest import build_hf_model, offset_span
+from reference_torch import torch_scores, torch_trace
 
 PROMPT = "The Eiffel Tower is located in the city of"
 SUBJECT = "Eiffel Tower"
@@ -101,12 +101,37 @@ def test_batch_of_different_lengths_equals_one_by_one(tiny):
     assert batch[2]["hidden"].answer_id == tok(" Seattle", add_special_tokens=False)["input_ids"][0]
 
 
-def test_s3_noise_is_three_embedding_stds(tiny):
-    _, model, tok = tiny
-    r = trace(model, PROMPT, span=SUBJECT, tokenizer=tok, samples=2, kinds=("hidden",))["hidden"]
-    ids = r.input_ids[r.span[0]:r.span[1]]
-    emb = np.asarray(jaxedit.params_of(model)["wte" if model.config.family == "gpt2" else "embed"])[ids]
-    assert r.noise_level == pytest.approx(3 * emb.astype(np.float64).std(ddof=1), rel=1e-5)
+@pytest.mark.parametrize("k", [3, 0.5])
+def test_s3_noise_is_three_embedding_stds(tiny, k):
+    """noise "s<k>" (default "s3"): the noise actually added is k x the std of the token embeddings of the batch's
+    spans (all of them together), drawn as RandomState(seed).randn(samples, span_len, d): the corrupted runs'
+    p(answer) equals torch's with that noise, spans and level computed here independently (offset mapping, the HF
+    embedding matrix). k = 0.5 corrupts partly, where a wrong scale shows most."""
+    hf, model, tok = tiny
+    reqs = [{"prompt": PROMPT, "subject": SUBJECT},
+            {"prompt": "Miles Davis plays the", "subject": "Miles Davis"},
+            {"prompt": "The Space Needle is in", "subject": "Space Needle", "target": " Seattle"},
+            {"prompt": "Beats Music is owned by", "subject": "Beats Music"}]
+    # the call of test_batch_of_different_lengths_equals_one_by_one but for the noise: the same compiled grid
+    got = trace_batch(model, reqs, tokenizer=tok, samples=3, noise=f"s{k}", kinds=("hidden", "attn"), batch_size=3)
+    spans = [offset_span(tok, r["prompt"], r["subject"]) for r in reqs]
+    ids = [tok(r["prompt"])["input_ids"] for r in reqs]
+    emb = hf.get_input_embeddings().weight.detach().double().numpy()
+    level = k * np.concatenate([emb[i[s:e]] for i, (s, e) in zip(ids, spans)]).std(ddof=1)
+    for req, i, (s, e), res in zip(reqs, ids, spans, got):
+        r = res["hidden"]
+        assert r.span == (s, e) and r.noise_level == pytest.approx(level, rel=1e-6)
+        with torch.no_grad():
+            clean = hf(torch.tensor([i])).logits[0, -1]
+        answer = tok(req["target"])["input_ids"][0] if "target" in req else int(clean.argmax())
+        assert r.answer_id == answer
+        noise = level * np.random.RandomState(1).randn(3, e - s, model.config.d_model)
+        _, low, high = torch_scores(hf, i, (s, e), noise, answer)
+        tol = dict(rel=1e-3, abs=1e-7)
+        assert r.high_score == pytest.approx(high, **tol) and r.low_score == pytest.approx(low, **tol)
+        # the check can tell: noise at k (not k x std) corrupts differently
+        _, low_k, _ = torch_scores(hf, i, (s, e), k * noise / level, answer)
+        assert low_k != pytest.approx(low, rel=1e-2)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -233,6 +233,33 @@ def _pad(rows, T=None):
 
 # ---- the z optimization ----
 
+def z_objective(lp, lp0, tok_ids, tok_w, delta, norm_h, *, mode: str, weight_decay, kl_factor):
+    """The loss of one request's z optimization at ``delta``. lp [R, K, V]: log-probabilities at the objective's
+    positions of the R rows (the context-templated prompts, then the KL prompt, whose column 0 is its key token);
+    lp0 [V]: the KL row's log-probabilities at delta = 0; tok_ids / tok_w [R, K]: the objective's tokens and weights
+    (zero on padding and on the KL row); norm_h: ||h|| at the key token. Returns (total, the NLL / deletion term)."""
+    tok = jnp.take_along_axis(lp, tok_ids[..., None], -1)[..., 0]  # [R, K]
+    if mode == "unlikelihood":  # -log(1 - P) per token, for the mean below
+        tok = -jnp.log(-jnp.expm1(jnp.minimum(tok, -1e-7)))
+    w = tok_w[:-1]
+    per_row = (tok[:-1] * w).sum(-1) / jnp.maximum(w.sum(-1), 1)  # mean over each row's tokens
+    lp_kl = lp[-1, 0]
+    if mode == "edit":
+        main = -per_row.mean()
+        kl = (jnp.exp(lp_kl) * (lp_kl - lp0)).sum()  # KL(P_now || P_orig)
+    else:
+        main = per_row.mean()
+        kl = (jnp.exp(lp0) * (lp0 - lp_kl)).sum()  # KL(P_orig || P_now)
+    wd = weight_decay * jnp.sqrt(jnp.sum(delta ** 2) + 1e-30) / norm_h ** 2  # gradient 0 at delta = 0
+    return main + kl_factor * kl + wd, main
+
+
+def clamp_norm(x, max_norm):
+    """``x`` scaled down to norm ``max_norm`` when it is longer."""
+    nrm = jnp.linalg.norm(x)
+    return jnp.where(nrm > max_norm, x * max_norm / nrm, x)
+
+
 @partial(jax.jit, static_argnames=("cfg", "layer", "mode", "steps", "window"))
 def optimize_deltas(cfg: ModelConfig, params, h, mask, key_pos, logit_pos, tok_ids, tok_w, h_init, *,
                     layer: int, mode: str, steps: int, lr, weight_decay, clamp_factor, kl_factor, stop_loss,
@@ -279,21 +306,8 @@ def optimize_deltas(cfg: ModelConfig, params, h, mask, key_pos, logit_pos, tok_i
         norm_h = jnp.linalg.norm(h_init)
 
         def loss_fn(delta):
-            lp = logprobs(delta)
-            tok = jnp.take_along_axis(lp, tok_ids[..., None], -1)[..., 0]  # [R, K]
-            if mode == "unlikelihood":  # -log(1 - P) per token, for the mean below
-                tok = -jnp.log(-jnp.expm1(jnp.minimum(tok, -1e-7)))
-            w = tok_w[:-1]
-            per_row = (tok[:-1] * w).sum(-1) / jnp.maximum(w.sum(-1), 1)  # mean over each row's tokens
-            lp_kl = lp[-1, 0]
-            if mode == "edit":
-                main = -per_row.mean()
-                kl = (jnp.exp(lp_kl) * (lp_kl - lp0)).sum()  # KL(P_now || P_orig)
-            else:
-                main = per_row.mean()
-                kl = (jnp.exp(lp0) * (lp0 - lp_kl)).sum()  # KL(P_orig || P_now)
-            wd = weight_decay * jnp.sqrt(jnp.sum(delta ** 2) + 1e-30) / norm_h ** 2  # gradient 0 at delta = 0
-            return main + kl_factor * kl + wd, main
+            return z_objective(logprobs(delta), lp0, tok_ids, tok_w, delta, norm_h, mode=mode,
+                               weight_decay=weight_decay, kl_factor=kl_factor)
 
         def cond(carry):
             return ~carry[2] & (carry[3] < steps)
@@ -303,10 +317,7 @@ def optimize_deltas(cfg: ModelConfig, params, h, mask, key_pos, logit_pos, tok_i
             (loss, main), g = jax.value_and_grad(loss_fn, has_aux=True)(delta)
             stop = (it == steps - 1) | ((loss < stop_loss) if mode == "edit" else False)
             upd, opt_new = tx.update(g, opt, delta)
-            new = optax.apply_updates(delta, upd)
-            max_norm = clamp_factor * norm_h
-            nrm = jnp.linalg.norm(new)
-            new = jnp.where(nrm > max_norm, new * max_norm / nrm, new)
+            new = clamp_norm(optax.apply_updates(delta, upd), clamp_factor * norm_h)
             delta = jnp.where(stop, delta, new)  # the loop ends at a stop, so the optimizer state needs no guard
             return delta, opt_new, stop, it + 1, losses.at[it].set(loss), mains.at[it].set(main)
 

@@ -5,6 +5,7 @@ Accepted: the name ``smollm2`` (the embedded default model), a ``.gguf`` file, a
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -35,17 +36,66 @@ def embedded_gguf_path(name: str) -> str:
     return path
 
 
+# The modules whose code decides what a GGUF conversion writes into the cache: reading the file (metadata ->
+# config, dequantization, the tokenizer), the name-mapping table and its transforms (Q/K rotary reordering),
+# applying it, the parameter tree it fills (config, abstract init, the LLaMA family's parameter container; the
+# family module also fixes the rotary order the stored Q/K rows must have), the directory format it is written in,
+# and this module (the key itself). Not listed: the forward pass (it reads the parameters, it does not make them),
+# GPT-2 (GGUF files are LLaMA only), error messages, export. tests/test_gguf.py checks that every jaxedit module
+# these import is either listed here or named there as not taking part.
+CONVERSION_MODULES = ("jaxedit.loading", "jaxedit.loading.gguf_file", "jaxedit.loading.hf", "jaxedit.loading.convert",
+                      "jaxedit.loading.mappings", "jaxedit.loading.native", "jaxedit.config", "jaxedit.model",
+                      "jaxedit.models", "jaxedit.models.common", "jaxedit.models.llama")
+# Distributions whose version can change the converted copy: the GGUF reader and dequantizer, the array library it
+# dequantizes with, and the tokenizer conversion (transformers' GGUF tokenizer builder, the tokenizers library).
+CONVERSION_DEPENDENCIES = ("gguf", "numpy", "transformers", "tokenizers")
+
+
+@functools.lru_cache(maxsize=None)
+def conversion_fingerprint() -> str:
+    """A hash of everything besides the GGUF file that decides its converted copy: the source of
+    :data:`CONVERSION_MODULES`, the installed versions of :data:`CONVERSION_DEPENDENCIES`, and whether torch is
+    installed (the tokenizer is built by one of two paths, see :func:`gguf_tokenizer`). Any change to the converting
+    code or an upgrade of these dependencies gives a new cache key, so a stale conversion is never served."""
+    from importlib import metadata
+
+    h = hashlib.sha256()
+    for name in CONVERSION_MODULES:
+        spec = importlib.util.find_spec(name)
+        h.update(name.encode() + b"\0")
+        try:
+            with open(spec.origin, "rb") as f:
+                h.update(f.read())
+        except (OSError, TypeError, AttributeError):  # no readable source (e.g. a zipped install): its version
+            h.update(f"jaxedit {metadata.version('jaxedit')}".encode())
+    for dist in CONVERSION_DEPENDENCIES:
+        try:
+            version = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            version = "absent"
+        h.update(f"\0{dist}=={version}".encode())
+    h.update(f"\0torch:{importlib.util.find_spec('torch') is not None}".encode())
+    return h.hexdigest()
+
+
+def _cache_key(path: str) -> str:
+    """The cache key of a GGUF file's converted copy: the file (path, size, modification time) and
+    :func:`conversion_fingerprint`."""
+    st = os.stat(path)
+    text = f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{conversion_fingerprint()}"
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
 def _converted_gguf(path: str) -> str:
     """Convert a GGUF file once (dequantize, tokenizer) into a jaxedit directory in the cache; return its path."""
-    st = os.stat(path)
-    key = hashlib.sha1(f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    target = os.path.join(cache_dir(), f"{os.path.splitext(os.path.basename(path))[0]}-{key}")
+    target = os.path.join(cache_dir(), f"{os.path.splitext(os.path.basename(path))[0]}-{_cache_key(path)}")
     if not is_native_dir(target):
         from jaxedit.runtime import stage
 
         stage(f"converting {os.path.basename(path)} into {cache_dir()} (first use only; about 30 s)")
         model = load_gguf(path, "float32")
-        save_native(model, gguf_tokenizer(path), target, extra={"source": os.path.abspath(path)})
+        save_native(model, gguf_tokenizer(path), target,
+                    extra={"source": os.path.abspath(path), "conversion": conversion_fingerprint()})
     return target
 
 

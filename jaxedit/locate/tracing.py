@@ -74,20 +74,20 @@ class TraceResult:
 # ---------------------------------------------------------------------------------------------- inputs
 
 def find_token_range(tokenizer, input_ids: Sequence[int], substring: str) -> tuple:
-    """Half-open range of the tokens overlapping the first occurrence of ``substring`` in the decoded tokens."""
-    toks = [tokenizer.decode([int(i)]) for i in input_ids]
-    whole = "".join(toks)
+    """Half-open range of the tokens overlapping the first occurrence of ``substring`` in the decoded prompt.
+
+    Where each token's characters lie is read from decodes of growing prefixes of the ids, not from decoding each
+    token alone: a sentencepiece-style decoder drops the leading space of a token decoded on its own ("▁Tower" ->
+    "Tower"), and a byte-level token can hold part of a character."""
+    ids = [int(i) for i in input_ids]
+    prefixes = tokenizer.batch_decode([ids[:i + 1] for i in range(len(ids))], clean_up_tokenization_spaces=False)
+    whole = prefixes[-1] if prefixes else ""
     pos = whole.find(substring)
     if not substring or pos < 0:
         raise JaxeditError(f"span {substring!r} does not occur in the prompt {whole!r}")
-    loc, start, end = 0, None, None
-    for i, t in enumerate(toks):
-        loc += len(t)
-        if start is None and loc > pos:
-            start = i
-        if end is None and loc >= pos + len(substring):
-            end = i + 1
-            break
+    ends = [len(p) for p in prefixes]  # where each token's text ends
+    start = next(i for i, end in enumerate(ends) if end > pos)
+    end = next(i for i, end in enumerate(ends) if end >= pos + len(substring)) + 1
     return start, end
 
 
