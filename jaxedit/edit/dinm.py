@@ -124,10 +124,11 @@ def _pair_distances(cfg: ModelConfig, params, ids, mask, pair_len):
     return dists.T
 
 
-def _response_ids(tokenizer, text: str, case: Case, field: str) -> list:
-    if not list(tokenizer(text, add_special_tokens=False)["input_ids"]):
+def _response_ids(tokenizer, text: str, case: Case, field: str, special: bool = True) -> list:
+    """The response's token ids (an error naming the case and field when there are none)."""
+    if not text.strip() or not list(tokenizer(text.strip(), add_special_tokens=False)["input_ids"]):
         raise JaxeditError(f"{case.where}: \"{field}\" tokenizes to no tokens")
-    return list(tokenizer(text)["input_ids"])
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
 def _locate_params(cfg, params, tokenizer, cases, chunk: int = 8) -> np.ndarray:
@@ -187,9 +188,9 @@ def _case_rows(tokenizer, case: Case, suffix, max_len: int) -> _Rows:
     for prompt, answer, field in ((case.prompt, case.safe, "safe generation"),
                                   (case.kc_prompt, case.kc_answer, "knowledge constrain answer")):
         p = list(tokenizer(with_suffix(prompt, suffix))["input_ids"])
-        a = list(tokenizer(" " + answer.strip(), add_special_tokens=False)["input_ids"])
-        if not a or not answer.strip():
-            raise JaxeditError(f"{case.where}: \"{field}\" tokenizes to no tokens")
+        if not p:
+            raise JaxeditError(f"{case.where}: the prompt tokenizes to no tokens")
+        a = _response_ids(tokenizer, " " + answer.strip(), case, field, special=False)
         if len(a) >= max_len:
             raise JaxeditError(f"{case.where}: \"{field}\" has {len(a)} tokens; the model takes {max_len}")
         extra = len(p) + len(a) - max_len
@@ -199,57 +200,78 @@ def _case_rows(tokenizer, case: Case, suffix, max_len: int) -> _Rows:
     return _Rows(out[0], out[1], out[2], out[3], cut)
 
 
-def _batch_arrays(rows: Sequence[_Rows], pad: int, max_len: int):
-    """Right-padded rows (edit rows, then knowledge-constraint rows) with the positions, targets and weights of
-    the loss terms, in buckets (T: 32, K: 16) so that similar cases share a compile."""
-    seqs = [r.edit for r in rows] + [r.kc for r in rows]
-    ns = [r.edit_n for r in rows] + [r.kc_n for r in rows]
+def _block(seqs: Sequence[list], ns: Sequence[int], pad: int, max_len: int) -> dict:
+    """Right-padded rows and their loss entries, flattened over rows: the row and position predicting each
+    response token, the token, a weight (0 on bucket filler). Lengths are bucketed (T: 32, entries: 16) so that
+    similar cases share a compile."""
     T = min(_bucket(max(len(s) for s in seqs), 32), max_len)
-    K = _bucket(max(ns), 16)
-    B = len(seqs)
-    ids = np.full((B, T), pad, np.int32)
-    mask = np.zeros((B, T), np.int32)
-    pos = np.zeros((B, K), np.int32)
-    tgt = np.zeros((B, K), np.int32)
-    w_nll = np.zeros((B, K), np.float32)
-    w_kl = np.zeros((B, K), np.float32)
+    N = _bucket(sum(ns), 16)
+    ids = np.full((len(seqs), T), pad, np.int32)
+    mask = np.zeros((len(seqs), T), np.int32)
+    row, pos, tgt = (np.zeros((N,), np.int32) for _ in range(3))
+    w = np.zeros((N,), np.float32)
+    j = 0
     for b, (s, n) in enumerate(zip(seqs, ns)):
         ids[b, :len(s)], mask[b, :len(s)] = s, 1
         start = len(s) - n - 1  # the position predicting the response's first token
-        pos[b] = [start + min(k, n - 1) for k in range(K)]
-        tgt[b] = [s[start + 1 + min(k, n - 1)] for k in range(K)]
-        (w_nll if b < len(rows) else w_kl)[b, :n] = 1.0
-    return T, tuple(jnp.asarray(a) for a in (ids, mask, pos, tgt, w_nll, w_kl))
+        row[j:j + n], pos[j:j + n], tgt[j:j + n], w[j:j + n] = b, np.arange(start, start + n), s[start + 1:], 1.0
+        j += n
+    return {k: jnp.asarray(v) for k, v in dict(ids=ids, mask=mask, row=row, pos=pos, tgt=tgt, w=w).items()}
 
 
-def _logprobs(cfg: ModelConfig, params, layers, W, ids, mask, pos):
-    """[B, K, V] log-probabilities at ``pos`` with the output projections of ``layers`` replaced by ``W``."""
+def _batch_arrays(rows: Sequence[_Rows], pad: int, max_len: int):
+    """The edit rows and the knowledge-constraint rows as two blocks (padded separately: the attack prompts are
+    usually much longer than the constraint prompts)."""
+    return (_block([r.edit for r in rows], [r.edit_n for r in rows], pad, max_len),
+            _block([r.kc for r in rows], [r.kc_n for r in rows], pad, max_len))
+
+
+def _logprobs(cfg: ModelConfig, params, layers, W, blk, h_in=None, start: int = 0):
+    """[N, V] log-probabilities at the entries of the block ``blk`` with the output projections of ``layers``
+    replaced by ``W``. ``h_in``: the block's output of layer ``start - 1`` (the layers before ``start`` do not
+    change, so that is computed once)."""
+    fam = FAMILY_MODULES[cfg.family]
     w_out = params["blocks"]["w_out"]
     p = dict(params, blocks=dict(params["blocks"], w_out=w_out.at[layers].set(W.astype(w_out.dtype))))
-    return jax.nn.log_softmax(apply(cfg, p, ids, mask, logit_positions=pos).logits.astype(jnp.float32), -1)
+    out = apply(cfg, p, blk["ids"], blk["mask"], capture=("hidden",), num_layers=cfg.n_layers, start_layer=start,
+                hidden_in=h_in)
+    x = fam.final_norm(cfg, p, out.hidden[:, -1][blk["row"], blk["pos"]])
+    return jax.nn.log_softmax(fam.lm_head(cfg, p, x).astype(jnp.float32), -1)
 
 
-def dinm_loss(cfg: ModelConfig, params, layers, W, lp0, ids, mask, pos, tgt, w_nll, w_kl, edit_weight, kl_grad=True):
-    """(loss, (nll, kl)) with the located ``layers``' output projections replaced by ``W`` [k, d_ff, d];
-    ``lp0`` [B, K, V]: the unedited model's log-probabilities at ``pos``."""
-    lp = _logprobs(cfg, params, layers, W, ids, mask, pos)
-    tok = jnp.take_along_axis(lp, tgt[..., None], -1)[..., 0]
-    nll = -jnp.sum(tok * w_nll) / jnp.maximum(w_nll.sum(), 1.0)
-    lpk = lp if kl_grad else jax.lax.stop_gradient(lp)
+def dinm_loss(cfg: ModelConfig, params, layers, W, edit, kc, lp0, edit_weight, kl_grad=True, h_in=(None, None),
+              start: int = 0):
+    """(loss, (nll, kl)) with the located ``layers``' output projections replaced by ``W`` [k, d_ff, d]: the NLL
+    over the ``edit`` block's entries, the KL over the ``kc`` block's, whose unedited log-probabilities are
+    ``lp0`` [N, V]."""
+    lp = _logprobs(cfg, params, layers, W, edit, h_in[0], start)
+    tok = jnp.take_along_axis(lp, edit["tgt"][:, None], -1)[:, 0]
+    nll = -jnp.sum(tok * edit["w"]) / jnp.maximum(edit["w"].sum(), 1.0)
+    lpk = _logprobs(cfg, params, layers, W, kc, h_in[1], start)
+    lpk = jnp.where(kl_grad, lpk, jax.lax.stop_gradient(lpk))  # a traced switch: one compile for both
     kl_pos = jnp.sum(jnp.exp(lp0) * (lp0 - lpk), -1)
-    kl = jnp.sum(kl_pos * w_kl) / jnp.maximum(w_kl.sum(), 1.0)
+    kl = jnp.sum(kl_pos * kc["w"]) / jnp.maximum(kc["w"].sum(), 1.0)
     return edit_weight * nll + kl, (nll, kl)
 
 
-@partial(jax.jit, static_argnames=("cfg", "steps", "kl_grad"))
-def tune(cfg: ModelConfig, params, layers, ids, mask, pos, tgt, w_nll, w_kl, *, steps: int, lr, edit_weight,
-         weight_decay, kl_grad: bool, stop_loss):
-    """The DINM optimization in one call: Adam on the output projections of ``layers`` [k] (distinct).
-    Returns (new weights [k, d_ff, d] float32, per-step [steps, 3] (loss, nll, kl) before each step, the steps run,
+@partial(jax.jit, static_argnames=("cfg", "steps", "start"))
+def tune(cfg: ModelConfig, params, layers, edit, kc, *, steps: int, lr, edit_weight, weight_decay, kl_grad,
+         stop_loss, start: int = 0):
+    """The DINM optimization in one call: Adam on the output projections of ``layers`` [k] (distinct, none below
+    ``start``; the layers before ``start`` run once). ``edit``/``kc``: the row blocks of :func:`_block`. Returns
+    (new weights [k, d_ff, d] float32, per-step [steps, 3] (loss, nll, kl) before each step, the steps run,
     (loss, nll, kl) after the last)."""
     W0 = params["blocks"]["w_out"][layers].astype(jnp.float32)
-    lp0 = jax.lax.stop_gradient(_logprobs(cfg, params, layers, W0, ids, mask, pos))
-    loss_fn = lambda W: dinm_loss(cfg, params, layers, W, lp0, ids, mask, pos, tgt, w_nll, w_kl, edit_weight, kl_grad)
+
+    def prefix(blk):
+        if start == 0:
+            return None
+        out = apply(cfg, params, blk["ids"], blk["mask"], capture=("hidden",), num_layers=start)
+        return jax.lax.stop_gradient(out.hidden[:, -1])
+
+    h_in = (prefix(edit), prefix(kc))
+    lp0 = jax.lax.stop_gradient(_logprobs(cfg, params, layers, W0, kc, h_in[1], start))
+    loss_fn = lambda W: dinm_loss(cfg, params, layers, W, edit, kc, lp0, edit_weight, kl_grad, h_in, start)
     tx = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8))
 
     def cond(c):
@@ -295,10 +317,10 @@ class CaseModels(Sequence):
 
 def _tune_group(cfg, params, tokenizer, rows, layers, hp):
     lay = sorted(set(int(l) for l in layers))
-    _, arrays = _batch_arrays(rows, _pad_id(tokenizer), cfg.max_positions)
-    W, hist, n, final = tune(cfg, params, jnp.asarray(lay, jnp.int32), *arrays, steps=int(hp.steps), lr=hp.lr,
-                             edit_weight=hp.edit_weight, weight_decay=hp.weight_decay, kl_grad=bool(hp.kl_grad),
-                             stop_loss=hp.stop_loss)
+    edit, kc = _batch_arrays(rows, _pad_id(tokenizer), cfg.max_positions)
+    W, hist, n, final = tune(cfg, params, jnp.asarray(lay, jnp.int32), edit, kc, steps=int(hp.steps), lr=hp.lr,
+                             edit_weight=hp.edit_weight, weight_decay=hp.weight_decay, kl_grad=jnp.asarray(bool(hp.kl_grad)),
+                             stop_loss=hp.stop_loss, start=lay[0])
     W = np.asarray(W)
     if not np.all(np.isfinite(W)):
         raise JaxeditError("the DINM optimization diverged (non-finite weights); nothing was changed")
@@ -317,7 +339,8 @@ def dinm(model, cases, tokenizer=None, per_instance: bool = True, *, progress=No
     (cases done) after each case or group.
 
     The report: ``layers`` (the edited layer of each case), ``distances`` [cases, L] (the location's per-layer
-    distances; per-instance: on the original model; sequential: on the model edited so far), ``losses`` [cases]
+    distances; per-instance: on the original model; sequential: on the model edited so far; None per case when
+    ``layer`` is given), ``losses`` [cases]
     [steps] (the loss before each step; NaN after an early stop), ``nll``, ``kl`` alike, ``final`` (after the last
     step), ``steps``, ``update_norm``, ``case_ids``, ``hparams``, ``seconds``."""
     if tokenizer is None:
@@ -338,7 +361,7 @@ def dinm(model, cases, tokenizer=None, per_instance: bool = True, *, progress=No
 
     def record(layers_of_cases, dists, info, n):
         report["layers"] += layers_of_cases
-        report["distances"] += [list(map(float, d)) for d in dists]
+        report["distances"] += [None if d is None else list(map(float, d)) for d in dists]
         for key in ("loss", "nll", "kl"):
             report["losses" if key == "loss" else key] += [info[key]] * n
         report["final"] += [info["final"]] * n
@@ -346,7 +369,7 @@ def dinm(model, cases, tokenizer=None, per_instance: bool = True, *, progress=No
         report["update_norm"] += [info["update_norm"]] * n
 
     if per_instance:
-        dists = _locate_params(cfg, params, tokenizer, cases)
+        dists = _locate_params(cfg, params, tokenizer, cases) if hp.layer is None else [None] * len(cases)
         edits = []
         for i, c in enumerate(cases):
             layer = hp.layer if hp.layer is not None else first_layer if first_layer is not None \
@@ -362,7 +385,8 @@ def dinm(model, cases, tokenizer=None, per_instance: bool = True, *, progress=No
         cur = params
         for g in range(0, len(cases), hp.batch_size):
             group = list(range(g, min(g + hp.batch_size, len(cases))))
-            dists = _locate_params(cfg, cur, tokenizer, [cases[i] for i in group])
+            dists = _locate_params(cfg, cur, tokenizer, [cases[i] for i in group]) if hp.layer is None \
+                else [None] * len(group)
             layers = [hp.layer if hp.layer is not None else first_layer if first_layer is not None
                       else int(np.argmax(d)) for d in dists]
             lay, W, info = _tune_group(cfg, cur, tokenizer, [rows[i] for i in group], layers, hp)

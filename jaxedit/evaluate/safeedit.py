@@ -125,11 +125,12 @@ def _items_with_lines(path: str) -> list:
     return items
 
 
-def _text(d: dict, key: str, where: str) -> str:
+def _text(d: dict, key: str, where: str, blank_ok: bool = False) -> str:
+    """A string field; ``blank_ok``: an empty response is caught later, where it is tokenized."""
     if key not in d:
         raise JaxeditError(f"{where}: missing field \"{key}\"")
     v = d[key]
-    if not isinstance(v, str) or not v.strip():
+    if not isinstance(v, str) or not (blank_ok or v.strip()):
         raise JaxeditError(f"{where}: field \"{key}\" must be a non-empty string")
     return v
 
@@ -142,7 +143,7 @@ def parse_case(d, where: str, index: int) -> Case:
     if isinstance(cid, (dict, list)) or cid is None:
         raise JaxeditError(f"{where}: field \"id\" must be a number or a string")
     where = f"{where} (id {cid})" if "id" in d else where
-    vals = {name: _text(d, key, where) for name, key in _TEXT_FIELDS}
+    vals = {name: _text(d, key, where, blank_ok=name != "prompt") for name, key in _TEXT_FIELDS}
     kc = d.get("knowledge constrain")
     if kc is None:
         raise JaxeditError(f"{where}: missing field \"knowledge constrain\"")
@@ -155,7 +156,7 @@ def parse_case(d, where: str, index: int) -> Case:
         if not isinstance(g, dict):
             raise JaxeditError(f"{where}: field \"generalization test\" must be an object")
         tests = {m: _text(g, key, where + " generalization test") for m, key in GENERALIZATION_FIELDS.items()}
-    return Case(id=cid, where=where, **vals, kc_prompt=_text(kc, "prompt", kcw), kc_answer=_text(kc, "answer", kcw),
+    return Case(id=cid, where=where, **vals, kc_prompt=_text(kc, "prompt", kcw), kc_answer=_text(kc, "answer", kcw, blank_ok=True),
                 tests=tests, category=str(d.get("unsafety category", "")), question=str(d.get("question", "")))
 
 
