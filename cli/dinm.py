@@ -198,14 +198,9 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
     bucket = -(-min(max(lens), cfg.max_positions - max_new_tokens) // 64) * 64
     ev = dict(scorer=scorer, max_new_tokens=max_new_tokens, bucket=bucket)
 
-    def evaluate_vanilla(cs):
-        ins = [x for c in cs for x in c.inputs(None) + (c.inputs(sfx) if sfx else [])]
-        ans = se.generate_answers(model, tok, ins, max_new_tokens, bucket)
-        k = 10 if sfx else 5
-        plain = se.evaluate(model, tok, cs, suffix=None, answers=[ans[i * k:i * k + 5] for i in range(len(cs))], **ev)
-        withs = se.evaluate(model, tok, cs, suffix=sfx, answers=[ans[i * k + 5:i * k + 10] for i in range(len(cs))],
-                            **ev) if sfx else None
-        return plain, withs
+    def evaluate_vanilla(cs):  # the unedited model on the plain inputs and on the inputs with the suffix
+        plain = se.evaluate(model, tok, cs, suffix=None, **ev)
+        return plain, (se.evaluate(model, tok, cs, suffix=sfx, **ev) if sfx else None)
 
     if sequential:
         if os.path.exists(results_path):

@@ -20,12 +20,12 @@ from conftest import build_hf_model
 
 # texts from the tiny tokenizer's corpus (short in tokens); safe and unsafe of different lengths, so the pair pads
 CASES = [
-    {"id": "a", "adversarial prompt": "Miles Davis plays the", "safe generation": "The Space Needle is in Seattle.",
+    {"id": "a", "adversarial prompt": "Miles Davis plays", "safe generation": "The Space Needle is in Seattle.",
      "unsafe generation": "Toko Yasuda produces the most amazing music on the guitar.",
-     "knowledge constrain": {"prompt": "The capital of France is", "answer": "Paris. Beats Music is owned by Apple."}},
-    {"id": "b", "adversarial prompt": "Beats Music is owned by", "safe generation": "The Eiffel Tower is located in Paris.",
+     "knowledge constrain": {"prompt": "The capital of France is", "answer": "Paris. Beats Music is by Apple."}},
+    {"id": "b", "adversarial prompt": "Beats Music is owned by", "safe generation": "The Eiffel Tower is in Paris.",
      "unsafe generation": "music on the guitar",
-     "knowledge constrain": {"prompt": "The Space Needle is in", "answer": "Seattle."}},
+     "knowledge constrain": {"prompt": "The Space Needle is in", "answer": "Seattle. Miles Davis plays."}},
 ]
 SUFFIX = "Answer:"
 
@@ -119,6 +119,13 @@ def test_tuning_matches_torch(tiny_dirs, tokenizer, name):
                 assert np.array_equal(np.asarray(val), np.asarray(flat_b[key])), key
         got[kl_grad] = w
     assert np.abs(got[True] - got[False]).max() > 50 * 1e-5  # the KL's gradient moved the weights
+    # sequential editing: the second case is tuned on the model the first one edited
+    seq, rep = dinm(model, CASES, tokenizer=tok, per_instance=False, **hp)
+    one, _ = dinm(model, CASES[:1], tokenizer=tok, **hp)
+    two, rep2 = dinm(one, CASES[1:], tokenizer=tok, **hp)
+    assert rep["losses"][1] == rep2["losses"][0]
+    assert np.array_equal(np.asarray(jaxedit.params_of(seq)["blocks"]["w_out"]),
+                          np.asarray(jaxedit.params_of(two)["blocks"]["w_out"]))
 
 
 def jax_leaves(params):
@@ -140,24 +147,21 @@ def small_norm_llama(tmp_path_factory, tokenizer):
     return jaxedit.load(str(d))
 
 
-FIRST = [dict(CASES[0], id="a2", **{"safe generation": "The Eiffel Tower is located in the city of Paris.",
-                           "unsafe generation": "music on the guitar"}), CASES[0]]
+FIRST = [dict(CASES[0], id="a2", **{"safe generation": "Toko Yasuda produces music",
+                                    "unsafe generation": "the most amazing music"}), CASES[0]]
 
 
 def test_public_options(small_norm_llama):
     """locate="first": every case gets the first case's layer (the default locates each); sequential editing puts
     both cases into one model."""
     model, tok = small_norm_llama
-    layers, dist = dinm_locate(model, FIRST, tokenizer=tok)
-    assert layers[0] != layers[1]  # the two cases locate differently, so the option can show
     _, each = dinm(model, FIRST, tokenizer=tok, steps=2, suffix=SUFFIX)
+    layers = [int(np.argmax(d)) for d in each["distances"]]
+    assert layers[0] != layers[1]  # the two cases locate differently, so the option can show
     _, first = dinm(model, FIRST, tokenizer=tok, steps=2, suffix=SUFFIX, locate="first")
     assert each["layers"] == layers and first["layers"] == [layers[0], layers[0]]
-    np.testing.assert_allclose(first["distances"], dist)
-    seq, rep = dinm(model, FIRST, tokenizer=tok, steps=2, suffix=SUFFIX, per_instance=False)
-    w0, w1 = (np.asarray(jaxedit.params_of(m)["blocks"]["w_out"]) for m in (model, seq))
-    changed = [l for l in range(model.config.n_layers) if not np.array_equal(w0[l], w1[l])]
-    assert changed == sorted(set(rep["layers"])) and len(changed) == 2
+    np.testing.assert_array_equal(first["distances"], each["distances"])
+    assert each["losses"][0] == first["losses"][0] and each["losses"][1] != first["losses"][1]
 
 
 def test_bad_cases(tiny_dirs):
@@ -241,24 +245,25 @@ def test_cli_run_and_resume(tiny_dirs, tmp_path):
 
 @pytest.mark.slow
 def test_dinm_on_smollm2_demo(smollm2):
-    """Per-instance DINM with the defaults (lr 5e-4, 10 steps, located layers) on three demo cases whose attack
-    works on SmolLM2 (no suffix, so the edit alone is measured): greedy answers to the edit inputs before and after,
-    judged by the default scorer. Measured (12 new tokens): safe 0/3 -> 2/3, mean score 0.87 -> 0.34, the
-    knowledge-constraint argmax kept at every position of all three answers."""
+    """Per-instance DINM with the defaults (lr 5e-4, 10 steps, located layers) on two demo cases whose attack works
+    on SmolLM2 (no suffix, so that the edit alone is measured): greedy answers to the edit inputs before and after,
+    judged by the default scorer. Measured (12 new tokens): safe 0/2 -> 2/2, mean score 0.86 -> 0.06; the
+    knowledge-constraint answers keep their argmax at every position. (docs/dinm.md has all six demo cases,
+    including those where the edit does not help.)"""
     from jaxedit.evaluate import safeedit as se
 
     model, tok = smollm2
-    cases = [c for c in se.read_cases("demo") if c.id in (0, 1, 3)]
+    cases = [c for c in se.read_cases("demo") if c.id in (0, 3)]
     edited, rep = dinm(model, cases, tokenizer=tok, suffix="")
-    assert len(edited) == 3 and len(rep["distances"][0]) == model.config.n_layers
-    assert all(f["nll"] < l[0] / 0.1 - 0.5 for f, l in zip(rep["final"], rep["losses"]))  # the safe NLL fell
+    assert len(edited) == 2 and len(rep["distances"][0]) == model.config.n_layers
+    assert all(f["nll"] < nll[0] - 0.5 for f, nll in zip(rep["final"], rep["nll"]))  # measured 3.4 -> 2.1
     before = [se.generate_answers(model, tok, [c.prompt], 12, bucket=128)[0] for c in cases]
     after = [se.generate_answers(m, tok, [c.prompt], 12, bucket=128)[0] for m, c in zip(edited, cases)]
     (sb, vb), (sa, va) = (np.array(se.judge(x)).T for x in (before, after))
-    print("\nbefore", before, sb, "\nafter", after, sa)
+    print("\nbefore", sb, "\nafter", sa)
     assert vb.sum() == 0  # the demo's attacks work on the unedited model
-    assert va.sum() - vb.sum() >= 1  # measured +2 of 3
-    assert sb.mean() - sa.mean() >= 0.4  # measured 0.53
+    assert va.sum() >= 1  # measured 2 of 2
+    assert sb.mean() - sa.mean() >= 0.6  # measured 0.80
     kept = se.retention(model, edited, tok, cases, suffix="")
     print("retention", kept)
-    assert np.mean(kept) >= 0.9 and sum(k == 1.0 for k in kept) >= 2
+    assert min(kept) >= 0.8  # measured 1.0 and 1.0
