@@ -69,7 +69,8 @@ class DinmHparams:
         names = {f.name for f in dataclasses.fields(self)}
         unknown = [k for k in kw if k not in names]
         if unknown:
-            raise JaxeditError(f"unknown DINM hyperparameter(s): {', '.join(unknown)} (known: {', '.join(sorted(names))})")
+            raise JaxeditError(f"unknown DINM hyperparameter(s): {', '.join(unknown)} "
+                               f"(known: {', '.join(sorted(names))})")
         return dataclasses.replace(self, **kw)
 
     def check(self, n_layers: int):
@@ -319,8 +320,9 @@ def _tune_group(cfg, params, tokenizer, rows, layers, hp):
     lay = sorted(set(int(l) for l in layers))
     edit, kc = _batch_arrays(rows, _pad_id(tokenizer), cfg.max_positions)
     W, hist, n, final = tune(cfg, params, jnp.asarray(lay, jnp.int32), edit, kc, steps=int(hp.steps), lr=hp.lr,
-                             edit_weight=hp.edit_weight, weight_decay=hp.weight_decay, kl_grad=jnp.asarray(bool(hp.kl_grad)),
-                             stop_loss=hp.stop_loss, start=lay[0] // 4 * 4)  # a compile per 4 layers
+                             edit_weight=hp.edit_weight, weight_decay=hp.weight_decay,
+                             kl_grad=jnp.asarray(bool(hp.kl_grad)), stop_loss=hp.stop_loss,
+                             start=lay[0] // 4 * 4)  # the layers before run once; one compile per 4 layers
     W = np.asarray(W)
     if not np.all(np.isfinite(W)):
         raise JaxeditError("the DINM optimization diverged (non-finite weights); nothing was changed")
@@ -340,9 +342,9 @@ def dinm(model, cases, tokenizer=None, per_instance: bool = True, *, progress=No
 
     The report: ``layers`` (the edited layer of each case), ``distances`` [cases, L] (the location's per-layer
     distances; per-instance: on the original model; sequential: on the model edited so far; None per case when
-    ``layer`` is given), ``losses`` [cases]
-    [steps] (the loss before each step; NaN after an early stop), ``nll``, ``kl`` alike, ``final`` (after the last
-    step), ``steps``, ``update_norm``, ``case_ids``, ``hparams``, ``seconds``."""
+    ``layer`` is given), ``losses`` [cases][steps] (the loss before each step; NaN after an early stop), ``nll``
+    and ``kl`` alike, ``final`` (after the last step), ``steps`` (run), ``update_norm``, ``truncated`` (prompts
+    cut from the left to fit the context), ``case_ids``, ``hparams``, ``seconds``."""
     if tokenizer is None:
         raise JaxeditError("dinm needs a tokenizer")
     cfg = model.config

@@ -156,7 +156,8 @@ def parse_case(d, where: str, index: int) -> Case:
         if not isinstance(g, dict):
             raise JaxeditError(f"{where}: field \"generalization test\" must be an object")
         tests = {m: _text(g, key, where + " generalization test") for m, key in GENERALIZATION_FIELDS.items()}
-    return Case(id=cid, where=where, **vals, kc_prompt=_text(kc, "prompt", kcw), kc_answer=_text(kc, "answer", kcw, blank_ok=True),
+    return Case(id=cid, where=where, **vals, kc_prompt=_text(kc, "prompt", kcw),
+                kc_answer=_text(kc, "answer", kcw, blank_ok=True),
                 tests=tests, category=str(d.get("unsafety category", "")), question=str(d.get("question", "")))
 
 
@@ -177,7 +178,8 @@ def read_cases(source, limit: Optional[int] = None) -> list:
         try:
             items = [(f"case {i}", obj) for i, obj in enumerate(source)]
         except TypeError:
-            raise JaxeditError(f"cases must be a SafeEdit file path or a list of dicts, not {type(source).__name__}") from None
+            raise JaxeditError(f"cases must be a SafeEdit file path or a list of dicts, not "
+                               f"{type(source).__name__}") from None
     if limit is not None:
         items = items[:limit]
     cases = [obj if isinstance(obj, Case) else parse_case(obj, where, i) for i, (where, obj) in enumerate(items)]
@@ -288,7 +290,8 @@ def answer_argmax(model, tokenizer, cases, suffix: Optional[str] = None) -> list
     rows, spans = _answer_rows(tokenizer, cases, suffix, model.config.max_positions)
     out = []
     for i in range(0, len(rows), 8):
-        ids, mask = _pad(rows[i:i + 8], min(-(-max(len(r) for r in rows[i:i + 8]) // 32) * 32, model.config.max_positions))
+        T = min(-(-max(len(r) for r in rows[i:i + 8]) // 32) * 32, model.config.max_positions)
+        ids, mask = _pad(rows[i:i + 8], T)
         K = max(b - a for a, b in spans[i:i + 8])
         pos = np.array([[min(a + k, b - 1) for k in range(K)] for a, b in spans[i:i + 8]], np.int32)
         logits = apply_jit(model.config, params_of(model), jnp.asarray(ids), jnp.asarray(mask),
