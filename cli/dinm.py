@@ -21,40 +21,20 @@ import click
 
 from jaxedit.cli.app import MODEL_HELP, clean_errors, cli
 from jaxedit.errors import JaxeditError
+from jaxedit.files import append_jsonl, read_rows, write_atomic, write_json, write_jsonl
 
 ROWS = (("vanilla", "vanilla"), ("vanilla_suffix", "vanilla + suffix"), ("dinm", "DINM"))
 COLUMNS = ("DS", "DG_onlyQ", "DG_otherA", "DG_otherQ", "DG_otherAQ", "fluency", "retention")
 
 
-def atomic_write(path: str, data, binary: bool = False) -> None:
+def _write_image(path: str, fig, fmt: str) -> None:
     tmp = os.path.join(os.path.dirname(path) or ".", "." + os.path.basename(path) + ".tmp")
-    with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
-        f.write(data)
+    fig.savefig(tmp, format=fmt, dpi=150)
     os.replace(tmp, path)
-
-
-def read_results(path: str) -> dict:
-    """id (as a string) -> record, from the lines that parse; a torn last line (a killed run) is dropped from
-    the file."""
-    if not os.path.isfile(path):
-        return {}
-    good, torn = [], False
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-                good.append((str(rec["id"]), line if line.endswith("\n") else line + "\n"))
-            except (ValueError, KeyError, TypeError):
-                torn = True
-    if torn:
-        atomic_write(path, "".join(line for _, line in good))
-    return {k: json.loads(line) for k, line in good}
 
 
 def summary_rows(records: list) -> list:
     """[(label, {column: value})] for the models present in ``records``."""
-    import numpy as np
-
     from jaxedit.evaluate.safeedit import summarize
 
     out = []
@@ -73,13 +53,13 @@ def write_summary(out: str, records: list, n_layers: int) -> str:
     md = [f"| model ({len(records)} cases) | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     md += [f"| {label} | " + " | ".join(fmt(c, s) for c in COLUMNS) + " |" for label, s in rows]
     text = "\n".join(md) + "\n"
-    atomic_write(os.path.join(out, "summary.md"), text)
+    write_atomic(os.path.join(out, "summary.md"), text)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["model", "cases", *COLUMNS])
     for label, s in rows:
         w.writerow([label, len(records), *[("" if c not in s else f"{s[c]:.4f}") for c in COLUMNS]])
-    atomic_write(os.path.join(out, "summary.csv"), buf.getvalue())
+    write_atomic(os.path.join(out, "summary.csv"), buf.getvalue())
     plot_layers(out, [r["layer"] for r in records], n_layers)
     return text
 
@@ -101,9 +81,7 @@ def plot_layers(out: str, layers: list, n_layers: int) -> None:
     ax.set_title(f"DINM location over {len(layers)} cases")
     fig.tight_layout()
     for ext in ("png", "pdf"):
-        buf = io.BytesIO()
-        fig.savefig(buf, format=ext, dpi=150)
-        atomic_write(os.path.join(out, f"layers.{ext}"), buf.getvalue(), binary=True)
+        _write_image(os.path.join(out, f"layers.{ext}"), fig, ext)
     plt.close(fig)
 
 
@@ -120,7 +98,7 @@ def check_run(out: str, settings: dict) -> None:
             raise JaxeditError(f"{out}/ holds a run with other settings ({', '.join(diff) or 'unreadable run.json'});"
                                f" use another --out or remove it")
     else:
-        atomic_write(path, json.dumps(settings, indent=1) + "\n")
+        write_json(path, settings)
 
 
 def _case_record(case, layer_report, i):
@@ -211,39 +189,36 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
         plain, withs = evaluate_vanilla(cases)
         after = se.evaluate(edited, tok, cases, suffix=sfx, **ev)
         kept = se.retention(model, edited, tok, cases, suffix=sfx)
-        lines = []
+        recs = []
         for i, c in enumerate(cases):
             rec = _case_record(c, rep, i)
             rec.update(vanilla=plain[i], dinm=after[i], retention=kept[i])
             if withs:
                 rec["vanilla_suffix"] = withs[i]
-            lines.append(json.dumps(rec) + "\n")
-        atomic_write(results_path, "".join(lines))
-        done = {str(c.id): json.loads(l) for c, l in zip(cases, lines)}
+            recs.append(rec)
+        write_jsonl(results_path, recs)
+        done = {str(c.id): r for c, r in zip(cases, recs)}
     else:
-        done = read_results(results_path)
+        done = {str(r["id"]): r for r in read_rows(results_path)}
         todo = [c for c in cases if str(c.id) not in done]
         if locate == "first" and layer is None:  # the public implementation: the first case's layer for all
             hp["layer"] = jaxedit.dinm_locate(model, cases[:1], tokenizer=tok)[0][0]
         bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="dinm", unit="case")
-        with open(results_path, "a", encoding="utf-8") as f:
-            for c in todo:
-                plain, withs = evaluate_vanilla([c])
-                edited, rep = jaxedit.dinm(model, [c], tokenizer=tok, per_instance=True, **hp)
-                if rep["distances"][0] is None:  # a given layer: the case's own distances for the record
-                    rep["distances"] = [list(map(float, jaxedit.dinm_locate(model, [c], tokenizer=tok)[1][0]))]
-                after = se.evaluate(edited, tok, [c], suffix=sfx, **ev)
-                before_kc = se.answer_argmax(model, tok, [c], sfx)
-                kept = se.retention(model, edited, tok, [c], suffix=sfx, before=before_kc)
-                rec = _case_record(c, rep, 0)
-                rec.update(vanilla=plain[0], dinm=after[0], retention=kept[0], seconds_edit=rep["seconds"])
-                if withs:
-                    rec["vanilla_suffix"] = withs[0]
-                f.write(json.dumps(rec) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                done[str(c.id)] = rec
-                bar.update(1)
+        for c in todo:
+            plain, withs = evaluate_vanilla([c])
+            edited, rep = jaxedit.dinm(model, [c], tokenizer=tok, per_instance=True, **hp)
+            if rep["distances"][0] is None:  # a given layer: the case's own distances for the record
+                rep["distances"] = [list(map(float, jaxedit.dinm_locate(model, [c], tokenizer=tok)[1][0]))]
+            after = se.evaluate(edited, tok, [c], suffix=sfx, **ev)
+            before_kc = se.answer_argmax(model, tok, [c], sfx)
+            kept = se.retention(model, edited, tok, [c], suffix=sfx, before=before_kc)
+            rec = _case_record(c, rep, 0)
+            rec.update(vanilla=plain[0], dinm=after[0], retention=kept[0], seconds_edit=rep["seconds"])
+            if withs:
+                rec["vanilla_suffix"] = withs[0]
+            append_jsonl(results_path, rec)  # durable: a killed run resumes after this case
+            done[str(c.id)] = rec
+            bar.update(1)
         bar.close()
     records = [done[str(c.id)] for c in cases]
     table = write_summary(out, records, cfg.n_layers)
