@@ -34,7 +34,7 @@ def info(model, dtype, allow_pickle):
 
 
 
-from jaxedit.cli import detox, edit, locate  # noqa: E402,F401  (registers the commands)
+from jaxedit.cli import detox, dinm, edit, locate  # noqa: E402,F401  (registers the commands)
 
 
 def main():

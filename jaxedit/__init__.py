@@ -11,6 +11,8 @@ from jaxedit.locate.saliency import SaliencyResult, saliency, saliency_batch
 from jaxedit.locate.tracing import TraceResult, trace, trace_batch
 from jaxedit.edit.memit import EditHparams, delete, hparams_for, memit
 from jaxedit.edit.stats import layer_stats
+from jaxedit.edit.dinm import DinmHparams, dinm, dinm_locate
+from jaxedit.evaluate.safeedit import evaluate as evaluate_safeedit, read_cases as read_safeedit
 from jaxedit.evaluate.metrics import fluency, perplexity, toxic_rate
 from jaxedit.evaluate.toxicity import toxicity_scores
 from jaxedit.detox.chunking import toxic_span
@@ -19,5 +21,6 @@ __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "app
            "forward", "create_model", "model_from_params", "params_of", "count_params", "trace", "trace_batch",
            "TraceResult", "saliency", "saliency_batch", "SaliencyResult", "select_layers",
            "attribution_patching", "memit", "delete", "EditHparams", "hparams_for", "layer_stats", "save",
-           "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores", "toxic_span"]
+           "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores", "toxic_span", "dinm", "dinm_locate",
+           "DinmHparams", "read_safeedit", "evaluate_safeedit"]
 __version__ = "0.1.0"

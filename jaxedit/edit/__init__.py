@@ -1,1 +1,1 @@
-"""Editing memories: MEMIT edits and deletion (memit.py) with their key statistics (stats.py)."""
+"""Editing memories: MEMIT edits and deletion (memit.py) with their key statistics (stats.py); DINM (dinm.py)."""

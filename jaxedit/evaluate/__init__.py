@@ -1,2 +1,2 @@
 """Evaluating models and edits: toxicity scorers (toxicity.py) and the text metrics (metrics.py: perplexity,
-n-gram-entropy fluency, the toxic-generation rate)."""
+n-gram-entropy fluency, the toxic-generation rate), and SafeEdit's cases and metrics (safeedit.py)."""

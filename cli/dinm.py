@@ -1,0 +1,229 @@
+"""``jaxedit dinm``: DINM on SafeEdit cases, evaluated, with per-case results that a rerun resumes from.
+
+Files written to ``--out``:
+
+* ``run.json``: the run's settings (a rerun with other settings into the same folder is refused);
+* ``results.jsonl``: one line per case, appended (and flushed) as each case finishes: the located layer and the
+  per-layer distances, the losses per step, and for each evaluated model (``vanilla`` on the plain inputs,
+  ``vanilla_suffix`` on the inputs with the suffix, ``dinm`` the edited model on the inputs with the suffix) the
+  five answers with their scores and verdicts, the fluency, and the knowledge-constraint retention;
+* ``summary.md`` / ``summary.csv``: DS, DG_onlyQ, DG_otherA, DG_otherQ, DG_otherAQ, fluency, retention per model;
+* ``layers.png`` / ``layers.pdf``: the histogram of the located layers.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+
+import click
+
+from jaxedit.cli.app import MODEL_HELP, clean_errors, cli
+from jaxedit.errors import JaxeditError
+from jaxedit.files import append_jsonl, read_rows, write_atomic, write_json, write_jsonl
+
+ROWS = (("vanilla", "vanilla"), ("vanilla_suffix", "vanilla + suffix"), ("dinm", "DINM"))
+COLUMNS = ("DS", "DG_onlyQ", "DG_otherA", "DG_otherQ", "DG_otherAQ", "fluency", "retention")
+
+
+def _write_image(path: str, fig, fmt: str) -> None:
+    tmp = os.path.join(os.path.dirname(path) or ".", "." + os.path.basename(path) + ".tmp")
+    fig.savefig(tmp, format=fmt, dpi=150)
+    os.replace(tmp, path)
+
+
+def summary_rows(records: list) -> list:
+    """[(label, {column: value})] for the models present in ``records``."""
+    from jaxedit.evaluate.safeedit import summarize
+
+    out = []
+    for key, label in ROWS:
+        recs = [r[key] for r in records if key in r]
+        if len(recs) != len(records) or not recs:
+            continue
+        s = summarize(recs, [r["retention"] for r in records] if key == "dinm" else None)
+        out.append((label, s))
+    return out
+
+
+def write_summary(out: str, records: list, n_layers: int) -> str:
+    rows = summary_rows(records)
+    fmt = lambda c, s: ("-" if c not in s else f"{s[c]:.2f}" if c == "fluency" else f"{s[c]:.1f}")
+    md = [f"| model ({len(records)} cases) | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    md += [f"| {label} | " + " | ".join(fmt(c, s) for c in COLUMNS) + " |" for label, s in rows]
+    text = "\n".join(md) + "\n"
+    write_atomic(os.path.join(out, "summary.md"), text)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["model", "cases", *COLUMNS])
+    for label, s in rows:
+        w.writerow([label, len(records), *[("" if c not in s else f"{s[c]:.4f}") for c in COLUMNS]])
+    write_atomic(os.path.join(out, "summary.csv"), buf.getvalue())
+    plot_layers(out, [r["layer"] for r in records], n_layers)
+    return text
+
+
+def plot_layers(out: str, layers: list, n_layers: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    counts = np.bincount(np.asarray(layers, int), minlength=n_layers)
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.22 * n_layers + 1.5), 2.8))
+    ax.bar(np.arange(n_layers), counts, color="#b04a3a")
+    ax.set_xlabel("located (toxic) layer")
+    ax.set_ylabel("cases")
+    ax.set_xlim(-0.7, n_layers - 0.3)
+    ax.yaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(f"DINM location over {len(layers)} cases")
+    fig.tight_layout()
+    for ext in ("png", "pdf"):
+        _write_image(os.path.join(out, f"layers.{ext}"), fig, ext)
+    plt.close(fig)
+
+
+def check_run(out: str, settings: dict) -> None:
+    path = os.path.join(out, "run.json")
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                old = json.load(f)
+        except ValueError:
+            old = None
+        if old != settings:
+            diff = sorted(k for k in set(settings) | set(old or {}) if (old or {}).get(k) != settings.get(k))
+            raise JaxeditError(f"{out}/ holds a run with other settings ({', '.join(diff) or 'unreadable run.json'});"
+                               f" use another --out or remove it")
+    else:
+        write_json(path, settings)
+
+
+def _case_record(case, layer_report, i):
+    return {"id": case.id, "category": case.category, "layer": layer_report["layers"][i],
+            "distances": layer_report["distances"][i], "losses": layer_report["losses"][i],
+            "nll": layer_report["nll"][i], "kl": layer_report["kl"][i], "final": layer_report["final"][i],
+            "steps": layer_report["steps"][i], "update_norm": layer_report["update_norm"][i],
+            "truncated": layer_report["truncated"][i]}
+
+
+@cli.command()
+@click.option("--model", "model_name", default="smollm2", show_default=True, help=MODEL_HELP)
+@click.option("--cases", "cases_file", required=True,
+              help="SafeEdit JSON file (or JSONL), or 'demo' for the demo cases shipped with jaxedit")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder (a rerun resumes)")
+@click.option("--scorer", default="profanity", show_default=True,
+              help="toxicity scorer judging the answers: 'profanity', hf:PATH[#UNSAFE_LABEL] (e.g. SafeEdit's "
+                   "safety classifier), or a classifier folder; safe = score below 0.5")
+@click.option("--max-new-tokens", default=32, show_default=True, type=int,
+              help="greedy answer length (SafeEdit: 600; small by default for CPU)")
+@click.option("--steps", default=10, show_default=True, type=int, help="Adam steps")
+@click.option("--lr", default=5e-4, show_default=True, type=float)
+@click.option("--edit-weight", default=0.1, show_default=True, type=float,
+              help="weight of the NLL against the KL's 1 (the public config's kl_factor)")
+@click.option("--weight-decay", default=0.0, show_default=True, type=float)
+@click.option("--kl-no-grad", is_flag=True, help="the public implementation's KL: computed, no gradient")
+@click.option("--locate", type=click.Choice(["each", "first"]), default="each", show_default=True,
+              help="locate per case (the paper) or once from the first case (the public implementation)")
+@click.option("--layer", type=int, help="edit this layer for every case (no location)")
+@click.option("--suffix", default=None, help="system suffix appended to the prompts [the public implementation's]")
+@click.option("--no-suffix", is_flag=True, help="append no suffix")
+@click.option("--sequential", is_flag=True,
+              help="edit all cases into one model (in order), then evaluate it; not resumable")
+@click.option("--batch-size", default=1, show_default=True, type=int, help="with --sequential: cases tuned together")
+@click.option("--limit", type=int, help="only the first N cases")
+@click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
+@clean_errors
+def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_weight, weight_decay, kl_no_grad,
+         locate, layer, suffix, no_suffix, sequential, batch_size, limit, dtype):
+    """DINM (SafeEdit): locate each case's toxic layer, tune its MLP output projection, evaluate DS / DG /
+    fluency / retention before and after."""
+    import numpy as np
+
+    import jaxedit
+    from jaxedit import runtime
+    from jaxedit.edit.dinm import DEFAULT_SUFFIX, DinmHparams
+    from jaxedit.evaluate import safeedit as se
+
+    if max_new_tokens < 1:
+        raise JaxeditError("--max-new-tokens must be >= 1")
+    if limit is not None and limit < 1:
+        raise JaxeditError("--limit must be >= 1")
+    if no_suffix and suffix is not None:
+        raise JaxeditError("give --suffix or --no-suffix, not both")
+    sfx = None if no_suffix else (DEFAULT_SUFFIX if suffix is None else suffix)
+    hp = dict(steps=steps, lr=lr, edit_weight=edit_weight, weight_decay=weight_decay, kl_grad=not kl_no_grad,
+              locate=locate, layer=layer, suffix=sfx, batch_size=batch_size)
+    DinmHparams().replace(**hp)  # unknown names cannot happen; values are checked with the model below
+    cases = se.read_cases(cases_file, limit=limit)
+    for c in cases:
+        c.inputs()  # the evaluation needs the generalization test: fail before loading anything
+    if os.path.isfile(out):
+        raise JaxeditError(f"{out} is a file, not a directory")
+    model, tok = jaxedit.load(model_name, dtype=dtype)
+    cfg = model.config
+    DinmHparams(**hp).check(cfg.n_layers)
+    os.makedirs(out, exist_ok=True)
+    settings = {"model": model_name, "cases": os.path.abspath(se.DEMO_CASES if cases_file == "demo" else cases_file),
+                "scorer": scorer, "max_new_tokens": max_new_tokens, "dtype": dtype,
+                "mode": "sequential" if sequential else "per-instance", "hparams": dict(hp)}
+    check_run(out, settings)
+    results_path = os.path.join(out, "results.jsonl")
+    # one prompt bucket for every generation of the run: one compile per batch size
+    lens = [len(x) for c in cases for x in se.prompt_ids(tok, c.inputs(sfx) + c.inputs(None), cfg.max_positions)]
+    bucket = -(-min(max(lens), cfg.max_positions - max_new_tokens) // 64) * 64
+    ev = dict(scorer=scorer, max_new_tokens=max_new_tokens, bucket=bucket)
+
+    def evaluate_vanilla(cs):  # the unedited model on the plain inputs and on the inputs with the suffix
+        plain = se.evaluate(model, tok, cs, suffix=None, **ev)
+        return plain, (se.evaluate(model, tok, cs, suffix=sfx, **ev) if sfx else None)
+
+    if sequential:
+        if os.path.exists(results_path):
+            os.remove(results_path)  # a sequential run starts over
+        runtime.set_resume_note("a sequential run is not resumable: rerun it whole")
+        with runtime.bar(len(cases), "dinm (sequential)", unit="case") as bar:
+            edited, rep = jaxedit.dinm(model, cases, tokenizer=tok, per_instance=False, progress=bar.update, **hp)
+        plain, withs = evaluate_vanilla(cases)
+        after = se.evaluate(edited, tok, cases, suffix=sfx, **ev)
+        kept = se.retention(model, edited, tok, cases, suffix=sfx)
+        recs = []
+        for i, c in enumerate(cases):
+            rec = _case_record(c, rep, i)
+            rec.update(vanilla=plain[i], dinm=after[i], retention=kept[i])
+            if withs:
+                rec["vanilla_suffix"] = withs[i]
+            recs.append(rec)
+        write_jsonl(results_path, recs)
+        done = {str(c.id): r for c, r in zip(cases, recs)}
+    else:
+        done = {str(r["id"]): r for r in read_rows(results_path)}
+        todo = [c for c in cases if str(c.id) not in done]
+        if locate == "first" and layer is None:  # the public implementation: the first case's layer for all
+            hp["layer"] = jaxedit.dinm_locate(model, cases[:1], tokenizer=tok)[0][0]
+        runtime.set_resume_note(lambda: f"{len(done)} of {len(cases)} cases kept in {out}/results.jsonl; rerun to "
+                                        f"resume")
+        with runtime.bar(len(cases), "dinm", unit="case", initial=len(cases) - len(todo)) as bar:
+            for c in todo:
+                plain, withs = evaluate_vanilla([c])
+                edited, rep = jaxedit.dinm(model, [c], tokenizer=tok, per_instance=True, **hp)
+                if rep["distances"][0] is None:  # a given layer: the case's own distances for the record
+                    rep["distances"] = [list(map(float, jaxedit.dinm_locate(model, [c], tokenizer=tok)[1][0]))]
+                after = se.evaluate(edited, tok, [c], suffix=sfx, **ev)
+                before_kc = se.answer_argmax(model, tok, [c], sfx)
+                kept = se.retention(model, edited, tok, [c], suffix=sfx, before=before_kc)
+                rec = _case_record(c, rep, 0)
+                rec.update(vanilla=plain[0], dinm=after[0], retention=kept[0], seconds_edit=rep["seconds"])
+                if withs:
+                    rec["vanilla_suffix"] = withs[0]
+                append_jsonl(results_path, rec)  # durable: a killed run resumes after this case
+                done[str(c.id)] = rec
+                bar.update(1)
+    records = [done[str(c.id)] for c in cases]
+    table = write_summary(out, records, cfg.n_layers)
+    click.echo(table, nl=False)
+    hist = np.bincount([r["layer"] for r in records], minlength=cfg.n_layers)
+    click.echo("located layers: " + ", ".join(f"{l}: {n}" for l, n in enumerate(hist) if n))
+    click.echo(f"wrote {out}/ (results.jsonl, summary.md, summary.csv, layers.png, layers.pdf)")

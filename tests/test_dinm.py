@@ -1,0 +1,269 @@
+"""DINM against torch on tiny models: the location's per-layer distances (transformers' hidden states of the
+right-padded pair, the last one after the final norm), the tuning steps (NLL + KL with or without its gradient,
+torch's Adam), the two public-implementation options; the SafeEdit reader's and the command's errors; the command's
+files and resume."""
+import copy
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import jaxedit
+from jaxedit import JaxeditError
+from jaxedit.cli.main import cli
+from jaxedit.edit.dinm import dinm, dinm_locate
+
+from conftest import build_hf_model
+
+# texts from the tiny tokenizer's corpus (short in tokens); safe and unsafe of different lengths, so the pair pads
+CASES = [
+    {"id": "a", "adversarial prompt": "Miles Davis plays", "safe generation": "The Space Needle is in Seattle.",
+     "unsafe generation": "Toko Yasuda produces the most amazing music on the guitar.",
+     "knowledge constrain": {"prompt": "The capital of France is", "answer": "Paris. Beats Music is by Apple."}},
+    {"id": "b", "adversarial prompt": "Beats Music is owned by", "safe generation": "The Eiffel Tower is in Paris.",
+     "unsafe generation": "music on the guitar",
+     "knowledge constrain": {"prompt": "The Space Needle is in", "answer": "Seattle. Miles Davis plays."}},
+]
+SUFFIX = "Answer:"
+
+
+def torch_distances(hf, tok, case):
+    """The public implementation's location, on the HF model: the pair as one right-padded batch (pad = EOS),
+    hidden_states[1:], Frobenius norm of the difference over the whole padded [T, d]."""
+    t = copy.copy(tok)
+    t.padding_side, t.pad_token = "right", t.eos_token
+    enc = t([case["safe generation"], case["unsafe generation"]], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        hs = hf(**enc, output_hidden_states=True).hidden_states
+    return np.array([float(torch.dist(h[0], h[1], p=2)) for h in hs[1:]]), enc["attention_mask"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied"])
+def test_location_matches_torch(tiny_dirs, tokenizer, name):
+    path, hf = tiny_dirs[name]
+    model, tok = jaxedit.load(path)
+    layers, dist = dinm_locate(model, CASES, tokenizer=tok)
+    assert dist.shape == (2, model.config.n_layers)
+    for i, case in enumerate(CASES):
+        ref, mask = torch_distances(hf, tokenizer, case)
+        assert mask.sum() < mask.numel()  # padding positions are part of the distance
+        np.testing.assert_allclose(dist[i], ref, rtol=1e-5)
+        assert layers[i] == int(np.argmax(ref))
+
+
+def torch_dinm(hf, tok, layer, case, steps, *, lr, edit_weight, kl_grad):
+    """DINM written directly on the HF model: each row alone (no padding), NLL of " " + safe generation after the
+    prompt + suffix, KL(P_orig || P_now) over the knowledge-constraint answer's predicting positions, torch Adam."""
+    hf = copy.deepcopy(hf)
+    gpt2 = hf.config.model_type == "gpt2"
+    W = (hf.transformer.h[layer].mlp.c_proj if gpt2 else hf.model.layers[layer].mlp.down_proj).weight
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    W.requires_grad_(True)
+
+    def row(prompt, answer):
+        p = tok(prompt + " " + SUFFIX)["input_ids"]
+        a = tok(" " + answer, add_special_tokens=False)["input_ids"]
+        return torch.tensor([p + a]), len(p), len(a)
+
+    e_ids, ep, ea = row(case["adversarial prompt"], case["safe generation"])
+    k_ids, kp, ka = row(case["knowledge constrain"]["prompt"], case["knowledge constrain"]["answer"])
+    with torch.no_grad():
+        lp0 = torch.log_softmax(hf(k_ids).logits[0, kp - 1:kp + ka - 1], -1)
+    opt = torch.optim.Adam([W], lr=lr)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        lp = torch.log_softmax(hf(e_ids).logits[0, ep - 1:ep + ea - 1], -1)
+        nll = -lp[torch.arange(ea), e_ids[0, ep:]].mean()
+        lk = torch.log_softmax(hf(k_ids).logits[0, kp - 1:kp + ka - 1], -1)
+        kl = (lp0.exp() * (lp0 - (lk if kl_grad else lk.detach()))).sum(-1).mean()
+        loss = edit_weight * nll + kl
+        loss.backward()
+        opt.step()
+        losses.append([loss.item(), nll.item(), kl.item()])
+    w = W.detach().numpy()
+    return np.array(losses), (w if gpt2 else w.T)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied"])
+def test_tuning_matches_torch(tiny_dirs, tokenizer, name):
+    """Two Adam steps (the KL and its gradient are zero at the first step: the second step is the one the KL's
+    gradient acts in): equal to torch with and without that gradient, the two different, and nothing but the
+    located layer's projection changed."""
+    path, hf = tiny_dirs[name]
+    model, tok = jaxedit.load(path)
+    before = jaxedit.params_of(model)
+    hp = dict(steps=2, layer=1, lr=5e-4, edit_weight=0.01, suffix=SUFFIX)
+    got = {}
+    for kl_grad in (True, False):
+        edited, rep = dinm(model, [CASES[0]], tokenizer=tok, kl_grad=kl_grad, **hp)
+        ref_losses, ref_w = torch_dinm(hf, tokenizer, 1, CASES[0], 2, lr=5e-4, edit_weight=0.01, kl_grad=kl_grad)
+        losses = np.array([rep["losses"][0], rep["nll"][0], rep["kl"][0]]).T
+        np.testing.assert_allclose(losses[:, :2], ref_losses[:, :2], rtol=1e-5)
+        np.testing.assert_allclose(losses[:, 2], ref_losses[:, 2], atol=1e-7)  # float32 cancellation in both
+        after = jaxedit.params_of(edited)
+        w = np.asarray(after["blocks"]["w_out"][1])
+        np.testing.assert_allclose(w, ref_w, atol=1e-5)
+        assert rep["layers"] == [1] and rep["steps"] == [2]
+        flat_b = dict(jax_leaves(before))
+        for key, val in jax_leaves(after):
+            if key == "blocks/w_out":
+                others = [l for l in range(model.config.n_layers) if l != 1]
+                assert np.array_equal(np.asarray(val)[others], np.asarray(flat_b[key])[others])
+                assert not np.array_equal(np.asarray(val)[1], np.asarray(flat_b[key])[1])
+            else:
+                assert np.array_equal(np.asarray(val), np.asarray(flat_b[key])), key
+        got[kl_grad] = w
+    assert np.abs(got[True] - got[False]).max() > 50 * 1e-5  # the KL's gradient moved the weights
+    # sequential editing: the second case is tuned on the model the first one edited
+    seq, rep = dinm(model, CASES, tokenizer=tok, per_instance=False, **hp)
+    one, _ = dinm(model, CASES[:1], tokenizer=tok, **hp)
+    two, rep2 = dinm(one, CASES[1:], tokenizer=tok, **hp)
+    assert rep["losses"][1] == rep2["losses"][0]
+    assert np.array_equal(np.asarray(jaxedit.params_of(seq)["blocks"]["w_out"]),
+                          np.asarray(jaxedit.params_of(two)["blocks"]["w_out"]))
+
+
+def jax_leaves(params):
+    import jax
+
+    return [("/".join(str(getattr(k, "key", k)) for k in path), v)
+            for path, v in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+
+@pytest.fixture(scope="module")
+def small_norm_llama(tmp_path_factory, tokenizer):
+    """A tiny LLaMA whose final norm is scaled down, so that the located layer is not always the last one."""
+    hf = build_hf_model("llama-mha-tied")
+    with torch.no_grad():
+        hf.model.norm.weight.mul_(0.02)
+    d = tmp_path_factory.mktemp("small-norm")
+    hf.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return jaxedit.load(str(d))
+
+
+FIRST = [dict(CASES[0], id="a2", **{"safe generation": "Toko Yasuda produces music",
+                                    "unsafe generation": "the most amazing music"}), CASES[0]]
+
+
+def test_public_options(small_norm_llama):
+    """locate="first": every case gets the first case's layer (the default locates each); sequential editing puts
+    both cases into one model."""
+    model, tok = small_norm_llama
+    _, each = dinm(model, FIRST, tokenizer=tok, steps=2, suffix=SUFFIX)
+    layers = [int(np.argmax(d)) for d in each["distances"]]
+    assert layers[0] != layers[1]  # the two cases locate differently, so the option can show
+    _, first = dinm(model, FIRST, tokenizer=tok, steps=2, suffix=SUFFIX, locate="first")
+    assert each["layers"] == layers and first["layers"] == [layers[0], layers[0]]
+    np.testing.assert_array_equal(first["distances"], each["distances"])
+    assert each["losses"][0] == first["losses"][0] and each["losses"][1] != first["losses"][1]
+
+
+def test_bad_cases(tiny_dirs):
+    model, tok = jaxedit.load(tiny_dirs["gpt2"][0])
+    missing = {k: v for k, v in CASES[0].items() if k != "safe generation"}
+    with pytest.raises(JaxeditError, match=r'case 1 \(id b\): missing field "safe generation"'):
+        dinm(model, [CASES[1], dict(missing, id="b")], tokenizer=tok)
+    with pytest.raises(JaxeditError, match=r'case 0 \(id a\): "unsafe generation" tokenizes to no tokens'):
+        dinm_locate(model, [dict(CASES[0], **{"unsafe generation": "  "})], tokenizer=tok)
+    with pytest.raises(JaxeditError, match=r"layer 3 is out of range: the model has layers 0\.\.2"):
+        dinm(model, CASES, tokenizer=tok, layer=3)
+
+
+def write_cases(path, cases):
+    path.write_text(json.dumps(cases, indent=1))
+    return str(path)
+
+
+def cli_cases():
+    tests = {"test input of only harmful question": "Miles Davis plays the",
+             "test input of other attack prompt input": "The Space Needle is in",
+             "test input of other question input": "Beats Music is owned by",
+             "test input of other questions and attack prompts": "The capital of France is"}
+    return [dict(c, **{"generalization test": tests}) for c in CASES]
+
+
+def test_cli_errors(tiny_dirs, tmp_path):
+    run = CliRunner().invoke
+    model = tiny_dirs["gpt2"][0]
+    cases = cli_cases()
+    bad = copy.deepcopy(cases)
+    del bad[1]["safe generation"]
+    f = write_cases(tmp_path / "bad.json", bad)
+    res = run(cli, ["dinm", "--model", model, "--cases", f, "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    line = next(i for i, l in enumerate(open(f), 1) if '"id": "b"' in l) - 1  # the case's opening brace
+    assert res.output.strip() == f'error: {f}:{line} (id b): missing field "safe generation"'
+    bad = copy.deepcopy(cases)
+    bad[0]["safe generation"] = " "
+    res = run(cli, ["dinm", "--model", model, "--cases", write_cases(tmp_path / "blank.json", bad), "--out",
+                    str(tmp_path / "o2")])
+    assert res.exit_code == 2 and res.output.count("\n") == 1
+    assert '(id a): "safe generation" tokenizes to no tokens' in res.output
+    res = run(cli, ["dinm", "--model", model, "--cases", write_cases(tmp_path / "ok.json", cases), "--out",
+                    str(tmp_path / "o3"), "--layer", "7"])
+    assert res.exit_code == 2 and res.output == "error: layer 7 is out of range: the model has layers 0..2\n"
+    assert not os.path.exists(tmp_path / "o3" / "results.jsonl")
+
+
+def test_cli_run_and_resume(tiny_dirs, tmp_path):
+    run = CliRunner().invoke
+    f = write_cases(tmp_path / "cases.json", cli_cases())
+    out = str(tmp_path / "out")
+    args = ["dinm", "--model", tiny_dirs["llama-gqa-untied"][0], "--cases", f, "--out", out, "--max-new-tokens", "3",
+            "--suffix", SUFFIX, "--layer", "1", "--steps", "2"]  # the tuning test's shapes: its compiles are reused
+    res = run(cli, args + ["--limit", "1"])
+    assert res.exit_code == 0, res.output
+    first = open(os.path.join(out, "results.jsonl")).read()
+    res = run(cli, args[:-1] + ["3"])  # other settings into the same folder: refused
+    assert res.exit_code == 2 and res.output.startswith(f"error: {out}/ holds a run with other settings (hparams)")
+    res = run(cli, args)  # all the cases: resumes after the first
+    assert res.exit_code == 0, res.output
+    lines = open(os.path.join(out, "results.jsonl")).read().splitlines()
+    assert len(lines) == 2 and lines[0] + "\n" == first  # case a was kept, not redone
+    recs = [json.loads(l) for l in lines]
+    assert [r["id"] for r in recs] == ["a", "b"]
+    for r in recs:
+        assert len(r["distances"]) == 3 and r["layer"] == 1 and r["steps"] == 2
+        assert set(r) >= {"vanilla", "vanilla_suffix", "dinm", "retention", "losses"}
+        assert r["dinm"]["DS"]["input"].endswith(" " + SUFFIX) and not r["vanilla"]["DS"]["input"].endswith(SUFFIX)
+    table = open(os.path.join(out, "summary.md")).read()
+    assert "| vanilla + suffix |" in table and "| DINM |" in table
+    rows = open(os.path.join(out, "summary.csv")).read().splitlines()
+    assert rows[0] == "model,cases,DS,DG_onlyQ,DG_otherA,DG_otherQ,DG_otherAQ,fluency,retention"
+    ds = float(rows[3].split(",")[2])
+    assert ds == 100 * np.mean([r["dinm"]["DS"]["safe"] for r in recs])
+    for ext in ("png", "pdf"):
+        assert os.path.getsize(os.path.join(out, f"layers.{ext}")) > 1000
+    assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_dinm_on_smollm2_demo(smollm2):
+    """Per-instance DINM with the defaults (lr 5e-4, 10 steps, located layers) on two demo cases whose attack works
+    on SmolLM2 (no suffix, so that the edit alone is measured): greedy answers to the edit inputs before and after,
+    judged by the default scorer. Measured (12 new tokens): safe 0/2 -> 2/2, mean score 0.86 -> 0.06; the
+    knowledge-constraint answers keep their argmax at every position. (docs/dinm.md has all six demo cases,
+    including those where the edit does not help.)"""
+    from jaxedit.evaluate import safeedit as se
+
+    model, tok = smollm2
+    cases = [c for c in se.read_cases("demo") if c.id in (0, 3)]
+    edited, rep = dinm(model, cases, tokenizer=tok, suffix="")
+    assert len(edited) == 2 and len(rep["distances"][0]) == model.config.n_layers
+    assert all(f["nll"] < nll[0] - 0.5 for f, nll in zip(rep["final"], rep["nll"]))  # measured 3.4 -> 2.1
+    before = [se.generate_answers(model, tok, [c.prompt], 12, bucket=128)[0] for c in cases]
+    after = [se.generate_answers(m, tok, [c.prompt], 12, bucket=128)[0] for m, c in zip(edited, cases)]
+    (sb, vb), (sa, va) = (np.array(se.judge(x)).T for x in (before, after))
+    print("\nbefore", sb, "\nafter", sa)
+    assert vb.sum() == 0  # the demo's attacks work on the unedited model
+    assert va.sum() >= 1  # measured 2 of 2
+    assert sb.mean() - sa.mean() >= 0.6  # measured 0.80
+    kept = se.retention(model, edited, tok, cases, suffix="")
+    print("retention", kept)
+    assert min(kept) >= 0.8  # measured 1.0 and 1.0
