@@ -14,10 +14,12 @@ from jaxedit.edit.stats import layer_stats
 from jaxedit.evaluate.metrics import fluency, perplexity, toxic_rate
 from jaxedit.evaluate.toxicity import toxicity_scores
 from jaxedit.detox.chunking import toxic_span
+from jaxedit.sharding import make_mesh, shard_model
 
 __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "apply", "load", "DEFAULT_MODEL",
            "forward", "create_model", "model_from_params", "params_of", "count_params", "trace", "trace_batch",
            "TraceResult", "saliency", "saliency_batch", "SaliencyResult", "select_layers",
            "attribution_patching", "memit", "delete", "EditHparams", "hparams_for", "layer_stats", "save",
-           "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores", "toxic_span"]
+           "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores", "toxic_span",
+           "make_mesh", "shard_model"]
 __version__ = "0.1.0"

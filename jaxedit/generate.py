@@ -247,11 +247,16 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], new_tokens: int, *,
     T = int(lengths.max()) + new_tokens
     if T > model.config.max_positions:
         raise JaxeditError(f"{T} tokens exceed the model's {model.config.max_positions} positions")
-    buf = np.zeros((len(prompt_ids), T), np.int32)
-    for i, p in enumerate(prompt_ids):
+    from jaxedit.sharding import mesh_of, padded, put_batch, to_host
+
+    mesh = mesh_of(model)  # on a mesh: prompts split over the data axis (padded with copies of the first)
+    B = padded(len(prompt_ids), mesh)
+    buf = np.zeros((B, T), np.int32)
+    for i, p in enumerate(list(prompt_ids) + [prompt_ids[0]] * (B - len(prompt_ids))):
         buf[i, :len(p)] = p
-    out = np.asarray(decode(model.config, params_of(model), jnp.asarray(buf), jnp.asarray(lengths),
-                            jax.random.PRNGKey(seed), top_k=top_k, temperature=temperature))
+    lengths = np.concatenate([lengths, np.full(B - len(lengths), lengths[0], np.int32)])
+    out = to_host(decode(model.config, params_of(model), put_batch(mesh, buf), put_batch(mesh, lengths),
+                         jax.random.PRNGKey(seed), top_k=top_k, temperature=temperature))
     return [out[i, :lengths[i] + new_tokens].tolist() for i in range(len(prompt_ids))]
 
 
