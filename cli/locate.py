@@ -5,7 +5,7 @@ import json
 
 import click
 
-from jaxedit.cli.app import MODEL_HELP, clean_errors, cli
+from jaxedit.cli.app import MODEL_HELP, clean_errors, cli, with_mesh
 from jaxedit.errors import JaxeditError
 
 
@@ -35,9 +35,10 @@ from jaxedit.errors import JaxeditError
               help="shared: prefix sharing (fast); dense: one full forward per cell")
 @click.option("--skip-bad", is_flag=True, help="--batch: skip and report bad lines instead of stopping")
 @click.option("--no-plots", is_flag=True, help="skip the per-prompt heatmaps")
+@with_mesh
 @clean_errors
 def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds, samples, noise, noise_file, uniform,
-          replace, window, seed, dtype, precision_highest, batch_size, method, skip_bad, no_plots):
+          replace, window, seed, dtype, precision_highest, batch_size, method, skip_bad, no_plots, mesh=None):
     """Causal tracing: corrupt a span, restore each (token, layer) state, measure p(answer).
 
     Writes per prompt and kind an .npz (scores [T, L], low_score, high_score, ...), results.jsonl, heatmaps
@@ -79,7 +80,10 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
     if precision_highest:
         jax.config.update("jax_default_matmul_precision", "highest")
 
-    model, tok = jaxedit.load(model_name, dtype=dtype)
+    from jaxedit.sharding import broadcast_json, is_main_process
+
+    main = is_main_process()  # several processes: all compute, process 0 writes
+    model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     valid, spans = [], []
     for line, req in requests:  # validate everything before computing anything
         try:
@@ -88,7 +92,8 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
             where = f"{batch_file}:{line}: " if batch_file else ""
             if not skip_bad:
                 raise JaxeditError(f"{where}{e}") from None
-            click.echo(f"skipped {where}{e}", err=True)
+            if main:
+                click.echo(f"skipped {where}{e}", err=True)
             continue
         valid.append((line, req, len(ids)))
         spans.append(ids[span[0]:span[1]])
@@ -96,26 +101,34 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
         raise JaxeditError("no valid request to trace")
     level = resolve_noise_level(model, tok, noise, spans)
 
-    os.makedirs(out, exist_ok=True)
     options = {"model": model_name, "kinds": list(kinds_t), "samples": samples, "noise": noise, "level": level,
                "uniform": uniform, "replace": replace, "window": window, "seed": seed, "dtype": dtype,
                "batch": os.path.abspath(batch_file) if batch_file else None, "prompt": prompt}
     run_file = os.path.join(out, "run.json")
-    done = tf.read_done(out)
-    if done and os.path.isfile(run_file):
-        with open(run_file) as f:
-            earlier = json.load(f)
-        if {k: v for k, v in earlier.items() if k != "level"} != {k: v for k, v in options.items() if k != "level"}:
-            raise JaxeditError(f"{out} holds a run with other options; choose another --out or delete it")
-    with open(run_file, "w") as f:
-        json.dump(options, f, indent=1)
+    state = {"done": {}, "error": None}
+    if main:
+        os.makedirs(out, exist_ok=True)
+        state["done"] = tf.read_done(out)
+        if state["done"] and os.path.isfile(run_file):
+            with open(run_file) as f:
+                earlier = json.load(f)
+            if ({k: v for k, v in earlier.items() if k != "level"} !=
+                    {k: v for k, v in options.items() if k != "level"}):
+                state["error"] = f"{out} holds a run with other options; choose another --out or delete it"
+    state = broadcast_json(state)  # every process resumes from process 0's results.jsonl
+    if state["error"]:
+        raise JaxeditError(state["error"])
+    done = {int(k): v for k, v in state["done"].items()}
+    if main:
+        with open(run_file, "w") as f:
+            json.dump(options, f, indent=1)
     pending = sorted([v for v in valid if v[0] not in done], key=lambda v: v[2])
     bucket = 1 if len(valid) == 1 else 4  # one prompt: no padding; many: lengths rounded up to multiples of 4
     rows = dict(done)
     from tqdm import tqdm
 
     with tqdm(total=len(valid), initial=len(valid) - len(pending), unit="prompt", desc="tracing",
-              disable=len(valid) == 1 and not batch_file) as bar:
+              disable=(len(valid) == 1 and not batch_file) or not main) as bar:
         for i in range(0, len(pending), batch_size):
             chunk = pending[i:i + batch_size]
             results = trace_batch(model, [r for _, r, _ in chunk], kinds=kinds_t, samples=samples,
@@ -124,10 +137,13 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
                                   method=method, batch_size=batch_size, fixed_batch=len(valid) > batch_size,
                                   bucket=bucket)
             for (line, req, _), res in zip(chunk, results):
-                row = tf.save_prompt(out, line, req, res, plots=not no_plots)
-                tf.append_row(out, row)
-                rows[line] = row
+                if main:
+                    row = tf.save_prompt(out, line, req, res, plots=not no_plots)
+                    tf.append_row(out, row)
+                    rows[line] = row
             bar.update(len(chunk))
+    if not main:
+        return
     ordered = [rows[line] for line, _, _ in valid if line in rows]
     tf.write_aggregate(out, tf.aggregate_aie(out, ordered, kinds_t), len(ordered))
     if not batch_file:
@@ -151,8 +167,9 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
 @click.option("--out", default="saliency_out", show_default=True, type=click.Path(file_okay=False))
 @click.option("--top", default=5, show_default=True, type=int, help="how many top layers to print")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
+@with_mesh
 @clean_errors
-def saliency(model_name, prompt, target, batch_file, out, top, dtype):
+def saliency(model_name, prompt, target, batch_file, out, top, dtype, mesh=None):
     """Saliency profiles: |dNLL/dtheta| per layer (whole block, attention, MLP, MLP output projection).
 
     Writes saliency.json (per-example and mean profiles), saliency.csv (the mean) and saliency.png/pdf (bars).
@@ -176,8 +193,12 @@ def saliency(model_name, prompt, target, batch_file, out, top, dtype):
             requests.append({"prompt": req["prompt"], "target": req.get("target")})
     else:
         requests = [{"prompt": prompt, "target": target}]
-    model, tok = jaxedit.load(model_name, dtype=dtype)
+    model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     per, mean = saliency_batch(model, requests, tokenizer=tok)
+    from jaxedit.sharding import is_main_process
+
+    if not is_main_process():  # several processes: process 0 writes
+        return
     os.makedirs(out, exist_ok=True)
     names = ["block"] + list(mean.modules)
 

@@ -80,7 +80,7 @@ def make_mesh(spec: Optional[str] = None, devices=None) -> Mesh:
         sizes = {"data": n, "model": 1}
     elif len(missing) == 1:
         if n % given:
-            raise JaxeditError(f"mesh {spec!r}: {given} does not divide the {n} devices")
+            raise JaxeditError(f"mesh {spec!r} needs a multiple of {given} devices, but {n} are visible")
         sizes[missing[0]] = n // given
     shape = tuple(sizes[a] for a in AXES)
     if math.prod(shape) != n:
@@ -181,6 +181,13 @@ def shard_model(model, mesh):
     from jaxedit.model import model_from_params, params_of
 
     return model_from_params(model.config, shard_params(model.config, params_of(model), mesh))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
 
 
 def bytes_per_device(params) -> dict:

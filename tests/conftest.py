@@ -100,3 +100,17 @@ def hf_logits(model, ids, mask=None):
 def _cache_dir(tmp_path_factory):
     # keep the converted-model cache where the user's would be unless the caller chose one
     os.environ.setdefault("JAXEDIT_CACHE", os.path.expanduser("~/.cache/jaxedit"))
+
+
+def pytest_collection_finish(session):
+    """tests/test_sharding.py's checks run in a process of their own (8 CPU devices); start it as soon as they are
+    collected, at low priority, so it runs beside the rest of the suite instead of after it."""
+    for module in {getattr(item, "module", None) for item in session.items}:
+        if module is not None and hasattr(module, "start_background_checks"):
+            module.start_background_checks()
+
+
+def pytest_sessionfinish(session):
+    for module in {getattr(item, "module", None) for item in session.items}:
+        if module is not None and hasattr(module, "stop_background_checks"):
+            module.stop_background_checks()
