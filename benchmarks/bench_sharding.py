@@ -27,8 +27,8 @@ import sys
 import time
 
 SHAPES = {
-    # LLaMA-7B scaled down (32 -> 4 layers, d 4096 -> 512, d_ff 11008 -> 1536, vocab 32000 -> 8000), with GQA
-    "llama-small": dict(n_layers=4, d_model=512, n_heads=8, n_kv_heads=4, head_dim=64, d_ff=1536, vocab_size=8000),
+    # a LLaMA scaled down (4 layers, d 512, d_ff 1536, vocab 8000) with GQA (16 heads, 8 key/value heads)
+    "llama-small": dict(n_layers=4, d_model=512, n_heads=16, n_kv_heads=8, head_dim=32, d_ff=1536, vocab_size=8000),
     "llama-7b": dict(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=32, head_dim=128, d_ff=11008,
                      vocab_size=32000),
     "llama-3-8b": dict(n_layers=32, d_model=4096, n_heads=32, n_kv_heads=8, head_dim=128, d_ff=14336,
