@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from jaxedit.cli.app import MODEL_HELP, clean_errors, cli, with_options
+from jaxedit.cli.app import MODEL_HELP, clean_errors, cli, with_mesh, with_options
 from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
 from jaxedit.errors import JaxeditError
 
@@ -66,9 +66,10 @@ def _csv(text, what, cast=str):
               help="star the vowels of the chunk's tokens in the plots")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="prompts per sampling / tracing call")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
+@with_mesh
 @clean_errors
 def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, kl_weights, hparam, dtype,
-          stats_float64, n_samples, **kw):
+          stats_float64, n_samples, mesh=None, **kw):
     """Das et al.'s toxic-memory study: select toxic prompts, localize the toxic chunk, edit or delete with every
     layer strategy, evaluate toxicity, perplexity and fluency, and report the tables and figures.
 
@@ -85,7 +86,11 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
                       strategies=_csv(strategies, "strategies"), objectives=_csv(objectives, "objectives"),
                       kl_weights=_csv(kl_weights, "kl-weights", float), hparams=hp, samples=n_samples, **kw)
     cfg.check()
-    model, tok = jaxedit.load(model_name, dtype=dtype)
+    import jax
+
+    if jax.process_count() > 1:
+        raise JaxeditError("jaxedit detox runs as one process: use --mesh over one host's devices")
+    model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     run_study(model, tok, cfg, out, STAGES if stage == "all" else (stage,))
     if stage in ("report", "all"):
         import os

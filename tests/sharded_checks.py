@@ -64,7 +64,7 @@ def random_stats(cfg, layers, seed=0):
 def run_all(model, tok, work, tag, sample, heavy=True):
     """Every computation on ``model`` (``heavy``: saliency and MEMIT too); returns {quantity: numpy result}."""
     from jaxedit.edit.stats import layer_stats
-    from jaxedit.generate import generate_ids
+    from jaxedit.generate import generate_ids, sample
 
     cfg = model.config
     out = {}
@@ -85,7 +85,9 @@ def run_all(model, tok, work, tag, sample, heavy=True):
                      max_len=16, batch_size=4, cache_dir=os.path.join(work, "stats-" + tag), progress=False)
     out["stats"] = np.stack([st[l] for l in layers])
     if sample:
-        out["sample"] = np.array([x[-6:] for x in generate_ids(model, ids, 6, top_k=5, seed=3)])
+        short = np.array([x[-6:] for x in generate_ids(model, ids, 6, top_k=5, seed=3)])
+        batched = np.array([s for row in sample(model, ids, 5, samples=3, top_p=0.9, seed=2) for s in row])
+        out["sample"] = np.concatenate([short.ravel(), batched.ravel()])
     if not heavy:
         return out
     per, mean = jaxedit.saliency_batch(model, [{"prompt": p, "target": " Paris"} for p in PROMPTS], tokenizer=tok)

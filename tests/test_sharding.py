@@ -92,6 +92,14 @@ def test_cli_mesh_errors_are_one_line(args, message):
     assert message in res.output and res.output.count("\n") == 1 and "Traceback" not in res.output
 
 
+def test_every_command_takes_mesh():
+    from jaxedit.cli.main import cli
+
+    for name, command in cli.commands.items():
+        options = {o for p in command.params for o in p.opts}
+        assert {"--mesh", "--coordinator", "--num-processes", "--process-id"} <= options, name
+
+
 def test_make_mesh_errors(report):
     errors = report["errors"]
     assert "needs a multiple of 3 devices, but 8 are visible" in errors["data=3"]
