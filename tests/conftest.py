@@ -105,9 +105,11 @@ def _cache_dir(tmp_path_factory):
 def pytest_collection_finish(session):
     """tests/test_sharding.py's checks run in a process of their own (8 CPU devices); start it as soon as they are
     collected, at low priority, so it runs beside the rest of the suite instead of after it."""
-    for module in {getattr(item, "module", None) for item in session.items}:
-        if module is not None and hasattr(module, "start_background_checks"):
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if hasattr(module, "start_background_checks") and "report" in getattr(item, "fixturenames", ()):
             module.start_background_checks()
+            break
 
 
 def pytest_sessionfinish(session):
