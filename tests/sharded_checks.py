@@ -322,6 +322,10 @@ def main(work, out_file):
         report["all_gathers"] = hlo_all_gathers(DUMP)
     multihost_run(paths, work, report)
     report["seconds"]["total"] = time.time() - t0
+    import resource
+
+    report["cpu_seconds"] = sum(getattr(resource.getrusage(who), f) for who in
+                                (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN) for f in ("ru_utime", "ru_stime"))
     with open(out_file + ".tmp", "w") as f:
         json.dump(report, f)
     os.replace(out_file + ".tmp", out_file)
