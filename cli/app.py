@@ -210,6 +210,33 @@ def cli(ctx, quiet, no_compile_cache):
     ctx.obj = {"quiet": quiet, "compile_cache": not no_compile_cache}
 
 
+MESH_OPTIONS = [
+    click.option("--mesh", default=None, metavar="SPEC",
+                 help="run on a device mesh, e.g. data=4,model=2 (data: prompts/texts/examples/requests split over "
+                      "devices; model: the weights split over devices); an axis left out takes the remaining "
+                      "devices [default: one device]"),
+    click.option("--coordinator", default=None, metavar="HOST:PORT|auto",
+                 help="several hosts: process 0's address (with --num-processes, --process-id), or auto (SLURM, "
+                      "Open MPI, TPU pod slices); also read from JAX_COORDINATOR_ADDRESS"),
+    click.option("--num-processes", type=int, default=None, help="several hosts: how many processes in all"),
+    click.option("--process-id", type=int, default=None, help="several hosts: this process's index (0 writes)"),
+]
+
+
+def with_mesh(fn):
+    """Add the shared --mesh / multi-host options to a command; the command receives ``mesh`` (a
+    :class:`jax.sharding.Mesh`, or None for one device). jax.distributed starts before anything touches a device."""
+    @functools.wraps(fn)
+    @clean_errors
+    def wrapper(*args, mesh=None, coordinator=None, num_processes=None, process_id=None, **kwargs):
+        from jaxedit.sharding import initialize, make_mesh
+
+        several = initialize(coordinator, num_processes, process_id)
+        return fn(*args, mesh=make_mesh(mesh) if (mesh or several) else None, **kwargs)
+
+    return with_options(MESH_OPTIONS)(wrapper)
+
+
 def with_options(options):
     """Apply a list of click options (shared between commands) to a command function."""
     def deco(fn):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, clean_errors, cli, request_file, with_options
+from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file, with_mesh, with_options
 from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
 from jaxedit.errors import JaxeditError
 
@@ -67,9 +67,9 @@ def _csv(text, what, cast=str):
 @click.option("--batch-size", default=8, show_default=True, type=int, help="prompts per sampling / tracing call")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
 @SKIP_BAD
-@clean_errors
+@with_mesh
 def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, kl_weights, hparam, dtype,
-          stats_float64, n_samples, skip_bad, **kw):
+          stats_float64, n_samples, skip_bad, mesh=None, **kw):
     """Das et al.'s toxic-memory study: select toxic prompts, localize the toxic chunk, edit or delete with every
     layer strategy, evaluate toxicity, perplexity and fluency, and report the tables and figures.
 
@@ -91,10 +91,14 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
                       kl_weights=_csv(kl_weights, "kl-weights", float), hparams=hp, samples=n_samples,
                       skip_bad=skip_bad, **kw)
     cfg.check()
+    import jax
+
+    if jax.process_count() > 1:
+        raise JaxeditError("jaxedit detox runs as one process: use --mesh over one host's devices")
     if stage in ("select", "all") and os.path.isfile(prompts):
         request_file(prompts, "prompts", skip_bad, check=prompt_of)  # every bad line named before the model loads
     runtime.set_resume_note(f"finished steps are kept in {out}/; rerun the same command to resume")
-    model, tok = jaxedit.load(model_name, dtype=dtype)
+    model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     run_study(model, tok, cfg, out, STAGES if stage == "all" else (stage,))
     if stage in ("report", "all"):
         click.echo(open(os.path.join(out, "table2.md")).read())

@@ -19,7 +19,7 @@ import os
 
 import click
 
-from jaxedit.cli.app import MODEL_HELP, clean_errors, cli
+from jaxedit.cli.app import MODEL_HELP, cli, with_mesh
 from jaxedit.errors import JaxeditError
 from jaxedit.files import append_jsonl, read_rows, write_atomic, write_json, write_jsonl
 
@@ -135,9 +135,9 @@ def _case_record(case, layer_report, i):
 @click.option("--batch-size", default=1, show_default=True, type=int, help="with --sequential: cases tuned together")
 @click.option("--limit", type=int, help="only the first N cases")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
-@clean_errors
+@with_mesh
 def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_weight, weight_decay, kl_no_grad,
-         locate, layer, suffix, no_suffix, sequential, batch_size, limit, dtype):
+         locate, layer, suffix, no_suffix, sequential, batch_size, limit, dtype, mesh=None):
     """DINM (SafeEdit): locate each case's toxic layer, tune its MLP output projection, evaluate DS / DG /
     fluency / retention before and after."""
     import numpy as np
@@ -162,7 +162,11 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
         c.inputs()  # the evaluation needs the generalization test: fail before loading anything
     if os.path.isfile(out):
         raise JaxeditError(f"{out} is a file, not a directory")
-    model, tok = jaxedit.load(model_name, dtype=dtype)
+    import jax
+
+    if jax.process_count() > 1:
+        raise JaxeditError("jaxedit dinm runs as one process: use --mesh over one host's devices")
+    model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     cfg = model.config
     DinmHparams(**hp).check(cfg.n_layers)
     os.makedirs(out, exist_ok=True)

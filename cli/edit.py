@@ -5,7 +5,7 @@ import json
 
 import click
 
-from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file, with_options
+from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file, with_mesh, with_options
 from jaxedit.errors import JaxeditError
 
 
@@ -60,7 +60,8 @@ _STATS_OPTIONS = [
 
 
 def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, corpus, n_samples, max_len,
-                  stats_float64, preset, solve_float64, hparam, dtype, skip_bad, kl_weight=None, objective=None):
+                  stats_float64, preset, solve_float64, hparam, dtype, skip_bad, kl_weight=None, objective=None,
+                  mesh=None):
     import os
 
     import jaxedit
@@ -86,8 +87,10 @@ def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, c
     for d in (out, export_hf_dir):
         if d and os.path.isfile(d):
             raise JaxeditError(f"{d} is a file, not a directory")
+    from jaxedit.sharding import is_main_process
+
     lay = parse_layers(layers) if layers else None
-    model, tok = jaxedit.load(model_name, dtype=dtype)
+    model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     other = "jaxedit delete" if mode == "edit" else "jaxedit edit"
     rf.check(lambda r: parse_request(r, tok, mode, other=other) and None)  # FILE:LINE errors before any work
     runtime.set_resume_note(f"nothing written to {out}/ (it is written when the edit is complete)")
@@ -99,14 +102,17 @@ def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, c
     for r, line in zip(report["requests"], rf.lines):
         r["line"] = line
     runtime.stage(f"writing {out}/")
-    jaxedit.save(edited, out, tokenizer=tok)
-    tmp = os.path.join(out, ".report.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, os.path.join(out, "report.json"))
+    jaxedit.save(edited, out, tokenizer=tok)  # several processes: each saves its shards
+    if is_main_process():
+        tmp = os.path.join(out, ".report.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+        os.replace(tmp, os.path.join(out, "report.json"))
     if export_hf_dir:
         runtime.stage(f"exporting {export_hf_dir}/")
         jaxedit.export_hf(edited, tok, export_hf_dir)
+    if not is_main_process():
+        return
     tracked = "target" if mode == "edit" else "suppressed"
     for r in report["requests"]:
         toks = ", ".join(f"{t!r} {b:.4f} -> {a:.4f}" for t, b, a in zip(r["tokens"], r["p_before"], r["p_after"]))
@@ -137,6 +143,7 @@ _EDIT_OPTIONS = [
 
 @cli.command()
 @with_options(_EDIT_OPTIONS)
+@with_mesh
 def edit(**kw):
     """MEMIT: rewrite subject -> target associations (all requests in one batch edit)."""
     _edit_command("edit", **kw)
@@ -149,6 +156,7 @@ def edit(**kw):
 @click.option("--objective", type=click.Choice(["logp", "unlikelihood"]), default="logp", show_default=True,
               help="logp: the reference's mean log P (no floor); unlikelihood: -log(1 - P), which the KL weight "
                    "balances (docs/editing.md)")
+@with_mesh
 def delete(kl_weight, objective, **kw):
     """Das et al.'s deletion: push the "suppress" token(s) away from each prompt."""
     _edit_command("delete", kl_weight=kl_weight, objective=objective, **kw)
@@ -160,17 +168,21 @@ def delete(kl_weight, objective, **kw):
 @with_options(_STATS_OPTIONS)
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
-def stats(model_name, layers, corpus, n_samples, max_len, stats_float64, batch_size, dtype):
+@with_mesh
+def stats(model_name, layers, corpus, n_samples, max_len, stats_float64, batch_size, dtype, mesh=None):
     """Key statistics E[k k^T] of the MLP output projection's input, for MEMIT (cached; a killed run resumes)."""
     import numpy as np
 
     import jaxedit
     from jaxedit.edit.stats import DEFAULT_CORPUS
+    from jaxedit.sharding import is_main_process
 
-    model, tok = jaxedit.load(model_name, dtype=dtype)
+    model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     res = jaxedit.layer_stats(model, tok, parse_layers(layers), corpus=corpus or DEFAULT_CORPUS,
                               n_samples=n_samples or 100_000, max_len=max_len, batch_size=batch_size,
                               precision="float64" if stats_float64 else "float32")
+    if not is_main_process():
+        return
     for l, c in sorted(res.items()):
         click.echo(f"layer {l}: [{c.shape[0]} x {c.shape[1]}], trace {float(np.trace(c)):.4g}")
     from jaxedit.loading import cache_dir
@@ -181,13 +193,15 @@ def stats(model_name, layers, corpus, n_samples, max_len, stats_float64, batch_s
 @cli.command()
 @click.option("--model", "model_name", required=True, help=MODEL_HELP)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Hugging Face checkpoint folder")
-def export(model_name, out):
+@with_mesh
+def export(model_name, out, mesh=None):
     """Write a model (e.g. an edited one saved by `jaxedit edit`) as a Hugging Face checkpoint folder."""
     import jaxedit
-
     from jaxedit import runtime
+    from jaxedit.sharding import is_main_process
 
-    model, tok = jaxedit.load(model_name)
+    model, tok = jaxedit.load(model_name, mesh=mesh)
     runtime.stage(f"writing {out}/")
     jaxedit.export_hf(model, tok, out)
-    click.echo(f"wrote {out}/ (config.json, model.safetensors, tokenizer)")
+    if is_main_process():
+        click.echo(f"wrote {out}/ (config.json, model.safetensors, tokenizer)")

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file
+from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file, with_mesh
 from jaxedit.errors import JaxeditError
 
 
@@ -60,9 +60,10 @@ def _noise_note(noise, level, per_prompt, n):
               help="shared: prefix sharing (fast); dense: one full forward per cell")
 @SKIP_BAD
 @click.option("--no-plots", is_flag=True, help="skip the per-prompt heatmaps")
+@with_mesh
 def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds, samples, noise, noise_per_prompt,
           noise_file, uniform, replace, window, seed, dtype, precision_highest, batch_size, method, skip_bad,
-          no_plots):
+          no_plots, mesh=None):
     """Causal tracing: corrupt a span, restore each (token, layer) state, measure p(answer).
 
     Writes per prompt and kind an .npz (scores [T, L], low_score, high_score, ...), results.jsonl (one row per
@@ -104,7 +105,10 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
     if precision_highest:
         jax.config.update("jax_default_matmul_precision", "highest")
 
-    model, tok = jaxedit.load(model_name, dtype=dtype)
+    from jaxedit.sharding import broadcast_json, is_main_process
+
+    main = is_main_process()  # several processes: all compute, process 0 writes
+    model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     info = {}  # line -> (token count, the span's token ids): checked before anything is computed or written
 
     def check_tokens(line, req):
@@ -121,22 +125,29 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
     note = f"noise: the array in {noise_file}" if noise_file else _noise_note(noise, level, noise_per_prompt,
                                                                               len(valid))
 
-    os.makedirs(out, exist_ok=True)
     options = {"model": model_name, "kinds": list(kinds_t), "samples": samples, "noise": noise,
                "noise_per_prompt": noise_per_prompt, "level": level, "uniform": uniform, "replace": replace,
                "window": window, "seed": seed, "dtype": dtype,
                "batch": os.path.abspath(batch_file) if batch_file else None, "prompt": prompt,
                "noise_file": os.path.abspath(noise_file) if noise_file else None}
-    done = tf.read_done(out)
-    differ = tf.options_differ(out, options) if done else None
-    if differ and len(differ) > 1:
-        differ = [d for d in differ if d[0] != "level"]  # the level follows from the others (prompts, noise)
-    if differ:
-        what = "; ".join((f"noise level {new:.4g} here, {old:.4g} there (the spans traced together changed)"
-                          if k == "level" else f"--{k.replace('_', '-')} {_show(new)} here, {_show(old)} there")
-                         for k, old, new in differ)
-        raise JaxeditError(f"{out} holds a run with other options ({what}); choose another --out or delete it")
-    tf.write_run(out, options)
+    state = {"done": {}, "error": None}
+    if main:
+        os.makedirs(out, exist_ok=True)
+        state["done"] = tf.read_done(out)
+        differ = tf.options_differ(out, options) if state["done"] else None
+        if differ and len(differ) > 1:
+            differ = [d for d in differ if d[0] != "level"]  # the level follows from the others (prompts, noise)
+        if differ:
+            what = "; ".join((f"noise level {new:.4g} here, {old:.4g} there (the spans traced together changed)"
+                              if k == "level" else f"--{k.replace('_', '-')} {_show(new)} here, {_show(old)} there")
+                             for k, old, new in differ)
+            state["error"] = f"{out} holds a run with other options ({what}); choose another --out or delete it"
+    state = broadcast_json(state)  # every process resumes from process 0's results.jsonl
+    if state["error"]:
+        raise JaxeditError(state["error"])
+    done = {int(k): v for k, v in state["done"].items()}
+    if main:
+        tf.write_run(out, options)
     bs = batch_size or (1 if jax.default_backend() == "cpu" else 8)
     pending = [(line, r) for line, r in valid if line not in done]
     if bs > 1:  # similar lengths together: fewer padded tokens per call
@@ -149,7 +160,7 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
     rows = {line: done[line] for line, _ in valid if line in done}
     runtime.set_resume_note(lambda: f"{len(rows)} of {len(valid)} prompts kept in {out}/, rerun to resume")
     extra = {"noise": noise, "noise_per_prompt": noise_per_prompt}
-    with runtime.bar(len(valid), "tracing", "prompt", initial=reused) as bar:
+    with runtime.bar(len(valid), "tracing", "prompt", initial=reused, enabled=main) as bar:
         for i in range(0, len(pending), bs):
             chunk = pending[i:i + bs]
             where = f"line {chunk[0][0]}" if len(chunk) == 1 else f"lines {', '.join(str(v[0]) for v in chunk)}"
@@ -159,11 +170,14 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
                                   method=method, batch_size=bs, fixed_batch=len(valid) > bs,
                                   bucket=1 if len(valid) == 1 else 4, noise_per_prompt=noise_per_prompt,
                                   on_kind=lambda k: bar.set_postfix_str(f"{k}, {where}" if batch_file else k))
-            for (line, req), res in zip(chunk, results):
-                row = tf.save_prompt(out, line, req, res, plots=not no_plots, extra=extra)
-                tf.append_row(out, row)
-                rows[line] = row
+            if main:
+                for (line, req), res in zip(chunk, results):
+                    row = tf.save_prompt(out, line, req, res, plots=not no_plots, extra=extra)
+                    tf.append_row(out, row)
+                    rows[line] = row
             bar.update(len(chunk))
+    if not main:
+        return
     tf.sort_results(out)
     ordered = [rows[line] for line, _ in valid]
     runtime.stage(f"writing the average indirect effects over {len(ordered)} prompt{'s' * (len(ordered) != 1)}")
@@ -205,7 +219,8 @@ def check_example(req):
 @click.option("--top", default=5, show_default=True, type=click.IntRange(min=1), help="how many top layers to print")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
 @SKIP_BAD
-def saliency(model_name, prompt, target, batch_file, out, top, dtype, skip_bad):
+@with_mesh
+def saliency(model_name, prompt, target, batch_file, out, top, dtype, skip_bad, mesh=None):
     """Saliency profiles: |dNLL/dtheta| per layer (whole block, attention, MLP, MLP output projection).
 
     Writes saliency.json (per-example and mean profiles, each example with its input line), saliency.csv (the
@@ -226,7 +241,7 @@ def saliency(model_name, prompt, target, batch_file, out, top, dtype, skip_bad):
         rf = request_file(batch_file, "examples", skip_bad, check=check_example)
     else:
         rf = None
-    model, tok = jaxedit.load(model_name, dtype=dtype)
+    model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     if rf is not None:
         items = rf.check(lambda q: encode_example(tok, model, q["prompt"], None, q["target"]) and None)
     else:
@@ -234,6 +249,10 @@ def saliency(model_name, prompt, target, batch_file, out, top, dtype, skip_bad):
     requests = [q for _, q in items]
     runtime.set_resume_note(f"nothing written to {out}/ yet")
     per, mean = saliency_batch(model, requests, tokenizer=tok)
+    from jaxedit.sharding import is_main_process
+
+    if not is_main_process():  # several processes: process 0 writes
+        return
     os.makedirs(out, exist_ok=True)
     names = ["block"] + list(mean.modules)
 

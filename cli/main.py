@@ -7,18 +7,24 @@ from __future__ import annotations
 
 import click
 
-from jaxedit.cli.app import clean_errors, cli
+from jaxedit.cli.app import clean_errors, cli, with_mesh
 
 @cli.command()
 @click.argument("model", default="smollm2")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
 @click.option("--allow-pickle", is_flag=True, help="allow reading pytorch_model.bin pickles (unsafe)")
+@with_mesh
 @clean_errors
-def info(model, dtype, allow_pickle):
+def info(model, dtype, allow_pickle, mesh=None):
     """Print the architecture, layer count, dimensions and parameter count of MODEL."""
     import jaxedit
+    import jax
 
-    m, tok = jaxedit.load(model, dtype=dtype, allow_pickle=allow_pickle)
+    from jaxedit.sharding import bytes_per_device, describe, human_bytes, is_main_process
+
+    m, tok = jaxedit.load(model, dtype=dtype, allow_pickle=allow_pickle, mesh=mesh)
+    if not is_main_process():
+        return
     c = m.config
     rows = [
         ("model", model), ("family", c.family), ("layers", c.n_layers), ("d_model", c.d_model),
@@ -28,6 +34,11 @@ def info(model, dtype, allow_pickle):
     ]
     if c.family == "llama":
         rows.insert(7, ("rope", f"theta {c.rope_theta:g}" + (f", {dict(c.rope_scaling)}" if c.rope_scaling else "")))
+    if mesh is not None:
+        per = bytes_per_device(jaxedit.params_of(m))
+        total = sum(int(x.nbytes) for x in jax.tree.leaves(jaxedit.params_of(m)))
+        rows.append(("mesh", f"{describe(mesh)}: at most {human_bytes(max(per.values()))} of parameters per "
+                             f"device (of {human_bytes(total)})"))
     for k, v in rows:
         click.echo(f"{k:<11} {v}")
 

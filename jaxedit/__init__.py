@@ -16,11 +16,12 @@ from jaxedit.evaluate.safeedit import evaluate as evaluate_safeedit, read_cases 
 from jaxedit.evaluate.metrics import fluency, perplexity, toxic_rate
 from jaxedit.evaluate.toxicity import toxicity_scores
 from jaxedit.detox.chunking import toxic_span
+from jaxedit.sharding import make_mesh, shard_model
 
 __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "apply", "load", "DEFAULT_MODEL",
            "forward", "create_model", "model_from_params", "params_of", "count_params", "trace", "trace_batch",
            "TraceResult", "saliency", "saliency_batch", "SaliencyResult", "select_layers",
            "attribution_patching", "memit", "delete", "EditHparams", "hparams_for", "layer_stats", "save",
-           "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores", "toxic_span", "dinm", "dinm_locate",
-           "DinmHparams", "read_safeedit", "evaluate_safeedit"]
+            "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores", "toxic_span", "dinm", "dinm_locate",
+            "DinmHparams", "read_safeedit", "evaluate_safeedit", "make_mesh", "shard_model"]
 __version__ = "0.1.0"

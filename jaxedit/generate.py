@@ -167,6 +167,9 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, s
         prompt_keys = range(len(prompt_ids))
     elif len(prompt_keys) != len(prompt_ids):
         raise JaxeditError("prompt_keys needs one key per prompt")
+    from jaxedit.sharding import mesh_of, padded, put_batch, to_host
+
+    mesh = mesh_of(model)  # on a mesh: the prompt x sample rows of a batch split over the data axis
     rows = [(i, j) for i in range(len(prompt_ids)) for j in range(samples)]
     by_len: dict = {}
     for i, j in rows:
@@ -175,6 +178,7 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, s
     stop = set(stop_ids or ())
     for P, members in sorted(by_len.items()):
         B = min(max_batch, sample_rows(cfg, P, max_new_tokens, budget), 1 << (len(members) - 1).bit_length())
+        B = padded(B, mesh)
         for c in range(0, len(members), B):
             chunk = members[c:c + B]
             ids = np.zeros((B, P), np.int32)
@@ -184,10 +188,11 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, s
                 p = prompt_ids[i]
                 ids[b, P - len(p):], mask[b, P - len(p):] = p, 1
                 keys.append(jax.random.fold_in(jax.random.fold_in(base, int(prompt_keys[i])), j))
-            new = np.asarray(sample_bucket(cfg, params, jnp.asarray(ids), jnp.asarray(mask), jnp.stack(keys),
-                                           jnp.float32(top_p or 1.0), jnp.float32(temperature),
-                                           new_tokens=int(max_new_tokens), greedy=bool(greedy), top_k=top_k,
-                                           nucleus=top_p is not None and top_p < 1))
+            put = lambda a: put_batch(mesh, a)
+            new = to_host(sample_bucket(cfg, params, put(ids), put(mask), put(np.stack(keys)),
+                                        jnp.float32(top_p or 1.0), jnp.float32(temperature),
+                                        new_tokens=int(max_new_tokens), greedy=bool(greedy), top_k=top_k,
+                                        nucleus=top_p is not None and top_p < 1))
             for b, (i, j) in enumerate(chunk):
                 toks = new[b].tolist()
                 cut = next((k for k, t in enumerate(toks) if t in stop), len(toks))
@@ -247,11 +252,16 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], new_tokens: int, *,
     T = int(lengths.max()) + new_tokens
     if T > model.config.max_positions:
         raise JaxeditError(f"{T} tokens exceed the model's {model.config.max_positions} positions")
-    buf = np.zeros((len(prompt_ids), T), np.int32)
-    for i, p in enumerate(prompt_ids):
+    from jaxedit.sharding import mesh_of, padded, put_batch, to_host
+
+    mesh = mesh_of(model)  # on a mesh: prompts split over the data axis (padded with copies of the first)
+    B = padded(len(prompt_ids), mesh)
+    buf = np.zeros((B, T), np.int32)
+    for i, p in enumerate(list(prompt_ids) + [prompt_ids[0]] * (B - len(prompt_ids))):
         buf[i, :len(p)] = p
-    out = np.asarray(decode(model.config, params_of(model), jnp.asarray(buf), jnp.asarray(lengths),
-                            jax.random.PRNGKey(seed), top_k=top_k, temperature=temperature))
+    lengths = np.concatenate([lengths, np.full(B - len(lengths), lengths[0], np.int32)])
+    out = to_host(decode(model.config, params_of(model), put_batch(mesh, buf), put_batch(mesh, lengths),
+                         jax.random.PRNGKey(seed), top_k=top_k, temperature=temperature))
     return [out[i, :lengths[i] + new_tokens].tolist() for i in range(len(prompt_ids))]
 
 

@@ -5,6 +5,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jaxedit.config import ModelConfig
@@ -54,11 +55,27 @@ def count_params(model) -> int:
 
 def forward(model, input_ids, attention_mask=None, interventions: Optional[Interventions] = None,
             capture: tuple = (), logit_positions=None) -> ForwardOutput:
-    """Run ``model`` on ``input_ids`` [B, T] (jitted). Returns a :class:`ForwardOutput`; ``.logits`` is [B, T, V]."""
-    ids = jnp.asarray(input_ids)
+    """Run ``model`` on ``input_ids`` [B, T] (jitted). Returns a :class:`ForwardOutput`; ``.logits`` is [B, T, V].
+
+    A model on a mesh runs with the batch split over the ``data`` axis (without interventions the batch is padded
+    to a multiple of it and the padding dropped from the outputs; with them, split when it divides)."""
+    from jaxedit.sharding import data_size, mesh_of, put_batch
+
+    ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]
-    mask = None if attention_mask is None else jnp.asarray(attention_mask)
+    mask = None if attention_mask is None else np.asarray(attention_mask)
     if mask is not None and mask.ndim == 1:
         mask = mask[None]
-    return apply_jit(model.config, params_of(model), ids, mask, interventions, tuple(capture), logit_positions)
+    mesh = mesh_of(model)
+    B = ids.shape[0]
+    k = data_size(mesh)
+    if mesh is None or (interventions is not None and B % k):
+        return apply_jit(model.config, params_of(model), jnp.asarray(ids), None if mask is None else jnp.asarray(mask),
+                         interventions, tuple(capture), logit_positions)
+    pad = (-B) % k if interventions is None else 0
+    grow = lambda a: None if a is None else np.concatenate([a, np.repeat(np.asarray(a)[:1], pad, 0)])
+    ids, mask, pos = grow(ids), grow(mask), grow(None if logit_positions is None else np.asarray(logit_positions))
+    put = lambda a: None if a is None else put_batch(mesh, a)
+    out = apply_jit(model.config, params_of(model), put(ids), put(mask), interventions, tuple(capture), put(pos))
+    return jax.tree.map(lambda a: a[:B], out) if pad else out

@@ -209,8 +209,9 @@ def compiled(jitted, *args, what: str, **static):
     import jax
 
     leaves, tree = jax.tree.flatten(args)
-    key = (id(jitted), tree, tuple((a.shape, str(a.dtype)) if hasattr(a, "shape") and hasattr(a, "dtype") else a
-                                   for a in leaves), tuple(sorted(static.items())))
+    key = (id(jitted), tree, tuple((a.shape, str(a.dtype), getattr(a, "sharding", None))  # placed on a mesh or not
+                                   if hasattr(a, "shape") and hasattr(a, "dtype") else a for a in leaves),
+           tuple(sorted(static.items())))
     exe = _compiled.get(key)
     if exe is None:
         stage(f"compiling {what}")

@@ -127,3 +127,19 @@ def _cache_dir(tmp_path_factory):
     # no persistent compile cache in the test process: tests move JAXEDIT_CACHE to folders that are deleted, and the
     # first command would fix the cache there for the whole session (the tests that need it name their own)
     os.environ.setdefault("JAXEDIT_COMPILE_CACHE", "0")
+
+
+def pytest_collection_finish(session):
+    """tests/test_sharding.py's checks run in a process of their own (8 CPU devices); start it as soon as they are
+    collected, at low priority, so it runs beside the rest of the suite instead of after it."""
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if hasattr(module, "start_background_checks") and "report" in getattr(item, "fixturenames", ()):
+            module.start_background_checks()
+            break
+
+
+def pytest_sessionfinish(session):
+    for module in {getattr(item, "module", None) for item in session.items}:
+        if module is not None and hasattr(module, "stop_background_checks"):
+            module.stop_background_checks()

@@ -10,7 +10,6 @@ import os
 
 import pytest
 
-import jaxedit
 from jaxedit.detox import DetoxConfig, run_study
 
 pytestmark = pytest.mark.slow
@@ -20,7 +19,7 @@ def test_ct_informed_deletion_lowers_toxicity(smollm2, tmp_path):
     model, tok = smollm2
     cfg = DetoxConfig(prompts="demo", limit=12, select_samples=10, select_threshold=0.15, max_prompts=6,
                       heldout_fraction=0.0, trace_kinds=("mlp",), trace_samples=3, strategies=("ct-multi",),
-                      objectives=("delete",), eval_samples=16, factual="", corpus="model", samples=32, max_len=32)
+                      objectives=("delete",), eval_samples=16, factual="", corpus="model", samples=64, max_len=64)
     out = str(tmp_path / "study")
     run_study(model, tok, cfg, out, progress=False)
     rows = {r["strategy"]: r for r in map(json.loads, open(os.path.join(out, "summary.jsonl")))}

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxedit import runtime
 from jaxedit.config import ModelConfig
@@ -39,6 +40,7 @@ from jaxedit.forward import apply, apply_jit, block
 from jaxedit.layer_selection import check_layers
 from jaxedit.model import model_from_params, params_of
 from jaxedit.models import FAMILY_MODULES
+from jaxedit.sharding import mesh_of, padded, put_batch, to_host
 
 
 # ---- hyperparameters ----
@@ -341,17 +343,45 @@ def _keys_and_hidden(cfg, params, ids, mask, pos, layer, *, stop: int):
     return out.keys[rows, layer, pos], out.hidden[rows, stop - 1, pos]
 
 
-def _solve(C, K, R, lam, dtype):
-    """dW = (lam C + K K^T)^-1 K R^T with K [f, n], R [d, n]; returns (dW [f, d] float32, relative residual)."""
+def _solve_f32(C, K, R, lam):
+    A = lam * C + K @ K.T
+    X = jnp.linalg.solve(A, K)
+    rel = jnp.linalg.norm(A @ X - K) / jnp.maximum(jnp.linalg.norm(K), 1e-30)
+    return X @ R.T, rel
+
+
+_solve_f32_jit = jax.jit(_solve_f32)
+
+
+def _solve(C, K, R, lam, dtype, sharding=None):
+    """dW = (lam C + K K^T)^-1 K R^T with K [f, n], R [d, n]; returns (dW [f, d] float32, relative residual).
+
+    ``sharding``: the placement of one layer of the edited projection (rows over the model axis); dW is then
+    returned as a device array placed with it (float32: each device computes the rows it holds after solving the
+    small system [f, f] x [f, n] itself), else as numpy."""
     if dtype == "float64":
         A = lam * np.asarray(C, np.float64) + K.astype(np.float64) @ K.T.astype(np.float64)
         X = np.linalg.solve(A, K.astype(np.float64))
         rel = np.linalg.norm(A @ X - K) / max(np.linalg.norm(K), 1e-30)
-        return (X @ R.T.astype(np.float64)).astype(np.float32), float(rel)
-    A = lam * jnp.asarray(C, jnp.float32) + jnp.asarray(K) @ jnp.asarray(K).T
-    X = jnp.linalg.solve(A, jnp.asarray(K))
-    rel = jnp.linalg.norm(A @ X - K) / jnp.maximum(jnp.linalg.norm(K), 1e-30)
-    return np.asarray(X @ jnp.asarray(R).T, np.float32), float(rel)
+        dW = (X @ R.T.astype(np.float64)).astype(np.float32)
+        return (dW if sharding is None else jax.device_put(dW, sharding)), float(rel)
+    args = (np.asarray(C, np.float32), np.asarray(K, np.float32), np.asarray(R, np.float32), np.float32(lam))
+    if sharding is None:
+        dW, rel = _solve_f32_jit(*args)
+        return np.asarray(dW, np.float32), float(rel)
+    rep = NamedSharding(sharding.mesh, P())
+    dW, rel = jax.jit(_solve_f32, in_shardings=rep, out_shardings=(sharding, rep))(*args)
+    return dW, float(to_host(rel))
+
+
+@jax.jit
+def _add_layer(w, dW, l):
+    return w.at[l].add(dW.astype(w.dtype))
+
+
+@jax.jit
+def _layer_norm2(w, l):
+    return jnp.linalg.norm(w[l].astype(jnp.float32))
 
 
 def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers, hp: EditHparams):
@@ -373,18 +403,25 @@ def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers
 
     blocks = dict(params["blocks"])
     w_out = blocks["w_out"]
+    mesh = mesh_of(params)
+    # on a mesh, dW is made and added where each row of the projection lives (rows over the model axis)
+    layer_sharding = None if mesh is None else NamedSharding(mesh, P(*w_out.sharding.spec[1:]))
     layer_report = []
     for i, l in enumerate(layers):
         cur_params = dict(params, blocks=dict(blocks, w_out=w_out))
-        keys, hidden = _keys_and_hidden(cfg, cur_params, kids, kmask, kpos, l, stop=L + 1)
+        keys, hidden = to_host(_keys_and_hidden(cfg, cur_params, kids, kmask, kpos, l, stop=L + 1))
         keys = np.asarray(keys, np.float32).reshape(n, C, -1)
         K = 0.5 * keys[:, 0] + 0.5 * keys[:, 1:].mean(1) if C > 1 else keys[:, 0]  # [n, f]
         z_now = np.asarray(hidden, np.float32).reshape(n, C, -1)[:, 0]
         resid = (z - z_now) / (len(layers) - i)  # [n, d]
-        dW, rel = _solve(stats[l], K.T, resid.T, hp.mom2_update_weight, hp.solve_dtype)
-        W = np.asarray(w_out[l], np.float32)
-        nW, ndW = float(np.linalg.norm(W)), float(np.linalg.norm(dW))
-        if not np.all(np.isfinite(dW)):
+        dW, rel = _solve(stats[l], K.T, resid.T, hp.mom2_update_weight, hp.solve_dtype, layer_sharding)
+        if mesh is None:
+            nW, ndW = float(np.linalg.norm(np.asarray(w_out[l], np.float32))), float(np.linalg.norm(dW))
+            finite = bool(np.all(np.isfinite(dW)))
+        else:
+            nW, ndW = float(to_host(_layer_norm2(w_out, l))), float(to_host(jnp.linalg.norm(dW)))
+            finite = bool(to_host(jnp.all(jnp.isfinite(dW))))
+        if not finite:
             raise JaxeditError(f"layer {l}: the update is not finite (ill-conditioned solve); nothing was changed")
         if rel > 1e-2:
             raise JaxeditError(f"layer {l}: ill-conditioned solve (relative residual {rel:.1e}); nothing was "
@@ -392,7 +429,7 @@ def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers
         if ndW > hp.max_update_ratio * nW:
             raise JaxeditError(f"layer {l}: the update's norm {ndW:.3g} exceeds {hp.max_update_ratio} x the "
                                f"weight's norm {nW:.3g}; refused, nothing was changed")
-        w_out = w_out.at[l].add(jnp.asarray(dW, w_out.dtype))
+        w_out = w_out.at[l].add(jnp.asarray(dW, w_out.dtype)) if mesh is None else _add_layer(w_out, dW, l)
         layer_report.append({"layer": l, "update_norm": ndW, "weight_norm": nW,
                              "residual_norm": float(np.linalg.norm(resid, axis=1).mean()), "solve_residual": rel})
     if not bool(jnp.all(jnp.isfinite(w_out))):
@@ -406,7 +443,7 @@ def next_token_dist(model, tokenizer, prompts: Sequence[str]) -> np.ndarray:
     last = mask.sum(1) - 1
     logits = apply_jit(model.config, params_of(model), jnp.asarray(ids), jnp.asarray(mask),
                        logit_positions=jnp.asarray(last[:, None])).logits[:, 0]
-    return np.asarray(jax.nn.softmax(logits, -1))
+    return to_host(jax.nn.softmax(logits, -1))
 
 
 def next_token_probs(model, tokenizer, prompts: Sequence[str], token_ids: Sequence[Sequence[int]]):
@@ -484,19 +521,28 @@ def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides
     n, T = len(reqs), ids.shape[1]
     key_pos = np.array(key_pos, np.int32)
 
-    # the state entering the blocks after L, computed once (the unedited model)
+    # the state entering the blocks after L, computed once (the unedited model). On a mesh the requests are split
+    # over the data axis (padded to a multiple of it with copies of the first request, dropped afterwards)
     runtime.stage(f"optimizing the target vector{'s' * (n > 1)} at layer {L} ({n} request{'s' * (n > 1)}, "
                   f"<= {hp.v_num_grad_steps} steps)")
-    hid = apply_jit(cfg, params, jnp.asarray(ids), jnp.asarray(mask), capture=("hidden",), num_layers=L + 1)
-    h = hid.hidden[:, L]  # [n*R, T, d]
-    h_init = h[jnp.arange(n * R), jnp.asarray(key_pos)].reshape(n, R, -1)[:, 0]  # bare context, key token
-    shape = lambda a: jnp.asarray(a).reshape(n, R, *np.shape(a)[1:])
-    delta, losses, mains, n_run = optimize_deltas(
+    mesh = mesh_of(params)
+    n_pad = padded(n, mesh)
+    order = np.concatenate([np.arange(n * R), np.tile(np.arange(R), n_pad - n)])
+    put = (lambda a: jnp.asarray(a)) if mesh is None else (lambda a: put_batch(mesh, a))
+    ids, mask, key_pos, lp_arr, ti_arr, tw_arr = (np.asarray(a)[order] for a in
+                                                  (ids, mask, key_pos, lp_arr, ti_arr, tw_arr))
+    hid = apply_jit(cfg, params, put(ids), put(mask), capture=("hidden",), num_layers=L + 1)
+    h = hid.hidden[:, L]  # [n_pad*R, T, d]
+    h_init = h[jnp.arange(n_pad * R), jnp.asarray(key_pos)].reshape(n_pad, R, -1)[:, 0]  # bare context, key token
+    shape = lambda a: (jnp.reshape(a, (n_pad, R) + a.shape[1:]) if isinstance(a, jax.Array)
+                       else put(np.reshape(a, (n_pad, R) + np.shape(a)[1:])))
+    delta, losses, mains, n_run = to_host(optimize_deltas(
         cfg, params, shape(h), shape(mask), shape(key_pos), shape(lp_arr), shape(ti_arr), shape(tw_arr),
         h_init, layer=L, mode="unlikelihood" if mode == "delete" and hp.delete_objective == "unlikelihood" else mode,
         steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay, clamp_factor=hp.clamp_norm_factor,
-        kl_factor=hp.kl_factor, stop_loss=hp.early_stop_loss, window=int((mask.sum(1) - key_pos).max()))
-    delta = np.asarray(delta)
+        kl_factor=hp.kl_factor, stop_loss=hp.early_stop_loss, window=int((mask.sum(1) - key_pos).max())))
+    delta, losses, mains, n_run = delta[:n], losses[:n], mains[:n], n_run[:n]
+    h_init = to_host(h_init)[:n]
     if not np.all(np.isfinite(delta)):
         raise JaxeditError("the target optimization diverged (non-finite delta); nothing was changed")
     z = np.asarray(h_init, np.float32) + delta  # [n, d]

@@ -29,6 +29,7 @@ from typing import Iterator, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxedit import runtime
 from jaxedit.config import ModelConfig
@@ -36,6 +37,8 @@ from jaxedit.errors import JaxeditError
 from jaxedit.forward import block, causal_allowed, embed, positions_from_mask
 from jaxedit.layer_selection import check_layers
 from jaxedit.model import params_of
+from jaxedit.sharding import (data_size, global_max, global_sum, is_main_process, local_rows, mesh_of, padded,
+                              put_batch, sync, to_host)
 
 DEFAULT_CORPUS = "wikitext:wikitext-103-raw-v1"
 MODEL_CORPUS = "model"
@@ -117,9 +120,10 @@ def corpus_key(corpus: str, seed: int, batch_size: int) -> str:
 
 
 def token_batches(model, tokenizer, corpus: str, n_samples: int, max_len: int, batch_size: int, seed: int = 0,
-                  skip: int = 0) -> Iterator[list]:
+                  skip: int = 0, rows=None) -> Iterator[list]:
     """Lists of at most ``batch_size`` token-id lists (each truncated to ``max_len``), ``n_samples`` texts in all,
-    after skipping the first ``skip`` texts."""
+    after skipping the first ``skip`` texts. ``rows``: tokenize only the texts at these positions of each batch
+    (the others are empty lists: another process's share of a batch)."""
     if corpus == MODEL_CORPUS:
         from jaxedit.generate import generate_ids
 
@@ -145,9 +149,8 @@ def token_batches(model, tokenizer, corpus: str, n_samples: int, max_len: int, b
         seen += 1
         if seen <= skip:
             continue
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_len]
-        if ids:
-            batch.append(ids)
+        mine = rows is None or len(batch) in rows
+        batch.append(tokenizer(text, add_special_tokens=False)["input_ids"][:max_len] if mine else [])
         if len(batch) == batch_size:
             yield batch
             batch = []
@@ -160,7 +163,14 @@ def token_batches(model, tokenizer, corpus: str, n_samples: int, max_len: int, b
 @partial(jax.jit, static_argnames=("cfg", "layers"), donate_argnums=(4,))
 def accumulate(cfg: ModelConfig, params, ids, mask, acc, *, layers: tuple):
     """acc [len(layers), d_ff, d_ff] + the sum over non-pad tokens of k k^T at each of ``layers`` (sorted);
-    the forward stops after the last of them."""
+    the forward stops after the last of them. With ids/mask [D, B, T] and acc [D, len(layers), d_ff, d_ff] (the
+    mesh layout: D = the data axis), each of the D parts adds to its own partial sum; sum them over D at the end."""
+    if ids.ndim == 3:
+        return jax.vmap(lambda i, m, a: _accumulate(cfg, params, i, m, a, layers))(ids, mask, acc)
+    return _accumulate(cfg, params, ids, mask, acc, layers)
+
+
+def _accumulate(cfg: ModelConfig, params, ids, mask, acc, layers: tuple):
     stop = layers[-1] + 1
     slot = np.full(stop, -1, np.int32)
     slot[list(layers)] = np.arange(len(layers))
@@ -184,12 +194,22 @@ def accumulate(cfg: ModelConfig, params, ids, mask, acc, *, layers: tuple):
     return acc
 
 
+@jax.jit
+def _strided_sample(leaf):
+    """Every 997th element of the flattened ``leaf``, gathered by index (no reshape: a sharded parameter stays
+    sharded; only the sample is reduced across devices)."""
+    idx = np.unravel_index(np.arange(0, leaf.size, 997), leaf.shape)
+    return leaf[tuple(jnp.asarray(i) for i in idx)]
+
+
 def model_fingerprint(model) -> str:
     """A short hash of the config and a strided sample of every parameter (cheap; changes when weights change)."""
+    from jaxedit.sharding import to_host
+
     h = hashlib.sha1(model.config.to_json().encode())
     for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params_of(model)), key=lambda kv: str(kv[0])):
         h.update(str(path).encode())
-        h.update(np.asarray(jax.device_get(leaf.reshape(-1)[::997]), np.float32).tobytes())
+        h.update(np.asarray(to_host(_strided_sample(leaf)), np.float32).tobytes())
     return h.hexdigest()[:16]
 
 
@@ -275,14 +295,42 @@ def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAUL
     if host is None:
         host = np.zeros((len(todo), f, f), acc_dtype)
     params = params_of(model)
-    dev = jnp.asarray(host, jnp.float32) if precision == "float32" else None
+    mesh = mesh_of(model)
+    D = data_size(mesh)
+    rows = padded(batch_size, mesh)  # a batch's rows, split over the data axis (rows past the texts stay empty)
+    if mesh is None:
+        put = jnp.asarray
+        zeros = lambda: jnp.zeros((len(todo), f, f), jnp.float32)
+        total = lambda acc: acc
+    else:  # one partial sum per data shard, [D, layers, d_ff, d_ff], its rows split like the keys over ``model``
+        acc_sharding = NamedSharding(mesh, P("data", None, "model" if f % mesh.shape["model"] == 0 else None))
+        put = lambda a: put_batch(mesh, a.reshape(D, rows // D, -1))
+        zeros = jax.jit(lambda: jnp.zeros((D, len(todo), f, f), jnp.float32), out_shardings=acc_sharding)
+        total = jax.jit(lambda acc: acc.sum(0))
+    dev = None
+    if precision == "float32" and mesh is None:
+        dev = jnp.asarray(host, jnp.float32)
+    elif precision == "float32":  # a resumed sum goes into the first data shard's partial sum
+
+        def block(idx):
+            parts = range(*idx[0].indices(D))
+            out = np.zeros((len(parts),) + host[idx[1:]].shape, np.float32)
+            if 0 in parts:
+                out[0] = host[idx[1:]]
+            return out
+
+        dev = jax.make_array_from_callback((D, len(todo), f, f), acc_sharding, block)
+
+    main = is_main_process()
 
     def save_partial():
-        sums = np.asarray(dev) if precision == "float32" else host
-        _atomic_savez(partial_path, sums=sums, texts=done_texts, tokens=tokens)
+        sums = to_host(total(dev)) if precision == "float32" else host
+        if main:
+            _atomic_savez(partial_path, sums=sums, texts=done_texts, tokens=tokens)
 
     batches_since, last_save = 0, time.monotonic()
-    batches = token_batches(model, tokenizer, corpus, n_samples, max_len, batch_size, seed, skip=done_texts)
+    batches = token_batches(model, tokenizer, corpus, n_samples, max_len, batch_size, seed, skip=done_texts,
+                            rows=None if jax.process_count() == 1 else set(local_rows(mesh, rows).tolist()))
     try:
         first = next(batches, None)  # opens the corpus: an unreachable one fails here, before any progress bar
     except JaxeditError as e:
@@ -298,29 +346,31 @@ def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAUL
         other.source = {"corpus": key, "samples": n, "max_len": t, "precision": precision,
                         "instead_of": corpus, "reason": str(e)}
         return other
-    os.makedirs(root, exist_ok=True)  # and before anything is written
+    if main:
+        os.makedirs(root, exist_ok=True)  # and before anything is written
     runtime.stage(f"computing key statistics of layers {list(todo)} over {n_samples} texts of {corpus} "
                   f"(cached for later runs)")
     note = lambda: (f"key statistics: {done_texts} of {n_samples} texts done, "  # noqa: E731
                     f"{saved[0]} saved in the cache; rerun to resume")
     saved = [done_texts]
     with runtime.resume_note_while(note), \
-            runtime.bar(n_samples, f"key statistics, layers {list(todo)}", "text", done_texts, progress) as bar:
+            runtime.bar(n_samples, f"key statistics, layers {list(todo)}", "text", done_texts,
+                        progress and main) as bar:
         for batch in _chain(first, batches) if first is not None else ():
-            T = -(-max(len(x) for x in batch) // 32) * 32  # round lengths up: few shapes to compile
-            ids = np.zeros((batch_size, T), np.int32)
-            mask = np.zeros((batch_size, T), np.int32)
+            longest = global_max(max(len(x) for x in batch))  # every process's share of the batch
+            T = max(32, -(-longest // 32) * 32)  # round lengths up: few shapes to compile
+            ids = np.zeros((rows, T), np.int32)
+            mask = np.zeros((rows, T), np.int32)
             for i, x in enumerate(batch):
                 ids[i, :len(x)] = x
                 mask[i, :len(x)] = 1
             if precision == "float32":
-                dev = accumulate(cfg, params, jnp.asarray(ids), jnp.asarray(mask), dev, layers=todo)
+                dev = accumulate(cfg, params, put(ids), put(mask), dev, layers=todo)
             else:
-                zero = jnp.zeros((len(todo), f, f), jnp.float32)
-                host += np.asarray(accumulate(cfg, params, jnp.asarray(ids), jnp.asarray(mask), zero, layers=todo),
-                                   np.float64)
+                host += to_host(total(accumulate(cfg, params, put(ids), put(mask), zeros(), layers=todo))
+                                ).astype(np.float64)
             done_texts += len(batch)
-            tokens += int(mask.sum())
+            tokens += global_sum(int(mask.sum()))
             bar.update(len(batch))
             batches_since += 1
             if batches_since >= save_every or time.monotonic() - last_save >= save_seconds:
@@ -329,13 +379,15 @@ def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAUL
                 batches_since, last_save = 0, time.monotonic()
     if tokens == 0:
         raise JaxeditError(f"corpus {corpus!r} gave no tokens")
-    sums = np.asarray(dev, np.float32) if precision == "float32" else host
+    sums = to_host(total(dev)).astype(np.float32) if precision == "float32" else host
     for i, l in enumerate(todo):
         mom2 = (sums[i] / tokens).astype(acc_dtype)
         if not np.all(np.isfinite(mom2)):
             raise JaxeditError(f"non-finite key statistics at layer {l}")
-        _atomic_savez(path_of[l], mom2=mom2, tokens=tokens, texts=done_texts)
+        if main:
+            _atomic_savez(path_of[l], mom2=mom2, tokens=tokens, texts=done_texts)
         out[l] = mom2
-    if os.path.isfile(partial_path):
+    if main and os.path.isfile(partial_path):
         os.remove(partial_path)
+    sync("jaxedit-stats-written")
     return out

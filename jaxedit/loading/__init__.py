@@ -89,13 +89,16 @@ def _cache_key(path: str) -> str:
 def _converted_gguf(path: str) -> str:
     """Convert a GGUF file once (dequantize, tokenizer) into a jaxedit directory in the cache; return its path."""
     target = os.path.join(cache_dir(), f"{os.path.splitext(os.path.basename(path))[0]}-{_cache_key(path)}")
-    if not is_native_dir(target):
+    from jaxedit.sharding import is_main_process, sync
+
+    if not is_native_dir(target) and is_main_process():  # several processes: the first converts, the others wait
         from jaxedit.runtime import stage
 
         stage(f"converting {os.path.basename(path)} into {cache_dir()} (first use only; about 30 s)")
         model = load_gguf(path, "float32")
         save_native(model, gguf_tokenizer(path), target,
                     extra={"source": os.path.abspath(path), "conversion": conversion_fingerprint()})
+    sync("jaxedit-gguf-cache")
     return target
 
 
@@ -127,16 +130,21 @@ def save(model, path: str, tokenizer=None) -> None:
 
 
 def load(name_or_path: str = DEFAULT_MODEL, dtype=None, *, allow_pickle: bool = False, revision=None,
-         cache: bool = True):
+         cache: bool = True, mesh=None):
     """Load a model and its tokenizer. Returns ``(model, tokenizer)``; ``model.config`` describes the architecture.
 
     ``dtype``: "float32" or "bfloat16" (parameters; softmax and logits are always float32). Default: float32, or
     the saved dtype for a model written by :func:`save`.
     ``allow_pickle``: read ``pytorch_model.bin`` checkpoints (unsafe: pickles can run code).
     ``cache``: convert GGUF files once into a cache directory ($JAXEDIT_CACHE, default ~/.cache/jaxedit).
+    ``mesh``: a :class:`jax.sharding.Mesh` from :func:`jaxedit.make_mesh` (or its spec, "data=4,model=2"): the
+    parameters are placed sharded over its ``model`` axis (replicated over ``data``) as they are read, each
+    device's shards read on their own from safetensors files and jaxedit directories (see ``docs/scaling.md``).
     """
     from jaxedit.runtime import stage
+    from jaxedit.sharding import resolve_mesh
 
+    mesh = resolve_mesh(mesh)
     name = str(name_or_path)
     stage(f"loading {name}")
     if dtype is None and not (os.path.isdir(name) and is_native_dir(name)):
@@ -148,13 +156,13 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=None, *, allow_pickle: bool = 
             raise JaxeditError(f"no such GGUF file: {name}")
         if cache:
             target = _converted_gguf(name)
-            return load_native(target, dtype), load_native_tokenizer(target)
-        return load_gguf(name, dtype), gguf_tokenizer(name)
+            return load_native(target, dtype, mesh), load_native_tokenizer(target)
+        return load_gguf(name, dtype, mesh), gguf_tokenizer(name)
     if os.path.isdir(name):
         if is_native_dir(name):
-            return load_native(name, dtype), load_native_tokenizer(name)
-        return load_hf_dir(name, dtype, allow_pickle), load_tokenizer(name)
+            return load_native(name, dtype, mesh), load_native_tokenizer(name)
+        return load_hf_dir(name, dtype, allow_pickle, mesh), load_tokenizer(name)
     if os.path.exists(name) or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise JaxeditError(f"no such model directory or file: {name}")
     path = download(name, revision)
-    return load_hf_dir(path, dtype, allow_pickle), load_tokenizer(path)
+    return load_hf_dir(path, dtype, allow_pickle, mesh), load_tokenizer(path)

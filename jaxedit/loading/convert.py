@@ -84,6 +84,111 @@ def convert(names: Iterable[str], get: Callable[[str], np.ndarray], cfg: ModelCo
     return model_from_params(cfg, _unflatten(params))
 
 
+def assemble(shape, sharding, read_block, np_dtype):
+    """A global array of ``shape`` placed with ``sharding``, built from host blocks: ``read_block(index)`` (a tuple
+    of slices) returns that block of the array. Only this process's devices' blocks are read, each distinct block
+    once (replicas share it); no device ever holds more than its shard."""
+    shape = tuple(int(n) for n in shape)
+    blocks, arrays, devices = {}, [], []
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+        index = tuple(index) + (slice(None),) * (len(shape) - len(tuple(index)))
+        key = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+        if key not in blocks:
+            block = np.asarray(read_block(tuple(slice(a, b) for a, b in key)))
+            want = tuple(b - a for a, b in key)
+            if block.shape != want:
+                raise JaxeditError(f"internal error: read a block of shape {block.shape}, expected {want}")
+            blocks[key] = block.astype(np_dtype, copy=False)
+        arrays.append(jax.device_put(blocks[key], device))
+        devices.append(device)
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def convert_sharded(names: Iterable[str], source, cfg: ModelConfig, fmt: str, dtype, mesh):
+    """:func:`convert` straight into the placement of :func:`jaxedit.sharding.param_specs` on ``mesh``.
+
+    ``source`` has ``get(name)`` (the whole tensor) and, where the format allows, ``shape(name)`` and
+    ``read(name, index)`` (one block of a tensor): then every device's shard is read on its own, through the
+    mapping hooks' ``read_slice``, and the host never holds more than one parameter's blocks. Sources without them
+    (GGUF dequantization, pickles) are read tensor by tensor on the host and split there."""
+    from jaxedit import sharding as sh
+
+    rules, ignored, prefix = TABLES[(fmt, cfg.family)]
+    np_dtype = np.dtype(resolve_dtype(dtype))
+    abstract = abstract_params(cfg, dtype)
+    shardings = _flatten(sh.param_shardings(cfg, mesh, abstract))
+    expected = _flatten(abstract)
+    compiled = [(r, r.regex()) for r in rules]
+    ignored_re = [re.compile("^" + re.escape(s).replace(r"\{i\}", r"\d+") + "$") for s in ignored]
+    plan: dict[str, dict] = {t: {} for t in expected}  # target -> layer -> (name, rule, output index)
+    source_of = {t: r.source for r in rules for t in r.targets}
+    sliced = hasattr(source, "read") and hasattr(source, "shape")
+    full_cache: dict = {}
+
+    def full(name):  # a whole tensor, kept while its outputs are being placed
+        if name not in full_cache:
+            full_cache.clear()
+            full_cache[name] = np.asarray(source.get(name))
+        return full_cache[name]
+
+    def src_shape(name):
+        return tuple(source.shape(name)) if sliced else full(name).shape
+
+    L = cfg.n_layers
+    for name in names:
+        short = name[len(prefix):] if prefix and name.startswith(prefix) else name
+        match = next(((r, m) for r, rx in compiled if (m := rx.match(short))), None)
+        if match is None:
+            if any(rx.match(short) for rx in ignored_re):
+                continue
+            raise JaxeditError(f"unexpected tensor {name!r} in the checkpoint (not a {cfg.family} {fmt} parameter)")
+        rule, m = match
+        if not any(t in expected for t in rule.targets):
+            continue
+        layer = int(m.group(1)) if m.groups() else None
+        if layer is not None and layer >= L:
+            raise JaxeditError(f"unexpected tensor {name!r}: the model has {L} layers")
+        shape = src_shape(name)
+        if rule.transform is None:
+            outs = (shape,)
+        elif hasattr(rule.transform, "out_shapes"):
+            outs = rule.transform.out_shapes(shape, cfg)
+        else:
+            outs = tuple(o.shape for o in rule.transform(full(name), cfg))
+        for k, (target, out) in enumerate(zip(rule.targets, outs)):
+            want = expected[target].shape[1:] if layer is not None else expected[target].shape
+            if tuple(out) != tuple(want):
+                raise JaxeditError(f"shape mismatch for checkpoint tensor {name!r} (-> {target}): "
+                                   f"expected {tuple(want)}, got {tuple(out)}")
+            plan[target][layer] = (name, rule, k, shape)
+
+    def read_one(name, rule, k, shape, index):
+        hook = rule.transform
+        if sliced and hook is None:
+            return source.read(name, index)
+        if sliced and hasattr(hook, "read_slice"):
+            return hook.read_slice(lambda idx: source.read(name, idx), shape, k, index, cfg)
+        out = full(name) if hook is None else hook(full(name), cfg)[k]
+        return out[index]
+
+    params = {}
+    for target, parts in plan.items():
+        stacked = target.startswith("blocks.")
+        for i in (range(L) if stacked else [None]):
+            if i not in parts:
+                src = source_of[target].replace("{i}", str(i))
+                raise JaxeditError(f"missing tensor {src!r} in the checkpoint (needed for {target})")
+
+        def block(index, parts=parts, stacked=stacked):
+            if not stacked:
+                return read_one(*parts[None], index)
+            return np.stack([read_one(*parts[i], index[1:]) for i in range(*index[0].indices(L))])
+
+        params[target] = assemble(expected[target].shape, shardings[target], block, np_dtype)
+    full_cache.clear()
+    return model_from_params(cfg, _unflatten(params))
+
+
 def flat_params(params: dict) -> dict:
     return _flatten(params)
 

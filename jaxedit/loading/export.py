@@ -60,8 +60,9 @@ def hf_config(cfg, tokenizer=None):
                                     rope_scaling=None if not cfg.rope_scaling else rope)
 
 
-def hf_tensors(cfg, params) -> dict:
-    """{HF tensor name: array} by running the family's HF mapping table backwards."""
+def iter_hf_tensors(cfg, params):
+    """(HF tensor name, a function computing it) for every tensor, by running the family's HF mapping table
+    backwards; each is computed on the devices holding its parameter (sharded like it) when called."""
     rules, _, prefix = mp.TABLES[("hf", cfg.family)]
 
     def get(target, i=None):  # an internal parameter by dotted name (layer i of a stacked one); None if absent
@@ -72,39 +73,93 @@ def hf_tensors(cfg, params) -> dict:
             node = node[part]
         return node if i is None else node[i]
 
-    out = {}
     for rule in rules:
         if rule.transform not in INVERSES:
             raise JaxeditError(f"no inverse for the transform of {rule.source}")
         inverse = INVERSES[rule.transform]
         if "{i}" in rule.source:
             for i in range(cfg.n_layers):
-                arrays = [get(t, i) for t in rule.targets]
-                out[prefix + rule.source.replace("{i}", str(i))] = inverse(arrays, cfg)
+                yield (prefix + rule.source.replace("{i}", str(i)),
+                       lambda rule=rule, i=i, inverse=inverse: inverse([get(t, i) for t in rule.targets], cfg))
         else:
-            arrays = [get(t) for t in rule.targets]
-            if any(a is None for a in arrays):  # e.g. the LM head of a tied model
+            if any(get(t) is None for t in rule.targets):  # e.g. the LM head of a tied model
                 continue
-            out[rule.source if rule.source.startswith("lm_head") else prefix + rule.source] = inverse(arrays, cfg)
-    return out
+            name = rule.source if rule.source.startswith("lm_head") else prefix + rule.source
+            yield name, lambda rule=rule, inverse=inverse: inverse([get(t) for t in rule.targets], cfg)
 
 
-def export_hf(model, tokenizer, path: str) -> None:
+def hf_tensors(cfg, params) -> dict:
+    """{HF tensor name: array} by running the family's HF mapping table backwards."""
+    return {name: fn() for name, fn in iter_hf_tensors(cfg, params)}
+
+
+MAX_SHARD_BYTES = 5 * 2**30
+
+
+def export_hf(model, tokenizer, path: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Write ``model`` as a Hugging Face checkpoint directory at ``path`` (atomically: a temporary sibling directory
-    renamed into place). Refuses models with non-finite weights."""
-    from safetensors.flax import save_file
+    renamed into place). Refuses models with non-finite weights.
+
+    Tensors are gathered to the host one at a time (a sharded model is never assembled on one device) and written
+    into ``model.safetensors``, or, past ``max_shard_bytes``, into numbered files with an index
+    (``model.safetensors.index.json``), so the host holds at most one file's worth. With several processes every
+    process takes part in the gathers and process 0 writes."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
 
     from jaxedit.loading import check_finite
     from jaxedit.loading.native import atomic_dir
+    from jaxedit.sharding import is_main_process, sync, to_host
 
     check_finite(model)
     cfg = model.config
     path = os.path.abspath(path)
     if os.path.isfile(path):
         raise JaxeditError(f"{path} is a file, not a directory")
-    with atomic_dir(path) as tmp:
-        tensors = {k: jnp.asarray(v) for k, v in hf_tensors(cfg, params_of(model)).items()}
-        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        hf_config(cfg, tokenizer).save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+    main = is_main_process()
+    with (atomic_dir(path) if main else _nowhere()) as tmp:
+        files, current, size = [], {}, 0
+
+        def flush():
+            if current and main:
+                fname = f"part-{len(files):05d}.safetensors"
+                save_file(current, os.path.join(tmp, fname), metadata={"format": "pt"})
+                files.append((fname, list(current)))
+            current.clear()
+
+        for name, fn in iter_hf_tensors(cfg, params_of(model)):
+            arr = np.ascontiguousarray(to_host(fn()))
+            if current and size + arr.nbytes > max_shard_bytes:
+                flush()
+                size = 0
+            current[name] = arr
+            size += arr.nbytes
+        flush()
+        if main:
+            if len(files) == 1:
+                os.replace(os.path.join(tmp, files[0][0]), os.path.join(tmp, "model.safetensors"))
+            else:
+                weight_map, total = {}, 0
+                for k, (fname, names) in enumerate(files):
+                    final = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+                    os.replace(os.path.join(tmp, fname), os.path.join(tmp, final))
+                    weight_map.update({n: final for n in names})
+                    total += os.path.getsize(os.path.join(tmp, final))
+                with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                    json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+            hf_config(cfg, tokenizer).save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+    sync("jaxedit-export-done")
+
+
+class _nowhere:
+    """The context of a process that gathers but does not write."""
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

@@ -50,7 +50,7 @@ def gguf_config(reader) -> ModelConfig:
     )
 
 
-def load_gguf(path: str, dtype="float32"):
+def load_gguf(path: str, dtype="float32", mesh=None):
     import gguf
 
     reader = read_gguf(path)
@@ -62,6 +62,12 @@ def load_gguf(path: str, dtype="float32"):
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
         return np.asarray(arr, np.float32).reshape(tuple(int(n) for n in reversed(t.shape)))
 
+    if mesh is not None:  # quantized blocks: each tensor is dequantized whole on the host, then split
+        import types
+
+        from jaxedit.loading.convert import convert_sharded
+
+        return convert_sharded(list(tensors), types.SimpleNamespace(get=get), cfg, "gguf", dtype, mesh)
     return convert(list(tensors), get, cfg, "gguf", dtype)
 
 

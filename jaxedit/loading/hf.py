@@ -52,16 +52,34 @@ class SafetensorsSource:
     def names(self):
         return list(self.files_by_name)
 
-    def get(self, name: str) -> np.ndarray:
+    def _handle(self, name: str):
         from safetensors import safe_open
 
         fpath = self.files_by_name[name]
         if fpath not in self._handles:
             self._handles[fpath] = safe_open(fpath, "numpy")
+        return self._handles[fpath]
+
+    def get(self, name: str) -> np.ndarray:
         try:
-            return self._handles[fpath].get_tensor(name)
+            return self._handle(name).get_tensor(name)
         except Exception as e:  # a weight map that names a tensor its shard lacks
-            raise JaxeditError(f"tensor {name!r} not found in {os.path.basename(fpath)}: {e}") from None
+            raise JaxeditError(f"tensor {name!r} not found in {os.path.basename(self.files_by_name[name])}: "
+                               f"{e}") from None
+
+    def _slice(self, name: str):
+        try:
+            return self._handle(name).get_slice(name)
+        except Exception as e:
+            raise JaxeditError(f"tensor {name!r} not found in {os.path.basename(self.files_by_name[name])}: "
+                               f"{e}") from None
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self._slice(name).get_shape())
+
+    def read(self, name: str, index: tuple) -> np.ndarray:
+        """One block of a tensor (a tuple of slices), read from the file without the rest of it."""
+        return np.asarray(self._slice(name)[index] if index else self.get(name))
 
 
 class PickleSource:
@@ -93,7 +111,7 @@ def has_pickle(path: str) -> bool:
     return any(os.path.isfile(os.path.join(path, f)) for f in ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 
 
-def load_hf_dir(path: str, dtype="float32", allow_pickle: bool = False):
+def load_hf_dir(path: str, dtype="float32", allow_pickle: bool = False, mesh=None):
     cfg = read_config(path)
     try:
         source = SafetensorsSource.from_dir(path)
@@ -104,6 +122,10 @@ def load_hf_dir(path: str, dtype="float32", allow_pickle: bool = False):
             raise JaxeditError(f"{path} holds only a PyTorch pickle (pytorch_model.bin), which can run arbitrary "
                                "code when read; pass allow_pickle=True (CLI: --allow-pickle) to read it anyway") from None
         source = PickleSource(path)
+    if mesh is not None:
+        from jaxedit.loading.convert import convert_sharded
+
+        return convert_sharded(source.names(), source, cfg, "hf", dtype, mesh)
     return convert(source.names(), source.get, cfg, "hf", dtype)
 
 

@@ -27,14 +27,33 @@ class Rule:
 
 # ---- transform hooks ----
 
+# A hook may carry two more functions for loading straight into a sharded placement (jaxedit.load with mesh=):
+# ``out_shapes(shape, cfg)`` -> the shapes of its outputs (checked before anything is read), and
+# ``read_slice(read, shape, k, index, cfg)`` -> the block ``index`` (a tuple of slices) of output k, reading only
+# the source block it needs through ``read(source_index)``. Hooks without them read the whole tensor.
+
 def transpose(w, cfg):
     """nn.Linear stores [out, in]; jaxedit uses x @ W with W [in, out]."""
     return (np.ascontiguousarray(w.T),)
 
 
+transpose.out_shapes = lambda shape, cfg: (tuple(shape[::-1]),)
+transpose.read_slice = lambda read, shape, k, index, cfg: np.ascontiguousarray(read(tuple(index[::-1])).T)
+
+
 def split3(w, cfg):
     """GPT-2's fused c_attn (Conv1D, already [in, 3*d]) -> q, k, v."""
     return tuple(np.split(w, 3, axis=-1))
+
+
+def _split3_read(read, shape, k, index, cfg):
+    n = shape[-1] // 3
+    last = index[-1]
+    return read(tuple(index[:-1]) + (slice(k * n + last.start, k * n + last.stop),))
+
+
+split3.out_shapes = lambda shape, cfg: (tuple(shape[:-1]) + (shape[-1] // 3,),) * 3
+split3.read_slice = _split3_read
 
 
 def unpermute_rope(n_heads_attr):
@@ -44,6 +63,7 @@ def unpermute_rope(n_heads_attr):
         heads = getattr(cfg, n_heads_attr)
         out = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
         return (np.ascontiguousarray(out.T),)
+    hook.out_shapes = lambda shape, cfg: (tuple(shape[::-1]),)
     return hook
 
 

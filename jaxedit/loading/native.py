@@ -73,6 +73,8 @@ def save_native(model, tokenizer, path: str, extra: dict | None = None, orbax: b
     checkpoint (``params/``) instead of one safetensors file."""
     from safetensors.numpy import save_file
 
+    if orbax and jax.process_count() > 1:
+        return _save_orbax_processes(model, tokenizer, path, extra)
     with atomic_dir(path) as tmp:
         if orbax:
             import orbax.checkpoint as ocp
@@ -83,12 +85,41 @@ def save_native(model, tokenizer, path: str, extra: dict | None = None, orbax: b
         else:
             flat = {k: np.asarray(jax.device_get(v)) for k, v in flat_params(params_of(model)).items()}
             save_file(flat, os.path.join(tmp, "params.safetensors"))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        meta = {"format_version": FORMAT_VERSION, "params": "orbax" if orbax else "safetensors",
-                "config": json.loads(model.config.to_json()), **(extra or {})}
-        with open(os.path.join(tmp, MARKER), "w") as f:
-            json.dump(meta, f, indent=1)
+        _write_meta(model, tokenizer, tmp, extra, orbax)
+
+
+def _write_meta(model, tokenizer, tmp, extra, orbax):
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    meta = {"format_version": FORMAT_VERSION, "params": "orbax" if orbax else "safetensors",
+            "config": json.loads(model.config.to_json()), **(extra or {})}
+    with open(os.path.join(tmp, MARKER), "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def _save_orbax_processes(model, tokenizer, path: str, extra) -> None:
+    """The orbax save of a model whose shards live on several processes (a shared filesystem): every process
+    writes its own shards into one temporary sibling directory; process 0 adds the rest and renames it."""
+    import orbax.checkpoint as ocp
+
+    from jaxedit.sharding import is_main_process, sync
+
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}-saving")
+    if is_main_process():
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    sync("jaxedit-save-start")
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(tmp, "params"), params_of(model))
+        ckpt.wait_until_finished()
+    sync("jaxedit-save-params")
+    if is_main_process():
+        _write_meta(model, tokenizer, tmp, extra, True)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    sync("jaxedit-save-done")
 
 
 def load_native_tokenizer(path: str):
@@ -100,7 +131,9 @@ def load_native_tokenizer(path: str):
     return PreTrainedTokenizerFast.from_pretrained(path)
 
 
-def load_native(path: str, dtype=None):
+def load_native(path: str, dtype=None, mesh=None):
+    """``mesh``: restore straight into the sharded placement (each device's shards read on their own: orbax reads
+    the checkpoint's chunks each shard needs; the safetensors cache is read block by block)."""
     from safetensors.numpy import load_file
 
     with open(os.path.join(path, MARKER)) as f:
@@ -114,8 +147,36 @@ def load_native(path: str, dtype=None):
         from jaxedit.model import abstract_params
 
         saved_dtype = meta.get("dtype", "float32")
+        target = abstract_params(cfg, saved_dtype)
+        if mesh is not None:
+            from jaxedit.sharding import param_shardings
+
+            target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target,
+                                  param_shardings(cfg, mesh, target))
         with ocp.StandardCheckpointer() as ckpt:
-            params = ckpt.restore(os.path.join(os.path.abspath(path), "params"), abstract_params(cfg, saved_dtype))
+            params = ckpt.restore(os.path.join(os.path.abspath(path), "params"), target)
         return model_from_params(cfg, params if dtype is None else cast_params(params, dtype))
+    if mesh is not None:
+        return _load_safetensors_sharded(os.path.join(path, "params.safetensors"), cfg, dtype or "float32", mesh)
     params = unflat_params(load_file(os.path.join(path, "params.safetensors")))
     return model_from_params(cfg, cast_params(params, dtype or "float32"))  # device arrays, converted once here
+
+
+def _load_safetensors_sharded(file: str, cfg, dtype, mesh):
+    from safetensors import safe_open
+
+    from jaxedit.loading.convert import assemble
+    from jaxedit.model import abstract_params, resolve_dtype
+    from jaxedit.sharding import param_shardings
+
+    abstract = abstract_params(cfg, dtype)
+    shardings = flat_params(param_shardings(cfg, mesh, abstract))
+    np_dtype = np.dtype(resolve_dtype(dtype))
+    out = {}
+    with safe_open(file, "numpy") as f:
+        for name, a in flat_params(abstract).items():
+            sl = f.get_slice(name)
+            if tuple(sl.get_shape()) != tuple(a.shape):
+                raise JaxeditError(f"{file}: {name} has shape {tuple(sl.get_shape())}, expected {tuple(a.shape)}")
+            out[name] = assemble(a.shape, shardings[name], lambda idx, sl=sl: sl[idx] if idx else sl[:], np_dtype)
+    return model_from_params(cfg, unflat_params(out))

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxedit.forward import Interventions, apply
 from jaxedit.model import params_of
+from jaxedit.sharding import to_host
 from jaxedit.locate.tracing import (KINDS, TraceResult, check_options, draw_noise, parse_noise, prepare_inputs,
                              resolve_noise_level, _resolve_target)
 
@@ -73,7 +74,7 @@ def attribution_patching(model, prompt=None, *, input_ids=None, span=None, kinds
     span_mask = np.zeros(len(ids), bool)
     span_mask[s:e] = True
     tgt = _resolve_target(tokenizer, target)
-    out = jax.device_get(_attribution_jit(model.config, params_of(model), jnp.asarray(ids), jnp.asarray(span_mask),
+    out = to_host(_attribution_jit(model.config, params_of(model), jnp.asarray(ids), jnp.asarray(span_mask),
                                           jnp.asarray(full), jnp.asarray(-1 if tgt is None else tgt), kinds=kinds,
                                           window=int(window), replace=bool(replace)))
     answer = int(out["answer"])

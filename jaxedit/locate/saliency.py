@@ -22,6 +22,7 @@ from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import apply
 from jaxedit.model import params_of
+from jaxedit.sharding import data_size, mesh_of, put_batch, to_host
 
 # module name -> the stacked weight matrices it is made of
 MODULES = {
@@ -66,12 +67,16 @@ def _nll(cfg, params, ids, mask, target_mask):
 @partial(jax.jit, static_argnames=("cfg", "chunk"))
 def saliency_profiles(cfg, params, ids, mask, target_mask, *, chunk=1):
     """Per-example profiles for a right-padded batch: ids/mask/target_mask [B, T]. Returns (losses [B], dict of
-    [B, L] profiles). Examples run ``chunk`` at a time (vmapped), reduced to per-layer numbers before the next."""
+    [B, L] profiles). Examples run ``chunk`` at a time (vmapped), reduced to per-layer numbers before the next.
+    Inputs [steps, C, T] run C examples per step (the mesh layout: C split over the data axis), and the outputs
+    are [steps, C] and [steps, C, L]."""
     def one(args):
         i, m, t = args
         loss, g = jax.value_and_grad(_nll, argnums=1)(cfg, params, i, m, t)
         return loss, _layer_profiles(cfg, g["blocks"])
 
+    if ids.ndim == 3:
+        return jax.lax.map(jax.vmap(one), (ids, mask, target_mask))
     return jax.lax.map(one, (ids, mask, target_mask), batch_size=chunk)
 
 
@@ -105,7 +110,8 @@ def encode_example(tokenizer, model, prompt, input_ids, target):
 def saliency_batch(model, requests, *, tokenizer=None, chunk=None):
     """Saliency of many examples. ``requests``: dicts with "prompt" (or "input_ids") and optional "target" (a
     string, a token id or ids; default the model's own argmax next token). Returns (per-example list of
-    :class:`SaliencyResult`, the dataset-level result: the mean of the per-example profiles)."""
+    :class:`SaliencyResult`, the dataset-level result: the mean of the per-example profiles). A model on a mesh
+    runs ``chunk`` examples per device per step, the examples split over the data axis."""
     cfg = model.config
     params = params_of(model)
     encoded = [encode_example(tokenizer, model, r.get("prompt"), r.get("input_ids"), r.get("target")) for r in requests]
@@ -117,7 +123,7 @@ def saliency_batch(model, requests, *, tokenizer=None, chunk=None):
 
         for i in need_argmax:
             ids = encoded[i][0]
-            encoded[i] = (ids, [int(np.asarray(forward(model, [ids]).logits[0, -1]).argmax())])
+            encoded[i] = (ids, [int(to_host(forward(model, [ids]).logits[0, -1]).argmax())])
     T = max(len(i) + len(t) for i, t in encoded)
     B = len(encoded)
     ids = np.zeros((B, T), np.int32)
@@ -127,14 +133,25 @@ def saliency_batch(model, requests, *, tokenizer=None, chunk=None):
         ids[b, :len(p) + len(t)] = p + t
         mask[b, :len(p) + len(t)] = 1
         tmask[b, len(p):len(p) + len(t)] = True
-    if chunk is None:  # one chunk holds a full gradient per example: keep it near 1 GiB
-        n_params = sum(int(x.size) for x in jax.tree.leaves(params))
-        chunk = max(1, min(B, int(2**30 // (8 * n_params))))
-    args = (cfg, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(tmask))
+    mesh = mesh_of(model)
+    k = data_size(mesh)
+    if chunk is None:  # one chunk holds a full gradient per example (per device): keep it near 1 GiB
+        n_params = sum(int(x.size) for x in jax.tree.leaves(params)) / (1 if mesh is None else mesh.shape["model"])
+        chunk = max(1, min(-(-B // k), int(2**30 // (8 * n_params))))
+    if mesh is None:
+        args = (cfg, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(tmask))
+    else:  # steps of chunk x data examples, each step's examples split over the data axis
+        C = int(chunk) * k
+        steps = -(-B // C)
+        order = np.arange(steps * C) % B  # padded with repeats of the first examples
+        grid = lambda a: put_batch(mesh, a[order].reshape(steps, C, T), axis=1)
+        args = (cfg, params, grid(ids), grid(mask), grid(tmask))
     fn = runtime.compiled(saliency_profiles, *args, chunk=int(chunk),
                           what=f"saliency profiles for {B} example{'s' * (B > 1)} of <= {T} tokens")
     runtime.stage(f"computing the saliency of {B} example{'s' * (B > 1)}")
-    losses, prof = jax.device_get(fn(*args[1:]))
+    losses, prof = to_host(fn(*args[1:]))
+    if mesh is not None:
+        losses, prof = losses.reshape(-1)[:B], {m: v.reshape(steps * C, -1)[:B] for m, v in prof.items()}
     mods = [m for m in prof if m != "block"]
     per = [SaliencyResult(layer=np.asarray(prof["block"][b], np.float64),
                           modules={m: np.asarray(prof[m][b], np.float64) for m in mods},

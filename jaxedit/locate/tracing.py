@@ -35,6 +35,7 @@ from jaxedit.errors import JaxeditError
 from jaxedit.forward import Interventions, apply, block, embed
 from jaxedit.model import params_of
 from jaxedit.models import FAMILY_MODULES
+from jaxedit.sharding import local_rows, mesh_of, padded, put_batch, to_host
 
 KINDS = ("hidden", "mlp", "attn")
 SPLIT_FLOPS = 2e10  # a kind's grid above this (~ seconds on a CPU) runs as its own call: see trace_batch
@@ -116,7 +117,7 @@ def embedding_std(model, token_id_lists) -> float:
     ids = np.concatenate([np.asarray(t, np.int64) for t in token_id_lists])
     if ids.size == 0:
         raise JaxeditError("no tokens to take the embedding std over")
-    emb = np.asarray(fam.embed_tokens(model.config, params_of(model), jnp.asarray(ids)), np.float64)
+    emb = to_host(fam.embed_tokens(model.config, params_of(model), jnp.asarray(ids))).astype(np.float64)
     return float(emb.std(ddof=1)) if emb.size > 1 else 0.0
 
 
@@ -430,6 +431,9 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
     grid is big (over :data:`SPLIT_FLOPS`: progress between kinds is worth the extra compiles), else in one.
     ``fixed_batch``: always pad a batch to ``batch_size`` prompts (one compile per bucket across calls).
     ``layers_per_step`` / ``cells_per_step`` / ``memory_budget``: chunking of the shared / dense grid (auto).
+    A model placed on a mesh (``jaxedit.load(..., mesh=)``) runs each batch with its prompts split over the
+    ``data`` axis (a batch is padded to a multiple of it) and the model over ``model``; with several processes
+    each one draws the noise of its own prompts only, and every process gets every result.
     Returns one dict kind -> :class:`TraceResult` per request, in order.
     """
     kinds = check_options(kinds, samples, window)
@@ -450,16 +454,19 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
     levels = [float("nan") if own is not None else lv for (_, _, _, own), lv in zip(prepared, levels)]  # own array
 
     d = cfg.d_model
-    noises = []
-    for (ids, (s, e), _, own), level in zip(prepared, levels):
+    for ids, (s, e), _, own in prepared:
         arr = own if own is not None else (value if mode == "array" else None)
-        if arr is None:
-            arr = draw_noise(samples, e - s, d, level, seed, uniform)
-        arr = np.asarray(arr, np.float32)
-        if arr.shape != (samples, e - s, d):
-            raise JaxeditError(f"noise array has shape {arr.shape}, expected (samples, span_len, d) = "
+        if arr is not None and np.shape(arr) != (samples, e - s, d):
+            raise JaxeditError(f"noise array has shape {np.shape(arr)}, expected (samples, span_len, d) = "
                                f"{(samples, e - s, d)}")
-        noises.append(arr)
+
+    def noise_of(j):  # drawn when its prompt is placed (on a mesh: only by the process whose devices hold it)
+        _, (s, e), _, own = prepared[j]
+        arr = own if own is not None else (value if mode == "array" else None)
+        return np.asarray(draw_noise(samples, e - s, d, levels[j], seed, uniform) if arr is None else arr,
+                          np.float32)
+
+    mesh = mesh_of(model)
 
     order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][0]))
     results: list = [None] * len(prepared)
@@ -472,6 +479,8 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
         i += len(chunk)
         # a fixed batch shape means one compile per bucket
         B = batch_size if (fixed_batch or len(requests) > batch_size) else len(chunk)
+        B = padded(B, mesh)  # prompts split over the data axis (the padding repeats the first prompt)
+        mine = set(local_rows(mesh, B).tolist())
         ids_b = np.zeros((B, T), np.int32)
         n_b = np.ones((B,), np.int32)
         span_b = np.zeros((B, T), bool)
@@ -481,7 +490,8 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
             ids, (s, e), tgt, _ = prepared[j]
             ids_b[b, :len(ids)], n_b[b] = ids, len(ids)
             span_b[b, s:e] = True
-            noise_b[b, :, s:e] = noises[j]
+            if b in mine:
+                noise_b[b, :, s:e] = noise_of(j)
             ans_b[b] = -1 if tgt is None else tgt
         # earliest span start: rows before it cannot change (rounded down to the bucket: fewer programs)
         first = min(prepared[j][1][0] for j in chunk) // bucket * bucket
@@ -489,8 +499,8 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
         static = dict(window=int(window), replace=bool(replace), method=method, groups=groups,
                       layers_per_step=layers_per_step or auto_layers_per_step(cfg, samples, T, groups, budget),
                       cells_per_step=cells_per_step or max(1, int(budget // (8 * samples * T * (cfg.d_ff + 4 * d)))))
-        args = (cfg, params, jnp.asarray(ids_b), jnp.asarray(n_b), jnp.asarray(span_b), jnp.asarray(noise_b),
-                jnp.asarray(ans_b))
+        put = lambda a: put_batch(mesh, a)  # noqa: E731 (on one device: jnp.asarray)
+        args = (cfg, params, put(ids_b), put(n_b), put(span_b), put(noise_b), put(ans_b))
         out = {}
         # a long call per kind (progress between kinds, and programs any later run of one kind reuses); short
         # ones all kinds in one call (one compile)
@@ -501,7 +511,7 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
                 on_kind(", ".join(part))
             fn = runtime.compiled(trace_grid, *args, kinds=part, **static,
                                   what=f"causal tracing ({', '.join(part)}) for {T}-token prompts, {B} per call")
-            out.update(jax.device_get(fn(*args[1:])))
+            out.update(to_host(fn(*args[1:])))
         for b, j in enumerate(chunk):
             ids, span, _, _ = prepared[j]
             n = len(ids)
