@@ -36,4 +36,5 @@ def test_ct_informed_deletion_lowers_toxicity(smollm2, tmp_path):
     edits = json.load(open(os.path.join(out, "edits", "ct-multi__delete__kl0.0625__s0.json")))
     drops = [r["p_before"][0] / r["p_after"][0] for r in edits["requests"]]
     print("p(value) drops:", [f"{d:.3g}" for d in drops])
+    print("stage seconds:", open(os.path.join(out, "timings.json")).read())
     assert min(drops) > 1 and sum(d >= 100 for d in drops) >= 4

@@ -189,7 +189,7 @@ def cli_cases():
 
 
 def test_cli_errors(tiny_dirs, tmp_path):
-    run = CliRunner().invoke
+    run = lambda cli, args: CliRunner().invoke(cli, ["-q", *args])  # noqa: E731 (--quiet: errors alone)
     model = tiny_dirs["gpt2"][0]
     cases = cli_cases()
     bad = copy.deepcopy(cases)
@@ -212,7 +212,7 @@ def test_cli_errors(tiny_dirs, tmp_path):
 
 
 def test_cli_run_and_resume(tiny_dirs, tmp_path):
-    run = CliRunner().invoke
+    run = lambda cli, args: CliRunner().invoke(cli, ["-q", *args])  # noqa: E731 (--quiet: errors alone)
     f = write_cases(tmp_path / "cases.json", cli_cases())
     out = str(tmp_path / "out")
     args = ["dinm", "--model", tiny_dirs["llama-gqa-untied"][0], "--cases", f, "--out", out, "--max-new-tokens", "3",
