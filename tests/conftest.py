@@ -99,6 +99,18 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_stats(smollm2):
+    """Key statistics of every SmolLM2 layer from 64 texts of 64 tokens sampled from the model itself (the offline
+    corpus), computed once in one pass and cached under JAXEDIT_CACHE: the real-model editing tests use them and
+    the study test's pipeline finds them in the cache (the same corpus, sizes and batch size)."""
+    import jaxedit
+
+    model, tok = smollm2
+    return jaxedit.layer_stats(model, tok, range(model.config.n_layers), corpus="model", n_samples=64, max_len=64,
+                               progress=False)
+
+
+@pytest.fixture(scope="session")
 def hf_gguf():
     """The embedded SmolLM2 GGUF file as transformers loads it (its own GGUF reader and dequantization)."""
     pytest.importorskip("accelerate")

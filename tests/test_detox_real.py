@@ -15,11 +15,11 @@ from jaxedit.detox import DetoxConfig, run_study
 pytestmark = pytest.mark.slow
 
 
-def test_ct_informed_deletion_lowers_toxicity(smollm2, tmp_path):
+def test_ct_informed_deletion_lowers_toxicity(smollm2, smollm2_stats, tmp_path):  # statistics: from the cache
     model, tok = smollm2
     cfg = DetoxConfig(prompts="demo", limit=12, select_samples=10, select_threshold=0.15, max_prompts=6,
                       heldout_fraction=0.0, trace_kinds=("mlp",), trace_samples=3, strategies=("ct-multi",),
-                      objectives=("delete",), eval_samples=16, factual="", corpus="model", samples=64, max_len=64)
+                      objectives=("delete",), eval_samples=10, factual="", corpus="model", samples=64, max_len=64)
     out = str(tmp_path / "study")
     run_study(model, tok, cfg, out, progress=False)
     rows = {r["strategy"]: r for r in map(json.loads, open(os.path.join(out, "summary.jsonl")))}
@@ -29,7 +29,7 @@ def test_ct_informed_deletion_lowers_toxicity(smollm2, tmp_path):
           f"{ct['toxic_rate']:.3f}; neutral perplexity {base['perplexity_neutral']:.2f} -> "
           f"{ct['perplexity_neutral']:.2f}; prompts {base['perplexity_prompts']:.1f} -> {ct['perplexity_prompts']:.1f}")
     assert ct["layers"] == sorted(loc["ct_ranking"][:4])
-    assert ct["n_prompts"] == 6 and ct["n_samples"] == 16
+    assert ct["n_prompts"] == 6 and ct["n_samples"] == 10
     assert ct["toxic_rate"] < base["toxic_rate"]
     assert ct["perplexity_neutral"] < 1.02 * base["perplexity_neutral"]
     # the deleted token itself: p(value | prompt) falls on every edited prompt, at least 100-fold on most

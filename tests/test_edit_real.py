@@ -27,10 +27,8 @@ TEXT = ("The river flows slowly through the valley, past old farms and quiet vil
 
 
 @pytest.fixture(scope="module")
-def stats(smollm2):
-    model, tok = smollm2
-    return jaxedit.layer_stats(model, tok, LAYERS, corpus="model", n_samples=64, max_len=64, batch_size=16,
-                               progress=False)
+def stats(smollm2_stats):
+    return {l: smollm2_stats[l] for l in LAYERS}
 
 
 def perplexity(model, tok, texts=(TEXT,)):
