@@ -1,9 +1,11 @@
 """The toxic-memory study on the embedded real model (SmolLM2-135M), at small counts: a CT-informed deletion lowers
 the share of toxic fresh samples on the edited prompts and barely moves the perplexity of a neutral text.
 
-Measured when this test was written (CPU, the settings below): 6 edited prompts x 20 fresh samples, toxic (score
-> 0.5) 11/120 before -> 4/120 after the deletion at the top-4 MLP-AIE layers; neutral perplexity 27.32 -> 27.27
-(-0.2 %). The test asserts fewer toxic samples after than before and a neutral perplexity rise below 2 %.
+Measured when this test was written (CPU, the settings below; key statistics from 64 model-sampled texts of 64
+tokens): CT layers [3, 4, 6, 7] (the top 4 of the MLP AIE ranking); 6 edited prompts x 10 fresh samples, toxic
+(score > 0.5) 5/60 before -> 1/60 after the deletion; neutral perplexity 27.32 -> 27.39 (+0.3 %), prompts' 93.7 ->
+149.9; p(value) fell 1.7x to 1e13x, at least 100x on 5 of the 6 prompts. The test asserts fewer toxic samples
+after than before, a neutral perplexity rise below 2 %, p(value) lower on every prompt and >= 100x lower on 4.
 """
 import json
 import os

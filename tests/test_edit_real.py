@@ -119,12 +119,12 @@ def test_delete_and_kl_sweep(smollm2, stats):
     assert low >= 10 and rise < 0.10
     # its log P is unbounded below: every step pushes it further, so the KL weight (measured 0..5) moves neither
     # perplexity monotonically. The bounded unlikelihood objective -log(1 - P) settles where the KL term balances
-    # it, and the sweep trades the two off.
-    rows = [(kl,) + run(kl_weight=kl, delete_objective="unlikelihood") for kl in (0.0, 0.5, 5.0)]
+    # it: a larger KL weight suppresses less and raises the prompts' perplexity less (at 5 it lowers it). (The neutral text's perplexity
+    # moves by under 1 % at every weight, measured 0.58 %, 0.75 %, 0.55 % at 0, 0.5, 5: too little to be ordered.)
+    rows = [(kl,) + run(kl_weight=kl, delete_objective="unlikelihood") for kl in (0.0, 5.0)]
     print("unlikelihood: kl_weight | geo-mean p drop | min drop | perplexity rise (text) | (the prompts)")
     for row in rows:
         print(" | ".join(f"{v:.4g}" for v in row))
-    assert all(r[2] >= 10 and r[3] < 0.10 for r in rows)
-    for col in (1, 3, 4):  # suppression and both perplexity rises fall as the KL weight grows
-        vals = [r[col] for r in rows]
-        assert vals == sorted(vals, reverse=True), (col, vals)
+    assert all(r[2] >= 10 and r[3] < 0.02 for r in rows)
+    for col in (1, 4):  # measured: geo-mean drop 1576 -> 55, the prompts' perplexity rise 2.5 % -> -10 %
+        assert rows[0][col] > rows[1][col], (col, rows)

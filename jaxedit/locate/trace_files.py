@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 
 from jaxedit.errors import JaxeditError
+from jaxedit.files import append_jsonl, read_rows, write_json, write_jsonl
 from jaxedit.request_files import RequestFile
 
 GROUPS = ("first subject token", "middle subject tokens", "last subject token", "first subsequent token",
@@ -73,47 +74,19 @@ def options_differ(out_dir: str, options: dict, close=("level",)) -> Optional[li
 
 
 def write_run(out_dir: str, options: dict) -> None:
-    tmp = os.path.join(out_dir, ".run.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(options, f, indent=1)
-    os.replace(tmp, os.path.join(out_dir, "run.json"))
+    write_json(os.path.join(out_dir, "run.json"), options)
 
 
 def sort_results(out_dir: str) -> None:
     """Rewrite results.jsonl with its rows in input-line order (rows are appended as they finish; this runs once
     a run is complete). Atomic: a reader sees the old file or the new one."""
     rows = read_done(out_dir)
-    path = os.path.join(out_dir, "results.jsonl")
-    tmp = os.path.join(out_dir, ".results.jsonl.tmp")
-    with open(tmp, "w") as f:
-        for line in sorted(rows):
-            f.write(json.dumps(rows[line]) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_jsonl(os.path.join(out_dir, "results.jsonl"), [rows[line] for line in sorted(rows)])
 
 
 def read_done(out_dir: str) -> dict:
     """Rows of an earlier run's results.jsonl by line number; a torn last line (killed mid-write) is dropped."""
-    path = os.path.join(out_dir, "results.jsonl")
-    if not os.path.isfile(path):
-        return {}
-    rows, good = {}, 0
-    with open(path, "rb") as f:
-        data = f.read()
-    for raw in data.splitlines(keepends=True):
-        try:
-            row = json.loads(raw)
-        except json.JSONDecodeError:
-            break
-        if not raw.endswith(b"\n"):
-            break
-        rows[row["line"]] = row
-        good += len(raw)
-    if good != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good)
-    return rows
+    return {row["line"]: row for row in read_rows(os.path.join(out_dir, "results.jsonl"))}
 
 
 def stem(line: int) -> str:
@@ -146,10 +119,7 @@ def save_prompt(out_dir: str, line: int, request: dict, results: dict, plots: bo
 
 
 def append_row(out_dir: str, row: dict) -> None:
-    with open(os.path.join(out_dir, "results.jsonl"), "a") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    append_jsonl(os.path.join(out_dir, "results.jsonl"), row)
 
 
 def _plt():
