@@ -136,6 +136,10 @@ def hf_logits(model, ids, mask=None):
 def _cache_dir(tmp_path_factory):
     # keep the converted-model cache where the user's would be unless the caller chose one
     os.environ.setdefault("JAXEDIT_CACHE", os.path.expanduser("~/.cache/jaxedit"))
+    if os.environ.get("MUTANT_UNDER_TEST"):
+        # a mutation run (docs/testing.md): its mutated modules hash alike whichever mutant is active, so a copy
+        # converted under one mutant would be served to the next; each run converts into a folder of its own
+        os.environ["JAXEDIT_CACHE"] = str(tmp_path_factory.mktemp("jaxedit-cache"))
     # no persistent compile cache in the test process: tests move JAXEDIT_CACHE to folders that are deleted, and the
     # first command would fix the cache there for the whole session (the tests that need it name their own)
     os.environ.setdefault("JAXEDIT_COMPILE_CACHE", "0")

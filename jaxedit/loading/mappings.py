@@ -56,18 +56,29 @@ split3.out_shapes = lambda shape, cfg: (tuple(shape[:-1]) + (shape[-1] // 3,),) 
 split3.read_slice = _split3_read
 
 
-def unpermute_rope(n_heads_attr):
+def _unpermute_rope(w, heads):
     """llama.cpp stores Q/K rows interleaved for its rotary layout; undo it (to the HF half-split order), then
     transpose to [in, out]."""
-    def hook(w, cfg):
-        heads = getattr(cfg, n_heads_attr)
-        out = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-        return (np.ascontiguousarray(out.T),)
-    hook.out_shapes = lambda shape, cfg: (tuple(shape[::-1]),)
-    return hook
+    out = w.reshape(heads, w.shape[0] // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (np.ascontiguousarray(out.T),)
 
 
-def _layer_rules(prefix, items):
+# Plain module-level hooks rather than closures made while the tables below are built: code that runs only at import
+# time is out of reach of a mutation tool that switches implementations per call (see docs/testing.md).
+def unpermute_rope_q(w, cfg):
+    """GGUF attn_q -> wq (``cfg.n_heads`` heads)."""
+    return _unpermute_rope(w, cfg.n_heads)
+
+
+def unpermute_rope_k(w, cfg):
+    """GGUF attn_k -> wk (``cfg.n_kv_heads`` heads)."""
+    return _unpermute_rope(w, cfg.n_kv_heads)
+
+
+unpermute_rope_q.out_shapes = unpermute_rope_k.out_shapes = lambda shape, cfg: (tuple(shape[::-1]),)
+
+
+def _layer_rules(prefix, items):  # pragma: no mutate block (runs only at import, while the tables are built)
     return [Rule(prefix + src, (tgt,) if isinstance(tgt, str) else tgt, fn) for src, tgt, fn in items]
 
 
@@ -120,8 +131,8 @@ GGUF_LLAMA = [
     Rule("output.weight", ("lm_head",), transpose),
 ] + _layer_rules("blk.{i}.", [
     ("attn_norm.weight", "blocks.attn_norm", None),
-    ("attn_q.weight", "blocks.wq", unpermute_rope("n_heads")),
-    ("attn_k.weight", "blocks.wk", unpermute_rope("n_kv_heads")),
+    ("attn_q.weight", "blocks.wq", unpermute_rope_q),
+    ("attn_k.weight", "blocks.wk", unpermute_rope_k),
     ("attn_v.weight", "blocks.wv", transpose),
     ("attn_output.weight", "blocks.wo", transpose),
     ("ffn_norm.weight", "blocks.mlp_norm", None),
