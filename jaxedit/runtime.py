@@ -18,6 +18,8 @@ import threading
 import time
 from typing import Callable, Optional, Union
 
+from jaxedit.cache import cache_dir
+
 COMPILE_CACHE_ENV = "JAXEDIT_COMPILE_CACHE"  # "0" turns the persistent compilation cache off; a path moves it
 MIN_COMPILE_SECS = 0.5  # programs that compile faster than this are not written to the cache
 
@@ -156,8 +158,6 @@ def compile_cache_dir() -> Optional[str]:
         return None
     if env and env.lower() not in ("1", "on", "true", "yes"):
         return os.path.abspath(os.path.expanduser(env))
-    from jaxedit.loading import cache_dir
-
     return os.path.join(cache_dir(), "xla")
 
 

@@ -94,3 +94,81 @@ def test_model_sampled_corpus_and_errors(tiny_dirs, tokenizer, tmp_path):
         st.layer_stats(model, tok, [1], cache_dir=str(tmp_path), **dict(kw, corpus="missing.txt"))
     with pytest.raises(JaxeditError, match="corpus"):  # a datasets name, offline or without datasets
         st.layer_stats(model, tok, [1], cache_dir=str(tmp_path), **dict(kw, corpus="no-such-dataset-xyz"))
+
+
+def test_cache_key_changes_with_the_code(tiny_dirs, tokenizer, tmp_path, corpus_file, monkeypatch):
+    """Cached statistics are served only to the code that computed them: another source of a computing module or
+    another version of a dependency gives another key, so a stale (here: corrupted) entry is not read."""
+    import glob
+    import importlib.util
+    from importlib import metadata
+
+    model, tok = jaxedit.load(tiny_dirs["gpt2"][0])
+    kw = dict(corpus=corpus_file, n_samples=5, max_len=9, batch_size=2, cache_dir=str(tmp_path / "c"),
+              progress=False)
+    ref = torch_mom2(tiny_dirs["gpt2"][1], tok, TEXTS[:5], [1], 9)[1]
+    first = st.layer_stats(model, tok, [1], **kw)[1]
+    np.testing.assert_allclose(first, ref, rtol=1e-5, atol=1e-7 * np.abs(ref).max())
+    (entry,) = glob.glob(str(tmp_path / "c" / "*" / "*" / "layer1-*.npz"))
+    np.savez(entry, mom2=first * 2)  # as an older computation with a bug would have left it
+    assert np.abs(st.layer_stats(model, tok, [1], **kw)[1] - ref).max() > 0.5 * np.abs(ref).max()  # same code: read
+
+    base = st.stats_fingerprint()
+    real_version, real_find_spec = metadata.version, importlib.util.find_spec
+    changed = tmp_path / "forward.py"
+    changed.write_text(open(real_find_spec("jaxedit.forward").origin).read() + "\n# changed\n")
+
+    def find_spec(name, *a):
+        return importlib.util.spec_from_file_location(name, str(changed)) if name == "jaxedit.forward" \
+            else real_find_spec(name, *a)
+
+    for patch in (lambda: monkeypatch.setattr(metadata, "version", lambda d: "0.0.1" if d == "jax" else
+                                              real_version(d)),
+                  lambda: monkeypatch.setattr(importlib.util, "find_spec", find_spec)):
+        st.stats_fingerprint.cache_clear()
+        patch()
+        try:
+            assert st.stats_fingerprint() != base
+            fresh = st.layer_stats(model, tok, [1], **kw)[1]
+        finally:
+            monkeypatch.undo()
+            st.stats_fingerprint.cache_clear()
+        np.testing.assert_allclose(fresh, ref, rtol=1e-5, atol=1e-7 * np.abs(ref).max())
+    assert st.stats_fingerprint() == base
+    assert len(glob.glob(str(tmp_path / "c" / "*"))) == 3  # computed again twice, beside the stale entry
+
+
+# jaxedit modules the statistics' modules import that do not decide the statistics' values
+NOT_COMPUTING = {
+    "jaxedit.errors": "error messages only",
+    "jaxedit.runtime": "status lines, progress bars and the compile cache: no values",
+    "jaxedit.cache": "where the cache lives and how keys are hashed",
+    "jaxedit.layer_selection": "checks the layer indices",
+    "jaxedit.batching": "pads and groups rows; the padded positions are masked out of every sum",
+    "jaxedit.locate.tracing": "the memory budget of a batch (how many rows at once), not values",
+}
+
+
+def test_stats_modules_cover_what_they_import():
+    """Every jaxedit module imported by a module of the statistics' key is in the key or named above."""
+    import ast
+    import importlib.util
+
+    def is_module(name):
+        try:
+            return importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            return False
+
+    listed = set(st.STATS_MODULES)
+    for name in listed:
+        for node in ast.walk(ast.parse(open(importlib.util.find_spec(name).origin).read())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jaxedit"):
+                imported = [f"{node.module}.{a.name}" for a in node.names if is_module(f"{node.module}.{a.name}")] \
+                    or [node.module]
+            elif isinstance(node, ast.Import):
+                imported = [a.name for a in node.names if a.name.startswith("jaxedit")]
+            else:
+                continue
+            for mod in filter(is_module, imported):
+                assert mod in listed or mod in NOT_COMPUTING, f"{name} imports {mod}: in the key or not?"

@@ -3,9 +3,9 @@ over every non-pad token of a text corpus.
 
 All requested layers are accumulated in **one pass** over the corpus; the forward stops at the last requested layer.
 Sums accumulate in float32 on the device (``precision="float64"``: each batch's float32 sum is added into a float64
-host accumulator). Results are cached on disk, one file per layer, keyed by the model's fingerprint, the corpus, the
-sample count, the truncation length and the precision; a run saves its partial sums every ``save_every`` batches
-and a killed run resumes from there.
+host accumulator). Results are cached on disk, one file per layer, keyed by the model's fingerprint, the code that
+computes them (:func:`stats_fingerprint`), the corpus, the sample count, the truncation length and the precision;
+a run saves its partial sums every ``save_every`` batches and a killed run resumes from there.
 
 Corpora (``corpus=``):
 
@@ -17,6 +17,7 @@ Corpora (``corpus=``):
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -32,6 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxedit import runtime
+from jaxedit.cache import cache_dir as default_cache_dir, code_fingerprint
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import block, causal_allowed, embed, positions_from_mask
@@ -45,6 +47,14 @@ MODEL_CORPUS = "model"
 SAMPLE_STARTERS = ("The", "In", "A", "It", "This", "When", "One", "After", "There", "He", "She", "We", "They",
                    "Many", "Some", "On")
 PRECISIONS = ("float32", "float64")
+# The modules whose code decides the statistics' values: the corpus readers and the pass (this module), the forward
+# it runs (and the model families' blocks), the model's own samples (the offline corpus), the cross-device sums;
+# and the distributions they compute or tokenize with. tests/test_stats.py checks that every jaxedit module these
+# import is listed here or named there as not taking part.
+STATS_MODULES = ("jaxedit.edit.stats", "jaxedit.forward", "jaxedit.models", "jaxedit.models.common",
+                 "jaxedit.models.llama", "jaxedit.models.gpt2", "jaxedit.generate", "jaxedit.config",
+                 "jaxedit.sharding", "jaxedit.model")
+STATS_DEPENDENCIES = ("jax", "jaxlib", "numpy", "tokenizers", "transformers", "datasets")
 
 
 # ---- corpora ----
@@ -202,6 +212,13 @@ def _strided_sample(leaf):
     return leaf[tuple(jnp.asarray(i) for i in idx)]
 
 
+@functools.lru_cache(maxsize=None)
+def stats_fingerprint() -> str:
+    """A hash of :data:`STATS_MODULES`' source and :data:`STATS_DEPENDENCIES`' versions: part of the cache key, so
+    statistics computed by other code (an older jaxedit, another jax) are computed again, not served."""
+    return code_fingerprint(STATS_MODULES, STATS_DEPENDENCIES)
+
+
 def model_fingerprint(model) -> str:
     """A short hash of the config and a strided sample of every parameter (cheap; changes when weights change)."""
     from jaxedit.sharding import to_host
@@ -272,9 +289,8 @@ def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAUL
         raise JaxeditError(f"the truncation length (max_len, --max-len) must be within 2..{cfg.max_positions} "
                            f"(got {max_len})")
 
-    from jaxedit.loading import cache_dir as default_cache
-
-    model_root = os.path.join(cache_dir or os.path.join(default_cache(), "stats"), model_fingerprint(model))
+    model_root = os.path.join(cache_dir or os.path.join(default_cache_dir(), "stats"),
+                              f"{model_fingerprint(model)}-{stats_fingerprint()[:12]}")
     root = os.path.join(model_root, corpus_key(corpus, seed, batch_size))
     tag = f"n{n_samples}-t{max_len}-{precision}"
     path_of = {l: os.path.join(root, f"layer{l}-{tag}.npz") for l in layers}

