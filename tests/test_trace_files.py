@@ -23,19 +23,23 @@ IE = {
     # 4 tokens, a one-token subject (token 2) right before the last token: it is the first and the last subject
     # token; no middle, first subsequent or further tokens; tokens 0 and 1 belong to no group
     "C": (np.array([[0.90, 0.85, 0.80], [0.80, 0.80, 0.80], [0.25, 0.15, 0.05], [0.00, 0.10, 0.20]]), (2, 3), 0.01),
+    # 5 tokens, subject = tokens 1..2 ending two tokens before the end: first 1, last 2, first subsequent 3 (the
+    # token right before the last), no middle and no further tokens, last token 4; token 0 in no group
+    "D": (np.array([[0.07, 0.03, 0.01], [0.12, 0.14, 0.18], [0.33, 0.36, 0.29], [0.47, 0.52, 0.41],
+                    [0.22, 0.25, 0.28]]), (1, 3), 0.02),
 }
-A, B, C = (IE[k][0] for k in "ABC")
+A, B, C, D = (IE[k][0] for k in "ABCD")
 # the average over prompts of each prompt's mean over the group's tokens, by hand
 EXPECTED = {
-    "first subject token": ((A[1] + B[0] + C[2]) / 3, 3),
+    "first subject token": ((A[1] + B[0] + C[2] + D[1]) / 4, 4),
     "middle subject tokens": ((A[2] + (B[1] + B[2]) / 2) / 2, 2),
-    "last subject token": ((A[3] + B[3] + C[2]) / 3, 3),
-    "first subsequent token": ((A[4] + B[4]) / 2, 2),
+    "last subject token": ((A[3] + B[3] + C[2] + D[2]) / 4, 4),
+    "first subsequent token": ((A[4] + B[4] + D[3]) / 3, 3),
     "further tokens": ((A[5] + (B[5] + B[6] + B[7]) / 3) / 2, 2),
-    "last token": ((A[6] + B[8] + C[3]) / 3, 3),
+    "last token": ((A[6] + B[8] + C[3] + D[4]) / 4, 4),
 }
 # each prompt's best cell (max IE, its token, its layer) by inspection of the tables above
-BEST = {"A": (0.72, 6, 2), "B": (0.90, 3, 1), "C": (0.90, 0, 0)}
+BEST = {"A": (0.72, 6, 2), "B": (0.90, 3, 1), "C": (0.90, 0, 0), "D": (0.52, 3, 1)}
 
 
 def result(name, kind, scale):
@@ -50,7 +54,7 @@ def test_run_files_against_hand_computation(tmp_path):
     """One test (no shared fixture): a mutation tool runs, for a mutant, the tests that call the mutated function."""
     out = str(tmp_path)
     rows = []
-    for line, name in enumerate("ABC", 1):
+    for line, name in enumerate("ABCD", 1):
         # kind "mlp": the same tables doubled, so that a mixed-up kind shows
         res = {"hidden": result(name, "hidden", 1.0), "mlp": result(name, "mlp", 2.0)}
         row = tf.save_prompt(out, line, {"prompt": name, "subject": "s"}, res, plots=False)
@@ -59,7 +63,7 @@ def test_run_files_against_hand_computation(tmp_path):
     tf.write_aggregate(out, tf.aggregate_aie(out, rows, ("hidden", "mlp")), len(rows))
 
     # results.jsonl: each prompt's best cell
-    for row, name in zip([json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()], "ABC"):
+    for row, name in zip([json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()], "ABCD"):
         ie, span, low = IE[name]
         assert row["span"] == list(span) and row["low_score"] == pytest.approx(low)
         for kind, scale in (("hidden", 1.0), ("mlp", 2.0)):
