@@ -2,6 +2,7 @@
 right-padded pair, the last one after the final norm), the tuning steps (NLL + KL with or without its gradient,
 torch's Adam), the two public-implementation options; the SafeEdit reader's and the command's errors; the command's
 files and resume."""
+import contextlib
 import copy
 import json
 import os
@@ -267,3 +268,147 @@ def test_dinm_on_smollm2_demo(smollm2):
     kept = se.retention(model, edited, tok, cases, suffix="")
     print("retention", kept)
     assert min(kept) >= 0.8  # measured 1.0 and 1.0
+
+
+# ---- a deeper LLaMA: the located layers lie past the first 4-layer compile block (tuning starts at layer 4) ----
+
+@pytest.fixture(scope="module")
+def deep_llama(tmp_path_factory, tokenizer):
+    """A 7-layer LLaMA (seed 0) with its final norm scaled down (the output head scaled up to match, for logits with
+    a spread of about 8), so that the last entry (after the final norm) is not the farthest: the torch distances
+    locate case a at layer 5 and case b at layer 4. Returns (model, tok, hf)."""
+    import transformers
+
+    from conftest import VOCAB
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=7, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=48, tie_word_embeddings=False, vocab_size=VOCAB,
+                                   max_position_embeddings=64, rms_norm_eps=1e-5, initializer_range=0.02)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if "norm" in n:
+                p.uniform_(0.5, 1.5)
+        hf.model.norm.weight.mul_(0.02)
+        hf.lm_head.weight.mul_(500.0)
+    d = tmp_path_factory.mktemp("deep-llama")
+    hf.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    model, tok = jaxedit.load(str(d))
+    return model, tok, hf
+
+
+@contextlib.contextmanager
+def torch_one_thread():
+    """torch on one thread: its intra-op threads spin against JAX's on a small shared machine (a tiny model's
+    forward measured 0.9 s with 2 threads under load, 0.02 s with 1)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@torch_one_thread()
+def torch_dinm_joint(hf, tok, layers, cases, steps, *, lr, edit_weight, weight_decay=0.0, stop_loss=-np.inf):
+    """DINM on the HF model for several cases tuned together: the down_proj of every layer in ``layers`` trained by
+    one torch Adam (``weight_decay`` as torch adds it to the gradient); each row run alone (no padding); the NLL and
+    the KL each the mean over all the cases' tokens; before each step, stop when the loss is below ``stop_loss``.
+    Returns (losses [checked, 3], {layer: W [d_ff, d]}, steps run)."""
+    hf = copy.deepcopy(hf)
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    Ws = [hf.model.layers[l].mlp.down_proj.weight for l in layers]
+    for W in Ws:
+        W.requires_grad_(True)
+
+    def row(prompt, answer):
+        p = tok(prompt + " " + SUFFIX)["input_ids"]
+        a = tok(" " + answer, add_special_tokens=False)["input_ids"]
+        return torch.tensor([p + a]), len(p), len(a)
+
+    def answer_logprobs(ids, p, a):
+        lp = torch.log_softmax(hf(ids).logits[0, p - 1:p + a - 1], -1)
+        return lp, ids[0, p:]
+
+    edits = [row(c["adversarial prompt"], c["safe generation"]) for c in cases]
+    kcs = [row(c["knowledge constrain"]["prompt"], c["knowledge constrain"]["answer"]) for c in cases]
+    with torch.no_grad():
+        lp0 = [answer_logprobs(*k)[0] for k in kcs]
+    opt = torch.optim.Adam(Ws, lr=lr, weight_decay=weight_decay)
+    losses, done = [], 0
+    for _ in range(steps):
+        opt.zero_grad()
+        tok_lp = torch.cat([lp[torch.arange(len(t)), t] for lp, t in (answer_logprobs(*e) for e in edits)])
+        nll = -tok_lp.mean()
+        kl_pos = torch.cat([(q.exp() * (q - answer_logprobs(*k)[0])).sum(-1) for q, k in zip(lp0, kcs)])
+        kl = kl_pos.mean()
+        loss = edit_weight * nll + kl
+        losses.append([loss.item(), nll.item(), kl.item()])
+        if loss.item() < stop_loss:
+            break
+        loss.backward()
+        opt.step()
+        done += 1
+    return np.array(losses), {l: W.detach().numpy().T for l, W in zip(layers, Ws)}, done
+
+
+def test_deep_location_matches_torch(deep_llama, tokenizer):
+    model, tok, hf = deep_llama
+    layers, dist = dinm_locate(model, CASES, tokenizer=tok)
+    for i, case in enumerate(CASES):
+        with torch_one_thread():
+            ref, _ = torch_distances(hf, tokenizer, case)
+        np.testing.assert_allclose(dist[i], ref, rtol=1e-5)
+        assert layers[i] == int(np.argmax(ref))
+    assert layers == [5, 4]  # both past the first compile block, and different (the joint test tunes both)
+
+
+DEEP = dict(steps=4, lr=2e-3, edit_weight=0.1, suffix=SUFFIX, per_instance=False, batch_size=2)
+
+
+def check_deep_run(model, rep, edited, ref_losses, ref_w, ref_steps):
+    assert rep["layers"] == [5, 4] and rep["steps"] == [ref_steps] * 2
+    for key in ("losses", "nll", "kl"):
+        assert rep[key][0] == rep[key][1]  # one group: one loss for both cases
+    losses = np.array([rep["losses"][0], rep["nll"][0], rep["kl"][0]]).T
+    checked = len(ref_losses)
+    np.testing.assert_allclose(losses[:checked, :2], ref_losses[:, :2], rtol=1e-5)
+    np.testing.assert_allclose(losses[:checked, 2], ref_losses[:, 2], rtol=1e-3, atol=1e-7)  # KL up to 4e-4
+    assert np.isnan(losses[checked:]).all()  # nothing after an early stop
+    w_out = np.asarray(jaxedit.params_of(edited)["blocks"]["w_out"])
+    w0 = np.asarray(jaxedit.params_of(model)["blocks"]["w_out"])
+    for l in range(model.config.n_layers):
+        if l in ref_w:
+            np.testing.assert_allclose(w_out[l], ref_w[l], atol=1e-5)  # measured within 1e-6
+            assert np.abs(w_out[l] - w0[l]).max() > 1e-3  # tuned
+        else:
+            assert np.array_equal(w_out[l], w0[l])
+    return w_out
+
+
+def test_deep_tuning_matches_torch(deep_llama, tokenizer):
+    """Both cases tuned together (per_instance=False, batch_size=2) on the union of their located layers, 4 and 5:
+    the tuning starts at the layer-4 block (layers 0-3 run once). Against torch: four Adam steps without and with
+    weight decay, and a run stopped by stop_loss where the torch loop stops. One compile for all three runs."""
+    model, tok, hf = deep_llama
+    torch_run = lambda **kw: torch_dinm_joint(hf, tokenizer, [4, 5], CASES, DEEP["steps"], lr=DEEP["lr"],  # noqa
+                                              edit_weight=DEEP["edit_weight"], **kw)
+    runs = {}
+    for wd in (0.0, 0.05):
+        edited, rep = dinm(model, CASES, tokenizer=tok, weight_decay=wd, **DEEP)
+        ref_losses, ref_w, ref_n = torch_run(weight_decay=wd)
+        assert ref_n == DEEP["steps"]
+        runs[wd] = check_deep_run(model, rep, edited, ref_losses, ref_w, ref_n)[4:6]
+    assert np.abs(runs[0.05] - runs[0.0]).max() > 50 * 1e-5  # the decay moved the weights beyond the tolerance
+    # stop_loss halfway between the torch losses before steps 2 and 3 (decreasing by far more than the float32
+    # noise): the loop checks 3 losses and runs 2 steps; the 4th loss is never computed (NaN in the report)
+    full = torch_run()[0]
+    assert full[0, 0] - full[1, 0] > 1e-4 and full[1, 0] - full[2, 0] > 1e-4
+    stop = (full[1, 0] + full[2, 0]) / 2
+    ref_losses, ref_w, ref_n = torch_run(stop_loss=stop)
+    assert ref_n == 2 and len(ref_losses) == 3
+    edited, rep = dinm(model, CASES, tokenizer=tok, stop_loss=stop, **DEEP)
+    check_deep_run(model, rep, edited, ref_losses, ref_w, ref_n)
