@@ -1,6 +1,7 @@
 """MEMIT / deletion machinery on tiny models: the closed-form solve against float64 numpy, the spreading schedule
 against a torch loop over the HF model (hooks for keys and hidden states, weights updated in place), and the z
 optimization (objective at every step, Adam, clamp) against a float64 torch loop."""
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -14,6 +15,7 @@ REQ2 = {"prompt": "{} plays the", "subject": "Miles Davis", "target": " guitar"}
 # subjects at the end of the prompt: in a 3-layer random model, a change at an earlier token barely reaches the last
 END1 = {"prompt": "The Space Needle is in {}", "subject": "Seattle", "target": " Paris"}
 END2 = {"prompt": "Toko Yasuda produces the most amazing", "subject": "amazing", "target": " trumpet music"}
+LIKELY = {"prompt": "Needle is in Seattle. {}", "subject": "Miles"}  # the sharp model's next token: P ~ 0.57
 
 
 def random_stats(cfg, layers, seed=0):
@@ -138,13 +140,15 @@ def test_objective_and_effect(sharp_llama, tokenizer, monkeypatch, mode):
     else:
         if mode == "logp":
             suppress = [[" Paris", " is"], " music"]
-        else:  # -log(1 - P) is ~P for improbable tokens: suppress what the model predicts
-            suppress = []
-            for r in (END1, END2):
+            prompts = (END1, END2)
+        else:  # -log(1 - P) is ~P for improbable tokens: suppress what the model predicts, in the first request a
+            # likely token (P > 0.5 on the bare prompt: where a tighter clamp of log P would change the loss)
+            suppress, prompts = [], (LIKELY, END2)
+            for r in prompts:
                 with torch.no_grad():
                     logits = hf(torch.tensor([tok(r["prompt"].format(r["subject"]))["input_ids"]])).logits
                 suppress.append(tok.decode([int(logits[0, -1].argmax())]))
-        reqs = [{"prompt": r["prompt"], "subject": r["subject"], "suppress": s} for r, s in zip((END1, END2), suppress)]
+        reqs = [{"prompt": r["prompt"], "subject": r["subject"], "suppress": s} for r, s in zip(prompts, suppress)]
         edited, rep = jaxedit.delete(model, reqs, kl_weight=0.1, delete_objective=mode, **kw)
     hp = ed.EditHparams(**dict(rep["hparams"], layers=tuple(rep["hparams"]["layers"])))
     delta, losses, mains, n_run = recorded
@@ -162,6 +166,8 @@ def test_objective_and_effect(sharp_llama, tokenizer, monkeypatch, mode):
         np.testing.assert_allclose([r["objective_first"], r["loss_last"]], [ref_mains[0], ref_losses[-1]],
                                    rtol=1e-4, atol=1e-5)
     assert clamped  # the clamp decided the final delta of a request
+    if mode == "unlikelihood":
+        assert rep["requests"][0]["p_before"][0] > 0.5
     # the input model is untouched; the edited one moved the tracked tokens the right way
     np.testing.assert_array_equal(np.asarray(jaxedit.params_of(model)["blocks"]["w_out"]), before)
     for r in rep["requests"]:
@@ -302,3 +308,57 @@ def torch_z_reference(hf, tok, req, contexts, hp, mode):
             if delta.norm() > max_norm:
                 delta[...] = delta * max_norm / delta.norm()
     return np.array(losses), np.array(mains), delta.detach().numpy(), float(h_norm)
+
+
+@pytest.mark.parametrize("mode", ["edit", "logp", "unlikelihood"])
+def test_z_objective_terms_against_numpy(mode):
+    """:func:`z_objective` on hand-built log-probabilities against the objective written out in float64 numpy: the
+    main term (NLL of the targets, or mean log P / -log(1 - P) of the suppressed tokens, each row's mean over its
+    tokens, then the mean over rows), the KL at the KL row's key token, and the weight decay
+    weight x ||delta|| / ||h||^2 alone at a large weight and a ||h|| far from 1. Suppressed tokens at P = 0.8 and
+    0.6 (where a clamp of log P tighter than -1e-7 would change -log(1 - P))."""
+    rng = np.random.default_rng(3)
+    R, K, V, d = 3, 2, 7, 5  # two prompt rows (the second with one token and one padding slot), then the KL row
+    logits = rng.normal(size=(R, K, V))
+    tok_ids = np.array([[2, 4], [1, 0], [0, 0]])
+    tok_w = np.array([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+
+    def set_p(r, k, t, p):  # logits of (r, k) such that softmax puts p on token t
+        others = np.exp(logits[r, k]).sum() - np.exp(logits[r, k, t])
+        logits[r, k, t] = np.log(p / (1 - p) * others)
+
+    set_p(0, 0, 2, 0.8)
+    set_p(1, 0, 1, 0.6)
+    lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    lp0 = rng.normal(size=V)
+    lp0 -= np.log(np.exp(lp0).sum())
+    h = rng.normal(size=d) * 3.0
+    norm_h = np.sqrt((h ** 2).sum())
+    assert abs(np.exp(lp[0, 0, 2]) - 0.8) < 1e-12 and norm_h > 2
+    for delta, wd, klf in ((rng.normal(size=d) * 0.7, 25.0, 0.0), (np.zeros(d), 25.0, 0.0),
+                           (rng.normal(size=d) * 0.02, 0.0, 0.0), (rng.normal(size=d), 0.5, 0.3)):
+        # the reference, term by term
+        rows = []
+        for r in range(R - 1):
+            vals = []
+            for k in range(K):
+                if tok_w[r, k]:
+                    v = lp[r, k, tok_ids[r, k]]
+                    vals.append(-np.log(1 - np.exp(v)) if mode == "unlikelihood" else v)
+            rows.append(sum(vals) / len(vals))
+        main = -np.mean(rows) if mode == "edit" else np.mean(rows)
+        p_now, p0 = np.exp(lp[-1, 0]), np.exp(lp0)
+        kl = (p_now * np.log(p_now / p0)).sum() if mode == "edit" else (p0 * np.log(p0 / p_now)).sum()
+        want = main + klf * kl + wd * np.sqrt((delta ** 2).sum()) / norm_h ** 2
+        total, got_main = ed.z_objective(jnp.asarray(lp, jnp.float32), jnp.asarray(lp0, jnp.float32),
+                                         jnp.asarray(tok_ids), jnp.asarray(tok_w, jnp.float32),
+                                         jnp.asarray(delta, jnp.float32), jnp.float32(norm_h), mode=mode,
+                                         weight_decay=wd, kl_factor=klf)
+        assert float(got_main) == pytest.approx(main, rel=1e-5, abs=1e-6)
+        assert float(total) == pytest.approx(want, rel=1e-5, abs=1e-6), (delta, wd, klf)
+        if wd:  # the weight-decay term alone: the total less the main term at KL weight 0 (0 at delta = 0)
+            got_wd = float(ed.z_objective(jnp.asarray(lp, jnp.float32), jnp.asarray(lp0, jnp.float32),
+                                          jnp.asarray(tok_ids), jnp.asarray(tok_w, jnp.float32),
+                                          jnp.asarray(delta, jnp.float32), jnp.float32(norm_h), mode=mode,
+                                          weight_decay=wd, kl_factor=0.0)[0]) - float(got_main)
+            assert got_wd == pytest.approx(wd * np.sqrt((delta ** 2).sum()) / norm_h ** 2, rel=1e-4, abs=1e-5)
