@@ -121,3 +121,135 @@ def test_sample_errors(tiny_dirs):
         sample(model, [[]], 3)
     with pytest.raises(JaxeditError):
         sample(model, [[1, 2]], 70)
+
+
+# ---- the sampler's distribution: a chi-square goodness-of-fit test of the first sampled token ----
+
+@pytest.fixture(scope="module")
+def peaked_llama(tmp_path_factory, tokenizer):
+    """A tiny LLaMA with init std 0.3: next-token distributions far from uniform (at "Miles Davis plays" the most
+    likely token has p = 0.07, 0.13 at temperature 0.7), so temperature, top-k and top-p change them visibly."""
+    from conftest import build_hf_model
+
+    hf = build_hf_model("llama-mha-tied", seed=1, init_std=0.3)
+    d = tmp_path_factory.mktemp("peaked-llama")
+    hf.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return jaxedit.load(str(d))[0], hf
+
+
+def reference_probs(logits, temperature, top_k=None, top_p=None):
+    """float64 numpy: softmax(logits / temperature) restricted to the k largest, then to the nucleus (the tokens
+    whose more likely tokens' mass is below top_p, in decreasing order), renormalized."""
+    z = np.asarray(logits, np.float64) / temperature
+    if top_k is not None:
+        z = np.where(z >= np.sort(z)[-top_k], z, -np.inf)
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    if top_p is not None:
+        order = np.argsort(-p)
+        before = np.cumsum(p[order]) - p[order]
+        keep = np.zeros(len(p), bool)
+        keep[order[before < top_p]] = True
+        p = np.where(keep, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def chi2_pvalue(counts, probs, min_expected=5.0):
+    """Pearson's chi-square test of ``counts`` against ``probs``: the tokens expected at least ``min_expected``
+    times are bins of their own, the others one pooled bin (merged into the smallest bin when the pool itself is
+    expected fewer times). 0 when a token of probability 0 was drawn. The p-value: the upper regularized gamma
+    function (torch), Q(dof / 2, stat / 2)."""
+    counts, probs = np.asarray(counts, np.float64), np.asarray(probs, np.float64)
+    if counts[probs == 0].sum() > 0:
+        return 0.0
+    expected = counts.sum() * probs
+    own = expected >= min_expected
+    obs, exp = list(counts[own]), list(expected[own])
+    pool_o, pool_e = counts[~own & (probs > 0)].sum(), expected[~own & (probs > 0)].sum()
+    if pool_e >= min_expected:
+        obs.append(pool_o)
+        exp.append(pool_e)
+    elif pool_e > 0:
+        i = int(np.argmin(exp))
+        obs[i] += pool_o
+        exp[i] += pool_e
+    obs, exp = np.array(obs), np.array(exp)
+    stat = float(((obs - exp) ** 2 / exp).sum())
+    return float(torch.special.gammaincc(torch.tensor((len(obs) - 1) / 2, dtype=torch.float64),
+                                         torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+SAMPLES = 1024  # sample() derives each row's key on the host (about 1 ms a row here): enough for the power below
+ALPHA = 1e-4  # the seed is fixed, so the test is deterministic; 1e-4 leaves room for another JAX's random bits
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=0.7), dict(temperature=0.7, top_p=0.8),
+                                dict(temperature=0.5, top_k=12)], ids=["temperature", "top_p", "top_k"])
+def test_first_token_distribution_chi_square(peaked_llama, tokenizer, kw):
+    """1024 first tokens sampled after one prompt (one batch) against the distribution computed in float64 from the
+    torch model's logits: the p-value must be above 1e-4. The test's power, on the same draws: the distribution at
+    temperature 1 (the filter otherwise alike) and the distribution without the top-p / top-k filter must give
+    p-values below 1e-20, so a sampler that ignored the temperature or the filter fails. Measured (p-value; at
+    temperature 1; without the filter): temperature 0.7: 0.66; 4e-34; top-p 0.8: 0.46; 3e-65; 7e-38; top-k 12 at
+    temperature 0.5: 0.70; 6e-44; 1e-53."""
+    model, hf = peaked_llama
+    prompt = tokenizer("Miles Davis plays")["input_ids"]
+    draws = sample(model, [prompt], 1, samples=SAMPLES, seed=11, max_batch=SAMPLES, **kw)[0]
+    counts = np.bincount([row[0] for row in draws], minlength=model.config.vocab_size)
+    assert counts.sum() == SAMPLES
+    logits = _torch_next_logits(hf, prompt)
+    want = reference_probs(logits, **kw)
+    if "top_p" in kw:  # the nucleus is not decided by float32 rounding: no prefix mass within 1e-3 of top_p
+        p = reference_probs(logits, kw["temperature"])
+        prefix = np.cumsum(np.sort(p)[::-1])
+        assert np.abs(prefix - kw["top_p"]).min() > 1e-3
+    support = want > 0
+    assert counts[~support].sum() == 0
+    assert 0 < support.sum() < model.config.vocab_size or len(kw) == 1
+    wrong = [reference_probs(logits, **dict(kw, temperature=1.0))]
+    if len(kw) > 1:
+        wrong.append(reference_probs(logits, kw["temperature"]))  # the filter left out
+    assert chi2_pvalue(counts, want) > ALPHA
+    for w in wrong:
+        assert chi2_pvalue(counts, w) < 1e-20
+
+
+def test_sample_stops_at_stop_ids(tiny_dirs, tokenizer):
+    """Greedy continuations cut before the first of ``stop_ids``, against a hand-run loop: the torch model's argmax,
+    one full forward at a time, stopped when the token is a stop id. The stop ids: the 3rd greedy token of the
+    second prompt and the 1st of the fourth (this model repeats tokens: rows are cut mid-way, at once, or not at
+    all). The shapes of the greedy test above: its compile is reused."""
+    model, _ = jaxedit.load(tiny_dirs["gpt2"][0])
+    hf = tiny_dirs["gpt2"][1]
+    prompts = [tokenizer(t)["input_ids"] for t in ("The Eiffel Tower is located in the city of", "Miles",
+                                                  "Beats Music is owned by", "The")]
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny forwards: torch's threads only spin against JAX's
+    try:
+        greedy = []
+        for p in prompts:
+            ids = list(p)
+            for _ in range(5):
+                ids.append(int(_torch_next_logits(hf, ids).argmax()))
+            greedy.append(ids[len(p):])
+        stop = [greedy[1][2], greedy[3][0]]
+
+        def hand_loop(p):
+            ids = list(p)
+            while len(ids) - len(p) < 5:
+                t = int(_torch_next_logits(hf, ids).argmax())
+                if t in stop:
+                    break
+                ids.append(t)
+            return ids[len(p):]
+
+        want = [hand_loop(p) for p in prompts]
+    finally:
+        torch.set_num_threads(n_threads)
+    lengths = [len(w) for w in want]
+    assert 0 < lengths[1] < 5 and lengths[3] == 0 and 5 in lengths  # cut mid-way, at once, not at all
+    out = sample(model, prompts, 5, samples=2, greedy=True, bucket=4, max_batch=2, stop_ids=stop)
+    for rows, w in zip(out, want):
+        assert rows == [w, w]
