@@ -217,3 +217,43 @@ def test_conversion_modules_cover_what_they_import():
                 continue
             for mod in filter(is_module, imported):
                 assert mod in listed or mod in NOT_CONVERTING, f"{name} imports {mod}: in the cache key or not?"
+
+
+TORCH_FREE = r"""
+import json, sys
+sys.modules["torch"] = None  # any "import torch" now raises ImportError
+import jaxedit
+from jaxedit.loading.gguf_file import gguf_tokenizer
+
+path, texts = sys.argv[1], json.loads(sys.argv[2])
+_, loaded = jaxedit.load(path)  # converted into $JAXEDIT_CACHE: the tokenizer saved there and read back
+direct = gguf_tokenizer(path)
+assert sys.modules["torch"] is None and not any(m.startswith("torch.") for m in sys.modules)
+print(json.dumps({name: {"ids": [t(x)["input_ids"] for x in texts], "eos": t.eos_token_id,
+                         "decoded": [t.decode(t(x)["input_ids"]) for x in texts]}
+                  for name, t in (("loaded", loaded), ("direct", direct))}))
+"""
+
+
+def test_gguf_tokenizer_without_torch(tiny_gguf, tokenizer, tmp_path):
+    """In a process where torch cannot be imported, the tokenizer jaxedit builds from the GGUF metadata (directly,
+    and as jaxedit.load converts it into the cache) encodes like the tokenizer the file was written from: texts
+    from its corpus, unseen words, non-ASCII text, spaces and newlines, its special token."""
+    import subprocess
+    import sys
+
+    path = tiny_gguf["llama-mha-tied"][0]
+    texts = [TEXT, "Seattle's guitar: 12 trumpets!", "Ünïcödé ☃ text\n\twith  two  spaces",
+             "a<|endoftext|>b", " leading space"]
+    env = dict(os.environ, JAXEDIT_CACHE=str(tmp_path / "cache"), JAXEDIT_COMPILE_CACHE="0")
+    res = subprocess.run([sys.executable, "-c", TORCH_FREE, path, json.dumps(texts)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    want = [tokenizer(x)["input_ids"] for x in texts]
+    assert any(len(w) > len(x.split()) for w, x in zip(want, texts))  # merges and byte fallback at work
+    assert tokenizer.eos_token_id in want[3]  # the special token is one token
+    for name in ("loaded", "direct"):
+        assert got[name]["ids"] == want
+        assert got[name]["eos"] == tokenizer.eos_token_id
+        assert got[name]["decoded"] == [tokenizer.decode(w) for w in want]
