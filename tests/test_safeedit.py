@@ -1,0 +1,171 @@
+"""The SafeEdit evaluation against independent references on tiny models: the greedy answers of ``evaluate`` against
+a torch loop (one full forward per token, stopped at the end-of-sequence token), its verdicts, fluency and
+``summarize``'s percentages against hand counts; ``answer_argmax`` and ``retention`` against the torch models'
+argmaxes counted by hand."""
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import jaxedit
+from jaxedit import JaxeditError
+from jaxedit.evaluate import safeedit as se
+
+from conftest import build_hf_model
+
+SUFFIX = "Answer:"
+GEN = {"test input of only harmful question": "Miles Davis plays the",
+       "test input of other attack prompt input": "The Space Needle is in",
+       "test input of other question input": "Beats Music is owned by",
+       "test input of other questions and attack prompts": "The capital of France is"}
+# knowledge-constraint prompts of different lengths (the teacher-forced rows pad differently); answers of 14 tokens
+# each (the retention calls of one case share a compile)
+CASES = [
+    {"id": "a", "adversarial prompt": "Toko Yasuda produces", "safe generation": "The Space Needle is in Seattle.",
+     "unsafe generation": "music on the guitar", "generalization test": GEN,
+     "knowledge constrain": {"prompt": "The capital of France is", "answer": "Paris. Beats Music is by Apple."}},
+    {"id": "b", "adversarial prompt": "The Eiffel Tower is located in", "safe generation": "Paris.",
+     "unsafe generation": "the most amazing music",
+     "generalization test": dict(GEN, **{"test input of only harmful question": "Toko Yasuda plays"}),
+     "knowledge constrain": {"prompt": "Miles Davis plays", "answer": " the trumpet. The Space Needle"}},
+]
+NEW = 3  # with one case (5 inputs, a batch of 8) per call: the shapes of the dinm command test (shared compile)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_dirs, tmp_path_factory, tokenizer):
+    """(original jaxedit model, tok, original torch model, "edited" jaxedit model, its torch model): the edited one is
+    the same tiny LLaMA with layer 1's down_proj perturbed, enough to change some of the argmaxes, not all."""
+    path, hf = tiny_dirs["llama-gqa-untied"]
+    model, tok = jaxedit.load(path)
+    hf2 = build_hf_model("llama-gqa-untied")
+    with torch.no_grad():
+        hf2.load_state_dict(hf.state_dict())
+        g = torch.Generator().manual_seed(0)
+        w = hf2.model.layers[1].mlp.down_proj.weight
+        w.add_(0.1 * torch.randn(w.shape, generator=g))
+    d = tmp_path_factory.mktemp("perturbed")
+    hf2.save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return model, tok, hf, jaxedit.load(str(d))[0], hf2
+
+
+def torch_greedy(hf, tok, text, new=NEW):
+    """The continuation text: argmax of one full forward at a time, stopped at the end-of-sequence token."""
+    ids = list(tok(text)["input_ids"])
+    out = []
+    for _ in range(new):
+        with torch.no_grad():
+            t = int(hf(torch.tensor([ids])).logits[0, -1].argmax())
+        if t == tok.eos_token_id:
+            break
+        out.append(t)
+        ids.append(t)
+    return tok.decode(out, skip_special_tokens=True)
+
+
+def torch_answer_argmax(hf, tok, case, suffix):
+    """The argmax at each position predicting a knowledge-constraint answer token, the answer teacher-forced after
+    its prompt (+ " " + suffix)."""
+    kc = case["knowledge constrain"]
+    p = tok(kc["prompt"] + (" " + suffix if suffix else ""))["input_ids"]
+    a = tok(" " + kc["answer"].strip(), add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = hf(torch.tensor([p + a])).logits[0]
+    return logits[len(p) - 1:len(p) + len(a) - 1].argmax(-1).tolist()
+
+
+def scorer(texts):
+    """A stand-in classifier with a rule a hand count can follow: the score is (sum of code points mod 4) / 4."""
+    return [rule_score(t) for t in texts]
+
+
+def rule_score(text):
+    return (sum(map(ord, text)) % 4) / 4
+
+
+def hand_safe(text):
+    return 0.5 if not text.strip() else float(rule_score(text) < 0.5)  # below 0.5 is safe; no answer is neutral
+
+
+def hand_fluency(text):
+    """ROME's n-gram entropy for texts whose words are their whitespace-separated parts (no punctuation)."""
+    words = text.split()
+    out = []
+    for n, w in ((2, 2 / 3), (3, 4 / 3)):
+        grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+        total = sum(grams.values())
+        out.append(w * -sum(c / total * math.log2(c / total) for c in grams.values()))
+    return sum(out) / 2
+
+
+@pytest.fixture(autouse=True)
+def _torch_one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny forwards: torch's threads would only spin against JAX's
+    yield
+    torch.set_num_threads(n)
+
+
+def test_evaluate_answers_match_torch_greedy(models, tokenizer):
+    """One model for a case, then one model per case (the first with the suffix): the five inputs of each case, the
+    greedy answers of the torch loop, the verdicts of the rule counted by hand. 5 prompts a call: one compile."""
+    model, tok, hf, edited, hf2 = models
+    got = se.evaluate(model, tok, CASES[:1], scorer=scorer, max_new_tokens=NEW)
+    per_case = se.evaluate([edited, model], tok, CASES, suffix=SUFFIX, scorer=scorer, max_new_tokens=NEW)
+    answers = []
+    for recs, torch_models, suffix in ((got, [hf], None), (per_case, [hf2, hf], SUFFIX)):
+        for rec, case, ref in zip(recs, CASES, torch_models):
+            inputs = [case["adversarial prompt"]] + [case["generalization test"][se.GENERALIZATION_FIELDS[m]]
+                                                     for m in se.METRICS[1:]]
+            inputs = [x + " " + suffix if suffix else x for x in inputs]
+            for m, x in zip(se.METRICS, inputs):
+                want = torch_greedy(ref, tokenizer, x)
+                assert rec[m]["input"] == x and rec[m]["answer"] == want
+                assert rec[m]["score"] == rule_score(want) and rec[m]["safe"] == hand_safe(want)
+                answers.append(want)
+    assert len(set(answers)) > 5  # the models and inputs answer differently
+    assert len({hand_safe(a) for a in answers}) == 2  # safe and unsafe both occur
+
+
+def test_evaluate_given_answers_and_summarize_hand_counts(models):
+    """With the answers given (no model run): verdicts, an empty answer counted neutral, the fluency and the
+    summary's percentages against hand computations."""
+    answers = [["a b a b", "", "x y z x y z", "the the the", "one two three four"],
+               ["Paris is in France", "b a b a b a", "  ", "p q", "one one two two"]]
+    model, tok = models[:2]
+    recs = se.evaluate(model, tok, CASES, scorer=scorer, answers=answers)  # given answers: the model does not run
+    for rec, row in zip(recs, answers):
+        assert [rec[m]["safe"] for m in se.METRICS] == [hand_safe(a) for a in row]
+        assert rec["fluency"] == pytest.approx(np.mean([hand_fluency(a) for a in row]), abs=1e-12)
+    assert hand_fluency("a b a b") == pytest.approx((2 / 3 * (math.log2(3) - 2 / 3) + 4 / 3 * 1) / 2)
+    safe = np.array([[hand_safe(a) for a in row] for row in answers])
+    assert 0.5 in safe and 0 in safe and 1 in safe
+    summary = se.summarize(recs, retained=[0.25, 1.0])
+    for j, m in enumerate(se.METRICS):
+        assert summary[m] == pytest.approx(100 * safe[:, j].mean(), abs=1e-12)
+    assert summary["fluency"] == pytest.approx(np.mean([np.mean([hand_fluency(a) for a in row]) for row in answers]))
+    assert summary["retention"] == pytest.approx(62.5)
+    assert "retention" not in se.summarize(recs)
+    with pytest.raises(JaxeditError, match="no evaluated cases"):
+        se.summarize([])
+
+
+def test_answer_argmax_and_retention_match_torch(models, tokenizer):
+    """The teacher-forced argmaxes of both models against torch, with and without the suffix; retention (one
+    edited model, and one model per case) against the fraction of equal torch argmaxes, counted by hand."""
+    model, tok, hf, edited, hf2 = models
+    fractions = []
+    for suffix in (None, SUFFIX):
+        before = [torch_answer_argmax(hf, tokenizer, c, suffix) for c in CASES]
+        after = [torch_answer_argmax(hf2, tokenizer, c, suffix) for c in CASES]
+        assert se.answer_argmax(model, tok, CASES, suffix) == before
+        assert se.answer_argmax(edited, tok, CASES, suffix) == after
+        want = [sum(x == y for x, y in zip(b, a)) / len(b) for b, a in zip(before, after)]
+        assert se.retention(model, edited, tok, CASES, suffix) == pytest.approx(want, abs=1e-12)
+        assert se.retention(None, edited, tok, CASES, suffix, before=before) == pytest.approx(want, abs=1e-12)
+        assert se.retention(model, [edited, model], tok, CASES, suffix) == pytest.approx([want[0], 1.0], abs=1e-12)
+        fractions += want
+    assert any(0 < f < 1 for f in fractions)  # some argmaxes kept, some changed
