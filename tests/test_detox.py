@@ -1,12 +1,17 @@
 """The toxic-memory study's mechanics on a tiny random LLaMA: selection against a hand filter, chunk -> token spans
 against a decode-based computation, resume after a kill at every stage, refusing reruns with other options, the
 table writer against hand-built rows, and bad input."""
+import copy
+import dataclasses
 import json
+import math
 import os
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 import jaxedit
@@ -14,6 +19,7 @@ from jaxedit import JaxeditError
 from jaxedit.cli.main import cli
 from jaxedit.detox import DetoxConfig, run_study
 from jaxedit.detox.chunking import phrase_chunks
+from jaxedit.detox.pipeline import evaluate as evaluate_stage
 from jaxedit.detox.report import tables
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "Miles Davis plays the", "Beats Music is owned by",
@@ -27,10 +33,13 @@ def fake_toxicity(texts):
     return [0.1 if t in PROMPTS else min(1.0, (sum(map(ord, t)) % 89) / 60) for t in texts]
 
 
+# the study's options: window 1 (a window as wide as the 3-layer model restores every MLP in each cell, and the CT
+# profile would tie at every layer)
 def config(prompts_file, **kw):
     base = dict(prompts=prompts_file, scorer=fake_toxicity, select_samples=4, eval_samples=3, max_new_tokens=5,
                 select_threshold=0.45, trace_samples=3, trace_kinds=("mlp", "hidden"), random_seeds=2,
-                strategies=("random-single", "ct-multi", "saliency-multi"), objectives=("edit-canned", "delete"),
+                strategies=("random-single", "ct-single", "ct-multi", "saliency-multi"),
+                objectives=("edit-canned", "delete"), window=1,
                 corpus="model", samples=16, max_len=16, factual="", heldout_fraction=0.3, batch_size=3,
                 hparams={"v_num_grad_steps": 4})
     base.update(kw)
@@ -134,7 +143,7 @@ def test_outputs_of_every_stage(study):
             "fluency", "n_prompts", "n_samples", "heldout_toxic_rate", "heldout_perplexity"}
     assert all(keys <= set(r) for r in summary)
     runs = read(os.path.join(out, "runs.jsonl"))
-    assert len(summary) == 1 + 3 * 2 and len(runs) == 1 + (2 + 1 + 1) * 2
+    assert len(summary) == 1 + 4 * 2 and len(runs) == 1 + (2 + 1 + 1 + 1) * 2
     rs = [r for r in runs if r["strategy"] == "random-single" and r["objective"] == "delete"]
     row = next(r for r in summary if r["strategy"] == "random-single" and r["objective"] == "delete")
     assert row["toxic_rate"] == pytest.approx(np.mean([r["toxic_rate"] for r in rs]))  # seeds averaged
@@ -280,3 +289,217 @@ def test_empty_selection_says_how_many_were_considered(tmp_path, tiny_dirs):
     with pytest.raises(JaxeditError, match=r"no prompt selected: 3 considered, 3 below prompt toxicity 0.5, none "
                                            r"with mean continuation toxicity > 0.3 \(the highest was 0.100\)"):
         run_study(model, tok, cfg, str(tmp_path / "o"), stages=("select",), progress=False)
+
+
+# ---------------------------------------------------------------------------------------------- torch references
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread while a test runs (two threads on a shared 2-core machine run the tiny model 50x
+    slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+DATA = os.path.join(os.path.dirname(jaxedit.__file__), "data")
+
+
+def torch_edited(hf, out, rid):
+    """A copy of the torch model with run ``rid``'s stored output projections (edits/RID.npz, jaxedit's [d_ff, d]
+    layout) put into its down_proj weights ([d, d_ff])."""
+    m = copy.deepcopy(hf)
+    if rid == "base":
+        return m
+    with np.load(os.path.join(out, "edits", rid + ".npz")) as z:
+        layers, w = z["layers"], z["w_out"]
+    with torch.no_grad():
+        for l, wl in zip(layers.tolist(), w):
+            m.model.layers[l].mlp.down_proj.weight.copy_(torch.from_numpy(np.ascontiguousarray(wl.T)))
+    return m
+
+
+def torch_logprobs(hf, ids):
+    with torch.no_grad():
+        return torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
+
+
+def torch_perplexity(hf, tok, texts):
+    """exp(total NLL / predicted tokens), a text longer than the model's positions cut into consecutive windows of
+    that length (each window's first token not predicted)."""
+    n_pos = hf.config.max_position_embeddings
+    nll, n = 0.0, 0
+    for t in texts:
+        ids = tok(t)["input_ids"]
+        for a in range(0, len(ids), n_pos):
+            w = ids[a:a + n_pos]
+            if len(w) > 1:
+                lp = torch_logprobs(hf, w)
+                nll -= float(lp[torch.arange(len(w) - 1), torch.tensor(w[1:])].sum())
+                n += len(w) - 1
+    return math.exp(nll / n)
+
+
+def torch_greedy(hf, tok, prompt, n_new):
+    """The argmax continuation (stopped at the end-of-text token), decoded."""
+    ids, new = tok(prompt)["input_ids"], []
+    for _ in range(n_new):
+        t = int(torch_logprobs(hf, ids + new)[-1].argmax())
+        if t == tok.eos_token_id:
+            break
+        new.append(t)
+    return tok.decode(new, skip_special_tokens=True)
+
+
+def ngram_fluency(texts):
+    """ROME's n-gram entropy: per text, 2/3 x the entropy (bits) of its word bigrams' frequencies and 4/3 x its
+    trigrams', averaged; then the mean over texts. Words from NLTK's word tokenizer."""
+    import nltk
+
+    try:
+        words_of = nltk.word_tokenize
+        words_of("A. B.")
+    except LookupError:  # no Punkt data: an untrained sentence splitter, then the same word tokenizer
+        from nltk.tokenize import NLTKWordTokenizer
+        from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+        words_of = lambda t: [w for s in PunktSentenceTokenizer().tokenize(t) for w in NLTKWordTokenizer().tokenize(s)]
+    per_text = []
+    for t in texts:
+        w = words_of(t)
+        ents = []
+        for n, weight in ((2, 2 / 3), (3, 4 / 3)):
+            counts = Counter(tuple(w[i:i + n]) for i in range(len(w) - n + 1))
+            total = sum(counts.values())
+            ents.append(weight * -sum(c / total * math.log2(c / total) for c in counts.values()))
+        per_text.append(sum(ents) / 2)
+    return sum(per_text) / len(per_text)
+
+
+def test_perplexities_of_every_run_against_torch(study, tiny_dirs, tokenizer, one_thread):
+    """summary.jsonl's perplexities (prompts, neutral text, held-out prompts; seeds averaged) against the torch
+    model with each run's stored weights put back; every edit moves them by more than the tolerance."""
+    _, _, cfg, out = study
+    hf = tiny_dirs["llama-gqa-untied"][1]
+    sel = read(os.path.join(out, "selected.jsonl"))
+    edit_p = [r["prompt"] for r in sel if r["split"] == "edit"]
+    held_p = [r["prompt"] for r in sel if r["split"] == "heldout"]
+    assert edit_p and held_p
+    with open(os.path.join(DATA, "neutral.txt")) as f:
+        neutral = [line.strip() for line in f if line.strip()]
+    runs = {r["run"]: r for r in read(os.path.join(out, "runs.jsonl"))}
+    base = [torch_perplexity(hf, tokenizer, t) for t in (edit_p, neutral, held_p)]
+    for row in read(os.path.join(out, "summary.jsonl")):
+        rids = [r for r, x in runs.items()
+                if (x["strategy"], x["objective"], x["kl_weight"]) == (row["strategy"], row["objective"], row["kl_weight"])]
+        assert len(rids) == (cfg.random_seeds if row["strategy"] == "random-single" else 1)
+        per_run = [[torch_perplexity(m, tokenizer, t) for t in (edit_p, neutral, held_p)]
+                   for m in (torch_edited(hf, out, rid) for rid in rids)]
+        got = [row["perplexity_prompts"], row["perplexity_neutral"], row["heldout_perplexity"]]
+        # measured: within 2e-7 of torch (float32 both)
+        np.testing.assert_allclose(got, np.mean(per_run, 0), rtol=1e-6, err_msg=str(rids))
+        if rids != ["base"]:  # the stored weights matter: each edit moves a perplexity by 2.4e-5 to 5e-4 (measured)
+            assert all(np.abs(np.asarray(w) / base - 1).max() > 1e-5 for w in per_run), rids
+
+
+@pytest.fixture(scope="module")
+def greedy_eval(study, tmp_path_factory):
+    """The evaluate stage rerun on a copy of the study's selection and two of its edits, with a nucleus so small
+    that sampling is argmax decoding (so torch can regenerate every continuation) and the shipped factual prompts
+    on (the study leaves them out)."""
+    model, tok, cfg, out = study
+    d = tmp_path_factory.mktemp("greedy")
+    shutil.copy(os.path.join(out, "selected.jsonl"), d)
+    os.makedirs(d / "edits")
+    rids = ["ct-multi__edit-canned__kl0.0625__s0", "saliency-multi__delete__kl0.0625__s0"]
+    for rid in rids:
+        for ext in (".json", ".npz"):
+            shutil.copy(os.path.join(out, "edits", rid + ext), d / "edits")
+    ecfg = dataclasses.replace(cfg, top_p=1e-6, factual="facts", factual_samples=1)
+    evaluate_stage(model, tok, ecfg, str(d), progress=False)
+    return ecfg, str(d), ["base"] + rids
+
+
+def test_evaluate_against_torch(greedy_eval, study, tiny_dirs, tokenizer, one_thread):
+    """Every metric of the evaluate stage for the unedited model and two edits, recomputed with torch: argmax
+    continuations regenerated on the torch model with the stored weights put back and scored by hand (toxic rate,
+    fluency), perplexities, and the factual prompts' toxic rate, perplexity and kept argmax."""
+    cfg, d, rids = greedy_eval
+    hf = tiny_dirs["llama-gqa-untied"][1]
+    sel = read(os.path.join(d, "selected.jsonl"))
+    with open(os.path.join(DATA, "facts.jsonl")) as f:
+        facts = [json.loads(line)["prompt"] for line in f if line.strip()]
+    sets = {"": [r["prompt"] for r in sel if r["split"] == "edit"],
+            "heldout_": [r["prompt"] for r in sel if r["split"] == "heldout"], "factual_": facts}
+    summary = {(r["strategy"], r["objective"]): r for r in read(os.path.join(d, "summary.jsonl"))}
+    assert len(summary) == 3 and len(facts) >= 20
+    base_arg = None
+    moved = 0
+    for rid in rids:
+        m = torch_edited(hf, d, rid)
+        row = summary[("base", None)] if rid == "base" else summary[tuple(rid.split("__")[:2])]
+        for prefix, prompts in sets.items():
+            conts = [torch_greedy(m, tokenizer, p, cfg.max_new_tokens) for p in prompts]
+            scores = fake_toxicity(conts)
+            assert row[prefix + "toxic_rate"] == pytest.approx(np.mean([s > 0.5 for s in scores]), abs=1e-12), \
+                (rid, prefix)
+            if prefix != "factual_":
+                assert row[prefix + "fluency"] == pytest.approx(ngram_fluency(conts), rel=1e-9, abs=1e-12), (rid, prefix)
+            ppl = row["perplexity_prompts" if not prefix else prefix + "perplexity"]
+            assert ppl == pytest.approx(torch_perplexity(m, tokenizer, prompts), rel=2e-5), (rid, prefix)
+        arg = [int(torch_logprobs(m, tokenizer(p)["input_ids"])[-1].argmax()) for p in facts]
+        if base_arg is None:
+            base_arg = arg
+            assert "factual_argmax_kept" not in row
+        else:
+            kept = np.mean(np.asarray(arg) == np.asarray(base_arg))
+            assert row["factual_argmax_kept"] == pytest.approx(kept, abs=1e-12), rid
+            moved += kept < 1
+    assert moved  # an edit changed some factual prompt's argmax: the kept fraction is not 1 by construction
+
+
+def test_layer_choice_against_hand_aie_and_torch_saliency(study, tiny_dirs, tokenizer, one_thread):
+    """The layers of ct-single / ct-multi against a hand computation of the AIE at the chunk's last token (the
+    stored per-prompt MLP grids' IE, averaged over the edited prompts in float64, ranked by hand), and those of
+    saliency-multi against the mean |dNLL/dW| of each layer's down_proj (torch autograd, the value token's NLL
+    after each edited prompt, averaged over the prompts)."""
+    _, _, cfg, out = study
+    hf = tiny_dirs["llama-gqa-untied"][1]
+    L = hf.config.num_hidden_layers
+    n_multi = max(2, round(6 * L / 48))  # the paper's 6 of GPT-2-XL's 48 layers, scaled, at least 2
+    rows = [r for r in read(os.path.join(out, "selected.jsonl")) if r["split"] == "edit"]
+    ie = []
+    for r in rows:
+        with np.load(os.path.join(out, "trace", f"prompt{r['line']:05d}_mlp.npz")) as z:
+            assert [int(v) for v in z["subject_range"]] == r["span"] and str(z["kind"]) == "mlp"
+            assert int(z["answer_id"]) == r["value_id"]
+            ie.append(np.asarray(z["scores"], np.float64)[r["span"][1] - 1] - float(z["low_score"]))
+    aie = [sum(x[l] for x in ie) / len(ie) for l in range(L)]
+    ct_rank = sorted(range(L), key=lambda l: -aie[l])
+    assert all(aie[a] - aie[b] > 1e-7 for a, b in zip(ct_rank, ct_rank[1:]))  # no near-tie decides the choice
+
+    model = copy.deepcopy(hf).double()
+    sal = np.zeros(L)
+    for r in rows:
+        model.zero_grad()
+        lp = torch.log_softmax(model(torch.tensor([tokenizer(r["prompt"])["input_ids"]])).logits[0, -1], -1)
+        (-lp[r["value_id"]]).backward()
+        sal += [model.model.layers[l].mlp.down_proj.weight.grad.abs().mean().item() / len(rows) for l in range(L)]
+    sal_rank = sorted(range(L), key=lambda l: -sal[l])
+    assert all(sal[a] / sal[b] > 1 + 1e-3 for a, b in zip(sal_rank, sal_rank[1:]))
+
+    loc = json.load(open(os.path.join(out, "localize.json")))
+    assert loc["ct_ranking"] == ct_rank and loc["saliency_ranking"] == sal_rank
+    np.testing.assert_allclose(loc["ct_profile"], aie, rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(loc["saliency_profile"], sal, rtol=1e-4)
+    want = {"ct-single": [ct_rank[0]], "ct-multi": sorted(ct_rank[:n_multi]), "saliency-multi": sorted(sal_rank[:n_multi])}
+    assert want["ct-multi"] != sorted(ct_rank[-n_multi:])  # the least causal layers would differ
+    summary = read(os.path.join(out, "summary.jsonl"))
+    for strategy, layers in want.items():
+        for objective in cfg.objectives:
+            (row,) = [x for x in summary if (x["strategy"], x["objective"]) == (strategy, objective)]
+            assert row["layers"] == layers, (strategy, objective)
+            rid = f"{strategy}__{objective}__kl{cfg.kl_weights[0]:g}__s{cfg.seed}"
+            with np.load(os.path.join(out, "edits", rid + ".npz")) as z:
+                assert z["layers"].tolist() == layers, rid
