@@ -7,8 +7,12 @@ import os
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+import torch  # the test extra's references: a missing one fails the run, it never skips
+import transformers
+
+# the torch references are small: one thread each avoids fighting JAX's threads for the 2 cores (measured under
+# load: a tiny forward 0.9 s with 2 intra-op threads, 0.02 s with 1)
+torch.set_num_threads(1)
 
 CORPUS = [
     "The Eiffel Tower is located in the city of Paris.",
@@ -113,7 +117,7 @@ def smollm2_stats(smollm2):
 @pytest.fixture(scope="session")
 def hf_gguf():
     """The embedded SmolLM2 GGUF file as transformers loads it (its own GGUF reader and dequantization)."""
-    pytest.importorskip("accelerate")
+    import accelerate  # noqa: F401  (transformers' GGUF loader needs it: a missing one must fail, not skip)
     from transformers import AutoModelForCausalLM
 
     from jaxedit.loading import embedded_gguf_path
@@ -134,15 +138,17 @@ def hf_logits(model, ids, mask=None):
 
 @pytest.fixture(autouse=True, scope="session")
 def _cache_dir(tmp_path_factory):
-    # keep the converted-model cache where the user's would be unless the caller chose one
-    os.environ.setdefault("JAXEDIT_CACHE", os.path.expanduser("~/.cache/jaxedit"))
-    if os.environ.get("MUTANT_UNDER_TEST"):
-        # a mutation run (docs/testing.md): its mutated modules hash alike whichever mutant is active, so a copy
-        # converted under one mutant would be served to the next; each run converts into a folder of its own
-        os.environ["JAXEDIT_CACHE"] = str(tmp_path_factory.mktemp("jaxedit-cache"))
-    # no persistent compile cache in the test process: tests move JAXEDIT_CACHE to folders that are deleted, and the
-    # first command would fix the cache there for the whole session (the tests that need it name their own)
-    os.environ.setdefault("JAXEDIT_COMPILE_CACHE", "0")
+    """Every test session starts from an empty jaxedit cache (converted models, key statistics) of its own, so no
+    test reads what an earlier run or other code left; fixtures share what they compute within the session.
+    Compiled programs go to ``$JAXEDIT_COMPILE_CACHE`` when set (CI points it at a folder it keeps for the run),
+    else to the session's folder: they are keyed by the program itself, so they cannot be stale."""
+    root = tmp_path_factory.mktemp("jaxedit-cache")
+    os.environ["JAXEDIT_CACHE"] = str(root)
+    os.environ.setdefault("JAXEDIT_COMPILE_CACHE", str(root / "xla"))
+    from jaxedit import runtime
+
+    runtime.enable_compile_cache()
+    yield
 
 
 def pytest_collection_finish(session):
@@ -151,7 +157,7 @@ def pytest_collection_finish(session):
     for item in session.items:
         module = getattr(item, "module", None)
         if hasattr(module, "start_background_checks") and "report" in getattr(item, "fixturenames", ()):
-            module.start_background_checks()
+            module.start_background_checks(session.items)
             break
 
 

@@ -4,7 +4,7 @@ The checks need 8 devices, and JAX fixes the device count when it starts, so the
 (tests/sharded_checks.py, 8 CPU devices through XLA_FLAGS); the rest of the suite keeps its single device. That
 process is started in the background as soon as these tests are collected (tests/conftest.py), at low priority, and
 these tests read its JSON report: for tiny GPT-2 and GQA LLaMA checkpoints loaded with ``mesh=`` on the meshes
-8x1, 4x2, 2x4 and 1x8 (data x model), the logits, tracing grids, key statistics, saliency profiles, MEMIT updates
+4x2 and 1x8 (data x model; the fast tier) and 8x1 and 2x4 (the slow tier), the logits, tracing grids, key statistics, saliency profiles, MEMIT updates
 and sampled tokens against the same calls on the model loaded without a mesh (the LLaMA one: all of them on every
 mesh; GPT-2, whose split differs by its biases and tied vocabulary: saliency and MEMIT on 4x2 and 1x8, the rest on
 every mesh); the parameter bytes each device
@@ -25,21 +25,32 @@ import pytest
 from click.testing import CliRunner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-MESHES = ["data=8", "data=4,model=2", "data=2,model=4", "data=1,model=8"]
+FAST_MESHES = ["data=4,model=2", "data=1,model=8"]
+SLOW_MESHES = ["data=8", "data=2,model=4"]
+MESHES = [*FAST_MESHES, *(pytest.param(m, marks=pytest.mark.slow) for m in SLOW_MESHES)]
 TOL = 1e-5
 _job: dict = {}
 
 
-def start_background_checks():
-    if _job or os.environ.get("JAXEDIT_SHARDED_REPORT"):  # that: a report written earlier, read as is
+def start_background_checks(items=()):
+    """Start tests/sharded_checks.py for what the selected ``items`` read: the meshes they name (the fast ones
+    always) and the two-process run when its test is selected."""
+    if _job:
         return
+    meshes, multihost = set(FAST_MESHES), False
+    for item in items:
+        if getattr(item, "module", None) is sys.modules[__name__]:
+            params = getattr(getattr(item, "callspec", None), "params", {})
+            meshes.update([params["mesh"]] if "mesh" in params else [])
+            multihost |= item.originalname == "test_two_processes_write_the_results_of_one"
     work = tempfile.mkdtemp(prefix="jaxedit-sharded-")
     env = dict(os.environ, JAXEDIT_CHECKS_DUMP=os.path.join(work, "hlo"), JAXEDIT_CACHE=os.path.join(work, "cache"))
     env.pop("XLA_FLAGS", None)
     log = open(os.path.join(work, "checks.log"), "w")
+    args = [a for m in sorted(meshes) for a in ("--mesh", m)] + (["--multihost"] if multihost else [])
     proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sharded_checks.py"), work,
-                             os.path.join(work, "report.json")], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            preexec_fn=lambda: os.nice(10))
+                             os.path.join(work, "report.json"), *args], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10))
     _job.update(work=work, proc=proc, log=log, started=time.time())
 
 
@@ -55,11 +66,8 @@ def stop_background_checks():
 
 
 @pytest.fixture(scope="module")
-def report():
-    if os.environ.get("JAXEDIT_SHARDED_REPORT"):
-        with open(os.environ["JAXEDIT_SHARDED_REPORT"]) as f:
-            return json.load(f)
-    start_background_checks()
+def report(request):
+    start_background_checks(request.session.items)
     proc = _job["proc"]
     try:
         proc.wait(timeout=1800)
@@ -169,7 +177,7 @@ def test_results_equal_single_device(report, model, mesh):
     assert all(s > 1e-2 for s in entry["signal"].values()), entry["signal"]
 
 
-@pytest.mark.parametrize("model, mesh", [("gpt2", "data=4,model=2"), ("llama", "data=2,model=4")])
+@pytest.mark.parametrize("model, mesh", [("gpt2", "data=4,model=2"), ("llama", "data=1,model=8")])
 def test_sampling_equals_single_device(report, model, mesh):
     assert report["models"][model]["meshes"][mesh]["sample_equal"] is True
 
@@ -205,6 +213,7 @@ def _rows(out_dir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_results_of_one(report):
     """`jaxedit trace --batch` as two processes (jax.distributed on 127.0.0.1, two CPU devices each, mesh data=4,
     each process drawing the noise of its own prompts) writes the results.jsonl and grids of one process."""

@@ -68,7 +68,6 @@ def test_spans_non_ascii(tokenizer, sentencepiece_tokenizer):
     check(sentencepiece_tokenizer, cases)
 
 
-@pytest.mark.slow
-def test_spans_smollm2_tokenizer(smollm2):
+def test_spans_smollm2_tokenizer(smollm2):  # the tokenizer only: SmolLM2 is loaded for the fast tier's smoke test
     _, tok = smollm2
     check(tok, CASES + [("Das Café Zürich liegt in der Schweiz", "Café Zürich")])

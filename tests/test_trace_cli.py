@@ -7,6 +7,7 @@ import pytest
 from click.testing import CliRunner
 
 from jaxedit.cli.main import cli
+from reference_torch import torch_trace
 
 REQS = [{"prompt": "The Eiffel Tower is located in the city of", "subject": "Eiffel Tower"},
         {"prompt": "Miles Davis plays the", "subject": "Miles Davis"},
@@ -27,7 +28,10 @@ def write_jsonl(path, rows):
     return path
 
 
-def test_single_prompt_outputs(model_dir, tmp_path):
+def test_single_prompt_outputs(model_dir, tiny_dirs, tmp_path):
+    """The files of one prompt, and the numbers in them against the torch loop (reference_torch.torch_trace) with
+    the noise drawn as documented: level x RandomState(1).randn(samples, span, d) (the level read from the row;
+    its rule is pinned by test_tracing.py::test_s3_noise_is_three_embedding_stds)."""
     out = tmp_path / "o"
     res = run("--model", model_dir, "--prompt", REQS[0]["prompt"], "--subject", "Eiffel Tower", "--samples", 3,
               "--out", out)
@@ -37,13 +41,19 @@ def test_single_prompt_outputs(model_dir, tmp_path):
         assert (out / f).is_file(), f
     rows = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 1
+    hf, row = tiny_dirs["gpt2"][1], rows[0]
+    s, e = row["span"]
     for kind in ("hidden", "mlp", "attn"):
         z = np.load(out / f"prompt00001_{kind}.npz")
         T = len(z["input_ids"])
-        assert z["scores"].shape == (T, 3)
-        assert float(z["high_score"]) == pytest.approx(rows[0]["high_score"])
-        assert tuple(z["subject_range"]) == tuple(rows[0]["span"])
-        assert z["input_tokens"].shape == (T,)
+        assert tuple(z["subject_range"]) == (s, e) and z["input_tokens"].shape == (T,)
+        noise = row["noise_level"] * np.random.RandomState(1).randn(3, e - s, hf.config.n_embd)
+        ref, low, high = torch_trace(hf, z["input_ids"], (s, e), noise, row["answer_id"], kind, window=10)
+        np.testing.assert_allclose(z["scores"], ref, rtol=1e-4, atol=1e-7)
+        assert float(z["high_score"]) == pytest.approx(high, rel=1e-4) == row["high_score"]
+        assert float(z["low_score"]) == pytest.approx(low, rel=1e-4)
+        # the tiny random model's grid is nearly flat (p ~ 1/vocab) but its cells differ by more than the tolerance
+        assert np.ptp(ref) > 5 * 1e-4 * high
     csv = (out / "aie.csv").read_text().splitlines()
     assert csv[0].startswith("kind,group,n,layer0") and len(csv) == 1 + 3 * 6
 
