@@ -12,7 +12,8 @@ rules that keep the number of shapes small live here, once:
 * :func:`rows_within`, :func:`batch_rows`: how many rows fit a memory budget, and the row count of a batch (a
   power of two, so a few shapes serve any number of items).
 
-The memory budget itself (how many bytes a chunk may use on this device) is :func:`jaxedit.runtime.default_memory_budget`.
+The memory budget itself (how many bytes a chunk may use on this device) is
+:func:`jaxedit.runtime.default_memory_budget`.
 """
 from __future__ import annotations
 

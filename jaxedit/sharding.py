@@ -2,11 +2,12 @@
 ``model`` (tensor parallelism, Megatron style), with JAX's own SPMD partitioner doing the work.
 
 A model carries its mesh in its parameters' shardings: :func:`jaxedit.load` with ``mesh=`` (or
-:func:`jaxedit.model.shard_model`) places every parameter with a :class:`jax.sharding.NamedSharding` from :func:`param_specs`, and
-every entry point that runs a batched computation asks :func:`mesh_of` for the mesh, pads its batch to a multiple of
-the ``data`` axis and places it with :func:`put_batch`. The jitted functions themselves are the single-device ones:
-GSPMD propagates the input shardings through them (column-split input projections give head- / d_ff-split
-activations, the row-split output projections end in an all-reduce, batch axes stay on ``data``).
+:func:`jaxedit.model.shard_model`) places every parameter with a :class:`jax.sharding.NamedSharding` from
+:func:`param_specs`, and every entry point that runs a batched computation asks :func:`mesh_of` for the mesh,
+pads its batch to a multiple of the ``data`` axis and places it with :func:`put_batch`. The jitted functions
+themselves are the single-device ones: GSPMD propagates the input shardings through them (column-split input
+projections give head- / d_ff-split activations, the row-split output projections end in an all-reduce, batch
+axes stay on ``data``). This module knows parameter trees, not models (it imports nothing of jaxedit.model).
 
 Parameter layout under ``model`` = m (the leading layer axis of stacked parameters is never split):
 

@@ -55,7 +55,6 @@ def need_file(out: str, name: str, stage: str) -> str:
     return path
 
 
-
 def read_selected(out: str) -> list:
     """The rows the select stage kept (``selected.jsonl``)."""
     return read_rows(need_file(out, "selected.jsonl", "select"))

@@ -113,4 +113,3 @@ class DetoxConfig:
             return dict(eval_samples=self.eval_samples, toxic_threshold=self.toxic_threshold, neutral=self.neutral,
                         factual=self.factual, factual_samples=self.factual_samples)
         return {}
-

@@ -27,7 +27,6 @@ def run_id(strategy: str, objective: str, kl: float, seed: int) -> str:
     return f"{strategy}__{objective}__kl{kl:g}__s{seed}"
 
 
-
 def parse_run_id(rid: str) -> tuple:
     """(strategy, objective, KL weight, seed) of a :func:`run_id`."""
     strategy, objective, kl, seed = rid.split("__")

@@ -95,7 +95,6 @@ def evaluate(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True
     return summary
 
 
-
 def summarize(rows: list) -> list:
     """One row per (strategy, objective, KL weight): the metrics averaged over seeds (with their spread in
     ``*_std`` and the layers of each seed); failed runs are listed in ``failed``."""

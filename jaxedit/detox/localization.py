@@ -26,7 +26,6 @@ def obfuscate(token: str) -> str:
     return token[:lead] + body[:1] + re.sub(r"[aeiouAEIOU]", "*", body[1:])
 
 
-
 def localize(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) -> dict:
     """Stage 2 (see the module docstring). Returns the contents of ``localize.json`` (per-layer profiles, the CT
     ranking, saliency)."""

@@ -26,7 +26,6 @@ def first_word(text: str) -> str:
     return m.group() if m else ""
 
 
-
 def select(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) -> list:
     """Stage 1 (see the module docstring). Returns the selected rows (also written to ``selected.jsonl``)."""
     cfg.check(model.config.n_layers)
@@ -133,4 +132,3 @@ def _write_counts(out: str, cands: list, cfg: DetoxConfig) -> None:
         md.append(f"| {t:g}{' (chosen)' if t == cfg.select_threshold else ''} | {n} |")
     write_atomic(os.path.join(out, "selection_counts.csv"), "\n".join(csv) + "\n")
     write_atomic(os.path.join(out, "selection_counts.md"), "\n".join(md) + "\n")
-
