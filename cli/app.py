@@ -18,8 +18,9 @@ own:
 
 A new command (e.g. in ``cli/detox.py``)::
 
-    from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file
+    import jaxedit
     from jaxedit import runtime
+    from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file
 
     @cli.command()
     @click.option("--model", "model_name", default="smollm2", show_default=True, help=MODEL_HELP)
@@ -46,12 +47,15 @@ import threading
 
 import click
 
+from jaxedit import runtime
 from jaxedit.errors import JaxeditError
+from jaxedit.request_files import RequestFile
+from jaxedit.sharding import initialize, make_mesh
 
 MODEL_HELP = "model: 'smollm2' (embedded default), a .gguf file, a HF directory or hub id, or a jaxedit directory"
 
 # transformers is used for tokenizers and configs only: its "PyTorch was not found" advice is noise here. Set before
-# anything imports transformers (the commands import the library lazily, after this module).
+# transformers is imported (no jaxedit module imports it at import time: the loaders do, when they run).
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 ERRORS = (JaxeditError, FileNotFoundError, IsADirectoryError, PermissionError)
@@ -122,8 +126,6 @@ class JaxeditGroup(click.Group):
 
 
 def _start_runtime(quiet: bool, compile_cache: bool) -> None:
-    from jaxedit import runtime
-
     runtime.set_resume_note(None)
     runtime.set_reporter(None if quiet else status_line, bars=not quiet)
     if compile_cache:
@@ -179,8 +181,6 @@ def run_interruptibly(fn, *args, **kwargs):
 
 
 def _exit_interrupted(signum) -> None:
-    from jaxedit import runtime
-
     note = runtime.resume_note()
     try:
         from tqdm import tqdm
@@ -229,8 +229,6 @@ def with_mesh(fn):
     @functools.wraps(fn)
     @clean_errors
     def wrapper(*args, mesh=None, coordinator=None, num_processes=None, process_id=None, **kwargs):
-        from jaxedit.sharding import initialize, make_mesh
-
         several = initialize(coordinator, num_processes, process_id)
         return fn(*args, mesh=make_mesh(mesh) if (mesh or several) else None, **kwargs)
 
@@ -255,8 +253,6 @@ def request_file(path, what: str = "requests", skip_bad: bool = False, check=Non
     """Read a JSONL input file for a command: a :class:`jaxedit.request_files.RequestFile` whose bad lines are
     errors (``FILE:LINE: ...``) or, with ``skip_bad``, printed as ``skipped FILE:LINE: ...`` and counted for the
     command's closing summary. ``check`` is a first pass over the objects (see ``RequestFile.check``)."""
-    from jaxedit.request_files import RequestFile
-
     def on_skip(text):
         _skipped.append(text)
         status_line(f"skipped {text}")

@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import click
 
+import jaxedit
+from jaxedit import runtime
 from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file, with_mesh, with_options
 from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
+from jaxedit.detox.config import STAGES, DetoxConfig
+from jaxedit.detox.data import prompt_of
+from jaxedit.detox.pipeline import run_study
 from jaxedit.errors import JaxeditError
 
 
@@ -77,11 +82,6 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
     table1/table2 (.md, .csv), summary.md, aie_layers.png/pdf and frontier.png/pdf into OUT.
     """
     import os
-
-    import jaxedit
-    from jaxedit import runtime
-    from jaxedit.detox.data import prompt_of
-    from jaxedit.detox.pipeline import STAGES, DetoxConfig, run_study
 
     hp = parse_hparams(hparam)
     if stats_float64:

@@ -19,8 +19,13 @@ import os
 
 import click
 
+import jaxedit
+from jaxedit import runtime
+from jaxedit.batching import round_up
 from jaxedit.cli.app import MODEL_HELP, cli, with_mesh
+from jaxedit.edit.dinm import DEFAULT_SUFFIX, DinmHparams
 from jaxedit.errors import JaxeditError
+from jaxedit.evaluate import safeedit as se
 from jaxedit.files import append_jsonl, read_rows, write_atomic, write_json, write_jsonl
 
 ROWS = (("vanilla", "vanilla"), ("vanilla_suffix", "vanilla + suffix"), ("dinm", "DINM"))
@@ -35,14 +40,12 @@ def _write_image(path: str, fig, fmt: str) -> None:
 
 def summary_rows(records: list) -> list:
     """[(label, {column: value})] for the models present in ``records``."""
-    from jaxedit.evaluate.safeedit import summarize
-
     out = []
     for key, label in ROWS:
         recs = [r[key] for r in records if key in r]
         if len(recs) != len(records) or not recs:
             continue
-        s = summarize(recs, [r["retention"] for r in records] if key == "dinm" else None)
+        s = se.summarize(recs, [r["retention"] for r in records] if key == "dinm" else None)
         out.append((label, s))
     return out
 
@@ -142,11 +145,6 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
     fluency / retention before and after."""
     import numpy as np
 
-    import jaxedit
-    from jaxedit import runtime
-    from jaxedit.edit.dinm import DEFAULT_SUFFIX, DinmHparams
-    from jaxedit.evaluate import safeedit as se
-
     if max_new_tokens < 1:
         raise JaxeditError("--max-new-tokens must be >= 1")
     if limit is not None and limit < 1:
@@ -177,7 +175,7 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
     results_path = os.path.join(out, "results.jsonl")
     # one prompt bucket for every generation of the run: one compile per batch size
     lens = [len(x) for c in cases for x in se.prompt_ids(tok, c.inputs(sfx) + c.inputs(None), cfg.max_positions)]
-    bucket = -(-min(max(lens), cfg.max_positions - max_new_tokens) // 64) * 64
+    bucket = round_up(min(max(lens), cfg.max_positions - max_new_tokens), 64)
     ev = dict(scorer=scorer, max_new_tokens=max_new_tokens, bucket=bucket)
 
     def evaluate_vanilla(cs):  # the unedited model on the plain inputs and on the inputs with the suffix

@@ -5,8 +5,14 @@ import json
 
 import click
 
+import jaxedit
+from jaxedit import runtime
+from jaxedit.cache import cache_dir
 from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file, with_mesh, with_options
+from jaxedit.edit.memit import parse_request
+from jaxedit.edit.stats import DEFAULT_CORPUS
 from jaxedit.errors import JaxeditError
+from jaxedit.sharding import is_main_process
 
 
 def parse_layers(text):
@@ -64,10 +70,6 @@ def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, c
                   mesh=None):
     import os
 
-    import jaxedit
-    from jaxedit import runtime
-    from jaxedit.edit.memit import parse_request
-
     rf = request_file(requests_file, "requests", skip_bad)
     hp = parse_hparams(hparam)
     if corpus is not None:
@@ -87,8 +89,6 @@ def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, c
     for d in (out, export_hf_dir):
         if d and os.path.isfile(d):
             raise JaxeditError(f"{d} is a file, not a directory")
-    from jaxedit.sharding import is_main_process
-
     lay = parse_layers(layers) if layers else None
     model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     other = "jaxedit delete" if mode == "edit" else "jaxedit edit"
@@ -173,10 +173,6 @@ def stats(model_name, layers, corpus, n_samples, max_len, stats_float64, batch_s
     """Key statistics E[k k^T] of the MLP output projection's input, for MEMIT (cached; a killed run resumes)."""
     import numpy as np
 
-    import jaxedit
-    from jaxedit.edit.stats import DEFAULT_CORPUS
-    from jaxedit.sharding import is_main_process
-
     model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     res = jaxedit.layer_stats(model, tok, parse_layers(layers), corpus=corpus or DEFAULT_CORPUS,
                               n_samples=n_samples or 100_000, max_len=max_len, batch_size=batch_size,
@@ -185,8 +181,6 @@ def stats(model_name, layers, corpus, n_samples, max_len, stats_float64, batch_s
         return
     for l, c in sorted(res.items()):
         click.echo(f"layer {l}: [{c.shape[0]} x {c.shape[1]}], trace {float(np.trace(c)):.4g}")
-    from jaxedit.loading import cache_dir
-
     click.echo(f"cached under {cache_dir()}/stats/")
 
 
@@ -196,10 +190,6 @@ def stats(model_name, layers, corpus, n_samples, max_len, stats_float64, batch_s
 @with_mesh
 def export(model_name, out, mesh=None):
     """Write a model (e.g. an edited one saved by `jaxedit edit`) as a Hugging Face checkpoint folder."""
-    import jaxedit
-    from jaxedit import runtime
-    from jaxedit.sharding import is_main_process
-
     model, tok = jaxedit.load(model_name, mesh=mesh)
     runtime.stage(f"writing {out}/")
     jaxedit.export_hf(model, tok, out)

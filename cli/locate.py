@@ -5,8 +5,14 @@ import json
 
 import click
 
+import jaxedit
+from jaxedit import runtime
 from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file, with_mesh
 from jaxedit.errors import JaxeditError
+from jaxedit.locate import trace_files as tf
+from jaxedit.locate.saliency import encode_example, saliency_batch
+from jaxedit.locate.tracing import check_options, parse_noise, prepare_inputs, resolve_noise_level, trace_batch
+from jaxedit.sharding import broadcast_json, is_main_process
 
 
 def _show(value, width=40):
@@ -15,8 +21,6 @@ def _show(value, width=40):
 
 
 def _noise_note(noise, level, per_prompt, n):
-    from jaxedit.locate.tracing import parse_noise
-
     mode, k = parse_noise(noise)
     if mode != "std":
         return f"noise level {level:.4g}"
@@ -75,11 +79,6 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
     import jax
     import numpy as np
 
-    import jaxedit
-    from jaxedit import runtime
-    from jaxedit.locate import trace_files as tf
-    from jaxedit.locate.tracing import check_options, prepare_inputs, resolve_noise_level, trace_batch
-
     kinds_t = check_options(tuple(k.strip() for k in kinds.split(",") if k.strip()), samples, window)
     if (prompt is None) == (batch_file is None):
         raise JaxeditError("give either --prompt (with --subject or --span) or --batch FILE")
@@ -104,8 +103,6 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
         rf = None
     if precision_highest:
         jax.config.update("jax_default_matmul_precision", "highest")
-
-    from jaxedit.sharding import broadcast_json, is_main_process
 
     main = is_main_process()  # several processes: all compute, process 0 writes
     model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
@@ -229,10 +226,6 @@ def saliency(model_name, prompt, target, batch_file, out, top, dtype, skip_bad, 
     import math
     import os
 
-    import jaxedit
-    from jaxedit import runtime
-    from jaxedit.locate.saliency import encode_example, saliency_batch
-
     if (prompt is None) == (batch_file is None):
         raise JaxeditError("give either --prompt or --batch FILE")
     if batch_file:
@@ -249,8 +242,6 @@ def saliency(model_name, prompt, target, batch_file, out, top, dtype, skip_bad, 
     requests = [q for _, q in items]
     runtime.set_resume_note(f"nothing written to {out}/ yet")
     per, mean = saliency_batch(model, requests, tokenizer=tok)
-    from jaxedit.sharding import is_main_process
-
     if not is_main_process():  # several processes: process 0 writes
         return
     os.makedirs(out, exist_ok=True)

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import click
 
+import jaxedit
 from jaxedit.cli.app import clean_errors, cli, with_mesh
+from jaxedit.sharding import bytes_per_device, describe, human_bytes, is_main_process
+
 
 @cli.command()
 @click.argument("model", default="smollm2")
@@ -17,10 +20,7 @@ from jaxedit.cli.app import clean_errors, cli, with_mesh
 @clean_errors
 def info(model, dtype, allow_pickle, mesh=None):
     """Print the architecture, layer count, dimensions and parameter count of MODEL."""
-    import jaxedit
     import jax
-
-    from jaxedit.sharding import bytes_per_device, describe, human_bytes, is_main_process
 
     m, tok = jaxedit.load(model, dtype=dtype, allow_pickle=allow_pickle, mesh=mesh)
     if not is_main_process():

@@ -4,7 +4,7 @@ from jaxedit.errors import JaxeditError
 from jaxedit.forward import ForwardOutput, Interventions, apply
 from jaxedit.loading import DEFAULT_MODEL, load, save
 from jaxedit.loading.export import export_hf
-from jaxedit.model import count_params, create_model, forward, model_from_params, params_of
+from jaxedit.model import count_params, create_model, forward, model_from_params, params_of, shard_model
 from jaxedit.locate.attribution import attribution_patching
 from jaxedit.layer_selection import select_layers
 from jaxedit.locate.saliency import SaliencyResult, saliency, saliency_batch
@@ -16,7 +16,7 @@ from jaxedit.evaluate.safeedit import evaluate as evaluate_safeedit, read_cases 
 from jaxedit.evaluate.metrics import fluency, perplexity, toxic_rate
 from jaxedit.evaluate.toxicity import toxicity_scores
 from jaxedit.detox.chunking import toxic_span
-from jaxedit.sharding import make_mesh, shard_model
+from jaxedit.sharding import make_mesh
 
 __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "apply", "load", "DEFAULT_MODEL",
            "forward", "create_model", "model_from_params", "params_of", "count_params", "trace", "trace_batch",

@@ -20,11 +20,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit.batching import batch_rows, batches, group_by_bucket, pad_rows, rows_within
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import apply, block, embed
 from jaxedit.model import params_of
 from jaxedit.models import FAMILY_MODULES
+from jaxedit.runtime import default_memory_budget
+from jaxedit.sharding import mesh_of, padded, put_batch, to_host
 
 
 def _token_step(cfg: ModelConfig, params, tokens, pos, cache, slot, allowed):
@@ -118,10 +121,6 @@ def sample_bucket(cfg: ModelConfig, params, ids, mask, keys, top_p, temperature,
     return jnp.concatenate([toks.T, last[:, None]], 1).astype(jnp.int32)
 
 
-def _bucket_len(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def sample_rows(cfg: ModelConfig, P: int, new_tokens: int, budget_bytes: float) -> int:
     """Rows per batch for prompts of ``P`` tokens: a power of two whose cache, prefill activations and sorted
     logits fit ``budget_bytes``."""
@@ -129,8 +128,7 @@ def sample_rows(cfg: ModelConfig, P: int, new_tokens: int, budget_bytes: float) 
                    + 2 * cfg.n_layers * P * cfg.n_kv_heads * cfg.head_dim  # captured prefill keys/values
                    + P * (4 * cfg.d_model + 2 * cfg.d_ff)  # prefill activations
                    + 4 * cfg.vocab_size)  # logits, sorted copy, probabilities, mask
-    rows = max(1, int(budget_bytes // per_row))
-    return 1 << (rows.bit_length() - 1)
+    return rows_within(budget_bytes, per_row, power_of_two=True)
 
 
 def sample(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, samples: int = 1, seed: int = 0,
@@ -158,8 +156,6 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, s
     longest = max(len(p) for p in prompt_ids) + max_new_tokens
     if longest > cfg.max_positions:
         raise JaxeditError(f"{longest} tokens exceed the model's {cfg.max_positions} positions")
-    from jaxedit.locate.tracing import default_memory_budget
-
     budget = memory_budget or default_memory_budget()
     params = params_of(model)
     base = jax.random.PRNGKey(seed)
@@ -167,27 +163,16 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, s
         prompt_keys = range(len(prompt_ids))
     elif len(prompt_keys) != len(prompt_ids):
         raise JaxeditError("prompt_keys needs one key per prompt")
-    from jaxedit.sharding import mesh_of, padded, put_batch, to_host
-
     mesh = mesh_of(model)  # on a mesh: the prompt x sample rows of a batch split over the data axis
     rows = [(i, j) for i in range(len(prompt_ids)) for j in range(samples)]
-    by_len: dict = {}
-    for i, j in rows:
-        by_len.setdefault(_bucket_len(len(prompt_ids[i]), bucket), []).append((i, j))
     out = [[None] * samples for _ in prompt_ids]
     stop = set(stop_ids or ())
-    for P, members in sorted(by_len.items()):
-        B = min(max_batch, sample_rows(cfg, P, max_new_tokens, budget), 1 << (len(members) - 1).bit_length())
-        B = padded(B, mesh)
-        for c in range(0, len(members), B):
-            chunk = members[c:c + B]
-            ids = np.zeros((B, P), np.int32)
-            mask = np.zeros((B, P), np.int32)
-            keys = []
-            for b, (i, j) in enumerate(chunk + [chunk[0]] * (B - len(chunk))):
-                p = prompt_ids[i]
-                ids[b, P - len(p):], mask[b, P - len(p):] = p, 1
-                keys.append(jax.random.fold_in(jax.random.fold_in(base, int(prompt_keys[i])), j))
+    for P, members in group_by_bucket(rows, lambda row: len(prompt_ids[row[0]]), bucket):
+        B = padded(batch_rows(len(members), max_batch, sample_rows(cfg, P, max_new_tokens, budget)), mesh)
+        for chunk in batches(members, B):
+            filled = chunk + [chunk[0]] * (B - len(chunk))
+            ids, mask = pad_rows([prompt_ids[i] for i, _ in filled], P, left=True)
+            keys = [jax.random.fold_in(jax.random.fold_in(base, int(prompt_keys[i])), j) for i, j in filled]
             put = lambda a: put_batch(mesh, a)
             new = to_host(sample_bucket(cfg, params, put(ids), put(mask), put(np.stack(keys)),
                                         jnp.float32(top_p or 1.0), jnp.float32(temperature),
@@ -252,13 +237,9 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], new_tokens: int, *,
     T = int(lengths.max()) + new_tokens
     if T > model.config.max_positions:
         raise JaxeditError(f"{T} tokens exceed the model's {model.config.max_positions} positions")
-    from jaxedit.sharding import mesh_of, padded, put_batch, to_host
-
     mesh = mesh_of(model)  # on a mesh: prompts split over the data axis (padded with copies of the first)
     B = padded(len(prompt_ids), mesh)
-    buf = np.zeros((B, T), np.int32)
-    for i, p in enumerate(list(prompt_ids) + [prompt_ids[0]] * (B - len(prompt_ids))):
-        buf[i, :len(p)] = p
+    buf, _ = pad_rows(list(prompt_ids) + [prompt_ids[0]] * (B - len(prompt_ids)), T)
     lengths = np.concatenate([lengths, np.full(B - len(lengths), lengths[0], np.int32)])
     out = to_host(decode(model.config, params_of(model), put_batch(mesh, buf), put_batch(mesh, lengths),
                          jax.random.PRNGKey(seed), top_k=top_k, temperature=temperature))

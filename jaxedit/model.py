@@ -1,4 +1,5 @@
-"""Building models and running them: abstract init, parameter access, and the public ``forward``."""
+"""Building models and running them: abstract init, parameter access (:func:`params_of`, defined beside the
+parameter containers in :mod:`jaxedit.models.common`), placing a model on a mesh, and the public ``forward``."""
 from __future__ import annotations
 
 from typing import Optional
@@ -12,6 +13,8 @@ from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import ForwardOutput, Interventions, apply_jit
 from jaxedit.models import MODEL_CLASSES
+from jaxedit.models.common import params_of
+from jaxedit.sharding import data_size, mesh_of, put_batch, shard_params
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -44,9 +47,11 @@ def model_from_params(cfg: ModelConfig, params: dict) -> nnx.Module:
     return nnx.merge(graphdef, state)
 
 
-def params_of(model) -> dict:
-    """The model's parameters as a pure nested dict of arrays (the input of :func:`jaxedit.forward.apply`)."""
-    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+def shard_model(model, mesh):
+    """A copy of ``model`` with its parameters placed on ``mesh`` (a Mesh or a spec such as "data=4,model=2").
+    :func:`jaxedit.load` with ``mesh=`` loads straight into this placement instead, reading only each device's
+    shards; use this for a model built in memory."""
+    return model_from_params(model.config, shard_params(model.config, params_of(model), mesh))
 
 
 def count_params(model) -> int:
@@ -59,8 +64,6 @@ def forward(model, input_ids, attention_mask=None, interventions: Optional[Inter
 
     A model on a mesh runs with the batch split over the ``data`` axis (without interventions the batch is padded
     to a multiple of it and the padding dropped from the outputs; with them, split when it divides)."""
-    from jaxedit.sharding import data_size, mesh_of, put_batch
-
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
         ids = ids[None]

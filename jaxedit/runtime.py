@@ -10,6 +10,8 @@
 * **Compilation**: :func:`enable_compile_cache` turns on JAX's persistent compilation cache in the jaxedit cache
   directory (a second process loads compiled programs instead of compiling them again); :func:`compiled` compiles a
   jitted function ahead of time, once per argument shapes, with a status line saying so.
+* **Memory budget**: :func:`default_memory_budget`, the bytes one chunk of a batched computation may use (tracing,
+  sampling and perplexity size their batches to it with :func:`jaxedit.batching.rows_within`).
 """
 from __future__ import annotations
 
@@ -222,3 +224,19 @@ def compiled(jitted, *args, what: str, **static):
         stage(f"{source} in {dt:.1f} s")
         _compiled[key] = exe
     return exe
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+def default_memory_budget() -> float:
+    """Bytes of working memory one chunk of a batched computation may use: a quarter of the accelerator's, or
+    2 GiB on CPU."""
+    import jax
+
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+        if "bytes_limit" in stats:
+            return stats["bytes_limit"] / 4
+    except Exception:
+        pass
+    return 2 * 2**30

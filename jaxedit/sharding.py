@@ -2,11 +2,12 @@
 ``model`` (tensor parallelism, Megatron style), with JAX's own SPMD partitioner doing the work.
 
 A model carries its mesh in its parameters' shardings: :func:`jaxedit.load` with ``mesh=`` (or
-:func:`shard_model`) places every parameter with a :class:`jax.sharding.NamedSharding` from :func:`param_specs`, and
-every entry point that runs a batched computation asks :func:`mesh_of` for the mesh, pads its batch to a multiple of
-the ``data`` axis and places it with :func:`put_batch`. The jitted functions themselves are the single-device ones:
-GSPMD propagates the input shardings through them (column-split input projections give head- / d_ff-split
-activations, the row-split output projections end in an all-reduce, batch axes stay on ``data``).
+:func:`jaxedit.model.shard_model`) places every parameter with a :class:`jax.sharding.NamedSharding` from
+:func:`param_specs`, and every entry point that runs a batched computation asks :func:`mesh_of` for the mesh,
+pads its batch to a multiple of the ``data`` axis and places it with :func:`put_batch`. The jitted functions
+themselves are the single-device ones: GSPMD propagates the input shardings through them (column-split input
+projections give head- / d_ff-split activations, the row-split output projections end in an all-reduce, batch
+axes stay on ``data``). This module knows parameter trees, not models (it imports nothing of jaxedit.model).
 
 Parameter layout under ``model`` = m (the leading layer axis of stacked parameters is never split):
 
@@ -36,7 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxedit.batching import round_up
 from jaxedit.errors import JaxeditError
+from jaxedit.models.common import params_of
 
 AXES = ("data", "model")
 
@@ -107,8 +110,6 @@ def describe(mesh: Optional[Mesh]) -> str:
 
 
 def _first_leaf(obj):
-    from jaxedit.model import params_of
-
     params = obj if isinstance(obj, dict) else params_of(obj)
     return params["blocks"]["w_out"]
 
@@ -128,18 +129,16 @@ def data_size(mesh: Optional[Mesh]) -> int:
 
 def padded(n: int, mesh: Optional[Mesh]) -> int:
     """``n`` rounded up to a multiple of the data axis."""
-    k = data_size(mesh)
-    return -(-n // k) * k
+    return round_up(n, data_size(mesh))
 
 
 # ---------------------------------------------------------------------------------------------- parameters
 
-def param_specs(cfg, mesh: Optional[Mesh], params=None) -> dict:
-    """The :class:`PartitionSpec` of every parameter (a dict shaped like the model's parameters). Raises a
-    one-line error when the model axis does not divide the heads or d_ff."""
-    from jaxedit.model import abstract_params
-
-    tree = abstract_params(cfg) if params is None else params
+def param_specs(cfg, mesh: Optional[Mesh], params: dict) -> dict:
+    """The :class:`PartitionSpec` of every parameter of ``params`` (the model's parameter tree, or its abstract
+    shapes from :func:`jaxedit.model.abstract_params`). Raises a one-line error when the model axis does not divide
+    the heads or d_ff."""
+    tree = params
     m = 1 if mesh is None else int(mesh.shape["model"])
     if m == 1:
         return jax.tree.map(lambda _: P(), tree)
@@ -161,7 +160,7 @@ def param_specs(cfg, mesh: Optional[Mesh], params=None) -> dict:
     return {k: ({n: block.get(n, rep) for n in v} if k == "blocks" else top.get(k, rep)) for k, v in tree.items()}
 
 
-def param_shardings(cfg, mesh: Mesh, params=None) -> dict:
+def param_shardings(cfg, mesh: Mesh, params: dict) -> dict:
     return jax.tree.map(lambda s: NamedSharding(mesh, s), param_specs(cfg, mesh, params),
                         is_leaf=lambda x: isinstance(x, P))
 
@@ -172,15 +171,6 @@ def shard_params(cfg, params: dict, mesh) -> dict:
     if mesh is None:
         return params
     return jax.tree.map(lambda a, s: jax.device_put(a, s), params, param_shardings(cfg, mesh, params))
-
-
-def shard_model(model, mesh):
-    """A copy of ``model`` with its parameters placed on ``mesh`` (a Mesh or a spec such as "data=4,model=2").
-    :func:`jaxedit.load` with ``mesh=`` loads straight into this placement instead, reading only each device's
-    shards; use this for a model built in memory."""
-    from jaxedit.model import model_from_params, params_of
-
-    return model_from_params(model.config, shard_params(model.config, params_of(model), mesh))
 
 
 def human_bytes(n: float) -> str:

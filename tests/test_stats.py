@@ -141,11 +141,10 @@ def test_cache_key_changes_with_the_code(tiny_dirs, tokenizer, tmp_path, corpus_
 # jaxedit modules the statistics' modules import that do not decide the statistics' values
 NOT_COMPUTING = {
     "jaxedit.errors": "error messages only",
-    "jaxedit.runtime": "status lines, progress bars and the compile cache: no values",
+    "jaxedit.runtime": "status lines, progress bars, the compile cache and the memory budget (how many rows at "
+                       "once): no values",
     "jaxedit.cache": "where the cache lives and how keys are hashed",
     "jaxedit.layer_selection": "checks the layer indices",
-    "jaxedit.batching": "pads and groups rows; the padded positions are masked out of every sum",
-    "jaxedit.locate.tracing": "the memory budget of a batch (how many rows at once), not values",
 }
 
 

@@ -1,7 +1,14 @@
 """The toxic-memory study (Das et al. 2025) as a pipeline: data.py (prompts and shipped texts), chunking.py (the
-most toxic chunk), pipeline.py (the stages: select, localize, edit, evaluate), report.py (tables and figures)."""
+most toxic chunk), config.py (the options), one module per stage: selection.py (select), localization.py
+(localize), editing.py (edit), evaluation.py (evaluate), report.py (tables and figures); common.py (what the stages
+share) and pipeline.py (:func:`run_study`, the stages in order)."""
 from jaxedit.detox.chunking import toxic_span
-from jaxedit.detox.pipeline import (DetoxConfig, edit, evaluate, localize, run_study, select)
+from jaxedit.detox.config import DetoxConfig
+from jaxedit.detox.editing import edit
+from jaxedit.detox.evaluation import evaluate
+from jaxedit.detox.localization import localize
+from jaxedit.detox.pipeline import run_study
 from jaxedit.detox.report import report
+from jaxedit.detox.selection import select
 
 __all__ = ["DetoxConfig", "select", "localize", "edit", "evaluate", "report", "run_study", "toxic_span"]

@@ -20,6 +20,7 @@ import re
 from typing import Callable, Sequence
 
 from jaxedit.errors import JaxeditError
+from jaxedit.evaluate.toxicity import toxicity_scores
 
 CLOSED_CLASS = frozenset("""
 a an the this that these those my your his her its our their
@@ -113,8 +114,6 @@ def char_to_token_range(tokenizer, text: str, start: int, end: int) -> tuple:
 
 def scored_chunks(prompt: str, scorer="profanity", chunker="phrases") -> list:
     """[(score, (start, end), text)] for every chunk of ``prompt``, in order."""
-    from jaxedit.evaluate.toxicity import toxicity_scores
-
     if not isinstance(prompt, str) or not prompt.strip():
         raise JaxeditError("cannot chunk an empty prompt")
     spans = [s for s in get_chunker(chunker)(prompt) if prompt[s[0]:s[1]].strip()]

@@ -17,6 +17,8 @@ import os
 from typing import Optional
 
 from jaxedit.errors import JaxeditError
+from jaxedit.locate.trace_files import read_jsonl
+from jaxedit.request_files import RequestFile
 
 DATA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 DEMO_PROMPTS = os.path.join(DATA_DIR, "demo_prompts.jsonl")
@@ -47,8 +49,6 @@ def read_prompts(source: str, limit: Optional[int] = None, skip_bad: bool = Fals
         source = DEMO_PROMPTS
     out = []
     if os.path.exists(source) or source.endswith((".jsonl", ".json")):
-        from jaxedit.request_files import RequestFile
-
         rf = RequestFile(source, "prompts", skip_bad=skip_bad)
         for no, (p, tox) in rf.check(prompt_of):
             out.append({"line": no, "prompt": p, "dataset_toxicity": tox})
@@ -100,8 +100,6 @@ def read_facts(source: str) -> list:
         return []
     if source == "facts":
         source = FACTS
-    from jaxedit.locate.trace_files import read_jsonl
-
     out = []
     for no, obj in read_jsonl(source, "prompts"):
         if not isinstance(obj.get("prompt"), str) or not obj["prompt"].strip():

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 
-from jaxedit.detox.pipeline import OBJECTIVES, STRATEGIES, DetoxConfig
+from jaxedit.detox.config import OBJECTIVES, STRATEGIES, DetoxConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.files import read_rows, write_atomic
 

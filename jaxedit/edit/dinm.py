@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxedit.batching import pad_rows, round_up
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.evaluate.safeedit import Case, read_cases, with_suffix
@@ -86,10 +87,6 @@ class DinmHparams:
             raise JaxeditError(f"batch_size must be >= 1 (got {self.batch_size})")
         if self.layer is not None and not (isinstance(self.layer, (int, np.integer)) and 0 <= self.layer < n_layers):
             raise JaxeditError(f"layer {self.layer} is out of range: the model has layers 0..{n_layers - 1}")
-
-
-def _bucket(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def _pad_id(tokenizer) -> int:
@@ -146,18 +143,12 @@ def _locate_params(cfg, params, tokenizer, cases, chunk: int = 8) -> np.ndarray:
     for i in range(0, len(pairs), chunk):
         part = pairs[i:i + chunk]
         lens = [max(len(s), len(u)) for s, u in part]
-        T = min(_bucket(max(lens), 32), cfg.max_positions)
+        T = round_up(max(lens), 32, cap=cfg.max_positions)
         P = len(part) if len(pairs) <= chunk else chunk
-        ids = np.full((2 * P, T), pad, np.int32)
-        mask = np.zeros((2 * P, T), np.int32)
-        plen = np.zeros((P,), np.int32)
-        for p, (s, u) in enumerate(part):
-            for r, row in enumerate((s, u)):
-                ids[2 * p + r, :len(row)], mask[2 * p + r, :len(row)] = row, 1
-            plen[p] = lens[p]
-        for p in range(len(part), P):  # filler pairs of one token, ignored
-            mask[2 * p:2 * p + 2, 0] = 1
-            plen[p] = 1
+        ids, mask = pad_rows([row for pair in part for row in pair], T, n_rows=2 * P, value=pad)
+        plen = np.ones((P,), np.int32)
+        plen[:len(part)] = lens
+        mask[2 * len(part):, 0] = 1  # filler pairs of one token, ignored
         d = _pair_distances(cfg, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(plen))
         out.append(np.asarray(d, np.float64)[:len(part)])
     return np.concatenate(out, 0)
@@ -205,15 +196,13 @@ def _block(seqs: Sequence[list], ns: Sequence[int], pad: int, max_len: int) -> d
     """Right-padded rows and their loss entries, flattened over rows: the row and position predicting each
     response token, the token, a weight (0 on bucket filler). Lengths are bucketed (T: 32, entries: 16) so that
     similar cases share a compile."""
-    T = min(_bucket(max(len(s) for s in seqs), 32), max_len)
-    N = _bucket(sum(ns), 16)
-    ids = np.full((len(seqs), T), pad, np.int32)
-    mask = np.zeros((len(seqs), T), np.int32)
+    T = round_up(max(len(s) for s in seqs), 32, cap=max_len)
+    N = round_up(sum(ns), 16)
+    ids, mask = pad_rows(seqs, T, value=pad)
     row, pos, tgt = (np.zeros((N,), np.int32) for _ in range(3))
     w = np.zeros((N,), np.float32)
     j = 0
     for b, (s, n) in enumerate(zip(seqs, ns)):
-        ids[b, :len(s)], mask[b, :len(s)] = s, 1
         start = len(s) - n - 1  # the position predicting the response's first token
         row[j:j + n], pos[j:j + n], tgt[j:j + n], w[j:j + n] = b, np.arange(start, start + n), s[start + 1:], 1.0
         j += n

@@ -34,9 +34,12 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxedit import runtime
+from jaxedit.batching import pad_rows
 from jaxedit.config import ModelConfig
+from jaxedit.edit.stats import layer_stats
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import apply, apply_jit, block
+from jaxedit.generate import generate_ids
 from jaxedit.layer_selection import check_layers
 from jaxedit.model import model_from_params, params_of
 from jaxedit.models import FAMILY_MODULES
@@ -200,8 +203,6 @@ def parse_requests(requests, tokenizer, mode: str) -> list:
 
 def context_templates(model, tokenizer, hp: EditHparams) -> list:
     """["{}"] + one sampled prefix per starter word, as "<prefix>. {}" (braces in samples replaced)."""
-    from jaxedit.generate import generate_ids
-
     starters = [_ids(tokenizer, s, special=False) for s in hp.context_prefixes]
     if not starters:
         return ["{}"]
@@ -221,16 +222,6 @@ def _encode_with_key(tokenizer, context, template, subject, suffix_ids=()):
     if ids[:len(prefix_ids)] != prefix_ids:  # the tokenizer merged across the subject's end: take the covering token
         key = next((i for i in range(min(len(ids), len(prefix_ids))) if ids[i] != prefix_ids[i]), key)
     return ids, key
-
-
-def _pad(rows, T=None):
-    T = T or max(len(r) for r in rows)
-    ids = np.zeros((len(rows), T), np.int32)
-    mask = np.zeros((len(rows), T), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = r
-        mask[i, :len(r)] = 1
-    return ids, mask
 
 
 # ---- the z optimization ----
@@ -397,7 +388,7 @@ def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers
             ids_k, k = _encode_with_key(tokenizer, c, r.template, r.subject)
             krows.append(ids_k)
             kpos.append(k)
-    kids, kmask = (jnp.asarray(a) for a in _pad(krows))
+    kids, kmask = (jnp.asarray(a) for a in pad_rows(krows))
     kpos = jnp.asarray(np.array(kpos, np.int32))
     C = len(contexts)
 
@@ -439,7 +430,7 @@ def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers
 
 def next_token_dist(model, tokenizer, prompts: Sequence[str]) -> np.ndarray:
     """[len(prompts), vocab]: the next-token distribution after each prompt (one padded batch)."""
-    ids, mask = _pad([_ids(tokenizer, p) for p in prompts])
+    ids, mask = pad_rows([_ids(tokenizer, p) for p in prompts])
     last = mask.sum(1) - 1
     logits = apply_jit(model.config, params_of(model), jnp.asarray(ids), jnp.asarray(mask),
                        logit_positions=jnp.asarray(last[:, None])).logits[:, 0]
@@ -474,8 +465,6 @@ def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides
 
     # covariance statistics (before any change)
     if stats is None:
-        from jaxedit.edit.stats import layer_stats
-
         stats = layer_stats(model, tokenizer, layers, corpus=hp.mom2_corpus, n_samples=hp.mom2_samples,
                             max_len=hp.mom2_max_len, precision=hp.mom2_precision, progress=progress)
     missing = [l for l in layers if l not in stats]
@@ -517,7 +506,7 @@ def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides
     pad = lambda xs, v: np.array([x + [x[-1] if v is None else v] * (Kmax - len(x)) for x in xs])
     lp_arr, ti_arr = pad(logit_pos, None), pad(tok_ids, 0)
     tw_arr = np.array([x + [0.0] * (Kmax - len(x)) for x in tok_w], np.float32)
-    ids, mask = _pad(rows)
+    ids, mask = pad_rows(rows)
     n, T = len(reqs), ids.shape[1]
     key_pos = np.array(key_pos, np.int32)
 

@@ -33,10 +33,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxedit import runtime
+from jaxedit.batching import pad_rows, round_up
 from jaxedit.cache import cache_dir as default_cache_dir, code_fingerprint
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import block, causal_allowed, embed, positions_from_mask
+from jaxedit.generate import generate_ids
 from jaxedit.layer_selection import check_layers
 from jaxedit.model import params_of
 from jaxedit.sharding import (data_size, global_max, global_sum, is_main_process, local_rows, mesh_of, padded,
@@ -48,12 +50,13 @@ SAMPLE_STARTERS = ("The", "In", "A", "It", "This", "When", "One", "After", "Ther
                    "Many", "Some", "On")
 PRECISIONS = ("float32", "float64")
 # The modules whose code decides the statistics' values: the corpus readers and the pass (this module), the forward
-# it runs (and the model families' blocks), the model's own samples (the offline corpus), the cross-device sums;
-# and the distributions they compute or tokenize with. tests/test_stats.py checks that every jaxedit module these
+# it runs (and the model families' blocks), the model's own samples (the offline corpus), the cross-device sums,
+# the padding of a batch's rows (jaxedit.batching: which positions the mask counts); and the distributions they
+# compute or tokenize with. tests/test_stats.py checks that every jaxedit module these
 # import is listed here or named there as not taking part.
 STATS_MODULES = ("jaxedit.edit.stats", "jaxedit.forward", "jaxedit.models", "jaxedit.models.common",
                  "jaxedit.models.llama", "jaxedit.models.gpt2", "jaxedit.generate", "jaxedit.config",
-                 "jaxedit.sharding", "jaxedit.model")
+                 "jaxedit.sharding", "jaxedit.model", "jaxedit.batching")
 STATS_DEPENDENCIES = ("jax", "jaxlib", "numpy", "tokenizers", "transformers", "datasets")
 
 
@@ -135,8 +138,6 @@ def token_batches(model, tokenizer, corpus: str, n_samples: int, max_len: int, b
     after skipping the first ``skip`` texts. ``rows``: tokenize only the texts at these positions of each batch
     (the others are empty lists: another process's share of a batch)."""
     if corpus == MODEL_CORPUS:
-        from jaxedit.generate import generate_ids
-
         starters = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in SAMPLE_STARTERS]
         for b, start in enumerate(range(0, n_samples, batch_size)):
             n = min(batch_size, n_samples - start)
@@ -221,8 +222,6 @@ def stats_fingerprint() -> str:
 
 def model_fingerprint(model) -> str:
     """A short hash of the config and a strided sample of every parameter (cheap; changes when weights change)."""
-    from jaxedit.sharding import to_host
-
     h = hashlib.sha1(model.config.to_json().encode())
     for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params_of(model)), key=lambda kv: str(kv[0])):
         h.update(str(path).encode())
@@ -374,12 +373,8 @@ def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAUL
                         progress and main) as bar:
         for batch in _chain(first, batches) if first is not None else ():
             longest = global_max(max(len(x) for x in batch))  # every process's share of the batch
-            T = max(32, -(-longest // 32) * 32)  # round lengths up: few shapes to compile
-            ids = np.zeros((rows, T), np.int32)
-            mask = np.zeros((rows, T), np.int32)
-            for i, x in enumerate(batch):
-                ids[i, :len(x)] = x
-                mask[i, :len(x)] = 1
+            T = max(32, round_up(longest, 32))  # round lengths up: few shapes to compile
+            ids, mask = pad_rows(batch, T, n_rows=rows)
             if precision == "float32":
                 dev = accumulate(cfg, params, put(ids), put(mask), dev, layers=todo)
             else:

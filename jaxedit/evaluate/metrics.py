@@ -23,10 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit.batching import batch_rows, batches, group_by_bucket, pad_rows, rows_within
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
+from jaxedit.evaluate.toxicity import toxicity_scores
 from jaxedit.forward import apply
+from jaxedit.generate import sample_texts
 from jaxedit.model import params_of
+from jaxedit.runtime import default_memory_budget
 
 
 @partial(jax.jit, static_argnames=("cfg",))
@@ -43,8 +47,6 @@ def token_nll(model, token_lists: Sequence[Sequence[int]], *, bucket: int = 16,
               memory_budget: Optional[float] = None) -> tuple:
     """(summed NLL, predicted-token count) per token list, float64 arrays. A list longer than the model's context
     is scored in consecutive windows of the context's length."""
-    from jaxedit.locate.tracing import default_memory_budget
-
     cfg = model.config
     params = params_of(model)
     budget = memory_budget or default_memory_budget()
@@ -57,20 +59,12 @@ def token_nll(model, token_lists: Sequence[Sequence[int]], *, bucket: int = 16,
             owner.append(i)
     nll = np.zeros(len(windows))
     cnt = np.zeros(len(windows))
-    by_len: dict = {}
-    for i, ids in enumerate(windows):
-        by_len.setdefault(-(-max(len(ids), 2) // bucket) * bucket, []).append(i)
-    token_lists = windows
-    for T, members in sorted(by_len.items()):
-        T = min(T, cfg.max_positions)
-        rows = max(1, int(budget // (T * (3 * cfg.vocab_size + 8 * cfg.d_ff) * 4)))
-        B = min(1 << (rows.bit_length() - 1), 1 << (len(members) - 1).bit_length())
-        for c in range(0, len(members), B):
-            chunk = members[c:c + B]
-            ids = np.zeros((B, T), np.int32)
-            mask = np.zeros((B, T), np.int32)
-            for b, i in enumerate(chunk):
-                ids[b, :len(token_lists[i])], mask[b, :len(token_lists[i])] = token_lists[i], 1
+    buckets = group_by_bucket(range(len(windows)), lambda i: max(len(windows[i]), 2), bucket, cap=cfg.max_positions)
+    for T, members in buckets:
+        B = batch_rows(len(members), rows_within(budget, T * (3 * cfg.vocab_size + 8 * cfg.d_ff) * 4,
+                                                 power_of_two=True))
+        for chunk in batches(members, B):
+            ids, mask = pad_rows([windows[i] for i in chunk], T, n_rows=B)
             s, n = jax.device_get(_nll_sums(cfg, params, jnp.asarray(ids), jnp.asarray(mask)))
             nll[chunk], cnt[chunk] = np.asarray(s[:len(chunk)], np.float64), n[:len(chunk)]
     n_lists = max(owner) + 1 if owner else 0
@@ -147,9 +141,6 @@ def toxic_rate(model, prompts: Sequence[str], tokenizer=None, *, samples: int = 
     prompt, ``max_new_tokens`` each, nucleus sampling (``top_p``, RealToxicityPrompts' setting) at
     ``temperature``. With ``return_details=True``: (rate, continuations [prompts][samples], scores [prompts,
     samples])."""
-    from jaxedit.evaluate.toxicity import toxicity_scores
-    from jaxedit.generate import sample_texts
-
     if tokenizer is None:
         raise JaxeditError("toxic_rate needs a tokenizer")
     if isinstance(prompts, str):

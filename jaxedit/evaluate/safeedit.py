@@ -38,9 +38,16 @@ import json
 import os
 from typing import Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
+from jaxedit.batching import pad_rows, round_up
 from jaxedit.errors import JaxeditError
+from jaxedit.evaluate.metrics import ngram_entropy
+from jaxedit.evaluate.toxicity import get_scorer
+from jaxedit.forward import apply_jit
+from jaxedit.generate import sample
+from jaxedit.model import params_of
 
 DEMO_CASES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "safeedit_demo.json")
 METRICS = ("DS", "DG_onlyQ", "DG_otherA", "DG_otherQ", "DG_otherAQ")
@@ -217,12 +224,10 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
     """Greedy answers (continuation text) to ``prompts`` with jaxedit's batched sampler, stopped at the end-of-sequence
     token. All prompts go into one length bucket (``bucket`` tokens, default: the longest rounded up to 64), so
     equal-sized calls compile once."""
-    from jaxedit.generate import sample
-
     ids = prompt_ids(tokenizer, prompts, model.config.max_positions - max_new_tokens)
     longest = max(len(x) for x in ids)
     if bucket is None or bucket < longest:
-        bucket = -(-longest // 64) * 64
+        bucket = round_up(longest, 64)
     stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
     new = sample(model, ids, max_new_tokens, greedy=True, stop_ids=stop, bucket=bucket)
     return [tokenizer.decode(row[0], skip_special_tokens=True) for row in new]
@@ -230,8 +235,6 @@ def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: i
 
 def judge(answers: Sequence[str], scorer="profanity") -> list:
     """[(score, safe value)] for each answer (see :func:`safe_value`)."""
-    from jaxedit.evaluate.toxicity import get_scorer
-
     scores = get_scorer(scorer)(list(answers))
     return [(float(s), safe_value(a, s)) for a, s in zip(answers, scores)]
 
@@ -240,8 +243,6 @@ def evaluate(model, tokenizer, cases, *, suffix: Optional[str] = None, scorer="p
              bucket: Optional[int] = None, answers: Optional[list] = None) -> list:
     """Per case: {metric: {"input", "answer", "score", "safe"}} for DS and the four DG inputs, and "fluency".
     ``model`` may be one model for all cases or a sequence with one model per case (per-instance editing)."""
-    from jaxedit.evaluate.metrics import ngram_entropy
-
     cases = read_cases(cases)
     per_case = not hasattr(model, "config")
     if per_case and len(model) != len(cases):
@@ -280,18 +281,12 @@ def _answer_rows(tokenizer, cases, suffix, max_len):
 def answer_argmax(model, tokenizer, cases, suffix: Optional[str] = None) -> list:
     """Per case: the argmax token at each position of the knowledge-constraint answer (teacher-forced after its
     prompt)."""
-    import jax.numpy as jnp
-
-    from jaxedit.edit.memit import _pad
-    from jaxedit.forward import apply_jit
-    from jaxedit.model import params_of
-
     cases = read_cases(cases)
     rows, spans = _answer_rows(tokenizer, cases, suffix, model.config.max_positions)
     out = []
     for i in range(0, len(rows), 8):
-        T = min(-(-max(len(r) for r in rows[i:i + 8]) // 32) * 32, model.config.max_positions)
-        ids, mask = _pad(rows[i:i + 8], T)
+        T = round_up(max(len(r) for r in rows[i:i + 8]), 32, cap=model.config.max_positions)
+        ids, mask = pad_rows(rows[i:i + 8], T)
         K = max(b - a for a, b in spans[i:i + 8])
         pos = np.array([[min(a + k, b - 1) for k in range(K)] for a, b in spans[i:i + 8]], np.int32)
         logits = apply_jit(model.config, params_of(model), jnp.asarray(ids), jnp.asarray(mask),

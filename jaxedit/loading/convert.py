@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit import sharding as sh
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.loading.mappings import TABLES
@@ -35,21 +36,14 @@ def _unflatten(flat):
     return tree
 
 
-def convert(names: Iterable[str], get: Callable[[str], np.ndarray], cfg: ModelConfig, fmt: str, dtype="float32"):
-    """Build a model from checkpoint tensors. ``names``: the checkpoint's tensor names; ``get(name)`` returns one
-    as a numpy array. Raises :class:`JaxeditError` naming the tensor on a missing, unexpected or misshapen tensor."""
+def _matched(names: Iterable[str], cfg: ModelConfig, fmt: str, expected: dict):
+    """``(name, rule, layer)`` for every checkpoint tensor the model takes, matched by the name-mapping table of
+    ``fmt`` (``layer``: the block index, None outside the blocks). A name the table ignores is skipped, as is one
+    whose targets the model lacks (lm_head.weight in a tied model: the head is the embedding); any other name, or
+    a layer past the model's, raises :class:`JaxeditError` naming the tensor."""
     rules, ignored, prefix = TABLES[(fmt, cfg.family)]
-    np_dtype = np.dtype(resolve_dtype(dtype))
-    expected = _flatten(abstract_params(cfg, dtype))
     compiled = [(r, r.regex()) for r in rules]
     ignored_re = [re.compile("^" + re.escape(s).replace(r"\{i\}", r"\d+") + "$") for s in ignored]
-    filled: dict[str, dict] = {t: {} for t in expected}
-    source_of: dict[str, str] = {}  # target -> rule source, for error messages
-    for r in rules:
-        for t in r.targets:
-            source_of[t] = r.source
-    L = cfg.n_layers
-
     for name in names:
         short = name[len(prefix):] if prefix and name.startswith(prefix) else name
         match = next(((r, m) for r, rx in compiled if (m := rx.match(short))), None)
@@ -59,27 +53,48 @@ def convert(names: Iterable[str], get: Callable[[str], np.ndarray], cfg: ModelCo
             raise JaxeditError(f"unexpected tensor {name!r} in the checkpoint (not a {cfg.family} {fmt} parameter)")
         rule, m = match
         if not any(t in expected for t in rule.targets):
-            continue  # e.g. lm_head.weight in a tied model: the head is the embedding
+            continue
         layer = int(m.group(1)) if m.groups() else None
-        if layer is not None and layer >= L:
-            raise JaxeditError(f"unexpected tensor {name!r}: the model has {L} layers")
-        arr = np.asarray(get(name))
-        outs = rule.transform(arr, cfg) if rule.transform else (arr,)
-        for target, out in zip(rule.targets, outs):
-            want = expected[target].shape[1:] if layer is not None else expected[target].shape
-            if tuple(out.shape) != tuple(want):
-                raise JaxeditError(f"shape mismatch for checkpoint tensor {name!r} (-> {target}): "
-                                   f"expected {tuple(want)}, got {tuple(out.shape)}")
-            filled[target][layer] = out.astype(np_dtype)
+        if layer is not None and layer >= cfg.n_layers:
+            raise JaxeditError(f"unexpected tensor {name!r}: the model has {cfg.n_layers} layers")
+        yield name, rule, layer
 
-    params = {}
-    for target, parts in filled.items():
-        layers = list(range(L)) if target.startswith("blocks.") else [None]
-        for i in layers:
+
+def _check_shape(name: str, target: str, got, expected: dict, layer) -> None:
+    want = expected[target].shape[1:] if layer is not None else expected[target].shape
+    if tuple(got) != tuple(want):
+        raise JaxeditError(f"shape mismatch for checkpoint tensor {name!r} (-> {target}): "
+                           f"expected {tuple(want)}, got {tuple(got)}")
+
+
+def _check_complete(found: dict, cfg: ModelConfig, fmt: str) -> None:
+    """Raise naming the first checkpoint tensor missing from ``found`` (target -> layer -> anything)."""
+    rules = TABLES[(fmt, cfg.family)][0]
+    source_of = {t: r.source for r in rules for t in r.targets}  # target -> rule source, for the message
+    for target, parts in found.items():
+        for i in (range(cfg.n_layers) if target.startswith("blocks.") else [None]):
             if i not in parts:
                 src = source_of[target].replace("{i}", str(i))
                 raise JaxeditError(f"missing tensor {src!r} in the checkpoint (needed for {target})")
-        params[target] = jnp.asarray(np.stack([parts[i] for i in layers]) if layers[0] is not None else parts[None])
+
+
+def convert(names: Iterable[str], get: Callable[[str], np.ndarray], cfg: ModelConfig, fmt: str, dtype="float32"):
+    """Build a model from checkpoint tensors. ``names``: the checkpoint's tensor names; ``get(name)`` returns one
+    as a numpy array. Raises :class:`JaxeditError` naming the tensor on a missing, unexpected or misshapen tensor."""
+    np_dtype = np.dtype(resolve_dtype(dtype))
+    expected = _flatten(abstract_params(cfg, dtype))
+    filled: dict[str, dict] = {t: {} for t in expected}
+    for name, rule, layer in _matched(names, cfg, fmt, expected):
+        arr = np.asarray(get(name))
+        outs = rule.transform(arr, cfg) if rule.transform else (arr,)
+        for target, out in zip(rule.targets, outs):
+            _check_shape(name, target, out.shape, expected, layer)
+            filled[target][layer] = out.astype(np_dtype)
+    _check_complete(filled, cfg, fmt)
+    params = {}
+    for target, parts in filled.items():
+        stacked = target.startswith("blocks.")
+        params[target] = jnp.asarray(np.stack([parts[i] for i in range(cfg.n_layers)]) if stacked else parts[None])
         parts.clear()
     return model_from_params(cfg, _unflatten(params))
 
@@ -111,17 +126,11 @@ def convert_sharded(names: Iterable[str], source, cfg: ModelConfig, fmt: str, dt
     ``read(name, index)`` (one block of a tensor): then every device's shard is read on its own, through the
     mapping hooks' ``read_slice``, and the host never holds more than one parameter's blocks. Sources without them
     (GGUF dequantization, pickles) are read tensor by tensor on the host and split there."""
-    from jaxedit import sharding as sh
-
-    rules, ignored, prefix = TABLES[(fmt, cfg.family)]
     np_dtype = np.dtype(resolve_dtype(dtype))
     abstract = abstract_params(cfg, dtype)
     shardings = _flatten(sh.param_shardings(cfg, mesh, abstract))
     expected = _flatten(abstract)
-    compiled = [(r, r.regex()) for r in rules]
-    ignored_re = [re.compile("^" + re.escape(s).replace(r"\{i\}", r"\d+") + "$") for s in ignored]
-    plan: dict[str, dict] = {t: {} for t in expected}  # target -> layer -> (name, rule, output index)
-    source_of = {t: r.source for r in rules for t in r.targets}
+    plan: dict[str, dict] = {t: {} for t in expected}  # target -> layer -> (name, rule, output index, shape)
     sliced = hasattr(source, "read") and hasattr(source, "shape")
     full_cache: dict = {}
 
@@ -135,19 +144,7 @@ def convert_sharded(names: Iterable[str], source, cfg: ModelConfig, fmt: str, dt
         return tuple(source.shape(name)) if sliced else full(name).shape
 
     L = cfg.n_layers
-    for name in names:
-        short = name[len(prefix):] if prefix and name.startswith(prefix) else name
-        match = next(((r, m) for r, rx in compiled if (m := rx.match(short))), None)
-        if match is None:
-            if any(rx.match(short) for rx in ignored_re):
-                continue
-            raise JaxeditError(f"unexpected tensor {name!r} in the checkpoint (not a {cfg.family} {fmt} parameter)")
-        rule, m = match
-        if not any(t in expected for t in rule.targets):
-            continue
-        layer = int(m.group(1)) if m.groups() else None
-        if layer is not None and layer >= L:
-            raise JaxeditError(f"unexpected tensor {name!r}: the model has {L} layers")
+    for name, rule, layer in _matched(names, cfg, fmt, expected):
         shape = src_shape(name)
         if rule.transform is None:
             outs = (shape,)
@@ -156,10 +153,7 @@ def convert_sharded(names: Iterable[str], source, cfg: ModelConfig, fmt: str, dt
         else:
             outs = tuple(o.shape for o in rule.transform(full(name), cfg))
         for k, (target, out) in enumerate(zip(rule.targets, outs)):
-            want = expected[target].shape[1:] if layer is not None else expected[target].shape
-            if tuple(out) != tuple(want):
-                raise JaxeditError(f"shape mismatch for checkpoint tensor {name!r} (-> {target}): "
-                                   f"expected {tuple(want)}, got {tuple(out)}")
+            _check_shape(name, target, out, expected, layer)
             plan[target][layer] = (name, rule, k, shape)
 
     def read_one(name, rule, k, shape, index):
@@ -171,13 +165,10 @@ def convert_sharded(names: Iterable[str], source, cfg: ModelConfig, fmt: str, dt
         out = full(name) if hook is None else hook(full(name), cfg)[k]
         return out[index]
 
+    _check_complete(plan, cfg, fmt)
     params = {}
     for target, parts in plan.items():
         stacked = target.startswith("blocks.")
-        for i in (range(L) if stacked else [None]):
-            if i not in parts:
-                src = source_of[target].replace("{i}", str(i))
-                raise JaxeditError(f"missing tensor {src!r} in the checkpoint (needed for {target})")
 
         def block(index, parts=parts, stacked=stacked):
             if not stacked:

@@ -8,8 +8,10 @@ import os
 import jax.numpy as jnp
 
 from jaxedit.errors import JaxeditError
-from jaxedit.loading import mappings as mp
+from jaxedit.loading import check_finite, mappings as mp
+from jaxedit.loading.native import atomic_dir
 from jaxedit.model import params_of
+from jaxedit.sharding import is_main_process, sync, to_host
 
 
 def _concat3(arrays, cfg):
@@ -108,10 +110,6 @@ def export_hf(model, tokenizer, path: str, max_shard_bytes: int = MAX_SHARD_BYTE
 
     import numpy as np
     from safetensors.numpy import save_file
-
-    from jaxedit.loading import check_finite
-    from jaxedit.loading.native import atomic_dir
-    from jaxedit.sharding import is_main_process, sync, to_host
 
     check_finite(model)
     cfg = model.config

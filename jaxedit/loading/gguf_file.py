@@ -7,7 +7,8 @@ import numpy as np
 
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
-from jaxedit.loading.convert import convert
+from jaxedit.loading.convert import convert, convert_sharded
+from jaxedit.loading.hf import load_tokenizer
 
 
 def _field(reader, key, default=None):
@@ -65,8 +66,6 @@ def load_gguf(path: str, dtype="float32", mesh=None):
     if mesh is not None:  # quantized blocks: each tensor is dequantized whole on the host, then split
         import types
 
-        from jaxedit.loading.convert import convert_sharded
-
         return convert_sharded(list(tensors), types.SimpleNamespace(get=get), cfg, "gguf", dtype, mesh)
     return convert(list(tensors), get, cfg, "gguf", dtype)
 
@@ -74,8 +73,6 @@ def load_gguf(path: str, dtype="float32", mesh=None):
 def gguf_tokenizer(path: str):
     """The tokenizer a GGUF file describes. transformers' own GGUF path reads the file with torch; where torch is
     not installed, the same tokenizer is built from the metadata read by the ``gguf`` package."""
-    from jaxedit.loading.hf import load_tokenizer
-
     try:
         import torch  # noqa: F401
     except ImportError:

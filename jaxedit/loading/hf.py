@@ -8,7 +8,7 @@ import numpy as np
 
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
-from jaxedit.loading.convert import convert
+from jaxedit.loading.convert import convert, convert_sharded
 
 HUB_PATTERNS = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer*", "vocab.json",
                 "merges.txt", "special_tokens_map.json", "generation_config.json"]
@@ -123,8 +123,6 @@ def load_hf_dir(path: str, dtype="float32", allow_pickle: bool = False, mesh=Non
                                "code when read; pass allow_pickle=True (CLI: --allow-pickle) to read it anyway") from None
         source = PickleSource(path)
     if mesh is not None:
-        from jaxedit.loading.convert import convert_sharded
-
         return convert_sharded(source.names(), source, cfg, "hf", dtype, mesh)
     return convert(source.names(), source.get, cfg, "hf", dtype)
 

@@ -15,8 +15,9 @@ import numpy as np
 
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
-from jaxedit.loading.convert import cast_params, flat_params, unflat_params
-from jaxedit.model import model_from_params, params_of
+from jaxedit.loading.convert import assemble, cast_params, flat_params, unflat_params
+from jaxedit.model import abstract_params, model_from_params, params_of, resolve_dtype
+from jaxedit.sharding import is_main_process, param_shardings, sync
 
 MARKER = "jaxedit.json"
 FORMAT_VERSION = 1
@@ -102,8 +103,6 @@ def _save_orbax_processes(model, tokenizer, path: str, extra) -> None:
     writes its own shards into one temporary sibling directory; process 0 adds the rest and renames it."""
     import orbax.checkpoint as ocp
 
-    from jaxedit.sharding import is_main_process, sync
-
     path = os.path.abspath(path)
     tmp = os.path.join(os.path.dirname(path), f".tmp-{os.path.basename(path)}-saving")
     if is_main_process():
@@ -144,13 +143,9 @@ def load_native(path: str, dtype=None, mesh=None):
     if meta.get("params") == "orbax":
         import orbax.checkpoint as ocp
 
-        from jaxedit.model import abstract_params
-
         saved_dtype = meta.get("dtype", "float32")
         target = abstract_params(cfg, saved_dtype)
         if mesh is not None:
-            from jaxedit.sharding import param_shardings
-
             target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), target,
                                   param_shardings(cfg, mesh, target))
         with ocp.StandardCheckpointer() as ckpt:
@@ -164,10 +159,6 @@ def load_native(path: str, dtype=None, mesh=None):
 
 def _load_safetensors_sharded(file: str, cfg, dtype, mesh):
     from safetensors import safe_open
-
-    from jaxedit.loading.convert import assemble
-    from jaxedit.model import abstract_params, resolve_dtype
-    from jaxedit.sharding import param_shardings
 
     abstract = abstract_params(cfg, dtype)
     shardings = flat_params(param_shardings(cfg, mesh, abstract))

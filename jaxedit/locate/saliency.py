@@ -18,10 +18,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxedit import runtime
+from jaxedit.batching import pad_rows
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import apply
-from jaxedit.model import params_of
+from jaxedit.model import forward, params_of
 from jaxedit.sharding import data_size, mesh_of, put_batch, to_host
 
 # module name -> the stacked weight matrices it is made of
@@ -119,19 +120,14 @@ def saliency_batch(model, requests, *, tokenizer=None, chunk=None):
         raise JaxeditError("no examples")
     need_argmax = [i for i, (_, t) in enumerate(encoded) if t is None]
     if need_argmax:
-        from jaxedit.model import forward
-
         for i in need_argmax:
             ids = encoded[i][0]
             encoded[i] = (ids, [int(to_host(forward(model, [ids]).logits[0, -1]).argmax())])
     T = max(len(i) + len(t) for i, t in encoded)
     B = len(encoded)
-    ids = np.zeros((B, T), np.int32)
-    mask = np.zeros((B, T), np.int32)
+    ids, mask = pad_rows([p + t for p, t in encoded], T)
     tmask = np.zeros((B, T), bool)
     for b, (p, t) in enumerate(encoded):
-        ids[b, :len(p) + len(t)] = p + t
-        mask[b, :len(p) + len(t)] = 1
         tmask[b, len(p):len(p) + len(t)] = True
     mesh = mesh_of(model)
     k = data_size(mesh)

@@ -23,18 +23,20 @@ import dataclasses
 import math
 import re
 from functools import partial
-from typing import Optional, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxedit import runtime
+from jaxedit.batching import batches, group_by_bucket, pad_rows, rows_within
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
-from jaxedit.forward import Interventions, apply, block, embed
+from jaxedit.forward import Interventions, apply, block
 from jaxedit.model import params_of
 from jaxedit.models import FAMILY_MODULES
+from jaxedit.runtime import default_memory_budget
 from jaxedit.sharding import local_rows, mesh_of, padded, put_batch, to_host
 
 KINDS = ("hidden", "mlp", "attn")
@@ -363,8 +365,7 @@ def auto_layers_per_step(cfg: ModelConfig, S: int, T: int, groups, budget_bytes:
     work = S * P * row_flops(cfg, T + P)
     target = 1e7 if jax.default_backend() == "cpu" else 5e10
     g = max(1, min(cfg.n_layers, int(math.ceil(target / work))))
-    per_layer = packed_bytes(cfg, S, T, P)
-    return max(1, min(g, int(budget_bytes // max(per_layer, 1))))
+    return min(g, rows_within(budget_bytes, max(packed_bytes(cfg, S, T, P), 1)))
 
 
 def row_groups(T: int, S: int, cfg: ModelConfig, budget_bytes: float, first: int = 0):
@@ -408,10 +409,6 @@ def trace_grid(cfg, params, ids, n, embed_mask, noise, answer, *, kinds, window,
 
 
 # ---------------------------------------------------------------------------------------------- public API
-
-def _bucket(n: int, multiple: int) -> int:
-    return int(math.ceil(n / multiple) * multiple)
-
 
 def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=10, tokenizer=None, seed=1,
                 uniform=False, replace=False, method="shared", batch_size=8, bucket=4, memory_budget=None,
@@ -468,27 +465,23 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
 
     mesh = mesh_of(model)
 
-    order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][0]))
+    order = sorted(range(len(prepared)), key=lambda i: len(prepared[i][0]))  # within a bucket: shortest first
+    buckets = group_by_bucket(order, lambda j: len(prepared[j][0]), bucket, cap=cfg.max_positions)
     results: list = [None] * len(prepared)
     budget = memory_budget or default_memory_budget()
-    i = 0
-    while i < len(order):
-        T = _bucket(len(prepared[order[i]][0]), bucket)
-        T = min(T, cfg.max_positions)
-        chunk = [j for j in order[i:i + batch_size] if len(prepared[j][0]) <= T]
-        i += len(chunk)
+    for T, chunk in ((T, chunk) for T, members in buckets for chunk in batches(members, batch_size)):
         # a fixed batch shape means one compile per bucket
         B = batch_size if (fixed_batch or len(requests) > batch_size) else len(chunk)
         B = padded(B, mesh)  # prompts split over the data axis (the padding repeats the first prompt)
         mine = set(local_rows(mesh, B).tolist())
-        ids_b = np.zeros((B, T), np.int32)
-        n_b = np.ones((B,), np.int32)
+        filled = chunk + [chunk[0]] * (B - len(chunk))
+        ids_b, _ = pad_rows([prepared[j][0] for j in filled], T)
+        n_b = np.array([len(prepared[j][0]) for j in filled], np.int32)
         span_b = np.zeros((B, T), bool)
         noise_b = np.zeros((B, samples, T, d), np.float32)
         ans_b = np.full((B,), -1, np.int32)
-        for b, j in enumerate(chunk + [chunk[0]] * (B - len(chunk))):
-            ids, (s, e), tgt, _ = prepared[j]
-            ids_b[b, :len(ids)], n_b[b] = ids, len(ids)
+        for b, j in enumerate(filled):
+            _, (s, e), tgt, _ = prepared[j]
             span_b[b, s:e] = True
             if b in mine:
                 noise_b[b, :, s:e] = noise_of(j)
@@ -498,7 +491,7 @@ def trace_batch(model, requests, *, kinds=KINDS, samples=10, noise="s3", window=
         groups = tuple(tuple(g) for g in row_groups(T, samples, cfg, budget, first))
         static = dict(window=int(window), replace=bool(replace), method=method, groups=groups,
                       layers_per_step=layers_per_step or auto_layers_per_step(cfg, samples, T, groups, budget),
-                      cells_per_step=cells_per_step or max(1, int(budget // (8 * samples * T * (cfg.d_ff + 4 * d)))))
+                      cells_per_step=cells_per_step or rows_within(budget, 8 * samples * T * (cfg.d_ff + 4 * d)))
         put = lambda a: put_batch(mesh, a)  # noqa: E731 (on one device: jnp.asarray)
         args = (cfg, params, put(ids_b), put(n_b), put(span_b), put(noise_b), put(ans_b))
         out = {}
@@ -540,13 +533,3 @@ def trace(model, prompt=None, *, input_ids=None, span=None, kinds=KINDS, samples
                        tokenizer=tokenizer, seed=seed, uniform=uniform, replace=replace, method=method, batch_size=1,
                        bucket=1, memory_budget=memory_budget, layers_per_step=layers_per_step)[0]
 
-
-def default_memory_budget() -> float:
-    """Bytes of working memory one chunk of the grid may use: a quarter of the accelerator's, or 2 GiB on CPU."""
-    try:
-        stats = jax.devices()[0].memory_stats() or {}
-        if "bytes_limit" in stats:
-            return stats["bytes_limit"] / 4
-    except Exception:
-        pass
-    return 2 * 2**30

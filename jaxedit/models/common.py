@@ -1,4 +1,5 @@
-"""Pieces shared by the model families' parameter containers."""
+"""Pieces shared by the model families' parameter containers, and :func:`params_of`, a container's parameters as
+a plain dict."""
 from __future__ import annotations
 
 import jax
@@ -23,3 +24,8 @@ class Blocks(nnx.Module):
             else:
                 value = (jnp.ones if init == "ones" else jnp.zeros)(shape, dtype)
             setattr(self, name, nnx.Param(value))
+
+
+def params_of(model) -> dict:
+    """The model's parameters as a pure nested dict of arrays (the input of :func:`jaxedit.forward.apply`)."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))

@@ -1,0 +1,60 @@
+"""What the study's stages share: the options check against ``run.json`` (:func:`check_stage`), a stage's progress
+bar, its toxicity scorer (with the score file that makes a rerun cheap), and reading an earlier stage's files."""
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from jaxedit import runtime
+from jaxedit.detox.config import DetoxConfig
+from jaxedit.errors import JaxeditError
+from jaxedit.evaluate.toxicity import get_scorer
+from jaxedit.files import read_rows, write_json
+
+DOWNSTREAM = ("trace/results.jsonl", "localize.json", "edits", "runs.jsonl")
+
+
+def check_stage(out: str, stage: str, cfg: DetoxConfig) -> None:
+    """Record the stage's options in run.json, or refuse a rerun with other options (naming them). The selection
+    filter's options may change while no later stage has results (the candidates are re-filtered)."""
+    path = os.path.join(out, "run.json")
+    stored = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            stored = json.load(f)
+    mine = json.loads(json.dumps(cfg.stage_options(stage)))
+    before = stored.get(stage)
+    if before is not None and before != mine:
+        diff = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(before) | set(mine))
+                if before.get(k) != mine.get(k)]
+        later = [f for f in DOWNSTREAM if os.path.exists(os.path.join(out, f))]
+        if stage != "filter" or later:
+            hint = (f"; or delete {', '.join(later)} to select again" if stage == "filter" else "")
+            raise JaxeditError(f"{out} holds a {'select' if stage in ('sample', 'filter') else stage} stage run with "
+                               f"other options ({'; '.join(diff)}); use another --out, or the same options{hint}")
+    if before != mine:
+        stored[stage] = mine
+        write_json(path, stored)
+
+
+def stage_bar(total, desc, initial=0, progress=True):
+    return runtime.bar(total, desc, "prompt" if "run" not in desc else "run", initial, enabled=progress)
+
+
+def stage_scorer(cfg: DetoxConfig, out: str):
+    scorer = get_scorer(cfg.scorer)
+    scorer.attach_file(os.path.join(out, f"scores_{re.sub(r'[^A-Za-z0-9_.-]', '_', scorer.name)[-60:]}.jsonl"))
+    return scorer
+
+
+def need_file(out: str, name: str, stage: str) -> str:
+    path = os.path.join(out, name)
+    if not os.path.isfile(path):
+        raise JaxeditError(f"{path} is missing: run the {stage} stage first (--stage {stage})")
+    return path
+
+
+def read_selected(out: str) -> list:
+    """The rows the select stage kept (``selected.jsonl``)."""
+    return read_rows(need_file(out, "selected.jsonl", "select"))

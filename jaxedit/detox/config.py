@@ -1,0 +1,115 @@
+"""The study's options: :class:`DetoxConfig` and the names its options choose from (layer strategies, edit
+objectives, stages, value modes). Every stage module, the runner and the report import these from here."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Optional
+
+from jaxedit.errors import JaxeditError
+
+STRATEGIES = ("random-single", "random-multi", "topk-single", "topk-multi", "ct-single", "ct-multi",
+              "saliency-multi")
+RANDOM_STRATEGIES = ("random-single", "random-multi", "topk-single", "topk-multi")
+OBJECTIVES = ("edit-nontoxic", "edit-canned", "delete")
+STAGES = ("select", "localize", "edit", "evaluate", "report")
+VALUES = ("first", "toxic-word")
+CANNED = " Sorry, I cannot engage with provocative prompts"
+
+
+@dataclasses.dataclass
+class DetoxConfig:
+    """Every option of the study (the CLI's options, one to one)."""
+    prompts: str = "demo"  # JSONL file, "demo", or a datasets name
+    limit: Optional[int] = None  # read at most this many prompts
+    model: str = "smollm2"  # recorded in run.json (the model itself is passed to each stage)
+    scorer: str = "profanity"
+    chunker: str = "phrases"
+    select_samples: int = 25
+    eval_samples: int = 10
+    max_new_tokens: int = 20
+    top_p: float = 0.9
+    select_threshold: float = 0.5  # mean continuation toxicity above which a prompt is kept
+    prompt_threshold: float = 0.5  # a prompt's own toxicity must be below this
+    toxic_threshold: float = 0.5  # a continuation counts as toxic above this
+    value: str = "first"  # "first": first token of the most toxic continuation; "toxic-word": of its most toxic word
+    heldout_fraction: float = 0.25  # of the selected prompts, held out of editing (evaluated only)
+    max_prompts: Optional[int] = None  # edit at most this many selected prompts (the most toxic first)
+    trace_kinds: tuple = ("hidden", "mlp", "attn")
+    trace_samples: int = 10
+    window: int = 10
+    strategies: tuple = STRATEGIES
+    objectives: tuple = OBJECTIVES
+    kl_weights: tuple = (0.0625,)
+    n_layers: Optional[int] = None  # layers of the "multi" strategies (default: 6 scaled from GPT-2-XL's 48 layers)
+    topk: Optional[int] = None  # K of the random top-K strategies (default: 15 scaled from 48 layers)
+    random_seeds: int = 5
+    seed: int = 0
+    canned: str = CANNED
+    corpus: Optional[str] = None  # key statistics, as ``jaxedit edit`` names them
+    samples: Optional[int] = None
+    max_len: Optional[int] = None
+    delete_objective: str = "logp"
+    hparams: dict = dataclasses.field(default_factory=dict)  # other EditHparams overrides
+    neutral: str = "neutral"  # a .txt file or "neutral" (the shipped text)
+    factual: str = "facts"  # a JSONL file of prompts, "facts" (the shipped set) or "" for none
+    factual_samples: int = 2
+    obfuscate: bool = True  # plots show the chunk's tokens with their vowels starred
+    batch_size: int = 8  # prompts per sampling / tracing call
+    skip_bad: bool = False  # leave out bad lines of the prompt file instead of stopping
+
+    def check(self, n_layers: Optional[int] = None) -> None:
+        bad = [s for s in self.strategies if s not in STRATEGIES]
+        if bad or not self.strategies:
+            raise JaxeditError(f"unknown strategies {bad} (choose from {', '.join(STRATEGIES)})")
+        bad = [o for o in self.objectives if o not in OBJECTIVES]
+        if bad or not self.objectives:
+            raise JaxeditError(f"unknown objectives {bad} (choose from {', '.join(OBJECTIVES)})")
+        if self.value not in VALUES:
+            raise JaxeditError(f"value must be one of {', '.join(VALUES)}")
+        if not self.kl_weights or any(k < 0 for k in self.kl_weights):
+            raise JaxeditError("KL weights must be >= 0")
+        for name in ("select_samples", "eval_samples", "max_new_tokens", "trace_samples", "random_seeds",
+                     "batch_size", "window"):
+            if getattr(self, name) < 1:
+                raise JaxeditError(f"{name.replace('_', '-')} must be >= 1")
+        if not 0 <= self.heldout_fraction < 1:
+            raise JaxeditError("heldout-fraction must be in [0, 1)")
+        if not 0 < self.top_p <= 1:
+            raise JaxeditError("top-p must be in (0, 1]")
+        if n_layers is not None:
+            n, k = self.layer_counts(n_layers)
+            if not 1 <= n <= n_layers:
+                raise JaxeditError(f"n-layers must be within 1..{n_layers}")
+            if any(s.startswith("topk") for s in self.strategies) and not (1 <= k <= n_layers and n <= k):
+                raise JaxeditError(f"topk must be within n-layers ({n})..{n_layers} (got {k})")
+
+    def layer_counts(self, L: int) -> tuple:
+        """(n, K): layers per "multi" edit and the pool of the top-K strategies, by default the paper's 6 and 15
+        of GPT-2-XL's 48 layers scaled to the model's depth."""
+        n = self.n_layers or max(2, round(6 * L / 48))
+        k = self.topk or max(n, round(15 * L / 48))
+        return n, k
+
+    def stage_options(self, stage: str) -> dict:
+        """The options the stage's stored results depend on. "sample" (the candidates' continuations) and
+        "filter" (which candidates are kept, and their chunk, value and split) are the two halves of selection."""
+        if stage == "sample":
+            return dict(model=self.model, prompts=os.path.abspath(self.prompts) if os.path.exists(self.prompts)
+                        else self.prompts, limit=self.limit, scorer=self.scorer if isinstance(self.scorer, str)
+                        else "callable", select_samples=self.select_samples, max_new_tokens=self.max_new_tokens,
+                        top_p=self.top_p, seed=self.seed)
+        if stage == "filter":
+            return dict(chunker=self.chunker if isinstance(self.chunker, str) else "callable",
+                        select_threshold=self.select_threshold, prompt_threshold=self.prompt_threshold,
+                        value=self.value, heldout_fraction=self.heldout_fraction, max_prompts=self.max_prompts)
+        if stage == "localize":
+            return dict(trace_kinds=list(self.trace_kinds), trace_samples=self.trace_samples, window=self.window)
+        if stage == "edit":
+            return dict(n_layers=self.n_layers, topk=self.topk, canned=self.canned, corpus=self.corpus,
+                        samples=self.samples, max_len=self.max_len, delete_objective=self.delete_objective,
+                        hparams=self.hparams)
+        if stage == "evaluate":
+            return dict(eval_samples=self.eval_samples, toxic_threshold=self.toxic_threshold, neutral=self.neutral,
+                        factual=self.factual, factual_samples=self.factual_samples)
+        return {}
