@@ -104,14 +104,14 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_stats(smollm2):
-    """Key statistics of SmolLM2's layers 3-8 from 64 texts of 64 tokens sampled from the model itself (the offline
-    corpus), computed once in one pass and cached under JAXEDIT_CACHE: the real-model editing tests use layers 4-8,
-    and the study test's pipeline finds its CT layers (measured 3, 4, 6, 7) in the cache (the same corpus, sizes and
-    batch size; a layer's statistics do not depend on which layers are computed with it)."""
+    """Key statistics of SmolLM2's layers 4-8 (what the real-model editing tests edit) from 64 texts of 64 tokens
+    sampled from the model itself (the offline corpus), in one batch of 64: sampling reads every weight once per
+    new token for the whole batch, so one batch of 64 costs about an eighth of eight batches of 8."""
     import jaxedit
 
     model, tok = smollm2
-    return jaxedit.layer_stats(model, tok, range(3, 9), corpus="model", n_samples=64, max_len=64, progress=False)
+    return jaxedit.layer_stats(model, tok, range(4, 9), corpus="model", n_samples=64, max_len=64, batch_size=64,
+                               progress=False)
 
 
 @pytest.fixture(scope="session")
@@ -151,9 +151,22 @@ def _cache_dir(tmp_path_factory):
     yield
 
 
+# XLA's CPU backend with its optimizations off: for the tiny checkpoints compiling is what costs (measured on
+# tests/test_tracing.py: 220 s -> 145 s, same results); SmolLM2's programs run ~1.5x slower so (a one-prompt trace
+# 17.7 -> 26.6 s), so a run that selects any slow test keeps XLA's defaults
+FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
 def pytest_collection_finish(session):
-    """tests/test_sharding.py's checks run in a process of their own (8 CPU devices); start it as soon as they are
-    collected, at low priority, so it runs beside the rest of the suite instead of after it."""
+    """A run without slow tests compiles with :data:`FAST_XLA` (set before the first computation starts JAX's
+    backend; the commands the tests start inherit it). tests/test_sharding.py's checks run in a process of their
+    own (8 CPU devices); start it as soon as they are collected, at low priority, so it runs beside the rest of the
+    suite instead of after it."""
+    if not any(item.get_closest_marker("slow") for item in session.items):
+        from jax._src import xla_bridge
+
+        if not xla_bridge._backends:  # the backend reads XLA_FLAGS once, when it starts
+            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA}".strip()
     for item in session.items:
         module = getattr(item, "module", None)
         if hasattr(module, "start_background_checks") and "report" in getattr(item, "fixturenames", ()):

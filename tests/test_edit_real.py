@@ -98,7 +98,7 @@ def test_batch_of_ten_edits(smollm2, stats):
 
 
 @pytest.mark.slow
-def test_delete_and_kl_sweep(smollm2, stats):
+def test_delete_both_objectives(smollm2, stats):
     model, tok = smollm2
     prompts = [FACTS[i] for i in (0, 9, 16)]
     _, greedy = next_token_probs(model, tok, [f["prompt"] for f in prompts], [[0]] * len(prompts))
@@ -117,14 +117,10 @@ def test_delete_and_kl_sweep(smollm2, stats):
     geo, low, rise, _ = run()
     print(f"\nlogp objective: geo-mean p drop {geo:.3g}, min {low:.3g}, perplexity rise {rise:.2%}")
     assert low >= 10 and rise < 0.10
-    # its log P is unbounded below: every step pushes it further, so the KL weight (measured 0..5) moves neither
-    # perplexity monotonically. The bounded unlikelihood objective -log(1 - P) settles where the KL term balances
-    # it: a larger KL weight suppresses less and raises the prompts' perplexity less (at 5 it lowers it). (The neutral text's perplexity
-    # moves by under 1 % at every weight, measured 0.58 %, 0.75 %, 0.55 % at 0, 0.5, 5: too little to be ordered.)
-    rows = [(kl,) + run(kl_weight=kl, delete_objective="unlikelihood") for kl in (0.0, 5.0)]
-    print("unlikelihood: kl_weight | geo-mean p drop | min drop | perplexity rise (text) | (the prompts)")
-    for row in rows:
-        print(" | ".join(f"{v:.4g}" for v in row))
-    assert all(r[2] >= 10 and r[3] < 0.02 for r in rows)
-    for col in (1, 4):  # measured: geo-mean drop 1576 -> 55, the prompts' perplexity rise 2.5 % -> -10 %
-        assert rows[0][col] > rows[1][col], (col, rows)
+    # the bounded unlikelihood objective -log(1 - P) at a middle KL weight: suppresses, text perplexity kept.
+    # (How the KL weight moves suppression and perplexity under each objective was measured over a sweep, see
+    # docs/editing.md; the objective's terms are pinned against float64 torch/numpy in test_editing.py.)
+    kl, geo, low, rise, rise_prompts = (0.5,) + run(kl_weight=0.5, delete_objective="unlikelihood")
+    print(f"unlikelihood at KL weight {kl}: geo-mean p drop {geo:.4g}, min {low:.4g}, perplexity rise "
+          f"{rise:.2%} (text), {rise_prompts:.2%} (the prompts)")
+    assert low >= 10 and rise < 0.02
