@@ -67,8 +67,9 @@ def test_edit_eiffel_to_rome(smollm2, stats, tmp_path):
         ref = hf(torch.tensor(ids)).logits.numpy()
     got = np.asarray(jaxedit.forward(edited, ids).logits)
     print("export max-abs logit difference:", np.abs(got - ref).max(), "largest logit:", np.abs(ref).max())
-    # float32 arithmetic through 30 layers (hidden norms ~200) differs by ~1e-4 at logits ~18: 1e-4 + 1e-5 relative
-    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-5)
+    # float32 arithmetic through 30 layers (hidden norms ~200): the two differ by ~1e-4 at logits ~18 to 30
+    # (measured 1.3e-4 at a largest logit of 30), an error of the logits' scale, so 1e-5 of the largest logit
+    np.testing.assert_allclose(got, ref, atol=1e-5 * np.abs(ref).max(), rtol=1e-5)
     from safetensors.numpy import load_file
 
     saved = load_file(str(tmp_path / "hf" / "model.safetensors"))
@@ -116,11 +117,12 @@ def test_delete_both_objectives(smollm2, stats):
     # the reference objective (mean log P) at the default KL weight
     geo, low, rise, _ = run()
     print(f"\nlogp objective: geo-mean p drop {geo:.3g}, min {low:.3g}, perplexity rise {rise:.2%}")
-    assert low >= 10 and rise < 0.10
+    # log P has no floor: measured drops of 8e10 and more at every KL weight (docs/editing.md)
+    assert low >= 1e6 and rise < 0.10
     # the bounded unlikelihood objective -log(1 - P) at a middle KL weight: suppresses, text perplexity kept.
     # (How the KL weight moves suppression and perplexity under each objective was measured over a sweep, see
     # docs/editing.md; the objective's terms are pinned against float64 torch/numpy in test_editing.py.)
     kl, geo, low, rise, rise_prompts = (0.5,) + run(kl_weight=0.5, delete_objective="unlikelihood")
     print(f"unlikelihood at KL weight {kl}: geo-mean p drop {geo:.4g}, min {low:.4g}, perplexity rise "
           f"{rise:.2%} (text), {rise_prompts:.2%} (the prompts)")
-    assert low >= 10 and rise < 0.02
+    assert low >= 20 and rise < 0.02  # measured min drop 82 (geo-mean 340), text perplexity +0.49 %
