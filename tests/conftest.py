@@ -2,6 +2,8 @@
 save_pretrained) and a tiny byte-level BPE tokenizer trained on a few sentences."""
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 
 import numpy as np
@@ -64,6 +66,26 @@ def build_hf_model(name: str, seed: int = 0, init_std: float = 0.02):
                 if "norm" in n:
                     p.uniform_(0.5, 1.5)
     return model.eval()
+
+
+def _is_module(name):
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a name imported from a module, not a module
+        return False
+
+
+def jaxedit_imports(module):
+    """The jaxedit modules the source of ``module`` imports (anywhere in it): "from jaxedit import sharding" imports
+    the submodule, "from jaxedit.x import f" the module x. For the cache-key coverage checks."""
+    found = set()
+    for node in ast.walk(ast.parse(open(importlib.util.find_spec(module).origin).read())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jaxedit"):
+            found.update([f"{node.module}.{a.name}" for a in node.names if _is_module(f"{node.module}.{a.name}")]
+                         or [node.module])
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("jaxedit"))
+    return set(filter(_is_module, found))
 
 
 def offset_span(tok, text, substring):

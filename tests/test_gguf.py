@@ -1,6 +1,5 @@
 """GGUF loading without the embedded model or the cache: a tiny LLaMA written as a GGUF file here, the way llama.cpp's
 HF converter writes one, read by jaxedit and by transformers' own GGUF loader; and the conversion cache's key."""
-import ast
 import importlib.util
 import json
 import os
@@ -11,7 +10,7 @@ import torch
 
 import jaxedit
 from jaxedit import loading
-from conftest import build_hf_model
+from conftest import build_hf_model, jaxedit_imports
 
 TEXT = "The Eiffel Tower is located in the city of Paris. Miles Davis plays the trumpet."
 
@@ -194,29 +193,12 @@ NOT_CONVERTING = {
 }
 
 
-def is_module(name):
-    try:
-        return importlib.util.find_spec(name) is not None
-    except (ImportError, ValueError):  # a name imported from a module, not a module
-        return False
-
-
 def test_conversion_modules_cover_what_they_import():
     """Every jaxedit module imported by a module of the cache key is in the key or named above with a reason."""
     listed = set(loading.CONVERSION_MODULES)
     for name in listed:
-        tree = ast.parse(open(importlib.util.find_spec(name).origin).read())
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jaxedit"):
-                # "from jaxedit import sharding" imports the submodule, "from jaxedit.x import f" the module x
-                imported = [f"{node.module}.{a.name}" for a in node.names if is_module(f"{node.module}.{a.name}")] \
-                    or [node.module]
-            elif isinstance(node, ast.Import):
-                imported = [a.name for a in node.names if a.name.startswith("jaxedit")]
-            else:
-                continue
-            for mod in filter(is_module, imported):
-                assert mod in listed or mod in NOT_CONVERTING, f"{name} imports {mod}: in the cache key or not?"
+        for mod in jaxedit_imports(name):
+            assert mod in listed or mod in NOT_CONVERTING, f"{name} imports {mod}: in the cache key or not?"
 
 
 TORCH_FREE = r"""

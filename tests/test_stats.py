@@ -150,24 +150,9 @@ NOT_COMPUTING = {
 
 def test_stats_modules_cover_what_they_import():
     """Every jaxedit module imported by a module of the statistics' key is in the key or named above."""
-    import ast
-    import importlib.util
-
-    def is_module(name):
-        try:
-            return importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):
-            return False
+    from conftest import jaxedit_imports
 
     listed = set(st.STATS_MODULES)
     for name in listed:
-        for node in ast.walk(ast.parse(open(importlib.util.find_spec(name).origin).read())):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("jaxedit"):
-                imported = [f"{node.module}.{a.name}" for a in node.names if is_module(f"{node.module}.{a.name}")] \
-                    or [node.module]
-            elif isinstance(node, ast.Import):
-                imported = [a.name for a in node.names if a.name.startswith("jaxedit")]
-            else:
-                continue
-            for mod in filter(is_module, imported):
-                assert mod in listed or mod in NOT_COMPUTING, f"{name} imports {mod}: in the key or not?"
+        for mod in jaxedit_imports(name):
+            assert mod in listed or mod in NOT_COMPUTING, f"{name} imports {mod}: in the key or not?"
