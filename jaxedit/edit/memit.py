@@ -34,7 +34,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxedit import runtime
-from jaxedit.batching import pad_rows
+from jaxedit.batching import pad_rows, round_up
 from jaxedit.config import ModelConfig
 from jaxedit.edit.stats import layer_stats
 from jaxedit.errors import JaxeditError
@@ -375,21 +375,57 @@ def _layer_norm2(w, l):
     return jnp.linalg.norm(w[l].astype(jnp.float32))
 
 
-def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers, hp: EditHparams):
-    """Write the target vectors ``z`` [n, d] (at the output of the last layer of ``layers``) into the layers in
-    order: per layer, keys and current z on the partially edited model, residual / layers left, solve, add.
-    Returns (new params, per-layer report)."""
-    n = len(reqs)
-    L = layers[-1]
-    # key rows: the bare prompt (row 0: also gives the current z) and the prefixed prompts
+def key_rows(tokenizer, reqs, contexts, bucket: Optional[int] = None):
+    """The rows whose keys make each request's key (per request: the bare prompt first, then the prefixed
+    prompts): (ids, mask, key positions) as device arrays, rows padded to a multiple of ``bucket`` tokens."""
     krows, kpos = [], []
     for r in reqs:
         for c in contexts:
             ids_k, k = _encode_with_key(tokenizer, c, r.template, r.subject)
             krows.append(ids_k)
             kpos.append(k)
-    kids, kmask = (jnp.asarray(a) for a in pad_rows(krows))
-    kpos = jnp.asarray(np.array(kpos, np.int32))
+    T = round_up(max(len(x) for x in krows), bucket) if bucket else None
+    kids, kmask = (jnp.asarray(a) for a in pad_rows(krows, T))
+    return kids, kmask, jnp.asarray(np.array(kpos, np.int32))
+
+
+def request_keys(cfg, params, kids, kmask, kpos, n: int, layers) -> dict:
+    """{layer: K [n, f]}: each request's key (1/2 the bare prompt's + 1/2 the mean of the prefixed prompts')."""
+    keys = to_host(_keys_at(cfg, params, kids, kmask, kpos, jnp.asarray(list(layers)), stop=max(layers) + 1))
+    out = {}
+    for i, l in enumerate(layers):
+        k = np.asarray(keys[:, i], np.float32).reshape(n, kids.shape[0] // n, -1)
+        out[l] = 0.5 * k[:, 0] + 0.5 * k[:, 1:].mean(1) if k.shape[1] > 1 else k[:, 0]
+    return out
+
+
+@partial(jax.jit, static_argnames=("cfg", "stop"))
+def _keys_at(cfg, params, ids, mask, pos, layers, *, stop: int):
+    """Keys at ``layers`` [m] and the positions ``pos`` [B]: [B, m, f]."""
+    out = apply(cfg, params, ids, mask, capture=("keys",), num_layers=stop)
+    rows = jnp.arange(ids.shape[0])
+    return out.keys[rows[:, None], layers[None, :], pos[:, None]]
+
+
+def memit_solver(stats, hp: EditHparams):
+    """MEMIT's update of layer l from its keys K [f, n] and residuals R [d, n]: (lambda C_l + K K^T)^-1 K R^T."""
+    def solve(l, K, R, sharding):
+        return _solve(stats[l], K, R, hp.mom2_update_weight, hp.solve_dtype, sharding)
+
+    solve.hint = "raise mom2_update_weight or use more statistics samples"
+    return solve
+
+
+def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers, hp: EditHparams, *,
+           solver=None, bucket: Optional[int] = None):
+    """Write the target vectors ``z`` [n, d] (at the output of the last layer of ``layers``) into the layers in
+    order: per layer, keys and current z on the partially edited model, residual / layers left, solve, add.
+    ``solver(layer, K [f, n], R [d, n], sharding) -> (dW [f, d], relative residual)`` (default MEMIT's, with
+    ``stats``). Returns (new params, per-layer report)."""
+    n = len(reqs)
+    L = layers[-1]
+    solver = solver or memit_solver(stats, hp)
+    kids, kmask, kpos = key_rows(tokenizer, reqs, contexts, bucket)
     C = len(contexts)
 
     blocks = dict(params["blocks"])
@@ -405,7 +441,7 @@ def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers
         K = 0.5 * keys[:, 0] + 0.5 * keys[:, 1:].mean(1) if C > 1 else keys[:, 0]  # [n, f]
         z_now = np.asarray(hidden, np.float32).reshape(n, C, -1)[:, 0]
         resid = (z - z_now) / (len(layers) - i)  # [n, d]
-        dW, rel = _solve(stats[l], K.T, resid.T, hp.mom2_update_weight, hp.solve_dtype, layer_sharding)
+        dW, rel = solver(l, K.T, resid.T, layer_sharding)
         if mesh is None:
             nW, ndW = float(np.linalg.norm(np.asarray(w_out[l], np.float32))), float(np.linalg.norm(dW))
             finite = bool(np.all(np.isfinite(dW)))
@@ -416,7 +452,7 @@ def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers
             raise JaxeditError(f"layer {l}: the update is not finite (ill-conditioned solve); nothing was changed")
         if rel > 1e-2:
             raise JaxeditError(f"layer {l}: ill-conditioned solve (relative residual {rel:.1e}); nothing was "
-                               f"changed (raise mom2_update_weight or use more statistics samples)")
+                               f"changed ({getattr(solver, 'hint', 'a better-conditioned system is needed')})")
         if ndW > hp.max_update_ratio * nW:
             raise JaxeditError(f"layer {l}: the update's norm {ndW:.3g} exceeds {hp.max_update_ratio} x the "
                                f"weight's norm {nW:.3g}; refused, nothing was changed")
@@ -445,25 +481,28 @@ def next_token_probs(model, tokenizer, prompts: Sequence[str], token_ids: Sequen
 
 # ---- the edit ----
 
-def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides):
+def prepare(model, layers, hp_overrides: dict):
+    """The hyperparameters (preset for the model + overrides, ``layers`` if given) and the checked layer tuple."""
     cfg = model.config
+    hp_overrides = dict(hp_overrides)
     preset = hp_overrides.pop("preset", None)
     hp = hparams_for(cfg, preset, **hp_overrides)
     if layers is not None:
         hp = hp.replace(layers=tuple(check_layers(cfg.n_layers, layers)))
     layers = tuple(check_layers(cfg.n_layers, hp.layers))
+    hp = hp.replace(layers=layers)
     if hp.solve_dtype not in ("float32", "float64"):
         raise JaxeditError("solve_dtype must be float32 or float64")
     if hp.v_num_grad_steps < 1:
         raise JaxeditError("v_num_grad_steps must be >= 1")
     if hp.delete_objective not in ("logp", "unlikelihood"):
         raise JaxeditError("delete_objective must be logp or unlikelihood")
-    reqs = parse_requests(requests, tokenizer, mode)
-    t0 = time.perf_counter()
-    L = layers[-1]
-    params = params_of(model)
+    return hp, layers
 
-    # covariance statistics (before any change)
+
+def key_stats(model, tokenizer, layers, hp: EditHparams, stats=None, progress=True):
+    """``stats`` checked against the model (one [d_ff, d_ff] matrix per layer), or computed (cached on disk)."""
+    cfg = model.config
     if stats is None:
         stats = layer_stats(model, tokenizer, layers, corpus=hp.mom2_corpus, n_samples=hp.mom2_samples,
                             max_len=hp.mom2_max_len, precision=hp.mom2_precision, progress=progress)
@@ -474,11 +513,18 @@ def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides
         if np.shape(stats[l]) != (cfg.d_ff, cfg.d_ff):
             raise JaxeditError(f"key statistics of layer {l} have shape {np.shape(stats[l])}, "
                                f"expected ({cfg.d_ff}, {cfg.d_ff})")
+    return stats
 
-    stats_source = getattr(stats, "source", None)
-    runtime.stage("sampling context templates")
-    contexts = context_templates(model, tokenizer, hp)
 
+def optimize_targets(model, tokenizer, reqs, mode: str, hp: EditHparams, layers, contexts, *,
+                     pad_to: int = 0, bucket: Optional[int] = None):
+    """Step 1: z = h + delta at the output of the last edited layer, per request. With ``pad_to``, the batch is
+    padded to that many requests (copies of the first) and with ``bucket`` the rows to a multiple of that many
+    tokens, so batches of one size share one compiled program. Returns (z [n, d], h_init [n, d], delta [n, d],
+    losses [n, steps], objective terms [n, steps], steps run [n])."""
+    cfg = model.config
+    params = params_of(model)
+    L = layers[-1]
     # rows for z: the target appended (edit) under every context, then the KL prompt
     R = len(contexts) + 1
     rows, key_pos, logit_pos, tok_ids, tok_w = [], [], [], [], []
@@ -503,19 +549,24 @@ def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides
         tok_ids.append([0])
         tok_w.append([0.0])
     Kmax = max(len(x) for x in logit_pos)
+    if bucket:
+        Kmax = round_up(Kmax, 4)
     pad = lambda xs, v: np.array([x + [x[-1] if v is None else v] * (Kmax - len(x)) for x in xs])
     lp_arr, ti_arr = pad(logit_pos, None), pad(tok_ids, 0)
     tw_arr = np.array([x + [0.0] * (Kmax - len(x)) for x in tok_w], np.float32)
-    ids, mask = pad_rows(rows)
-    n, T = len(reqs), ids.shape[1]
+    ids, mask = pad_rows(rows, round_up(max(len(x) for x in rows), bucket) if bucket else None)
+    n = len(reqs)
     key_pos = np.array(key_pos, np.int32)
+    window = int((mask.sum(1) - key_pos).max())
+    if bucket:
+        window = min(round_up(window, bucket), ids.shape[1])
 
     # the state entering the blocks after L, computed once (the unedited model). On a mesh the requests are split
     # over the data axis (padded to a multiple of it with copies of the first request, dropped afterwards)
     runtime.stage(f"optimizing the target vector{'s' * (n > 1)} at layer {L} ({n} request{'s' * (n > 1)}, "
                   f"<= {hp.v_num_grad_steps} steps)")
     mesh = mesh_of(params)
-    n_pad = padded(n, mesh)
+    n_pad = padded(max(n, pad_to), mesh)
     order = np.concatenate([np.arange(n * R), np.tile(np.arange(R), n_pad - n)])
     put = (lambda a: jnp.asarray(a)) if mesh is None else (lambda a: put_batch(mesh, a))
     ids, mask, key_pos, lp_arr, ti_arr, tw_arr = (np.asarray(a)[order] for a in
@@ -529,21 +580,30 @@ def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides
         cfg, params, shape(h), shape(mask), shape(key_pos), shape(lp_arr), shape(ti_arr), shape(tw_arr),
         h_init, layer=L, mode="unlikelihood" if mode == "delete" and hp.delete_objective == "unlikelihood" else mode,
         steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay, clamp_factor=hp.clamp_norm_factor,
-        kl_factor=hp.kl_factor, stop_loss=hp.early_stop_loss, window=int((mask.sum(1) - key_pos).max())))
+        kl_factor=hp.kl_factor, stop_loss=hp.early_stop_loss, window=window))
     delta, losses, mains, n_run = delta[:n], losses[:n], mains[:n], n_run[:n]
-    h_init = to_host(h_init)[:n]
+    h_init = np.asarray(to_host(h_init)[:n], np.float32)
     if not np.all(np.isfinite(delta)):
         raise JaxeditError("the target optimization diverged (non-finite delta); nothing was changed")
-    z = np.asarray(h_init, np.float32) + delta  # [n, d]
+    return h_init + delta, h_init, delta, np.asarray(losses), np.asarray(mains), np.asarray(n_run)
 
+
+def edit_batch(model, tokenizer, reqs, mode: str, hp: EditHparams, layers, contexts, stats, *, solver=None,
+               evaluate: bool = True, pad_to: int = 0, bucket: Optional[int] = None):
+    """One batch edit of parsed requests: targets (:func:`optimize_targets`), then :func:`spread` with ``solver``
+    (default MEMIT's with ``stats``). Returns (edited model, report)."""
+    t0 = time.perf_counter()
+    cfg = model.config
+    z, h_init, delta, losses, mains, n_run = optimize_targets(model, tokenizer, reqs, mode, hp, layers, contexts,
+                                                              pad_to=pad_to, bucket=bucket)
     runtime.stage(f"spreading the update over layers {list(layers)}")
-    new_params, layer_report = spread(cfg, params, tokenizer, reqs, contexts, z, stats, layers, hp)
+    new_params, layer_report = spread(cfg, params_of(model), tokenizer, reqs, contexts, z, stats, layers, hp,
+                                      solver=solver, bucket=bucket)
     edited = model_from_params(cfg, new_params)
 
     report = {"mode": mode, "layers": list(layers), "hparams": dataclasses.asdict(hp), "contexts": contexts,
-              "requests": [], "layers_report": layer_report, "stats": stats_source}
-    h_norm = np.linalg.norm(np.asarray(h_init), axis=1)
-    losses, mains, n_run = np.asarray(losses), np.asarray(mains), np.asarray(n_run)
+              "requests": [], "layers_report": layer_report, "stats": getattr(stats, "source", None)}
+    h_norm = np.linalg.norm(h_init, axis=1)
     for j, r in enumerate(reqs):
         k = max(int(n_run[j]) - 1, 0)
         report["requests"].append({
@@ -551,8 +611,21 @@ def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides
             "loss_first": float(losses[j, 0]), "loss_last": float(losses[j, k]),
             "objective_first": float(mains[j, 0]), "objective_last": float(mains[j, k]), "steps": int(n_run[j]),
             "delta_norm": float(np.linalg.norm(delta[j])), "h_norm": float(h_norm[j])})
-    runtime.stage("evaluating the edited model")
-    _evaluate(model, edited, tokenizer, reqs, mode, report)
+    if evaluate:
+        runtime.stage("evaluating the edited model")
+        _evaluate(model, edited, tokenizer, reqs, mode, report)
+    report["seconds"] = time.perf_counter() - t0
+    return edited, report
+
+
+def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides):
+    hp, layers = prepare(model, layers, hp_overrides)
+    reqs = parse_requests(requests, tokenizer, mode)
+    t0 = time.perf_counter()
+    stats = key_stats(model, tokenizer, layers, hp, stats, progress)  # before any change
+    runtime.stage("sampling context templates")
+    contexts = context_templates(model, tokenizer, hp)
+    edited, report = edit_batch(model, tokenizer, reqs, mode, hp, layers, contexts, stats)
     report["seconds"] = time.perf_counter() - t0
     return edited, report
 

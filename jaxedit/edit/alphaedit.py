@@ -1,0 +1,210 @@
+"""AlphaEdit (Fang et al. 2025): MEMIT's update projected onto the null space of the preserved knowledge's keys, so
+that a long sequence of edits leaves what the model knew (and the edits made before) in place.
+
+Everything up to the residuals is MEMIT's (:mod:`jaxedit.edit.memit`: the z optimization, the keys averaged over the
+context templates, the residual spread over the layers, each layer's keys recomputed on the model as edited so far).
+Only the solve per layer differs:
+
+    dW = solve(P (K K^T + C_p) + l2 I,  P K R^T)        (dW [f, d], added to the [f, d] output projection)
+
+- P [f, f] projects onto the eigenvectors of the layer's key statistics C = E[k k^T] (the second moment MEMIT uses)
+  whose eigenvalues are small: below ``null_space_threshold`` (absolute, the published default 2e-2) or, with
+  ``"energy:F"``, the smallest ones whose sum is at most (1 - F) of the trace. P is computed once per sequence.
+- C_p [f, f] is the sum of K K^T over the batches edited before (zero for the first), each batch's keys recomputed
+  on the model after that batch's edit.
+
+``report["state"]`` holds P, C_p and the context templates; passing it back as ``state=`` continues the sequence.
+"""
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxedit import runtime
+from jaxedit.edit import memit as _memit
+from jaxedit.errors import JaxeditError
+from jaxedit.model import params_of
+from jaxedit.sharding import to_host
+
+DEFAULT_THRESHOLD = 2e-2
+
+
+def parse_threshold(value):
+    """``null_space_threshold`` as ("absolute", t) or ("energy", F); a string "energy:F" or a number."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("energy:"):
+            try:
+                frac = float(text[len("energy:"):])
+            except ValueError:
+                frac = None
+            if frac is None or not 0.0 < frac < 1.0:
+                raise JaxeditError(f"null_space_threshold {value!r}: energy:F needs 0 < F < 1 (e.g. energy:0.99)")
+            return "energy", frac
+        try:
+            value = float(text)
+        except ValueError:
+            raise JaxeditError(f"null_space_threshold must be a number or energy:F (got {value!r})") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+        raise JaxeditError(f"null_space_threshold must be a positive number or energy:F (got {value!r})")
+    return "absolute", float(value)
+
+
+@jax.jit
+def _eigh(C):
+    return jnp.linalg.eigh(C)
+
+
+@jax.jit
+def _projector(U, keep):
+    Us = U * keep[None, :].astype(U.dtype)
+    return Us @ Us.T
+
+
+def null_space_projector(C, threshold=DEFAULT_THRESHOLD, *, layer=None):
+    """(P [f, f] float32, info): the projector onto the eigen-directions of the key statistics ``C`` kept by
+    ``threshold`` (see :func:`parse_threshold`). Refuses a projector of rank 0 (every direction preserved: no
+    edit could be written) or of full rank (nothing preserved: plain MEMIT without its regularizer)."""
+    kind, t = parse_threshold(threshold)
+    w, U = _eigh(jnp.asarray(C, jnp.float32))  # ascending eigenvalues
+    w = np.asarray(w, np.float64)
+    f = w.shape[0]
+    if kind == "absolute":
+        keep = w < t
+    else:
+        trace = float(np.clip(w, 0, None).sum())
+        keep = np.cumsum(np.clip(w, 0, None)) <= (1.0 - t) * trace
+    rank = int(keep.sum())
+    where = f"layer {layer}: " if layer is not None else ""
+    if rank == 0:
+        raise JaxeditError(f"{where}null_space_threshold {threshold!r} keeps no direction of the key statistics "
+                           f"(smallest eigenvalue {w[0]:.3g}); raise it or use energy:F (e.g. energy:0.99)")
+    if rank == f:
+        raise JaxeditError(f"{where}null_space_threshold {threshold!r} keeps all {f} directions of the key "
+                           f"statistics (largest eigenvalue {w[-1]:.3g}), so nothing is preserved; lower it or "
+                           f"use energy:F (e.g. energy:0.99)")
+    P = np.asarray(_projector(U, jnp.asarray(keep)), np.float32)
+    kept = float(np.clip(w[keep], 0, None).sum() / max(np.clip(w, 0, None).sum(), 1e-30))
+    return P, {"rank": rank, "dim": f, "energy_in_null_space": kept,
+               "largest_kept_eigenvalue": float(w[keep].max())}
+
+
+def _alpha_solve_f32(P, Cp, K, R, l2):
+    A = P @ (K @ K.T + Cp) + l2 * jnp.eye(P.shape[0], dtype=P.dtype)
+    B = P @ (K @ R.T)
+    X = jnp.linalg.solve(A, B)
+    rel = jnp.linalg.norm(A @ X - B) / jnp.maximum(jnp.linalg.norm(B), 1e-30)
+    return X, rel
+
+
+_alpha_solve_f32_jit = jax.jit(_alpha_solve_f32)
+
+
+def alpha_solve(P, Cp, K, R, l2, dtype="float32", sharding=None):
+    """dW [f, d] = solve(P (K K^T + C_p) + l2 I, P K R^T) with K [f, n], R [d, n]; and the relative residual.
+    float32 on the device (as a device array placed with ``sharding`` when given, else numpy) or float64 on the
+    host."""
+    if dtype == "float64":
+        P64, K64, R64 = (np.asarray(a, np.float64) for a in (P, K, R))
+        A = P64 @ (K64 @ K64.T + np.asarray(Cp, np.float64)) + l2 * np.eye(P64.shape[0])
+        B = P64 @ (K64 @ R64.T)
+        X = np.linalg.solve(A, B)
+        rel = np.linalg.norm(A @ X - B) / max(np.linalg.norm(B), 1e-30)
+        X = X.astype(np.float32)
+        return (X if sharding is None else jax.device_put(X, sharding)), float(rel)
+    args = tuple(np.asarray(a, np.float32) for a in (P, Cp, K, R)) + (np.float32(l2),)
+    if sharding is None:
+        X, rel = _alpha_solve_f32_jit(*args)
+        return np.asarray(X, np.float32), float(rel)
+    rep = NamedSharding(sharding.mesh, PartitionSpec())
+    X, rel = jax.jit(_alpha_solve_f32, in_shardings=rep, out_shardings=(sharding, rep))(*args)
+    return X, float(to_host(rel))
+
+
+def alphaedit_solver(state: dict, l2: float, dtype: str):
+    """The solver :func:`jaxedit.edit.memit.spread` calls per layer, with the sequence's P and C_p."""
+    def solve(l, K, R, sharding):
+        return alpha_solve(state["P"][l], state["C_p"][l], K, R, l2, dtype, sharding)
+
+    solve.hint = "raise l2"
+    return solve
+
+
+def new_state(model, tokenizer, layers, hp, *, stats=None, null_space_threshold=DEFAULT_THRESHOLD,
+              contexts=None, progress=True) -> dict:
+    """The state of a new sequence: P per layer from the key statistics, C_p = 0, the context templates."""
+    stats = _memit.key_stats(model, tokenizer, layers, hp, stats, progress)
+    parse_threshold(null_space_threshold)
+    P, info = {}, {}
+    for l in layers:
+        runtime.stage(f"null-space projector of layer {l}")
+        P[l], info[l] = null_space_projector(stats[l], null_space_threshold, layer=l)
+    if contexts is None:
+        runtime.stage("sampling context templates")
+        contexts = _memit.context_templates(model, tokenizer, hp)
+    f = model.config.d_ff
+    return {"layers": list(layers), "P": P, "C_p": {l: np.zeros((f, f), np.float32) for l in layers},
+            "null_space": info, "null_space_threshold": null_space_threshold, "contexts": list(contexts),
+            "edits": 0, "stats": getattr(stats, "source", None)}
+
+
+def check_state(state, layers, d_ff: int) -> None:
+    if not isinstance(state, dict) or not {"P", "C_p", "contexts"} <= set(state):
+        raise JaxeditError("state must be the report[\"state\"] of an earlier alphaedit call")
+    if list(state.get("layers", [])) != list(layers):
+        raise JaxeditError(f"state is for layers {list(state.get('layers', []))}, not {list(layers)}")
+    for l in layers:
+        for name in ("P", "C_p"):
+            if np.shape(state[name].get(l)) != (d_ff, d_ff):
+                raise JaxeditError(f"state[{name!r}] of layer {l} has shape {np.shape(state[name].get(l))}, "
+                                   f"expected ({d_ff}, {d_ff})")
+
+
+def accumulate(model, tokenizer, reqs, state: dict, layers, *, bucket: Optional[int] = None) -> dict:
+    """A new state whose C_p adds K K^T of ``reqs``' keys, computed on ``model`` (the model after their edit)."""
+    cfg = model.config
+    kids, kmask, kpos = _memit.key_rows(tokenizer, reqs, state["contexts"], bucket)
+    keys = _memit.request_keys(cfg, params_of(model), kids, kmask, kpos, len(reqs), layers)
+    C_p = dict(state["C_p"])
+    for l in layers:
+        K = keys[l].astype(np.float32)  # [n, f]
+        C_p[l] = state["C_p"][l] + K.T @ K
+    return dict(state, C_p=C_p, edits=int(state.get("edits", 0)) + len(reqs))
+
+
+def run_batch(model, tokenizer, reqs, mode: str, hp, layers, state: dict, l2: float, *, evaluate=True,
+              pad_to: int = 0, bucket: Optional[int] = None):
+    """One AlphaEdit batch on parsed requests: the edit, then C_p updated. Returns (edited, report, new state)."""
+    edited, report = _memit.edit_batch(model, tokenizer, reqs, mode, hp, layers, state["contexts"], None,
+                                       solver=alphaedit_solver(state, l2, hp.solve_dtype), evaluate=evaluate,
+                                       pad_to=pad_to, bucket=bucket)
+    runtime.stage("adding the batch's keys to the preserved set")
+    return edited, report, accumulate(edited, tokenizer, reqs, state, layers, bucket=bucket)
+
+
+def alphaedit(model, requests, layers=None, tokenizer=None, *, stats=None, state=None,
+              null_space_threshold=DEFAULT_THRESHOLD, l2: float = 10.0, progress=True, **hparams):
+    """AlphaEdit: MEMIT's edit of each request's subject -> "target", with the null-space projected solve.
+    Returns ``(edited_model, report)``; ``report["state"]`` continues the sequence when passed as ``state=`` to the
+    next call (its P is reused, its C_p holds the keys of every batch so far). ``stats``: {layer: E[k k^T]}
+    (default computed and cached like MEMIT's; only needed for a new sequence). ``null_space_threshold``: a number
+    (eigenvalues below it span the null space) or "energy:F". Other keywords are MEMIT's hyperparameters."""
+    t0 = time.perf_counter()
+    if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 >= 0:
+        raise JaxeditError(f"l2 must be a number >= 0 (got {l2!r})")
+    hp, layers = _memit.prepare(model, layers, hparams)
+    reqs = _memit.parse_requests(requests, tokenizer, "edit")
+    if state is None:
+        state = new_state(model, tokenizer, layers, hp, stats=stats, null_space_threshold=null_space_threshold,
+                          progress=progress)
+    else:
+        check_state(state, layers, model.config.d_ff)
+    edited, report, state = run_batch(model, tokenizer, reqs, "edit", hp, layers, state, float(l2))
+    report.update(method="alphaedit", l2=float(l2), null_space_threshold=state["null_space_threshold"],
+                  null_space=state["null_space"], state=state, seconds=time.perf_counter() - t0)
+    return edited, report
