@@ -11,6 +11,7 @@ from jaxedit.locate.saliency import SaliencyResult, saliency, saliency_batch
 from jaxedit.locate.tracing import TraceResult, trace, trace_batch
 from jaxedit.edit.memit import EditHparams, delete, hparams_for, memit
 from jaxedit.edit.alphaedit import alphaedit
+from jaxedit.edit.sequential import edit_sequential
 from jaxedit.edit.stats import layer_stats
 from jaxedit.edit.dinm import DinmHparams, dinm, dinm_locate
 from jaxedit.evaluate.safeedit import evaluate as evaluate_safeedit, read_cases as read_safeedit
@@ -22,7 +23,7 @@ from jaxedit.sharding import make_mesh
 __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "apply", "load", "DEFAULT_MODEL",
            "forward", "create_model", "model_from_params", "params_of", "count_params", "trace", "trace_batch",
            "TraceResult", "saliency", "saliency_batch", "SaliencyResult", "select_layers",
-           "attribution_patching", "memit", "alphaedit", "delete", "EditHparams", "hparams_for", "layer_stats", "save",
+           "attribution_patching", "memit", "alphaedit", "edit_sequential", "delete", "EditHparams", "hparams_for", "layer_stats", "save",
             "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores", "toxic_span", "dinm", "dinm_locate",
             "DinmHparams", "read_safeedit", "evaluate_safeedit", "make_mesh", "shard_model"]
 __version__ = "0.1.0"

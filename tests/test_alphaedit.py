@@ -3,6 +3,7 @@ continuing the state against a float64 torch loop over the HF model written afte
 by hooks, P from the SVD of the statistics, dW = solve(P (K K^T + C_p) + l2 I, P K R^T) per layer, C_p += K K^T of
 each batch's keys recomputed on the edited model)."""
 import copy
+import os
 
 import numpy as np
 import pytest
@@ -168,3 +169,85 @@ def test_state_and_option_errors(tiny_dirs, tokenizer):
                           state={"layers": [1, 2], "P": {}, "C_p": {}, "contexts": ["{}"]})
     with pytest.raises(JaxeditError, match="report\\[\"state\"\\]"):
         jaxedit.alphaedit(model, BATCH1, layers=(1, 2), tokenizer=tok, state={"P": 1})
+
+
+# the second pair is a token or two shorter than the first: other lengths, the same 16-token bucket
+REQS4 = BATCH1 + [{"prompt": "The Eiffel Tower is in the city of", "subject": "The Eiffel Tower", "target": " Apple"},
+                  {"prompt": "{} plays the amazing", "subject": "Miles Davis", "target": " trumpet"}]
+HP = dict(layers=(1, 2), v_num_grad_steps=3, context_length=4, max_update_ratio=1e6)
+
+
+@pytest.fixture(scope="module")
+def gpt2_tiny(tiny_dirs):
+    return jaxedit.load(tiny_dirs["gpt2"][0])
+
+
+def _w(model, layers=(1, 2)):
+    return np.asarray(jaxedit.params_of(model)["blocks"]["w_out"])[list(layers)]
+
+
+def test_sequential_equals_chained_calls(gpt2_tiny):
+    """Batches of 2 (padded to a fixed size and length bucket) = alphaedit on each batch with the state carried
+    over; and the z program is compiled once for batches of different prompt lengths."""
+    model, tok = gpt2_tiny
+    stats = spectrum_stats(model.config.d_ff, (1, 2))
+    e1, r1 = jaxedit.alphaedit(model, REQS4[:2], tokenizer=tok, stats=stats, l2=0.5, **HP)
+    e2, r2 = jaxedit.alphaedit(e1, REQS4[2:], tokenizer=tok, state=r1["state"], l2=0.5, **HP)
+    before = ed.optimize_deltas._cache_size()
+    seq, rep = jaxedit.edit_sequential(model, REQS4, method="alphaedit", batch_size=2, tokenizer=tok, stats=stats,
+                                       l2=0.5, **HP)
+    assert ed.optimize_deltas._cache_size() - before <= 1
+    assert [b["requests"] for b in rep["batches"]] == [[0, 1], [2, 3]]
+    ref = _w(e2)
+    np.testing.assert_allclose(_w(seq), ref, atol=1e-5 * np.abs(ref - _w(model)).max())
+    np.testing.assert_allclose(rep["state"]["C_p"][2], r2["state"]["C_p"][2], rtol=1e-4,
+                               atol=1e-6 * np.abs(r2["state"]["C_p"][2]).max())
+
+
+def test_sequential_memit_one_batch_is_memit(gpt2_tiny):
+    model, tok = gpt2_tiny
+    stats = spectrum_stats(model.config.d_ff, (1, 2))
+    e, _ = jaxedit.memit(model, REQS4[:3], tokenizer=tok, stats=stats, **HP)
+    # batch_size = the requests: no padded copies (a batch padded with copies gives the same z up to float noise,
+    # which Adam's first step, ~lr x sign(gradient), turns into O(lr) changes where a gradient component is ~0)
+    s, rep = jaxedit.edit_sequential(model, REQS4[:3], method="memit", batch_size=3, tokenizer=tok, stats=stats, **HP)
+    ref = _w(e)
+    np.testing.assert_allclose(_w(s), ref, atol=1e-5 * np.abs(ref - _w(model)).max())
+    assert len(rep["batches"]) == 1 and rep["batches"][0]["parts"][0]["mode"] == "edit"
+    with pytest.raises(JaxeditError, match="AlphaEdit's options"):
+        jaxedit.edit_sequential(model, REQS4, method="memit", tokenizer=tok, stats=stats, l2=1.0, **HP)
+    with pytest.raises(JaxeditError, match="method must be"):
+        jaxedit.edit_sequential(model, REQS4, method="rome", tokenizer=tok, stats=stats, **HP)
+    with pytest.raises(JaxeditError, match=r"requests\[1\]"):
+        jaxedit.edit_sequential(model, [REQS4[0], {"prompt": "x"}], tokenizer=tok, stats=stats, **HP)
+
+
+def test_sequential_resumes_and_refuses_changed_options(gpt2_tiny, tmp_path):
+    """A run killed after its first batch resumes at the second and ends with the uninterrupted run's weights;
+    a suppress request is edited with deletion's objective; a rerun with another option is refused by name."""
+    model, tok = gpt2_tiny
+    stats = spectrum_stats(model.config.d_ff, (1, 2))
+    reqs = REQS4[:2] + [{"prompt": "The Eiffel Tower is in the city of", "subject": "The Eiffel Tower",
+                         "suppress": " Paris"}]
+    full, rep_full = jaxedit.edit_sequential(model, reqs, batch_size=2, tokenizer=tok, stats=stats, l2=0.5, **HP)
+    assert [p["mode"] for p in rep_full["batches"][1]["parts"]] == ["delete"]
+
+    def stop(done, m):
+        if done == 1:
+            raise KeyboardInterrupt
+
+    out = str(tmp_path / "seq")
+    with pytest.raises(KeyboardInterrupt):
+        jaxedit.edit_sequential(model, reqs, batch_size=2, tokenizer=tok, stats=stats, l2=0.5, out=out,
+                                on_batch=stop, **HP)
+    assert sorted(os.listdir(out)) == ["ckpt-00001", "projection.npz", "sequence.json"]
+    resumed, rep = jaxedit.edit_sequential(model, reqs, batch_size=2, tokenizer=tok, l2=0.5, out=out, **HP)
+    assert rep["resumed_at"] == 1 and len(rep["batches"]) == 2
+    ref = _w(full)
+    np.testing.assert_allclose(_w(resumed), ref, atol=1e-5 * np.abs(ref - _w(model)).max())
+    np.testing.assert_allclose(rep["state"]["C_p"][1], rep_full["state"]["C_p"][1], rtol=1e-4,
+                               atol=1e-6 * np.abs(rep_full["state"]["C_p"][1]).max())
+    with pytest.raises(JaxeditError, match=r"other options \(l2 0.5 -> 1.0\)"):
+        jaxedit.edit_sequential(model, reqs, batch_size=2, tokenizer=tok, l2=1.0, out=out, **HP)
+    with pytest.raises(JaxeditError, match=r"other options \(batch_size 2 -> 3\)"):
+        jaxedit.edit_sequential(model, reqs, batch_size=3, tokenizer=tok, l2=0.5, out=out, **HP)

@@ -165,10 +165,10 @@ def check_state(state, layers, d_ff: int) -> None:
                                    f"expected ({d_ff}, {d_ff})")
 
 
-def accumulate(model, tokenizer, reqs, state: dict, layers, *, bucket: Optional[int] = None) -> dict:
+def accumulate(model, tokenizer, reqs, state: dict, layers, *, key_length: Optional[int] = None) -> dict:
     """A new state whose C_p adds K K^T of ``reqs``' keys, computed on ``model`` (the model after their edit)."""
     cfg = model.config
-    kids, kmask, kpos = _memit.key_rows(tokenizer, reqs, state["contexts"], bucket)
+    kids, kmask, kpos = _memit.key_rows(tokenizer, reqs, state["contexts"], key_length)
     keys = _memit.request_keys(cfg, params_of(model), kids, kmask, kpos, len(reqs), layers)
     C_p = dict(state["C_p"])
     for l in layers:
@@ -178,13 +178,13 @@ def accumulate(model, tokenizer, reqs, state: dict, layers, *, bucket: Optional[
 
 
 def run_batch(model, tokenizer, reqs, mode: str, hp, layers, state: dict, l2: float, *, evaluate=True,
-              pad_to: int = 0, bucket: Optional[int] = None):
+              pad_to: int = 0, shape: Optional[dict] = None):
     """One AlphaEdit batch on parsed requests: the edit, then C_p updated. Returns (edited, report, new state)."""
     edited, report = _memit.edit_batch(model, tokenizer, reqs, mode, hp, layers, state["contexts"], None,
                                        solver=alphaedit_solver(state, l2, hp.solve_dtype), evaluate=evaluate,
-                                       pad_to=pad_to, bucket=bucket)
+                                       pad_to=pad_to, shape=shape)
     runtime.stage("adding the batch's keys to the preserved set")
-    return edited, report, accumulate(edited, tokenizer, reqs, state, layers, bucket=bucket)
+    return edited, report, accumulate(edited, tokenizer, reqs, state, layers, key_length=shape and shape["Tk"])
 
 
 def alphaedit(model, requests, layers=None, tokenizer=None, *, stats=None, state=None,

@@ -375,16 +375,16 @@ def _layer_norm2(w, l):
     return jnp.linalg.norm(w[l].astype(jnp.float32))
 
 
-def key_rows(tokenizer, reqs, contexts, bucket: Optional[int] = None):
+def key_rows(tokenizer, reqs, contexts, length: Optional[int] = None):
     """The rows whose keys make each request's key (per request: the bare prompt first, then the prefixed
-    prompts): (ids, mask, key positions) as device arrays, rows padded to a multiple of ``bucket`` tokens."""
+    prompts): (ids, mask, key positions) as device arrays, rows padded to at least ``length`` tokens."""
     krows, kpos = [], []
     for r in reqs:
         for c in contexts:
             ids_k, k = _encode_with_key(tokenizer, c, r.template, r.subject)
             krows.append(ids_k)
             kpos.append(k)
-    T = round_up(max(len(x) for x in krows), bucket) if bucket else None
+    T = max(length, max(len(x) for x in krows)) if length else None
     kids, kmask = (jnp.asarray(a) for a in pad_rows(krows, T))
     return kids, kmask, jnp.asarray(np.array(kpos, np.int32))
 
@@ -417,7 +417,7 @@ def memit_solver(stats, hp: EditHparams):
 
 
 def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers, hp: EditHparams, *,
-           solver=None, bucket: Optional[int] = None):
+           solver=None, key_length: Optional[int] = None):
     """Write the target vectors ``z`` [n, d] (at the output of the last layer of ``layers``) into the layers in
     order: per layer, keys and current z on the partially edited model, residual / layers left, solve, add.
     ``solver(layer, K [f, n], R [d, n], sharding) -> (dW [f, d], relative residual)`` (default MEMIT's, with
@@ -425,7 +425,7 @@ def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers
     n = len(reqs)
     L = layers[-1]
     solver = solver or memit_solver(stats, hp)
-    kids, kmask, kpos = key_rows(tokenizer, reqs, contexts, bucket)
+    kids, kmask, kpos = key_rows(tokenizer, reqs, contexts, key_length)
     C = len(contexts)
 
     blocks = dict(params["blocks"])
@@ -516,17 +516,9 @@ def key_stats(model, tokenizer, layers, hp: EditHparams, stats=None, progress=Tr
     return stats
 
 
-def optimize_targets(model, tokenizer, reqs, mode: str, hp: EditHparams, layers, contexts, *,
-                     pad_to: int = 0, bucket: Optional[int] = None):
-    """Step 1: z = h + delta at the output of the last edited layer, per request. With ``pad_to``, the batch is
-    padded to that many requests (copies of the first) and with ``bucket`` the rows to a multiple of that many
-    tokens, so batches of one size share one compiled program. Returns (z [n, d], h_init [n, d], delta [n, d],
-    losses [n, steps], objective terms [n, steps], steps run [n])."""
-    cfg = model.config
-    params = params_of(model)
-    L = layers[-1]
-    # rows for z: the target appended (edit) under every context, then the KL prompt
-    R = len(contexts) + 1
+def z_rows(tokenizer, reqs, mode: str, hp: EditHparams, contexts):
+    """The rows of the z optimization: per request the target appended (edit) under every context, then the KL
+    prompt. Returns (rows, key positions, objective positions, objective tokens, token weights) as lists."""
     rows, key_pos, logit_pos, tok_ids, tok_w = [], [], [], [], []
     for r in reqs:
         suffix = r.targets[:-1] if mode == "edit" else []
@@ -537,10 +529,9 @@ def optimize_targets(model, tokenizer, reqs, mode: str, hp: EditHparams, layers,
             if mode == "edit":
                 n0 = len(ids) - len(suffix)  # the first target token is predicted at position n0 - 1
                 logit_pos.append([n0 - 1 + j for j in range(len(r.targets))])
-                tok_ids.append(list(r.targets))
             else:
                 logit_pos.append([len(ids) - 1] * len(r.targets))
-                tok_ids.append(list(r.targets))
+            tok_ids.append(list(r.targets))
             tok_w.append([1.0] * len(r.targets))
         ids, k = _encode_with_key(tokenizer, "{}", hp.kl_prompt, r.subject)
         rows.append(ids)
@@ -548,18 +539,47 @@ def optimize_targets(model, tokenizer, reqs, mode: str, hp: EditHparams, layers,
         logit_pos.append([k])
         tok_ids.append([0])
         tok_w.append([0.0])
+    return rows, key_pos, logit_pos, tok_ids, tok_w
+
+
+def batch_shape(tokenizer, parsed, hp: EditHparams, contexts, bucket: int = 16) -> dict:
+    """The padded sizes that hold every request of ``parsed`` [(mode, request)]: giving them to every batch makes
+    all batches of one size share one compiled program. "T" and "window" (z rows), "K" (objective tokens),
+    "Tk" (key rows), rounded up to ``bucket`` tokens (4 for "K")."""
+    T = window = K = Tk = 1
+    for mode, r in parsed:
+        rows, key_pos, logit_pos, _, _ = z_rows(tokenizer, [r], mode, hp, contexts)
+        T = max(T, max(len(x) for x in rows))
+        window = max(window, max(len(x) - k for x, k in zip(rows, key_pos)))
+        K = max(K, max(len(x) for x in logit_pos))
+        Tk = max(Tk, max(len(_encode_with_key(tokenizer, c, r.template, r.subject)[0]) for c in contexts))
+    T = round_up(T, bucket)
+    return {"T": T, "window": min(round_up(window, bucket), T), "K": round_up(K, 4), "Tk": round_up(Tk, bucket)}
+
+
+def optimize_targets(model, tokenizer, reqs, mode: str, hp: EditHparams, layers, contexts, *,
+                     pad_to: int = 0, shape: Optional[dict] = None):
+    """Step 1: z = h + delta at the output of the last edited layer, per request. With ``pad_to``, the batch is
+    padded to that many requests (copies of the first) and with ``shape`` (:func:`batch_shape`) its rows to those
+    sizes, so batches of one size share one compiled program. Returns (z [n, d], h_init [n, d], delta [n, d],
+    losses [n, steps], objective terms [n, steps], steps run [n])."""
+    cfg = model.config
+    params = params_of(model)
+    L = layers[-1]
+    R = len(contexts) + 1
+    rows, key_pos, logit_pos, tok_ids, tok_w = z_rows(tokenizer, reqs, mode, hp, contexts)
     Kmax = max(len(x) for x in logit_pos)
-    if bucket:
-        Kmax = round_up(Kmax, 4)
+    if shape:
+        Kmax = max(Kmax, shape["K"])
     pad = lambda xs, v: np.array([x + [x[-1] if v is None else v] * (Kmax - len(x)) for x in xs])
     lp_arr, ti_arr = pad(logit_pos, None), pad(tok_ids, 0)
     tw_arr = np.array([x + [0.0] * (Kmax - len(x)) for x in tok_w], np.float32)
-    ids, mask = pad_rows(rows, round_up(max(len(x) for x in rows), bucket) if bucket else None)
+    ids, mask = pad_rows(rows, max(shape["T"], max(len(x) for x in rows)) if shape else None)
     n = len(reqs)
     key_pos = np.array(key_pos, np.int32)
     window = int((mask.sum(1) - key_pos).max())
-    if bucket:
-        window = min(round_up(window, bucket), ids.shape[1])
+    if shape:
+        window = min(max(window, shape["window"]), ids.shape[1])
 
     # the state entering the blocks after L, computed once (the unedited model). On a mesh the requests are split
     # over the data axis (padded to a multiple of it with copies of the first request, dropped afterwards)
@@ -574,10 +594,11 @@ def optimize_targets(model, tokenizer, reqs, mode: str, hp: EditHparams, layers,
     hid = apply_jit(cfg, params, put(ids), put(mask), capture=("hidden",), num_layers=L + 1)
     h = hid.hidden[:, L]  # [n_pad*R, T, d]
     h_init = h[jnp.arange(n_pad * R), jnp.asarray(key_pos)].reshape(n_pad, R, -1)[:, 0]  # bare context, key token
-    shape = lambda a: (jnp.reshape(a, (n_pad, R) + a.shape[1:]) if isinstance(a, jax.Array)
-                       else put(np.reshape(a, (n_pad, R) + np.shape(a)[1:])))
+    per_request = lambda a: (jnp.reshape(a, (n_pad, R) + a.shape[1:]) if isinstance(a, jax.Array)
+                             else put(np.reshape(a, (n_pad, R) + np.shape(a)[1:])))
     delta, losses, mains, n_run = to_host(optimize_deltas(
-        cfg, params, shape(h), shape(mask), shape(key_pos), shape(lp_arr), shape(ti_arr), shape(tw_arr),
+        cfg, params, per_request(h), per_request(mask), per_request(key_pos), per_request(lp_arr),
+        per_request(ti_arr), per_request(tw_arr),
         h_init, layer=L, mode="unlikelihood" if mode == "delete" and hp.delete_objective == "unlikelihood" else mode,
         steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay, clamp_factor=hp.clamp_norm_factor,
         kl_factor=hp.kl_factor, stop_loss=hp.early_stop_loss, window=window))
@@ -589,16 +610,16 @@ def optimize_targets(model, tokenizer, reqs, mode: str, hp: EditHparams, layers,
 
 
 def edit_batch(model, tokenizer, reqs, mode: str, hp: EditHparams, layers, contexts, stats, *, solver=None,
-               evaluate: bool = True, pad_to: int = 0, bucket: Optional[int] = None):
+               evaluate: bool = True, pad_to: int = 0, shape: Optional[dict] = None):
     """One batch edit of parsed requests: targets (:func:`optimize_targets`), then :func:`spread` with ``solver``
     (default MEMIT's with ``stats``). Returns (edited model, report)."""
     t0 = time.perf_counter()
     cfg = model.config
     z, h_init, delta, losses, mains, n_run = optimize_targets(model, tokenizer, reqs, mode, hp, layers, contexts,
-                                                              pad_to=pad_to, bucket=bucket)
+                                                              pad_to=pad_to, shape=shape)
     runtime.stage(f"spreading the update over layers {list(layers)}")
     new_params, layer_report = spread(cfg, params_of(model), tokenizer, reqs, contexts, z, stats, layers, hp,
-                                      solver=solver, bucket=bucket)
+                                      solver=solver, key_length=shape and shape["Tk"])
     edited = model_from_params(cfg, new_params)
 
     report = {"mode": mode, "layers": list(layers), "hparams": dataclasses.asdict(hp), "contexts": contexts,

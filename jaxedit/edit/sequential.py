@@ -1,0 +1,269 @@
+"""Sequential (lifelong) editing: many requests edited batch after batch, each batch on the model the previous ones
+left, with MEMIT or AlphaEdit.
+
+The key statistics and the context templates are computed once, on the unedited model (as the published sequential
+experiments do); AlphaEdit's projector P is computed once and its C_p grows with every batch. Requests with
+"suppress" instead of "target" are edited with deletion's objective (within a batch, the edit requests first, then
+the deletion requests). Every batch is padded to ``batch_size`` requests and its rows to the lengths that hold every
+request (rounded up to 16 tokens), so all batches reuse one compiled program.
+
+With ``out``, each finished batch is saved (the edited layers' weights, AlphaEdit's C_p; P once) under
+``out/ckpt-NNNNN/``, and ``out/sequence.json`` records the options and the batches done: a killed run resumes at the
+next batch, and a rerun with other options is refused, naming the first that differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxedit import runtime
+from jaxedit.batching import batches
+from jaxedit.edit import alphaedit as _alpha
+from jaxedit.edit import memit as _memit
+from jaxedit.errors import JaxeditError
+from jaxedit.model import model_from_params, params_of
+from jaxedit.sharding import is_main_process, to_host
+
+METHODS = ("memit", "alphaedit")
+BUCKET = 16  # rows padded to a multiple of this many tokens
+FORMAT = 1
+
+
+def _mode(r) -> str:
+    return "delete" if isinstance(r, dict) and "suppress" in r and "target" not in r else "edit"
+
+
+def parse_mixed(requests, tokenizer) -> list:
+    """[(mode, parsed request)] for edit ("target") and deletion ("suppress") requests; errors name the index."""
+    if tokenizer is None:
+        raise JaxeditError("editing needs a tokenizer")
+    if isinstance(requests, dict):
+        requests = [requests]
+    if not requests:
+        raise JaxeditError("no requests")
+    out = []
+    for i, r in enumerate(requests):
+        mode = _mode(r)
+        try:
+            out.append((mode, _memit.parse_request(r, tokenizer, mode)))
+        except JaxeditError as e:
+            raise JaxeditError(f"requests[{i}]: {e}") from None
+    return out
+
+
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _model_signature(model, layers) -> dict:
+    """What identifies the starting model for a resume: its shape and the norms of the edited layers."""
+    w = params_of(model)["blocks"]["w_out"]
+    norms = to_host(jnp.stack([jnp.linalg.norm(w[l].astype(jnp.float32)) for l in layers]))
+    return {"config": _fingerprint(dataclasses.asdict(model.config)),
+            "edited_layer_norms": [round(float(x), 4) for x in norms]}
+
+
+@jax.jit
+def _set_layers(w, idx, values):
+    return w.at[idx].set(values.astype(w.dtype))
+
+
+def _with_layers(model, layers, values: np.ndarray):
+    params = params_of(model)
+    w = params["blocks"]["w_out"]
+    new = _set_layers(w, jnp.asarray(list(layers)), jnp.asarray(values))
+    if getattr(w, "sharding", None) is not None:
+        new = jax.device_put(new, w.sharding)
+    return model_from_params(model.config, dict(params, blocks=dict(params["blocks"], w_out=new)))
+
+
+class _Checkpoints:
+    """``out/sequence.json`` + ``out/ckpt-NNNNN/`` (weights.npz, state.npz) + ``out/projection.npz``."""
+
+    def __init__(self, out: str, options: dict):
+        self.out = out
+        self.options = json.loads(json.dumps(options, default=str))  # as it reads back (tuples -> lists)
+        self.path = os.path.join(out, "sequence.json")
+
+    def load(self) -> Optional[dict]:
+        if not os.path.exists(self.path):
+            return None
+        try:
+            with open(self.path) as f:
+                seq = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise JaxeditError(f"{self.path}: unreadable ({e}); remove {self.out}/ to start over") from None
+        if seq.get("format") != FORMAT:
+            raise JaxeditError(f"{self.path}: written by another version of jaxedit; use another output folder")
+        old, new = _flat(seq.get("options", {})), _flat(self.options)
+        for key in new:
+            if old.get(key) != new[key]:
+                raise JaxeditError(f"{self.out}/ holds a sequential edit with other options ({key} "
+                                   f"{_short(old.get(key))} -> {_short(new[key])}); use another output "
+                                   f"folder or remove it")
+        return seq
+
+    def weights(self, seq) -> np.ndarray:
+        with np.load(os.path.join(self.out, seq["checkpoint"], "weights.npz")) as z:
+            return z["w_out"]
+
+    def state(self, seq, layers) -> dict:
+        with np.load(os.path.join(self.out, "projection.npz")) as z:
+            P = {l: z[f"P_{l}"] for l in layers}
+        with np.load(os.path.join(self.out, seq["checkpoint"], "state.npz")) as z:
+            C_p = {l: z[f"C_p_{l}"] for l in layers}
+        return dict(seq["state"], layers=list(layers), P=P, C_p=C_p, contexts=list(seq["contexts"]),
+                    null_space={int(k): v for k, v in seq["state"]["null_space"].items()})
+
+    def save_projection(self, state, layers) -> None:
+        if not is_main_process():
+            return
+        os.makedirs(self.out, exist_ok=True)
+        tmp = os.path.join(self.out, ".projection.npz")
+        with open(tmp, "wb") as f:
+            np.savez(f, **{f"P_{l}": state["P"][l] for l in layers})
+        os.replace(tmp, os.path.join(self.out, "projection.npz"))
+
+    def save(self, done: int, model, layers, state, contexts, batch_reports, total: int) -> None:
+        w = to_host(params_of(model)["blocks"]["w_out"][jnp.asarray(list(layers))].astype(jnp.float32))
+        if not is_main_process():
+            return
+        os.makedirs(self.out, exist_ok=True)
+        name = f"ckpt-{done:05d}"
+        tmp = os.path.join(self.out, ".ckpt-tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "weights.npz"), "wb") as f:
+            np.savez(f, w_out=np.asarray(w, np.float32))
+        seq = {"format": FORMAT, "options": self.options, "done": done, "batches_total": total,
+               "checkpoint": name, "contexts": list(contexts), "batches": batch_reports}
+        if state is not None:
+            with open(os.path.join(tmp, "state.npz"), "wb") as f:
+                np.savez(f, **{f"C_p_{l}": state["C_p"][l] for l in layers})
+            seq["state"] = {k: state[k] for k in ("null_space", "null_space_threshold", "edits", "stats")}
+        shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
+        os.replace(tmp, os.path.join(self.out, name))
+        tmpj = self.path + ".tmp"
+        with open(tmpj, "w") as f:
+            json.dump(seq, f, indent=1, default=str)
+        os.replace(tmpj, self.path)  # the commit point: the new checkpoint is the one recorded
+        for entry in os.listdir(self.out):
+            if entry.startswith("ckpt-") and entry != name:
+                shutil.rmtree(os.path.join(self.out, entry), ignore_errors=True)
+
+
+def _flat(options: dict) -> dict:
+    """{"hparams": {"v_lr": ...}} -> {"v_lr": ...}: a changed hyperparameter is named by its own name."""
+    out = {k: v for k, v in options.items() if k != "hparams"}
+    out.update(options.get("hparams", {}))
+    return out
+
+
+def _short(v) -> str:
+    text = json.dumps(v, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def edit_sequential(model, requests, *, method: str = "alphaedit", batch_size: int = 100, layers=None,
+                    tokenizer=None, stats=None, out: Optional[str] = None, progress=True,
+                    on_batch: Optional[Callable] = None, **hparams):
+    """Edit ``requests`` in consecutive batches of ``batch_size`` with ``method`` ("memit" or "alphaedit"), each
+    batch on the model the previous batches left. Returns ``(edited_model, report)``; ``report["batches"]`` holds
+    one entry per batch (its requests' indices, z losses, the layers' update norms, seconds) and, for AlphaEdit,
+    ``report["state"]`` the sequence's state. ``out``: a folder where each finished batch is saved, so that a
+    killed run resumes at the next batch. ``on_batch(batches_done, model)`` is called after each batch (e.g. to
+    evaluate every K batches). AlphaEdit's ``null_space_threshold`` and ``l2`` and MEMIT's hyperparameters go in
+    the keywords."""
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise JaxeditError(f"method must be one of {', '.join(METHODS)} (got {method!r})")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise JaxeditError(f"batch_size must be an integer >= 1 (got {batch_size!r})")
+    hparams = dict(hparams)
+    threshold = hparams.pop("null_space_threshold", _alpha.DEFAULT_THRESHOLD)
+    l2 = hparams.pop("l2", 10.0)
+    if method == "alphaedit":
+        _alpha.parse_threshold(threshold)
+        if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 >= 0:
+            raise JaxeditError(f"l2 must be a number >= 0 (got {l2!r})")
+    elif "null_space_threshold" in hparams or l2 != 10.0:
+        raise JaxeditError("null_space_threshold and l2 are AlphaEdit's options (method=\"alphaedit\")")
+    hp, layers = _memit.prepare(model, layers, hparams)
+    parsed = parse_mixed(requests, tokenizer)
+    chunks = list(batches(list(range(len(parsed))), batch_size))
+    options = {"method": method, "batch_size": batch_size, "layers": list(layers),
+               "hparams": dataclasses.asdict(hp), "requests": _fingerprint([p.raw for _, p in parsed]),
+               "n_requests": len(parsed), "model": _model_signature(model, layers)}
+    if method == "alphaedit":
+        options.update(null_space_threshold=threshold, l2=float(l2))
+    ckpt = _Checkpoints(out, options) if out else None
+    seq = ckpt.load() if ckpt else None
+    done, batch_reports, state = 0, [], None
+    if seq is not None:
+        done, batch_reports = int(seq["done"]), list(seq["batches"])
+        runtime.stage(f"resuming at batch {done + 1} of {len(chunks)} from {out}/")
+        model = _with_layers(model, layers, ckpt.weights(seq))
+        if method == "alphaedit":
+            state = ckpt.state(seq, layers)
+    contexts = seq["contexts"] if seq is not None else None
+    if done < len(chunks):
+        if method == "alphaedit" and state is None:
+            state = _alpha.new_state(model, tokenizer, layers, hp, stats=stats, null_space_threshold=threshold,
+                                     progress=progress)
+            if ckpt:
+                ckpt.save_projection(state, layers)
+        if method == "alphaedit":
+            contexts = state["contexts"]
+        else:
+            stats = _memit.key_stats(model, tokenizer, layers, hp, stats, progress)
+            if contexts is None:
+                runtime.stage("sampling context templates")
+                contexts = _memit.context_templates(model, tokenizer, hp)
+    shape = _memit.batch_shape(tokenizer, parsed, hp, contexts, BUCKET) if done < len(chunks) else None
+    note = (lambda: f"{done} of {len(chunks)} batches kept in {out}/; rerun to resume") if out else \
+        (lambda: "nothing kept (give an output folder to resume)")
+    with runtime.resume_note_while(note), \
+            runtime.bar(len(chunks), f"{method}, batches of {batch_size}", "batch", done, enabled=progress) as pbar:
+        for b in range(done, len(chunks)):
+            tb = time.perf_counter()
+            entry = {"batch": b, "requests": chunks[b], "parts": []}
+            for mode in ("edit", "delete"):
+                reqs = [parsed[i][1] for i in chunks[b] if parsed[i][0] == mode]
+                if not reqs:
+                    continue
+                if method == "alphaedit":
+                    model, rep, state = _alpha.run_batch(model, tokenizer, reqs, mode, hp, layers, state, float(l2),
+                                                         evaluate=False, pad_to=batch_size, shape=shape)
+                else:
+                    model, rep = _memit.edit_batch(model, tokenizer, reqs, mode, hp, layers, contexts, stats,
+                                                   evaluate=False, pad_to=batch_size, shape=shape)
+                entry["parts"].append({
+                    "mode": mode, "layers_report": rep["layers_report"],
+                    "loss_last": [r["loss_last"] for r in rep["requests"]],
+                    "objective_last": [r["objective_last"] for r in rep["requests"]],
+                    "steps": [r["steps"] for r in rep["requests"]]})
+            entry["seconds"] = time.perf_counter() - tb
+            batch_reports.append(entry)
+            done = b + 1
+            if ckpt:
+                ckpt.save(done, model, layers, state, contexts, batch_reports, len(chunks))
+            pbar.update(1)
+            if on_batch is not None:
+                on_batch(done, model)
+    report = {"method": method, "batch_size": batch_size, "layers": list(layers), "n_requests": len(parsed),
+              "batches": batch_reports, "hparams": dataclasses.asdict(hp), "contexts": contexts,
+              "resumed_at": 0 if seq is None else int(seq["done"]), "seconds": time.perf_counter() - t0}
+    if method == "alphaedit":
+        report.update(l2=float(l2), null_space_threshold=threshold, state=state,
+                      null_space=None if state is None else state["null_space"])
+    return model, report
+
