@@ -12,6 +12,7 @@ from jaxedit.locate.tracing import TraceResult, trace, trace_batch
 from jaxedit.edit.memit import EditHparams, delete, hparams_for, memit
 from jaxedit.edit.stats import layer_stats
 from jaxedit.edit.dinm import DinmHparams, dinm, dinm_locate
+from jaxedit.edit.profs import profs
 from jaxedit.evaluate.safeedit import evaluate as evaluate_safeedit, read_cases as read_safeedit
 from jaxedit.evaluate.metrics import fluency, perplexity, toxic_rate
 from jaxedit.evaluate.toxicity import toxicity_scores
@@ -23,5 +24,5 @@ __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "app
            "TraceResult", "saliency", "saliency_batch", "SaliencyResult", "select_layers",
            "attribution_patching", "memit", "delete", "EditHparams", "hparams_for", "layer_stats", "save",
             "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores", "toxic_span", "dinm", "dinm_locate",
-            "DinmHparams", "read_safeedit", "evaluate_safeedit", "make_mesh", "shard_model"]
+            "DinmHparams", "profs", "read_safeedit", "evaluate_safeedit", "make_mesh", "shard_model"]
 __version__ = "0.1.0"
