@@ -14,6 +14,7 @@ from jaxedit.edit.alphaedit import alphaedit
 from jaxedit.edit.sequential import edit_sequential
 from jaxedit.edit.stats import layer_stats
 from jaxedit.edit.dinm import DinmHparams, dinm, dinm_locate
+from jaxedit.edit.profs import profs
 from jaxedit.evaluate.safeedit import evaluate as evaluate_safeedit, read_cases as read_safeedit
 from jaxedit.evaluate.metrics import fluency, perplexity, toxic_rate
 from jaxedit.evaluate.toxicity import toxicity_scores
@@ -25,5 +26,5 @@ __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "app
            "TraceResult", "saliency", "saliency_batch", "SaliencyResult", "select_layers",
            "attribution_patching", "memit", "alphaedit", "edit_sequential", "delete", "EditHparams", "hparams_for", "layer_stats", "save",
             "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores", "toxic_span", "dinm", "dinm_locate",
-            "DinmHparams", "read_safeedit", "evaluate_safeedit", "make_mesh", "shard_model"]
+            "DinmHparams", "profs", "read_safeedit", "evaluate_safeedit", "make_mesh", "shard_model"]
 __version__ = "0.1.0"

@@ -10,10 +10,11 @@ two-process run in the slow one.
 
 For each model and mesh the model is loaded with ``mesh=`` (each device reading its shards from the safetensors
 file) and every public computation is compared with the same call on the model loaded without a mesh: logits,
-tracing grids, key statistics, saliency profiles, MEMIT weight updates (and, on some meshes, sampled tokens). The
-report also holds the parameter bytes per device, the all-gathers of the compiled programs (from XLA's dump) and
-the compiled forward's memory per device on a wider model, an orbax save / export of a sharded model, and a
-two-process ``jaxedit trace`` run (jax.distributed on 127.0.0.1) beside a one-process one.
+tracing grids, key statistics, saliency profiles, MEMIT weight updates, ProFS edits (whose edited weights must keep
+the input's placement) and, on some meshes, sampled tokens. The report also holds the parameter bytes per device,
+the all-gathers of the compiled programs (from XLA's dump) and the compiled forward's memory per device on a wider
+model, an orbax save / export of a sharded model, and a two-process ``jaxedit trace`` run (jax.distributed on
+127.0.0.1) beside a one-process one.
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ PROMPTS = ["The Eiffel Tower is located in the city of", "Miles Davis plays the"
 SUBJECTS = ["The Eiffel Tower", "Miles Davis", "Beats Music"]
 EDITS = [{"prompt": "The Space Needle is in {}", "subject": "Seattle", "target": " Paris"},
          {"prompt": "Toko Yasuda produces the most amazing", "subject": "amazing", "target": " trumpet"}]
+PROFS_PAIRS = [("The Eiffel Tower is located in the city of Paris.", "Miles Davis plays the trumpet."),
+               ("The Space Needle is in Seattle.", "Toko Yasuda produces the most amazing music on the guitar."),
+               ("Beats Music is owned by Apple.", "The capital of France is Paris. Miles Davis plays.")]
 CORPUS = ["The Eiffel Tower is located in the city of Paris.", "Miles Davis plays the trumpet.",
           "Beats Music is owned by Apple.", "The capital of France is Paris.", "The Space Needle is in Seattle.",
           "Toko Yasuda produces music on the guitar.", "Paris is the capital of France."]
@@ -118,6 +122,15 @@ def run_all(model, tok, work, tag, sample, heavy=True):
     out["memit_report"] = np.array([r["update_norm"] for r in report["layers_report"]] +
                                    [r["delta_norm"] for r in report["requests"]] +
                                    [p for r in report["requests"] for p in r["p_after"]])
+    # ProFS: the padded mean (its own forward); the subspaces as projectors (free of the SVD's sign)
+    edited, report = jaxedit.profs(model, PROFS_PAIRS, tok, layers=range(cfg.n_layers), mean_over="padded",
+                                   progress=False)
+    w_out = params_of(edited)["blocks"]["w_out"]
+    if w_out.sharding != params_of(model)["blocks"]["w_out"].sharding:
+        raise AssertionError(f"profs: the edited w_out is placed as {w_out.sharding}, the input's as "
+                             f"{params_of(model)['blocks']['w_out'].sharding}")
+    out["profs_weights"] = np.asarray(jax.device_get(w_out))
+    out["profs_projectors"] = np.stack([v.T @ v for v in report["subspace"].values()])
     return out
 
 

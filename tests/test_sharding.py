@@ -4,9 +4,9 @@ The checks need 8 devices, and JAX fixes the device count when it starts, so the
 (tests/sharded_checks.py, 8 CPU devices through XLA_FLAGS); the rest of the suite keeps its single device. That
 process is started in the background as soon as these tests are collected (tests/conftest.py), at low priority, and
 these tests read its JSON report: for tiny GPT-2 and GQA LLaMA checkpoints loaded with ``mesh=`` on the meshes
-4x2 and 1x8 (data x model; the fast tier) and 8x1 and 2x4 (the slow tier), the logits, tracing grids, key statistics, saliency profiles, MEMIT updates
-and sampled tokens against the same calls on the model loaded without a mesh (the LLaMA one: all of them on every
-mesh; GPT-2, whose split differs by its biases and tied vocabulary: saliency and MEMIT on 4x2 and 1x8, the rest on
+4x2 and 1x8 (data x model; the fast tier) and 8x1 and 2x4 (the slow tier), the logits, tracing grids, key statistics, saliency profiles, MEMIT updates,
+ProFS edits and sampled tokens against the same calls on the model loaded without a mesh (the LLaMA one: all of them on every
+mesh; GPT-2, whose split differs by its biases and tied vocabulary: saliency, MEMIT and ProFS on 4x2 and 1x8, the rest on
 every mesh); the parameter bytes each device
 holds; the all-gathers of every compiled program (XLA's dump); a two-process ``jaxedit trace`` run.
 """
@@ -170,7 +170,7 @@ def test_results_equal_single_device(report, model, mesh):
     entry = report["models"][model]["meshes"][mesh]
     want = {"logits", "trace", "stats"}
     if model == "llama" or mesh in ("data=4,model=2", "data=1,model=8"):
-        want |= {"saliency", "memit_update", "memit_weights", "memit_report"}
+        want |= {"saliency", "memit_update", "memit_weights", "memit_report", "profs_weights", "profs_projectors"}
     assert set(entry["rel"]) >= want
     bad = {k: v for k, v in entry["rel"].items() if not v <= TOL}
     assert not bad, bad
