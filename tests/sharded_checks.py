@@ -10,8 +10,8 @@ two-process run in the slow one.
 
 For each model and mesh the model is loaded with ``mesh=`` (each device reading its shards from the safetensors
 file) and every public computation is compared with the same call on the model loaded without a mesh: logits,
-tracing grids, key statistics, saliency profiles, MEMIT weight updates, ProFS edits (whose edited weights must keep
-the input's placement) and, on some meshes, sampled tokens. The report also holds the parameter bytes per device,
+tracing grids, key statistics, saliency profiles, MEMIT weight updates, ProFS edits and sequential AlphaEdit edits
+(whose edited weights must keep the input's placement) and, on some meshes, sampled tokens. The report also holds the parameter bytes per device,
 the all-gathers of the compiled programs (from XLA's dump) and the compiled forward's memory per device on a wider
 model, an orbax save / export of a sharded model, and a two-process ``jaxedit trace`` run (jax.distributed on
 127.0.0.1) beside a one-process one.
@@ -131,6 +131,19 @@ def run_all(model, tok, work, tag, sample, heavy=True):
                              f"{params_of(model)['blocks']['w_out'].sharding}")
     out["profs_weights"] = np.asarray(jax.device_get(w_out))
     out["profs_projectors"] = np.stack([v.T @ v for v in report["subspace"].values()])
+    # AlphaEdit, sequentially: one request a batch (padded to the data axis on a mesh), the state carried over
+    edited, report = jaxedit.edit_sequential(model, EDITS, method="alphaedit", batch_size=1, layers=layer,
+                                             tokenizer=tok, stats=random_stats(cfg, layer), context_prefixes=(),
+                                             v_num_grad_steps=10, null_space_threshold="energy:0.5",
+                                             progress=False)
+    w_out = params_of(edited)["blocks"]["w_out"]
+    if w_out.sharding != params_of(model)["blocks"]["w_out"].sharding:
+        raise AssertionError(f"alphaedit: the edited w_out is placed as {w_out.sharding}, the input's as "
+                             f"{params_of(model)['blocks']['w_out'].sharding}")
+    # the update itself (relative to the whole weights it would hide in their rounding)
+    out["alphaedit_update"] = (np.asarray(jax.device_get(w_out[layer[0]]), np.float64)
+                               - np.asarray(jax.device_get(params_of(model)["blocks"]["w_out"][layer[0]]), np.float64))
+    out["alphaedit_cp"] = report["state"]["C_p"][layer[0]]
     return out
 
 

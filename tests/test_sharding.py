@@ -170,7 +170,8 @@ def test_results_equal_single_device(report, model, mesh):
     entry = report["models"][model]["meshes"][mesh]
     want = {"logits", "trace", "stats"}
     if model == "llama" or mesh in ("data=4,model=2", "data=1,model=8"):
-        want |= {"saliency", "memit_update", "memit_weights", "memit_report", "profs_weights", "profs_projectors"}
+        want |= {"saliency", "memit_update", "memit_weights", "memit_report", "profs_weights", "profs_projectors",
+                 "alphaedit_update", "alphaedit_cp"}
     assert set(entry["rel"]) >= want
     bad = {k: v for k, v in entry["rel"].items() if not v <= TOL}
     assert not bad, bad

@@ -60,6 +60,33 @@ def parse_mixed(requests, tokenizer) -> list:
     return out
 
 
+def dataset_requests(records, kind: str, where: str = "records") -> list:
+    """Edit requests from CounterFact records (``requested_rewrite``: prompt with "{}", subject, target_new) or
+    zsRE records (``src`` holding ``subject``, the first of ``answers``), as the published evaluations make them
+    (the target after a space). Errors name ``where`` and the record's index."""
+    out = []
+    for i, d in enumerate(records):
+        try:
+            if kind == "counterfact":
+                rr = d["requested_rewrite"]
+                rr = rr[0] if isinstance(rr, list) else rr
+                prompt, subject, target = rr["prompt"], rr["subject"], rr["target_new"]["str"]
+            elif kind == "zsre":
+                subject = d.get("subject")
+                if not isinstance(subject, str) or not subject or subject not in d["src"]:
+                    raise JaxeditError("a zsRE record to edit needs a \"subject\" that occurs in its \"src\"")
+                prompt, target = d["src"].replace(subject, "{}", 1), d["answers"][0]
+            else:
+                raise JaxeditError(f"unknown record kind {kind!r}")
+        except (KeyError, TypeError, IndexError) as e:
+            raise JaxeditError(f"{where}: record {i}: missing or malformed field {e}") from None
+        except JaxeditError as e:
+            raise JaxeditError(f"{where}: record {i}: {e}") from None
+        out.append({"prompt": prompt, "subject": subject, "target": target if target.startswith(" ") else
+                    " " + target, "case_id": d.get("case_id", i)})
+    return out
+
+
 def _fingerprint(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
