@@ -8,7 +8,8 @@ from jaxedit import runtime
 from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file, with_mesh, with_options
 from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
 from jaxedit.detox.config import STAGES, DetoxConfig
-from jaxedit.detox.data import prompt_of
+from jaxedit.detox.data import prompt_of, read_facts, read_texts
+from jaxedit.loading.peek import peek
 from jaxedit.detox.pipeline import run_study
 from jaxedit.errors import JaxeditError
 
@@ -90,16 +91,38 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
                       strategies=_csv(strategies, "strategies"), objectives=_csv(objectives, "objectives"),
                       kl_weights=_csv(kl_weights, "kl-weights", float), hparams=hp, samples=n_samples,
                       skip_bad=skip_bad, **kw)
-    cfg.check()
+    stages = STAGES if stage == "all" else (stage,)
+    check_inputs(cfg, out, stages)  # every option and input file, before anything is loaded or written
     import jax
 
     if jax.process_count() > 1:
         raise JaxeditError("jaxedit detox runs as one process: use --mesh over one host's devices")
-    if stage in ("select", "all") and os.path.isfile(prompts):
-        request_file(prompts, "prompts", skip_bad, check=prompt_of)  # every bad line named before the model loads
+    config, _ = peek(model_name, tokenizer=False)  # the config alone: layer counts and hparams checked unloaded
+    if config is not None:
+        cfg.check_model(config)
     runtime.set_resume_note(f"finished steps are kept in {out}/; rerun the same command to resume")
     model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
-    run_study(model, tok, cfg, out, STAGES if stage == "all" else (stage,))
-    if stage in ("report", "all"):
-        click.echo(open(os.path.join(out, "table2.md")).read())
+    cfg.check_model(model.config)
+    run_study(model, tok, cfg, out, stages)
+    if "report" in stages:
+        table = os.path.join(out, "table2.md")
+        click.echo(open(table).read() if os.path.isfile(table) else "")
     click.echo(f"wrote {out}/ (stage {stage})")
+
+
+def check_inputs(cfg: DetoxConfig, out: str, stages) -> None:
+    """Refuse bad options and input files (one line, FILE:LINE where a file was read) without loading the model or
+    writing anything: names, ranges, the prompt file, the neutral text and the factual prompts."""
+    import os
+
+    cfg.check()
+    if os.path.isfile(out):
+        raise JaxeditError(f"{out} is a file, not a directory")
+    if "select" in stages and cfg.prompts != "demo" and (os.path.exists(cfg.prompts)
+                                                          or cfg.prompts.endswith((".jsonl", ".json"))):
+        if os.path.isdir(cfg.prompts):
+            raise JaxeditError(f"{cfg.prompts} is a directory, not a JSONL file of prompts")
+        request_file(cfg.prompts, "prompts", cfg.skip_bad, check=prompt_of)  # every bad line named
+    if "evaluate" in stages:
+        read_texts(cfg.neutral)
+        read_facts(cfg.factual)

@@ -25,7 +25,9 @@ from jaxedit.batching import round_up
 from jaxedit.cli.app import MODEL_HELP, cli, with_mesh
 from jaxedit.edit.dinm import DEFAULT_SUFFIX, DinmHparams
 from jaxedit.errors import JaxeditError
+from jaxedit.loading.peek import peek
 from jaxedit.evaluate import safeedit as se
+from jaxedit.evaluate.toxicity import check_scorer
 from jaxedit.files import append_jsonl, read_rows, write_atomic, write_json, write_jsonl
 
 ROWS = (("vanilla", "vanilla"), ("vanilla_suffix", "vanilla + suffix"), ("dinm", "DINM"))
@@ -149,34 +151,44 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
         raise JaxeditError("--max-new-tokens must be >= 1")
     if limit is not None and limit < 1:
         raise JaxeditError("--limit must be >= 1")
+    if layer is not None and layer < 0:
+        raise JaxeditError(f"--layer must be >= 0 (got {layer})")
     if no_suffix and suffix is not None:
         raise JaxeditError("give --suffix or --no-suffix, not both")
     sfx = None if no_suffix else (DEFAULT_SUFFIX if suffix is None else suffix)
     hp = dict(steps=steps, lr=lr, edit_weight=edit_weight, weight_decay=weight_decay, kl_grad=not kl_no_grad,
               locate=locate, layer=layer, suffix=sfx, batch_size=batch_size)
-    DinmHparams().replace(**hp)  # unknown names cannot happen; values are checked with the model below
+    DinmHparams(**dict(hp, layer=None)).check(1)  # ranges; the layer against the model's depth below
+    check_scorer(scorer)
     cases = se.read_cases(cases_file, limit=limit)
     for c in cases:
         c.inputs()  # the evaluation needs the generalization test: fail before loading anything
+    se.check_texts(cases)
     if os.path.isfile(out):
         raise JaxeditError(f"{out} is a file, not a directory")
     import jax
 
     if jax.process_count() > 1:
         raise JaxeditError("jaxedit dinm runs as one process: use --mesh over one host's devices")
+    config, tok = peek(model_name)  # config and tokenizer without the weights, where that is cheap
+    if config is not None:
+        DinmHparams(**hp).check(config.n_layers)
+    if tok is not None and config is not None:
+        se.check_texts(cases, tok, sfx, config.max_positions)
     model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     cfg = model.config
     DinmHparams(**hp).check(cfg.n_layers)
+    se.check_texts(cases, tok, sfx, cfg.max_positions)
+    # one prompt bucket for every generation of the run: one compile per batch size
+    lens = [len(x) for c in cases for x in se.prompt_ids(tok, c.inputs(sfx) + c.inputs(None), cfg.max_positions)]
+    bucket = round_up(min(max(lens), cfg.max_positions - max_new_tokens), 64)
+    ev = dict(scorer=scorer, max_new_tokens=max_new_tokens, bucket=bucket)
     os.makedirs(out, exist_ok=True)
     settings = {"model": model_name, "cases": os.path.abspath(se.DEMO_CASES if cases_file == "demo" else cases_file),
                 "scorer": scorer, "max_new_tokens": max_new_tokens, "dtype": dtype,
                 "mode": "sequential" if sequential else "per-instance", "hparams": dict(hp)}
     check_run(out, settings)
     results_path = os.path.join(out, "results.jsonl")
-    # one prompt bucket for every generation of the run: one compile per batch size
-    lens = [len(x) for c in cases for x in se.prompt_ids(tok, c.inputs(sfx) + c.inputs(None), cfg.max_positions)]
-    bucket = round_up(min(max(lens), cfg.max_positions - max_new_tokens), 64)
-    ev = dict(scorer=scorer, max_new_tokens=max_new_tokens, bucket=bucket)
 
     def evaluate_vanilla(cs):  # the unedited model on the plain inputs and on the inputs with the suffix
         plain = se.evaluate(model, tok, cs, suffix=None, **ev)

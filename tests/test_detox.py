@@ -281,6 +281,47 @@ def test_bad_input(tmp_path, tiny_dirs):
     assert not out.exists()
 
 
+def test_options_are_checked_before_the_model_loads(tmp_path, tiny_dirs, monkeypatch):
+    """Every bad option or input file is one line, exit 2, with nothing written and the model never loaded (its
+    config is read to check layer counts and hyperparameters); a model path that does not exist comes after."""
+    loads = []
+    monkeypatch.setattr(jaxedit, "load", lambda *a, **k: loads.append(a) or (_ for _ in ()).throw(
+        AssertionError("the model was loaded")))
+    out = tmp_path / "o"
+    neutral_empty = tmp_path / "empty.txt"
+    neutral_empty.write_text("\n")
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text('{"prompt": "fine"}\n{"prompt": "unterminated')
+    cases = [(["--trace-kinds", "hidden,bogus"], "error: unknown trace kinds ['bogus'] (choose from hidden, mlp, attn)"),
+             (["--objectives", "delete,nope"], "error: unknown objectives ['nope']"),
+             (["--select-threshold", "1.5"], "error: select-threshold must be in [0, 1] (got 1.5)"),
+             (["--max-prompts", "0"], "error: max-prompts must be >= 1 (got 0)"),
+             (["--trace-samples", "0"], "error: trace-samples must be >= 1"),
+             (["--neutral", str(tmp_path / "nope.txt")], f"error: cannot read {tmp_path / 'nope.txt'}: No such file"),
+             (["--neutral", str(neutral_empty)], f"error: {neutral_empty}: no text"),
+             (["--factual", str(facts)], f"error: {facts}:2: malformed JSON (Unterminated string starting at column 12)"),
+             (["--prompts", str(tmp_path / "none.jsonl")], f"error: cannot read {tmp_path / 'none.jsonl'}"),
+             (["--scorer", "hf:" + str(tmp_path)], f"error: no classifier checkpoint at {tmp_path}"),
+             (["--hparam", "layers=[1]"], "error: --hparam layers is set by the study (--strategies chooses the layers)"),
+             # these need the model's config (3 layers), read without the weights
+             (["--n-layers", "4"], "error: n-layers must be within 1..3"),
+             (["--topk", "1", "--n-layers", "2"], "error: topk must be within n-layers (2)..3 (got 1)"),
+             (["--hparam", "bogus=1"], "error: --hparam: unknown hyperparameter(s): bogus (known: preset, v_lr,"),
+             (["--hparam", "v_num_grad_steps=2.5"], "error: --hparam v_num_grad_steps=2.5: expected int")]
+    for args, msg in cases:
+        r = CliRunner().invoke(cli, ["-q", "detox", "--prompts", "demo", "--out", str(out), "--model",
+                                     tiny_dirs["gpt2"][0], *args])
+        assert r.exit_code == 2 and r.output.startswith(msg) and r.output.count("\n") == 1, (args, r.output)
+    # an option error comes before a model that does not exist, which comes before loading
+    r = CliRunner().invoke(cli, ["-q", "detox", "--prompts", "demo", "--out", str(out), "--model",
+                                 str(tmp_path / "no-model"), "--trace-kinds", "bogus"])
+    assert r.exit_code == 2 and r.output.startswith("error: unknown trace kinds"), r.output
+    r = CliRunner().invoke(cli, ["-q", "detox", "--prompts", "demo", "--out", str(out), "--model",
+                                 str(tmp_path / "no-model")])
+    assert r.exit_code == 2 and r.output == f"error: no such model directory or file: {tmp_path / 'no-model'}\n"
+    assert not loads and not out.exists()
+
+
 def test_empty_selection_says_how_many_were_considered(tmp_path, tiny_dirs):
     model, tok = jaxedit.load(tiny_dirs["gpt2"][0])
     p = tmp_path / "p.jsonl"
