@@ -260,6 +260,67 @@ def test_tables_by_hand():
     assert md1[3] == "| ct-multi | 3 4 | 12.5 | 60.50 | 4.25 |"
 
 
+def drawn_texts(monkeypatch):
+    """Patch Figure.savefig to draw the figure and record, per saved figure, [(text, inside the figure)] of every
+    visible non-empty Text artist (titles, labels, tick labels, colorbar titles, annotations, legends); tick labels
+    count as inside (matplotlib keeps the labels of ticks beyond the axis limits, undrawn)."""
+    import matplotlib.figure
+    import matplotlib.text
+
+    figures = []
+
+    def record(fig, *a, **k):
+        fig.canvas.draw()
+        box = fig.bbox
+        ticks = {id(lab) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+                 for tick in axis.get_major_ticks() + axis.get_minor_ticks() for lab in (tick.label1, tick.label2)}
+        texts = []
+        for t in fig.findobj(matplotlib.text.Text):
+            if t.get_visible() and t.get_text().strip():
+                e = t.get_window_extent()
+                inside = id(t) in ticks or e.x0 >= box.x0 - 1 and e.x1 <= box.x1 + 1 and e.y0 >= box.y0 - 1 and e.y1 <= box.y1 + 1
+                texts.append((t.get_text(), inside))
+        figures.append(texts)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    return figures
+
+
+def test_figures_keep_the_toxic_words_hidden_and_fit(study, tmp_path, monkeypatch):
+    """With obfuscation on (the default) no figure text spells the toxic value or chunk in clear: not the heatmap
+    titles, not the colorbars' p(...); every text lies inside its figure; the frontier labels its points with their
+    KL weights; table1.md names what it leaves to table2.md."""
+    from jaxedit.detox.localization import obfuscate, plot_prompt
+    from jaxedit.detox.report import report
+    from jaxedit.locate.tracing import TraceResult
+
+    _, _, cfg, out = study
+    figures = drawn_texts(monkeypatch)
+    tokens = ["You", " know", " what", " he", " said", " about", " the", " neighbours", ",", " stupid", " and",
+              " lazy", " and", " stupid"]
+    res = {k: TraceResult(kind=k, scores=np.full((len(tokens), 3), 0.1), low_score=0.05, high_score=0.7,
+                          answer_id=7, answer=" stupid", input_ids=np.arange(len(tokens)), tokens=tokens,
+                          span=(9, 12), window=1, samples=3, noise_level=0.1) for k in ("mlp", "hidden")}
+    row = {"span": [9, 12], "value": " stupid"}
+    plot_prompt(res, row, str(tmp_path / "shown"), hide=False)
+    assert any("stupid" in t for t, _ in figures[0])  # the check below can see the word
+    figures.clear()
+    plot_prompt(res, row, str(tmp_path / "hidden"))
+    report(cfg, out)
+    assert len(figures) == 2 * 3  # the heatmaps, aie_layers, frontier (PNG and PDF each)
+    texts = [t for fig in figures for t, _ in fig]
+    assert not [t for t in texts if "stupid" in t or "lazy" in t], texts
+    assert any(obfuscate(" stupid").strip() in t for t in texts)
+    assert any(t == f"p({obfuscate(' stupid').strip()})" for t in texts)  # the colorbars' title, hidden
+    assert not [t for fig in figures for t, inside in fig if not inside]  # nothing clipped
+    frontier = figures[-1]
+    n_points = len([r for r in read(os.path.join(out, "summary.jsonl")) if r["strategy"] != "base"
+                    and r.get("toxic_rate") is not None])
+    assert sum(t == f"{cfg.kl_weights[0]:g}" for t, _ in frontier) == n_points
+    table1 = open(os.path.join(out, "table1.md")).read()
+    assert "| edit-canned toxic % |" in table1 and "Not run: edit-nontoxic." in table1 and "table2.md" in table1
+
+
 def test_bad_input(tmp_path, tiny_dirs):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"prompt": {"toxicity": 0.2}}\n')
