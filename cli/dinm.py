@@ -198,10 +198,14 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
         if os.path.exists(results_path):
             os.remove(results_path)  # a sequential run starts over
         runtime.set_resume_note("a sequential run is not resumable: rerun it whole")
+        runtime.stage(f"dinm: {len(cases)} cases edited into one model in order ({steps} steps each), then evaluated")
         with runtime.bar(len(cases), "dinm (sequential)", unit="case") as bar:
             edited, rep = jaxedit.dinm(model, cases, tokenizer=tok, per_instance=False, progress=bar.update, **hp)
+        runtime.stage(f"answering the {len(cases)} cases' 5 inputs with the unedited model (compiles the sampler)")
         plain, withs = evaluate_vanilla(cases)
+        runtime.stage("answering them with the edited model")
         after = se.evaluate(edited, tok, cases, suffix=sfx, **ev)
+        runtime.stage("knowledge-constraint retention")
         kept = se.retention(model, edited, tok, cases, suffix=sfx)
         recs = []
         for i, c in enumerate(cases):
@@ -219,12 +223,19 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
             hp["layer"] = jaxedit.dinm_locate(model, cases[:1], tokenizer=tok)[0][0]
         runtime.set_resume_note(lambda: f"{len(done)} of {len(cases)} cases kept in {out}/results.jsonl; rerun to "
                                         f"resume")
+        runtime.stage(f"dinm: {len(todo)} of {len(cases)} cases to do ({len(cases) - len(todo)} done earlier); per "
+                      f"case: answer its 5 inputs with the unedited model, locate, tune {steps} steps, answer with "
+                      f"the edited model, retention")
         with runtime.bar(len(cases), "dinm", unit="case", initial=len(cases) - len(todo)) as bar:
-            for c in todo:
+            for i, c in enumerate(todo):
+                say = runtime.stage if i == 0 else (lambda msg: None)  # the first case compiles every program
+                say(f"case {c.id}: answering its 5 inputs with the unedited model (compiling the sampler)")
                 plain, withs = evaluate_vanilla([c])
+                say(f"case {c.id}: locating and tuning (compiling the location and the tuning loop)")
                 edited, rep = jaxedit.dinm(model, [c], tokenizer=tok, per_instance=True, **hp)
                 if rep["distances"][0] is None:  # a given layer: the case's own distances for the record
                     rep["distances"] = [list(map(float, jaxedit.dinm_locate(model, [c], tokenizer=tok)[1][0]))]
+                say(f"case {c.id}: answering with the edited model, then the knowledge-constraint retention")
                 after = se.evaluate(edited, tok, [c], suffix=sfx, **ev)
                 before_kc = se.answer_argmax(model, tok, [c], sfx)
                 kept = se.retention(model, edited, tok, [c], suffix=sfx, before=before_kc)

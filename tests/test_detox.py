@@ -219,6 +219,44 @@ def test_resume_after_a_kill_at_every_stage(study, tmp_path):
             assert_close(got[k], want[k], k)
 
 
+def test_timings_accumulate_over_runs(study, tmp_path, monkeypatch):
+    """timings.json adds every run of a stage to its total, an interrupted run included (recorded by the interrupt
+    hook the CLI runs before the process ends); a stage's total is the sum of its runs."""
+    import time
+
+    from jaxedit import runtime
+    from jaxedit.detox import pipeline
+
+    model, tok, cfg, out = study
+    d = str(tmp_path / "again")
+    shutil.copytree(out, d)
+    before = json.load(open(os.path.join(d, "timings.json")))
+    assert set(before) == set(pipeline.STAGES) and all(v["seconds"] == sum(v["runs"]) for v in before.values())
+    real = pipeline.report
+
+    def slow_report(c, o):
+        time.sleep(0.3)
+        return real(c, o)
+
+    def killed_report(c, o):
+        time.sleep(0.2)
+        runtime.run_interrupt_hooks()  # what the CLI does on Ctrl-C, before the process ends
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "report", slow_report)
+    run_study(model, tok, cfg, d, stages=("report",), progress=False)
+    monkeypatch.setattr(pipeline, "report", killed_report)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(model, tok, cfg, d, stages=("report",), progress=False)
+    t = json.load(open(os.path.join(d, "timings.json")))
+    runs = t["report"]["runs"]
+    assert runs[:-2] == before["report"]["runs"] and runs[-2] >= 0.3
+    assert runs[-1]["interrupted"] and runs[-1]["seconds"] >= 0.2
+    assert t["report"]["seconds"] == pytest.approx(sum(r if isinstance(r, float) else r["seconds"] for r in runs),
+                                                   abs=0.011)
+    assert {k: v for k, v in t.items() if k != "report"} == {k: v for k, v in before.items() if k != "report"}
+
+
 def test_rerun_with_other_options_is_refused(study, tmp_path):
     model, tok, cfg, out = study
     with pytest.raises(JaxeditError, match=r"select stage run with other options \(--select-samples 4 -> 5"):

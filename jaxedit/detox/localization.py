@@ -56,6 +56,7 @@ def localize(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True
     todo = [r for r in rows if r["line"] not in done]
     ids = [tokenizer(r["prompt"])["input_ids"] for r in rows]
     # one noise level for the whole set (the reference's "s3" over all subjects), whatever the batches
+    runtime.stage(f"localize: the noise level over the {len(rows)} edited prompts' chunks")
     level = resolve_noise_level(model, tokenizer, "s3", [i[r["span"][0]:r["span"][1]] for i, r in zip(ids, rows)])
     runtime.stage(f"localize: tracing {len(rows)} prompts ({len(rows) - len(todo)} done earlier), kinds "
                   f"{', '.join(kinds)}, noise level {level:.4g}")
