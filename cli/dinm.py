@@ -140,9 +140,11 @@ def _case_record(case, layer_report, i):
 @click.option("--batch-size", default=1, show_default=True, type=int, help="with --sequential: cases tuned together")
 @click.option("--limit", type=int, help="only the first N cases")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
+@click.option("--dry-run", is_flag=True,
+              help="check the options and cases and print the plan, then stop before loading the model's weights")
 @with_mesh
 def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_weight, weight_decay, kl_no_grad,
-         locate, layer, suffix, no_suffix, sequential, batch_size, limit, dtype, mesh=None):
+         locate, layer, suffix, no_suffix, sequential, batch_size, limit, dtype, dry_run, mesh=None):
     """DINM (SafeEdit): locate each case's toxic layer, tune its MLP output projection, evaluate DS / DG /
     fluency / retention before and after."""
     import numpy as np
@@ -175,6 +177,22 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
         DinmHparams(**hp).check(config.n_layers)
     if tok is not None and config is not None:
         se.check_texts(cases, tok, sfx, config.max_positions)
+    if dry_run:
+        done = 0 if sequential else len({str(r["id"]) for r in read_rows(os.path.join(out, "results.jsonl"))}
+                                        & {str(c.id) for c in cases})
+        where = (f"layer {layer} for every case" if layer is not None else "the first case's located layer for all"
+                 if locate == "first" else "the layer located per case")
+        n_models = 3 if sfx else 2
+        click.echo("\n".join([
+            f"plan for {out}/ with {model_name}" + (f" ({config.n_layers} layers)" if config is not None else ""),
+            f"cases: {len(cases)} from {cases_file}" + (f"; {done} done earlier" if done else ""),
+            f"edit: {'all cases into one model, in order' if sequential else 'each case on its own'}, {where}, "
+            f"{steps} Adam steps at lr {lr:g}" + (f", suffix {sfx!r}" if sfx else ", no suffix"),
+            f"evaluate: 5 inputs per case x {n_models} models ({'vanilla, vanilla + suffix, DINM' if sfx else 'vanilla, DINM'}), "
+            f"greedy answers of <= {max_new_tokens} tokens ({5 * n_models * (len(cases) - done)} answers), scored by "
+            f"{scorer}; knowledge-constraint retention",
+            "dry run: nothing loaded, nothing written"]))
+        return
     model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     cfg = model.config
     DinmHparams(**hp).check(cfg.n_layers)

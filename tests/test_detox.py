@@ -257,6 +257,31 @@ def test_timings_accumulate_over_runs(study, tmp_path, monkeypatch):
     assert {k: v for k, v in t.items() if k != "report"} == {k: v for k, v in before.items() if k != "report"}
 
 
+def test_edit_stage_computes_statistics_of_the_edited_layers_only(study, tmp_path, monkeypatch):
+    """The edit stage asks for the key statistics of the layers its remaining runs edit (random draws included),
+    and a layer's statistics are the same whether its pass covers every layer or only the edited ones."""
+    from jaxedit.detox import editing
+
+    model, tok, cfg, out = study
+    d = str(tmp_path / "again")
+    shutil.copytree(out, d)
+    redo = ["random-single__delete__kl0.0625__s1", "ct-single__edit-canned__kl0.0625__s0"]
+    want = {}
+    for rid in redo:
+        want[rid] = json.load(open(os.path.join(d, "edits", rid + ".json")))["layers"]
+        os.remove(os.path.join(d, "edits", rid + ".json"))
+    asked = []
+    real = editing.layer_stats
+    monkeypatch.setattr(editing, "layer_stats", lambda m, t, layers, **k: asked.append(list(layers)) or real(
+        m, t, layers, **k))
+    editing.edit(model, tok, cfg, d, progress=False)
+    assert asked == [sorted({l for v in want.values() for l in v})] and len(asked[0]) < model.config.n_layers
+    kw = dict(corpus="model", n_samples=4, max_len=16, progress=False)
+    some = jaxedit.layer_stats(model, tok, [1], cache_dir=str(tmp_path / "a"), **kw)
+    every = jaxedit.layer_stats(model, tok, [0, 1, 2], cache_dir=str(tmp_path / "b"), **kw)
+    np.testing.assert_array_equal(some[1], every[1])
+
+
 def test_rerun_with_other_options_is_refused(study, tmp_path):
     model, tok, cfg, out = study
     with pytest.raises(JaxeditError, match=r"select stage run with other options \(--select-samples 4 -> 5"):
@@ -419,6 +444,20 @@ def test_options_are_checked_before_the_model_loads(tmp_path, tiny_dirs, monkeyp
                                  str(tmp_path / "no-model")])
     assert r.exit_code == 2 and r.output == f"error: no such model directory or file: {tmp_path / 'no-model'}\n"
     assert not loads and not out.exists()
+
+
+def test_dry_run_prints_the_plan_without_loading(tmp_path, tiny_dirs, monkeypatch):
+    monkeypatch.setattr(jaxedit, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    out = tmp_path / "o"
+    r = CliRunner().invoke(cli, ["-q", "detox", "--prompts", "demo", "--out", str(out), "--model", tiny_dirs["gpt2"][0],
+                                 "--strategies", "random-single,ct-multi", "--objectives", "delete", "--random-seeds",
+                                 "2", "--kl-weights", "0,0.1", "--limit", "5", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0] == f"plan for {out}/ with {tiny_dirs['gpt2'][0]} (3 layers)"
+    assert lines[1] == "select: 5 prompts x 25 continuations of 20 tokens (125 samples)"
+    assert lines[3].startswith("edit: 6 runs (2 strategies x 1 objectives x 2 KL weights; random strategies x 2 seeds)")
+    assert lines[-1] == "dry run: nothing loaded, nothing written" and not out.exists()
 
 
 def test_empty_selection_says_how_many_were_considered(tmp_path, tiny_dirs):

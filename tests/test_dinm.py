@@ -247,6 +247,20 @@ def test_cli_checks_everything_before_the_model_loads(tiny_dirs, tmp_path, monke
     assert not loads and not out.exists()
 
 
+def test_cli_dry_run(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(jaxedit, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    out = tmp_path / "o"
+    f = write_cases(tmp_path / "cases.json", cli_cases())
+    res = CliRunner().invoke(cli, ["-q", "dinm", "--model", tiny_dirs["gpt2"][0], "--cases", f, "--out", str(out),
+                                   "--layer", "2", "--no-suffix", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[1:] == [
+        f"cases: 2 from {f}", "edit: each case on its own, layer 2 for every case, 10 Adam steps at lr 0.0005, no suffix",
+        "evaluate: 5 inputs per case x 2 models (vanilla, DINM), greedy answers of <= 32 tokens (20 answers), scored by "
+        "profanity; knowledge-constraint retention", "dry run: nothing loaded, nothing written"]
+    assert not out.exists()
+
+
 def test_cli_run_and_resume(tiny_dirs, tmp_path):
     run = lambda cli, args: CliRunner().invoke(cli, ["-q", *args])  # noqa: E731 (--quiet: errors alone)
     f = write_cases(tmp_path / "cases.json", cli_cases())
