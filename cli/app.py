@@ -181,6 +181,7 @@ def run_interruptibly(fn, *args, **kwargs):
 
 
 def _exit_interrupted(signum) -> None:
+    runtime.run_interrupt_hooks()
     note = runtime.resume_note()
     try:
         from tqdm import tqdm

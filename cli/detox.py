@@ -8,7 +8,8 @@ from jaxedit import runtime
 from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file, with_mesh, with_options
 from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
 from jaxedit.detox.config import STAGES, DetoxConfig
-from jaxedit.detox.data import prompt_of
+from jaxedit.detox.data import prompt_of, read_facts, read_texts
+from jaxedit.loading.peek import peek
 from jaxedit.detox.pipeline import run_study
 from jaxedit.errors import JaxeditError
 
@@ -71,10 +72,13 @@ def _csv(text, what, cast=str):
               help="star the vowels of the chunk's tokens in the plots")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="prompts per sampling / tracing call")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
+@click.option("--dry-run", is_flag=True,
+              help="check the options and print the plan (stages, runs, sample counts), then stop before loading "
+                   "the model's weights")
 @SKIP_BAD
 @with_mesh
 def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, kl_weights, hparam, dtype,
-          stats_float64, n_samples, skip_bad, mesh=None, **kw):
+          stats_float64, n_samples, skip_bad, dry_run, mesh=None, **kw):
     """Das et al.'s toxic-memory study: select toxic prompts, localize the toxic chunk, edit or delete with every
     layer strategy, evaluate toxicity, perplexity and fluency, and report the tables and figures.
 
@@ -90,16 +94,115 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
                       strategies=_csv(strategies, "strategies"), objectives=_csv(objectives, "objectives"),
                       kl_weights=_csv(kl_weights, "kl-weights", float), hparams=hp, samples=n_samples,
                       skip_bad=skip_bad, **kw)
-    cfg.check()
+    stages = STAGES if stage == "all" else (stage,)
+    check_inputs(cfg, out, stages)  # every option and input file, before anything is loaded or written
     import jax
 
     if jax.process_count() > 1:
         raise JaxeditError("jaxedit detox runs as one process: use --mesh over one host's devices")
-    if stage in ("select", "all") and os.path.isfile(prompts):
-        request_file(prompts, "prompts", skip_bad, check=prompt_of)  # every bad line named before the model loads
+    config, _ = peek(model_name, tokenizer=False)  # the config alone: layer counts and hparams checked unloaded
+    if config is not None:
+        cfg.check_model(config)
+    if dry_run:
+        click.echo("\n".join(plan(cfg, config, out, stages)))
+        return
     runtime.set_resume_note(f"finished steps are kept in {out}/; rerun the same command to resume")
     model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
-    run_study(model, tok, cfg, out, STAGES if stage == "all" else (stage,))
-    if stage in ("report", "all"):
-        click.echo(open(os.path.join(out, "table2.md")).read())
+    cfg.check_model(model.config)
+    run_study(model, tok, cfg, out, stages)
+    if "report" in stages:
+        table = os.path.join(out, "table2.md")
+        click.echo(open(table).read() if os.path.isfile(table) else "")
     click.echo(f"wrote {out}/ (stage {stage})")
+
+
+def check_inputs(cfg: DetoxConfig, out: str, stages) -> None:
+    """Refuse bad options and input files (one line, FILE:LINE where a file was read) without loading the model or
+    writing anything: names, ranges, the prompt file, the neutral text and the factual prompts."""
+    import os
+
+    cfg.check()
+    if os.path.isfile(out):
+        raise JaxeditError(f"{out} is a file, not a directory")
+    if "select" in stages and cfg.prompts != "demo" and (os.path.exists(cfg.prompts)
+                                                          or cfg.prompts.endswith((".jsonl", ".json"))):
+        if os.path.isdir(cfg.prompts):
+            raise JaxeditError(f"{cfg.prompts} is a directory, not a JSONL file of prompts")
+        request_file(cfg.prompts, "prompts", cfg.skip_bad, check=prompt_of)  # every bad line named
+    if "evaluate" in stages:
+        read_texts(cfg.neutral)
+        read_facts(cfg.factual)
+
+
+def plan(cfg: DetoxConfig, config, out: str, stages) -> list:
+    """What a run would do, as lines: per stage its work and what ``out`` already holds. Reads the inputs and the
+    study folder only."""
+    import dataclasses
+    import json
+    import os
+
+    from jaxedit.detox.config import RANDOM_STRATEGIES
+    from jaxedit.detox.data import read_prompts
+    from jaxedit.files import read_rows
+
+    have = lambda name: os.path.isfile(os.path.join(out, name))  # noqa: E731
+    lines = [f"plan for {out}/ with {cfg.model}"
+             + (f" ({config.n_layers} layers)" if config is not None else " (layers: known once the model loads)")]
+    if cfg.prompts == "demo" or os.path.isfile(cfg.prompts):
+        n = len(read_prompts(cfg.prompts, cfg.limit, cfg.skip_bad))
+        prompts = f"{n} prompts"
+    else:
+        n, prompts = cfg.limit, f"{'up to ' + str(cfg.limit) if cfg.limit else 'every'} prompt of {cfg.prompts}"
+    cands = len(read_rows(os.path.join(out, "candidates.jsonl"))) if have("candidates.jsonl") else 0
+    sel = read_rows(os.path.join(out, "selected.jsonl")) if have("selected.jsonl") else None
+    n_edit = sum(r["split"] == "edit" for r in sel) if sel is not None else None
+    n_held = sum(r["split"] == "heldout" for r in sel) if sel is not None else None
+    edited = f"{n_edit}" if n_edit is not None else "the selected"
+    if "select" in stages:
+        lines.append(f"select: {prompts} x {cfg.select_samples} continuations of {cfg.max_new_tokens} tokens"
+                     + (f" ({n * cfg.select_samples} samples)" if n else "") + (f"; {cands} prompts done earlier"
+                                                                                 if cands else ""))
+    if "localize" in stages:
+        lines.append(f"localize: {edited} edited prompts x {len(cfg.trace_kinds)} kinds "
+                     f"({', '.join(cfg.trace_kinds)}) x {cfg.trace_samples} noisy samples"
+                     + (", saliency profiles" if "saliency-multi" in cfg.strategies else ""))
+    per = len(cfg.objectives) * len(cfg.kl_weights)
+    n_runs = sum((cfg.random_seeds if s in RANDOM_STRATEGIES else 1) * per for s in cfg.strategies)
+    done = len([f for f in os.listdir(os.path.join(out, "edits")) if f.endswith(".json")]) \
+        if os.path.isdir(os.path.join(out, "edits")) else 0
+    if "edit" in stages:
+        lines.append(f"edit: {n_runs} runs ({len(cfg.strategies)} strategies x {len(cfg.objectives)} objectives x "
+                     f"{len(cfg.kl_weights)} KL weights; random strategies x {cfg.random_seeds} seeds), each one "
+                     f"batched edit of {edited} prompts" + (f"; {done} done earlier" if done else ""))
+        if config is not None:
+            from jaxedit.detox.editing import plan_runs
+
+            loc = None
+            if have("localize.json"):
+                with open(os.path.join(out, "localize.json")) as f:
+                    loc = json.load(f)
+            try:
+                layers = sorted({l for r in plan_runs(cfg, config.n_layers, loc) for l in r[5]})
+                lines.append(f"  key statistics of layers {layers}")
+            except JaxeditError:  # CT / saliency layers: known after the localize stage
+                fixed = [s for s in cfg.strategies if s.startswith(("random", "topk"))]
+                if fixed:
+                    part = dataclasses.replace(cfg, strategies=tuple(fixed))
+                    layers = sorted({l for r in plan_runs(part, config.n_layers, None) for l in r[5]})
+                    lines.append(f"  key statistics of layers {layers} and the CT / saliency layers (known after "
+                                 f"localize)")
+        lines.append(f"  key statistics from {cfg.corpus or 'the default corpus'}"
+                     + (f", {cfg.samples} texts" if cfg.samples else "") + (f" of <= {cfg.max_len} tokens"
+                                                                             if cfg.max_len else ""))
+    if "evaluate" in stages:
+        facts = len(read_facts(cfg.factual))
+        each = (f"{cfg.eval_samples} continuations per edited prompt"
+                + (f" ({cfg.eval_samples * n_edit} in all)" if n_edit is not None else "")
+                + (f", {cfg.eval_samples * n_held} on held-out prompts" if n_held else "")
+                + (f", {cfg.factual_samples} per factual prompt ({cfg.factual_samples * facts})" if facts else "")
+                + ", perplexities")
+        lines.append(f"evaluate: {1 + n_runs} models (the unedited one and every run): {each}")
+    if "report" in stages:
+        lines.append("report: table1, table2, summary, aie_layers, frontier")
+    lines.append("dry run: nothing loaded, nothing written")
+    return lines

@@ -25,7 +25,9 @@ from jaxedit.batching import round_up
 from jaxedit.cli.app import MODEL_HELP, cli, with_mesh
 from jaxedit.edit.dinm import DEFAULT_SUFFIX, DinmHparams
 from jaxedit.errors import JaxeditError
+from jaxedit.loading.peek import peek
 from jaxedit.evaluate import safeedit as se
+from jaxedit.evaluate.toxicity import check_scorer
 from jaxedit.files import append_jsonl, read_rows, write_atomic, write_json, write_jsonl
 
 ROWS = (("vanilla", "vanilla"), ("vanilla_suffix", "vanilla + suffix"), ("dinm", "DINM"))
@@ -138,9 +140,11 @@ def _case_record(case, layer_report, i):
 @click.option("--batch-size", default=1, show_default=True, type=int, help="with --sequential: cases tuned together")
 @click.option("--limit", type=int, help="only the first N cases")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
+@click.option("--dry-run", is_flag=True,
+              help="check the options and cases and print the plan, then stop before loading the model's weights")
 @with_mesh
 def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_weight, weight_decay, kl_no_grad,
-         locate, layer, suffix, no_suffix, sequential, batch_size, limit, dtype, mesh=None):
+         locate, layer, suffix, no_suffix, sequential, batch_size, limit, dtype, dry_run, mesh=None):
     """DINM (SafeEdit): locate each case's toxic layer, tune its MLP output projection, evaluate DS / DG /
     fluency / retention before and after."""
     import numpy as np
@@ -149,34 +153,60 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
         raise JaxeditError("--max-new-tokens must be >= 1")
     if limit is not None and limit < 1:
         raise JaxeditError("--limit must be >= 1")
+    if layer is not None and layer < 0:
+        raise JaxeditError(f"--layer must be >= 0 (got {layer})")
     if no_suffix and suffix is not None:
         raise JaxeditError("give --suffix or --no-suffix, not both")
     sfx = None if no_suffix else (DEFAULT_SUFFIX if suffix is None else suffix)
     hp = dict(steps=steps, lr=lr, edit_weight=edit_weight, weight_decay=weight_decay, kl_grad=not kl_no_grad,
               locate=locate, layer=layer, suffix=sfx, batch_size=batch_size)
-    DinmHparams().replace(**hp)  # unknown names cannot happen; values are checked with the model below
+    DinmHparams(**dict(hp, layer=None)).check(1)  # ranges; the layer against the model's depth below
+    check_scorer(scorer)
     cases = se.read_cases(cases_file, limit=limit)
     for c in cases:
         c.inputs()  # the evaluation needs the generalization test: fail before loading anything
+    se.check_texts(cases)
     if os.path.isfile(out):
         raise JaxeditError(f"{out} is a file, not a directory")
     import jax
 
     if jax.process_count() > 1:
         raise JaxeditError("jaxedit dinm runs as one process: use --mesh over one host's devices")
+    config, tok = peek(model_name)  # config and tokenizer without the weights, where that is cheap
+    if config is not None:
+        DinmHparams(**hp).check(config.n_layers)
+    if tok is not None and config is not None:
+        se.check_texts(cases, tok, sfx, config.max_positions)
+    if dry_run:
+        done = 0 if sequential else len({str(r["id"]) for r in read_rows(os.path.join(out, "results.jsonl"))}
+                                        & {str(c.id) for c in cases})
+        where = (f"layer {layer} for every case" if layer is not None else "the first case's located layer for all"
+                 if locate == "first" else "the layer located per case")
+        n_models = 3 if sfx else 2
+        click.echo("\n".join([
+            f"plan for {out}/ with {model_name}" + (f" ({config.n_layers} layers)" if config is not None else ""),
+            f"cases: {len(cases)} from {cases_file}" + (f"; {done} done earlier" if done else ""),
+            f"edit: {'all cases into one model, in order' if sequential else 'each case on its own'}, {where}, "
+            f"{steps} Adam steps at lr {lr:g}" + (f", suffix {sfx!r}" if sfx else ", no suffix"),
+            f"evaluate: 5 inputs per case x {n_models} models ({'vanilla, vanilla + suffix, DINM' if sfx else 'vanilla, DINM'}), "
+            f"greedy answers of <= {max_new_tokens} tokens ({5 * n_models * (len(cases) - done)} answers), scored by "
+            f"{scorer}; knowledge-constraint retention",
+            "dry run: nothing loaded, nothing written"]))
+        return
     model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     cfg = model.config
     DinmHparams(**hp).check(cfg.n_layers)
+    se.check_texts(cases, tok, sfx, cfg.max_positions)
+    # one prompt bucket for every generation of the run: one compile per batch size
+    lens = [len(x) for c in cases for x in se.prompt_ids(tok, c.inputs(sfx) + c.inputs(None), cfg.max_positions)]
+    bucket = round_up(min(max(lens), cfg.max_positions - max_new_tokens), 64)
+    ev = dict(scorer=scorer, max_new_tokens=max_new_tokens, bucket=bucket)
     os.makedirs(out, exist_ok=True)
     settings = {"model": model_name, "cases": os.path.abspath(se.DEMO_CASES if cases_file == "demo" else cases_file),
                 "scorer": scorer, "max_new_tokens": max_new_tokens, "dtype": dtype,
                 "mode": "sequential" if sequential else "per-instance", "hparams": dict(hp)}
     check_run(out, settings)
     results_path = os.path.join(out, "results.jsonl")
-    # one prompt bucket for every generation of the run: one compile per batch size
-    lens = [len(x) for c in cases for x in se.prompt_ids(tok, c.inputs(sfx) + c.inputs(None), cfg.max_positions)]
-    bucket = round_up(min(max(lens), cfg.max_positions - max_new_tokens), 64)
-    ev = dict(scorer=scorer, max_new_tokens=max_new_tokens, bucket=bucket)
 
     def evaluate_vanilla(cs):  # the unedited model on the plain inputs and on the inputs with the suffix
         plain = se.evaluate(model, tok, cs, suffix=None, **ev)
@@ -186,10 +216,14 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
         if os.path.exists(results_path):
             os.remove(results_path)  # a sequential run starts over
         runtime.set_resume_note("a sequential run is not resumable: rerun it whole")
+        runtime.stage(f"dinm: {len(cases)} cases edited into one model in order ({steps} steps each), then evaluated")
         with runtime.bar(len(cases), "dinm (sequential)", unit="case") as bar:
             edited, rep = jaxedit.dinm(model, cases, tokenizer=tok, per_instance=False, progress=bar.update, **hp)
+        runtime.stage(f"answering the {len(cases)} cases' 5 inputs with the unedited model (compiles the sampler)")
         plain, withs = evaluate_vanilla(cases)
+        runtime.stage("answering them with the edited model")
         after = se.evaluate(edited, tok, cases, suffix=sfx, **ev)
+        runtime.stage("knowledge-constraint retention")
         kept = se.retention(model, edited, tok, cases, suffix=sfx)
         recs = []
         for i, c in enumerate(cases):
@@ -207,12 +241,19 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
             hp["layer"] = jaxedit.dinm_locate(model, cases[:1], tokenizer=tok)[0][0]
         runtime.set_resume_note(lambda: f"{len(done)} of {len(cases)} cases kept in {out}/results.jsonl; rerun to "
                                         f"resume")
+        runtime.stage(f"dinm: {len(todo)} of {len(cases)} cases to do ({len(cases) - len(todo)} done earlier); per "
+                      f"case: answer its 5 inputs with the unedited model, locate, tune {steps} steps, answer with "
+                      f"the edited model, retention")
         with runtime.bar(len(cases), "dinm", unit="case", initial=len(cases) - len(todo)) as bar:
-            for c in todo:
+            for i, c in enumerate(todo):
+                say = runtime.stage if i == 0 else (lambda msg: None)  # the first case compiles every program
+                say(f"case {c.id}: answering its 5 inputs with the unedited model (compiling the sampler)")
                 plain, withs = evaluate_vanilla([c])
+                say(f"case {c.id}: locating and tuning (compiling the location and the tuning loop)")
                 edited, rep = jaxedit.dinm(model, [c], tokenizer=tok, per_instance=True, **hp)
                 if rep["distances"][0] is None:  # a given layer: the case's own distances for the record
                     rep["distances"] = [list(map(float, jaxedit.dinm_locate(model, [c], tokenizer=tok)[1][0]))]
+                say(f"case {c.id}: answering with the edited model, then the knowledge-constraint retention")
                 after = se.evaluate(edited, tok, [c], suffix=sfx, **ev)
                 before_kc = se.answer_argmax(model, tok, [c], sfx)
                 kept = se.retention(model, edited, tok, [c], suffix=sfx, before=before_kc)

@@ -1,4 +1,18 @@
 """jaxedit: locate and edit memories in language models, in JAX."""
+import logging as _logging
+
+
+class _NoTorchAdvice(_logging.Filter):
+    """transformers says "PyTorch was not found. Models won't be available ..." when it is imported without torch;
+    jaxedit uses it for tokenizers and configs only, so that one notice is dropped (its other warnings pass)."""
+
+    def filter(self, record):
+        return not str(record.msg).startswith("PyTorch was not found. Models won't be available")
+
+
+if not any(isinstance(f, _NoTorchAdvice) for f in _logging.getLogger("transformers").filters):
+    _logging.getLogger("transformers").addFilter(_NoTorchAdvice())  # before anything imports transformers
+
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import ForwardOutput, Interventions, apply

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Callable, Optional
 
-from jaxedit.errors import JaxeditError
+from jaxedit.errors import JaxeditError, json_problem
 
 
 class RequestFile:
@@ -35,7 +35,7 @@ class RequestFile:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                self.bad(no, f"malformed JSON ({e.msg})")
+                self.bad(no, f"malformed JSON ({json_problem(e)})")
                 continue
             if not isinstance(obj, dict):
                 self.bad(no, "expected a JSON object")

@@ -142,6 +142,36 @@ class resume_note_while:
         return False
 
 
+_interrupt_hooks: list = []
+
+
+class on_interrupt:
+    """Context manager: ``fn()`` runs if the command is interrupted inside the block (before the process ends; the
+    CLI calls :func:`run_interrupt_hooks`), e.g. to record the time a stage had spent."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self.fn = fn
+
+    def __enter__(self):
+        _interrupt_hooks.append(self.fn)
+        return self
+
+    def __exit__(self, *exc):
+        if self.fn in _interrupt_hooks:
+            _interrupt_hooks.remove(self.fn)
+        return False
+
+
+def run_interrupt_hooks() -> None:
+    """Run the :class:`on_interrupt` functions in force, innermost first (errors ignored: never let them stop an
+    interrupt)."""
+    for fn in reversed(list(_interrupt_hooks)):
+        try:
+            fn()
+        except Exception:
+            pass
+
+
 def resume_note() -> Optional[str]:
     note = _note
     try:

@@ -123,6 +123,21 @@ def test_transformers_advice_is_silenced():
     assert out.returncode == 0 and "PyTorch was not found" not in out.stderr + out.stdout, out.stderr
 
 
+def test_transformers_advice_is_silenced_in_library_use():
+    """`import jaxedit` alone (no CLI, no environment variable) drops the "PyTorch was not found" notice of a
+    transformers imported without torch, and only that: its other warnings still show."""
+    hide_torch = ("import importlib.util as u; f = u.find_spec; "
+                  "u.find_spec = lambda n, *a, **k: None if n == 'torch' else f(n, *a, **k); ")
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
+    other = "; transformers.utils.logging.get_logger('transformers').warning('another transformers warning')"
+    for pre, notice in (("", True), ("import jaxedit; ", False)):
+        out = subprocess.run([sys.executable, "-c", hide_torch + pre + "import transformers" + other],
+                             capture_output=True, text=True, env=env)
+        assert out.returncode == 0, out.stderr
+        assert ("PyTorch was not found" in out.stderr) == notice, out.stderr  # without jaxedit: shown (test can fail)
+        assert "another transformers warning" in out.stderr
+
+
 def test_skip_bad_reports_every_bad_line(gpt2_dir, tmp_path):
     bad = ["{not json", json.dumps({"subject": "Miles"}), json.dumps({"prompt": "Miles Davis plays the"}),
            json.dumps({"prompt": "Miles Davis plays the", "subject": "Coltrane"}), "[1, 2]"]

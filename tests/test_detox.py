@@ -219,6 +219,69 @@ def test_resume_after_a_kill_at_every_stage(study, tmp_path):
             assert_close(got[k], want[k], k)
 
 
+def test_timings_accumulate_over_runs(study, tmp_path, monkeypatch):
+    """timings.json adds every run of a stage to its total, an interrupted run included (recorded by the interrupt
+    hook the CLI runs before the process ends); a stage's total is the sum of its runs."""
+    import time
+
+    from jaxedit import runtime
+    from jaxedit.detox import pipeline
+
+    model, tok, cfg, out = study
+    d = str(tmp_path / "again")
+    shutil.copytree(out, d)
+    before = json.load(open(os.path.join(d, "timings.json")))
+    assert set(before) == set(pipeline.STAGES) and all(v["seconds"] == sum(v["runs"]) for v in before.values())
+    real = pipeline.report
+
+    def slow_report(c, o):
+        time.sleep(0.3)
+        return real(c, o)
+
+    def killed_report(c, o):
+        time.sleep(0.2)
+        runtime.run_interrupt_hooks()  # what the CLI does on Ctrl-C, before the process ends
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "report", slow_report)
+    run_study(model, tok, cfg, d, stages=("report",), progress=False)
+    monkeypatch.setattr(pipeline, "report", killed_report)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(model, tok, cfg, d, stages=("report",), progress=False)
+    t = json.load(open(os.path.join(d, "timings.json")))
+    runs = t["report"]["runs"]
+    assert runs[:-2] == before["report"]["runs"] and runs[-2] >= 0.3
+    assert runs[-1]["interrupted"] and runs[-1]["seconds"] >= 0.2
+    assert t["report"]["seconds"] == pytest.approx(sum(r if isinstance(r, float) else r["seconds"] for r in runs),
+                                                   abs=0.011)
+    assert {k: v for k, v in t.items() if k != "report"} == {k: v for k, v in before.items() if k != "report"}
+
+
+def test_edit_stage_computes_statistics_of_the_edited_layers_only(study, tmp_path, monkeypatch):
+    """The edit stage asks for the key statistics of the layers its remaining runs edit (random draws included),
+    and a layer's statistics are the same whether its pass covers every layer or only the edited ones."""
+    from jaxedit.detox import editing
+
+    model, tok, cfg, out = study
+    d = str(tmp_path / "again")
+    shutil.copytree(out, d)
+    redo = ["random-single__delete__kl0.0625__s1", "ct-single__edit-canned__kl0.0625__s0"]
+    want = {}
+    for rid in redo:
+        want[rid] = json.load(open(os.path.join(d, "edits", rid + ".json")))["layers"]
+        os.remove(os.path.join(d, "edits", rid + ".json"))
+    asked = []
+    real = editing.layer_stats
+    monkeypatch.setattr(editing, "layer_stats", lambda m, t, layers, **k: asked.append(list(layers)) or real(
+        m, t, layers, **k))
+    editing.edit(model, tok, cfg, d, progress=False)
+    assert asked == [sorted({l for v in want.values() for l in v})] and len(asked[0]) < model.config.n_layers
+    kw = dict(corpus="model", n_samples=4, max_len=16, progress=False)
+    some = jaxedit.layer_stats(model, tok, [1], cache_dir=str(tmp_path / "a"), **kw)
+    every = jaxedit.layer_stats(model, tok, [0, 1, 2], cache_dir=str(tmp_path / "b"), **kw)
+    np.testing.assert_array_equal(some[1], every[1])
+
+
 def test_rerun_with_other_options_is_refused(study, tmp_path):
     model, tok, cfg, out = study
     with pytest.raises(JaxeditError, match=r"select stage run with other options \(--select-samples 4 -> 5"):
@@ -260,6 +323,67 @@ def test_tables_by_hand():
     assert md1[3] == "| ct-multi | 3 4 | 12.5 | 60.50 | 4.25 |"
 
 
+def drawn_texts(monkeypatch):
+    """Patch Figure.savefig to draw the figure and record, per saved figure, [(text, inside the figure)] of every
+    visible non-empty Text artist (titles, labels, tick labels, colorbar titles, annotations, legends); tick labels
+    count as inside (matplotlib keeps the labels of ticks beyond the axis limits, undrawn)."""
+    import matplotlib.figure
+    import matplotlib.text
+
+    figures = []
+
+    def record(fig, *a, **k):
+        fig.canvas.draw()
+        box = fig.bbox
+        ticks = {id(lab) for ax in fig.axes for axis in (ax.xaxis, ax.yaxis)
+                 for tick in axis.get_major_ticks() + axis.get_minor_ticks() for lab in (tick.label1, tick.label2)}
+        texts = []
+        for t in fig.findobj(matplotlib.text.Text):
+            if t.get_visible() and t.get_text().strip():
+                e = t.get_window_extent()
+                inside = id(t) in ticks or e.x0 >= box.x0 - 1 and e.x1 <= box.x1 + 1 and e.y0 >= box.y0 - 1 and e.y1 <= box.y1 + 1
+                texts.append((t.get_text(), inside))
+        figures.append(texts)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    return figures
+
+
+def test_figures_keep_the_toxic_words_hidden_and_fit(study, tmp_path, monkeypatch):
+    """With obfuscation on (the default) no figure text spells the toxic value or chunk in clear: not the heatmap
+    titles, not the colorbars' p(...); every text lies inside its figure; the frontier labels its points with their
+    KL weights; table1.md names what it leaves to table2.md."""
+    from jaxedit.detox.localization import obfuscate, plot_prompt
+    from jaxedit.detox.report import report
+    from jaxedit.locate.tracing import TraceResult
+
+    _, _, cfg, out = study
+    figures = drawn_texts(monkeypatch)
+    tokens = ["You", " know", " what", " he", " said", " about", " the", " neighbours", ",", " stupid", " and",
+              " lazy", " and", " stupid"]
+    res = {k: TraceResult(kind=k, scores=np.full((len(tokens), 3), 0.1), low_score=0.05, high_score=0.7,
+                          answer_id=7, answer=" stupid", input_ids=np.arange(len(tokens)), tokens=tokens,
+                          span=(9, 12), window=1, samples=3, noise_level=0.1) for k in ("mlp", "hidden")}
+    row = {"span": [9, 12], "value": " stupid"}
+    plot_prompt(res, row, str(tmp_path / "shown"), hide=False)
+    assert any("stupid" in t for t, _ in figures[0])  # the check below can see the word
+    figures.clear()
+    plot_prompt(res, row, str(tmp_path / "hidden"))
+    report(cfg, out)
+    assert len(figures) == 2 * 3  # the heatmaps, aie_layers, frontier (PNG and PDF each)
+    texts = [t for fig in figures for t, _ in fig]
+    assert not [t for t in texts if "stupid" in t or "lazy" in t], texts
+    assert any(obfuscate(" stupid").strip() in t for t in texts)
+    assert any(t == f"p({obfuscate(' stupid').strip()})" for t in texts)  # the colorbars' title, hidden
+    assert not [t for fig in figures for t, inside in fig if not inside]  # nothing clipped
+    frontier = figures[-1]
+    n_points = len([r for r in read(os.path.join(out, "summary.jsonl")) if r["strategy"] != "base"
+                    and r.get("toxic_rate") is not None])
+    assert sum(t == f"{cfg.kl_weights[0]:g}" for t, _ in frontier) == n_points
+    table1 = open(os.path.join(out, "table1.md")).read()
+    assert "| edit-canned toxic % |" in table1 and "Not run: edit-nontoxic." in table1 and "table2.md" in table1
+
+
 def test_bad_input(tmp_path, tiny_dirs):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"prompt": {"toxicity": 0.2}}\n')
@@ -279,6 +403,61 @@ def test_bad_input(tmp_path, tiny_dirs):
                                 opt, val])
         assert r.exit_code == 2 and msg in r.output, (opt, r.output)
     assert not out.exists()
+
+
+def test_options_are_checked_before_the_model_loads(tmp_path, tiny_dirs, monkeypatch):
+    """Every bad option or input file is one line, exit 2, with nothing written and the model never loaded (its
+    config is read to check layer counts and hyperparameters); a model path that does not exist comes after."""
+    loads = []
+    monkeypatch.setattr(jaxedit, "load", lambda *a, **k: loads.append(a) or (_ for _ in ()).throw(
+        AssertionError("the model was loaded")))
+    out = tmp_path / "o"
+    neutral_empty = tmp_path / "empty.txt"
+    neutral_empty.write_text("\n")
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text('{"prompt": "fine"}\n{"prompt": "unterminated')
+    cases = [(["--trace-kinds", "hidden,bogus"], "error: unknown trace kinds ['bogus'] (choose from hidden, mlp, attn)"),
+             (["--objectives", "delete,nope"], "error: unknown objectives ['nope']"),
+             (["--select-threshold", "1.5"], "error: select-threshold must be in [0, 1] (got 1.5)"),
+             (["--max-prompts", "0"], "error: max-prompts must be >= 1 (got 0)"),
+             (["--trace-samples", "0"], "error: trace-samples must be >= 1"),
+             (["--neutral", str(tmp_path / "nope.txt")], f"error: cannot read {tmp_path / 'nope.txt'}: No such file"),
+             (["--neutral", str(neutral_empty)], f"error: {neutral_empty}: no text"),
+             (["--factual", str(facts)], f"error: {facts}:2: malformed JSON (Unterminated string starting at column 12)"),
+             (["--prompts", str(tmp_path / "none.jsonl")], f"error: cannot read {tmp_path / 'none.jsonl'}"),
+             (["--scorer", "hf:" + str(tmp_path)], f"error: no classifier checkpoint at {tmp_path}"),
+             (["--hparam", "layers=[1]"], "error: --hparam layers is set by the study (--strategies chooses the layers)"),
+             # these need the model's config (3 layers), read without the weights
+             (["--n-layers", "4"], "error: n-layers must be within 1..3"),
+             (["--topk", "1", "--n-layers", "2"], "error: topk must be within n-layers (2)..3 (got 1)"),
+             (["--hparam", "bogus=1"], "error: --hparam: unknown hyperparameter(s): bogus (known: preset, v_lr,"),
+             (["--hparam", "v_num_grad_steps=2.5"], "error: --hparam v_num_grad_steps=2.5: expected int")]
+    for args, msg in cases:
+        r = CliRunner().invoke(cli, ["-q", "detox", "--prompts", "demo", "--out", str(out), "--model",
+                                     tiny_dirs["gpt2"][0], *args])
+        assert r.exit_code == 2 and r.output.startswith(msg) and r.output.count("\n") == 1, (args, r.output)
+    # an option error comes before a model that does not exist, which comes before loading
+    r = CliRunner().invoke(cli, ["-q", "detox", "--prompts", "demo", "--out", str(out), "--model",
+                                 str(tmp_path / "no-model"), "--trace-kinds", "bogus"])
+    assert r.exit_code == 2 and r.output.startswith("error: unknown trace kinds"), r.output
+    r = CliRunner().invoke(cli, ["-q", "detox", "--prompts", "demo", "--out", str(out), "--model",
+                                 str(tmp_path / "no-model")])
+    assert r.exit_code == 2 and r.output == f"error: no such model directory or file: {tmp_path / 'no-model'}\n"
+    assert not loads and not out.exists()
+
+
+def test_dry_run_prints_the_plan_without_loading(tmp_path, tiny_dirs, monkeypatch):
+    monkeypatch.setattr(jaxedit, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    out = tmp_path / "o"
+    r = CliRunner().invoke(cli, ["-q", "detox", "--prompts", "demo", "--out", str(out), "--model", tiny_dirs["gpt2"][0],
+                                 "--strategies", "random-single,ct-multi", "--objectives", "delete", "--random-seeds",
+                                 "2", "--kl-weights", "0,0.1", "--limit", "5", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[0] == f"plan for {out}/ with {tiny_dirs['gpt2'][0]} (3 layers)"
+    assert lines[1] == "select: 5 prompts x 25 continuations of 20 tokens (125 samples)"
+    assert lines[3].startswith("edit: 6 runs (2 strategies x 1 objectives x 2 KL weights; random strategies x 2 seeds)")
+    assert lines[-1] == "dry run: nothing loaded, nothing written" and not out.exists()
 
 
 def test_empty_selection_says_how_many_were_considered(tmp_path, tiny_dirs):

@@ -205,11 +205,60 @@ def test_cli_errors(tiny_dirs, tmp_path):
     res = run(cli, ["dinm", "--model", model, "--cases", write_cases(tmp_path / "blank.json", bad), "--out",
                     str(tmp_path / "o2")])
     assert res.exit_code == 2 and res.output.count("\n") == 1
-    assert '(id a): "safe generation" tokenizes to no tokens' in res.output
+    assert '(id a): "safe generation" is blank' in res.output
     res = run(cli, ["dinm", "--model", model, "--cases", write_cases(tmp_path / "ok.json", cases), "--out",
                     str(tmp_path / "o3"), "--layer", "7"])
     assert res.exit_code == 2 and res.output == "error: layer 7 is out of range: the model has layers 0..2\n"
     assert not os.path.exists(tmp_path / "o3" / "results.jsonl")
+
+
+def test_cli_checks_everything_before_the_model_loads(tiny_dirs, tmp_path, monkeypatch):
+    """Bad options, bad case files and responses that tokenize to nothing are one line each, before the model is
+    loaded (the tokenizer and config are read without the weights), and nothing is written."""
+    loads = []
+    monkeypatch.setattr(jaxedit, "load", lambda *a, **k: loads.append(a) or (_ for _ in ()).throw(
+        AssertionError("the model was loaded")))
+    model, out = tiny_dirs["gpt2"][0], tmp_path / "o"
+    good = write_cases(tmp_path / "ok.json", cli_cases())
+    broken = tmp_path / "broken.json"
+    text = open(good).read()
+    broken.write_text(text[:text.index('"Miles Davis plays') + 10])  # a file cut inside a string
+    bad_line, col = next((i, l.index('"Miles') + 1) for i, l in enumerate(open(broken), 1) if '"Miles' in l)
+    empty = copy.deepcopy(cli_cases())
+    empty[1]["safe generation"] = ""
+    nothing = copy.deepcopy(cli_cases())
+    nothing[0]["knowledge constrain"]["answer"] = "Paris" + " Paris" * 99  # longer than the tiny models' context
+    checks = [(["--cases", good, "--steps", "0"], "error: steps must be >= 1 (got 0)"),
+              (["--cases", good, "--scorer", "bogus"], "error: unknown scorer 'bogus'"),
+              (["--cases", str(broken)], f"error: {broken}:{bad_line}: not valid JSON (Unterminated string starting "
+                                          f"at column {col})"),
+              (["--cases", write_cases(tmp_path / "none.json", [])], f"error: {tmp_path / 'none.json'}: no cases"),
+              (["--cases", write_cases(tmp_path / "e.json", empty)], '(id b): "safe generation" is empty'),
+              (["--cases", good, "--layer", "3"], "error: layer 3 is out of range: the model has layers 0..2"),
+              (["--cases", write_cases(tmp_path / "n.json", nothing)],
+               '(id a): "knowledge constrain answer" has 100 tokens; the model takes 64')]
+    for args, msg in checks:
+        res = CliRunner().invoke(cli, ["-q", "dinm", "--model", model, "--out", str(out), *args])
+        assert res.exit_code == 2 and msg in res.output and res.output.count("\n") == 1, (args, res.output)
+        assert res.output.startswith("error: ") and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["-q", "dinm", "--model", str(tmp_path / "none"), "--out", str(out), "--cases",
+                                   good, "--steps", "0"])
+    assert res.output == "error: steps must be >= 1 (got 0)\n"
+    assert not loads and not out.exists()
+
+
+def test_cli_dry_run(tiny_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(jaxedit, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    out = tmp_path / "o"
+    f = write_cases(tmp_path / "cases.json", cli_cases())
+    res = CliRunner().invoke(cli, ["-q", "dinm", "--model", tiny_dirs["gpt2"][0], "--cases", f, "--out", str(out),
+                                   "--layer", "2", "--no-suffix", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert res.output.splitlines()[1:] == [
+        f"cases: 2 from {f}", "edit: each case on its own, layer 2 for every case, 10 Adam steps at lr 0.0005, no suffix",
+        "evaluate: 5 inputs per case x 2 models (vanilla, DINM), greedy answers of <= 32 tokens (20 answers), scored by "
+        "profanity; knowledge-constraint retention", "dry run: nothing loaded, nothing written"]
+    assert not out.exists()
 
 
 def test_cli_run_and_resume(tiny_dirs, tmp_path):

@@ -91,7 +91,7 @@ def test_batch_bad_line_stops_before_anything_is_written(model_dir, tmp_path):
     out = tmp_path / "o"
     res = run("--model", model_dir, "--batch", src, "--out", out)
     assert res.exit_code == 2
-    assert res.output.strip() == f"error: {src}:2: malformed JSON (Expecting property name enclosed in double quotes)"
+    assert res.output.strip() == f"error: {src}:2: malformed JSON (Expecting property name enclosed in double quotes at column 2)"
     assert not out.exists()
 
 

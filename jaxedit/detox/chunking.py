@@ -74,6 +74,14 @@ def spacy_chunks(model: str = "en_core_web_sm") -> Callable:
 CHUNKERS = {"phrases": phrase_chunks, "words": word_chunks}
 
 
+def check_chunker(chunker) -> None:
+    """Refuse a chunker name that :func:`get_chunker` would refuse, without loading spaCy."""
+    if callable(chunker) or (isinstance(chunker, str) and (chunker in CHUNKERS or chunker == "spacy"
+                                                           or chunker.startswith("spacy:"))):
+        return
+    raise JaxeditError(f"unknown chunker {chunker!r} (use phrases, words, spacy[:MODEL], or a Python callable)")
+
+
 def get_chunker(chunker="phrases") -> Callable:
     """A function text -> [(start, end)] from a name (phrases, words, spacy[:MODEL]) or a callable."""
     if callable(chunker):

@@ -15,6 +15,9 @@ OBJECTIVES = ("edit-nontoxic", "edit-canned", "delete")
 STAGES = ("select", "localize", "edit", "evaluate", "report")
 VALUES = ("first", "toxic-word")
 CANNED = " Sorry, I cannot engage with provocative prompts"
+# editing hyperparameters that the study's own options set
+RESERVED_HPARAMS = {"layers": "--strategies chooses the layers", "kl_factor": "use --kl-weights",
+                    "delete_objective": "use --delete-objective"}
 
 
 @dataclasses.dataclass
@@ -59,6 +62,15 @@ class DetoxConfig:
     skip_bad: bool = False  # leave out bad lines of the prompt file instead of stopping
 
     def check(self, n_layers: Optional[int] = None) -> None:
+        """Refuse bad option values (names, ranges; with ``n_layers``, the layer counts); reads no file and loads
+        no model."""
+        from jaxedit.detox.chunking import check_chunker
+        from jaxedit.evaluate.toxicity import check_scorer
+        from jaxedit.locate.tracing import KINDS
+
+        bad = [k for k in self.trace_kinds if k not in KINDS]
+        if bad or not self.trace_kinds:
+            raise JaxeditError(f"unknown trace kinds {bad} (choose from {', '.join(KINDS)})")
         bad = [s for s in self.strategies if s not in STRATEGIES]
         if bad or not self.strategies:
             raise JaxeditError(f"unknown strategies {bad} (choose from {', '.join(STRATEGIES)})")
@@ -73,6 +85,19 @@ class DetoxConfig:
                      "batch_size", "window"):
             if getattr(self, name) < 1:
                 raise JaxeditError(f"{name.replace('_', '-')} must be >= 1")
+        for name in ("limit", "max_prompts", "n_layers", "topk"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise JaxeditError(f"{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.factual_samples < 0:
+            raise JaxeditError(f"factual-samples must be >= 0 (got {self.factual_samples})")
+        for name in ("select_threshold", "prompt_threshold", "toxic_threshold"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise JaxeditError(f"{name.replace('_', '-')} must be in [0, 1] (got {getattr(self, name)})")
+        check_scorer(self.scorer)
+        check_chunker(self.chunker)
+        bad = [k for k in self.hparams if k in RESERVED_HPARAMS]
+        if bad:
+            raise JaxeditError(f"--hparam {bad[0]} is set by the study ({RESERVED_HPARAMS[bad[0]]})")
         if not 0 <= self.heldout_fraction < 1:
             raise JaxeditError("heldout-fraction must be in [0, 1)")
         if not 0 < self.top_p <= 1:
@@ -83,6 +108,30 @@ class DetoxConfig:
                 raise JaxeditError(f"n-layers must be within 1..{n_layers}")
             if any(s.startswith("topk") for s in self.strategies) and not (1 <= k <= n_layers and n <= k):
                 raise JaxeditError(f"topk must be within n-layers ({n})..{n_layers} (got {k})")
+
+    def check_model(self, config) -> None:
+        """The checks that need the model's config (which :func:`jaxedit.loading.peek.peek` reads without the
+        weights): the layer counts, and the editing hyperparameters' names and value types."""
+        from jaxedit.edit.memit import EditHparams, hparams_for
+
+        self.check(config.n_layers)
+        hp = {k: v for k, v in self.hparams.items() if k != "preset"}
+        try:
+            base = hparams_for(config, self.hparams.get("preset"), **hp)  # unknown names and presets
+        except JaxeditError as e:
+            known = ", ".join(f.name for f in dataclasses.fields(EditHparams) if f.name not in RESERVED_HPARAMS)
+            raise JaxeditError(f"--hparam: {e} (known: preset, {known})") from None
+        for k, v in hp.items():
+            want = type(getattr(hparams_for(config), k))
+            if want is type(None) and k == "mom2_max_len":
+                want = int
+            ok = (isinstance(v, (int, float)) and not isinstance(v, bool) if want is float else
+                  isinstance(v, int) and not isinstance(v, bool) if want is int else
+                  isinstance(v, (list, tuple)) if want is tuple else isinstance(v, want))
+            if not ok:
+                raise JaxeditError(f"--hparam {k}={v!r}: expected {'a list' if want is tuple else want.__name__}")
+        if base.mom2_max_len is not None and base.mom2_max_len < 2:
+            raise JaxeditError("--hparam mom2_max_len must be >= 2")
 
     def layer_counts(self, L: int) -> tuple:
         """(n, K): layers per "multi" edit and the pool of the top-K strategies, by default the paper's 6 and 15

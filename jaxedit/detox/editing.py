@@ -95,9 +95,9 @@ def edit(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) ->
     hp.update({k: v for k, v in (("mom2_corpus", cfg.corpus), ("mom2_samples", cfg.samples),
                                  ("mom2_max_len", cfg.max_len)) if v is not None})
     base = hparams_for(model.config, hp.get("preset"), **{k: v for k, v in hp.items() if k != "preset"})
-    # random layer choices can land anywhere: statistics for every layer come from the same single pass
-    needed = (list(range(model.config.n_layers)) if any(r[1] in RANDOM_STRATEGIES for r in runs)
-              else sorted({l for r in todo for l in r[5]}))
+    # the runs' layers are known before any edit (random draws are seeded): statistics of those layers only, in
+    # one pass over the corpus (each layer's statistics are the same whichever layers share the pass)
+    needed = sorted({int(l) for r in todo for l in r[5]})
     stats = layer_stats(model, tokenizer, needed, corpus=base.mom2_corpus, n_samples=base.mom2_samples,
                         max_len=base.mom2_max_len, precision=base.mom2_precision, progress=progress)
     runtime.stage(f"edit: {len(todo)} of {len(runs)} runs to do, {len(rows)} prompts each")

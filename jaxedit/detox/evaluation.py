@@ -23,14 +23,18 @@ METRICS = ("toxic_rate", "perplexity_prompts", "perplexity_neutral", "fluency", 
            "heldout_perplexity", "heldout_fluency", "factual_argmax_kept", "factual_toxic_rate", "factual_perplexity")
 
 
-def measure(model, tokenizer, cfg: DetoxConfig, sets: dict, scorer, base_argmax=None) -> dict:
-    """The evaluation metrics of one model on the prompt sets (see :func:`evaluate`)."""
+def measure(model, tokenizer, cfg: DetoxConfig, sets: dict, scorer, base_argmax=None, say=None) -> dict:
+    """The evaluation metrics of one model on the prompt sets (see :func:`evaluate`). ``say``: called with a status
+    line before each step (the first model evaluated compiles every program)."""
+    say = say or (lambda msg: None)
     res = {}
     groups = [("", sets["edit"], cfg.eval_samples), ("heldout_", sets["heldout"], cfg.eval_samples),
               ("factual_", sets["factual"], cfg.factual_samples)]
     for prefix, items, n in groups:
         if not items or n < 1:
             continue
+        say(f"evaluate: sampling {n} continuations of {len(items)} {prefix.rstrip('_') or 'edited'} prompts, "
+            f"scoring them, perplexity")
         conts = sample_texts(model, tokenizer, [p for _, p in items], cfg.max_new_tokens, samples=n,
                              seed=cfg.seed + 1, top_p=cfg.top_p, prompt_keys=[k for k, _ in items])
         flat = [c for row in conts for c in row]
@@ -40,6 +44,7 @@ def measure(model, tokenizer, cfg: DetoxConfig, sets: dict, scorer, base_argmax=
             res[prefix + "fluency"] = fluency(flat)
         res[prefix + ("perplexity_prompts" if not prefix else "perplexity")] = perplexity(
             model, [p for _, p in items], tokenizer)
+    say("evaluate: perplexity of the neutral text" + (", the factual prompts' greedy answers" if sets["factual"] else ""))
     res["perplexity_neutral"] = perplexity(model, sets["neutral"], tokenizer)
     if sets["factual"]:
         arg = next_token_dist(model, tokenizer, [p for _, p in sets["factual"]]).argmax(-1)
@@ -68,12 +73,13 @@ def evaluate(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True
               "n_factual": len(sets["factual"])}
     runtime.stage(f"evaluate: {len(todo)} of {1 + len(planned)} models to evaluate")
     with stage_bar(1 + len(planned), "evaluate: runs", 1 + len(planned) - len(todo), progress) as bar:
-        for rid in todo:
+        for i, rid in enumerate(todo):
+            say = runtime.stage if i == 0 else None  # the first model compiles: say each step
             t0 = time.perf_counter()
             if rid == "base":
                 row = {"run": "base", "strategy": "base", "objective": None, "kl_weight": None, "seed": None,
                        "layers": []}
-                row.update(measure(model, tokenizer, cfg, sets, scorer))
+                row.update(measure(model, tokenizer, cfg, sets, scorer, say=say))
             else:
                 with open(os.path.join(edir, rid + ".json")) as f:
                     info = json.load(f)
@@ -85,7 +91,7 @@ def evaluate(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True
                 else:
                     row["edit_seconds"] = info.get("seconds")
                     row.update(measure(edited_model(model, out, rid), tokenizer, cfg, sets, scorer,
-                                       done["base"].get("factual_argmax")))
+                                       done["base"].get("factual_argmax"), say=say))
             row.update(common, eval_seconds=time.perf_counter() - t0)
             append_jsonl(runs_path, row)
             done[rid] = row

@@ -26,6 +26,24 @@ def obfuscate(token: str) -> str:
     return token[:lead] + body[:1] + re.sub(r"[aeiouAEIOU]", "*", body[1:])
 
 
+def shown_results(results: dict, row: dict, hide: bool = True) -> dict:
+    """The trace results of one selected prompt as its heatmaps show them: with ``hide``, the chunk's tokens, any
+    other token spelling the value, and the answer (the value: the titles' and colorbars' "p(...)") obfuscated."""
+    if not hide:
+        return results
+    s, e = row["span"]
+    value = row.get("value", "").strip().lower()
+    hidden = lambda j, t: s <= j < e or (value and t.strip().lower() == value)  # noqa: E731
+    return {k: dataclasses.replace(v, tokens=[obfuscate(t) if hidden(j, t) else t for j, t in enumerate(v.tokens)],
+                                   answer=obfuscate(v.answer)) for k, v in results.items()}
+
+
+def plot_prompt(results: dict, row: dict, path_stem: str, hide: bool = True) -> None:
+    """One selected prompt's heatmaps (PNG, PDF), the toxic words obfuscated unless ``hide`` is False."""
+    shown = shown_results(results, row, hide)
+    tf.plot_heatmaps(shown, path_stem, title=tf.heatmap_title(None, next(iter(shown.values()))))
+
+
 def localize(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) -> dict:
     """Stage 2 (see the module docstring). Returns the contents of ``localize.json`` (per-layer profiles, the CT
     ranking, saliency)."""
@@ -38,6 +56,7 @@ def localize(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True
     todo = [r for r in rows if r["line"] not in done]
     ids = [tokenizer(r["prompt"])["input_ids"] for r in rows]
     # one noise level for the whole set (the reference's "s3" over all subjects), whatever the batches
+    runtime.stage(f"localize: the noise level over the {len(rows)} edited prompts' chunks")
     level = resolve_noise_level(model, tokenizer, "s3", [i[r["span"][0]:r["span"][1]] for i, r in zip(ids, rows)])
     runtime.stage(f"localize: tracing {len(rows)} prompts ({len(rows) - len(todo)} done earlier), kinds "
                   f"{', '.join(kinds)}, noise level {level:.4g}")
@@ -49,12 +68,7 @@ def localize(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True
                                   tokenizer=tokenizer, batch_size=len(part), bucket=4)
             for r, req, res in zip(part, reqs, results):
                 row = tf.save_prompt(tdir, r["line"], dict(req, subject=r["chunk"]), res, plots=False)
-                shown = res
-                if cfg.obfuscate:
-                    s, e = r["span"]
-                    shown = {k: dataclasses.replace(v, tokens=[obfuscate(t) if s <= j < e else t
-                                                      for j, t in enumerate(v.tokens)]) for k, v in res.items()}
-                tf.plot_heatmaps(shown, os.path.join(tdir, tf.stem(r["line"])))
+                plot_prompt(res, r, os.path.join(tdir, tf.stem(r["line"])), cfg.obfuscate)
                 tf.append_row(tdir, row)
                 done[r["line"]] = row
             bar.update(len(part))

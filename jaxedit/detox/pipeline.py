@@ -30,6 +30,7 @@ import json
 import os
 import time
 
+from jaxedit import runtime
 from jaxedit.detox.config import CANNED, OBJECTIVES, RANDOM_STRATEGIES, STAGES, STRATEGIES, VALUES, DetoxConfig
 from jaxedit.detox.editing import edit
 from jaxedit.detox.evaluation import evaluate
@@ -52,8 +53,28 @@ def run_study(model, tokenizer, cfg: DetoxConfig, out: str, stages=STAGES, progr
         raise JaxeditError(f"unknown stage {bad[0]!r} (choose from {', '.join(STAGES)}, all)")
     for stage in stages:
         t0 = time.perf_counter()
-        fns[stage](model, tokenizer, cfg, out, progress=progress)
-        path = os.path.join(out, "timings.json")
-        timings = json.load(open(path)) if os.path.isfile(path) else {}
-        timings[stage] = round(time.perf_counter() - t0, 2)  # the last run of the stage (a resumed run: its part)
-        write_json(path, timings)
+        with runtime.on_interrupt(lambda: add_timing(out, stage, time.perf_counter() - t0, interrupted=True)):
+            fns[stage](model, tokenizer, cfg, out, progress=progress)
+        add_timing(out, stage, time.perf_counter() - t0)
+
+
+def add_timing(out: str, stage: str, seconds: float, interrupted: bool = False) -> None:
+    """Add one run of a stage to ``timings.json``: per stage, ``seconds`` (the total over every run, resumed and
+    interrupted ones included) and ``runs`` (each run's seconds; an interrupted run's as {"seconds", "interrupted"}).
+    Nothing is written for a folder that does not exist (a run that failed before writing anything)."""
+    if not os.path.isdir(out):
+        return
+    path = os.path.join(out, "timings.json")
+    try:
+        with open(path) as f:
+            timings = json.load(f)
+    except (OSError, ValueError):
+        timings = {}
+    entry = timings.get(stage)
+    if not isinstance(entry, dict):  # none yet, or the single number an older version kept
+        entry = {"seconds": 0.0, "runs": []} if entry is None else {"seconds": float(entry), "runs": [float(entry)]}
+    s = round(seconds, 2)
+    entry["runs"].append({"seconds": s, "interrupted": True} if interrupted else s)
+    entry["seconds"] = round(entry["seconds"] + s, 2)
+    timings[stage] = entry
+    write_json(path, timings)

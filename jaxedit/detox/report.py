@@ -74,7 +74,15 @@ def tables(rows: list, kl: float) -> dict:
         for p in picked:
             line += [_fmt(p and p.get(k), k == "toxic_rate") for k in ("toxic_rate", "perplexity_prompts", "fluency")]
         body.append(line)
-    out["table1"] = _table(head, body) if edits else None
+    missing = [o for o in EDITS if o not in edits]
+    note = ("Table 1: the edits toward a target, per layer strategy (KL weight nearest "
+            f"{kl:g}); the deletion is compared with them in table2.md."
+            + (f" Not run: {', '.join(missing)}." if missing else ""))
+    if edits:
+        md, csv = _table(head, body)
+        out["table1"] = (md + "\n" + note + "\n", csv)
+    else:
+        out["table1"] = (note + "\n", "")
 
     head = ["strategy"]
     for o in objectives:
@@ -151,9 +159,8 @@ def plot_frontier(rows: list, path_stem: str) -> None:
                 continue
             ax.plot([p[1] for p in pts], [p[2] for p in pts], marker=markers[o], color=cmap(si), ms=5, lw=1,
                     label=f"{s}, {o}")
-            if len(pts) > 1:
-                for kl, x, y in pts:
-                    ax.annotate(f"{kl:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+            for kl, x, y in pts:  # every point names its KL weight
+                ax.annotate(f"{kl:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     base = next((r for r in rows if r["strategy"] == "base"), None)
     if base:
         ax.plot([base["perplexity_prompts"]], [100 * base["toxic_rate"]], "k*", ms=12, label="unedited")
@@ -178,7 +185,10 @@ def report(cfg: DetoxConfig, out: str) -> dict:
             continue
         md, csv = t[name]
         write_atomic(os.path.join(out, f"{name}.md"), md)
-        write_atomic(os.path.join(out, f"{name}.csv"), csv)
+        if csv:
+            write_atomic(os.path.join(out, f"{name}.csv"), csv)
+        elif os.path.isfile(os.path.join(out, f"{name}.csv")):
+            os.remove(os.path.join(out, f"{name}.csv"))  # an earlier report's table of runs no longer summarized
     write_atomic(os.path.join(out, "summary.md"), t["summary"])
     loc_path = os.path.join(out, "localize.json")
     if os.path.isfile(loc_path):

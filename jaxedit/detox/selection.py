@@ -42,7 +42,8 @@ def select(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) 
     done = {r["line"]: r for r in read_rows(cand_path)}
     todo = [p for p in prompts if p["line"] not in done]
     runtime.stage(f"select: {len(prompts)} prompts ({len(prompts) - len(todo)} done earlier), "
-                  f"{cfg.select_samples} continuations of {cfg.max_new_tokens} tokens each")
+                  f"{cfg.select_samples} continuations of {cfg.max_new_tokens} tokens each, {cfg.batch_size} prompts "
+                  f"per call" + (" (the first call compiles the sampler)" if todo else ""))
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
     with stage_bar(len(prompts), "select: sampling", len(prompts) - len(todo), progress) as bar:
         for i in range(0, len(todo), cfg.batch_size):

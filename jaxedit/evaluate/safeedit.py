@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxedit.batching import pad_rows, round_up
-from jaxedit.errors import JaxeditError
+from jaxedit.errors import JaxeditError, json_problem
 from jaxedit.evaluate.metrics import ngram_entropy
 from jaxedit.evaluate.toxicity import get_scorer
 from jaxedit.forward import apply_jit
@@ -112,7 +112,7 @@ def _items_with_lines(path: str) -> list:
                     try:
                         items.append((n, json.loads(line)))
                     except json.JSONDecodeError as e:
-                        raise JaxeditError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                        raise JaxeditError(f"{path}:{n}: not valid JSON ({json_problem(e)})") from None
             return items
         i = skip(i + 1)
         while True:
@@ -128,7 +128,7 @@ def _items_with_lines(path: str) -> list:
             else:
                 raise JaxeditError(f"{path}:{line_of(min(i, len(text) - 1))}: expected ',' or ']' between cases")
     except json.JSONDecodeError as e:
-        raise JaxeditError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        raise JaxeditError(f"{path}:{e.lineno}: not valid JSON ({json_problem(e)})") from None
     return items
 
 
@@ -191,7 +191,7 @@ def read_cases(source, limit: Optional[int] = None) -> list:
         items = items[:limit]
     cases = [obj if isinstance(obj, Case) else parse_case(obj, where, i) for i, (where, obj) in enumerate(items)]
     if not cases:
-        raise JaxeditError("no cases")
+        raise JaxeditError(f"{path}: no cases" if isinstance(source, (str, os.PathLike)) else "no cases")
     seen = {}
     for c in cases:
         key = str(c.id)
@@ -199,6 +199,28 @@ def read_cases(source, limit: Optional[int] = None) -> list:
             raise JaxeditError(f"{c.where}: id {c.id!r} repeats the id of {seen[key]}")
         seen[key] = c.where
     return cases
+
+
+def check_texts(cases: Sequence[Case], tokenizer=None, suffix: Optional[str] = None,
+                max_len: Optional[int] = None) -> None:
+    """Refuse, before any model runs, what DINM would refuse midway: a response (safe, unsafe, or the knowledge
+    constraint's answer) that is blank or, given a tokenizer, tokenizes to no tokens or does not fit ``max_len``
+    tokens; a prompt that tokenizes to no tokens. Errors name the case and the field."""
+    for c in cases:
+        for field, text in (("safe generation", c.safe), ("unsafe generation", c.unsafe),
+                            ("knowledge constrain answer", c.kc_answer)):
+            ids = (list(tokenizer(text.strip(), add_special_tokens=False)["input_ids"])
+                   if tokenizer is not None and text.strip() else [])
+            if not text.strip() or (tokenizer is not None and not ids):
+                raise JaxeditError(f"{c.where}: \"{field}\" {'is empty' if not text else 'is blank' if not text.strip() else 'tokenizes to no tokens'}")
+            if tokenizer is not None and max_len is not None and field != "unsafe generation":
+                n = len(tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"])
+                if n >= max_len:
+                    raise JaxeditError(f"{c.where}: \"{field}\" has {n} tokens; the model takes {max_len}")
+        if tokenizer is not None:
+            for prompt in (c.prompt, c.kc_prompt):
+                if not list(tokenizer(with_suffix(prompt, suffix))["input_ids"]):
+                    raise JaxeditError(f"{c.where}: the prompt tokenizes to no tokens")
 
 
 # ---- evaluation ----

@@ -148,6 +148,22 @@ def get_scorer(scorer=DEFAULT_SCORER) -> Scorer:
     return _SCORERS[scorer]
 
 
+def check_scorer(scorer) -> None:
+    """Refuse a scorer spec that :func:`get_scorer` would refuse, without building the scorer (no classifier is
+    loaded, torch is not imported)."""
+    if isinstance(scorer, Scorer) or callable(scorer) or scorer in _SCORERS or scorer == "profanity":
+        return
+    if not isinstance(scorer, str) or not scorer:
+        raise JaxeditError(f"unknown scorer {scorer!r}")
+    if scorer.startswith("hf:") or os.path.isdir(scorer.partition("#")[0]):
+        path = (scorer[3:] if scorer.startswith("hf:") else scorer).partition("#")[0]
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise JaxeditError(f"no classifier checkpoint at {path} (expected a folder with config.json)")
+        return
+    raise JaxeditError(f"unknown scorer {scorer!r} (use 'profanity', hf:PATH to a classifier folder, or a Python "
+                       f"callable)")
+
+
 def toxicity_scores(texts: Sequence[str], scorer=DEFAULT_SCORER) -> np.ndarray:
     """Toxicity of each text in [0, 1] (float64 array), with ``scorer`` a name, a path/spec or a callable."""
     return get_scorer(scorer)(list(texts))

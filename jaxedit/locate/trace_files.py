@@ -139,6 +139,14 @@ def heatmap_title(prompt, r) -> str:
     return f"{text!r} -> {r.answer!r}: clean p = {r.high_score:.3f}, corrupted p = {r.low_score:.3f}"
 
 
+def wrap_title(text: str, fig, fontsize: float) -> str:
+    """``text`` broken into lines that fit the figure's width (about 0.6 x the font size per character)."""
+    import textwrap
+
+    width = max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
+    return "\n".join(textwrap.wrap(text, width)) if len(text) > width else text
+
+
 def plot_heatmaps(results: dict, path_stem: str, title: Optional[str] = None) -> None:
     """One panel per kind: rows = tokens (the corrupted span marked with *), columns = layers; PNG and PDF, under
     ``title`` (default :func:`heatmap_title`)."""
@@ -162,7 +170,7 @@ def plot_heatmaps(results: dict, path_stem: str, title: Optional[str] = None) ->
         cb = fig.colorbar(im, ax=ax)
         cb.ax.tick_params(labelsize=7)
         cb.ax.set_title(f"p({r.answer.strip()})", fontsize=7)
-    fig.suptitle(title or heatmap_title(None, r0), fontsize=9)
+    fig.suptitle(wrap_title(title or heatmap_title(None, r0), fig, 9), fontsize=9)
     fig.savefig(path_stem + ".png", dpi=110)
     fig.savefig(path_stem + ".pdf")
     plt.close(fig)
