@@ -14,6 +14,7 @@ from jaxedit.edit.stats import layer_stats
 from jaxedit.edit.dinm import DinmHparams, dinm, dinm_locate
 from jaxedit.evaluate.safeedit import evaluate as evaluate_safeedit, read_cases as read_safeedit
 from jaxedit.evaluate.metrics import fluency, perplexity, toxic_rate
+from jaxedit.evaluate.editing import counterfact_eval, load_counterfact, load_zsre, zsre_eval
 from jaxedit.evaluate.toxicity import toxicity_scores
 from jaxedit.detox.chunking import toxic_span
 from jaxedit.sharding import make_mesh
@@ -23,5 +24,6 @@ __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "app
            "TraceResult", "saliency", "saliency_batch", "SaliencyResult", "select_layers",
            "attribution_patching", "memit", "delete", "EditHparams", "hparams_for", "layer_stats", "save",
             "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores", "toxic_span", "dinm", "dinm_locate",
-            "DinmHparams", "read_safeedit", "evaluate_safeedit", "make_mesh", "shard_model"]
+            "DinmHparams", "read_safeedit", "evaluate_safeedit", "make_mesh", "shard_model", "counterfact_eval",
+            "zsre_eval", "load_counterfact", "load_zsre"]
 __version__ = "0.1.0"
