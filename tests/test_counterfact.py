@@ -329,13 +329,13 @@ def test_generation_fluency_and_consistency(models, tokenizer, tmp_path):
     # IDF files whose vocabulary shares no word with the generations: consistency 0
     np.save(tmp_path / "idf.npy", np.array([1.0, 2.0]))
     (tmp_path / "tfidf_vocab.json").write_text(json.dumps({"zzzz": 0, "qqqq": 1}))
-    zero = jaxedit.counterfact_eval(model, RECORDS[:1], tokenizer, generation=True, snippets=snippets,
+    zero = jaxedit.counterfact_eval(model, RECORDS, tokenizer, generation=True, snippets=snippets,
                                     idf=str(tmp_path), max_out_len=20)
     assert zero["summary"]["consistency"] == 0.0
     with pytest.raises(JaxeditError, match="generation=True"):
         jaxedit.counterfact_eval(model, RECORDS, tokenizer, snippets=snippets)
     with pytest.raises(JaxeditError, match="no snippets"):
-        jaxedit.counterfact_eval(model, RECORDS, tokenizer, generation=True, snippets=snippets[:1], max_out_len=20)
+        jaxedit.counterfact_eval(model, RECORDS, tokenizer, generation=True, snippets=snippets[:2], max_out_len=20)
 
 
 def test_tfidf_by_hand():

@@ -60,7 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxedit.batching import batch_rows, batches, group_by_bucket, pad_rows, rows_within
+from jaxedit.batching import batch_rows, batches, group_by_bucket, pad_rows, round_up, rows_within
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.evaluate.metrics import ngram_entropy
@@ -306,7 +306,9 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_out_len: int
         raise JaxeditError(f"max_out_len {max_out_len} leaves no room after prompts of {shortest} tokens")
     # one sampling call for all prompts: each row draws as many tokens as the shortest prompt needs and keeps its
     # own share (a causal sampler's first n tokens do not depend on how many follow)
-    new = sample(model, ids, max_out_len - shortest, top_k=top_k, seed=seed)
+    # all prompts in one length bucket (left-padded): one compiled sampler per call
+    new = sample(model, ids, max_out_len - shortest, top_k=top_k, seed=seed,
+                 bucket=round_up(max(len(i) for i in ids), 8))
     texts = []
     for p, row in zip(ids, new):
         keep = max(max_out_len - len(p), 0)
@@ -453,6 +455,16 @@ def counterfact_eval(model, records, tokenizer=None, *, generation: bool = False
     summary["score"] = (None if any(p is None for p in parts) else
                         0.0 if min(parts) <= 0 else len(parts) / sum(1 / p for p in parts))
     summary["fluency"] = None
+    if snippets is not None:  # every record's references, before the generation
+        snips = read_snippets(snippets)
+        refs = []
+        for r, d in enumerate(recs):
+            rr = d["requested_rewrite"][0] if isinstance(d["requested_rewrite"], list) else d["requested_rewrite"]
+            rid, tid = rr.get("relation_id"), rr["target_new"].get("id")
+            refs.append(snips.get(str(rid), {}).get(str(tid), []))
+            if not refs[-1]:
+                raise JaxeditError(f"record {r} (case_id {out_rows[r]['case_id']}): no snippets for relation "
+                                   f"{rid!r} and target_new id {tid!r}")
     if generation:
         prompts = [(r, p) for r, d in enumerate(recs) for p in d.get("generation_prompts", [])]
         texts = generate_texts(model, tokenizer, [p for _, p in prompts], max_out_len=max_out_len, seed=seed)
@@ -464,17 +476,10 @@ def counterfact_eval(model, records, tokenizer=None, *, generation: bool = False
             row["fluency"] = _mean([ngram_entropy(t) for t in row["generations"]])
         summary["fluency"] = _mean([row["fluency"] for row in out_rows])
         if snippets is not None:
-            snips = read_snippets(snippets)
             vec = (idf if isinstance(idf, Tfidf) else Tfidf.from_files(idf) if idf is not None else
                    Tfidf.fit([t for by_t in snips.values() for texts in by_t.values() for t in texts]))
-            for r, (d, row) in enumerate(zip(recs, out_rows)):
-                rr = d["requested_rewrite"][0] if isinstance(d["requested_rewrite"], list) else d["requested_rewrite"]
-                rid, tid = rr.get("relation_id"), rr["target_new"].get("id")
-                refs = snips.get(str(rid), {}).get(str(tid), [])
-                if not refs:
-                    raise JaxeditError(f"record {r} (case_id {row['case_id']}): no snippets for relation {rid!r} "
-                                       f"and target_new id {tid!r}")
-                row["consistency"] = (vec.cosine(" ".join(row["generations"]), " ".join(refs))
+            for row, ref in zip(out_rows, refs):
+                row["consistency"] = (vec.cosine(" ".join(row["generations"]), " ".join(ref))
                                       if row["generations"] else None)
             summary["consistency"] = _mean([row["consistency"] for row in out_rows])
     summary["records"] = len(out_rows)
