@@ -31,6 +31,7 @@ from jaxedit.edit.dinm import DinmHparams, dinm, dinm_locate
 from jaxedit.edit.profs import profs
 from jaxedit.evaluate.safeedit import evaluate as evaluate_safeedit, read_cases as read_safeedit
 from jaxedit.evaluate.metrics import fluency, perplexity, toxic_rate
+from jaxedit.evaluate.editing import counterfact_eval, load_counterfact, load_zsre, zsre_eval
 from jaxedit.evaluate.toxicity import toxicity_scores
 from jaxedit.detox.chunking import toxic_span
 from jaxedit.sharding import make_mesh
@@ -38,7 +39,9 @@ from jaxedit.sharding import make_mesh
 __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "apply", "load", "DEFAULT_MODEL",
            "forward", "create_model", "model_from_params", "params_of", "count_params", "trace", "trace_batch",
            "TraceResult", "saliency", "saliency_batch", "SaliencyResult", "select_layers",
-           "attribution_patching", "memit", "alphaedit", "edit_sequential", "delete", "EditHparams", "hparams_for", "layer_stats", "save",
-            "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores", "toxic_span", "dinm", "dinm_locate",
-            "DinmHparams", "profs", "read_safeedit", "evaluate_safeedit", "make_mesh", "shard_model"]
+           "attribution_patching", "memit", "alphaedit", "edit_sequential", "delete", "EditHparams", "hparams_for",
+           "layer_stats", "save", "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores", "toxic_span",
+           "dinm", "dinm_locate",
+           "DinmHparams", "profs", "read_safeedit", "evaluate_safeedit", "make_mesh", "shard_model",
+           "counterfact_eval", "zsre_eval", "load_counterfact", "load_zsre"]
 __version__ = "0.1.0"

@@ -1,0 +1,540 @@
+"""The standard knowledge-editing evaluation: CounterFact's and zsRE's metrics, as ROME's and MEMIT's evaluation
+code defines them.
+
+**CounterFact** (:func:`counterfact_eval`). A record asks to rewrite a fact (``requested_rewrite``: a ``prompt``
+with ``{}`` for the ``subject``, the ``target_true`` it has and the ``target_new`` it should get, each ``{"str",
+"id"}``) and brings test prompts: ``paraphrase_prompts`` (the same fact said differently), ``neighborhood_prompts``
+(other subjects that share the true attribute; an edit should leave them alone) and ``generation_prompts``.
+
+For a prompt and a target t, the score is the mean over t's tokens of -log p(token | everything before it), with t
+after the prompt and a space ("lower is more likely"). Then per prompt:
+
+* efficacy (the rewrite prompt, ``prompt.format(subject)``) and generalization (each paraphrase): success when
+  NLL(new) < NLL(true); magnitude exp(-NLL(new)) - exp(-NLL(true));
+* specificity (each neighborhood prompt): success when NLL(true) < NLL(new); magnitude exp(-NLL(true)) -
+  exp(-NLL(new)).
+
+A record's value is the mean over its prompts of that kind; the summary's is the mean over records (a record with
+no prompt of a kind is left out of that mean). Shares and magnitudes are fractions (success shares in [0, 1],
+probability differences in [-1, 1]); :func:`format_summary` prints them x100, as the papers' tables do.
+
+With ``generation=True``, each generation prompt is continued by top-k sampling (k = 5) to ``max_out_len`` tokens
+in all (prompt included, 100 by default); the texts (prompt included) give **fluency**: the n-gram entropy
+(:func:`jaxedit.evaluate.metrics.ngram_entropy`, bits) averaged over a record's texts, then over records. Without
+``generation`` the summary's ``fluency`` is None. With ``snippets`` (reference texts about each target, MEMIT's
+``attribute_snippets.json`` or a dict), **consistency** is the cosine between the TF-IDF vectors of a record's
+generations (joined) and of the snippets of its ``target_new`` (its ``relation_id`` and ``target_new.id``,
+joined); the IDF comes from ``idf`` (MEMIT's ``idf.npy`` with ``tfidf_vocab.json``) or, without it, is fitted on
+the snippets themselves. Without snippets the summary has no ``consistency`` key.
+
+**zsRE** (:func:`zsre_eval`), MEMIT's ``zsre_mend_eval.json`` records: ``src`` (a question), ``rephrase``,
+``answers`` (the first is the target MEMIT edits in; ``target="alt"`` takes ``alt`` instead), ``loc`` and
+``loc_ans`` (an unrelated question and its answer). Token accuracy, teacher-forced: with the target's tokens after
+the question, the share of positions where the model's argmax is the next target token. Efficacy: on ``src``;
+generalization: on ``rephrase``; specificity: on ``loc`` + "?" followed by ``loc_ans``. Mean over a record's
+tokens, then over records; fractions in [0, 1].
+
+**Tokens.** A prompt is tokenized as the tokenizer does by default (with its BOS token where it adds one); the
+target's tokens are those that follow the prompt's in the tokenization of ``prompt + " " + target`` (for GPT-2's
+tokenizer these are the tokens of ``" " + target``, as MEMIT takes them). Where the joint text does not begin with
+the prompt's tokens, the target is tokenized alone (``" " + target``, no special tokens). MEMIT tokenizes
+``" " + target`` with the tokenizer's defaults, which for a tokenizer that adds BOS puts a BOS token into the
+target; jaxedit never does. zsRE's accuracy is teacher-forced on token ids (MEMIT re-tokenizes the prompt plus the
+decoded target prefix, which is the same text for usual words).
+
+Every (prompt, target) row of a call is scored in length buckets of jaxedit's batched forward, one compiled
+program per bucket shape.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import unicodedata
+from collections import Counter
+from functools import partial
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxedit.batching import batch_rows, batches, group_by_bucket, pad_rows, round_up, rows_within
+from jaxedit.config import ModelConfig
+from jaxedit.errors import JaxeditError
+from jaxedit.evaluate.metrics import ngram_entropy
+from jaxedit.forward import apply
+from jaxedit.generate import sample
+from jaxedit.model import params_of
+from jaxedit.runtime import default_memory_budget
+
+DEMO_COUNTERFACT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                                "counterfact_demo.json")
+CF_KEYS = ("efficacy", "generalization", "specificity")
+
+
+# ---- reading ----
+
+def _read_items(source, kind: str) -> list:
+    """(where, record) pairs from a JSON array file, a JSONL file, a hub dataset name, or a list of dicts."""
+    if isinstance(source, (str, os.PathLike)):
+        path = os.fspath(source)
+        if kind == "CounterFact" and path == "demo":
+            path = DEMO_COUNTERFACT
+        if os.path.isdir(path):
+            raise JaxeditError(f"{path} is a directory, not a {kind} JSON file")
+        if not os.path.exists(path):
+            hub_name = (not path.endswith((".json", ".jsonl")) and not os.path.isabs(path)
+                        and not path.startswith(".") and path.count("/") <= 1)
+            if not hub_name:
+                raise JaxeditError(f"{path}: no such file")
+            return _hub_items(path, kind)
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except UnicodeDecodeError as e:
+            raise JaxeditError(f"{path}: not UTF-8 text ({e.reason})") from None
+        if not text.strip():
+            raise JaxeditError(f"{path}: empty file")
+        if text.lstrip()[0] == "[":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise JaxeditError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+            return [(f"{path}: record {i}", d) for i, d in enumerate(data)]
+        items = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append((f"{path}:{n}", json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise JaxeditError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        return items
+    if isinstance(source, dict):
+        return [("record 0", source)]
+    try:
+        return [(f"record {i}", d) for i, d in enumerate(source)]
+    except TypeError:
+        raise JaxeditError(f"{kind} records must be a file path or a list of dicts, not "
+                           f"{type(source).__name__}") from None
+
+
+def _hub_items(name: str, kind: str) -> list:
+    """Records of a dataset on the Hugging Face hub (its "train" split), through the ``datasets`` package."""
+    try:
+        import datasets
+    except ImportError:
+        raise JaxeditError(f"{name}: no such file, and reading it as a hub dataset needs the datasets package "
+                           f"(pip install datasets)") from None
+    try:
+        ds = datasets.load_dataset(name, split="train")
+    except Exception as e:  # offline, unknown name, no access: one line
+        msg = " ".join(str(e).split())[:200]
+        raise JaxeditError(f"{name}: no such file, and the hub dataset could not be read "
+                           f"({type(e).__name__}: {msg})") from None
+    return [(f"{name}: record {i}", dict(d)) for i, d in enumerate(ds)]
+
+
+def _str(d: dict, key: str, where: str, allow_empty: bool = False) -> str:
+    if not isinstance(d, dict) or key not in d:
+        raise JaxeditError(f"{where}: missing field \"{key}\"")
+    v = d[key]
+    if not isinstance(v, str) or not (allow_empty or v.strip()):
+        raise JaxeditError(f"{where}: field \"{key}\" must be a non-empty string")
+    return v
+
+
+def _str_list(d: dict, key: str, where: str, required: bool = True) -> list:
+    if key not in d:
+        if required:
+            raise JaxeditError(f"{where}: missing field \"{key}\"")
+        return []
+    v = d[key]
+    if not isinstance(v, list) or not all(isinstance(x, str) and x.strip() for x in v):
+        raise JaxeditError(f"{where}: field \"{key}\" must be a list of non-empty strings")
+    return v
+
+
+def check_counterfact(d, where: str) -> dict:
+    """``d`` checked as a CounterFact record (errors name ``where`` and the field); returns ``d``."""
+    if not isinstance(d, dict):
+        raise JaxeditError(f"{where}: a record must be a JSON object, not {type(d).__name__}")
+    rr = d.get("requested_rewrite")
+    if rr is None:
+        raise JaxeditError(f"{where}: missing field \"requested_rewrite\"")
+    if isinstance(rr, list) and len(rr) == 1:  # multi-CounterFact style: a list with one rewrite
+        rr = rr[0]
+    if not isinstance(rr, dict):
+        raise JaxeditError(f"{where}: field \"requested_rewrite\" must be an object")
+    w = f"{where} requested_rewrite"
+    prompt = _str(rr, "prompt", w)
+    if "{}" not in prompt:
+        raise JaxeditError(f"{w}: field \"prompt\" must contain {{}} where the subject goes")
+    _str(rr, "subject", w)
+    for t in ("target_new", "target_true"):
+        if not isinstance(rr.get(t), dict):
+            raise JaxeditError(f"{w}: field \"{t}\" must be an object with \"str\"")
+        _str(rr[t], "str", f"{w} {t}")
+    _str_list(d, "paraphrase_prompts", where)
+    _str_list(d, "neighborhood_prompts", where)
+    _str_list(d, "generation_prompts", where, required=False)
+    return d
+
+
+def check_zsre(d, where: str) -> dict:
+    """``d`` checked as a zsRE record (MEMIT's ``zsre_mend_eval.json`` fields); returns ``d``."""
+    if not isinstance(d, dict):
+        raise JaxeditError(f"{where}: a record must be a JSON object, not {type(d).__name__}")
+    for k in ("src", "rephrase", "loc", "loc_ans"):
+        _str(d, k, where)
+    if "answers" not in d and "alt" not in d:
+        raise JaxeditError(f"{where}: missing field \"answers\" (or \"alt\")")
+    if "answers" in d:
+        a = d["answers"]
+        if not (isinstance(a, list) and a and all(isinstance(x, str) and x.strip() for x in a)):
+            raise JaxeditError(f"{where}: field \"answers\" must be a non-empty list of non-empty strings")
+    if "alt" in d:
+        _str(d, "alt", where)
+    return d
+
+
+def load_counterfact(path) -> list:
+    """CounterFact records (checked dicts, as given) from a JSON array file (``counterfact.json``), a JSONL file,
+    ``"demo"`` (jaxedit's demo set), or a hub dataset name (needs ``datasets`` and the network). A malformed
+    record is a :class:`JaxeditError` naming the file and the record's index (``FILE:LINE`` for JSONL)."""
+    items = _read_items(path, "CounterFact")
+    if not items:
+        raise JaxeditError(f"{os.fspath(path) if isinstance(path, (str, os.PathLike)) else 'records'}: no records")
+    return [check_counterfact(d, where) for where, d in items]
+
+
+def load_zsre(path) -> list:
+    """zsRE records (MEMIT's ``zsre_mend_eval.json`` format; checked dicts, as given) from a JSON array or JSONL
+    file, or a hub dataset name. Errors as :func:`load_counterfact`'s."""
+    items = _read_items(path, "zsRE")
+    if not items:
+        raise JaxeditError(f"{os.fspath(path) if isinstance(path, (str, os.PathLike)) else 'records'}: no records")
+    return [check_zsre(d, where) for where, d in items]
+
+
+def _records(records, kind):
+    if kind == "CounterFact":
+        if isinstance(records, (str, os.PathLike)):
+            return load_counterfact(records)
+        return [check_counterfact(d, w) for w, d in _read_items(records, kind)]
+    if isinstance(records, (str, os.PathLike)):
+        return load_zsre(records)
+    return [check_zsre(d, w) for w, d in _read_items(records, kind)]
+
+
+# ---- scoring rows ----
+
+def prompt_target_ids(tokenizer, prompt: str, target: str) -> tuple:
+    """(prompt ids, target ids): the prompt as the tokenizer tokenizes it by default; the target's tokens are those
+    after the prompt's in ``prompt + " " + target`` (or ``" " + target`` alone when the joint tokenization does not
+    begin with the prompt's tokens)."""
+    p = list(tokenizer(prompt)["input_ids"])
+    joint = list(tokenizer(prompt + " " + target)["input_ids"])
+    if joint[:len(p)] == p and len(joint) > len(p):
+        t = joint[len(p):]
+    else:
+        t = list(tokenizer(" " + target, add_special_tokens=False)["input_ids"])
+    if not p:
+        raise JaxeditError(f"prompt {prompt!r} has no tokens (and the tokenizer adds no BOS token)")
+    if not t:
+        raise JaxeditError(f"target {target!r} has no tokens")
+    return p, t
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _position_scores(cfg: ModelConfig, params, ids, mask):
+    """Per row and position t: -log p(ids[t+1] | ids[:t+1]) and whether ids[t+1] is the argmax, [B, T-1] each."""
+    logits = apply(cfg, params, ids, mask).logits[:, :-1].astype(jnp.float32)
+    lp = jax.nn.log_softmax(logits, -1)
+    nll = -jnp.take_along_axis(lp, ids[:, 1:, None], -1)[..., 0]
+    hit = jnp.argmax(logits, -1) == ids[:, 1:]
+    return nll, hit
+
+
+def score_rows(model, rows: Sequence[tuple], *, bucket: int = 16, memory_budget: Optional[float] = None) -> list:
+    """For each (prompt ids, target ids): (per-token NLL of the target after the prompt, per-token argmax hits),
+    float64 / bool arrays. Rows run in length buckets, one compiled program per bucket shape."""
+    cfg = model.config
+    params = params_of(model)
+    budget = memory_budget or default_memory_budget()
+    full = [list(p) + list(t) for p, t in rows]
+    for f in full:
+        if len(f) > cfg.max_positions:
+            raise JaxeditError(f"a prompt with its target has {len(f)} tokens, more than the model's "
+                               f"{cfg.max_positions} positions")
+    out = [None] * len(rows)
+    for T, members in group_by_bucket(range(len(full)), lambda i: len(full[i]), bucket, cap=cfg.max_positions):
+        B = batch_rows(len(members), rows_within(budget, T * (3 * cfg.vocab_size + 8 * cfg.d_ff) * 4,
+                                                 power_of_two=True))
+        for chunk in batches(members, B):
+            ids, mask = pad_rows([full[i] for i in chunk], T, n_rows=B)
+            nll, hit = jax.device_get(_position_scores(cfg, params, jnp.asarray(ids), jnp.asarray(mask)))
+            for b, i in enumerate(chunk):
+                a, n = len(rows[i][0]), len(rows[i][1])
+                out[i] = (np.asarray(nll[b, a - 1:a - 1 + n], np.float64), np.asarray(hit[b, a - 1:a - 1 + n]))
+    return out
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def _need_tokenizer(tokenizer, what):
+    if tokenizer is None:
+        raise JaxeditError(f"{what} needs a tokenizer (jaxedit.load returns it with the model)")
+
+
+# ---- generation metrics ----
+
+def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_out_len: int = 100, top_k: int = 5,
+                   seed: int = 0) -> list:
+    """MEMIT's generation for fluency and consistency: each prompt continued by top-k sampling until it holds
+    ``max_out_len`` tokens in all; the decoded texts, prompt included (special tokens dropped, NFKD-normalized,
+    blank lines joined by a space)."""
+    if not prompts:
+        return []
+    ids = [list(tokenizer(p)["input_ids"]) or [tokenizer.bos_token_id or 0] for p in prompts]
+    shortest = min(len(i) for i in ids)
+    if shortest >= max_out_len:
+        raise JaxeditError(f"max_out_len {max_out_len} leaves no room after prompts of {shortest} tokens")
+    # one sampling call for all prompts: each row draws as many tokens as the shortest prompt needs and keeps its
+    # own share (a causal sampler's first n tokens do not depend on how many follow)
+    # all prompts in one length bucket (left-padded): one compiled sampler per call
+    new = sample(model, ids, max_out_len - shortest, top_k=top_k, seed=seed,
+                 bucket=round_up(max(len(i) for i in ids), 8))
+    texts = []
+    for p, row in zip(ids, new):
+        keep = max(max_out_len - len(p), 0)
+        t = tokenizer.decode(p + row[0][:keep], skip_special_tokens=True)
+        texts.append(unicodedata.normalize("NFKD", t).replace("\n\n", " "))
+    return texts
+
+
+_WORD = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern (lowercased text)
+
+
+def _terms(text: str) -> list:
+    return _WORD.findall(text.lower())
+
+
+class Tfidf:
+    """TF-IDF vectors as scikit-learn's ``TfidfVectorizer`` (default settings) makes them: lowercased words of two
+    or more word characters, raw counts x IDF, L2-normalized. ``vocab``: term -> column; ``idf``: one weight per
+    column."""
+
+    def __init__(self, vocab: dict, idf):
+        self.vocab, self.idf = dict(vocab), np.asarray(idf, np.float64)
+        if len(self.idf) < len(self.vocab):
+            raise JaxeditError(f"IDF has {len(self.idf)} weights for a vocabulary of {len(self.vocab)} terms")
+
+    @classmethod
+    def fit(cls, documents: Sequence[str]) -> "Tfidf":
+        """Smoothed IDF over ``documents``: ln((1 + n) / (1 + df)) + 1 (the vocabulary sorted, as scikit-learn's)."""
+        df = Counter(t for d in documents for t in set(_terms(d)))
+        vocab = {t: i for i, t in enumerate(sorted(df))}
+        n = len(documents)
+        idf = np.array([math.log((1 + n) / (1 + df[t])) + 1 for t in sorted(df)])
+        return cls(vocab, idf)
+
+    @classmethod
+    def from_files(cls, where) -> "Tfidf":
+        """From MEMIT's ``idf.npy`` and ``tfidf_vocab.json`` (a directory holding both, or a pair of paths)."""
+        idf_path, vocab_path = ((os.path.join(where, "idf.npy"), os.path.join(where, "tfidf_vocab.json"))
+                                if isinstance(where, (str, os.PathLike)) else where)
+        for p in (idf_path, vocab_path):
+            if not os.path.exists(p):
+                raise JaxeditError(f"{p}: no such file (consistency's IDF needs idf.npy and tfidf_vocab.json)")
+        with open(vocab_path, encoding="utf-8") as f:
+            return cls(json.load(f), np.load(idf_path))
+
+    def vector(self, text: str) -> np.ndarray:
+        v = np.zeros(len(self.idf))
+        for t, c in Counter(_terms(text)).items():
+            j = self.vocab.get(t)
+            if j is not None:
+                v[j] += c
+        v *= self.idf
+        n = np.linalg.norm(v)
+        return v / n if n > 0 else v
+
+    def cosine(self, a: str, b: str) -> float:
+        """Cosine of the two texts' vectors (0 when either has no known term)."""
+        return float(self.vector(a) @ self.vector(b))
+
+
+def read_snippets(snippets) -> dict:
+    """{relation_id: {target_id: [texts]}} from MEMIT's ``attribute_snippets.json`` (a path, or its list of
+    {"relation_id", "target_id", "samples": [{"name", "text"}]}) or a dict already in that nested form (texts or
+    {"text"} objects)."""
+    if isinstance(snippets, (str, os.PathLike)):
+        path = os.fspath(snippets)
+        if not os.path.exists(path):
+            raise JaxeditError(f"{path}: no such file")
+        try:
+            with open(path, encoding="utf-8") as f:
+                snippets = json.load(f)
+        except json.JSONDecodeError as e:
+            raise JaxeditError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    out: dict = {}
+    text = lambda s: s["text"] if isinstance(s, dict) else s
+    if isinstance(snippets, list):
+        for i, el in enumerate(snippets):
+            if not isinstance(el, dict) or not {"relation_id", "target_id", "samples"} <= set(el):
+                raise JaxeditError(f"snippets entry {i}: needs \"relation_id\", \"target_id\" and \"samples\"")
+            out.setdefault(str(el["relation_id"]), {}).setdefault(str(el["target_id"]), []).extend(
+                text(s) for s in el["samples"])
+    elif isinstance(snippets, dict):
+        for rid, by_target in snippets.items():
+            for tid, samples in by_target.items():
+                out.setdefault(str(rid), {}).setdefault(str(tid), []).extend(text(s) for s in samples)
+    else:
+        raise JaxeditError(f"snippets must be a path, a list or a dict, not {type(snippets).__name__}")
+    return out
+
+
+# ---- CounterFact ----
+
+def counterfact_eval(model, records, tokenizer=None, *, generation: bool = False, snippets=None, idf=None,
+                     max_out_len: int = 100, seed: int = 0, bucket: int = 16) -> dict:
+    """CounterFact's metrics (see the module docstring) of ``model`` on ``records`` (a list of dicts, or a path /
+    name for :func:`load_counterfact`). Returns {"summary": {...}, "rows": [one dict per record]}.
+
+    Summary: ``efficacy``, ``generalization``, ``specificity`` (success shares, fractions in [0, 1]), their
+    ``*_magnitude`` (mean probability differences), ``score`` (their harmonic mean, MEMIT's), ``fluency`` (None
+    unless ``generation``), ``consistency`` (only with ``snippets``), ``records``. A row holds the record's
+    ``case_id``, the same values for the record, and the per-prompt scores: ``rewrite``, ``paraphrase``,
+    ``neighborhood``, each a list of {"target_new": NLL, "target_true": NLL}; with generation its
+    ``generations`` too.
+
+    ``snippets``: reference texts for consistency (needs ``generation=True``); ``idf``: MEMIT's IDF files (a
+    directory with ``idf.npy`` and ``tfidf_vocab.json``, or a (idf path, vocab path) pair, or a :class:`Tfidf`);
+    without it the IDF is fitted on all snippet texts. ``max_out_len``/``seed``: generation's total length and
+    random seed."""
+    _need_tokenizer(tokenizer, "counterfact_eval")
+    recs = _records(records, "CounterFact")
+    if not recs:
+        raise JaxeditError("no CounterFact records")
+    if snippets is not None and not generation:
+        raise JaxeditError("consistency compares generations with the snippets: pass generation=True with snippets")
+    kinds = ("rewrite", "paraphrase", "neighborhood")
+    rows, owner = [], []
+    for r, d in enumerate(recs):
+        rr = d["requested_rewrite"][0] if isinstance(d["requested_rewrite"], list) else d["requested_rewrite"]
+        prompts = {"rewrite": [rr["prompt"].format(rr["subject"])], "paraphrase": d["paraphrase_prompts"],
+                   "neighborhood": d["neighborhood_prompts"]}
+        for kind in kinds:
+            for k, prompt in enumerate(prompts[kind]):
+                for which in ("target_new", "target_true"):
+                    rows.append(prompt_target_ids(tokenizer, prompt, rr[which]["str"]))
+                    owner.append((r, kind, k, which))
+    scores = score_rows(model, rows, bucket=bucket)
+    per = [{kind: {} for kind in kinds} for _ in recs]
+    for (r, kind, k, which), (nll, _) in zip(owner, scores):
+        per[r][kind].setdefault(k, {})[which] = float(nll.mean())
+    out_rows = []
+    for r, d in enumerate(recs):
+        row = {"case_id": d.get("case_id", r)}
+        for kind, key in zip(kinds, CF_KEYS):
+            pairs = [per[r][kind][k] for k in sorted(per[r][kind])]
+            row[kind] = pairs
+            sign = -1 if kind == "neighborhood" else 1
+            row[key] = _mean([float(sign * (p["target_true"] - p["target_new"]) > 0) for p in pairs])
+            row[key + "_magnitude"] = _mean([sign * (math.exp(-p["target_new"]) - math.exp(-p["target_true"]))
+                                             for p in pairs])
+        out_rows.append(row)
+    summary = {k: _mean([row[k] for row in out_rows]) for k in CF_KEYS}
+    summary.update({k + "_magnitude": _mean([row[k + "_magnitude"] for row in out_rows]) for k in CF_KEYS})
+    parts = [summary[k] for k in CF_KEYS]
+    summary["score"] = (None if any(p is None for p in parts) else
+                        0.0 if min(parts) <= 0 else len(parts) / sum(1 / p for p in parts))
+    summary["fluency"] = None
+    if snippets is not None:  # every record's references, before the generation
+        snips = read_snippets(snippets)
+        refs = []
+        for r, d in enumerate(recs):
+            rr = d["requested_rewrite"][0] if isinstance(d["requested_rewrite"], list) else d["requested_rewrite"]
+            rid, tid = rr.get("relation_id"), rr["target_new"].get("id")
+            refs.append(snips.get(str(rid), {}).get(str(tid), []))
+            if not refs[-1]:
+                raise JaxeditError(f"record {r} (case_id {out_rows[r]['case_id']}): no snippets for relation "
+                                   f"{rid!r} and target_new id {tid!r}")
+    if generation:
+        prompts = [(r, p) for r, d in enumerate(recs) for p in d.get("generation_prompts", [])]
+        texts = generate_texts(model, tokenizer, [p for _, p in prompts], max_out_len=max_out_len, seed=seed)
+        for row in out_rows:
+            row["generations"] = []
+        for (r, _), t in zip(prompts, texts):
+            out_rows[r]["generations"].append(t)
+        for row in out_rows:
+            row["fluency"] = _mean([ngram_entropy(t) for t in row["generations"]])
+        summary["fluency"] = _mean([row["fluency"] for row in out_rows])
+        if snippets is not None:
+            vec = (idf if isinstance(idf, Tfidf) else Tfidf.from_files(idf) if idf is not None else
+                   Tfidf.fit([t for by_t in snips.values() for texts in by_t.values() for t in texts]))
+            for row, ref in zip(out_rows, refs):
+                row["consistency"] = (vec.cosine(" ".join(row["generations"]), " ".join(ref))
+                                      if row["generations"] else None)
+            summary["consistency"] = _mean([row["consistency"] for row in out_rows])
+    summary["records"] = len(out_rows)
+    return {"summary": summary, "rows": out_rows}
+
+
+# ---- zsRE ----
+
+def zsre_eval(model, records, tokenizer=None, *, target: str = "answers", bucket: int = 16) -> dict:
+    """zsRE's metrics (see the module docstring) of ``model`` on ``records`` (a list of dicts, or a path / name for
+    :func:`load_zsre`). Returns {"summary": {"efficacy", "generalization", "specificity", "records"}, "rows": [...]}
+    with fractions in [0, 1]; a row holds the record's three accuracies and, per kind (``rewrite``,
+    ``paraphrase``, ``neighborhood``), the 0/1 hit of each target token. ``target``: "answers" (the first answer,
+    as MEMIT's evaluation edits) or "alt"."""
+    _need_tokenizer(tokenizer, "zsre_eval")
+    if target not in ("answers", "alt"):
+        raise JaxeditError(f"target must be \"answers\" or \"alt\" (got {target!r})")
+    recs = _records(records, "zsRE")
+    if not recs:
+        raise JaxeditError("no zsRE records")
+    rows = []
+    for r, d in enumerate(recs):
+        if target not in d:
+            raise JaxeditError(f"record {r}: missing field \"{target}\" (the target)")
+        new = d["answers"][0] if target == "answers" else d["alt"]
+        rows += [prompt_target_ids(tokenizer, d["src"], new), prompt_target_ids(tokenizer, d["rephrase"], new),
+                 prompt_target_ids(tokenizer, d["loc"] + "?", d["loc_ans"])]
+    scores = score_rows(model, rows, bucket=bucket)
+    out_rows = []
+    for r, d in enumerate(recs):
+        row = {"case_id": d.get("case_id", r)}
+        for j, (kind, key) in enumerate(zip(("rewrite", "paraphrase", "neighborhood"), CF_KEYS)):
+            hits = scores[3 * r + j][1]
+            row[kind] = [int(h) for h in hits]
+            row[key] = float(np.mean(hits))
+        out_rows.append(row)
+    summary = {k: _mean([row[k] for row in out_rows]) for k in CF_KEYS}
+    summary["records"] = len(out_rows)
+    return {"summary": summary, "rows": out_rows}
+
+
+# ---- tables ----
+
+def format_summary(summary: dict, title: Optional[str] = None) -> str:
+    """The summary as a one-row table, every value x100 as the papers print them (fluency too: 6.2 bits shows as
+    620)."""
+    keys = [k for k in ("efficacy", "generalization", "specificity", "efficacy_magnitude",
+                        "generalization_magnitude", "specificity_magnitude", "score", "fluency", "consistency")
+            if summary.get(k) is not None]
+    names = {"efficacy_magnitude": "eff. mag.", "generalization_magnitude": "gen. mag.",
+             "specificity_magnitude": "spec. mag."}
+    head = [names.get(k, k) for k in keys]
+    vals = [f"{100 * summary[k]:.1f}" for k in keys]
+    width = [max(len(h), len(v)) for h, v in zip(head, vals)]
+    lines = ([title] if title else []) + [
+        "  ".join(h.rjust(w) for h, w in zip(head, width)),
+        "  ".join(v.rjust(w) for v, w in zip(vals, width))]
+    return "\n".join(lines)

@@ -1,0 +1,428 @@
+"""CounterFact's and zsRE's editing metrics against a torch reference written after MEMIT's evaluation code (one
+prompt at a time, float64), on the tiny checkpoints (random and with one MLP perturbed), a hand-checkable unigram
+case, the readers, the generation metrics, and the demo set on SmolLM2 (slow)."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import jaxedit
+from jaxedit.errors import JaxeditError
+from jaxedit.evaluate import editing
+from jaxedit.evaluate.metrics import ngram_entropy
+
+from conftest import build_hf_model
+
+# facts in the tiny tokenizer's vocabulary (its corpus: the Eiffel Tower, Paris, Seattle, Miles Davis, Apple...)
+RECORDS = [
+    {"case_id": 0,
+     "requested_rewrite": {"prompt": "{} is located in the city of", "subject": "The Eiffel Tower",
+                           "relation_id": "P131", "target_new": {"str": "Seattle", "id": "Q5083"},
+                           "target_true": {"str": "Paris", "id": "Q90"}},
+     "paraphrase_prompts": ["The Eiffel Tower is in", "The tower of Paris is located in the city of"],
+     "neighborhood_prompts": ["The capital of France is", "The city of France is", "Miles Davis is in"],
+     "attribute_prompts": [], "generation_prompts": ["The Eiffel Tower is", "The city of Paris"]},
+    {"case_id": 1,
+     "requested_rewrite": {"prompt": "{} plays the", "subject": "Miles Davis", "relation_id": "P1303",
+                           "target_new": {"str": "guitar", "id": "Q6607"},
+                           "target_true": {"str": "trumpet", "id": "Q8338"}},
+     "paraphrase_prompts": ["The music of Miles Davis is on the"],
+     "neighborhood_prompts": ["Toko Yasuda plays the", "The most amazing music is on the"],
+     "attribute_prompts": [], "generation_prompts": ["Miles Davis plays"]},
+    {"case_id": 2,
+     "requested_rewrite": {"prompt": "{} is owned by", "subject": "Beats Music", "relation_id": "P127",
+                           "target_new": {"str": "Toko Yasuda", "id": "Q1"},
+                           "target_true": {"str": "Apple", "id": "Q312"}},
+     "paraphrase_prompts": ["The owner of Beats Music is"],
+     "neighborhood_prompts": ["The Space Needle is owned by", "The trumpet of Miles Davis is owned by"],
+     "attribute_prompts": [], "generation_prompts": []},
+]
+
+ZSRE = [
+    {"subject": "Eiffel Tower", "src": "In which city is the Eiffel Tower?", "rephrase": "Where is the Eiffel Tower?",
+     "answers": ["Paris"], "alt": "Seattle", "loc": "nq question: who plays the trumpet",
+     "loc_ans": "Miles Davis"},
+    {"subject": "Beats Music", "src": "Who owns Beats Music?", "rephrase": "Beats Music is owned by which company?",
+     "answers": ["Apple Music"], "alt": "Toko Yasuda", "loc": "nq question: where is the space needle",
+     "loc_ans": "in Seattle"},
+    {"subject": "Miles Davis", "src": "What does Miles Davis play?", "rephrase": "Miles Davis plays which music?",
+     "answers": ["the trumpet"], "alt": "the guitar", "loc": "nq question: what is the capital of France",
+     "loc_ans": "Paris"},
+]
+
+
+# ---- the torch reference (after MEMIT's compute_rewrite_quality_counterfact / _zsre and summarize.py) ----
+
+def ref_nll(model, tok, prefix, target):
+    """Mean -log p of the target's tokens after the prefix, one prompt at a time: the prefix's length from tokenizing
+    it alone, the joint text "prefix target", the target tokens from " target" (no special tokens)."""
+    prefix_len = len(tok(prefix)["input_ids"])
+    enc = tok(f"{prefix} {target}", return_tensors="pt")
+    a_tok = tok(f" {target}", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(**enc).logits[0].double()
+    lp = torch.log_softmax(logits, -1)
+    return float(np.mean([-lp[prefix_len + j - 1, a_tok[j]].item() for j in range(len(a_tok))]))
+
+
+def ref_counterfact(model, tok, records):
+    rows = []
+    for d in records:
+        rr = d["requested_rewrite"]
+        new, true = rr["target_new"]["str"], rr["target_true"]["str"]
+        row = {}
+        for kind, prompts in (("rewrite", [rr["prompt"].format(rr["subject"])]),
+                              ("paraphrase", d["paraphrase_prompts"]), ("neighborhood", d["neighborhood_prompts"])):
+            row[kind] = [{"target_new": ref_nll(model, tok, p, new), "target_true": ref_nll(model, tok, p, true)}
+                         for p in prompts]
+        rows.append(row)
+    summary = {}
+    for kind, key in (("rewrite", "efficacy"), ("paraphrase", "generalization"), ("neighborhood", "specificity")):
+        if kind == "neighborhood":
+            ok = [np.mean([x["target_true"] < x["target_new"] for x in r[kind]]) for r in rows]
+            mag = [np.mean([np.exp(-x["target_true"]) - np.exp(-x["target_new"]) for x in r[kind]]) for r in rows]
+        else:
+            ok = [np.mean([x["target_true"] > x["target_new"] for x in r[kind]]) for r in rows]
+            mag = [np.mean([np.exp(-x["target_new"]) - np.exp(-x["target_true"]) for x in r[kind]]) for r in rows]
+        summary[key], summary[key + "_magnitude"] = float(np.mean(ok)), float(np.mean(mag))
+    return summary, rows
+
+
+def ref_acc(model, tok, prompts, targets):
+    """MEMIT's test_batch_prediction_acc, one prompt at a time: the argmax after the prompt vs the first token of
+    the target text."""
+    out = []
+    for p, t in zip(prompts, targets):
+        with torch.no_grad():
+            logits = model(**tok(p, return_tensors="pt")).logits[0, -1]
+        out.append(int(logits.argmax().item()) == tok(t)["input_ids"][0])
+    return out
+
+
+def ref_zsre(model, tok, records):
+    rows = []
+    for d in records:
+        target_tok = tok(" " + d["answers"][0])["input_ids"]
+        row = {}
+        for kind, q in (("rewrite", d["src"]), ("paraphrase", d["rephrase"])):
+            row[kind] = ref_acc(model, tok, [q + tok.decode(target_tok[:i]) for i in range(len(target_tok))],
+                                [tok.decode(target_tok[i]) for i in range(len(target_tok))])
+        ans = tok(" " + d["loc_ans"])["input_ids"]
+        row["neighborhood"] = ref_acc(model, tok, [d["loc"] + "?" + tok.decode(ans[:i]) for i in range(len(ans))],
+                                      [tok.decode(ans[i]) for i in range(len(ans))])
+        rows.append(row)
+    summary = {key: float(np.mean([np.mean(r[kind]) for r in rows]))
+               for kind, key in (("rewrite", "efficacy"), ("paraphrase", "generalization"),
+                                 ("neighborhood", "specificity"))}
+    return summary, rows
+
+
+# ---- models ----
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, tokenizer):
+    """name -> (jaxedit model, torch float64 model) for a random tiny GPT-2 and LLaMA (init std 0.3, so the
+    targets' probabilities differ clearly) and the GPT-2 with its layer-1 MLP output weights perturbed."""
+    out = {}
+    for name in ("gpt2", "llama-gqa-untied"):
+        base = build_hf_model(name, seed=1, init_std=0.3)
+        variants = [(name, base)]
+        if name == "gpt2":
+            edited = copy.deepcopy(base)
+            with torch.no_grad():
+                torch.manual_seed(5)
+                w = edited.transformer.h[1].mlp.c_proj.weight
+                w.add_(torch.randn_like(w) * 1.5)
+            variants.append(("gpt2-edited", edited))
+        for key, m in variants:
+            d = tmp_path_factory.mktemp(key)
+            m.save_pretrained(d)
+            tokenizer.save_pretrained(d)
+            model, _ = jaxedit.load(str(d))
+            out[key] = (model, m.double().eval())
+    return out
+
+
+def check_counterfact(result, ref_summary, ref_rows):
+    for row, ref in zip(result["rows"], ref_rows):
+        for kind in ("rewrite", "paraphrase", "neighborhood"):
+            got = [(x["target_new"], x["target_true"]) for x in row[kind]]
+            want = [(x["target_new"], x["target_true"]) for x in ref[kind]]
+            np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+    for key in ("efficacy", "generalization", "specificity"):
+        assert result["summary"][key] == ref_summary[key], key
+        assert result["summary"][key + "_magnitude"] == pytest.approx(ref_summary[key + "_magnitude"], abs=2e-6)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied", "gpt2-edited"])
+def test_counterfact_matches_reference(models, tokenizer, name):
+    model, ref_model = models[name]
+    result = jaxedit.counterfact_eval(model, RECORDS, tokenizer)
+    ref_summary, ref_rows = ref_counterfact(ref_model, tokenizer, RECORDS)
+    check_counterfact(result, ref_summary, ref_rows)
+    # the comparisons are clear of float noise, so equal shares are meaningful
+    gaps = [abs(x["target_new"] - x["target_true"]) for r in ref_rows for k in r for x in r[k]]
+    assert min(gaps) > 1e-4
+    s = result["summary"]
+    assert s["fluency"] is None and "consistency" not in s and s["records"] == len(RECORDS)
+    assert [r["case_id"] for r in result["rows"]] == [0, 1, 2]
+
+
+def test_edit_changes_the_shares(models, tokenizer):
+    """The perturbed model's numbers differ from the random one's, and not every share is 0 or 1."""
+    a = jaxedit.counterfact_eval(models["gpt2"][0], RECORDS, tokenizer)["rows"]
+    b = jaxedit.counterfact_eval(models["gpt2-edited"][0], RECORDS, tokenizer)["rows"]
+    nll = lambda rows: np.array([[x["target_new"], x["target_true"]] for r in rows for k in ("rewrite", "paraphrase",
+                                                                                              "neighborhood")
+                                 for x in r[k]])
+    assert np.abs(nll(a) - nll(b)).max() > 0.5
+    keys = ("efficacy", "generalization", "specificity")
+    assert [[r[k] for k in keys] for r in a] != [[r[k] for k in keys] for r in b]
+    assert any(0 < r[k] < 1 for rows in (a, b) for r in rows for k in keys)
+
+
+def zsre_records(ref_model, tok):
+    """ZSRE with each answer followed by the model's own argmax token after the question and the answer (where the
+    longer answer still tokenizes as the answer's tokens plus that one), so that some target tokens are hits."""
+    def follow(prompt, answer):
+        with torch.no_grad():
+            nxt = int(ref_model(**tok(f"{prompt} {answer}", return_tensors="pt")).logits[0, -1].argmax())
+        longer = answer + tok.decode([nxt])
+        ok = tok(" " + longer)["input_ids"] == tok(" " + answer)["input_ids"] + [nxt]
+        return longer if ok else answer
+    return [dict(d, answers=[follow(d["src"], d["answers"][0])], loc_ans=follow(d["loc"] + "?", d["loc_ans"]))
+            for d in ZSRE]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied", "gpt2-edited"])
+def test_zsre_matches_reference(models, tokenizer, name):
+    model, ref_model = models[name]
+    records = zsre_records(ref_model, tokenizer)
+    # MEMIT's reference re-tokenizes prompt + decoded target prefix; for these words that is the same token row
+    for d in records:
+        t = tokenizer(" " + d["answers"][0])["input_ids"]
+        for i in range(len(t)):
+            assert tokenizer(d["src"] + tokenizer.decode(t[:i]))["input_ids"] == tokenizer(d["src"])["input_ids"] + t[:i]
+    result = jaxedit.zsre_eval(model, records, tokenizer)
+    ref_summary, ref_rows = ref_zsre(ref_model, tokenizer, records)
+    for row, ref in zip(result["rows"], ref_rows):
+        for kind in ("rewrite", "paraphrase", "neighborhood"):
+            assert row[kind] == [int(x) for x in ref[kind]], kind
+    assert {k: result["summary"][k] for k in ref_summary} == ref_summary
+    hits = [h for row in result["rows"] for kind in ("rewrite", "paraphrase", "neighborhood") for h in row[kind]]
+    assert 0 < np.mean(hits) < 1
+
+
+def test_zsre_alt_target(models, tokenizer):
+    model = models["gpt2"][0]
+    alt = jaxedit.zsre_eval(model, [dict(d, answers=[d["alt"]]) for d in ZSRE], tokenizer)
+    assert jaxedit.zsre_eval(model, ZSRE, tokenizer, target="alt")["rows"] == alt["rows"]
+    with pytest.raises(JaxeditError, match="target"):
+        jaxedit.zsre_eval(model, ZSRE, tokenizer, target="rephrase")
+
+
+def bos_tokenizer(tokenizer):
+    """The tiny tokenizer with a BOS token it adds in front of every text (as LLaMA's tokenizers do)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tk = copy.deepcopy(tokenizer.backend_tokenizer)
+    bos = tk.token_to_id("<|endoftext|>")
+    tk.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
+def test_bos_tokenizer(models, tokenizer):
+    """With a tokenizer that adds BOS: the prompt starts with BOS and the target has none (MEMIT's tokenization of
+    " target" with the defaults would put a BOS into it)."""
+    tok = bos_tokenizer(tokenizer)
+    bos = tok.bos_token_id
+    p, t = editing.prompt_target_ids(tok, "The capital of France is", "Paris")
+    assert p[0] == bos and bos not in t
+    assert p[1:] + t == tokenizer("The capital of France is Paris")["input_ids"]
+    model, ref_model = models["llama-gqa-untied"]
+    result = jaxedit.counterfact_eval(model, RECORDS, tok)
+    check_counterfact(result, *ref_counterfact(ref_model, tok, RECORDS))
+    # BOS changes the numbers
+    plain = jaxedit.counterfact_eval(model, RECORDS, tokenizer)
+    assert plain["rows"][0]["rewrite"][0]["target_new"] != pytest.approx(result["rows"][0]["rewrite"][0]["target_new"],
+                                                                         abs=1e-4)
+
+
+# ---- a hand-checkable case: a unigram "model" over a word-level tokenizer ----
+
+class WordTokenizer:
+    """One id per word (a word-level vocabulary), no special tokens."""
+
+    def __init__(self, words):
+        self.ids = {w: i for i, w in enumerate(words)}
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": [self.ids[w] for w in text.split()]}
+
+
+def test_hand_checked_unigram(monkeypatch):
+    """Logits that ignore the context: p(Paris) = 1/2, p(Rome) = 1/4, p(New) = p(York) = 1/8, so a target's NLL is
+    its mean -log p and every share and magnitude can be worked out by hand."""
+    words = ["Paris", "Rome", "New", "York", "the", "is", "of", "capital", "France", "city", "in", "Italy", "Italy?", "X"]
+    tok = WordTokenizer(words)
+    logp = np.full(len(words), -np.inf)
+    logp[:4] = np.log([1 / 2, 1 / 4, 1 / 8, 1 / 8])
+
+    def fake_scores(model, rows, bucket=16):
+        return [(-logp[t].astype(np.float64), np.array([x == int(np.argmax(logp)) for x in t])) for p, t in rows]
+
+    monkeypatch.setattr(editing, "score_rows", fake_scores)
+    rec = {"requested_rewrite": {"prompt": "the capital of {} is", "subject": "France",
+                                 "target_new": {"str": "Rome"}, "target_true": {"str": "Paris"}},
+           "paraphrase_prompts": ["the city of France is", "France is"],
+           "neighborhood_prompts": ["the capital of Italy is"]}
+    rec2 = {"requested_rewrite": {"prompt": "the city in {} is", "subject": "X",
+                                  "target_new": {"str": "Paris"}, "target_true": {"str": "New York"}},
+            "paraphrase_prompts": ["X is"], "neighborhood_prompts": ["the city is", "the capital is"]}
+    s = jaxedit.counterfact_eval(None, [rec, rec2], tok)["summary"]
+    # rec: new Rome (NLL ln 4) vs true Paris (ln 2): the edit "fails" everywhere, neighborhood keeps Paris
+    # rec2: new Paris (ln 2) vs true "New York" (ln 8): succeeds everywhere; neighborhood prefers the new target
+    assert s["efficacy"] == 0.5 and s["generalization"] == 0.5 and s["specificity"] == 0.5
+    m1, m2 = 1 / 4 - 1 / 2, 1 / 2 - 1 / 8
+    assert s["efficacy_magnitude"] == pytest.approx((m1 + m2) / 2)
+    assert s["generalization_magnitude"] == pytest.approx((m1 + m2) / 2)
+    assert s["specificity_magnitude"] == pytest.approx((-m1 - m2) / 2)
+    assert s["score"] == pytest.approx(0.5)
+    # zsRE: the argmax is always Paris, so "Paris" scores 1, "New York" 0, "Paris Rome" 1/2
+    z = {"src": "the capital of France is", "rephrase": "France is", "answers": ["Paris Rome"],
+         "loc": "the city of Italy", "loc_ans": "New York"}
+    zs = jaxedit.zsre_eval(None, [z, dict(z, answers=["Paris"], loc_ans="Paris")], tok)["summary"]
+    assert zs == {"efficacy": 0.75, "generalization": 0.75, "specificity": 0.5, "records": 2}
+
+
+# ---- generation metrics ----
+
+def test_generation_fluency_and_consistency(models, tokenizer, tmp_path):
+    model = models["gpt2"][0]
+    snippets = [{"relation_id": "P131", "target_id": "Q5083",
+                 "samples": [{"name": "Space Needle", "text": "The Space Needle is in Seattle."}]},
+                {"relation_id": "P1303", "target_id": "Q6607",
+                 "samples": [{"name": "Toko Yasuda", "text": "Toko Yasuda plays the guitar."}]},
+                {"relation_id": "P127", "target_id": "Q1", "samples": [{"name": "x", "text": "amazing music"}]}]
+    res = jaxedit.counterfact_eval(model, RECORDS, tokenizer, generation=True, snippets=snippets, max_out_len=20)
+    s, rows = res["summary"], res["rows"]
+    assert [len(r["generations"]) for r in rows] == [2, 1, 0]
+    for r, d in zip(rows, RECORDS):
+        for text, prompt in zip(r["generations"], d["generation_prompts"]):
+            assert text.startswith(prompt)
+            assert len(tokenizer(text)["input_ids"]) > len(tokenizer(prompt)["input_ids"])
+    assert rows[0]["fluency"] == pytest.approx(np.mean([ngram_entropy(t) for t in rows[0]["generations"]]))
+    assert rows[2]["fluency"] is None and rows[2]["consistency"] is None
+    assert s["fluency"] == pytest.approx(np.mean([rows[0]["fluency"], rows[1]["fluency"]]))
+    assert s["fluency"] > 0 and 0 <= s["consistency"] <= 1
+    # the same seed draws the same texts; another seed other texts
+    again = jaxedit.counterfact_eval(model, RECORDS, tokenizer, generation=True, max_out_len=20)
+    assert [r["generations"] for r in again["rows"]] == [r["generations"] for r in rows]
+    assert "consistency" not in again["summary"]
+    # IDF files whose vocabulary shares no word with the generations: consistency 0
+    np.save(tmp_path / "idf.npy", np.array([1.0, 2.0]))
+    (tmp_path / "tfidf_vocab.json").write_text(json.dumps({"zzzz": 0, "qqqq": 1}))
+    zero = jaxedit.counterfact_eval(model, RECORDS, tokenizer, generation=True, snippets=snippets,
+                                    idf=str(tmp_path), max_out_len=20)
+    assert zero["summary"]["consistency"] == 0.0
+    with pytest.raises(JaxeditError, match="generation=True"):
+        jaxedit.counterfact_eval(model, RECORDS, tokenizer, snippets=snippets)
+    with pytest.raises(JaxeditError, match="no snippets"):
+        jaxedit.counterfact_eval(model, RECORDS, tokenizer, generation=True, snippets=snippets[:2], max_out_len=20)
+
+
+def test_tfidf_by_hand():
+    vec = editing.Tfidf.fit(["a paris paris", "paris rome"])  # one-letter words are not terms
+    assert vec.vocab == {"paris": 0, "rome": 1}
+    np.testing.assert_allclose(vec.idf, [1.0, math.log(3 / 2) + 1])
+    # "Paris Rome" -> (1, idf_rome) normalized; "Paris" -> (1, 0)
+    w = math.log(3 / 2) + 1
+    assert vec.cosine("Paris Rome", "paris.") == pytest.approx(1 / math.hypot(1, w))
+    assert vec.cosine("Rome rome", "ROME") == pytest.approx(1.0)
+    assert vec.cosine("unknown words", "paris") == 0.0
+
+
+# ---- readers ----
+
+def test_load_round_trip(tmp_path):
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(RECORDS))
+    assert jaxedit.load_counterfact(str(path)) == RECORDS
+    jl = tmp_path / "cf.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in RECORDS) + "\n")
+    assert jaxedit.load_counterfact(str(jl)) == RECORDS
+    z = tmp_path / "zsre.json"
+    z.write_text(json.dumps(ZSRE))
+    assert jaxedit.load_zsre(str(z)) == ZSRE
+
+
+def test_malformed_records(tmp_path):
+    bad = copy.deepcopy(RECORDS)
+    del bad[2]["requested_rewrite"]["target_new"]["str"]
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(JaxeditError, match=r"cf\.json: record 2 .*target_new.*\"str\""):
+        jaxedit.load_counterfact(str(path))
+    bad = copy.deepcopy(RECORDS)
+    bad[1]["requested_rewrite"]["prompt"] = "no placeholder"
+    jl = tmp_path / "cf.jsonl"
+    jl.write_text("\n" + "\n".join(json.dumps(r) for r in bad))
+    with pytest.raises(JaxeditError, match=r"cf\.jsonl:3 .*\{\}"):
+        jaxedit.load_counterfact(str(jl))
+    bad = copy.deepcopy(RECORDS)
+    bad[0]["neighborhood_prompts"] = "one string"
+    with pytest.raises(JaxeditError, match=r"record 0: field \"neighborhood_prompts\""):
+        jaxedit.counterfact_eval(None, bad, object())
+    zbad = copy.deepcopy(ZSRE)
+    del zbad[1]["loc_ans"]
+    z = tmp_path / "zsre.json"
+    z.write_text(json.dumps(zbad))
+    with pytest.raises(JaxeditError, match=r"zsre\.json: record 1: missing field \"loc_ans\""):
+        jaxedit.load_zsre(str(z))
+    (tmp_path / "broken.json").write_text('[{"case_id": 0},\n {')
+    with pytest.raises(JaxeditError, match=r"broken\.json:2: not valid JSON"):
+        jaxedit.load_counterfact(str(tmp_path / "broken.json"))
+    with pytest.raises(JaxeditError, match="no such file"):
+        jaxedit.load_zsre(str(tmp_path / "missing.json"))
+
+
+def test_hub_name_offline():
+    with pytest.raises(JaxeditError) as err:
+        jaxedit.load_counterfact("someone/counterfact")
+    msg = str(err.value)
+    assert msg.startswith("someone/counterfact: no such file") and "hub" in msg and "\n" not in msg
+
+
+def test_demo_set():
+    recs = jaxedit.load_counterfact("demo")
+    assert 20 <= len(recs) <= 30
+    assert len({r["case_id"] for r in recs}) == len(recs)
+    for r in recs:
+        rr = r["requested_rewrite"]
+        assert rr["target_new"]["str"] != rr["target_true"]["str"] and rr["target_new"]["id"]
+        assert 1 <= len(r["paraphrase_prompts"]) <= 2 and 2 <= len(r["neighborhood_prompts"]) <= 3
+        assert r["generation_prompts"]
+
+
+def test_format_summary():
+    table = editing.format_summary({"efficacy": 0.5, "generalization": 0.25, "specificity": 1.0, "fluency": 6.2,
+                                    "consistency": None})
+    head, vals = table.splitlines()
+    assert head.split() == ["efficacy", "generalization", "specificity", "fluency"]
+    assert vals.split() == ["50.0", "25.0", "100.0", "620.0"]
+
+
+@pytest.mark.slow
+def test_demo_on_smollm2(smollm2):
+    """The unedited SmolLM2 prefers the true targets: low efficacy and generalization, high specificity."""
+    model, tok = smollm2
+    s = jaxedit.counterfact_eval(model, "demo", tok)["summary"]
+    assert s["efficacy"] <= 0.1 and s["generalization"] <= 0.1 and s["specificity"] >= 0.9
+    assert s["efficacy_magnitude"] < -0.2
