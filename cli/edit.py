@@ -9,6 +9,7 @@ import jaxedit
 from jaxedit import runtime
 from jaxedit.cache import cache_dir
 from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file, with_mesh, with_options
+from jaxedit.cli.sequence import check_options, detect_kind, read_edit_file, run_sequence
 from jaxedit.edit.memit import parse_request
 from jaxedit.edit.stats import DEFAULT_CORPUS
 from jaxedit.errors import JaxeditError
@@ -67,10 +68,14 @@ _STATS_OPTIONS = [
 
 def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, corpus, n_samples, max_len,
                   stats_float64, preset, solve_float64, hparam, dtype, skip_bad, kl_weight=None, objective=None,
-                  mesh=None):
+                  mesh=None, sequence=None):
     import os
 
-    rf = request_file(requests_file, "requests", skip_bad)
+    if sequence is not None and sequence["active"]:
+        rf = None
+        kind, records, requests, wheres = sequence["read"]
+    else:
+        rf = request_file(requests_file, "requests", skip_bad)
     hp = parse_hparams(hparam)
     if corpus is not None:
         hp["mom2_corpus"] = corpus
@@ -91,6 +96,9 @@ def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, c
             raise JaxeditError(f"{d} is a file, not a directory")
     lay = parse_layers(layers) if layers else None
     model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
+    if rf is None:
+        return run_sequence(model, tok, kind, records, requests, wheres, layers=lay, out=out, hp=hp,
+                            **{k: v for k, v in sequence.items() if k not in ("active", "read")})
     other = "jaxedit delete" if mode == "edit" else "jaxedit edit"
     rf.check(lambda r: parse_request(r, tok, mode, other=other) and None)  # FILE:LINE errors before any work
     runtime.set_resume_note(f"nothing written to {out}/ (it is written when the edit is complete)")
@@ -143,10 +151,35 @@ _EDIT_OPTIONS = [
 
 @cli.command()
 @with_options(_EDIT_OPTIONS)
+@click.option("--method", type=click.Choice(["memit", "alphaedit"]), default="memit", show_default=True,
+              help="memit, or alphaedit (MEMIT's update projected onto the null space of the key statistics)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None,
+              help="edit the requests in consecutive batches of this many, each on the model the previous ones "
+                   "left (checkpointed under OUT/sequence/: a killed run resumes) [all in one batch]")
+@click.option("--eval", "evaluate", is_flag=True,
+              help="after the last batch, CounterFact's or zsRE's metrics of all edits (--requests must be such "
+                   "a file): OUT/eval.json and a summary table")
+@click.option("--eval-every", type=click.IntRange(min=1), default=None,
+              help="with --eval: also the metrics of the edits so far every K batches (OUT/curve.jsonl, "
+                   "curve.png/.pdf)")
+@click.option("--null-space-threshold", default=None,
+              help="alphaedit: eigenvalues of the key statistics below this span the null space, or energy:F "
+                   "(the smallest eigenvalues holding at most 1-F of the trace) [2e-2]")
+@click.option("--l2", type=click.FloatRange(min=0), default=None, help="alphaedit: the solve's ridge term [10]")
 @with_mesh
-def edit(**kw):
-    """MEMIT: rewrite subject -> target associations (all requests in one batch edit)."""
-    _edit_command("edit", **kw)
+def edit(method, batch_size, evaluate, eval_every, null_space_threshold, l2, **kw):
+    """MEMIT or AlphaEdit: rewrite subject -> target associations, in one batch or sequentially; CounterFact and
+    zsRE files are read and evaluated as the papers do."""
+    kind = detect_kind(kw["requests_file"])
+    check_options(method, batch_size, evaluate, eval_every, kind, null_space_threshold, l2)
+    active = kind != "requests" or method != "memit" or batch_size is not None or evaluate
+    if active and kw["export_hf_dir"]:
+        raise JaxeditError("--export-hf is for a single MEMIT batch; after a sequential edit run `jaxedit export "
+                           "--model OUT/model --out DIR`")
+    read = read_edit_file(kw["requests_file"], kind, kw["skip_bad"]) if active else None
+    _edit_command("edit", sequence={"active": active, "read": read, "method": method, "batch_size": batch_size,
+                                    "evaluate": evaluate, "eval_every": eval_every,
+                                    "null_space_threshold": null_space_threshold, "l2": l2}, **kw)
 
 
 @cli.command()

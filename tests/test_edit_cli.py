@@ -92,3 +92,65 @@ def test_edit_errors(tiny_dirs, tmp_path, monkeypatch):
         assert lines[-1].startswith("error: ") and msg in lines[-1], (args, res.output)
         assert not any(l.startswith("error") for l in lines[:-1]) and "Traceback" not in res.output, (args, res.output)
     assert not os.path.exists("o")  # nothing written on error
+
+
+CF = [{"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "target_new": {"str": new},
+                                           "target_true": {"str": true}},
+       "paraphrase_prompts": [para], "neighborhood_prompts": [nb]}
+      for i, (p, s, new, true, para, nb) in enumerate([
+          ("The Space Needle is in {}", "Seattle", "Paris", "Seattle", "Seattle. The Space Needle is in",
+           "The Eiffel Tower is located in the city of"),
+          ("{} plays the", "Miles Davis", "guitar", "trumpet", "Miles Davis produces music on the",
+           "Toko Yasuda produces the most amazing music on the")])]
+
+
+def test_sequential_alphaedit_with_eval(tiny_dirs, tmp_path, monkeypatch):
+    """A CounterFact file edited by AlphaEdit one record a batch: the summary in eval.json is the metrics of the
+    saved model (recomputed here), the curve holds the unedited model and each batch, a rerun resumes."""
+    monkeypatch.setenv("JAXEDIT_CACHE", str(tmp_path / "cache"))
+    model_dir = tiny_dirs["llama-mha-tied"][0]
+    cf = tmp_path / "cf.json"
+    cf.write_text(json.dumps(CF))
+    out = tmp_path / "seq"
+    args = ["edit", "--model", model_dir, "--layers", "0-1", "--corpus", corpus(tmp_path), "--samples", "4",
+            "--max-len", "16", "--requests", str(cf), "--method", "alphaedit", "--batch-size", "1", "--eval",
+            "--eval-every", "1", "--null-space-threshold", "energy:0.5", "--hparam", "v_num_grad_steps=3",
+            "--out", str(out)]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    assert "alphaedit: 2 edits in 2 batches of 1" in res.output and "efficacy" in res.output
+    ev = json.load(open(out / "eval.json"))
+    edited, tok = jaxedit.load(str(out / "model"))
+    again = jaxedit.counterfact_eval(edited, CF, tok)
+    for k in ("efficacy", "generalization", "specificity", "efficacy_magnitude"):
+        np.testing.assert_allclose(ev["summary"][k], again["summary"][k], atol=1e-6)
+    points = [json.loads(line) for line in open(out / "curve.jsonl")]
+    assert [(p["batches"], p["edits"]) for p in points] == [(0, 0), (1, 1), (2, 2)]
+    assert (out / "curve.png").exists() and (out / "curve.pdf").exists()
+    seq = json.load(open(out / "sequence" / "sequence.json"))
+    assert seq["done"] == 2 and seq["options"]["method"] == "alphaedit"
+    res = CliRunner().invoke(cli, args)  # everything done: resumes at the end, same model
+    assert res.exit_code == 0 and "resumed at batch 3" in res.output, res.output
+    res = CliRunner().invoke(cli, [a if a != "energy:0.5" else "energy:0.6" for a in args])
+    assert res.exit_code == 2 and "other options (null_space_threshold" in res.output, res.output
+
+
+def test_sequential_option_errors_before_loading(tmp_path):
+    """Option errors come before the model is loaded (the model path does not exist)."""
+    req = write(tmp_path / "r.jsonl", REQS)
+    cf = tmp_path / "cf.json"
+    cf.write_text(json.dumps(CF))
+    base = ["edit", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]
+    for extra, msg in [(["--requests", req, "--eval"], "--eval needs a CounterFact or zsRE file"),
+                       (["--requests", str(cf), "--eval-every", "2"], "--eval-every needs --eval"),
+                       (["--requests", str(cf), "--l2", "1"], "AlphaEdit's options"),
+                       (["--requests", str(cf), "--method", "alphaedit", "--null-space-threshold", "energy:2"],
+                        "energy:F needs 0 < F < 1"),
+                       (["--requests", str(cf), "--method", "alphaedit", "--null-space-threshold", "x"],
+                        "null_space_threshold must be a number")]:
+        res = CliRunner().invoke(cli, base + extra)
+        assert res.exit_code == 2 and msg in res.output, (extra, res.output)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([CF[0], {"requested_rewrite": {"prompt": "no placeholder"}}]))
+    res = CliRunner().invoke(cli, base + ["--requests", str(bad)])
+    assert res.exit_code == 2 and f"{bad}" in res.output and "record 1" in res.output, res.output
