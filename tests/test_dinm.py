@@ -2,7 +2,6 @@
 right-padded pair, the last one after the final norm), the tuning steps (NLL + KL with or without its gradient,
 torch's Adam), the two public-implementation options; the SafeEdit reader's and the command's errors; the command's
 files and resume."""
-import contextlib
 import copy
 import json
 import os
@@ -320,19 +319,7 @@ def deep_llama(tmp_path_factory, tokenizer):
     return model, tok, hf
 
 
-@contextlib.contextmanager
-def torch_one_thread():
-    """torch on one thread: its intra-op threads spin against JAX's on a small shared machine (a tiny model's
-    forward measured 0.9 s with 2 threads under load, 0.02 s with 1)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
 
-
-@torch_one_thread()
 def torch_dinm_joint(hf, tok, layers, cases, steps, *, lr, edit_weight, weight_decay=0.0, stop_loss=-np.inf):
     """DINM on the HF model for several cases tuned together: the down_proj of every layer in ``layers`` trained by
     one torch Adam (``weight_decay`` as torch adds it to the gradient); each row run alone (no padding); the NLL and
@@ -380,8 +367,7 @@ def test_deep_location_matches_torch(deep_llama, tokenizer):
     model, tok, hf = deep_llama
     layers, dist = dinm_locate(model, CASES, tokenizer=tok)
     for i, case in enumerate(CASES):
-        with torch_one_thread():
-            ref, _ = torch_distances(hf, tokenizer, case)
+        ref, _ = torch_distances(hf, tokenizer, case)
         np.testing.assert_allclose(dist[i], ref, rtol=1e-5)
         assert layers[i] == int(np.argmax(ref))
     assert layers == [5, 4]  # both past the first compile block, and different (the joint test tunes both)

@@ -225,29 +225,24 @@ def test_sample_stops_at_stop_ids(tiny_dirs, tokenizer):
     hf = tiny_dirs["gpt2"][1]
     prompts = [tokenizer(t)["input_ids"] for t in ("The Eiffel Tower is located in the city of", "Miles",
                                                   "Beats Music is owned by", "The")]
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny forwards: torch's threads only spin against JAX's
-    try:
-        greedy = []
-        for p in prompts:
-            ids = list(p)
-            for _ in range(5):
-                ids.append(int(_torch_next_logits(hf, ids).argmax()))
-            greedy.append(ids[len(p):])
-        stop = [greedy[1][2], greedy[3][0]]
+    greedy = []
+    for p in prompts:
+        ids = list(p)
+        for _ in range(5):
+            ids.append(int(_torch_next_logits(hf, ids).argmax()))
+        greedy.append(ids[len(p):])
+    stop = [greedy[1][2], greedy[3][0]]
 
-        def hand_loop(p):
-            ids = list(p)
-            while len(ids) - len(p) < 5:
-                t = int(_torch_next_logits(hf, ids).argmax())
-                if t in stop:
-                    break
-                ids.append(t)
-            return ids[len(p):]
+    def hand_loop(p):
+        ids = list(p)
+        while len(ids) - len(p) < 5:
+            t = int(_torch_next_logits(hf, ids).argmax())
+            if t in stop:
+                break
+            ids.append(t)
+        return ids[len(p):]
 
-        want = [hand_loop(p) for p in prompts]
-    finally:
-        torch.set_num_threads(n_threads)
+    want = [hand_loop(p) for p in prompts]
     lengths = [len(w) for w in want]
     assert 0 < lengths[1] < 5 and lengths[3] == 0 and 5 in lengths  # cut mid-way, at once, not at all
     out = sample(model, prompts, 5, samples=2, greedy=True, bucket=4, max_batch=2, stop_ids=stop)

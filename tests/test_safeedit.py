@@ -101,14 +101,6 @@ def hand_fluency(text):
     return sum(out) / 2
 
 
-@pytest.fixture(autouse=True)
-def _torch_one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny forwards: torch's threads would only spin against JAX's
-    yield
-    torch.set_num_threads(n)
-
-
 def test_evaluate_answers_match_torch_greedy(models, tokenizer):
     """One model for a case, then one model per case (the first with the suffix): the five inputs of each case, the
     greedy answers of the torch loop, the verdicts of the rule counted by hand. 5 prompts a call: one compile."""
