@@ -174,7 +174,9 @@ class DetoxConfig:
 
     def stage_options(self, stage: str) -> dict:
         """The options the stage's stored results depend on. "sample" (the candidates' continuations) and
-        "filter" (which candidates are kept, and their chunk, value and split) are the two halves of selection."""
+        "filter" (which candidates are kept, and their chunk, value and split) are the two halves of selection;
+        "dinm" and "profs" are the edit stage's options of those methods (recorded once the method runs, so that
+        methods can be added to a study that has results)."""
         if stage == "sample":
             return dict(model=self.model, prompts=os.path.abspath(self.prompts) if os.path.exists(self.prompts)
                         else self.prompts, limit=self.limit, scorer=self.scorer if isinstance(self.scorer, str)
