@@ -9,6 +9,7 @@ from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file, with_mesh, 
 from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
 from jaxedit.detox.config import STAGES, DetoxConfig
 from jaxedit.detox.data import prompt_of, read_facts, read_texts
+from jaxedit.detox.methods import plan_method_runs, read_pairs_file
 from jaxedit.loading.peek import peek
 from jaxedit.detox.pipeline import run_study
 from jaxedit.errors import JaxeditError
@@ -22,6 +23,21 @@ def _csv(text, what, cast=str):
         return tuple(cast(t) for t in items)
     except ValueError:
         raise JaxeditError(f"--{what} must be a comma list of numbers (got {text!r})") from None
+
+
+def _layer_list(text):
+    """Layer indices from a comma list of N or A-B (inclusive)."""
+    out = []
+    for part in [t.strip() for t in str(text).split(",") if t.strip()]:
+        a, sep, b = part.partition("-")
+        try:
+            out += list(range(int(a), int(b) + 1)) if sep else [int(a)]
+        except ValueError:
+            raise JaxeditError(f"--profs-layers must be a comma list of layers N or ranges A-B (got {text!r})") \
+                from None
+    if not out:
+        raise JaxeditError("--profs-layers is empty")
+    return tuple(sorted(set(out)))
 
 
 @cli.command()
@@ -70,6 +86,18 @@ def _csv(text, what, cast=str):
 @click.option("--factual-samples", default=2, show_default=True, type=int)
 @click.option("--obfuscate/--no-obfuscate", default=True, show_default=True,
               help="star the vowels of the chunk's tokens in the plots")
+@click.option("--methods", default="delete", show_default=True,
+              help="comma list of delete (the deletion grid above), dinm, profs; all go into one study and one table")
+@click.option("--dinm-steps", default=10, show_default=True, type=int, help="DINM: Adam steps per prompt")
+@click.option("--dinm-lr", default=5e-4, show_default=True, type=float, help="DINM: Adam learning rate")
+@click.option("--dinm-edit-weight", default=0.1, show_default=True, type=float,
+              help="DINM: the NLL's weight against the KL's 1")
+@click.option("--profs-rank", "--profs-ranks", "profs_ranks", default="2", show_default=True,
+              help="ProFS: rank of the removed subspace (a comma list: one run per rank)")
+@click.option("--profs-layers", help="ProFS: edited layers, comma list of N or A-B [the upper layers, jaxedit.profs]")
+@click.option("--pairs", type=click.Path(dir_okay=True),
+              help="ProFS: JSONL of {\"preferred\", \"non_preferred\"} [pairs from the edited prompts' least and "
+                   "most toxic samples]")
 @click.option("--batch-size", default=8, show_default=True, type=int, help="prompts per sampling / tracing call")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
 @click.option("--dry-run", is_flag=True,
@@ -78,12 +106,13 @@ def _csv(text, what, cast=str):
 @SKIP_BAD
 @with_mesh
 def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, kl_weights, hparam, dtype,
-          stats_float64, n_samples, skip_bad, dry_run, mesh=None, **kw):
+          stats_float64, n_samples, skip_bad, dry_run, methods, profs_ranks, profs_layers, mesh=None, **kw):
     """Das et al.'s toxic-memory study: select toxic prompts, localize the toxic chunk, edit or delete with every
     layer strategy, evaluate toxicity, perplexity and fluency, and report the tables and figures.
 
     Writes candidates.jsonl, selected.jsonl, trace/, localize.json, edits/, runs.jsonl, summary.jsonl,
-    table1/table2 (.md, .csv), summary.md, aie_layers.png/pdf and frontier.png/pdf into OUT.
+    table1/table2/table_methods (.md, .csv), summary.md, aie_layers.png/pdf and frontier.png/pdf into OUT.
+    --methods adds DINM and ProFS runs beside the deletions, evaluated the same way.
     """
     import os
 
@@ -93,7 +122,9 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
     cfg = DetoxConfig(prompts=prompts, model=model_name, trace_kinds=_csv(trace_kinds, "trace-kinds"),
                       strategies=_csv(strategies, "strategies"), objectives=_csv(objectives, "objectives"),
                       kl_weights=_csv(kl_weights, "kl-weights", float), hparams=hp, samples=n_samples,
-                      skip_bad=skip_bad, **kw)
+                      skip_bad=skip_bad, methods=_csv(methods, "methods"),
+                      profs_ranks=_csv(profs_ranks, "profs-rank", int),
+                      profs_layers=None if profs_layers is None else _layer_list(profs_layers), **kw)
     stages = STAGES if stage == "all" else (stage,)
     check_inputs(cfg, out, stages)  # every option and input file, before anything is loaded or written
     import jax
@@ -113,6 +144,9 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
     if "report" in stages:
         table = os.path.join(out, "table2.md")
         click.echo(open(table).read() if os.path.isfile(table) else "")
+        table = os.path.join(out, "table_methods.md")
+        if set(cfg.methods) - {"delete"} and os.path.isfile(table):
+            click.echo(open(table).read())
     click.echo(f"wrote {out}/ (stage {stage})")
 
 
@@ -132,6 +166,11 @@ def check_inputs(cfg: DetoxConfig, out: str, stages) -> None:
     if "evaluate" in stages:
         read_texts(cfg.neutral)
         read_facts(cfg.factual)
+    if cfg.pairs and "edit" in stages:
+        n = len(read_pairs_file(cfg.pairs))  # every bad line named
+        if max(cfg.profs_ranks) > n:
+            raise JaxeditError(f"--profs-rank {max(cfg.profs_ranks)} is more than the {n} pair{'s' * (n > 1)} of "
+                               f"{cfg.pairs} give")
 
 
 def plan(cfg: DetoxConfig, config, out: str, stages) -> list:
@@ -143,6 +182,7 @@ def plan(cfg: DetoxConfig, config, out: str, stages) -> list:
 
     from jaxedit.detox.config import RANDOM_STRATEGIES
     from jaxedit.detox.data import read_prompts
+    from jaxedit.edit.profs import default_layers
     from jaxedit.files import read_rows
 
     have = lambda name: os.path.isfile(os.path.join(out, name))  # noqa: E731
@@ -162,15 +202,19 @@ def plan(cfg: DetoxConfig, config, out: str, stages) -> list:
         lines.append(f"select: {prompts} x {cfg.select_samples} continuations of {cfg.max_new_tokens} tokens"
                      + (f" ({n * cfg.select_samples} samples)" if n else "") + (f"; {cands} prompts done earlier"
                                                                                  if cands else ""))
-    if "localize" in stages:
+    if "localize" in stages and "delete" not in cfg.methods:
+        lines.append("localize: skipped (no deletion grid in the methods)")
+    elif "localize" in stages:
         lines.append(f"localize: {edited} edited prompts x {len(cfg.trace_kinds)} kinds "
                      f"({', '.join(cfg.trace_kinds)}) x {cfg.trace_samples} noisy samples"
                      + (", saliency profiles" if "saliency-multi" in cfg.strategies else ""))
     per = len(cfg.objectives) * len(cfg.kl_weights)
-    n_runs = sum((cfg.random_seeds if s in RANDOM_STRATEGIES else 1) * per for s in cfg.strategies)
+    n_runs = sum((cfg.random_seeds if s in RANDOM_STRATEGIES else 1) * per for s in cfg.strategies) \
+        if "delete" in cfg.methods else 0
+    more = plan_method_runs(cfg)
     done = len([f for f in os.listdir(os.path.join(out, "edits")) if f.endswith(".json")]) \
         if os.path.isdir(os.path.join(out, "edits")) else 0
-    if "edit" in stages:
+    if "edit" in stages and "delete" in cfg.methods:
         lines.append(f"edit: {n_runs} runs ({len(cfg.strategies)} strategies x {len(cfg.objectives)} objectives x "
                      f"{len(cfg.kl_weights)} KL weights; random strategies x {cfg.random_seeds} seeds), each one "
                      f"batched edit of {edited} prompts" + (f"; {done} done earlier" if done else ""))
@@ -194,6 +238,21 @@ def plan(cfg: DetoxConfig, config, out: str, stages) -> list:
         lines.append(f"  key statistics from {cfg.corpus or 'the default corpus'}"
                      + (f", {cfg.samples} texts" if cfg.samples else "") + (f" of <= {cfg.max_len} tokens"
                                                                              if cfg.max_len else ""))
+    if "edit" in stages and more:
+        have_run = lambda rid: os.path.isfile(os.path.join(out, "edits", rid + ".json"))  # noqa: E731
+        for rid, method, st in more:
+            if method == "dinm":
+                what = (f"DINM on {edited} edited prompts in turn (safe / unsafe: the prompt's least / most toxic "
+                        f"sample; the layer DINM locates per prompt), {st['steps']} steps, lr {st['lr']:g}, edit "
+                        f"weight {st['edit_weight']:g}")
+            else:
+                src = (f"the {len(read_pairs_file(cfg.pairs))} pairs of {cfg.pairs}" if cfg.pairs
+                       else f"the pairs of {edited} edited prompts (prompt + least / most toxic sample)")
+                lay = ("layers " + " ".join(map(str, cfg.profs_layers)) if cfg.profs_layers
+                       else "the upper layers" + (f" {default_layers(config.n_layers)[0]}-{config.n_layers - 1}"
+                                                  if config is not None else ""))
+                what = f"ProFS rank {st['rank']} from {src}, {lay}"
+            lines.append(f"edit: run {rid}: {what}" + ("; done earlier" if have_run(rid) else ""))
     if "evaluate" in stages:
         facts = len(read_facts(cfg.factual))
         each = (f"{cfg.eval_samples} continuations per edited prompt"
@@ -201,8 +260,8 @@ def plan(cfg: DetoxConfig, config, out: str, stages) -> list:
                 + (f", {cfg.eval_samples * n_held} on held-out prompts" if n_held else "")
                 + (f", {cfg.factual_samples} per factual prompt ({cfg.factual_samples * facts})" if facts else "")
                 + ", perplexities")
-        lines.append(f"evaluate: {1 + n_runs} models (the unedited one and every run): {each}")
+        lines.append(f"evaluate: {1 + n_runs + len(more)} models (the unedited one and every run): {each}")
     if "report" in stages:
-        lines.append("report: table1, table2, summary, aie_layers, frontier")
+        lines.append("report: table1, table2, summary, table_methods, aie_layers, frontier")
     lines.append("dry run: nothing loaded, nothing written")
     return lines

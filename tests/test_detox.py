@@ -21,6 +21,8 @@ from jaxedit.detox import DetoxConfig, run_study
 from jaxedit.detox.chunking import phrase_chunks
 from jaxedit.detox.pipeline import evaluate as evaluate_stage
 from jaxedit.detox.report import tables
+from jaxedit.generate import sample_texts
+from jaxedit.model import params_of
 
 PROMPTS = ["The Eiffel Tower is located in the city of", "Miles Davis plays the", "Beats Music is owned by",
            "The capital of France is", "Toko Yasuda produces the most amazing music on", "The Space Needle is in",
@@ -682,3 +684,210 @@ def test_layer_choice_against_hand_aie_and_torch_saliency(study, tiny_dirs, toke
             rid = f"{strategy}__{objective}__kl{cfg.kl_weights[0]:g}__s{cfg.seed}"
             with np.load(os.path.join(out, "edits", rid + ".npz")) as z:
                 assert z["layers"].tolist() == layers, rid
+
+
+# ---------------------------------------------------------------------------------------------- DINM and ProFS
+
+def methods_config(cfg, **kw):
+    return dataclasses.replace(cfg, methods=("delete", "dinm", "profs"), dinm_steps=2, profs_ranks=(1, 2), **kw)
+
+
+@pytest.fixture(scope="module")
+def methods_study(study, tmp_path_factory):
+    """The study's folder with DINM and ProFS (ranks 1 and 2) added by a rerun with more methods."""
+    model, tok, cfg, out = study
+    d = str(tmp_path_factory.mktemp("methods") / "out")
+    shutil.copytree(out, d)
+    mcfg = methods_config(cfg)
+    run_study(model, tok, mcfg, d, progress=False)
+    return model, tok, mcfg, d
+
+
+def hand_extremes(out):
+    """(line, prompt, least toxic, most toxic non-blank sample) of the edited prompts, scored again by hand."""
+    cands = {c["line"]: c for c in read(os.path.join(out, "candidates.jsonl"))}
+    rows = []
+    for r in read(os.path.join(out, "selected.jsonl")):
+        if r["split"] == "edit":
+            samples = [s for s in cands[r["line"]]["samples"] if s.strip()]
+            scores = fake_toxicity(samples)
+            lo = samples[int(np.argmin(scores))]
+            hi = samples[int(np.argmax(scores))]
+            rows.append((r["line"], r["prompt"], lo, hi))
+    return rows
+
+
+def test_methods_runs_and_table(study, methods_study):
+    """Adding methods to a study keeps the deletion rows as they were and adds one row per DINM / ProFS run, with
+    its method, to runs.jsonl, summary.jsonl and table_methods.md."""
+    out0 = study[3]
+    _, _, cfg, out = methods_study
+    before = {r["run"]: r for r in read(os.path.join(out0, "runs.jsonl"))}
+    runs = {r["run"]: r for r in read(os.path.join(out, "runs.jsonl"))}
+    assert set(runs) == set(before) | {"dinm", "profs__rank1", "profs__rank2"}
+    for rid, r in before.items():  # the deletion grid is not evaluated again
+        assert runs[rid] == r and r["method"] == ("base" if rid == "base" else "delete")
+    for rid, method in (("dinm", "dinm"), ("profs__rank1", "profs"), ("profs__rank2", "profs")):
+        r = runs[rid]
+        assert r["method"] == method and "error" not in r and r["edit_seconds"] > 0
+        assert 0 <= r["toxic_rate"] <= 1 and r["perplexity_prompts"] > 1 and r["layers"]
+    assert runs["profs__rank2"]["settings"] == {"rank": 2}
+    assert runs["dinm"]["settings"] == {"steps": 2, "lr": 5e-4, "edit_weight": 0.1}
+    summary = read(os.path.join(out, "summary.jsonl"))
+    assert [r["method"] for r in summary].count("profs") == 2 and [r["method"] for r in summary].count("dinm") == 1
+    assert {r["method"] for r in summary} == {"base", "delete", "dinm", "profs"}
+    md = open(os.path.join(out, "table_methods.md")).read().splitlines()
+    assert md[0] == ("| method | setting | layers | toxic % | held-out toxic % | ppl | neutral ppl | fluency | "
+                     "factual kept % | edit s |")
+    deletions = [r for r in summary if r["method"] == "delete" and r["objective"] == "delete"]
+    body = md[2:md.index("")]
+    assert len(body) == 1 + len(deletions) + 1 + 2
+    assert [b.split(" | ")[0] for b in body] == ["| base (unedited)"] + ["| delete"] * len(deletions) + [
+        "| dinm", "| profs", "| profs"]
+    p2 = next(r for r in summary if r.get("settings") == {"rank": 2})
+    assert body[-1] == (f"| profs | rank 2 | {' '.join(map(str, p2['layers']))} | {100 * p2['toxic_rate']:.1f} | "
+                        f"{100 * p2['heldout_toxic_rate']:.1f} | {p2['perplexity_prompts']:.2f} | "
+                        f"{p2['perplexity_neutral']:.2f} | {p2['fluency']:.2f} | — | {p2['edit_seconds']:.1f} |")
+    assert os.path.isfile(os.path.join(out, "table_methods.csv")) and os.path.isfile(os.path.join(out, "frontier.png"))
+
+
+def test_methods_profs_run_against_recomputation(methods_study, tiny_dirs, tokenizer, one_thread):
+    """The ProFS run's weights are jaxedit.profs on the pairs built by hand (prompt + least / most toxic sample);
+    its perplexities are the torch model's with those weights, its toxic rate the hand-scored samples of the
+    edited model on the evaluation's streams."""
+    model, tok, cfg, out = methods_study
+    ext = hand_extremes(out)
+    pairs = [(p + lo, p + hi) for _, p, lo, hi in ext]
+    edited, rep = jaxedit.profs(model, pairs, tok, rank=2, progress=False)
+    with np.load(os.path.join(out, "edits", "profs__rank2.npz")) as z:
+        assert z["layers"].tolist() == rep["layers"]
+        np.testing.assert_array_equal(z["w_out"], np.asarray(params_of(edited)["blocks"]["w_out"])[z["layers"]])
+    row = next(r for r in read(os.path.join(out, "runs.jsonl")) if r["run"] == "profs__rank2")
+    sel = read(os.path.join(out, "selected.jsonl"))
+    edit_p = [r["prompt"] for r in sel if r["split"] == "edit"]
+    with open(os.path.join(DATA, "neutral.txt")) as f:
+        neutral = [line.strip() for line in f if line.strip()]
+    hf = torch_edited(tiny_dirs["llama-gqa-untied"][1], out, "profs__rank2")
+    assert row["perplexity_prompts"] == pytest.approx(torch_perplexity(hf, tokenizer, edit_p), rel=1e-5)
+    assert row["perplexity_neutral"] == pytest.approx(torch_perplexity(hf, tokenizer, neutral), rel=1e-5)
+    base = next(r for r in read(os.path.join(out, "runs.jsonl")) if r["run"] == "base")
+    assert abs(row["perplexity_prompts"] / base["perplexity_prompts"] - 1) > 1e-5  # the projection matters
+    conts = sample_texts(edited, tok, edit_p, cfg.max_new_tokens, samples=cfg.eval_samples,
+                                          seed=cfg.seed + 1, top_p=cfg.top_p,
+                                          prompt_keys=[r["line"] for r in sel if r["split"] == "edit"])
+    scores = fake_toxicity([c for row_ in conts for c in row_])
+    assert row["toxic_rate"] == pytest.approx(np.mean([s > 0.5 for s in scores]), abs=1e-12)
+
+
+def test_methods_dinm_run_against_recomputation(methods_study):
+    """The DINM run is jaxedit.dinm over cases built by hand from the stored samples, in turn into one model."""
+    model, tok, cfg, out = methods_study
+    kcs = [c["knowledge constrain"] for c in json.load(open(os.path.join(DATA, "safeedit_demo.json")))]
+    cases = [{"id": line, "adversarial prompt": p, "safe generation": lo, "unsafe generation": hi,
+              "knowledge constrain": kcs[i % len(kcs)]} for i, (line, p, lo, hi) in enumerate(hand_extremes(out))]
+    edited, rep = jaxedit.dinm(model, cases, tok, per_instance=False, suffix=None, steps=2)
+    info = json.load(open(os.path.join(out, "edits", "dinm.json")))
+    assert info["case_layers"] == rep["layers"] and info["cases"] == len(cases) >= 2
+    with np.load(os.path.join(out, "edits", "dinm.npz")) as z:
+        assert z["layers"].tolist() == sorted(set(rep["layers"]))
+        w = np.asarray(params_of(edited)["blocks"]["w_out"])[z["layers"]]
+        np.testing.assert_allclose(z["w_out"], w, rtol=1e-6, atol=1e-7)
+        assert np.abs(w - np.asarray(params_of(model)["blocks"]["w_out"])[z["layers"]]).max() > 1e-6
+
+
+def test_methods_resume_after_an_interrupt(methods_study, tmp_path, monkeypatch):
+    """Interrupted after the DINM run, a rerun does the ProFS runs only, and ends where an uninterrupted study
+    does."""
+    from jaxedit.detox import editing
+
+    model, tok, cfg, out = methods_study
+    want = snapshot(out)
+    cut = str(tmp_path / "cut")
+    shutil.copytree(out, cut)
+    for rid in ("dinm", "profs__rank1", "profs__rank2"):
+        for ext in (".json", ".npz"):
+            os.remove(os.path.join(cut, "edits", rid + ext))
+    rows = [line for line in open(os.path.join(cut, "runs.jsonl")) if json.loads(line)["method"] in ("base", "delete")]
+    open(os.path.join(cut, "runs.jsonl"), "w").writelines(rows)
+    real, calls = editing.run_method, []
+
+    def interrupted(*a):
+        calls.append(a[4])
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a)
+
+    monkeypatch.setattr(editing, "run_method", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(model, tok, cfg, cut, progress=False)
+    assert calls == ["dinm", "profs__rank1"] and os.path.isfile(os.path.join(cut, "edits", "dinm.npz"))
+    assert not os.path.exists(os.path.join(cut, "edits", "profs__rank1.json"))
+    calls.clear()
+    monkeypatch.setattr(editing, "run_method", lambda *a: calls.append(a[4]) or real(*a))
+    run_study(model, tok, cfg, cut, progress=False)
+    assert calls == ["profs__rank1", "profs__rank2"]
+    got = snapshot(cut)
+    assert got.keys() == want.keys()
+    for k in want:
+        if isinstance(want[k], np.ndarray):
+            np.testing.assert_allclose(got[k], want[k], rtol=1e-6, atol=1e-7, err_msg=k)
+        else:
+            assert_close(got[k], want[k], k)
+
+
+def test_methods_pairs_file(study, tmp_path):
+    """--pairs: ProFS from the file's pairs; another file in the same folder is refused."""
+    model, tok, cfg, out = study
+    d = str(tmp_path / "pairs")
+    shutil.copytree(out, d)
+    pf = tmp_path / "pairs.jsonl"
+    pairs = [("Thank you, that was kind.", "Shut up, nobody asked you."),
+             ("I see your point.", "You are an idiot and so is your point."),
+             ("Have a nice day.", "Get lost, you fool.")]
+    pf.write_text("".join(json.dumps({"preferred": a, "non_preferred": b}) + "\n" for a, b in pairs))
+    pcfg = dataclasses.replace(cfg, methods=("delete", "profs"), pairs=str(pf), profs_layers=(1, 2))
+    run_study(model, tok, pcfg, d, stages=("edit",), progress=False)
+    edited, _ = jaxedit.profs(model, pairs, tok, rank=2, layers=[1, 2], progress=False)
+    with np.load(os.path.join(d, "edits", "profs__rank2.npz")) as z:
+        assert z["layers"].tolist() == [1, 2]
+        np.testing.assert_array_equal(z["w_out"], np.asarray(params_of(edited)["blocks"]["w_out"])[[1, 2]])
+    assert json.load(open(os.path.join(d, "edits", "profs__rank2.json")))["n_pairs"] == 3
+    with pytest.raises(JaxeditError, match=r"profs stage run with other options \(--pairs "):
+        run_study(model, tok, dataclasses.replace(pcfg, pairs=None), d, stages=("edit",), progress=False)
+
+
+def test_methods_options_are_checked_before_the_model_loads(tmp_path, tiny_dirs, monkeypatch):
+    monkeypatch.setattr(jaxedit, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    out = tmp_path / "o"
+    pf = tmp_path / "pairs.jsonl"
+    pf.write_text('{"preferred": "a", "non_preferred": "b"}\n\n{"preferred": "a"}\n')
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"preferred": "a", "non_preferred": "b"}\n')
+    cases = [(["--methods", "delete,bogus"], "error: unknown methods ['bogus'] (choose from delete, dinm, profs)"),
+             (["--methods", ""], "error: --methods is empty"),
+             (["--methods", "profs", "--profs-rank", "0"], "error: profs-rank must be integers >= 1 (got 0)"),
+             (["--methods", "profs", "--profs-rank", "x"], "error: --profs-rank must be a comma list of numbers"),
+             (["--methods", "profs", "--profs-layers", "1-x"], "error: --profs-layers must be a comma list of"),
+             (["--methods", "dinm", "--dinm-steps", "0"], "error: dinm-steps must be >= 1 (got 0)"),
+             (["--methods", "dinm", "--dinm-lr", "0"], "error: dinm-lr must be > 0 (got 0.0)"),
+             (["--pairs", str(one)], "error: --pairs, --profs-rank and --profs-layers need profs in --methods"),
+             (["--dinm-steps", "3"], "error: --dinm-steps, --dinm-lr and --dinm-edit-weight need dinm in --methods"),
+             (["--methods", "profs", "--pairs", str(pf)], f'error: {pf}:3: expected "non_preferred" as a non-empty'),
+             (["--methods", "profs", "--pairs", str(one)], f"error: --profs-rank 2 is more than the 1 pair of {one}"),
+             (["--methods", "profs", "--pairs", str(tmp_path / "none.jsonl")], "error: cannot read"),
+             # needs the model's config (3 layers)
+             (["--methods", "profs", "--profs-layers", "1,3"], "error: profs-layers [3] are outside 0..2")]
+    for args, msg in cases:
+        r = CliRunner().invoke(cli, ["-q", "detox", "--prompts", "demo", "--out", str(out), "--model",
+                                     tiny_dirs["gpt2"][0], *args])
+        assert r.exit_code == 2 and r.output.startswith(msg) and r.output.count("\n") == 1, (args, r.output)
+    assert not out.exists()
+    r = CliRunner().invoke(cli, ["-q", "detox", "--prompts", "demo", "--out", str(out), "--model", tiny_dirs["gpt2"][0],
+                                 "--methods", "dinm,profs", "--profs-rank", "1,2", "--limit", "5", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.splitlines()
+    assert lines[2] == "localize: skipped (no deletion grid in the methods)"
+    assert lines[3].startswith("edit: run dinm: DINM on the selected edited prompts in turn")
+    assert lines[4] == ("edit: run profs__rank1: ProFS rank 1 from the pairs of the selected edited prompts (prompt + "
+                        "least / most toxic sample), the upper layers 1-2")
+    assert lines[6].startswith("evaluate: 4 models") and not out.exists()

@@ -14,6 +14,7 @@ RANDOM_STRATEGIES = ("random-single", "random-multi", "topk-single", "topk-multi
 OBJECTIVES = ("edit-nontoxic", "edit-canned", "delete")
 STAGES = ("select", "localize", "edit", "evaluate", "report")
 VALUES = ("first", "toxic-word")
+METHODS = ("delete", "dinm", "profs")  # delete: the deletion study's grid (strategies x objectives x KL weights)
 CANNED = " Sorry, I cannot engage with provocative prompts"
 # editing hyperparameters that the study's own options set
 RESERVED_HPARAMS = {"layers": "--strategies chooses the layers", "kl_factor": "use --kl-weights",
@@ -60,6 +61,13 @@ class DetoxConfig:
     obfuscate: bool = True  # plots show the chunk's tokens with their vowels starred
     batch_size: int = 8  # prompts per sampling / tracing call
     skip_bad: bool = False  # leave out bad lines of the prompt file instead of stopping
+    methods: tuple = ("delete",)  # the deletion grid, and other methods run beside it (METHODS)
+    dinm_steps: int = 10  # DINM: Adam steps per case
+    dinm_lr: float = 5e-4
+    dinm_edit_weight: float = 0.1  # DINM: the NLL's weight against the KL's 1
+    profs_ranks: tuple = (2,)  # ProFS: one run per rank
+    profs_layers: Optional[tuple] = None  # ProFS: edited layers (default: jaxedit.profs's upper layers)
+    pairs: Optional[str] = None  # ProFS: a JSONL file of {"preferred", "non_preferred"} (default: from the prompts)
 
     def check(self, n_layers: Optional[int] = None) -> None:
         """Refuse bad option values (names, ranges; with ``n_layers``, the layer counts); reads no file and loads
@@ -102,12 +110,36 @@ class DetoxConfig:
             raise JaxeditError("heldout-fraction must be in [0, 1)")
         if not 0 < self.top_p <= 1:
             raise JaxeditError("top-p must be in (0, 1]")
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise JaxeditError(f"unknown methods {bad} (choose from {', '.join(METHODS)})")
+        if len(set(self.methods)) < len(self.methods):
+            raise JaxeditError(f"methods repeat: {', '.join(self.methods)}")
+        if self.dinm_steps < 1:
+            raise JaxeditError(f"dinm-steps must be >= 1 (got {self.dinm_steps})")
+        if not self.dinm_lr > 0:
+            raise JaxeditError(f"dinm-lr must be > 0 (got {self.dinm_lr})")
+        if not self.dinm_edit_weight >= 0:
+            raise JaxeditError(f"dinm-edit-weight must be >= 0 (got {self.dinm_edit_weight})")
+        if not self.profs_ranks or any(isinstance(r, bool) or int(r) != r or r < 1 for r in self.profs_ranks):
+            raise JaxeditError(f"profs-rank must be integers >= 1 (got {', '.join(map(str, self.profs_ranks))})")
+        if len(set(self.profs_ranks)) < len(self.profs_ranks):
+            raise JaxeditError(f"profs-rank repeats a rank ({', '.join(map(str, self.profs_ranks))})")
+        if self.profs_layers is not None and (not self.profs_layers or any(l < 0 for l in self.profs_layers)):
+            raise JaxeditError("profs-layers must be layer indices >= 0")
+        if (self.pairs or self.profs_layers is not None or self.profs_ranks != (2,)) and "profs" not in self.methods:
+            raise JaxeditError("--pairs, --profs-rank and --profs-layers need profs in --methods")
+        if (self.dinm_steps, self.dinm_lr, self.dinm_edit_weight) != (10, 5e-4, 0.1) and "dinm" not in self.methods:
+            raise JaxeditError("--dinm-steps, --dinm-lr and --dinm-edit-weight need dinm in --methods")
         if n_layers is not None:
             n, k = self.layer_counts(n_layers)
             if not 1 <= n <= n_layers:
                 raise JaxeditError(f"n-layers must be within 1..{n_layers}")
             if any(s.startswith("topk") for s in self.strategies) and not (1 <= k <= n_layers and n <= k):
                 raise JaxeditError(f"topk must be within n-layers ({n})..{n_layers} (got {k})")
+            bad = [l for l in self.profs_layers or () if l >= n_layers]
+            if bad:
+                raise JaxeditError(f"profs-layers {bad} are outside 0..{n_layers - 1}")
 
     def check_model(self, config) -> None:
         """The checks that need the model's config (which :func:`jaxedit.loading.peek.peek` reads without the
@@ -142,7 +174,9 @@ class DetoxConfig:
 
     def stage_options(self, stage: str) -> dict:
         """The options the stage's stored results depend on. "sample" (the candidates' continuations) and
-        "filter" (which candidates are kept, and their chunk, value and split) are the two halves of selection."""
+        "filter" (which candidates are kept, and their chunk, value and split) are the two halves of selection;
+        "dinm" and "profs" are the edit stage's options of those methods (recorded once the method runs, so that
+        methods can be added to a study that has results)."""
         if stage == "sample":
             return dict(model=self.model, prompts=os.path.abspath(self.prompts) if os.path.exists(self.prompts)
                         else self.prompts, limit=self.limit, scorer=self.scorer if isinstance(self.scorer, str)
@@ -158,6 +192,11 @@ class DetoxConfig:
             return dict(n_layers=self.n_layers, topk=self.topk, canned=self.canned, corpus=self.corpus,
                         samples=self.samples, max_len=self.max_len, delete_objective=self.delete_objective,
                         hparams=self.hparams)
+        if stage == "dinm":
+            return dict(dinm_steps=self.dinm_steps, dinm_lr=self.dinm_lr, dinm_edit_weight=self.dinm_edit_weight)
+        if stage == "profs":
+            return dict(profs_layers=None if self.profs_layers is None else [int(l) for l in self.profs_layers],
+                        pairs=os.path.abspath(self.pairs) if self.pairs else None)
         if stage == "evaluate":
             return dict(eval_samples=self.eval_samples, toxic_threshold=self.toxic_threshold, neutral=self.neutral,
                         factual=self.factual, factual_samples=self.factual_samples)

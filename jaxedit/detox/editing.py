@@ -1,6 +1,7 @@
 """Stage 3 of the study, edit: one batched MEMIT edit or deletion of all edited prompts per (layer strategy,
-objective, KL weight, seed). Files: ``edits/RUN.npz`` (the edited layers' output projections) and
-``edits/RUN.json`` (the run's report, or the reason it failed). :func:`edited_model` puts a run's layers back."""
+objective, KL weight, seed), and the runs of the other methods (methods.py: DINM, ProFS). Files: ``edits/RUN.npz``
+(the edited layers' output projections) and ``edits/RUN.json`` (the run's report, or the reason it failed).
+:func:`edited_model` puts a run's layers back."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ import numpy as np
 from jaxedit import runtime
 from jaxedit.detox.common import check_stage, need_file, read_selected, stage_bar
 from jaxedit.detox.config import RANDOM_STRATEGIES, DetoxConfig
+from jaxedit.detox.methods import plan_method_runs, run_method
 from jaxedit.edit.memit import delete, hparams_for, memit
 from jaxedit.edit.stats import layer_stats
 from jaxedit.errors import JaxeditError
@@ -73,9 +75,32 @@ def edit_requests(rows: list, objective: str, canned: str) -> list:
 
 
 def edit(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) -> list:
-    """Stage 3. Returns the planned runs; each run's edited layers are written to ``edits/RUN.npz`` (or the
-    reason it failed to ``edits/RUN.json``)."""
+    """Stage 3. Returns the planned runs (the deletion grid's, then the other methods' as (run id, method,
+    settings)); each run's edited layers are written to ``edits/RUN.npz`` (or the reason it failed to
+    ``edits/RUN.json``)."""
     check_stage(out, "edit", cfg)
+    for m in ("dinm", "profs"):
+        if m in cfg.methods:
+            check_stage(out, m, cfg)
+    runs = _edit_grid(model, tokenizer, cfg, out, progress) if "delete" in cfg.methods else []
+    more = plan_method_runs(cfg)
+    edir = os.path.join(out, "edits")
+    os.makedirs(edir, exist_ok=True)
+    todo = [r for r in more if not os.path.isfile(os.path.join(edir, r[0] + ".json"))]
+    if todo:
+        runtime.stage(f"edit: {len(todo)} of {len(more)} runs of {', '.join(m for m in cfg.methods if m != 'delete')}"
+                      f" to do")
+    with stage_bar(len(more), "edit: method runs", len(more) - len(todo), progress and bool(todo)) as bar:
+        for rid, method, settings in todo:
+            info = run_method(model, tokenizer, cfg, out, rid, method, settings)
+            if "error" in info:
+                bar.write(f"edit {rid} failed: {info['error']}")
+            bar.update(1)
+    return runs + more
+
+
+def _edit_grid(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) -> list:
+    """The deletion study's grid: one batched MEMIT edit or deletion per (strategy, objective, KL weight, seed)."""
     rows = [r for r in read_selected(out) if r["split"] == "edit"]
     loc_path = os.path.join(out, "localize.json")
     loc = None
@@ -122,8 +147,8 @@ def edit(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) ->
             tmp = os.path.join(edir, f".{rid}.tmp.npz")
             np.savez(tmp, layers=np.asarray(layers), w_out=w)
             os.replace(tmp, os.path.join(edir, rid + ".npz"))
-            summary = {"run": rid, "strategy": strategy, "objective": objective, "kl_weight": kl, "seed": seed,
-                       "layers": layers, "seconds": time.perf_counter() - t0,
+            summary = {"run": rid, "method": "delete", "strategy": strategy, "objective": objective,
+                       "kl_weight": kl, "seed": seed, "layers": layers, "seconds": time.perf_counter() - t0,
                        "requests": [{k: q.get(k) for k in ("prompt", "subject", "steps", "loss_first", "loss_last",
                                                            "tokens", "p_before", "p_after", "argmax_after")}
                                     for q in rep["requests"]],

@@ -20,7 +20,8 @@ from jaxedit.files import append_jsonl, read_rows, write_jsonl
 from jaxedit.generate import sample_texts
 
 METRICS = ("toxic_rate", "perplexity_prompts", "perplexity_neutral", "fluency", "heldout_toxic_rate",
-           "heldout_perplexity", "heldout_fluency", "factual_argmax_kept", "factual_toxic_rate", "factual_perplexity")
+           "heldout_perplexity", "heldout_fluency", "factual_argmax_kept", "factual_toxic_rate", "factual_perplexity",
+           "edit_seconds")
 
 
 def measure(model, tokenizer, cfg: DetoxConfig, sets: dict, scorer, base_argmax=None, say=None) -> dict:
@@ -77,15 +78,20 @@ def evaluate(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True
             say = runtime.stage if i == 0 else None  # the first model compiles: say each step
             t0 = time.perf_counter()
             if rid == "base":
-                row = {"run": "base", "strategy": "base", "objective": None, "kl_weight": None, "seed": None,
-                       "layers": []}
+                row = {"run": "base", "method": "base", "strategy": "base", "objective": None, "kl_weight": None,
+                       "seed": None, "layers": []}
                 row.update(measure(model, tokenizer, cfg, sets, scorer, say=say))
             else:
                 with open(os.path.join(edir, rid + ".json")) as f:
                     info = json.load(f)
-                strategy, objective, kl, seed = parse_run_id(rid)
-                row = {"run": rid, "strategy": strategy, "objective": objective, "kl_weight": kl, "seed": seed,
-                       "layers": info.get("layers")}
+                method = info.get("method", "delete")
+                if method == "delete":
+                    strategy, objective, kl, seed = parse_run_id(rid)
+                    row = {"run": rid, "method": method, "strategy": strategy, "objective": objective,
+                           "kl_weight": kl, "seed": seed, "layers": info.get("layers")}
+                else:  # DINM, ProFS: the method names the row; its settings (ProFS: the rank) tell runs apart
+                    row = {"run": rid, "method": method, "strategy": method, "objective": None, "kl_weight": None,
+                           "seed": None, "layers": info.get("layers"), "settings": info.get("settings")}
                 if "error" in info:
                     row["error"] = info["error"]
                 else:
@@ -101,20 +107,30 @@ def evaluate(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True
     return summary
 
 
+def method_of(row: dict) -> str:
+    """A run row's method ("base", "delete", "dinm", "profs"; rows written before methods were recorded are the
+    deletion grid's)."""
+    return row.get("method") or ("base" if row["strategy"] == "base" else "delete")
+
+
 def summarize(rows: list) -> list:
-    """One row per (strategy, objective, KL weight): the metrics averaged over seeds (with their spread in
-    ``*_std`` and the layers of each seed); failed runs are listed in ``failed``."""
+    """One row per (method, strategy, objective, KL weight, settings): the metrics averaged over seeds (with their
+    spread in ``*_std`` and the layers of each seed); failed runs are listed in ``failed``."""
     groups: dict = {}
     for r in rows:
-        groups.setdefault((r["strategy"], r["objective"], r["kl_weight"]), []).append(r)
+        method = method_of(r)
+        key = (method, r["strategy"], r["objective"], r["kl_weight"], json.dumps(r.get("settings"), sort_keys=True))
+        groups.setdefault(key, []).append(r)
     out = []
-    for (strategy, objective, kl), members in groups.items():
+    for (method, strategy, objective, kl, _), members in groups.items():
         ok = [m for m in members if "error" not in m]
-        row = {"strategy": strategy, "objective": objective, "kl_weight": kl,
+        row = {"method": method, "strategy": strategy, "objective": objective, "kl_weight": kl,
                "layers": ok[0]["layers"] if len(members) == 1 and ok else [m["layers"] for m in ok],
                "seeds": len(ok)}
         for k in ("n_prompts", "n_samples", "n_heldout", "n_factual"):
             row[k] = members[0].get(k)
+        if members[0].get("settings") is not None:
+            row["settings"] = members[0]["settings"]
         for k in METRICS:
             vals = [m[k] for m in ok if m.get(k) is not None]
             if vals:

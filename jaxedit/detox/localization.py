@@ -48,6 +48,9 @@ def localize(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True
     """Stage 2 (see the module docstring). Returns the contents of ``localize.json`` (per-layer profiles, the CT
     ranking, saliency)."""
     kinds = check_options(tuple(cfg.trace_kinds), cfg.trace_samples, cfg.window)
+    if "delete" not in cfg.methods:  # DINM and ProFS locate nothing per prompt
+        runtime.stage("localize: skipped (no deletion grid in the methods)")
+        return {}
     check_stage(out, "localize", cfg)
     rows = [r for r in read_selected(out) if r["split"] == "edit"]
     tdir = os.path.join(out, "trace")

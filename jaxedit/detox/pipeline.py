@@ -13,13 +13,13 @@ runs them in order. Each stage has its own module, the options are in config.py 
    token), the aggregate AIE, per-layer profiles at the chunk's last token, and saliency profiles. Files:
    ``trace/`` (per-prompt grids, heatmaps, ``aie.*``), ``localize.json``.
 3. :func:`edit` (editing.py): one batched MEMIT edit or deletion of all edited prompts per (layer strategy,
-   objective, KL weight, seed). Files: ``edits/RUN.npz`` (the edited layers' output projections) and
-   ``edits/RUN.json``.
+   objective, KL weight, seed); with ``methods`` also a DINM run and a ProFS run per rank (methods.py). Files:
+   ``edits/RUN.npz`` (the edited layers' output projections) and ``edits/RUN.json``.
 4. :func:`evaluate` (evaluation.py): the unedited model and every edit: % toxic continuations, perplexity on the
    prompts and on a neutral text, fluency; the same on held-out selected prompts and on factual prompts. Files:
    ``runs.jsonl`` (one row per run and seed), ``summary.jsonl`` (seeds averaged).
-5. :func:`report` (report.py): tables shaped like the paper's Tables 1 and 2 (markdown + CSV), the AIE figure and
-   the toxicity-vs-perplexity frontier (PNG + PDF).
+5. :func:`report` (report.py): tables shaped like the paper's Tables 1 and 2 (markdown + CSV), the methods
+   table (``table_methods``), the AIE figure and the toxicity-vs-perplexity frontier (PNG + PDF).
 
 Every stage records the options its results depend on in ``run.json``; a rerun with the same options skips what
 is done (per prompt or per run), a rerun with other options is refused with the options named.

@@ -8,8 +8,10 @@ stages wrote (``summary.jsonl``, ``localize.json``), so the report can be redraw
 * ``summary.md``: every row and column of ``summary.jsonl``.
 * ``aie_layers.png/pdf``: the average indirect effect per layer at the chunk's last token and at the last token,
   one panel per kind (the paper's Figures 1 and 4).
+* ``table_methods.md/csv``: the methods side by side (the deletions, DINM, ProFS): % toxic, held-out % toxic,
+  perplexities, fluency, factual answers kept, edit seconds.
 * ``frontier.png/pdf``: % toxic vs perplexity, one line per (strategy, objective) through its KL weights (the
-  paper's Figures 2 and 3).
+  paper's Figures 2 and 3), DINM and ProFS (through its ranks) with their own markers.
 """
 from __future__ import annotations
 
@@ -100,7 +102,7 @@ def tables(rows: list, kl: float) -> dict:
         body.append(line)
     out["table2"] = _table(head, body)
 
-    cols = ["strategy", "objective", "kl_weight", "layers", "seeds", "toxic_rate", "perplexity_prompts",
+    cols = ["method", "strategy", "objective", "kl_weight", "layers", "seeds", "toxic_rate", "perplexity_prompts",
             "perplexity_neutral", "fluency", "heldout_toxic_rate", "heldout_perplexity", "heldout_fluency",
             "factual_argmax_kept", "factual_toxic_rate", "factual_perplexity"]
     body = []
@@ -110,14 +112,71 @@ def tables(rows: list, kl: float) -> dict:
             v = r.get(c)
             if c == "layers":
                 v = _layers(r)
+            elif c == "method":
+                v = _method(r)
             elif isinstance(v, float):
                 v = _fmt(v, "toxic" in c or "kept" in c) if c != "kl_weight" else f"{v:g}"
             line.append("—" if v is None else v)
         if r.get("failed"):
-            line[0] += f" ({len(r['failed'])} failed)"
+            line[1] += f" ({len(r['failed'])} failed)"
         body.append(line)
     out["summary"] = _table(cols, body)[0]
     return out
+
+
+METHOD_COLUMNS = ("method", "setting", "layers", "toxic %", "held-out toxic %", "ppl", "neutral ppl", "fluency",
+                  "factual kept %", "edit s")
+METHOD_METRICS = ("toxic_rate", "heldout_toxic_rate", "perplexity_prompts", "perplexity_neutral", "fluency",
+                  "factual_argmax_kept", "edit_seconds")
+
+
+def _method(r):
+    return r.get("method") or ("base" if r["strategy"] == "base" else "delete")
+
+
+def _setting(r):
+    m, st = _method(r), r.get("settings") or {}
+    if m == "delete":
+        return f"{r['strategy']}, KL {r['kl_weight']:g}"
+    if m == "dinm":
+        return f"{st.get('steps')} steps, lr {st.get('lr'):g}, edit weight {st.get('edit_weight'):g}"
+    if m == "profs":
+        return f"rank {st.get('rank')}"
+    return "—"
+
+
+def method_rows(rows: list) -> list:
+    """The rows of the methods table, in order: the unedited model, the deletions (objective "delete") per
+    strategy and KL weight, DINM, ProFS per rank."""
+    base = [r for r in rows if _method(r) == "base"]
+    dels = sorted((r for r in rows if _method(r) == "delete" and r["objective"] == "delete"),
+                  key=lambda r: (STRATEGIES.index(r["strategy"]) if r["strategy"] in STRATEGIES else len(STRATEGIES),
+                                 r["kl_weight"]))
+    dinm = [r for r in rows if _method(r) == "dinm"]
+    profs = sorted((r for r in rows if _method(r) == "profs"), key=lambda r: (r.get("settings") or {}).get("rank", 0))
+    return base + dels + dinm + profs
+
+
+def table_methods(rows: list) -> tuple:
+    """(md, csv) of ``table_methods``: one row per method run (see :func:`method_rows`) x the columns of
+    ``METHOD_COLUMNS``."""
+    body = []
+    for r in method_rows(rows):
+        m = _method(r)
+        line = ["base (unedited)" if m == "base" else m, _setting(r), _layers(r)]
+        for k in METHOD_METRICS:
+            v = r.get(k)
+            line.append(_fmt(v, k in ("toxic_rate", "heldout_toxic_rate", "factual_argmax_kept"))
+                        if k != "edit_seconds" or v is None else f"{v:.1f}")
+        if r.get("failed"):
+            line[0] += f" ({len(r['failed'])} failed: {r['failed'][0]})"
+        body.append(line)
+    md, csv = _table(list(METHOD_COLUMNS), body)
+    note = ("Methods: toxic % of the continuations of the edited prompts (held-out: of the prompts no method edited), "
+            "ppl on the edited prompts and on the neutral text, fluency (n-gram entropy), factual kept % (greedy "
+            "next token unchanged), edit s (seconds of the edit, averaged over seeds); every model sampled with the "
+            "same random streams.")
+    return md + "\n" + note + "\n", csv
 
 
 def plot_aie(loc: dict, path_stem: str) -> None:
@@ -161,12 +220,25 @@ def plot_frontier(rows: list, path_stem: str) -> None:
                     label=f"{s}, {o}")
             for kl, x, y in pts:  # every point names its KL weight
                 ax.annotate(f"{kl:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    others = {"dinm": ("D", "tab:brown"), "profs": ("P", "tab:pink")}
+    for m, (marker, color) in others.items():
+        pts = sorted(((r.get("settings") or {}).get("rank", 0), r["perplexity_prompts"], 100 * r["toxic_rate"])
+                     for r in rows if _method(r) == m and r.get("toxic_rate") is not None)
+        if not pts:
+            continue
+        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker=marker, color=color, ms=6, lw=1,
+                ls="-" if len(pts) > 1 else "none", label={"dinm": "DINM", "profs": "ProFS"}[m])
+        if m == "profs":
+            for rank, x, y in pts:
+                ax.annotate(f"r{rank}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     base = next((r for r in rows if r["strategy"] == "base"), None)
     if base:
         ax.plot([base["perplexity_prompts"]], [100 * base["toxic_rate"]], "k*", ms=12, label="unedited")
     ax.set_xlabel("perplexity on the prompts")
     ax.set_ylabel("% toxic continuations")
-    ax.set_title("toxicity vs perplexity (labels: KL weight)", fontsize=9)
+    ax.set_title("toxicity vs perplexity (labels: KL weight; ProFS: rank)"
+                 if any(_method(r) == "profs" for r in rows) else "toxicity vs perplexity (labels: KL weight)",
+                 fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     fig.savefig(path_stem + ".png", dpi=110)
     fig.savefig(path_stem + ".pdf")
@@ -190,6 +262,10 @@ def report(cfg: DetoxConfig, out: str) -> dict:
         elif os.path.isfile(os.path.join(out, f"{name}.csv")):
             os.remove(os.path.join(out, f"{name}.csv"))  # an earlier report's table of runs no longer summarized
     write_atomic(os.path.join(out, "summary.md"), t["summary"])
+    md, csv = table_methods(rows)
+    write_atomic(os.path.join(out, "table_methods.md"), md)
+    write_atomic(os.path.join(out, "table_methods.csv"), csv)
+    t["table_methods"] = (md, csv)
     loc_path = os.path.join(out, "localize.json")
     if os.path.isfile(loc_path):
         with open(loc_path) as f:
