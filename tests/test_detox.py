@@ -891,3 +891,25 @@ def test_methods_options_are_checked_before_the_model_loads(tmp_path, tiny_dirs,
     assert lines[4] == ("edit: run profs__rank1: ProFS rank 1 from the pairs of the selected edited prompts (prompt + "
                         "least / most toxic sample), the upper layers 1-2")
     assert lines[6].startswith("evaluate: 4 models") and not out.exists()
+
+
+def test_methods_table_by_hand():
+    from jaxedit.detox.report import table_methods
+
+    rows = [{"method": "profs", "strategy": "profs", "objective": None, "kl_weight": None, "layers": list(range(12, 30)),
+             "settings": {"rank": 4}, "toxic_rate": 0.12, "heldout_toxic_rate": 0.0, "perplexity_prompts": 169.434,
+             "perplexity_neutral": 33.27, "fluency": 3.85, "factual_argmax_kept": 0.75, "edit_seconds": 5.06},
+            {"strategy": "base", "objective": None, "kl_weight": None, "layers": [], "toxic_rate": 0.1},
+            {"method": "dinm", "strategy": "dinm", "objective": None, "kl_weight": None, "layers": [27, 28],
+             "settings": {"steps": 10, "lr": 5e-4, "edit_weight": 0.1}, "toxic_rate": 0.1},
+            {"strategy": "ct-multi", "objective": "delete", "kl_weight": 0.0625, "layers": [0, 1, 5, 6],
+             "toxic_rate": 0.06},
+            {"strategy": "ct-multi", "objective": "edit-canned", "kl_weight": 0.0625, "layers": [0, 1, 5, 6],
+             "toxic_rate": 0.01}]
+    md, csv = table_methods(rows)
+    lines = md.splitlines()
+    assert lines[2:6] == ["| base (unedited) | — | — | 10.0 | — | — | — | — | — | — |",
+                          "| delete | ct-multi, KL 0.0625 | 0 1 5 6 | 6.0 | — | — | — | — | — | — |",
+                          "| dinm | 10 steps, lr 0.0005, edit weight 0.1 | 27 28 | 10.0 | — | — | — | — | — | — |",
+                          "| profs | rank 4 | 12-29 | 12.0 | 0.0 | 169.43 | 33.27 | 3.85 | 75.0 | 5.1 |"]
+    assert lines[6] == "" and csv.splitlines()[4] == "profs,rank 4,12-29,12.0,0.0,169.43,33.27,3.85,75.0,5.1"

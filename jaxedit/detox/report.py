@@ -163,7 +163,11 @@ def table_methods(rows: list) -> tuple:
     body = []
     for r in method_rows(rows):
         m = _method(r)
-        line = ["base (unedited)" if m == "base" else m, _setting(r), _layers(r)]
+        lay = r.get("layers") or []
+        runs_ = " ".join(str(l) for l in lay) if not lay or isinstance(lay[0], list) or len(lay) < 3 or \
+            list(lay) != list(range(lay[0], lay[0] + len(lay))) else f"{lay[0]}-{lay[-1]}"
+        line = ["base (unedited)" if m == "base" else m, _setting(r), _layers(r) if lay and isinstance(lay[0], list)
+                else runs_ or "—"]
         for k in METHOD_METRICS:
             v = r.get(k)
             line.append(_fmt(v, k in ("toxic_rate", "heldout_toxic_rate", "factual_argmax_kept"))
@@ -220,7 +224,7 @@ def plot_frontier(rows: list, path_stem: str) -> None:
                     label=f"{s}, {o}")
             for kl, x, y in pts:  # every point names its KL weight
                 ax.annotate(f"{kl:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    others = {"dinm": ("D", "tab:brown"), "profs": ("P", "tab:pink")}
+    others = {"dinm": ("D", "tab:olive"), "profs": ("P", "tab:cyan")}  # colours no strategy uses
     for m, (marker, color) in others.items():
         pts = sorted(((r.get("settings") or {}).get("rank", 0), r["perplexity_prompts"], 100 * r["toxic_rate"])
                      for r in rows if _method(r) == m and r.get("toxic_rate") is not None)
