@@ -271,4 +271,6 @@ def test_plots_have_titles(tmp_path, monkeypatch):
                     answer=" Paris", input_ids=np.arange(3), tokens=["The", " Tower", " is"], span=(0, 2), window=10,
                     samples=10, noise_level=0.1)
     tf.plot_heatmaps({"hidden": r}, str(tmp_path / "p"), title=tf.heatmap_title("The Tower is", r))
-    assert titles == ["'The Tower is' -> ' Paris': clean p = 0.700, corrupted p = 0.050"] * 2  # png and pdf
+    # png and pdf; a long title is wrapped to the figure's width (the words and their order are what count)
+    want = "'The Tower is' -> ' Paris': clean p = 0.700, corrupted p = 0.050"
+    assert [" ".join(t.split()) for t in titles] == [want] * 2
