@@ -35,7 +35,6 @@ def main():
     a = ap.parse_args()
 
     import jaxedit
-    from jaxedit.edit import alphaedit as ae
     from jaxedit.edit import memit as ed
 
     model, tok = jaxedit.load("smollm2")

@@ -153,7 +153,7 @@ def run_sequence(model, tok, kind, records, requests, wheres, *, method, batch_s
     runtime.stage(f"writing {out}/model/")
     jaxedit.save(edited, os.path.join(out, "model"), tokenizer=tok)
     report.pop("state", None)  # P and C_p stay in out/sequence/
-    report["model_requests"] = wheres[0].rsplit(":", 1)[0] if wheres else None
+    report["requests_file"] = wheres[0].rsplit(":", 1)[0] if wheres else None
     summary = None
     if evaluate:
         runtime.stage(f"evaluating all {len(records)} edits")
