@@ -184,8 +184,9 @@ def parse_request(r, tokenizer, mode: str, other: Optional[str] = None) -> _Requ
     return _Request(template, subject, targets, r)
 
 
-def parse_requests(requests, tokenizer, mode: str) -> list:
-    """:func:`parse_request` for each request; errors name the request by its index (``requests[0]``)."""
+def parse_requests(requests, tokenizer, mode) -> list:
+    """:func:`parse_request` for each request; errors name the request by its index (``requests[0]``).
+    ``mode``: "edit", "delete", or a function of the request that gives one of them."""
     if tokenizer is None:
         raise JaxeditError("editing needs a tokenizer")
     if isinstance(requests, dict):
@@ -195,7 +196,7 @@ def parse_requests(requests, tokenizer, mode: str) -> list:
     out = []
     for i, r in enumerate(requests):
         try:
-            out.append(parse_request(r, tokenizer, mode))
+            out.append(parse_request(r, tokenizer, mode(r) if callable(mode) else mode))
         except JaxeditError as e:
             raise JaxeditError(f"requests[{i}]: {e}") from None
     return out

@@ -44,20 +44,7 @@ def _mode(r) -> str:
 
 def parse_mixed(requests, tokenizer) -> list:
     """[(mode, parsed request)] for edit ("target") and deletion ("suppress") requests; errors name the index."""
-    if tokenizer is None:
-        raise JaxeditError("editing needs a tokenizer")
-    if isinstance(requests, dict):
-        requests = [requests]
-    if not requests:
-        raise JaxeditError("no requests")
-    out = []
-    for i, r in enumerate(requests):
-        mode = _mode(r)
-        try:
-            out.append((mode, _memit.parse_request(r, tokenizer, mode)))
-        except JaxeditError as e:
-            raise JaxeditError(f"requests[{i}]: {e}") from None
-    return out
+    return [(_mode(p.raw), p) for p in _memit.parse_requests(requests, tokenizer, _mode)]
 
 
 def dataset_requests(records, kind: str, where: str = "records") -> list:
