@@ -7,8 +7,11 @@ import jaxedit
 from jaxedit import runtime
 from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file, with_mesh, with_options
 from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
-from jaxedit.detox.config import STAGES, DetoxConfig
-from jaxedit.detox.data import prompt_of, read_facts, read_texts
+from jaxedit.detox.config import RANDOM_STRATEGIES, STAGES, DetoxConfig
+from jaxedit.detox.data import prompt_of, read_facts, read_prompts, read_texts
+from jaxedit.detox.editing import plan_runs
+from jaxedit.edit.profs import default_layers
+from jaxedit.files import read_rows
 from jaxedit.detox.methods import plan_method_runs, read_pairs_file
 from jaxedit.loading.peek import peek
 from jaxedit.detox.pipeline import run_study
@@ -180,11 +183,6 @@ def plan(cfg: DetoxConfig, config, out: str, stages) -> list:
     import json
     import os
 
-    from jaxedit.detox.config import RANDOM_STRATEGIES
-    from jaxedit.detox.data import read_prompts
-    from jaxedit.edit.profs import default_layers
-    from jaxedit.files import read_rows
-
     have = lambda name: os.path.isfile(os.path.join(out, name))  # noqa: E731
     lines = [f"plan for {out}/ with {cfg.model}"
              + (f" ({config.n_layers} layers)" if config is not None else " (layers: known once the model loads)")]
@@ -219,8 +217,6 @@ def plan(cfg: DetoxConfig, config, out: str, stages) -> list:
                      f"{len(cfg.kl_weights)} KL weights; random strategies x {cfg.random_seeds} seeds), each one "
                      f"batched edit of {edited} prompts" + (f"; {done} done earlier" if done else ""))
         if config is not None:
-            from jaxedit.detox.editing import plan_runs
-
             loc = None
             if have("localize.json"):
                 with open(os.path.join(out, "localize.json")) as f:

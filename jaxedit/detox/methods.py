@@ -23,6 +23,8 @@ import numpy as np
 
 from jaxedit.detox.common import read_selected
 from jaxedit.detox.config import DetoxConfig
+from jaxedit.edit.dinm import dinm
+from jaxedit.edit.profs import profs
 from jaxedit.errors import JaxeditError
 from jaxedit.files import read_rows, write_json
 from jaxedit.model import params_of
@@ -97,9 +99,6 @@ def plan_method_runs(cfg: DetoxConfig) -> list:
 def run_method(model, tokenizer, cfg: DetoxConfig, out: str, rid: str, method: str, settings: dict) -> dict:
     """Run one method run and write ``edits/RUN.npz`` and ``edits/RUN.json`` (or the error to the json). Returns the
     json's contents."""
-    from jaxedit.edit.dinm import dinm
-    from jaxedit.edit.profs import profs
-
     edir = os.path.join(out, "edits")
     t0 = time.perf_counter()
     info = {"run": rid, "method": method, "settings": dict(settings)}
