@@ -256,6 +256,26 @@ def compiled(jitted, *args, what: str, **static):
     return exe
 
 
+def clear_compiled() -> None:
+    """Drop every compiled program this process holds (:func:`compiled`'s and JAX's own caches). Each XLA:CPU
+    program keeps a few memory mappings alive, and Linux allows a process about 65,000 (``vm.max_map_count``):
+    a long-lived process that compiles thousands of distinct programs (a test session, a notebook trying many
+    shapes) crashes inside XLA when it runs out. Programs compile again when next needed."""
+    import jax
+
+    _compiled.clear()
+    jax.clear_caches()
+
+
+def memory_mappings() -> Optional[int]:
+    """How many memory mappings this process holds (Linux; None elsewhere)."""
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:
+        return None
+
+
 # ---------------------------------------------------------------------------------------------- memory
 
 def default_memory_budget() -> float:

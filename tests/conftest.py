@@ -173,6 +173,22 @@ def _cache_dir(tmp_path_factory):
     yield
 
 
+# a full run compiles thousands of programs, each holding memory mappings; at Linux's default limit of 65,530 per
+# process, XLA:CPU segfaults inside a compile (it did at the ~315th test, ~14,000 mappings per test file such as
+# test_tracing.py). Past this many at the end of a test file, the compiled programs are dropped (recompiled on use).
+MAX_MAPPINGS = 30_000
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    yield
+    from jaxedit import runtime
+
+    n = runtime.memory_mappings()
+    if n is not None and n > MAX_MAPPINGS:
+        runtime.clear_compiled()
+
+
 # XLA's CPU backend with its optimizations off: for the tiny checkpoints compiling is what costs (measured on
 # tests/test_tracing.py: 220 s -> 145 s, same results); SmolLM2's programs run ~1.5x slower so (a one-prompt trace
 # 17.7 -> 26.6 s), so a run that selects any slow test keeps XLA's defaults
