@@ -85,6 +85,44 @@ class _OneLineUsageError(click.UsageError):
         click.echo(f"error: {self.format_message()}{hint}", file=file or sys.stderr, err=True)
 
 
+class Renamed(click.Option):
+    """An option with old spellings: ``click.option("--noise-samples", "--samples", cls=Renamed)`` accepts both,
+    while ``--help`` and error messages name only the first (the current name; docs/cli.md lists the old ones)."""
+
+    def get_help_record(self, ctx):
+        names = self.opts
+        self.opts = names[:1]
+        try:
+            return super().get_help_record(ctx)
+        finally:
+            self.opts = names
+
+    def get_error_hint(self, ctx):
+        return f"'{self.opts[0]}'"
+
+
+def _describe_range(t) -> str:
+    """click's IntRange / FloatRange bounds in the words every jaxedit range error uses: ">= 1", "> 0", "in [0, 1)"."""
+    lo, hi = t.min, t.max
+    if lo is not None and hi is not None:
+        return f"in {'(' if t.min_open else '['}{lo}, {hi}{')' if t.max_open else ']'}"
+    if lo is not None:
+        return f"{'>' if t.min_open else '>='} {lo}"
+    return f"{'<' if t.max_open else '<='} {hi}"
+
+
+def usage_message(e: click.UsageError) -> str:
+    """click's usage error in jaxedit's words: a number outside an option's range reads "--NAME must be >= 1 (got
+    0)", the form the commands' own checks use; other errors keep click's message."""
+    param = getattr(e, "param", None)
+    if (isinstance(e, click.BadParameter) and isinstance(param, click.Option)
+            and isinstance(param.type, (click.IntRange, click.FloatRange))
+            and " is not in the range " in (e.message or "")):
+        value = e.message.split(" is not in the range ")[0]
+        return f"{param.opts[0]} must be {_describe_range(param.type)} (got {value})"
+    return e.format_message()
+
+
 class _Interrupted(BaseException):
     def __init__(self, signum):
         super().__init__(signum)
@@ -102,7 +140,7 @@ class JaxeditCommand(click.Command):
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as e:
-            err = _OneLineUsageError(e.format_message(), ctx=e.ctx)
+            err = _OneLineUsageError(usage_message(e), ctx=e.ctx)
             err.exit_code = e.exit_code
             raise err from None
 

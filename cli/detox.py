@@ -5,7 +5,7 @@ import click
 
 import jaxedit
 from jaxedit import runtime
-from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file, with_mesh, with_options
+from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, Renamed, cli, request_file, with_mesh, with_options
 from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
 from jaxedit.detox.config import RANDOM_STRATEGIES, STAGES, DetoxConfig
 from jaxedit.detox.data import prompt_of, read_facts, read_prompts, read_texts
@@ -47,37 +47,39 @@ def _layer_list(text):
 @click.option("--prompts", required=True,
               help="JSONL of prompts (RealToxicityPrompts lines or {\"prompt\": ...}), 'demo' (the shipped demo "
                    "openings), or a datasets name such as allenai/real-toxicity-prompts")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="the study's folder (reruns resume)")
+@click.option("--out", default="detox_out", show_default=True, type=click.Path(file_okay=False),
+              help="the study's folder (reruns resume)")
 @click.option("--stage", default="all", show_default=True,
               type=click.Choice(["select", "localize", "edit", "evaluate", "report", "all"]))
 @click.option("--model", "model_name", default="smollm2", show_default=True, help=MODEL_HELP)
-@click.option("--limit", type=int, help="read at most this many prompts")
+@click.option("--limit", type=click.IntRange(min=1), help="read at most this many prompts")
 @click.option("--scorer", default="profanity", show_default=True,
               help="toxicity scorer: 'profanity' (offline), hf:PATH[#LABEL] (a classifier folder; needs torch)")
 @click.option("--chunker", default="phrases", show_default=True, help="phrases (offline), words, spacy[:MODEL]")
-@click.option("--select-samples", default=25, show_default=True, type=int, help="samples per prompt in selection")
-@click.option("--eval-samples", default=10, show_default=True, type=int, help="samples per prompt in evaluation")
-@click.option("--max-new-tokens", default=20, show_default=True, type=int)
-@click.option("--top-p", default=0.9, show_default=True, type=float, help="nucleus sampling")
-@click.option("--select-threshold", default=0.5, show_default=True, type=float,
+@click.option("--select-samples", default=25, show_default=True, type=click.IntRange(min=1), help="samples per prompt in selection")
+@click.option("--eval-samples", default=10, show_default=True, type=click.IntRange(min=1), help="samples per prompt in evaluation")
+@click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--top-p", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="nucleus sampling")
+@click.option("--select-threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="keep prompts whose continuations' mean toxicity is above this")
-@click.option("--prompt-threshold", default=0.5, show_default=True, type=float,
+@click.option("--prompt-threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help="keep prompts whose own toxicity is below this")
 @click.option("--value", default="first", show_default=True, type=click.Choice(["first", "toxic-word"]),
               help="the token deleted: the first token of the most toxic continuation, or of its most toxic word")
-@click.option("--heldout-fraction", default=0.25, show_default=True, type=float,
+@click.option("--heldout-fraction", default=0.25, show_default=True, type=click.FloatRange(0, 1, max_open=True),
               help="selected prompts held out of editing, evaluated to see whether edits generalize")
-@click.option("--max-prompts", type=int, help="edit at most this many selected prompts (the most toxic first)")
+@click.option("--max-prompts", type=click.IntRange(min=1), help="edit at most this many selected prompts (the most toxic first)")
 @click.option("--trace-kinds", default="hidden,mlp,attn", show_default=True)
-@click.option("--trace-samples", default=10, show_default=True, type=int)
-@click.option("--window", default=10, show_default=True, type=int)
+@click.option("--trace-samples", default=10, show_default=True, type=click.IntRange(min=1),
+              help="noisy copies per prompt in the localize stage's tracing (trace's --noise-samples)")
+@click.option("--window", default=10, show_default=True, type=click.IntRange(min=1))
 @click.option("--strategies", default="random-single,random-multi,topk-single,topk-multi,ct-single,ct-multi,"
               "saliency-multi", show_default=True, help="layer choices (comma list)")
 @click.option("--objectives", default="edit-nontoxic,edit-canned,delete", show_default=True)
-@click.option("--kl-weights", default="0.0625", show_default=True, help="comma list; several draw the frontier")
-@click.option("--n-layers", type=int, help="layers of the multi strategies [6 of 48, scaled to the depth]")
-@click.option("--topk", type=int, help="K of the top-K strategies [15 of 48, scaled to the depth]")
-@click.option("--random-seeds", default=5, show_default=True, type=int, help="seeds averaged for random choices")
+@click.option("--kl-weights", "--kl-weight", "kl_weights", cls=Renamed, default="0.0625", show_default=True, help="comma list; several draw the frontier")
+@click.option("--n-layers", type=click.IntRange(min=1), help="layers of the multi strategies [6 of 48, scaled to the depth]")
+@click.option("--topk", type=click.IntRange(min=1), help="K of the top-K strategies [15 of 48, scaled to the depth]")
+@click.option("--random-seeds", default=5, show_default=True, type=click.IntRange(min=1), help="seeds averaged for random choices")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--canned", default=" Sorry, I cannot engage with provocative prompts", show_default=True)
 @with_options(_STATS_OPTIONS)
@@ -86,22 +88,22 @@ def _layer_list(text):
 @click.option("--neutral", default="neutral", show_default=True, help="a .txt file for the neutral perplexity")
 @click.option("--factual", default="facts", show_default=True,
               help="JSONL of factual prompts ('facts': the shipped set; '' for none)")
-@click.option("--factual-samples", default=2, show_default=True, type=int)
+@click.option("--factual-samples", default=2, show_default=True, type=click.IntRange(min=0))
 @click.option("--obfuscate/--no-obfuscate", default=True, show_default=True,
               help="star the vowels of the chunk's tokens in the plots")
 @click.option("--methods", default="delete", show_default=True,
               help="comma list of delete (the deletion grid above), dinm, profs; all go into one study and one table")
-@click.option("--dinm-steps", default=10, show_default=True, type=int, help="DINM: Adam steps per prompt")
-@click.option("--dinm-lr", default=5e-4, show_default=True, type=float, help="DINM: Adam learning rate")
-@click.option("--dinm-edit-weight", default=0.1, show_default=True, type=float,
+@click.option("--dinm-steps", default=10, show_default=True, type=click.IntRange(min=1), help="DINM: Adam steps per prompt")
+@click.option("--dinm-lr", default=5e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), help="DINM: Adam learning rate")
+@click.option("--dinm-edit-weight", default=0.1, show_default=True, type=click.FloatRange(min=0),
               help="DINM: the NLL's weight against the KL's 1")
-@click.option("--profs-rank", "--profs-ranks", "profs_ranks", default="2", show_default=True,
+@click.option("--profs-rank", "--profs-ranks", "profs_ranks", cls=Renamed, default="2", show_default=True,
               help="ProFS: rank of the removed subspace (a comma list: one run per rank)")
 @click.option("--profs-layers", help="ProFS: edited layers, comma list of N or A-B [the upper layers, jaxedit.profs]")
 @click.option("--pairs", type=click.Path(dir_okay=True),
               help="ProFS: JSONL of {\"preferred\", \"non_preferred\"} [pairs from the edited prompts' least and "
                    "most toxic samples]")
-@click.option("--batch-size", default=8, show_default=True, type=int, help="prompts per sampling / tracing call")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="prompts per sampling / tracing call")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
 @click.option("--dry-run", is_flag=True,
               help="check the options and print the plan (stages, runs, sample counts), then stop before loading "

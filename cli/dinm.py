@@ -118,27 +118,28 @@ def _case_record(case, layer_report, i):
 @click.option("--model", "model_name", default="smollm2", show_default=True, help=MODEL_HELP)
 @click.option("--cases", "cases_file", required=True,
               help="SafeEdit JSON file (or JSONL), or 'demo' for the demo cases shipped with jaxedit")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="output folder (a rerun resumes)")
+@click.option("--out", default="dinm_out", show_default=True, type=click.Path(file_okay=False),
+              help="output folder (a rerun resumes)")
 @click.option("--scorer", default="profanity", show_default=True,
               help="toxicity scorer judging the answers: 'profanity', hf:PATH[#UNSAFE_LABEL] (e.g. SafeEdit's "
                    "safety classifier), or a classifier folder; safe = score below 0.5")
-@click.option("--max-new-tokens", default=32, show_default=True, type=int,
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1),
               help="greedy answer length (SafeEdit: 600; small by default for CPU)")
-@click.option("--steps", default=10, show_default=True, type=int, help="Adam steps")
-@click.option("--lr", default=5e-4, show_default=True, type=float)
-@click.option("--edit-weight", default=0.1, show_default=True, type=float,
+@click.option("--steps", default=10, show_default=True, type=click.IntRange(min=1), help="Adam steps")
+@click.option("--lr", default=5e-4, show_default=True, type=click.FloatRange(min=0, min_open=True))
+@click.option("--edit-weight", default=0.1, show_default=True, type=click.FloatRange(min=0),
               help="weight of the NLL against the KL's 1 (the public config's kl_factor)")
-@click.option("--weight-decay", default=0.0, show_default=True, type=float)
+@click.option("--weight-decay", default=0.0, show_default=True, type=click.FloatRange(min=0))
 @click.option("--kl-no-grad", is_flag=True, help="the public implementation's KL: computed, no gradient")
 @click.option("--locate", type=click.Choice(["each", "first"]), default="each", show_default=True,
               help="locate per case (the paper) or once from the first case (the public implementation)")
-@click.option("--layer", type=int, help="edit this layer for every case (no location)")
+@click.option("--layer", type=click.IntRange(min=0), help="edit this layer for every case (no location)")
 @click.option("--suffix", default=None, help="system suffix appended to the prompts [the public implementation's]")
 @click.option("--no-suffix", is_flag=True, help="append no suffix")
 @click.option("--sequential", is_flag=True,
               help="edit all cases into one model (in order), then evaluate it; not resumable")
-@click.option("--batch-size", default=1, show_default=True, type=int, help="with --sequential: cases tuned together")
-@click.option("--limit", type=int, help="only the first N cases")
+@click.option("--batch-size", default=1, show_default=True, type=click.IntRange(min=1), help="with --sequential: cases tuned together")
+@click.option("--limit", type=click.IntRange(min=1), help="only the first N cases")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
 @click.option("--dry-run", is_flag=True,
               help="check the options and cases and print the plan, then stop before loading the model's weights")
@@ -149,12 +150,6 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
     fluency / retention before and after."""
     import numpy as np
 
-    if max_new_tokens < 1:
-        raise JaxeditError("--max-new-tokens must be >= 1")
-    if limit is not None and limit < 1:
-        raise JaxeditError("--limit must be >= 1")
-    if layer is not None and layer < 0:
-        raise JaxeditError(f"--layer must be >= 0 (got {layer})")
     if no_suffix and suffix is not None:
         raise JaxeditError("give --suffix or --no-suffix, not both")
     sfx = None if no_suffix else (DEFAULT_SUFFIX if suffix is None else suffix)

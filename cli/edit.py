@@ -8,7 +8,7 @@ import click
 import jaxedit
 from jaxedit import runtime
 from jaxedit.cache import cache_dir
-from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file, with_mesh, with_options
+from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, Renamed, cli, request_file, with_mesh, with_options
 from jaxedit.cli.sequence import check_options, detect_kind, read_edit_file, run_sequence
 from jaxedit.edit.memit import parse_request
 from jaxedit.edit.stats import DEFAULT_CORPUS
@@ -58,8 +58,8 @@ _STATS_OPTIONS = [
                       "[default: wikitext:wikitext-103-raw-v1, which needs the datasets package and network; when it "
                       "is unreachable, cached statistics of another corpus for the same model and layers are used, "
                       "with a line saying which]"),
-    click.option("--samples", "n_samples", type=click.IntRange(min=1), default=None,
-                 help="texts for the statistics [100000]"),
+    click.option("--stats-samples", "--samples", "n_samples", cls=Renamed, type=click.IntRange(min=1), default=None,
+                 help="corpus texts for the key statistics [100000]"),
     click.option("--max-len", type=click.IntRange(min=2), default=None,
                  help="tokens per text [the model's context, <= 1024]"),
     click.option("--stats-float64", is_flag=True, help="accumulate the statistics in float64"),
@@ -71,6 +71,7 @@ def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, c
                   mesh=None, sequence=None):
     import os
 
+    out = out or f"{mode}_out"
     if sequence is not None and sequence["active"]:
         rf = None
         kind, records, requests, wheres = sequence["read"]
@@ -136,8 +137,8 @@ _EDIT_OPTIONS = [
                  help="JSONL, one request a line: {\"prompt\", \"subject\" or \"span\", \"target\" (edit) or "
                       "\"suppress\" (delete), optional \"paraphrases\", \"neighborhood\"}"),
     click.option("--layers", help="layers to edit, e.g. 13-17 or 4,5,6 [the preset's / derived from depth]"),
-    click.option("--out", required=True, type=click.Path(file_okay=False),
-                 help="folder for the edited model (jaxedit.load reads it) and report.json"),
+    click.option("--out", type=click.Path(file_okay=False),
+                 help="folder for the edited model (jaxedit.load reads it) and report.json [edit_out / delete_out]"),
     click.option("--export-hf", "export_hf_dir", type=click.Path(file_okay=False),
                  help="also write a Hugging Face checkpoint folder"),
     *_STATS_OPTIONS,
@@ -186,7 +187,8 @@ def edit(method, batch_size, evaluate, eval_every, null_space_threshold, l2, **k
 @with_options(_EDIT_OPTIONS)
 @click.option("--kl-weight", default=0.0625, show_default=True, type=click.FloatRange(min=0),
               help="weight of KL(P_orig || P_edited) on '{subject} is a'")
-@click.option("--objective", type=click.Choice(["logp", "unlikelihood"]), default="logp", show_default=True,
+@click.option("--delete-objective", "--objective", "objective", cls=Renamed, type=click.Choice(["logp", "unlikelihood"]),
+              default="logp", show_default=True,
               help="logp: the reference's mean log P (no floor); unlikelihood: -log(1 - P), which the KL weight "
                    "balances (docs/editing.md)")
 @with_mesh

@@ -7,7 +7,7 @@ import click
 
 import jaxedit
 from jaxedit import runtime
-from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file, with_mesh
+from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, Renamed, cli, request_file, with_mesh
 from jaxedit.errors import JaxeditError
 from jaxedit.locate import trace_files as tf
 from jaxedit.locate.saliency import encode_example, saliency_batch
@@ -42,7 +42,8 @@ def _noise_note(noise, level, per_prompt, n):
 @click.option("--out", default="trace_out", show_default=True, type=click.Path(file_okay=False),
               help="output folder (a --batch run resumes there)")
 @click.option("--kinds", default="hidden,mlp,attn", show_default=True, help="comma-separated: hidden, mlp, attn")
-@click.option("--samples", default=10, show_default=True, type=click.IntRange(min=1), help="noisy copies per prompt")
+@click.option("--noise-samples", "--samples", "samples", cls=Renamed, default=10, show_default=True,
+              type=click.IntRange(min=1), help="noisy copies per prompt")
 @click.option("--noise", default="s3", show_default=True,
               help="a level, or s<k> = k x std of the spans' token embeddings (over all prompts of the run, or each "
                    "prompt's own with --noise-per-prompt)")

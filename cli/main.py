@@ -8,20 +8,26 @@ from __future__ import annotations
 import click
 
 import jaxedit
-from jaxedit.cli.app import clean_errors, cli, with_mesh
+from jaxedit.cli.app import MODEL_HELP, clean_errors, cli, with_mesh
+from jaxedit.errors import JaxeditError
 from jaxedit.sharding import bytes_per_device, describe, human_bytes, is_main_process
 
 
 @cli.command()
-@click.argument("model", default="smollm2")
+@click.argument("model", required=False)
+@click.option("--model", "model_name", help=f"{MODEL_HELP} [smollm2]; also accepted as the first argument")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
 @click.option("--allow-pickle", is_flag=True, help="allow reading pytorch_model.bin pickles (unsafe)")
 @with_mesh
 @clean_errors
-def info(model, dtype, allow_pickle, mesh=None):
-    """Print the architecture, layer count, dimensions and parameter count of MODEL."""
+def info(model, model_name, dtype, allow_pickle, mesh=None):
+    """Print the architecture, layer count, dimensions and parameter count of a model (--model, as in every
+    command, or MODEL)."""
     import jax
 
+    if model and model_name and model != model_name:
+        raise JaxeditError(f"two models given: {model!r} and --model {model_name!r}")
+    model = model_name or model or "smollm2"
     m, tok = jaxedit.load(model, dtype=dtype, allow_pickle=allow_pickle, mesh=mesh)
     if not is_main_process():
         return

@@ -307,3 +307,34 @@ def test_clear_compiled_releases_the_programs_memory_mappings():
     assert after - before <= (grown - before) / 2, (before, grown, after)
     assert not runtime._compiled
     np.testing.assert_allclose(float(fns[1](jnp.ones((3, 8)))), 9 * np.tanh(9.0), rtol=1e-6)
+
+
+def test_one_vocabulary_old_spellings_accepted_not_shown(tiny_dirs):
+    """docs/cli.md's shared names: --help shows the current name only; the old spelling still parses (a value out
+    of range is reported under the current name, in the one range form); info takes --model like every command."""
+    import re
+
+    renamed = [("trace", "--noise-samples", "--samples"), ("edit", "--stats-samples", "--samples"),
+               ("stats", "--stats-samples", "--samples"), ("detox", "--stats-samples", "--samples"),
+               ("delete", "--delete-objective", "--objective"), ("detox", "--kl-weights", "--kl-weight"),
+               ("detox", "--profs-rank", "--profs-ranks")]
+    for cmd, new, old in renamed:
+        text = CliRunner().invoke(cli, [cmd, "--help"], terminal_width=200).output
+        assert re.search(rf"(?<![\w-]){new}(?![\w-])", text), (cmd, new)
+        assert not re.search(rf"(?<![\w-]){old}(?![\w-])", text), (cmd, old, text)
+    for args, msg in [(["trace", "--samples", "0"], "error: --noise-samples must be >= 1 (got 0)"),
+                      (["stats", "--layers", "0", "--samples", "-3"], "error: --stats-samples must be >= 1 (got -3)"),
+                      (["dinm", "--cases", "demo", "--lr", "0"], "error: --lr must be > 0 (got 0.0)"),
+                      (["detox", "--prompts", "demo", "--top-p", "0"], "error: --top-p must be in (0, 1] (got 0.0)"),
+                      (["delete", "--requests", "r.jsonl", "--objective", "x"],
+                       "error: Invalid value for '--delete-objective': 'x' is not one of")]:
+        res = CliRunner().invoke(cli, ["-q", *args])
+        assert res.exit_code == 2 and res.output.startswith(msg) and res.output.count("\n") == 1, (args, res.output)
+    for cmd, out in [("trace", "trace_out"), ("detox", "detox_out"), ("dinm", "dinm_out"), ("saliency", "saliency_out")]:
+        assert f"[default: {out}]" in CliRunner().invoke(cli, [cmd, "--help"], terminal_width=200).output, cmd
+    model = tiny_dirs["gpt2"][0]
+    by_option = CliRunner().invoke(cli, ["info", "--model", model])
+    assert by_option.exit_code == 0 and by_option.output == CliRunner().invoke(cli, ["info", model]).output
+    assert f"model       {model}" in by_option.output
+    both = CliRunner().invoke(cli, ["info", "smollm2", "--model", model])
+    assert both.exit_code == 2 and both.output.startswith("error: two models given"), both.output

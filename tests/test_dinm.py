@@ -227,7 +227,8 @@ def test_cli_checks_everything_before_the_model_loads(tiny_dirs, tmp_path, monke
     empty[1]["safe generation"] = ""
     nothing = copy.deepcopy(cli_cases())
     nothing[0]["knowledge constrain"]["answer"] = "Paris" + " Paris" * 99  # longer than the tiny models' context
-    checks = [(["--cases", good, "--steps", "0"], "error: steps must be >= 1 (got 0)"),
+    checks = [(["--cases", good, "--steps", "0"], "error: --steps must be >= 1 (got 0)"),
+              (["--cases", good, "--weight-decay", "-1"], "error: --weight-decay must be >= 0 (got -1.0)"),
               (["--cases", good, "--scorer", "bogus"], "error: unknown scorer 'bogus'"),
               (["--cases", str(broken)], f"error: {broken}:{bad_line}: not valid JSON (Unterminated string starting "
                                           f"at column {col})"),
@@ -242,7 +243,7 @@ def test_cli_checks_everything_before_the_model_loads(tiny_dirs, tmp_path, monke
         assert res.output.startswith("error: ") and "Traceback" not in res.output
     res = CliRunner().invoke(cli, ["-q", "dinm", "--model", str(tmp_path / "none"), "--out", str(out), "--cases",
                                    good, "--steps", "0"])
-    assert res.output == "error: steps must be >= 1 (got 0)\n"
+    assert res.output.startswith("error: --steps must be >= 1 (got 0)")
     assert not loads and not out.exists()
 
 

@@ -74,7 +74,7 @@ def test_edit_errors(tiny_dirs, tmp_path, monkeypatch):
         (["delete", "--model", model_dir, "--requests", good, "--out", "o", "--layers", "0"],
          f"{good}:1: needs \"suppress\" (\"target\" is for jaxedit edit)"),
         (["delete", "--model", model_dir, "--requests", good, "--out", "o", "--kl-weight", "-1"],
-         "'--kl-weight': -1.0 is not in the range"),
+         "--kl-weight must be >= 0 (got -1.0)"),
         (["edit", "--model", model_dir, "--requests", good, "--out", "o", "--layers", "7-9"], "outside"),
         (["edit", "--model", model_dir, "--requests", good, "--out", "o", "--layers", "a-b"], "--layers"),
         (["edit", "--model", model_dir, "--requests", good, "--out", "o", "--layers", "0", "--corpus", "nope.txt"],
@@ -82,7 +82,8 @@ def test_edit_errors(tiny_dirs, tmp_path, monkeypatch):
         (["edit", "--model", model_dir, "--requests", good, "--out", "o", "--hparam", "bogus=1"],
          "unknown hyperparameter"),
         (["stats", "--model", model_dir, "--layers", "0", "--corpus", "no-such-dataset-xyz"], "--corpus model"),
-        (["stats", "--model", model_dir, "--layers", "0", "--samples", "0"], "'--samples': 0 is not in the range"),
+        (["stats", "--model", model_dir, "--layers", "0", "--samples", "0"], "--stats-samples must be >= 1 (got 0)"),
+        (["delete", "--model", model_dir, "--requests", good, "--objective", "x"], "'--delete-objective': 'x' is not"),
         (["edit", "--model", model_dir, "--out", "o"], "Missing option '--requests'"),
     ]
     for args, msg in cases:
