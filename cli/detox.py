@@ -10,12 +10,13 @@ from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
 from jaxedit.detox.config import RANDOM_STRATEGIES, STAGES, DetoxConfig
 from jaxedit.detox.data import prompt_of, read_facts, read_prompts, read_texts
 from jaxedit.detox.editing import plan_runs
-from jaxedit.edit.profs import default_layers
-from jaxedit.files import read_rows
+from jaxedit.detox.estimate import estimate_lines
 from jaxedit.detox.methods import plan_method_runs, read_pairs_file
-from jaxedit.loading.peek import peek
 from jaxedit.detox.pipeline import run_study
+from jaxedit.edit.profs import default_layers
 from jaxedit.errors import JaxeditError
+from jaxedit.files import read_rows
+from jaxedit.loading.peek import peek
 
 
 def _csv(text, what, cast=str):
@@ -139,9 +140,12 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
     config, _ = peek(model_name, tokenizer=False)  # the config alone: layer counts and hparams checked unloaded
     if config is not None:
         cfg.check_model(config)
+    lines = plan(cfg, config, out, stages)
     if dry_run:
-        click.echo("\n".join(plan(cfg, config, out, stages)))
+        click.echo("\n".join(lines + ["dry run: nothing loaded, nothing written"]))
         return
+    for line in lines:
+        runtime.stage(line)
     runtime.set_resume_note(f"finished steps are kept in {out}/; rerun the same command to resume")
     model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     cfg.check_model(model.config)
@@ -261,5 +265,16 @@ def plan(cfg: DetoxConfig, config, out: str, stages) -> list:
         lines.append(f"evaluate: {1 + n_runs + len(more)} models (the unedited one and every run): {each}")
     if "report" in stages:
         lines.append("report: table1, table2, summary, table_methods, aie_layers, frontier")
-    lines.append("dry run: nothing loaded, nothing written")
+    units = {}
+    if "select" in stages:
+        units["select"] = None if n is None else max(n - cands, 0)
+    if "localize" in stages and "delete" in cfg.methods:
+        traced = len(read_rows(os.path.join(out, "trace", "results.jsonl"))) if have("trace/results.jsonl") else 0
+        units["localize"] = None if n_edit is None else max(n_edit - traced, 0)
+    if "edit" in stages:
+        units["edit"] = max(n_runs + len(more) - done, 0)
+    if "evaluate" in stages:
+        evaluated = len(read_rows(os.path.join(out, "runs.jsonl"))) if have("runs.jsonl") else 0
+        units["evaluate"] = max(1 + n_runs + len(more) - evaluated, 0)
+    lines += estimate_lines(cfg, units)
     return lines

@@ -303,6 +303,26 @@ def test_rerun_with_other_options_is_refused(study, tmp_path):
         c["line"] for c in cands if c["prompt_toxicity"] < 0.5 and c["mean_toxicity"] > 0.3)
     with pytest.raises(JaxeditError, match=r"--eval-samples 3 -> 4"):
         run_study(model, tok, config(cfg.prompts, eval_samples=4), out, stages=("evaluate",), progress=False)
+    # --limit shrinks (or grows) the selection without sampling again what is done: with later results it is
+    # refused like any filter option; with none, the stored candidates of the first N prompts are re-filtered
+    with pytest.raises(JaxeditError, match=r"--limit None -> 3\).*to select again"):
+        run_study(model, tok, config(cfg.prompts, limit=3), out, stages=("select",), progress=False)
+    import jaxedit.detox.selection as selection
+
+    def no_sampling(*a, **k):
+        raise AssertionError("sampled again")
+
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(selection, "sample", no_sampling)
+    try:
+        run_study(model, tok, config(cfg.prompts, select_threshold=0.3, limit=3), fresh, stages=("select",),
+                  progress=False)
+    finally:
+        monkey.undo()
+    first3 = [c for c in cands if c["line"] <= 3]
+    assert len(first3) == 3
+    assert sorted(r["line"] for r in read(os.path.join(fresh, "selected.jsonl"))) == sorted(
+        c["line"] for c in first3 if c["prompt_toxicity"] < 0.5 and c["mean_toxicity"] > 0.3)
 
 
 def test_tables_by_hand():
@@ -461,6 +481,31 @@ def test_dry_run_prints_the_plan_without_loading(tmp_path, tiny_dirs, monkeypatc
     assert lines[1] == "select: 5 prompts x 25 continuations of 20 tokens (125 samples)"
     assert lines[3].startswith("edit: 6 runs (2 strategies x 1 objectives x 2 KL weights; random strategies x 2 seeds)")
     assert lines[-1] == "dry run: nothing loaded, nothing written" and not out.exists()
+
+
+def test_plan_estimates_time_from_the_measured_units(study, tmp_path, monkeypatch):
+    """The stage bars time their first update (compile included) and the later units; the plan extrapolates: by
+    hand, first 10 s for 3 prompts, then 4 s for 5 more (0.8 s each): 13 prompts left at twice the samples cost
+    2 x (10 + 0.8 x 10) = 36 s. A study's run records every stage it ran."""
+    from jaxedit.detox import estimate
+    from jaxedit.runtime import _NoBar
+
+    _, _, cfg, _ = study
+    assert {"select", "localize", "edit", "evaluate"} <= set(estimate.load_calibration(cfg))  # the fixture's run
+    monkeypatch.setenv("JAXEDIT_CACHE", str(tmp_path / "cache"))
+    assert estimate.estimate_lines(cfg, {"select": 5})[0].startswith("time: no estimate yet")
+    clock = iter([100.0, 110.0, 112.0, 114.0])
+    monkeypatch.setattr(estimate.time, "perf_counter", lambda: next(clock))
+    with estimate.TimedBar(_NoBar(), "select") as bar:
+        for n in (3, 3, 2):
+            bar.update(n)
+    estimate.record(cfg, "select")
+    c = estimate.load_calibration(cfg)["select"]
+    assert (c["first"], c["first_units"], c["per_unit"], c["unit_size"]) == (10.0, 3, 0.8, 20.0)
+    doubled = dataclasses.replace(cfg, select_samples=2 * cfg.select_samples)
+    assert estimate.stage_seconds(estimate.load_calibration(cfg), doubled, "select", 13) == pytest.approx(36.0)
+    line = estimate.estimate_lines(doubled, {"select": 13, "localize": None})[0]
+    assert line.startswith("time: ~36 s + localize (not measured yet") and "select ~36 s" in line, line
 
 
 def test_empty_selection_says_how_many_were_considered(tmp_path, tiny_dirs):

@@ -8,6 +8,7 @@ import re
 
 from jaxedit import runtime
 from jaxedit.detox.config import DetoxConfig
+from jaxedit.detox.estimate import TimedBar
 from jaxedit.errors import JaxeditError
 from jaxedit.evaluate.toxicity import get_scorer
 from jaxedit.files import read_rows, write_json
@@ -25,6 +26,8 @@ def check_stage(out: str, stage: str, cfg: DetoxConfig) -> None:
             stored = json.load(f)
     mine = json.loads(json.dumps(cfg.stage_options(stage)))
     before = stored.get(stage)
+    if before is not None:  # a study written by an older version: options it recorded elsewhere (or not at all)
+        before = {k: before.get(k, v) for k, v in mine.items()}  # are compared as they are now
     if before is not None and before != mine:
         diff = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(before) | set(mine))
                 if before.get(k) != mine.get(k)]
@@ -38,8 +41,15 @@ def check_stage(out: str, stage: str, cfg: DetoxConfig) -> None:
         write_json(path, stored)
 
 
+TIMED_BARS = {"select: sampling": "select", "localize: tracing": "localize", "edit: runs": "edit",
+              "evaluate: runs": "evaluate"}
+
+
 def stage_bar(total, desc, initial=0, progress=True):
-    return runtime.bar(total, desc, "prompt" if "run" not in desc else "run", initial, enabled=progress)
+    """The stage's progress bar; the main bar of each stage also times its units for the plan's estimate
+    (:mod:`jaxedit.detox.estimate`)."""
+    bar = runtime.bar(total, desc, "prompt" if "run" not in desc else "run", initial, enabled=progress)
+    return TimedBar(bar, TIMED_BARS[desc]) if desc in TIMED_BARS else bar
 
 
 def stage_scorer(cfg: DetoxConfig, out: str):

@@ -174,16 +174,18 @@ class DetoxConfig:
 
     def stage_options(self, stage: str) -> dict:
         """The options the stage's stored results depend on. "sample" (the candidates' continuations) and
-        "filter" (which candidates are kept, and their chunk, value and split) are the two halves of selection;
+        "filter" (which candidates are kept, and their chunk, value and split) are the two halves of selection.
+        ``limit`` is a filter option: each prompt's continuations depend on that prompt alone (its own random key),
+        so a rerun with another ``--limit`` reuses every stored candidate and samples only prompts not done yet;
         "dinm" and "profs" are the edit stage's options of those methods (recorded once the method runs, so that
         methods can be added to a study that has results)."""
         if stage == "sample":
             return dict(model=self.model, prompts=os.path.abspath(self.prompts) if os.path.exists(self.prompts)
-                        else self.prompts, limit=self.limit, scorer=self.scorer if isinstance(self.scorer, str)
+                        else self.prompts, scorer=self.scorer if isinstance(self.scorer, str)
                         else "callable", select_samples=self.select_samples, max_new_tokens=self.max_new_tokens,
                         top_p=self.top_p, seed=self.seed)
         if stage == "filter":
-            return dict(chunker=self.chunker if isinstance(self.chunker, str) else "callable",
+            return dict(limit=self.limit, chunker=self.chunker if isinstance(self.chunker, str) else "callable",
                         select_threshold=self.select_threshold, prompt_threshold=self.prompt_threshold,
                         value=self.value, heldout_fraction=self.heldout_fraction, max_prompts=self.max_prompts)
         if stage == "localize":

@@ -31,6 +31,7 @@ import os
 import time
 
 from jaxedit import runtime
+from jaxedit.detox import estimate
 from jaxedit.detox.config import CANNED, OBJECTIVES, RANDOM_STRATEGIES, STAGES, STRATEGIES, VALUES, DetoxConfig
 from jaxedit.detox.editing import edit
 from jaxedit.detox.evaluation import evaluate
@@ -56,6 +57,7 @@ def run_study(model, tokenizer, cfg: DetoxConfig, out: str, stages=STAGES, progr
         with runtime.on_interrupt(lambda: add_timing(out, stage, time.perf_counter() - t0, interrupted=True)):
             fns[stage](model, tokenizer, cfg, out, progress=progress)
         add_timing(out, stage, time.perf_counter() - t0)
+        estimate.record(cfg, stage)
 
 
 def add_timing(out: str, stage: str, seconds: float, interrupted: bool = False) -> None:

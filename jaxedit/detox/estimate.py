@@ -1,0 +1,153 @@
+"""How long a study's stages take on this machine, for the plan a run (or ``--dry-run``) prints first.
+
+Each stage's progress bar times its work: the first unit (a batch of prompts, one edit run, one evaluated model;
+the compile is in it) and the units after it. When a stage has done work, those times are kept per model in the
+jaxedit cache (``<cache>/calibration/detox.json``), with the sizes that set a unit's cost (samples x tokens for
+the sampling stages, noisy samples x kinds for tracing). The plan extrapolates them to the work left:
+
+    estimate = first unit's seconds (once per stage, if anything is left) + seconds per later unit x units left
+               x (this run's unit size / the measured run's unit size)
+
+A model with no measurement yet gets no estimate (the plan says so); the first run of a stage measures it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Optional
+
+from jaxedit.cache import cache_dir
+from jaxedit.detox.config import DetoxConfig
+from jaxedit.files import write_json
+
+STAGES_TIMED = ("select", "localize", "edit", "evaluate")
+_measured: dict = {}  # stage -> {"first": s, "first_units": n, "rest": s, "rest_units": n} of the stage in this process
+
+
+def unit_size(cfg: DetoxConfig, stage: str) -> float:
+    """What a unit of ``stage`` costs in proportion to (prompts are the units of select and localize, runs those
+    of edit, models those of evaluate)."""
+    if stage == "select":
+        return float(cfg.select_samples * cfg.max_new_tokens)
+    if stage == "localize":
+        return float(cfg.trace_samples * len(cfg.trace_kinds))
+    if stage == "evaluate":
+        return float(cfg.eval_samples * cfg.max_new_tokens)
+    return 1.0
+
+
+class TimedBar:
+    """A stage's bar that also times its updates (see the module docstring); the bar's own methods pass through."""
+
+    def __init__(self, bar, stage: str):
+        self._bar, self._stage = bar, stage
+        self._t0 = self._t_first = None
+        self._first = self._rest = 0
+
+    def __enter__(self):
+        self._bar.__enter__()
+        self._t0 = time.perf_counter()
+        return self
+
+    def update(self, n=1):
+        now = time.perf_counter()
+        if self._t_first is None:
+            self._t_first, self._first = now, n
+        else:
+            self._rest += n
+        self._last = now
+        return self._bar.update(n)
+
+    def __exit__(self, *exc):
+        if self._t_first is not None and not any(exc):
+            rec = {"first": self._t_first - self._t0, "first_units": self._first,
+                   "rest": self._last - self._t_first, "rest_units": self._rest}
+            _measured[self._stage] = rec
+        return self._bar.__exit__(*exc)
+
+    def __getattr__(self, name):
+        return getattr(self._bar, name)
+
+
+def _path() -> str:
+    return os.path.join(cache_dir(), "calibration", "detox.json")
+
+
+def _key(cfg: DetoxConfig) -> str:
+    model = os.path.abspath(cfg.model) if os.path.exists(cfg.model) else cfg.model
+    return f"{model} | batch {cfg.batch_size}"
+
+
+def load_calibration(cfg: DetoxConfig) -> dict:
+    try:
+        with open(_path()) as f:
+            return json.load(f).get(_key(cfg), {})
+    except (OSError, ValueError):
+        return {}
+
+
+def record(cfg: DetoxConfig, stage: str) -> None:
+    """Keep what this process measured of ``stage`` (if it did any work) as the model's calibration."""
+    rec = _measured.pop(stage, None)
+    if rec is None:
+        return
+    try:
+        with open(_path()) as f:
+            allc = json.load(f)
+    except (OSError, ValueError):
+        allc = {}
+    entry = allc.setdefault(_key(cfg), {})
+    old = entry.get(stage, {})
+    first = rec["first"] / max(rec["first_units"], 1)
+    per = rec["rest"] / rec["rest_units"] if rec["rest_units"] else old.get("per_unit", first)
+    entry[stage] = {"first": round(rec["first"], 2), "first_units": rec["first_units"], "per_unit": round(per, 3),
+                    "unit_size": unit_size(cfg, stage), "date": time.strftime("%Y-%m-%d")}
+    try:
+        os.makedirs(os.path.dirname(_path()), exist_ok=True)
+        write_json(_path(), allc)
+    except OSError:  # an unwritable cache only costs the estimate
+        pass
+
+
+def stage_seconds(cal: dict, cfg: DetoxConfig, stage: str, units: Optional[int]) -> Optional[float]:
+    """Estimated seconds for ``units`` units of ``stage`` (None: no measurement, or the units are not known yet)."""
+    c = cal.get(stage)
+    if c is None or units is None:
+        return None
+    if units <= 0:
+        return 0.0
+    ratio = unit_size(cfg, stage) / c["unit_size"] if c.get("unit_size") else 1.0
+    first_units = min(units, c.get("first_units", 1))
+    return ratio * (c["first"] + c["per_unit"] * (units - first_units))
+
+
+def human(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def estimate_lines(cfg: DetoxConfig, units: dict) -> list:
+    """The plan's time lines: per stage ``units`` (stage -> units left, None when unknown before an earlier stage
+    runs), and the total."""
+    cal = load_calibration(cfg)
+    if not cal:
+        return [f"time: no estimate yet for {cfg.model} at batch size {cfg.batch_size} on this machine (the first "
+                f"run of each stage measures it)"]
+    parts, total, unknown = [], 0.0, []
+    for stage in STAGES_TIMED:
+        if stage not in units:
+            continue
+        s = stage_seconds(cal, cfg, stage, units[stage])
+        if s is None:
+            unknown.append(stage)
+            continue
+        total += s
+        parts.append(f"{stage} ~{human(s)}")
+    dates = sorted({c["date"] for c in cal.values()})
+    line = f"time: ~{human(total)}" + (" + " + ", ".join(unknown) + " (not measured yet, or sized by an earlier "
+                                       "stage)" if unknown else "")
+    return [line + f" ({', '.join(parts)}; from runs on this machine, {dates[-1]})" if parts else line]
