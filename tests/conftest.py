@@ -189,22 +189,33 @@ def _release_compiled_programs():
         runtime.clear_compiled()
 
 
-# XLA's CPU backend with its optimizations off: for the tiny checkpoints compiling is what costs (measured on
-# tests/test_tracing.py: 220 s -> 145 s, same results); SmolLM2's programs run ~1.5x slower so (a one-prompt trace
-# 17.7 -> 26.6 s), so a run that selects any slow test keeps XLA's defaults
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# XLA's CPU backend with most optimizations off (jax_disable_most_optimizations: backend optimization level 0, no
+# expensive LLVM passes) for the tests on tiny checkpoints, where compiling is what costs (measured on
+# tests/test_tracing.py: 220 s -> 145 s, same results); the tests that load SmolLM2 keep XLA's defaults, as its
+# programs run ~1.5x slower without them (a one-prompt trace 17.7 -> 26.6 s). JAX reads the flag at each compile
+# and keys compiled programs by their shapes, which differ between the two kinds of model; the commands a test
+# starts inherit the setting through the environment.
+REAL_MODEL_FIXTURES = {"smollm2", "smollm2_stats", "hf_gguf"}
+
+
+def uses_real_model(item) -> bool:
+    return bool(item.get_closest_marker("slow")) or bool(REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before the test's fixtures are set up (a session fixture that loads SmolLM2 compiles with the flag of the
+    first test that needs it)."""
+    import jax
+
+    fast = not uses_real_model(item)
+    jax.config.update("jax_disable_most_optimizations", fast)
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1" if fast else "0"
 
 
 def pytest_collection_finish(session):
-    """A run without slow tests compiles with :data:`FAST_XLA` (set before the first computation starts JAX's
-    backend; the commands the tests start inherit it). tests/test_sharding.py's checks run in a process of their
-    own (8 CPU devices); start it as soon as they are collected, at low priority, so it runs beside the rest of the
-    suite instead of after it."""
-    if not any(item.get_closest_marker("slow") for item in session.items):
-        from jax._src import xla_bridge
-
-        if not xla_bridge._backends:  # the backend reads XLA_FLAGS once, when it starts
-            os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_XLA}".strip()
+    """tests/test_sharding.py's checks run in a process of their own (8 CPU devices); start it as soon as they are
+    collected, at low priority, so it runs beside the rest of the suite instead of after it."""
     for item in session.items:
         module = getattr(item, "module", None)
         if hasattr(module, "start_background_checks") and "report" in getattr(item, "fixturenames", ()):

@@ -42,20 +42,30 @@ def perplexity(model, tok, texts=(TEXT,)):
 
 
 @pytest.mark.slow
-def test_edit_eiffel_to_rome(smollm2, stats, tmp_path):
+def test_batch_of_ten_edits_and_export(smollm2, stats, tmp_path):
+    """Ten facts rewritten in one MEMIT batch (Eiffel Tower -> Rome among them, with a paraphrase and the unedited
+    facts as its neighbourhood); the exported checkpoint, loaded by transformers alone, gives the edited logits.
+    (A batch of one is the same code path, pinned against the reference on tiny models in test_editing.py.)"""
     model, tok = smollm2
-    neighbours = [f["prompt"] for f in FACTS[1:]] + EXTRA_NEIGHBOURS
-    edited, rep = jaxedit.memit(model, [dict(EIFFEL, neighborhood=neighbours)], layers=LAYERS, tokenizer=tok,
-                                stats=stats, progress=False)
+    edited_ids = {0, 1, 3, 4, 5, 6, 7, 8, 11, 18}
+    neighbours = [f["prompt"] for i, f in enumerate(FACTS) if i not in edited_ids] + EXTRA_NEIGHBOURS
+    batch = [dict(BATCH[0], neighborhood=neighbours)] + BATCH[1:]
+    # lambda = 5000: with the LLaMA-7B preset's 15000 and statistics from 64 sampled texts, 2 of the 10 edits
+    # stay below p = 0.8 on this model (measured: 0.48 and 0.07)
+    edited, rep = jaxedit.memit(model, batch, layers=LAYERS, tokenizer=tok, stats=stats, progress=False,
+                                mom2_update_weight=5000.0)
+    p = [r["p_after"][0] for r in rep["requests"]]
+    won = [r["p_after"][0] > r["p_original_after"] for r in rep["requests"]]
     r = rep["requests"][0]
-    print("\nedit:", {k: r[k] for k in ("p_before", "p_after", "p_original_before", "p_original_after", "steps")})
-    assert r["argmax_after"] == " Rome" and r["p_after"][0] >= 0.5
+    kept = [n["argmax_kept"] for n in r["neighborhood"]]
+    print("\nbatch p(target):", np.round(p, 3).tolist(), "argmax hits:",
+          sum(r["argmax_after"] == b["target"] for r, b in zip(rep["requests"], BATCH)),
+          f"neighbourhood argmax kept: {sum(kept)}/{len(kept)}", f"{rep['seconds']:.0f} s")
+    assert min(p) >= 0.8 and all(won)
+    assert r["argmax_after"] == " Rome" and len(kept) >= 20 and np.mean(kept) >= 0.8
     para = r["paraphrases"][0]
     print("paraphrase:", para["p_before"], "->", para["p_after"])
     assert para["p_after"][0] > 5 * para["p_before"][0]
-    kept = [n["argmax_kept"] for n in r["neighborhood"]]
-    print(f"neighbourhood argmax kept: {sum(kept)}/{len(kept)}")
-    assert len(kept) >= 20 and np.mean(kept) >= 0.9
 
     # the exported checkpoint, loaded by transformers alone, gives the edited logits
     import transformers
@@ -76,26 +86,6 @@ def test_edit_eiffel_to_rome(smollm2, stats, tmp_path):
     w = np.asarray(jaxedit.params_of(edited)["blocks"]["w_out"])
     for l in LAYERS:  # the edited weights are in the file bit for bit
         np.testing.assert_array_equal(saved[f"model.layers.{l}.mlp.down_proj.weight"], w[l].T)
-
-
-@pytest.mark.slow
-def test_batch_of_ten_edits(smollm2, stats):
-    model, tok = smollm2
-    edited_ids = {0, 1, 3, 4, 5, 6, 7, 8, 11, 18}
-    neighbours = [f["prompt"] for i, f in enumerate(FACTS) if i not in edited_ids] + EXTRA_NEIGHBOURS
-    batch = [dict(BATCH[0], neighborhood=neighbours)] + BATCH[1:]
-    # lambda = 5000: with the LLaMA-7B preset's 15000 and statistics from 64 sampled texts, 2 of the 10 edits
-    # stay below p = 0.8 on this model (measured: 0.48 and 0.07)
-    edited, rep = jaxedit.memit(model, batch, layers=LAYERS, tokenizer=tok, stats=stats, progress=False,
-                                mom2_update_weight=5000.0)
-    p = [r["p_after"][0] for r in rep["requests"]]
-    won = [r["p_after"][0] > r["p_original_after"] for r in rep["requests"]]
-    kept = [n["argmax_kept"] for n in rep["requests"][0]["neighborhood"]]
-    print("\nbatch p(target):", np.round(p, 3).tolist(), "argmax hits:",
-          sum(r["argmax_after"] == b["target"] for r, b in zip(rep["requests"], BATCH)),
-          f"neighbourhood argmax kept: {sum(kept)}/{len(kept)}", f"{rep['seconds']:.0f} s")
-    assert min(p) >= 0.8 and all(won)
-    assert np.mean(kept) >= 0.8
 
 
 @pytest.mark.slow

@@ -111,7 +111,8 @@ def test_batch_skip_bad_reports_and_continues(model_dir, tmp_path):
     (["--prompt", "", "--subject", "x"], "empty prompt"),
     (["--prompt", "Miles Davis plays the " * 20, "--subject", "Miles"], "longer than the model's context"),
     (["--prompt", "Miles Davis plays the", "--subject", "Miles", "--kinds", "hidden,ffn"], "unknown kind 'ffn'"),
-    (["--prompt", "Miles Davis plays the", "--subject", "Miles", "--samples", "0"], "'--samples': 0 is not in"),
+    (["--prompt", "Miles Davis plays the", "--subject", "Miles", "--samples", "0"],
+     "--noise-samples must be >= 1 (got 0)"),
     (["--prompt", "Miles Davis plays the"], "give the span to corrupt"),
     (["--subject", "Miles"], "give either --prompt"),
 ])
