@@ -496,16 +496,25 @@ def test_plan_estimates_time_from_the_measured_units(study, tmp_path, monkeypatc
     assert estimate.estimate_lines(cfg, {"select": 5})[0].startswith("time: no estimate yet")
     clock = iter([100.0, 110.0, 112.0, 114.0])
     monkeypatch.setattr(estimate.time, "perf_counter", lambda: next(clock))
+    estimate.begin("select")  # the stage starts at 100 s
     with estimate.TimedBar(_NoBar(), "select") as bar:
         for n in (3, 3, 2):
             bar.update(n)
-    estimate.record(cfg, "select")
+    estimate.record(cfg, "select", str(tmp_path))
     c = estimate.load_calibration(cfg)["select"]
     assert (c["first"], c["first_units"], c["per_unit"], c["unit_size"]) == (10.0, 3, 0.8, 20.0)
     doubled = dataclasses.replace(cfg, select_samples=2 * cfg.select_samples)
     assert estimate.stage_seconds(estimate.load_calibration(cfg), doubled, "select", 13) == pytest.approx(36.0)
     line = estimate.estimate_lines(doubled, {"select": 13, "localize": None})[0]
     assert line.startswith("time: ~36 s + localize (not measured yet") and "select ~36 s" in line, line
+    # an edit run's cost scales with the prompts it edits, known once selection has run
+    _, _, _, out = study
+    sel = read(os.path.join(out, "selected.jsonl"))
+    counts = estimate.selected_counts(out)
+    assert counts == {"edit": sum(r["split"] == "edit" for r in sel), "all": len(sel)}
+    cal = {"edit": {"first": 30.0, "first_units": 1, "per_unit": 5.0, "unit_size": 2.0}}
+    assert estimate.stage_seconds(cal, cfg, "edit", 3) is None  # before selection: unknown
+    assert estimate.stage_seconds(cal, cfg, "edit", 3, prompts=4) == pytest.approx(2 * (30 + 5 * 2))
 
 
 def test_empty_selection_says_how_many_were_considered(tmp_path, tiny_dirs):

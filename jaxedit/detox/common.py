@@ -42,7 +42,7 @@ def check_stage(out: str, stage: str, cfg: DetoxConfig) -> None:
 
 
 TIMED_BARS = {"select: sampling": "select", "localize: tracing": "localize", "edit: runs": "edit",
-              "evaluate: runs": "evaluate"}
+              "edit: method runs": "edit", "evaluate: runs": "evaluate"}
 
 
 def stage_bar(total, desc, initial=0, progress=True):

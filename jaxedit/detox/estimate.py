@@ -1,7 +1,8 @@
 """How long a study's stages take on this machine, for the plan a run (or ``--dry-run``) prints first.
 
-Each stage's progress bar times its work: the first unit (a batch of prompts, one edit run, one evaluated model;
-the compile is in it) and the units after it. When a stage has done work, those times are kept per model in the
+Each stage's progress bar times its work: the first unit (a batch of prompts, one edit run, one evaluated model),
+timed from the stage's start (the compile and any set-up, such as the key statistics, are in it), and the units
+after it. When a stage has done work, those times are kept per model in the
 jaxedit cache (``<cache>/calibration/detox.json``), with the sizes that set a unit's cost (samples x tokens for
 the sampling stages, noisy samples x kinds for tracing). The plan extrapolates them to the work left:
 
@@ -19,51 +20,72 @@ from typing import Optional
 
 from jaxedit.cache import cache_dir
 from jaxedit.detox.config import DetoxConfig
-from jaxedit.files import write_json
+from jaxedit.files import read_rows, write_json
 
 STAGES_TIMED = ("select", "localize", "edit", "evaluate")
-_measured: dict = {}  # stage -> {"first": s, "first_units": n, "rest": s, "rest_units": n} of the stage in this process
+_measured: dict = {}  # stage -> its start, first update, units and last update in this process (begin, TimedBar)
 
 
-def unit_size(cfg: DetoxConfig, stage: str) -> float:
-    """What a unit of ``stage`` costs in proportion to (prompts are the units of select and localize, runs those
-    of edit, models those of evaluate)."""
+def unit_size(cfg: DetoxConfig, stage: str, prompts: Optional[int] = None) -> Optional[float]:
+    """What a unit of ``stage`` costs in proportion to: prompts are the units of select and localize, runs those
+    of edit (each edits the ``prompts`` selected for editing), models those of evaluate (each samples the
+    ``prompts`` selected, edited and held out). None where it depends on a count not known yet."""
     if stage == "select":
         return float(cfg.select_samples * cfg.max_new_tokens)
     if stage == "localize":
         return float(cfg.trace_samples * len(cfg.trace_kinds))
+    if prompts is None:
+        return None
     if stage == "evaluate":
-        return float(cfg.eval_samples * cfg.max_new_tokens)
-    return 1.0
+        return float(cfg.eval_samples * cfg.max_new_tokens * prompts)
+    return float(prompts)
+
+
+def selected_counts(out: str) -> Optional[dict]:
+    """{"edit": n, "all": n} of the study's selected prompts, or None before selection."""
+    rows = read_rows(os.path.join(out, "selected.jsonl"))
+    if not rows:
+        return None
+    return {"edit": sum(r["split"] == "edit" for r in rows), "all": len(rows)}
+
+
+def stage_prompts(stage: str, counts: Optional[dict]) -> Optional[int]:
+    if counts is None:
+        return None
+    return counts["all"] if stage == "evaluate" else counts["edit"]
+
+
+def begin(stage: str) -> None:
+    """The stage starts now: its first unit is timed from here (what the stage does before its bar moves, such as
+    the key statistics before the first edit, counts in the first unit)."""
+    _measured[stage] = {"begin": time.perf_counter(), "first": None, "first_units": 0, "rest_units": 0, "last": None}
 
 
 class TimedBar:
-    """A stage's bar that also times its updates (see the module docstring); the bar's own methods pass through."""
+    """A stage's bar that also times its updates for the stage (see the module docstring; several bars of one stage
+    add up); the bar's own methods pass through."""
 
     def __init__(self, bar, stage: str):
         self._bar, self._stage = bar, stage
-        self._t0 = self._t_first = None
-        self._first = self._rest = 0
 
     def __enter__(self):
         self._bar.__enter__()
-        self._t0 = time.perf_counter()
+        if self._stage not in _measured:  # a stage run outside run_study: timed from its bar
+            begin(self._stage)
         return self
 
     def update(self, n=1):
         now = time.perf_counter()
-        if self._t_first is None:
-            self._t_first, self._first = now, n
-        else:
-            self._rest += n
-        self._last = now
+        rec = _measured.get(self._stage)
+        if rec is not None:
+            if rec["first"] is None:
+                rec["first"], rec["first_units"] = now, n
+            else:
+                rec["rest_units"] += n
+            rec["last"] = now
         return self._bar.update(n)
 
     def __exit__(self, *exc):
-        if self._t_first is not None and not any(exc):
-            rec = {"first": self._t_first - self._t0, "first_units": self._first,
-                   "rest": self._last - self._t_first, "rest_units": self._rest}
-            _measured[self._stage] = rec
         return self._bar.__exit__(*exc)
 
     def __getattr__(self, name):
@@ -87,11 +109,13 @@ def load_calibration(cfg: DetoxConfig) -> dict:
         return {}
 
 
-def record(cfg: DetoxConfig, stage: str) -> None:
+def record(cfg: DetoxConfig, stage: str, out: str) -> None:
     """Keep what this process measured of ``stage`` (if it did any work) as the model's calibration."""
     rec = _measured.pop(stage, None)
-    if rec is None:
+    if rec is None or rec["first"] is None:  # nothing done in this run
         return
+    rec = {"first": rec["first"] - rec["begin"], "first_units": rec["first_units"], "rest": rec["last"] - rec["first"],
+           "rest_units": rec["rest_units"]}
     try:
         with open(_path()) as f:
             allc = json.load(f)
@@ -102,7 +126,8 @@ def record(cfg: DetoxConfig, stage: str) -> None:
     first = rec["first"] / max(rec["first_units"], 1)
     per = rec["rest"] / rec["rest_units"] if rec["rest_units"] else old.get("per_unit", first)
     entry[stage] = {"first": round(rec["first"], 2), "first_units": rec["first_units"], "per_unit": round(per, 3),
-                    "unit_size": unit_size(cfg, stage), "date": time.strftime("%Y-%m-%d")}
+                    "unit_size": unit_size(cfg, stage, stage_prompts(stage, selected_counts(out))),
+                    "date": time.strftime("%Y-%m-%d")}
     try:
         os.makedirs(os.path.dirname(_path()), exist_ok=True)
         write_json(_path(), allc)
@@ -110,14 +135,19 @@ def record(cfg: DetoxConfig, stage: str) -> None:
         pass
 
 
-def stage_seconds(cal: dict, cfg: DetoxConfig, stage: str, units: Optional[int]) -> Optional[float]:
-    """Estimated seconds for ``units`` units of ``stage`` (None: no measurement, or the units are not known yet)."""
+def stage_seconds(cal: dict, cfg: DetoxConfig, stage: str, units: Optional[int],
+                  prompts: Optional[int] = None) -> Optional[float]:
+    """Estimated seconds for ``units`` units of ``stage`` (None: no measurement, or the units or their size are not
+    known yet)."""
     c = cal.get(stage)
     if c is None or units is None:
         return None
     if units <= 0:
         return 0.0
-    ratio = unit_size(cfg, stage) / c["unit_size"] if c.get("unit_size") else 1.0
+    size = unit_size(cfg, stage, prompts)
+    if size is None or not c.get("unit_size"):
+        return None
+    ratio = size / c["unit_size"]
     first_units = min(units, c.get("first_units", 1))
     return ratio * (c["first"] + c["per_unit"] * (units - first_units))
 
@@ -130,9 +160,9 @@ def human(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def estimate_lines(cfg: DetoxConfig, units: dict) -> list:
+def estimate_lines(cfg: DetoxConfig, units: dict, counts: Optional[dict] = None) -> list:
     """The plan's time lines: per stage ``units`` (stage -> units left, None when unknown before an earlier stage
-    runs), and the total."""
+    runs; ``counts``: :func:`selected_counts`), and the total."""
     cal = load_calibration(cfg)
     if not cal:
         return [f"time: no estimate yet for {cfg.model} at batch size {cfg.batch_size} on this machine (the first "
@@ -141,7 +171,7 @@ def estimate_lines(cfg: DetoxConfig, units: dict) -> list:
     for stage in STAGES_TIMED:
         if stage not in units:
             continue
-        s = stage_seconds(cal, cfg, stage, units[stage])
+        s = stage_seconds(cal, cfg, stage, units[stage], stage_prompts(stage, counts))
         if s is None:
             unknown.append(stage)
             continue
