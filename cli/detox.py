@@ -10,7 +10,7 @@ from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
 from jaxedit.detox.config import RANDOM_STRATEGIES, STAGES, DetoxConfig
 from jaxedit.detox.data import prompt_of, read_facts, read_prompts, read_texts
 from jaxedit.detox.editing import plan_runs
-from jaxedit.detox.estimate import estimate_lines, selected_counts
+from jaxedit.detox.estimate import estimate_lines
 from jaxedit.detox.methods import plan_method_runs, read_pairs_file
 from jaxedit.detox.pipeline import run_study
 from jaxedit.edit.profs import default_layers
@@ -276,5 +276,5 @@ def plan(cfg: DetoxConfig, config, out: str, stages) -> list:
     if "evaluate" in stages:
         evaluated = len(read_rows(os.path.join(out, "runs.jsonl"))) if have("runs.jsonl") else 0
         units["evaluate"] = max(1 + n_runs + len(more) - evaluated, 0)
-    lines += estimate_lines(cfg, units, selected_counts(out))
+    lines += estimate_lines(cfg, units)
     return lines

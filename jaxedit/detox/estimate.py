@@ -6,8 +6,8 @@ after it. When a stage has done work, those times are kept per model in the
 jaxedit cache (``<cache>/calibration/detox.json``), with the sizes that set a unit's cost (samples x tokens for
 the sampling stages, noisy samples x kinds for tracing). The plan extrapolates them to the work left:
 
-    estimate = first unit's seconds (once per stage, if anything is left) + seconds per later unit x units left
-               x (this run's unit size / the measured run's unit size)
+    estimate = fixed part (the first unit's seconds beyond one unit's: compile, set-up; once per stage)
+               + seconds per later unit x units left x (this run's unit size / the measured run's unit size)
 
 A model with no measurement yet gets no estimate (the plan says so); the first run of a stage measures it.
 """
@@ -20,39 +20,24 @@ from typing import Optional
 
 from jaxedit.cache import cache_dir
 from jaxedit.detox.config import DetoxConfig
-from jaxedit.files import read_rows, write_json
+from jaxedit.files import write_json
 
 STAGES_TIMED = ("select", "localize", "edit", "evaluate")
 _measured: dict = {}  # stage -> its start, first update, units and last update in this process (begin, TimedBar)
 
 
-def unit_size(cfg: DetoxConfig, stage: str, prompts: Optional[int] = None) -> Optional[float]:
+def unit_size(cfg: DetoxConfig, stage: str) -> float:
     """What a unit of ``stage`` costs in proportion to: prompts are the units of select and localize, runs those
-    of edit (each edits the ``prompts`` selected for editing), models those of evaluate (each samples the
-    ``prompts`` selected, edited and held out). None where it depends on a count not known yet."""
+    of edit, models those of evaluate. An edit run and an evaluated model handle all selected prompts in batched
+    calls, whose cost grew far less than the prompt count in the runs measured (docs/toxicity.md); they are not
+    scaled by it."""
     if stage == "select":
         return float(cfg.select_samples * cfg.max_new_tokens)
     if stage == "localize":
         return float(cfg.trace_samples * len(cfg.trace_kinds))
-    if prompts is None:
-        return None
     if stage == "evaluate":
-        return float(cfg.eval_samples * cfg.max_new_tokens * prompts)
-    return float(prompts)
-
-
-def selected_counts(out: str) -> Optional[dict]:
-    """{"edit": n, "all": n} of the study's selected prompts, or None before selection."""
-    rows = read_rows(os.path.join(out, "selected.jsonl"))
-    if not rows:
-        return None
-    return {"edit": sum(r["split"] == "edit" for r in rows), "all": len(rows)}
-
-
-def stage_prompts(stage: str, counts: Optional[dict]) -> Optional[int]:
-    if counts is None:
-        return None
-    return counts["all"] if stage == "evaluate" else counts["edit"]
+        return float(cfg.eval_samples * cfg.max_new_tokens)
+    return 1.0
 
 
 def begin(stage: str) -> None:
@@ -109,7 +94,7 @@ def load_calibration(cfg: DetoxConfig) -> dict:
         return {}
 
 
-def record(cfg: DetoxConfig, stage: str, out: str) -> None:
+def record(cfg: DetoxConfig, stage: str) -> None:
     """Keep what this process measured of ``stage`` (if it did any work) as the model's calibration."""
     rec = _measured.pop(stage, None)
     if rec is None or rec["first"] is None:  # nothing done in this run
@@ -126,8 +111,7 @@ def record(cfg: DetoxConfig, stage: str, out: str) -> None:
     first = rec["first"] / max(rec["first_units"], 1)
     per = rec["rest"] / rec["rest_units"] if rec["rest_units"] else old.get("per_unit", first)
     entry[stage] = {"first": round(rec["first"], 2), "first_units": rec["first_units"], "per_unit": round(per, 3),
-                    "unit_size": unit_size(cfg, stage, stage_prompts(stage, selected_counts(out))),
-                    "date": time.strftime("%Y-%m-%d")}
+                    "unit_size": unit_size(cfg, stage), "date": time.strftime("%Y-%m-%d")}
     try:
         os.makedirs(os.path.dirname(_path()), exist_ok=True)
         write_json(_path(), allc)
@@ -135,21 +119,18 @@ def record(cfg: DetoxConfig, stage: str, out: str) -> None:
         pass
 
 
-def stage_seconds(cal: dict, cfg: DetoxConfig, stage: str, units: Optional[int],
-                  prompts: Optional[int] = None) -> Optional[float]:
-    """Estimated seconds for ``units`` units of ``stage`` (None: no measurement, or the units or their size are not
-    known yet)."""
+def stage_seconds(cal: dict, cfg: DetoxConfig, stage: str, units: Optional[int]) -> Optional[float]:
+    """Estimated seconds for ``units`` units of ``stage`` (None: no measurement, or the units are not known yet):
+    the measured run's fixed part (its first unit's time beyond one unit's: compile, set-up) plus its seconds per
+    unit, scaled by the unit's size, for every unit left."""
     c = cal.get(stage)
     if c is None or units is None:
         return None
     if units <= 0:
         return 0.0
-    size = unit_size(cfg, stage, prompts)
-    if size is None or not c.get("unit_size"):
-        return None
-    ratio = size / c["unit_size"]
-    first_units = min(units, c.get("first_units", 1))
-    return ratio * (c["first"] + c["per_unit"] * (units - first_units))
+    ratio = unit_size(cfg, stage) / c["unit_size"] if c.get("unit_size") else 1.0
+    fixed = max(c["first"] - c["per_unit"] * c.get("first_units", 1), 0.0)
+    return fixed + c["per_unit"] * ratio * units
 
 
 def human(seconds: float) -> str:
@@ -160,9 +141,9 @@ def human(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def estimate_lines(cfg: DetoxConfig, units: dict, counts: Optional[dict] = None) -> list:
+def estimate_lines(cfg: DetoxConfig, units: dict) -> list:
     """The plan's time lines: per stage ``units`` (stage -> units left, None when unknown before an earlier stage
-    runs; ``counts``: :func:`selected_counts`), and the total."""
+    runs), and the total."""
     cal = load_calibration(cfg)
     if not cal:
         return [f"time: no estimate yet for {cfg.model} at batch size {cfg.batch_size} on this machine (the first "
@@ -171,7 +152,7 @@ def estimate_lines(cfg: DetoxConfig, units: dict, counts: Optional[dict] = None)
     for stage in STAGES_TIMED:
         if stage not in units:
             continue
-        s = stage_seconds(cal, cfg, stage, units[stage], stage_prompts(stage, counts))
+        s = stage_seconds(cal, cfg, stage, units[stage])
         if s is None:
             unknown.append(stage)
             continue
