@@ -6,7 +6,11 @@ import dataclasses
 import os
 from typing import Optional
 
+from jaxedit.detox.chunking import check_chunker
+from jaxedit.edit.memit import EditHparams, hparams_for
 from jaxedit.errors import JaxeditError
+from jaxedit.evaluate.toxicity import check_scorer
+from jaxedit.locate.tracing import KINDS
 
 STRATEGIES = ("random-single", "random-multi", "topk-single", "topk-multi", "ct-single", "ct-multi",
               "saliency-multi")
@@ -72,10 +76,6 @@ class DetoxConfig:
     def check(self, n_layers: Optional[int] = None) -> None:
         """Refuse bad option values (names, ranges; with ``n_layers``, the layer counts); reads no file and loads
         no model."""
-        from jaxedit.detox.chunking import check_chunker
-        from jaxedit.evaluate.toxicity import check_scorer
-        from jaxedit.locate.tracing import KINDS
-
         bad = [k for k in self.trace_kinds if k not in KINDS]
         if bad or not self.trace_kinds:
             raise JaxeditError(f"unknown trace kinds {bad} (choose from {', '.join(KINDS)})")
@@ -144,8 +144,6 @@ class DetoxConfig:
     def check_model(self, config) -> None:
         """The checks that need the model's config (which :func:`jaxedit.loading.peek.peek` reads without the
         weights): the layer counts, and the editing hyperparameters' names and value types."""
-        from jaxedit.edit.memit import EditHparams, hparams_for
-
         self.check(config.n_layers)
         hp = {k: v for k, v in self.hparams.items() if k != "preset"}
         try:

@@ -6,8 +6,13 @@ from __future__ import annotations
 import json
 import os
 
+from jaxedit.cache import cache_dir
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
+from jaxedit.loading import EMBEDDED, _cache_key, embedded_gguf_path
+from jaxedit.loading.gguf_file import gguf_config
+from jaxedit.loading.hf import load_tokenizer, read_config
+from jaxedit.loading.native import FORMAT_VERSION, MARKER, is_native_dir, load_native_tokenizer
 
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -92,8 +97,6 @@ class _GGUFHeader:
 
 def gguf_header_config(path: str) -> ModelConfig:
     """The config of a GGUF file from its header (what :func:`jaxedit.loading.gguf_file.gguf_config` reads)."""
-    from jaxedit.loading.gguf_file import gguf_config
-
     try:
         header = _GGUFHeader(path)
     except (OSError, ValueError, UnicodeDecodeError) as e:
@@ -103,8 +106,6 @@ def gguf_header_config(path: str) -> ModelConfig:
 
 def native_config(path: str) -> ModelConfig:
     """The config of a jaxedit directory (``jaxedit.json``), without reading its parameters."""
-    from jaxedit.loading.native import FORMAT_VERSION, MARKER
-
     with open(os.path.join(path, MARKER)) as f:
         meta = json.load(f)
     if meta.get("format_version") != FORMAT_VERSION:
@@ -118,11 +119,6 @@ def peek(name_or_path: str = "smollm2", *, revision=None, tokenizer: bool = True
     Either is None where it cannot be had cheaply: a hub id whose ``config.json`` is not in the local Hugging Face
     cache (nothing is downloaded), the tokenizer of a GGUF file not yet converted into jaxedit's cache (building it
     takes seconds), or ``tokenizer=False``. A path that does not exist raises the error :func:`jaxedit.load` would."""
-    from jaxedit.cache import cache_dir
-    from jaxedit.loading import EMBEDDED, _cache_key, embedded_gguf_path
-    from jaxedit.loading.hf import load_tokenizer, read_config
-    from jaxedit.loading.native import is_native_dir, load_native_tokenizer
-
     name = str(name_or_path)
     if name in EMBEDDED:
         name = embedded_gguf_path(name)
