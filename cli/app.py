@@ -26,7 +26,7 @@ A new command (e.g. in ``cli/detox.py``)::
     @click.option("--model", "model_name", default="smollm2", show_default=True, help=MODEL_HELP)
     @click.option("--requests", "requests_file", required=True, type=click.Path(dir_okay=False))
     @SKIP_BAD
-    @click.option("--out", required=True, type=click.Path(file_okay=False))
+    @click.option("--out", default="detox_out", show_default=True, type=click.Path(file_okay=False))
     def detox(model_name, requests_file, skip_bad, out):
         rf = request_file(requests_file, "requests", skip_bad, check=check_fields)  # no model needed yet
         model, tok = jaxedit.load(model_name)                                       # prints "loading ..."

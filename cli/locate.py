@@ -137,7 +137,8 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
             differ = [d for d in differ if d[0] != "level"]  # the level follows from the others (prompts, noise)
         if differ:
             what = "; ".join((f"noise level {new:.4g} here, {old:.4g} there (the spans traced together changed)"
-                              if k == "level" else f"--{k.replace('_', '-')} {_show(new)} here, {_show(old)} there")
+                              if k == "level" else f"--{'noise-samples' if k == 'samples' else k.replace('_', '-')} {_show(new)} here, "
+                              f"{_show(old)} there")
                              for k, old, new in differ)
             state["error"] = f"{out} holds a run with other options ({what}); choose another --out or delete it"
     state = broadcast_json(state)  # every process resumes from process 0's results.jsonl

@@ -59,6 +59,9 @@ class _NoBar:
     def set_postfix_str(self, *a, **k):
         pass
 
+    def write(self, s, *a, **k):  # what tqdm.write would print above the bar: a status line
+        stage(s)
+
     def set_description_str(self, *a, **k):
         pass
 

@@ -181,7 +181,7 @@ def test_rerun_into_the_same_folder(gpt2_dir, tmp_path):
                                             "--samples", 3])
     assert other.exit_code == 2
     assert (f"error: {out} holds a run with other options (--prompt 'Miles Davis plays a' here, "
-            f"'Miles Davis plays the' there; --samples 3 here, 2 there)") in other.output, other.output
+            f"'Miles Davis plays the' there; --noise-samples 3 here, 2 there)") in other.output, other.output
 
 
 def test_input_order_line_numbers_and_noise_level(gpt2_dir, tmp_path):

@@ -319,6 +319,20 @@ def test_rerun_with_other_options_is_refused(study, tmp_path):
                   progress=False)
     finally:
         monkey.undo()
+    # a study written before --limit moved to the filter options (it was recorded with the sampling ones) is
+    # checked against its old limit, and its record is brought up to date
+    old = str(tmp_path / "old")
+    os.makedirs(old)
+    shutil.copy(os.path.join(out, "candidates.jsonl"), old)
+    with open(os.path.join(out, "run.json")) as f:
+        stored = json.load(f)
+    stored["sample"]["limit"] = 5
+    del stored["filter"]["limit"]
+    with open(os.path.join(old, "run.json"), "w") as f:
+        json.dump(stored, f)
+    open(os.path.join(old, "localize.json"), "w").write("{}")  # a later stage has results
+    with pytest.raises(JaxeditError, match=r"--limit 5 -> None\)"):
+        run_study(model, tok, cfg, old, stages=("select",), progress=False)
     first3 = [c for c in cands if c["line"] <= 3]
     assert len(first3) == 3
     assert sorted(r["line"] for r in read(os.path.join(fresh, "selected.jsonl"))) == sorted(
@@ -496,7 +510,7 @@ def test_plan_estimates_time_from_the_measured_units(study, tmp_path, monkeypatc
     monkeypatch.setenv("JAXEDIT_CACHE", str(tmp_path / "cache"))
     assert estimate.estimate_lines(cfg, {"select": 5})[0].startswith("time: no estimate yet")
     clock = iter([100.0, 110.0, 112.0, 114.0])
-    monkeypatch.setattr(estimate.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(estimate, "_clock", lambda: next(clock))
     estimate.begin("select")  # the stage starts at 100 s
     with estimate.TimedBar(_NoBar(), "select") as bar:
         for n in (3, 3, 2):

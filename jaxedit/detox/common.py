@@ -14,6 +14,7 @@ from jaxedit.evaluate.toxicity import get_scorer
 from jaxedit.files import read_rows, write_json
 
 DOWNSTREAM = ("trace/results.jsonl", "localize.json", "edits", "runs.jsonl")
+OPTION_NAMES = {"samples": "stats-samples"}  # DetoxConfig fields whose option has another name
 
 
 def check_stage(out: str, stage: str, cfg: DetoxConfig) -> None:
@@ -25,18 +26,19 @@ def check_stage(out: str, stage: str, cfg: DetoxConfig) -> None:
         with open(path) as f:
             stored = json.load(f)
     mine = json.loads(json.dumps(cfg.stage_options(stage)))
-    before = stored.get(stage)
-    if before is not None:  # a study written by an older version: options it recorded elsewhere (or not at all)
-        before = {k: before.get(k, v) for k, v in mine.items()}  # are compared as they are now
+    raw = before = stored.get(stage)
+    if before is not None:  # a study written by an older version: --limit was a "sample" option; an option it
+        moved = stored.get("sample", {}) if stage == "filter" else {}  # did not record is compared as it is now
+        before = {k: before[k] if k in before else moved.get(k, v) for k, v in mine.items()}
     if before is not None and before != mine:
-        diff = [f"--{k.replace('_', '-')} {before.get(k)!r} -> {mine.get(k)!r}" for k in sorted(set(before) | set(mine))
-                if before.get(k) != mine.get(k)]
+        diff = [f"--{OPTION_NAMES.get(k, k.replace('_', '-'))} {before.get(k)!r} -> {mine.get(k)!r}"
+                for k in sorted(set(before) | set(mine)) if before.get(k) != mine.get(k)]
         later = [f for f in DOWNSTREAM if os.path.exists(os.path.join(out, f))]
         if stage != "filter" or later:
             hint = (f"; or delete {', '.join(later)} to select again" if stage == "filter" else "")
             raise JaxeditError(f"{out} holds a {'select' if stage in ('sample', 'filter') else stage} stage run with "
                                f"other options ({'; '.join(diff)}); use another --out, or the same options{hint}")
-    if before != mine:
+    if raw != mine:
         stored[stage] = mine
         write_json(path, stored)
 

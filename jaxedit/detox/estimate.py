@@ -23,6 +23,7 @@ from jaxedit.detox.config import DetoxConfig
 from jaxedit.files import write_json
 
 STAGES_TIMED = ("select", "localize", "edit", "evaluate")
+_clock = time.perf_counter
 _measured: dict = {}  # stage -> its start, first update, units and last update in this process (begin, TimedBar)
 
 
@@ -43,7 +44,7 @@ def unit_size(cfg: DetoxConfig, stage: str) -> float:
 def begin(stage: str) -> None:
     """The stage starts now: its first unit is timed from here (what the stage does before its bar moves, such as
     the key statistics before the first edit, counts in the first unit)."""
-    _measured[stage] = {"begin": time.perf_counter(), "first": None, "first_units": 0, "rest_units": 0, "last": None}
+    _measured[stage] = {"begin": _clock(), "first": None, "first_units": 0, "rest_units": 0, "last": None}
 
 
 class TimedBar:
@@ -60,7 +61,7 @@ class TimedBar:
         return self
 
     def update(self, n=1):
-        now = time.perf_counter()
+        now = _clock()
         rec = _measured.get(self._stage)
         if rec is not None:
             if rec["first"] is None:
@@ -109,7 +110,12 @@ def record(cfg: DetoxConfig, stage: str) -> None:
     entry = allc.setdefault(_key(cfg), {})
     old = entry.get(stage, {})
     first = rec["first"] / max(rec["first_units"], 1)
-    per = rec["rest"] / rec["rest_units"] if rec["rest_units"] else old.get("per_unit", first)
+    if rec["rest_units"]:
+        per = rec["rest"] / rec["rest_units"]
+    elif old.get("per_unit") and old.get("unit_size"):  # one batch only: the earlier run's rate, rescaled
+        per = old["per_unit"] * unit_size(cfg, stage) / old["unit_size"]
+    else:
+        per = first
     entry[stage] = {"first": round(rec["first"], 2), "first_units": rec["first_units"], "per_unit": round(per, 3),
                     "unit_size": unit_size(cfg, stage), "date": time.strftime("%Y-%m-%d")}
     try:
@@ -123,11 +129,11 @@ def stage_seconds(cal: dict, cfg: DetoxConfig, stage: str, units: Optional[int])
     """Estimated seconds for ``units`` units of ``stage`` (None: no measurement, or the units are not known yet):
     the measured run's fixed part (its first unit's time beyond one unit's: compile, set-up) plus its seconds per
     unit, scaled by the unit's size, for every unit left."""
+    if units is not None and units <= 0:
+        return 0.0
     c = cal.get(stage)
     if c is None or units is None:
         return None
-    if units <= 0:
-        return 0.0
     ratio = unit_size(cfg, stage) / c["unit_size"] if c.get("unit_size") else 1.0
     fixed = max(c["first"] - c["per_unit"] * c.get("first_units", 1), 0.0)
     return fixed + c["per_unit"] * ratio * units
@@ -158,7 +164,10 @@ def estimate_lines(cfg: DetoxConfig, units: dict) -> list:
             continue
         total += s
         parts.append(f"{stage} ~{human(s)}")
+    if not parts:
+        return [f"time: no estimate yet for {', '.join(unknown)} (not measured for {cfg.model} at batch size "
+                f"{cfg.batch_size} on this machine, or sized by an earlier stage)"]
     dates = sorted({c["date"] for c in cal.values()})
     line = f"time: ~{human(total)}" + (" + " + ", ".join(unknown) + " (not measured yet, or sized by an earlier "
                                        "stage)" if unknown else "")
-    return [line + f" ({', '.join(parts)}; from runs on this machine, {dates[-1]})" if parts else line]
+    return [line + f" ({', '.join(parts)}; from runs on this machine, {dates[-1]})"]
