@@ -87,12 +87,16 @@ def _key(cfg: DetoxConfig) -> str:
     return f"{model} | batch {cfg.batch_size}"
 
 
-def load_calibration(cfg: DetoxConfig) -> dict:
+def _read_all() -> dict:
     try:
         with open(_path()) as f:
-            return json.load(f).get(_key(cfg), {})
-    except (OSError, ValueError):
+            return json.load(f)
+    except (OSError, ValueError):  # none yet, or unreadable: no estimate
         return {}
+
+
+def load_calibration(cfg: DetoxConfig) -> dict:
+    return _read_all().get(_key(cfg), {})
 
 
 def record(cfg: DetoxConfig, stage: str) -> None:
@@ -102,11 +106,7 @@ def record(cfg: DetoxConfig, stage: str) -> None:
         return
     rec = {"first": rec["first"] - rec["begin"], "first_units": rec["first_units"], "rest": rec["last"] - rec["first"],
            "rest_units": rec["rest_units"]}
-    try:
-        with open(_path()) as f:
-            allc = json.load(f)
-    except (OSError, ValueError):
-        allc = {}
+    allc = _read_all()
     entry = allc.setdefault(_key(cfg), {})
     old = entry.get(stage, {})
     first = rec["first"] / max(rec["first_units"], 1)
