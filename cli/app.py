@@ -6,7 +6,8 @@ own:
 * **one-line errors**: a :class:`~jaxedit.errors.JaxeditError` (or a missing / unreadable file) prints
   ``error: ...`` and exits with status 2, no traceback; so do bad options (click's usage errors, made one line);
 * **status lines and bars**: :mod:`jaxedit.runtime`'s reporter prints the library's status lines ("loading ...",
-  "compiling ...") to stderr, and its progress bars are on (``jaxedit --quiet`` turns both off);
+  "compiling ...") to stderr, and its progress bars are on (``jaxedit --quiet`` turns both off); the heartbeat
+  makes sure nothing stays silent for more than ``runtime.HEARTBEAT_SECS`` (4 s);
 * **the compile cache**: JAX's persistent compilation cache under the jaxedit cache directory
   (``jaxedit --no-compile-cache`` or ``JAXEDIT_COMPILE_CACHE=0`` turns it off);
 * **interrupts**: the command body runs in a worker thread while the main thread waits; Ctrl-C (SIGINT) or SIGTERM
@@ -151,7 +152,10 @@ class JaxeditCommand(click.Command):
         try:
             result = run_interruptibly(super().invoke, ctx)
         except ERRORS as e:
+            runtime.stop_heartbeat()
             _fail(e)
+        finally:
+            runtime.stop_heartbeat()
         if _skipped:
             n = len(_skipped)
             click.echo(f"{n} bad line{'s' * (n != 1)} skipped (listed above); exit status {EXIT_SKIPPED}", err=True)
@@ -166,6 +170,8 @@ class JaxeditGroup(click.Group):
 def _start_runtime(quiet: bool, compile_cache: bool) -> None:
     runtime.set_resume_note(None)
     runtime.set_reporter(None if quiet else status_line, bars=not quiet)
+    if not quiet:  # never silent for more than a few seconds (runtime.HEARTBEAT_SECS)
+        runtime.start_heartbeat()
     if compile_cache:
         runtime.enable_compile_cache()
     try:  # transformers may already be imported (tests, the Python API): quiet its advice there too

@@ -4,7 +4,12 @@
   "tracing hidden"). The library is silent unless a reporter is installed with :func:`set_reporter` (the
   ``jaxedit`` command installs one that prints to stderr).
 * **Progress bars**: :func:`bar` is a tqdm bar when bars are on (the default; ``jaxedit --quiet`` turns them
-  off), a silent stand-in otherwise.
+  off), a silent stand-in otherwise. An open bar is redrawn by a background thread (every second on a terminal,
+  every :data:`HEARTBEAT_SECS` into a file or pipe), so its elapsed time moves during a long compiled call.
+* **Never silent**: :func:`start_heartbeat` (the ``jaxedit`` command starts it) makes sure a command never stays
+  quiet for more than :data:`HEARTBEAT_SECS` while a reporter is installed: when nothing was printed for that long
+  and no bar is open, it shows the time since the last status line (on a terminal, one line redrawn in place,
+  removed when the next output comes; into a file or pipe, a line ``... still working, 12 s since: <status>``).
 * **Resume notes**: :func:`set_resume_note` records what an interrupted run keeps (a string, or a callable that
   returns one); the command line prints it when Ctrl-C or SIGTERM ends a command.
 * **Compilation**: :func:`enable_compile_cache` turns on JAX's persistent compilation cache in the jaxedit cache
@@ -30,6 +35,10 @@ _bars = True  # the library's bars (key statistics) show unless turned off; stat
 _note: Union[None, str, Callable[[], Optional[str]]] = None
 _compiled: dict = {}
 _cache_events = {"hits": 0}
+HEARTBEAT_SECS = 4.0  # the longest a command with a reporter stays silent (start_heartbeat)
+_lock = threading.RLock()
+_activity = {"last": time.monotonic(), "status": None, "since": time.monotonic(), "bars": 0, "spinner": None,
+             "every": 0.0, "thread": None}
 
 
 # ---------------------------------------------------------------------------------------------- status
@@ -43,7 +52,83 @@ def set_reporter(reporter: Optional[Callable[[str], None]], bars: bool = True) -
 def stage(message: str) -> None:
     """Announce a step (one line, no trailing period)."""
     if _reporter is not None:
-        _reporter(message)
+        with _lock:
+            _end_spinner()
+            _reporter(message)
+            now = time.monotonic()
+            _activity.update(last=now, status=message, since=now)
+
+
+def _stderr_isatty() -> bool:
+    import sys
+
+    return bool(getattr(sys.stderr, "isatty", lambda: False)())
+
+
+def start_heartbeat(every: float = HEARTBEAT_SECS) -> None:
+    """From now on, never stay silent for more than ``every`` seconds while a reporter is installed (see the module
+    docstring; ``every`` <= 0 turns it off). One background thread per process."""
+    with _lock:
+        _activity["every"] = float(every)
+        _activity["last"] = time.monotonic()
+        if _activity["thread"] is None and every > 0:
+            t = threading.Thread(target=_heartbeat_loop, name="jaxedit-heartbeat", daemon=True)
+            _activity["thread"] = t
+            t.start()
+
+
+def _heartbeat_loop() -> None:
+    while True:
+        every = _activity["every"]
+        time.sleep(min(max(every, 0.2) / 4, 1.0))
+        try:
+            _beat()
+        except Exception:  # never let the heartbeat stop a command
+            pass
+
+
+def _beat() -> None:
+    with _lock:
+        every, now = _activity["every"], time.monotonic()
+        if _reporter is None or every <= 0 or _activity["bars"] > 0:  # an open bar redraws itself
+            return
+        spinner = _activity["spinner"]
+        if spinner is not None:  # on a terminal: redraw the elapsed time in place
+            spinner.refresh()
+            _activity["last"] = now
+            return
+        if now - _activity["last"] < every:
+            return
+        status = _activity["status"]
+        if _stderr_isatty():
+            import sys
+
+            from tqdm import tqdm
+
+            _activity["spinner"] = tqdm(total=None, desc="  still working" + (f" ({status})" if status else ""),
+                                        bar_format="{desc}: {elapsed}", leave=False, file=sys.stderr,
+                                        initial=0, dynamic_ncols=True)
+        else:
+            _reporter(f"  ... still working, {now - _activity['since']:.0f} s since: {status or 'the start'}")
+        _activity["last"] = now
+
+
+def _end_spinner() -> None:
+    """Remove the heartbeat's line from the terminal (before other output)."""
+    with _lock:
+        spinner, _activity["spinner"] = _activity["spinner"], None
+        if spinner is not None:
+            try:
+                spinner.close()
+            except Exception:
+                pass
+
+
+def stop_heartbeat() -> None:
+    """Turn the heartbeat off and clear its terminal line, if shown (a command calls it when it ends)."""
+    with _lock:
+        _activity["every"] = 0.0
+        _end_spinner()
 
 
 def bars_enabled() -> bool:
@@ -77,10 +162,12 @@ class _NoBar:
 
 class _TickingBar:
     """A tqdm bar redrawn every ``every`` seconds by a background thread, so that its elapsed time keeps moving
-    during a long compiled call (tqdm itself redraws only when updated)."""
+    during a long compiled call (tqdm itself redraws only when updated). While it is open the heartbeat is quiet."""
 
     def __init__(self, bar, every: float):
         self._bar, self._every, self._stop = bar, every, threading.Event()
+        with _lock:
+            _activity["bars"] += 1
         threading.Thread(target=self._tick, name="jaxedit-bar", daemon=True).start()
 
     def _tick(self):
@@ -94,7 +181,11 @@ class _TickingBar:
         return getattr(self._bar, name)
 
     def close(self):
-        self._stop.set()
+        if not self._stop.is_set():
+            self._stop.set()
+            with _lock:
+                _activity["bars"] -= 1
+                _activity["last"] = time.monotonic()
         self._bar.close()
 
     def __enter__(self):
@@ -107,19 +198,18 @@ class _TickingBar:
 
 def bar(total: int, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True, tick: float = 1.0):
     """A progress bar (tqdm on stderr) when bars are on and ``enabled``; a silent object with the same methods
-    otherwise. Use as a context manager. On a terminal the bar is redrawn every ``tick`` seconds (its elapsed time
-    moves while a long call runs)."""
+    otherwise. Use as a context manager. The bar is redrawn every ``tick`` seconds on a terminal, every
+    :data:`HEARTBEAT_SECS` into a file or pipe (its elapsed time moves while a long call runs). Its rate counts
+    this run's units only (``initial`` units were done earlier)."""
     if not (_bars and enabled):
         nb = _NoBar()
         nb.n = initial
         return nb
-    import sys
-
     from tqdm import tqdm
 
+    _end_spinner()
     b = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
-    isatty = getattr(sys.stderr, "isatty", lambda: False)
-    return _TickingBar(b, tick) if tick and isatty() else b
+    return _TickingBar(b, (tick or 1.0) if _stderr_isatty() else HEARTBEAT_SECS)
 
 
 def set_resume_note(note: Union[None, str, Callable[[], Optional[str]]]) -> None:

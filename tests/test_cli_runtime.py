@@ -338,3 +338,67 @@ def test_one_vocabulary_old_spellings_accepted_not_shown(tiny_dirs):
     assert f"model       {model}" in by_option.output
     both = CliRunner().invoke(cli, ["info", "smollm2", "--model", model])
     assert both.exit_code == 2 and both.output.startswith("error: two models given"), both.output
+
+
+def test_never_silent_for_more_than_a_few_seconds(gpt2_native, tmp_path):
+    """From its first output to its end, a command's output (stderr and stdout, read as it comes) never pauses for
+    more than ~5 s: not after the model loads (a 7 s step added there: silent without the heartbeat), not in
+    a long compiled call under a bar (6,000 noisy samples: ~6 s), not in a compile."""
+    src = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "Miles Davis plays the", "span": [0, 2]}])
+    slow_load = ("import time, jaxedit; load = jaxedit.load; "
+                 "jaxedit.load = lambda *a, **k: (load(*a, **k), time.sleep(7))[0]; " + os.environ.get("_PRE", ""))
+    env = dict(os.environ, JAXEDIT_COMPILE_CACHE="0")
+    proc = subprocess.Popen([sys.executable, "-c", slow_load + "from jaxedit.cli.main import main; main()", "trace",
+                             "--model", gpt2_native, "--batch", src, "--out", str(tmp_path / "o"), "--kinds", "hidden",
+                             "--noise-samples", "6000", "--no-plots", "--batch-size", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    chunks = []  # (arrival time, bytes)
+    while True:
+        data = os.read(proc.stdout.fileno(), 65536)
+        if not data:
+            break
+        chunks.append((time.monotonic(), data))
+    end = time.monotonic()
+    assert proc.wait() == 0, b"".join(c for _, c in chunks).decode()
+    text = b"".join(c for _, c in chunks).decode()
+    times = [t for t, _ in chunks] + [end]
+    gaps = np.diff(times)
+    worst = int(np.argmax(gaps))
+    assert gaps.max() <= 6.0, (gaps.max(), text[:2000], chunks[worst][1])
+    assert "still working" in text and "loading" in text, text  # the slow load was reported, not silent
+    assert text.count("\r") > 2, text  # the bar redrawn while the long calls ran
+
+
+def test_heartbeat_line_on_a_terminal_and_in_a_log(monkeypatch, capsys):
+    """The heartbeat's two forms, driven by hand: into a pipe, a "still working" line naming the last status; on a
+    terminal, one line redrawn in place (a tqdm line) and removed before the next status line; nothing while a bar
+    is open or after the command ends."""
+    from jaxedit import runtime
+
+    lines = []
+    monkeypatch.setattr(runtime, "_reporter", lines.append)
+    monkeypatch.setitem(runtime._activity, "every", 4.0)
+    runtime.stage("compiling the sampler")
+    runtime._beat()
+    assert lines == ["compiling the sampler"]  # not silent for 4 s yet
+    monkeypatch.setitem(runtime._activity, "last", time.monotonic() - 5)
+    monkeypatch.setattr(runtime, "_stderr_isatty", lambda: False)
+    runtime._beat()
+    assert len(lines) == 2 and lines[1].startswith("  ... still working, ") and lines[1].endswith(
+        "s since: compiling the sampler"), lines
+    monkeypatch.setitem(runtime._activity, "last", time.monotonic() - 5)
+    monkeypatch.setitem(runtime._activity, "bars", 1)  # an open bar redraws itself
+    runtime._beat()
+    assert len(lines) == 2
+    monkeypatch.setitem(runtime._activity, "bars", 0)
+    monkeypatch.setattr(runtime, "_stderr_isatty", lambda: True)
+    runtime._beat()
+    spinner = runtime._activity["spinner"]
+    assert spinner is not None and "still working (compiling the sampler)" in str(spinner) and len(lines) == 2
+    runtime.stage("compiled in 9.0 s")
+    assert runtime._activity["spinner"] is None and spinner.disable is True  # closed before the next line
+    assert lines[-1] == "compiled in 9.0 s"
+    runtime.stop_heartbeat()
+    monkeypatch.setitem(runtime._activity, "last", time.monotonic() - 50)
+    runtime._beat()
+    assert len(lines) == 3 and runtime._activity["spinner"] is None
