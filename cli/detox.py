@@ -10,7 +10,7 @@ from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
 from jaxedit.detox.config import RANDOM_STRATEGIES, STAGES, DetoxConfig
 from jaxedit.detox.data import prompt_of, read_facts, read_prompts, read_texts
 from jaxedit.detox.editing import plan_runs
-from jaxedit.detox.estimate import estimate_lines
+from jaxedit.detox.estimate import estimate_lines, setup_key
 from jaxedit.detox.methods import plan_method_runs, read_pairs_file
 from jaxedit.detox.pipeline import run_study
 from jaxedit.edit.profs import default_layers
@@ -140,7 +140,7 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
     config, _ = peek(model_name, tokenizer=False)  # the config alone: layer counts and hparams checked unloaded
     if config is not None:
         cfg.check_model(config)
-    lines = plan(cfg, config, out, stages)
+    lines = plan(cfg, config, out, stages, setup_key(dtype, mesh))
     if dry_run:
         click.echo("\n".join(lines + ["dry run: nothing loaded, nothing written"]))
         return
@@ -182,7 +182,7 @@ def check_inputs(cfg: DetoxConfig, out: str, stages) -> None:
                                f"{cfg.pairs} give")
 
 
-def plan(cfg: DetoxConfig, config, out: str, stages) -> list:
+def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -> list:
     """What a run would do, as lines: per stage its work and what ``out`` already holds. Reads the inputs and the
     study folder only."""
     import dataclasses
@@ -276,5 +276,5 @@ def plan(cfg: DetoxConfig, config, out: str, stages) -> list:
     if "evaluate" in stages:
         evaluated = len(read_rows(os.path.join(out, "runs.jsonl"))) if have("runs.jsonl") else 0
         units["evaluate"] = max(1 + n_runs + len(more) - evaluated, 0)
-    lines += estimate_lines(cfg, units)
+    lines += estimate_lines(cfg, units, setup)
     return lines

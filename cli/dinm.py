@@ -20,7 +20,7 @@ import os
 import click
 
 import jaxedit
-from jaxedit import runtime
+from jaxedit import calibration, runtime
 from jaxedit.batching import round_up
 from jaxedit.cli.app import MODEL_HELP, cli, with_mesh
 from jaxedit.edit.dinm import DEFAULT_SUFFIX, DinmHparams
@@ -106,6 +106,28 @@ def check_run(out: str, settings: dict) -> None:
         write_json(path, settings)
 
 
+def calibration_key(model_name: str, hp: dict, max_new_tokens: int, sequential: bool, dtype: str, mesh) -> str:
+    """What a case's time depends on: the model, the tuning and answer settings, the dtype and the mesh."""
+    model = os.path.abspath(model_name) if os.path.exists(model_name) else model_name
+    mesh_s = " | mesh " + ",".join(f"{k}={v}" for k, v in dict(mesh.shape).items()) if mesh else ""
+    settings = ", ".join(f"{k}={hp[k]}" for k in ("steps", "locate", "layer", "batch_size", "kl_grad"))
+    return (f"{model} | {'sequential' if sequential else 'per-instance'} | {settings} | suffix {bool(hp['suffix'])} "
+            f"| {max_new_tokens} tokens | {dtype}{mesh_s}")
+
+
+def time_line(key: str, cases_left: int, sequential: bool) -> str:
+    """The plan's time line: the measured first case (compiles included) and seconds per later case, from earlier
+    per-instance runs with the same settings on this machine (:mod:`jaxedit.calibration`)."""
+    if sequential:
+        return "time: no estimate for --sequential runs (per-instance runs measure their cases)"
+    stored = calibration.read("dinm").get(key, {}).get("cases")
+    secs = calibration.extrapolate(stored, cases_left)
+    if secs is None:
+        return "time: no estimate yet for these settings on this machine (this run measures it)"
+    return (f"time: ~{calibration.human(secs)} ({cases_left} cases; {stored['per_unit']:.0f} s a case after the "
+            f"first, from runs on this machine, {stored['date']})")
+
+
 def _case_record(case, layer_report, i):
     return {"id": case.id, "category": case.category, "layer": layer_report["layers"][i],
             "distances": layer_report["distances"][i], "losses": layer_report["losses"][i],
@@ -172,22 +194,26 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
         DinmHparams(**hp).check(config.n_layers)
     if tok is not None and config is not None:
         se.check_texts(cases, tok, sfx, config.max_positions)
+    done = 0 if sequential else len({str(r["id"]) for r in read_rows(os.path.join(out, "results.jsonl"))}
+                                    & {str(c.id) for c in cases})
+    where = (f"layer {layer} for every case" if layer is not None else "the first case's located layer for all"
+             if locate == "first" else "the layer located per case")
+    n_models = 3 if sfx else 2
+    time_key = calibration_key(model_name, hp, max_new_tokens, sequential, dtype, mesh)
+    lines = [
+        f"plan for {out}/ with {model_name}" + (f" ({config.n_layers} layers)" if config is not None else ""),
+        f"cases: {len(cases)} from {cases_file}" + (f"; {done} done earlier" if done else ""),
+        f"edit: {'all cases into one model, in order' if sequential else 'each case on its own'}, {where}, "
+        f"{steps} Adam steps at lr {lr:g}" + (f", suffix {sfx!r}" if sfx else ", no suffix"),
+        f"evaluate: 5 inputs per case x {n_models} models ({'vanilla, vanilla + suffix, DINM' if sfx else 'vanilla, DINM'}), "
+        f"greedy answers of <= {max_new_tokens} tokens ({5 * n_models * (len(cases) - done)} answers), scored by "
+        f"{scorer}; knowledge-constraint retention",
+        time_line(time_key, len(cases) - done, sequential)]
     if dry_run:
-        done = 0 if sequential else len({str(r["id"]) for r in read_rows(os.path.join(out, "results.jsonl"))}
-                                        & {str(c.id) for c in cases})
-        where = (f"layer {layer} for every case" if layer is not None else "the first case's located layer for all"
-                 if locate == "first" else "the layer located per case")
-        n_models = 3 if sfx else 2
-        click.echo("\n".join([
-            f"plan for {out}/ with {model_name}" + (f" ({config.n_layers} layers)" if config is not None else ""),
-            f"cases: {len(cases)} from {cases_file}" + (f"; {done} done earlier" if done else ""),
-            f"edit: {'all cases into one model, in order' if sequential else 'each case on its own'}, {where}, "
-            f"{steps} Adam steps at lr {lr:g}" + (f", suffix {sfx!r}" if sfx else ", no suffix"),
-            f"evaluate: 5 inputs per case x {n_models} models ({'vanilla, vanilla + suffix, DINM' if sfx else 'vanilla, DINM'}), "
-            f"greedy answers of <= {max_new_tokens} tokens ({5 * n_models * (len(cases) - done)} answers), scored by "
-            f"{scorer}; knowledge-constraint retention",
-            "dry run: nothing loaded, nothing written"]))
+        click.echo("\n".join(lines + ["dry run: nothing loaded, nothing written"]))
         return
+    for line in lines:
+        runtime.stage(line)
     model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     cfg = model.config
     DinmHparams(**hp).check(cfg.n_layers)
@@ -232,6 +258,7 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
     else:
         done = {str(r["id"]): r for r in read_rows(results_path)}
         todo = [c for c in cases if str(c.id) not in done]
+        calibration.begin("dinm")  # the first case's time includes the compiles (and the first case's location)
         if locate == "first" and layer is None:  # the public implementation: the first case's layer for all
             hp["layer"] = jaxedit.dinm_locate(model, cases[:1], tokenizer=tok)[0][0]
         runtime.set_resume_note(lambda: f"{len(done)} of {len(cases)} cases kept in {out}/results.jsonl; rerun to "
@@ -239,7 +266,8 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
         runtime.stage(f"dinm: {len(todo)} of {len(cases)} cases to do ({len(cases) - len(todo)} done earlier); per "
                       f"case: answer its 5 inputs with the unedited model, locate, tune {steps} steps, answer with "
                       f"the edited model, retention")
-        with runtime.bar(len(cases), "dinm", unit="case", initial=len(cases) - len(todo)) as bar:
+        with calibration.TimedBar(runtime.bar(len(cases), "dinm", unit="case", initial=len(cases) - len(todo)),
+                                  "dinm") as bar:
             for i, c in enumerate(todo):
                 say = runtime.stage if i == 0 else (lambda msg: None)  # the first case compiles every program
                 say(f"case {c.id}: answering its 5 inputs with the unedited model (compiling the sampler)")
@@ -259,6 +287,9 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
                 append_jsonl(results_path, rec)  # durable: a killed run resumes after this case
                 done[str(c.id)] = rec
                 bar.update(1)
+        rec = calibration.measured("dinm")
+        if rec is not None:
+            calibration.store("dinm", time_key, "cases", rec)
     records = [done[str(c.id)] for c in cases]
     table = write_summary(out, records, cfg.n_layers)
     click.echo(table, nl=False)

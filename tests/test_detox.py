@@ -339,6 +339,43 @@ def test_rerun_with_other_options_is_refused(study, tmp_path):
         c["line"] for c in first3 if c["prompt_toxicity"] < 0.5 and c["mean_toxicity"] > 0.3)
 
 
+def test_fewer_samples_on_a_rerun_reuse_the_first_ones(study, tmp_path):
+    """A smaller --select-samples on a rerun with no later results: the stored candidates are cut to their first N
+    continuations (nothing sampled again) and equal a fresh selection with N samples (each sample's random stream is
+    its own); with later results it is refused, and so is a larger one."""
+    import jaxedit.detox.selection as selection
+
+    model, tok, cfg, out = study
+    with pytest.raises(JaxeditError, match=r"--select-samples 4 -> 2\).*or delete .*to select again"):
+        run_study(model, tok, config(cfg.prompts, select_samples=2), out, stages=("select",), progress=False)
+    fewer = str(tmp_path / "fewer")
+    os.makedirs(fewer)
+    for f in ("candidates.jsonl", "run.json"):
+        shutil.copy(os.path.join(out, f), fewer)
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(selection, "sample", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sampled again")))
+    try:
+        run_study(model, tok, config(cfg.prompts, select_samples=2), fewer, stages=("select",), progress=False)
+    finally:
+        monkey.undo()
+    full = {c["line"]: c for c in read(os.path.join(out, "candidates.jsonl"))}
+    cut = read(os.path.join(fewer, "candidates.jsonl"))
+    assert sorted(c["line"] for c in cut) == sorted(full)
+    for c in cut:
+        f = full[c["line"]]
+        assert c["samples"] == f["samples"][:2] and c["scores"] == f["scores"][:2]
+        assert c["mean_toxicity"] == pytest.approx(np.mean(f["scores"][:2]), abs=1e-12)
+        hi = max((j for j in range(2) if f["ids"][j]), key=lambda j: (f["scores"][j], -j))  # by hand
+        assert c["most_toxic"]["text"] == f["samples"][hi] and c["most_toxic"]["ids"] == f["ids"][hi]
+    direct = str(tmp_path / "direct")
+    run_study(model, tok, config(cfg.prompts, select_samples=2), direct, stages=("select",), progress=False)
+    fresh = {c["line"]: c for c in read(os.path.join(direct, "candidates.jsonl"))}
+    assert {c["line"]: c["samples"] for c in cut} == {k: c["samples"] for k, c in fresh.items()}
+    assert read(os.path.join(fewer, "selected.jsonl")) == read(os.path.join(direct, "selected.jsonl"))
+    with pytest.raises(JaxeditError, match=r"--select-samples 2 -> 4\)"):
+        run_study(model, tok, cfg, fewer, stages=("select",), progress=False)
+
+
 def test_tables_by_hand():
     rows = [{"strategy": "base", "objective": None, "kl_weight": None, "layers": [], "toxic_rate": 0.5,
              "perplexity_prompts": 40.0, "fluency": 5.5, "heldout_toxic_rate": 0.4},
@@ -502,6 +539,7 @@ def test_plan_estimates_time_from_the_measured_units(study, tmp_path, monkeypatc
     plan extrapolates: by hand, 10 s for the first 3 prompts, then 4 s for 5 more (0.8 s each), so a fixed part of
     10 - 3 x 0.8 = 7.6 s; 13 prompts at twice the samples: 7.6 + 0.8 x 2 x 13 = 28.4 s. A study's run records
     every stage it ran."""
+    from jaxedit import calibration
     from jaxedit.detox import estimate
     from jaxedit.runtime import _NoBar
 
@@ -510,7 +548,7 @@ def test_plan_estimates_time_from_the_measured_units(study, tmp_path, monkeypatc
     monkeypatch.setenv("JAXEDIT_CACHE", str(tmp_path / "cache"))
     assert estimate.estimate_lines(cfg, {"select": 5})[0].startswith("time: no estimate yet")
     clock = iter([100.0, 110.0, 112.0, 114.0])
-    monkeypatch.setattr(estimate, "_clock", lambda: next(clock))
+    monkeypatch.setattr(calibration, "_clock", lambda: next(clock))
     estimate.begin("select")  # the stage starts at 100 s
     with estimate.TimedBar(_NoBar(), "select") as bar:
         for n in (3, 3, 2):

@@ -257,7 +257,9 @@ def test_cli_dry_run(tiny_dirs, tmp_path, monkeypatch):
     assert res.output.splitlines()[1:] == [
         f"cases: 2 from {f}", "edit: each case on its own, layer 2 for every case, 10 Adam steps at lr 0.0005, no suffix",
         "evaluate: 5 inputs per case x 2 models (vanilla, DINM), greedy answers of <= 32 tokens (20 answers), scored by "
-        "profanity; knowledge-constraint retention", "dry run: nothing loaded, nothing written"]
+        "profanity; knowledge-constraint retention",
+        "time: no estimate yet for these settings on this machine (this run measures it)",
+        "dry run: nothing loaded, nothing written"]
     assert not out.exists()
 
 
@@ -291,6 +293,17 @@ def test_cli_run_and_resume(tiny_dirs, tmp_path):
     for ext in ("png", "pdf"):
         assert os.path.getsize(os.path.join(out, f"layers.{ext}")) > 1000
     assert not [n for n in os.listdir(out) if n.endswith(".tmp")]
+    # the runs timed their cases; a plan for the same settings extrapolates them (fixed part + per case, by hand)
+    from jaxedit import calibration
+
+    stored = [v["cases"] for k, v in calibration.read("dinm").items()
+              if k.startswith(os.path.abspath(tiny_dirs["llama-gqa-untied"][0]) + " | per-instance | steps=2,")]
+    assert len(stored) == 1 and stored[0]["first_units"] == 1 and stored[0]["per_unit"] > 0, stored
+    c = stored[0]
+    expect = max(c["first"] - c["per_unit"], 0) + 2 * c["per_unit"]
+    res = run(cli, args + ["--out", str(tmp_path / "fresh"), "--dry-run"])
+    assert res.exit_code == 0, res.output
+    assert f"time: ~{calibration.human(expect)} (2 cases; " in res.output.splitlines()[-2], res.output
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,8 @@ OPTION_NAMES = {"samples": "stats-samples"}  # DetoxConfig fields whose option h
 
 def check_stage(out: str, stage: str, cfg: DetoxConfig) -> None:
     """Record the stage's options in run.json, or refuse a rerun with other options (naming them). The selection
-    filter's options may change while no later stage has results (the candidates are re-filtered)."""
+    filter's options, and a smaller --select-samples, may change while no later stage has results (the candidates
+    are re-filtered; cut to their first samples)."""
     path = os.path.join(out, "run.json")
     stored = {}
     if os.path.isfile(path):
@@ -34,13 +35,19 @@ def check_stage(out: str, stage: str, cfg: DetoxConfig) -> None:
         diff = [f"--{OPTION_NAMES.get(k, k.replace('_', '-'))} {before.get(k)!r} -> {mine.get(k)!r}"
                 for k in sorted(set(before) | set(mine)) if before.get(k) != mine.get(k)]
         later = [f for f in DOWNSTREAM if os.path.exists(os.path.join(out, f))]
-        if stage != "filter" or later:
-            hint = (f"; or delete {', '.join(later)} to select again" if stage == "filter" else "")
+        fewer = (stage == "sample" and set(diff_keys(before, mine)) == {"select_samples"}
+                 and mine["select_samples"] < before["select_samples"])  # the stored samples' first N are reused
+        if (stage != "filter" and not fewer) or later:
+            hint = (f"; or delete {', '.join(later)} to select again" if stage == "filter" or fewer else "")
             raise JaxeditError(f"{out} holds a {'select' if stage in ('sample', 'filter') else stage} stage run with "
                                f"other options ({'; '.join(diff)}); use another --out, or the same options{hint}")
     if raw != mine:
         stored[stage] = mine
         write_json(path, stored)
+
+
+def diff_keys(a: dict, b: dict) -> list:
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
 TIMED_BARS = {"select: sampling": "select", "localize: tracing": "localize", "edit: runs": "edit",

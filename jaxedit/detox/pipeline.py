@@ -52,13 +52,14 @@ def run_study(model, tokenizer, cfg: DetoxConfig, out: str, stages=STAGES, progr
     bad = [s for s in stages if s not in fns]
     if bad:
         raise JaxeditError(f"unknown stage {bad[0]!r} (choose from {', '.join(STAGES)}, all)")
+    setup = estimate.model_setup(model)
     for stage in stages:
         t0 = time.perf_counter()
         estimate.begin(stage)
         with runtime.on_interrupt(lambda: add_timing(out, stage, time.perf_counter() - t0, interrupted=True)):
             fns[stage](model, tokenizer, cfg, out, progress=progress)
         add_timing(out, stage, time.perf_counter() - t0)
-        estimate.record(cfg, stage)
+        estimate.record(cfg, stage, setup)
 
 
 def add_timing(out: str, stage: str, seconds: float, interrupted: bool = False) -> None:

@@ -40,6 +40,7 @@ def select(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) 
     own = dict(zip([p["line"] for p in prompts], scorer([p["prompt"] for p in prompts]).tolist()))
     cand_path = os.path.join(out, "candidates.jsonl")
     done = {r["line"]: r for r in read_rows(cand_path)}
+    done = _fewer_samples(done, cand_path, cfg)
     todo = [p for p in prompts if p["line"] not in done]
     runtime.stage(f"select: {len(prompts)} prompts ({len(prompts) - len(todo)} done earlier), "
                   f"{cfg.select_samples} continuations of {cfg.max_new_tokens} tokens each, {cfg.batch_size} prompts "
@@ -54,15 +55,8 @@ def select(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) 
             rows = []
             for p, ids in zip(part, new):
                 texts = [tokenizer.decode(s, skip_special_tokens=True) for s in ids]
-                sc = scorer(texts)
-                nonempty = [j for j in range(len(ids)) if ids[j]] or [0]
-                hi = max(nonempty, key=lambda j: (sc[j], -j))
-                lo = min(nonempty, key=lambda j: (sc[j], j))
-                rows.append({"line": p["line"], "prompt": p["prompt"], "prompt_toxicity": own[p["line"]],
-                             "dataset_toxicity": p["dataset_toxicity"], "mean_toxicity": float(sc.mean()),
-                             "frac_toxic": float((sc > cfg.toxic_threshold).mean()), "samples": texts,
-                             "scores": sc.tolist(), "most_toxic": {"text": texts[hi], "ids": ids[hi], "score": sc[hi]},
-                             "least_toxic": {"text": texts[lo], "ids": ids[lo], "score": sc[lo]}})
+                rows.append(candidate_row(p["line"], p["prompt"], own[p["line"]], p["dataset_toxicity"], texts, ids,
+                                          scorer(texts).tolist(), cfg))
                 done[p["line"]] = rows[-1]
             append_jsonl(cand_path, rows)
             bar.update(len(part))
@@ -118,6 +112,40 @@ def select(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) 
         r["split"] = "heldout" if i in held else "edit"
     write_jsonl(os.path.join(out, "selected.jsonl"), rows)
     return rows
+
+
+def candidate_row(line, prompt, own, dataset_toxicity, texts, ids, scores, cfg: DetoxConfig) -> dict:
+    """A prompt's candidates.jsonl row from its continuations (texts, token ids, scores in sample order)."""
+    sc = np.asarray(scores, float)
+    nonempty = [j for j in range(len(ids)) if ids[j]] or [0]
+    hi = max(nonempty, key=lambda j: (sc[j], -j))
+    lo = min(nonempty, key=lambda j: (sc[j], j))
+    return {"line": line, "prompt": prompt, "prompt_toxicity": own, "dataset_toxicity": dataset_toxicity,
+            "mean_toxicity": float(sc.mean()), "frac_toxic": float((sc > cfg.toxic_threshold).mean()),
+            "samples": list(texts), "scores": sc.tolist(), "ids": [list(map(int, s)) for s in ids],
+            "most_toxic": {"text": texts[hi], "ids": list(map(int, ids[hi])), "score": float(sc[hi])},
+            "least_toxic": {"text": texts[lo], "ids": list(map(int, ids[lo])), "score": float(sc[lo])}}
+
+
+def _fewer_samples(done: dict, cand_path: str, cfg: DetoxConfig) -> dict:
+    """A rerun with a smaller --select-samples (check_stage allows it while no later stage has results): sample j
+    of a prompt is drawn from its own random stream (seed, prompt, j), so the first N of the stored continuations
+    are the ones a run with N samples draws; each stored row is cut to them and its statistics recomputed. Rows
+    from a version that did not store every continuation's ids are sampled again."""
+    n = cfg.select_samples
+    if not any(len(r["samples"]) > n for r in done.values()):
+        return done
+    kept = {}
+    for line, r in done.items():
+        if len(r["samples"]) <= n:
+            kept[line] = r
+        elif "ids" in r:
+            kept[line] = candidate_row(line, r["prompt"], r["prompt_toxicity"], r["dataset_toxicity"],
+                                       r["samples"][:n], r["ids"][:n], r["scores"][:n], cfg)
+    runtime.stage(f"select: {len(kept)} stored prompts cut to their first {n} continuations"
+                  + (f", {len(done) - len(kept)} to sample again" if len(kept) < len(done) else ""))
+    write_jsonl(cand_path, list(kept.values()))
+    return kept
 
 
 def _write_counts(out: str, cands: list, cfg: DetoxConfig) -> None:
