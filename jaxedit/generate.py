@@ -41,16 +41,16 @@ def _token_step(cfg: ModelConfig, params, tokens, pos, cache, slot, allowed):
     x = embed(cfg, params, tokens[:, None], pos[:, None])
     allow = jnp.concatenate([allowed, jnp.ones((B, 1), bool)], -1)[:, None]  # [B, 1, S + 1]
 
-    def layer(carry, pl):  # the cache is carried and updated in place (one slot of one layer per step)
-        x, kc, vc, l = carry
-        y, parts = block(cfg, pl, x, pos[:, None], allow, kv_prefix=(kc[l], vc[l]))
+    def layer(x, xs):  # each layer reads its own cache slice; the new keys/values come out per layer
+        pl, kc, vc = xs
+        y, parts = block(cfg, pl, x, pos[:, None], allow, kv_prefix=(kc, vc))
         k, v = parts["kv"]
-        at = (l, 0, slot, 0, 0)
-        return (y, jax.lax.dynamic_update_slice(kc, k[None].astype(dtype), at),
-                jax.lax.dynamic_update_slice(vc, v[None].astype(dtype), at), l + 1), None
+        return y, (k.astype(dtype), v.astype(dtype))
 
-    (x, *cache, _), _ = jax.lax.scan(layer, (x, *cache, 0), params["blocks"])
-    cache = tuple(cache)
+    # written into the cache once, after the layers: carrying the whole cache through the layer scan and writing
+    # one layer's slot per layer copied the cache once per layer (cost ~ layers^2 per token)
+    x, new = jax.lax.scan(layer, x, (params["blocks"], *cache))
+    cache = tuple(jax.lax.dynamic_update_slice(c, n, (0, 0, slot, 0, 0)) for c, n in zip(cache, new))
     logits = fam.lm_head(cfg, params, fam.final_norm(cfg, params, x))[:, 0].astype(jnp.float32)
     return logits, cache
 
