@@ -21,7 +21,7 @@ A new command (e.g. in ``cli/detox.py``)::
 
     import jaxedit
     from jaxedit import runtime
-    from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, request_file
+    from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, cli, echo, request_file
 
     @cli.command()
     @click.option("--model", "model_name", default="smollm2", show_default=True, help=MODEL_HELP)
@@ -34,6 +34,7 @@ A new command (e.g. in ``cli/detox.py``)::
         rf.check(lambda obj: check_with_tokenizer(obj, tok))                        # FILE:LINE errors again
         runtime.set_resume_note(lambda: f"{done} of {len(rf.items)} kept in {out}/, rerun to resume")
         ...                                                                         # library calls, writes
+        echo(f"wrote {out}/")                  # results through echo: the heartbeat's terminal line goes first
 
 and is imported in ``cli/main.py`` to register it. Long library work reports itself with ``runtime.stage(...)``,
 ``runtime.bar(...)`` and compiles through ``runtime.compiled(...)``.
@@ -76,6 +77,7 @@ def clean_errors(fn):
 
 
 def _fail(e):
+    runtime.stop_heartbeat()  # its terminal line removed before the message
     click.echo(f"error: {e}", err=True)
     sys.exit(EXIT_ERROR)
 
@@ -180,6 +182,13 @@ def _start_runtime(quiet: bool, compile_cache: bool) -> None:
         transformers.utils.logging.set_verbosity_error()
     except Exception:
         pass
+
+
+def echo(message=None, **kwargs) -> None:
+    """``click.echo`` for what a command prints besides status lines and bars (results, tables, "wrote ..."):
+    the heartbeat's terminal line is removed first, so the text never lands after it."""
+    runtime.output_seen()
+    click.echo(message, **kwargs)
 
 
 def status_line(message: str) -> None:
@@ -300,6 +309,7 @@ def request_file(path, what: str = "requests", skip_bad: bool = False, check=Non
     command's closing summary. ``check`` is a first pass over the objects (see ``RequestFile.check``)."""
     def on_skip(text):
         _skipped.append(text)
+        runtime.output_seen()
         status_line(f"skipped {text}")
 
     rf = RequestFile(path, what, skip_bad=skip_bad, on_skip=on_skip)

@@ -5,12 +5,13 @@ import click
 
 import jaxedit
 from jaxedit import runtime
-from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, Renamed, cli, request_file, with_mesh, with_options
+from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, Renamed, cli, echo, request_file, with_mesh, with_options
 from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
 from jaxedit.detox.config import RANDOM_STRATEGIES, STAGES, DetoxConfig
 from jaxedit.detox.data import prompt_of, read_facts, read_prompts, read_texts
 from jaxedit.detox.editing import plan_runs
-from jaxedit.detox.estimate import estimate_lines, setup_key
+from jaxedit.calibration import setup_key
+from jaxedit.detox.estimate import estimate_lines
 from jaxedit.detox.methods import plan_method_runs, read_pairs_file
 from jaxedit.detox.pipeline import run_study
 from jaxedit.edit.profs import default_layers
@@ -142,7 +143,7 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
         cfg.check_model(config)
     lines = plan(cfg, config, out, stages, setup_key(dtype, mesh))
     if dry_run:
-        click.echo("\n".join(lines + ["dry run: nothing loaded, nothing written"]))
+        echo("\n".join(lines + ["dry run: nothing loaded, nothing written"]))
         return
     for line in lines:
         runtime.stage(line)
@@ -152,11 +153,11 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
     run_study(model, tok, cfg, out, stages)
     if "report" in stages:
         table = os.path.join(out, "table2.md")
-        click.echo(open(table).read() if os.path.isfile(table) else "")
+        echo(open(table).read() if os.path.isfile(table) else "")
         table = os.path.join(out, "table_methods.md")
         if set(cfg.methods) - {"delete"} and os.path.isfile(table):
-            click.echo(open(table).read())
-    click.echo(f"wrote {out}/ (stage {stage})")
+            echo(open(table).read())
+    echo(f"wrote {out}/ (stage {stage})")
 
 
 def check_inputs(cfg: DetoxConfig, out: str, stages) -> None:

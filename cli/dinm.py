@@ -22,7 +22,7 @@ import click
 import jaxedit
 from jaxedit import calibration, runtime
 from jaxedit.batching import round_up
-from jaxedit.cli.app import MODEL_HELP, cli, with_mesh
+from jaxedit.cli.app import MODEL_HELP, cli, echo, with_mesh
 from jaxedit.edit.dinm import DEFAULT_SUFFIX, DinmHparams
 from jaxedit.errors import JaxeditError
 from jaxedit.loading.peek import peek
@@ -108,11 +108,9 @@ def check_run(out: str, settings: dict) -> None:
 
 def calibration_key(model_name: str, hp: dict, max_new_tokens: int, sequential: bool, dtype: str, mesh) -> str:
     """What a case's time depends on: the model, the tuning and answer settings, the dtype and the mesh."""
-    model = os.path.abspath(model_name) if os.path.exists(model_name) else model_name
-    mesh_s = " | mesh " + ",".join(f"{k}={v}" for k, v in dict(mesh.shape).items()) if mesh else ""
     settings = ", ".join(f"{k}={hp[k]}" for k in ("steps", "locate", "layer", "batch_size", "kl_grad"))
-    return (f"{model} | {'sequential' if sequential else 'per-instance'} | {settings} | suffix {bool(hp['suffix'])} "
-            f"| {max_new_tokens} tokens | {dtype}{mesh_s}")
+    return (f"{calibration.model_key(model_name)} | {'sequential' if sequential else 'per-instance'} | {settings} | "
+            f"suffix {bool(hp['suffix'])} | {max_new_tokens} tokens | {calibration.setup_key(dtype, mesh)}")
 
 
 def time_line(key: str, cases_left: int, sequential: bool) -> str:
@@ -120,6 +118,8 @@ def time_line(key: str, cases_left: int, sequential: bool) -> str:
     per-instance runs with the same settings on this machine (:mod:`jaxedit.calibration`)."""
     if sequential:
         return "time: no estimate for --sequential runs (per-instance runs measure their cases)"
+    if cases_left <= 0:
+        return "time: nothing left to do (every case is in the folder)"
     stored = calibration.read("dinm").get(key, {}).get("cases")
     secs = calibration.extrapolate(stored, cases_left)
     if secs is None:
@@ -210,7 +210,7 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
         f"{scorer}; knowledge-constraint retention",
         time_line(time_key, len(cases) - done, sequential)]
     if dry_run:
-        click.echo("\n".join(lines + ["dry run: nothing loaded, nothing written"]))
+        echo("\n".join(lines + ["dry run: nothing loaded, nothing written"]))
         return
     for line in lines:
         runtime.stage(line)
@@ -292,7 +292,7 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
             calibration.store("dinm", time_key, "cases", rec)
     records = [done[str(c.id)] for c in cases]
     table = write_summary(out, records, cfg.n_layers)
-    click.echo(table, nl=False)
+    echo(table, nl=False)
     hist = np.bincount([r["layer"] for r in records], minlength=cfg.n_layers)
-    click.echo("located layers: " + ", ".join(f"{l}: {n}" for l, n in enumerate(hist) if n))
-    click.echo(f"wrote {out}/ (results.jsonl, summary.md, summary.csv, layers.png, layers.pdf)")
+    echo("located layers: " + ", ".join(f"{l}: {n}" for l, n in enumerate(hist) if n))
+    echo(f"wrote {out}/ (results.jsonl, summary.md, summary.csv, layers.png, layers.pdf)")

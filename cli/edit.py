@@ -8,7 +8,7 @@ import click
 import jaxedit
 from jaxedit import runtime
 from jaxedit.cache import cache_dir
-from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, Renamed, cli, request_file, with_mesh, with_options
+from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, Renamed, cli, echo, request_file, with_mesh, with_options
 from jaxedit.cli.sequence import check_options, detect_kind, read_edit_file, run_sequence
 from jaxedit.edit.memit import parse_request
 from jaxedit.edit.stats import DEFAULT_CORPUS
@@ -125,9 +125,9 @@ def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, c
     tracked = "target" if mode == "edit" else "suppressed"
     for r in report["requests"]:
         toks = ", ".join(f"{t!r} {b:.4f} -> {a:.4f}" for t, b, a in zip(r["tokens"], r["p_before"], r["p_after"]))
-        click.echo(f"{requests_file}:{r['line']}: {r['prompt']!r}: {tracked} {toks}; original {r['original_argmax']!r} "
+        echo(f"{requests_file}:{r['line']}: {r['prompt']!r}: {tracked} {toks}; original {r['original_argmax']!r} "
                    f"{r['p_original_before']:.4f} -> {r['p_original_after']:.4f}; now argmax {r['argmax_after']!r}")
-    click.echo(f"edited layers {report['layers']} in {report['seconds']:.1f} s; wrote {out}/ (orbax checkpoint, "
+    echo(f"edited layers {report['layers']} in {report['seconds']:.1f} s; wrote {out}/ (orbax checkpoint, "
                f"report.json){'; exported ' + export_hf_dir if export_hf_dir else ''}")
 
 
@@ -215,8 +215,8 @@ def stats(model_name, layers, corpus, n_samples, max_len, stats_float64, batch_s
     if not is_main_process():
         return
     for l, c in sorted(res.items()):
-        click.echo(f"layer {l}: [{c.shape[0]} x {c.shape[1]}], trace {float(np.trace(c)):.4g}")
-    click.echo(f"cached under {cache_dir()}/stats/")
+        echo(f"layer {l}: [{c.shape[0]} x {c.shape[1]}], trace {float(np.trace(c)):.4g}")
+    echo(f"cached under {cache_dir()}/stats/")
 
 
 @cli.command()
@@ -229,4 +229,4 @@ def export(model_name, out, mesh=None):
     runtime.stage(f"writing {out}/")
     jaxedit.export_hf(model, tok, out)
     if is_main_process():
-        click.echo(f"wrote {out}/ (config.json, model.safetensors, tokenizer)")
+        echo(f"wrote {out}/ (config.json, model.safetensors, tokenizer)")

@@ -7,7 +7,7 @@ import click
 
 import jaxedit
 from jaxedit import runtime
-from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, Renamed, cli, request_file, with_mesh
+from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, Renamed, cli, echo, request_file, with_mesh
 from jaxedit.errors import JaxeditError
 from jaxedit.locate import trace_files as tf
 from jaxedit.locate.saliency import encode_example, saliency_batch
@@ -184,18 +184,18 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
     if not batch_file:
         row = ordered[0]
         used = note if noise_file else _noise_note(noise, row["noise_level"], False, 1)
-        click.echo(f"answer {row['answer']!r}: clean p = {row['high_score']:.4f}, corrupted p = "
+        echo(f"answer {row['answer']!r}: clean p = {row['high_score']:.4f}, corrupted p = "
                    f"{row['low_score']:.4f} ({used})")
         for k in kinds_t:
             best, last = row[k], row[k].get("last_subject")  # (a row stored by an older version has none)
             tokens = np.load(os.path.join(out, row["files"][k]))["input_tokens"]
-            click.echo(f"  {k:<6} max IE {best['max_ie']:+.4f} at token {best['token']} "
+            echo(f"  {k:<6} max IE {best['max_ie']:+.4f} at token {best['token']} "
                        f"({str(tokens[best['token']])!r}), layer {best['layer']}" + ("" if last is None else
                        f"; at the last subject token {last['token']} ({str(tokens[last['token']])!r}): "
                        f"{last['max_ie']:+.4f}, layer {last['layer']}"))
-        click.echo("  (jaxedit.select_layers(\"ct\", ...) ranks layers by the last subject token's IE unless "
+        echo("  (jaxedit.select_layers(\"ct\", ...) ranks layers by the last subject token's IE unless "
                    "token=\"max\")")
-    click.echo(f"wrote {out}/ ({len(ordered)} prompt{'s' * (len(ordered) != 1)}: results.jsonl, .npz per prompt "
+    echo(f"wrote {out}/ ({len(ordered)} prompt{'s' * (len(ordered) != 1)}: results.jsonl, .npz per prompt "
                f"and kind, {'' if no_plots else 'heatmaps, '}aie.csv/md/png)")
 
 
@@ -284,6 +284,6 @@ def saliency(model_name, prompt, target, batch_file, out, top, dtype, skip_bad, 
     fig.savefig(os.path.join(out, "saliency.png"), dpi=110)
     fig.savefig(os.path.join(out, "saliency.pdf"))
     plt.close(fig)
-    click.echo(f"loss {mean.loss:.4f} over {len(per)} examples; top-{top} layers by saliency: "
+    echo(f"loss {mean.loss:.4f} over {len(per)} examples; top-{top} layers by saliency: "
                f"block {mean.top_layers(top)}, mlp_out {mean.top_layers(top, 'mlp_out')}")
-    click.echo(f"wrote {out}/ (saliency.json, saliency.csv, saliency.png/pdf)")
+    echo(f"wrote {out}/ (saliency.json, saliency.csv, saliency.png/pdf)")

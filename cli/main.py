@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 import jaxedit
-from jaxedit.cli.app import MODEL_HELP, clean_errors, cli, with_mesh
+from jaxedit.cli.app import MODEL_HELP, clean_errors, cli, echo, with_mesh
 from jaxedit.errors import JaxeditError
 from jaxedit.sharding import bytes_per_device, describe, human_bytes, is_main_process
 
@@ -46,7 +46,7 @@ def info(model, model_name, dtype, allow_pickle, mesh=None):
         rows.append(("mesh", f"{describe(mesh)}: at most {human_bytes(max(per.values()))} of parameters per "
                              f"device (of {human_bytes(total)})"))
     for k, v in rows:
-        click.echo(f"{k:<11} {v}")
+        echo(f"{k:<11} {v}")
 
 
 

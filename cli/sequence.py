@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 
-import click
-
 import jaxedit
 from jaxedit import runtime
-from jaxedit.cli.app import request_file
+from jaxedit.cli.app import echo, request_file
 from jaxedit.edit.alphaedit import parse_threshold
 from jaxedit.edit.memit import parse_request
 from jaxedit.edit.sequential import dataset_requests
@@ -168,12 +166,12 @@ def run_sequence(model, tok, kind, records, requests, wheres, *, method, batch_s
             plot_curve(points, kind, out)
     if not is_main_process():
         return
-    click.echo(f"{method}: {len(requests)} edits in {n_batches} batch{'es' * (n_batches > 1)} of {batch_size}, "
+    echo(f"{method}: {len(requests)} edits in {n_batches} batch{'es' * (n_batches > 1)} of {batch_size}, "
                f"layers {report['layers']}, {report['seconds']:.1f} s"
                + (f" (resumed at batch {report['resumed_at'] + 1})" if report["resumed_at"] else ""))
     if summary is not None:
         title = f"{'CounterFact' if kind == 'counterfact' else 'zsRE'} after {len(requests)} edits (x100)"
-        click.echo(format_summary(summary, title))
+        echo(format_summary(summary, title))
     extra = ", eval.json" if evaluate else ""
     extra += ", curve.jsonl / .png / .pdf" if eval_every else ""
-    click.echo(f"wrote {out}/ (model/: the edited model; report.json{extra}; checkpoints in sequence/)")
+    echo(f"wrote {out}/ (model/: the edited model; report.json{extra}; checkpoints in sequence/)")

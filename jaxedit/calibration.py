@@ -74,6 +74,17 @@ def measured(stage: str) -> Optional[dict]:
             "rest": rec["last"] - rec["first"], "rest_units": rec["rest_units"]}
 
 
+def model_key(model_name: str) -> str:
+    """A model's name in a calibration key: a path made absolute (the same file from another folder), else as given."""
+    return os.path.abspath(model_name) if os.path.exists(model_name) else model_name
+
+
+def setup_key(dtype: str = "float32", mesh=None) -> str:
+    """The run's set-up in a calibration key: the weights' dtype and the mesh's shape (a bfloat16 model or a mesh of 8
+    devices runs at another speed)."""
+    return str(dtype) + (" | mesh " + ",".join(f"{k}={v}" for k, v in dict(mesh.shape).items()) if mesh else "")
+
+
 def _path(command: str) -> str:
     return os.path.join(cache_dir(), "calibration", f"{command}.json")
 

@@ -8,8 +8,9 @@
   every :data:`HEARTBEAT_SECS` into a file or pipe), so its elapsed time moves during a long compiled call.
 * **Never silent**: :func:`start_heartbeat` (the ``jaxedit`` command starts it) makes sure a command never stays
   quiet for more than :data:`HEARTBEAT_SECS` while a reporter is installed: when nothing was printed for that long
-  and no bar is open, it shows the time since the last status line (on a terminal, one line redrawn in place,
-  removed when the next output comes; into a file or pipe, a line ``... still working, 12 s since: <status>``).
+  (status lines, bars, and what the command line prints through :func:`output_seen`) and no bar is open, it shows
+  the time since the last status line (on a terminal, one line redrawn in place, removed before the next status
+  line, bar or printed result; into a file or pipe, a line ``... still working, 12 s since: <status>``).
 * **Resume notes**: :func:`set_resume_note` records what an interrupted run keeps (a string, or a callable that
   returns one); the command line prints it when Ctrl-C or SIGTERM ends a command.
 * **Compilation**: :func:`enable_compile_cache` turns on JAX's persistent compilation cache in the jaxedit cache
@@ -36,7 +37,9 @@ _note: Union[None, str, Callable[[], Optional[str]]] = None
 _compiled: dict = {}
 _cache_events = {"hits": 0}
 HEARTBEAT_SECS = 4.0  # the longest a command with a reporter stays silent (start_heartbeat)
+HEARTBEAT_ENV = "JAXEDIT_HEARTBEAT_SECS"  # overrides it; 0 turns the heartbeat off
 _lock = threading.RLock()
+_wake = threading.Event()
 _activity = {"last": time.monotonic(), "status": None, "since": time.monotonic(), "bars": 0, "spinner": None,
              "every": 0.0, "thread": None}
 
@@ -65,26 +68,46 @@ def _stderr_isatty() -> bool:
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
-def start_heartbeat(every: float = HEARTBEAT_SECS) -> None:
-    """From now on, never stay silent for more than ``every`` seconds while a reporter is installed (see the module
-    docstring; ``every`` <= 0 turns it off). One background thread per process."""
+def start_heartbeat(every: Optional[float] = None) -> None:
+    """From now on, never stay silent for more than ``every`` seconds (default :data:`HEARTBEAT_SECS`, or
+    ``$JAXEDIT_HEARTBEAT_SECS``) while a reporter is installed (see the module docstring; 0 turns it off). One
+    background thread per process, asleep while the heartbeat is off."""
+    if every is None:
+        try:
+            every = float(os.environ.get(HEARTBEAT_ENV, HEARTBEAT_SECS))
+        except ValueError:
+            every = HEARTBEAT_SECS
     with _lock:
-        _activity["every"] = float(every)
-        _activity["last"] = time.monotonic()
-        if _activity["thread"] is None and every > 0:
-            t = threading.Thread(target=_heartbeat_loop, name="jaxedit-heartbeat", daemon=True)
-            _activity["thread"] = t
-            t.start()
+        now = time.monotonic()
+        _activity.update(every=float(every), last=now, since=now, status=None)
+        if every > 0:
+            if _activity["thread"] is None:
+                t = threading.Thread(target=_heartbeat_loop, name="jaxedit-heartbeat", daemon=True)
+                _activity["thread"] = t
+                t.start()
+            _wake.set()
 
 
 def _heartbeat_loop() -> None:
     while True:
         every = _activity["every"]
-        time.sleep(min(max(every, 0.2) / 4, 1.0))
+        if every <= 0:  # off: sleep until start_heartbeat wakes the thread
+            _wake.wait()
+            _wake.clear()
+            continue
+        time.sleep(min(every / 4, 1.0))
         try:
             _beat()
         except Exception:  # never let the heartbeat stop a command
             pass
+
+
+def output_seen() -> None:
+    """Something was just printed (a result, a skipped line): remove the heartbeat's terminal line first and restart
+    its silence count. The command line calls it for everything it prints besides status lines and bars."""
+    with _lock:
+        _end_spinner()
+        _activity["last"] = time.monotonic()
 
 
 def _beat() -> None:
@@ -105,9 +128,12 @@ def _beat() -> None:
 
             from tqdm import tqdm
 
-            _activity["spinner"] = tqdm(total=None, desc="  still working" + (f" ({status})" if status else ""),
-                                        bar_format="{desc}: {elapsed}", leave=False, file=sys.stderr,
-                                        initial=0, dynamic_ncols=True)
+            spinner = tqdm(total=None, desc="  still working" + (f" ({status})" if status else ""),
+                           bar_format="{desc}: {elapsed}", leave=False, file=sys.stderr, initial=0,
+                           dynamic_ncols=True)
+            spinner.start_t -= now - _activity["since"]  # the time since the last status line, as into a pipe
+            spinner.refresh()
+            _activity["spinner"] = spinner
         else:
             _reporter(f"  ... still working, {now - _activity['since']:.0f} s since: {status or 'the start'}")
         _activity["last"] = now
@@ -207,9 +233,10 @@ def bar(total: int, desc: str, unit: str = "it", initial: int = 0, enabled: bool
         return nb
     from tqdm import tqdm
 
-    _end_spinner()
-    b = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
-    return _TickingBar(b, (tick or 1.0) if _stderr_isatty() else HEARTBEAT_SECS)
+    with _lock:  # no heartbeat line may appear between clearing it and the bar being counted as open
+        _end_spinner()
+        b = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+        return _TickingBar(b, (tick or 1.0) if _stderr_isatty() else HEARTBEAT_SECS)
 
 
 def set_resume_note(note: Union[None, str, Callable[[], Optional[str]]]) -> None:

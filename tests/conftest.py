@@ -158,6 +158,11 @@ def hf_logits(model, ids, mask=None):
     return out.logits.numpy(), [h.numpy() for h in out.hidden_states]
 
 
+# the commands' heartbeat ("still working" lines after 4 s of silence) is off in the test process, where a slow
+# step on a loaded machine would add a line to a command's exact output; its own tests turn it on
+os.environ["JAXEDIT_HEARTBEAT_SECS"] = "0"
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _cache_dir(tmp_path_factory):
     """Every test session starts from an empty jaxedit cache (converted models, key statistics) of its own, so no

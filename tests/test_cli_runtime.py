@@ -347,7 +347,7 @@ def test_never_silent_for_more_than_a_few_seconds(gpt2_native, tmp_path):
     src = write_jsonl(tmp_path / "r.jsonl", [{"prompt": "Miles Davis plays the", "span": [0, 2]}])
     slow_load = ("import time, jaxedit; load = jaxedit.load; "
                  "jaxedit.load = lambda *a, **k: (load(*a, **k), time.sleep(7))[0]; " + os.environ.get("_PRE", ""))
-    env = dict(os.environ, JAXEDIT_COMPILE_CACHE="0")
+    env = dict(os.environ, JAXEDIT_COMPILE_CACHE="0", JAXEDIT_HEARTBEAT_SECS="4")  # the default (off in tests)
     proc = subprocess.Popen([sys.executable, "-c", slow_load + "from jaxedit.cli.main import main; main()", "trace",
                              "--model", gpt2_native, "--batch", src, "--out", str(tmp_path / "o"), "--kinds", "hidden",
                              "--noise-samples", "6000", "--no-plots", "--batch-size", "1"],
@@ -376,29 +376,37 @@ def test_heartbeat_line_on_a_terminal_and_in_a_log(monkeypatch, capsys):
     from jaxedit import runtime
 
     lines = []
-    monkeypatch.setattr(runtime, "_reporter", lines.append)
-    monkeypatch.setitem(runtime._activity, "every", 4.0)
-    runtime.stage("compiling the sampler")
-    runtime._beat()
-    assert lines == ["compiling the sampler"]  # not silent for 4 s yet
-    monkeypatch.setitem(runtime._activity, "last", time.monotonic() - 5)
-    monkeypatch.setattr(runtime, "_stderr_isatty", lambda: False)
-    runtime._beat()
-    assert len(lines) == 2 and lines[1].startswith("  ... still working, ") and lines[1].endswith(
-        "s since: compiling the sampler"), lines
-    monkeypatch.setitem(runtime._activity, "last", time.monotonic() - 5)
-    monkeypatch.setitem(runtime._activity, "bars", 1)  # an open bar redraws itself
-    runtime._beat()
-    assert len(lines) == 2
-    monkeypatch.setitem(runtime._activity, "bars", 0)
-    monkeypatch.setattr(runtime, "_stderr_isatty", lambda: True)
-    runtime._beat()
-    spinner = runtime._activity["spinner"]
-    assert spinner is not None and "still working (compiling the sampler)" in str(spinner) and len(lines) == 2
-    runtime.stage("compiled in 9.0 s")
-    assert runtime._activity["spinner"] is None and spinner.disable is True  # closed before the next line
-    assert lines[-1] == "compiled in 9.0 s"
-    runtime.stop_heartbeat()
-    monkeypatch.setitem(runtime._activity, "last", time.monotonic() - 50)
-    runtime._beat()
-    assert len(lines) == 3 and runtime._activity["spinner"] is None
+    with runtime._lock:  # no heartbeat thread of another test fires meanwhile (the lock is re-entrant)
+        monkeypatch.setattr(runtime, "_reporter", lines.append)
+        monkeypatch.setitem(runtime._activity, "every", 4.0)
+        runtime.stage("compiling the sampler")
+        runtime._beat()
+        assert lines == ["compiling the sampler"]  # not silent for 4 s yet
+        monkeypatch.setitem(runtime._activity, "last", time.monotonic() - 5)
+        monkeypatch.setattr(runtime, "_stderr_isatty", lambda: False)
+        runtime._beat()
+        assert len(lines) == 2 and lines[1].startswith("  ... still working, ") and lines[1].endswith(
+            "s since: compiling the sampler"), lines
+        monkeypatch.setitem(runtime._activity, "last", time.monotonic() - 5)
+        monkeypatch.setitem(runtime._activity, "bars", 1)  # an open bar redraws itself
+        runtime._beat()
+        assert len(lines) == 2
+        monkeypatch.setitem(runtime._activity, "bars", 0)
+        monkeypatch.setattr(runtime, "_stderr_isatty", lambda: True)
+        monkeypatch.setitem(runtime._activity, "since", time.monotonic() - 12)
+        runtime._beat()
+        spinner = runtime._activity["spinner"]
+        assert spinner is not None and "still working (compiling the sampler)" in str(spinner) and len(lines) == 2
+        assert 12 <= spinner.format_dict["elapsed"] < 20  # counted from the status line, as into a pipe
+        runtime.output_seen()  # a printed result removes the line too
+        assert runtime._activity["spinner"] is None and spinner.disable is True
+        monkeypatch.setitem(runtime._activity, "last", time.monotonic() - 5)
+        runtime._beat()
+        spinner = runtime._activity["spinner"]
+        runtime.stage("compiled in 9.0 s")
+        assert runtime._activity["spinner"] is None and spinner.disable is True  # closed before the next line
+        assert lines[-1] == "compiled in 9.0 s"
+        runtime.stop_heartbeat()
+        monkeypatch.setitem(runtime._activity, "last", time.monotonic() - 50)
+        runtime._beat()
+        assert len(lines) == 3 and runtime._activity["spinner"] is None

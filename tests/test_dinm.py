@@ -304,6 +304,12 @@ def test_cli_run_and_resume(tiny_dirs, tmp_path):
     res = run(cli, args + ["--out", str(tmp_path / "fresh"), "--dry-run"])
     assert res.exit_code == 0, res.output
     assert f"time: ~{calibration.human(expect)} (2 cases; " in res.output.splitlines()[-2], res.output
+    res = run(cli, args + ["--dry-run", "--steps", "3", "--out", str(tmp_path / "other")])  # never measured
+    assert res.output.splitlines()[-2] == "time: no estimate yet for these settings on this machine (this run " \
+                                          "measures it)", res.output
+    res = run(cli, args + ["--dry-run"])  # the finished folder: nothing left
+    assert res.exit_code == 0 and res.output.splitlines()[-2] == "time: nothing left to do (every case is in the " \
+                                                                 "folder)", res.output
 
 
 @pytest.fixture(scope="module")

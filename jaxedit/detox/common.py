@@ -33,7 +33,7 @@ def check_stage(out: str, stage: str, cfg: DetoxConfig) -> None:
         before = {k: before[k] if k in before else moved.get(k, v) for k, v in mine.items()}
     if before is not None and before != mine:
         diff = [f"--{OPTION_NAMES.get(k, k.replace('_', '-'))} {before.get(k)!r} -> {mine.get(k)!r}"
-                for k in sorted(set(before) | set(mine)) if before.get(k) != mine.get(k)]
+                for k in diff_keys(before, mine)]
         later = [f for f in DOWNSTREAM if os.path.exists(os.path.join(out, f))]
         fewer = (stage == "sample" and set(diff_keys(before, mine)) == {"select_samples"}
                  and mine["select_samples"] < before["select_samples"])  # the stored samples' first N are reused

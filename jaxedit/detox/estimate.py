@@ -13,11 +13,10 @@ A model with no measurement yet gets no estimate (the plan says so); the first r
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 from jaxedit import calibration
-from jaxedit.calibration import TimedBar, begin, human  # noqa: F401  (the stages' bars and the pipeline use them)
+from jaxedit.calibration import TimedBar, begin, human, setup_key  # noqa: F401  (the stages and the pipeline use them)
 from jaxedit.detox.config import DetoxConfig
 from jaxedit.model import params_of
 from jaxedit.sharding import mesh_of
@@ -39,20 +38,13 @@ def unit_size(cfg: DetoxConfig, stage: str) -> float:
     return 1.0
 
 
-def setup_key(dtype: str = "float32", mesh=None) -> str:
-    """The run's set-up as part of the calibration key: the weights' dtype and the mesh's shape (a bfloat16 model
-    or a mesh of 8 devices runs at another speed)."""
-    return str(dtype) + (" | mesh " + ",".join(f"{k}={v}" for k, v in dict(mesh.shape).items()) if mesh else "")
-
-
 def model_setup(model) -> str:
     """:func:`setup_key` of a loaded model."""
     return setup_key(str(params_of(model)["blocks"]["w_out"].dtype), mesh_of(model))
 
 
 def _key(cfg: DetoxConfig, setup: str) -> str:
-    model = os.path.abspath(cfg.model) if os.path.exists(cfg.model) else cfg.model
-    return f"{model} | batch {cfg.batch_size} | {setup}"
+    return f"{calibration.model_key(cfg.model)} | batch {cfg.batch_size} | {setup}"
 
 
 def load_calibration(cfg: DetoxConfig, setup: str = setup_key()) -> dict:
