@@ -154,7 +154,6 @@ class JaxeditCommand(click.Command):
         try:
             result = run_interruptibly(super().invoke, ctx)
         except ERRORS as e:
-            runtime.stop_heartbeat()
             _fail(e)
         finally:
             runtime.stop_heartbeat()

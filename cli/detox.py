@@ -5,12 +5,12 @@ import click
 
 import jaxedit
 from jaxedit import runtime
+from jaxedit.calibration import setup_key
 from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, Renamed, cli, echo, request_file, with_mesh, with_options
 from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
 from jaxedit.detox.config import RANDOM_STRATEGIES, STAGES, DetoxConfig
 from jaxedit.detox.data import prompt_of, read_facts, read_prompts, read_texts
 from jaxedit.detox.editing import plan_runs
-from jaxedit.calibration import setup_key
 from jaxedit.detox.estimate import estimate_lines
 from jaxedit.detox.methods import plan_method_runs, read_pairs_file
 from jaxedit.detox.pipeline import run_study

@@ -194,21 +194,21 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
         DinmHparams(**hp).check(config.n_layers)
     if tok is not None and config is not None:
         se.check_texts(cases, tok, sfx, config.max_positions)
-    done = 0 if sequential else len({str(r["id"]) for r in read_rows(os.path.join(out, "results.jsonl"))}
-                                    & {str(c.id) for c in cases})
+    done_before = 0 if sequential else len({str(r["id"]) for r in read_rows(os.path.join(out, "results.jsonl"))}
+                                           & {str(c.id) for c in cases})
     where = (f"layer {layer} for every case" if layer is not None else "the first case's located layer for all"
              if locate == "first" else "the layer located per case")
     n_models = 3 if sfx else 2
     time_key = calibration_key(model_name, hp, max_new_tokens, sequential, dtype, mesh)
     lines = [
         f"plan for {out}/ with {model_name}" + (f" ({config.n_layers} layers)" if config is not None else ""),
-        f"cases: {len(cases)} from {cases_file}" + (f"; {done} done earlier" if done else ""),
+        f"cases: {len(cases)} from {cases_file}" + (f"; {done_before} done earlier" if done_before else ""),
         f"edit: {'all cases into one model, in order' if sequential else 'each case on its own'}, {where}, "
         f"{steps} Adam steps at lr {lr:g}" + (f", suffix {sfx!r}" if sfx else ", no suffix"),
         f"evaluate: 5 inputs per case x {n_models} models ({'vanilla, vanilla + suffix, DINM' if sfx else 'vanilla, DINM'}), "
-        f"greedy answers of <= {max_new_tokens} tokens ({5 * n_models * (len(cases) - done)} answers), scored by "
-        f"{scorer}; knowledge-constraint retention",
-        time_line(time_key, len(cases) - done, sequential)]
+        f"greedy answers of <= {max_new_tokens} tokens ({5 * n_models * (len(cases) - done_before)} answers), "
+        f"scored by {scorer}; knowledge-constraint retention",
+        time_line(time_key, len(cases) - done_before, sequential)]
     if dry_run:
         echo("\n".join(lines + ["dry run: nothing loaded, nothing written"]))
         return

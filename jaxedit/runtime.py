@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from typing import Callable, Optional, Union
@@ -63,8 +64,6 @@ def stage(message: str) -> None:
 
 
 def _stderr_isatty() -> bool:
-    import sys
-
     return bool(getattr(sys.stderr, "isatty", lambda: False)())
 
 
@@ -124,8 +123,6 @@ def _beat() -> None:
             return
         status = _activity["status"]
         if _stderr_isatty():
-            import sys
-
             from tqdm import tqdm
 
             spinner = tqdm(total=None, desc="  still working" + (f" ({status})" if status else ""),
@@ -224,9 +221,9 @@ class _TickingBar:
 
 def bar(total: int, desc: str, unit: str = "it", initial: int = 0, enabled: bool = True, tick: float = 1.0):
     """A progress bar (tqdm on stderr) when bars are on and ``enabled``; a silent object with the same methods
-    otherwise. Use as a context manager. The bar is redrawn every ``tick`` seconds on a terminal, every
-    :data:`HEARTBEAT_SECS` into a file or pipe (its elapsed time moves while a long call runs). Its rate counts
-    this run's units only (``initial`` units were done earlier)."""
+    otherwise. Use as a context manager. The bar is redrawn every ``tick`` seconds on a terminal, at the heartbeat's
+    interval (:data:`HEARTBEAT_SECS` when it is off) into a file or pipe (its elapsed time moves while a long call
+    runs). Its rate counts this run's units only (``initial`` units were done earlier)."""
     if not (_bars and enabled):
         nb = _NoBar()
         nb.n = initial
@@ -236,7 +233,7 @@ def bar(total: int, desc: str, unit: str = "it", initial: int = 0, enabled: bool
     with _lock:  # no heartbeat line may appear between clearing it and the bar being counted as open
         _end_spinner()
         b = tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
-        return _TickingBar(b, (tick or 1.0) if _stderr_isatty() else HEARTBEAT_SECS)
+        return _TickingBar(b, (tick or 1.0) if _stderr_isatty() else _activity["every"] or HEARTBEAT_SECS)
 
 
 def set_resume_note(note: Union[None, str, Callable[[], Optional[str]]]) -> None:

@@ -32,10 +32,11 @@ def check_stage(out: str, stage: str, cfg: DetoxConfig) -> None:
         moved = stored.get("sample", {}) if stage == "filter" else {}  # did not record is compared as it is now
         before = {k: before[k] if k in before else moved.get(k, v) for k, v in mine.items()}
     if before is not None and before != mine:
+        changed = diff_keys(before, mine)
         diff = [f"--{OPTION_NAMES.get(k, k.replace('_', '-'))} {before.get(k)!r} -> {mine.get(k)!r}"
-                for k in diff_keys(before, mine)]
+                for k in changed]
         later = [f for f in DOWNSTREAM if os.path.exists(os.path.join(out, f))]
-        fewer = (stage == "sample" and set(diff_keys(before, mine)) == {"select_samples"}
+        fewer = (stage == "sample" and changed == ["select_samples"]
                  and mine["select_samples"] < before["select_samples"])  # the stored samples' first N are reused
         if (stage != "filter" and not fewer) or later:
             hint = (f"; or delete {', '.join(later)} to select again" if stage == "filter" or fewer else "")
