@@ -4,13 +4,28 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import json
 import os
+import tempfile
+import uuid
 
 import numpy as np
 import pytest
 
-import torch  # the test extra's references: a missing one fails the run, it never skips
-import transformers
+# XLA:CPU's elemental emitters instead of its newer fusion emitters: for the tiny programs most tests compile they
+# compile about twice as fast (a tiny model's trace grid: 5.9 -> 2.6 s), SmolLM2's programs run as fast (a trace
+# 13.5-16.3 s with either) and results agree to float32 rounding. Set before JAX starts its CPU backend (it reads
+# XLA_FLAGS once per process); the commands a test starts inherit it.
+if "--xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
+                                                     "--xla_cpu_use_fusion_emitters=false"]))
+
+# one id for the test run, inherited by xdist's workers: the processes of a run share tests/sharded_job.py's folder
+os.environ.setdefault("JAXEDIT_TEST_RUN", f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+import sharded_job  # noqa: E402
+import torch  # noqa: E402  (the test extra's references: a missing one fails the run, it never skips)
+import transformers  # noqa: E402
 
 # the torch references are small: one thread each avoids fighting JAX's threads for the 2 cores (measured under
 # load: a tiny forward 0.9 s with 2 intra-op threads, 0.02 s with 1)
@@ -204,7 +219,60 @@ REAL_MODEL_FIXTURES = {"smollm2", "smollm2_stats", "hf_gguf"}
 
 
 def uses_real_model(item) -> bool:
-    return bool(item.get_closest_marker("slow")) or bool(REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())))
+    """A test that loads SmolLM2 does it through these fixtures (a slow test on a tiny model is not one)."""
+    return bool(REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+# The README's commands run the suite in two processes (pytest-xdist: -n 2, set in pyproject.toml), which take the
+# tests a group at a time; a group runs in one process. The tests that load SmolLM2 are one group (the model and its
+# key statistics are loaded once), every other test file is one (its module fixtures are computed once). Groups go
+# out in this order, so the longest start first and the sharded checks' tests, which wait for their background
+# process, come last. (xdist's own --dist loadgroup does not work with pytest 9.2, whose node ids it cannot extend:
+# the workers write each test's group to a file the scheduler below reads.)
+FIRST_FILES = ["test_detox.py", "test_tracing.py", "test_cli_runtime.py"]
+LAST_FILES = ["test_sharding.py"]
+
+
+def _group_of(item) -> str:
+    return "smollm2" if uses_real_model(item) else os.path.basename(item.nodeid.split("::")[0])
+
+
+def _groups_file() -> str:
+    return os.path.join(tempfile.gettempdir(), f"jaxedit-groups-{os.environ['JAXEDIT_TEST_RUN']}.json")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        group = _group_of(item)
+        if group == "smollm2":
+            return 0
+        if group in FIRST_FILES:
+            return 1 + FIRST_FILES.index(group)
+        return 9 if group in LAST_FILES else 5
+
+    items.sort(key=rank)  # stable: the collection order within a rank
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        tmp = f"{_groups_file()}.{os.environ['PYTEST_XDIST_WORKER']}"
+        with open(tmp, "w") as f:
+            json.dump({item.nodeid: _group_of(item) for item in items}, f)
+        os.replace(tmp, _groups_file())
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        """xdist's scheduling by scope, with this suite's groups as the scopes."""
+        groups: dict = {}
+
+        def _split_scope(self, nodeid):
+            if nodeid not in self.groups:
+                with open(_groups_file()) as f:
+                    self.groups.update(json.load(f))
+            return self.groups[nodeid]
+
+    return GroupScheduling(config, log)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -220,15 +288,18 @@ def pytest_runtest_setup(item):
 
 def pytest_collection_finish(session):
     """tests/test_sharding.py's checks run in a process of their own (8 CPU devices); start it as soon as they are
-    collected, at low priority, so it runs beside the rest of the suite instead of after it."""
-    for item in session.items:
-        module = getattr(item, "module", None)
-        if hasattr(module, "start_background_checks") and "report" in getattr(item, "fixturenames", ()):
-            module.start_background_checks(session.items)
-            break
+    collected, so it runs beside the rest of the suite instead of after it (its tests come last). Under xdist every
+    worker collects every test: the first one starts it."""
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0":
+        module = next((m for m in {getattr(item, "module", None) for item in session.items}
+                       if getattr(m, "__name__", "") == "test_sharding"), None)
+        if module is not None:
+            sharded_job.start([item for item in session.items if getattr(item, "module", None) is module],
+                              module.FAST_MESHES)
 
 
 def pytest_sessionfinish(session):
-    for module in {getattr(item, "module", None) for item in session.items}:
-        if module is not None and hasattr(module, "stop_background_checks"):
-            module.stop_background_checks()
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # the only process, or xdist's controller once every worker ended
+        sharded_job.stop()
+        if os.path.exists(_groups_file()):
+            os.remove(_groups_file())

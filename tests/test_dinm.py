@@ -104,7 +104,9 @@ def test_tuning_matches_torch(tiny_dirs, tokenizer, name):
         ref_losses, ref_w = torch_dinm(hf, tokenizer, 1, CASES[0], 2, lr=5e-4, edit_weight=0.01, kl_grad=kl_grad)
         losses = np.array([rep["losses"][0], rep["nll"][0], rep["kl"][0]]).T
         np.testing.assert_allclose(losses[:, :2], ref_losses[:, :2], rtol=1e-5)
-        np.testing.assert_allclose(losses[:, 2], ref_losses[:, 2], atol=1e-7)  # float32 cancellation in both
+        # the second step's KL (~5e-6) is a float32 sum of 320 terms p (log p - log q) in both: rounding of
+        # ~1e-7 (measured 1.1e-7 with XLA's elemental emitters, 6e-8 with its fusion emitters)
+        np.testing.assert_allclose(losses[:, 2], ref_losses[:, 2], atol=3e-7)
         after = jaxedit.params_of(edited)
         w = np.asarray(after["blocks"]["w_out"][1])
         np.testing.assert_allclose(w, ref_w, atol=1e-5)

@@ -2,7 +2,7 @@
 
 The checks need 8 devices, and JAX fixes the device count when it starts, so they run in one process of their own
 (tests/sharded_checks.py, 8 CPU devices through XLA_FLAGS); the rest of the suite keeps its single device. That
-process is started in the background as soon as these tests are collected (tests/conftest.py), at low priority, and
+process is started in the background as soon as these tests are collected (tests/conftest.py), and
 these tests read its JSON report: for tiny GPT-2 and GQA LLaMA checkpoints loaded with ``mesh=`` on the meshes
 4x2 and 1x8 (data x model; the fast tier) and 8x1 and 2x4 (the slow tier), the logits, tracing grids, key statistics, saliency profiles, MEMIT updates,
 ProFS edits and sampled tokens against the same calls on the model loaded without a mesh (the LLaMA one: all of them on every
@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 import pytest
+import sharded_job
 from click.testing import CliRunner
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,55 +30,22 @@ FAST_MESHES = ["data=4,model=2", "data=1,model=8"]
 SLOW_MESHES = ["data=8", "data=2,model=4"]
 MESHES = [*FAST_MESHES, *(pytest.param(m, marks=pytest.mark.slow) for m in SLOW_MESHES)]
 TOL = 1e-5
-_job: dict = {}
-
-
-def start_background_checks(items=()):
-    """Start tests/sharded_checks.py for what the selected ``items`` read: the meshes they name (the fast ones
-    always) and the two-process run when its test is selected."""
-    if _job:
-        return
-    meshes, multihost = set(FAST_MESHES), False
-    for item in items:
-        if getattr(item, "module", None) is sys.modules[__name__]:
-            params = getattr(getattr(item, "callspec", None), "params", {})
-            meshes.update([params["mesh"]] if "mesh" in params else [])
-            multihost |= item.originalname == "test_two_processes_write_the_results_of_one"
-    work = tempfile.mkdtemp(prefix="jaxedit-sharded-")
-    env = dict(os.environ, JAXEDIT_CHECKS_DUMP=os.path.join(work, "hlo"), JAXEDIT_CACHE=os.path.join(work, "cache"))
-    env.pop("XLA_FLAGS", None)
-    log = open(os.path.join(work, "checks.log"), "w")
-    args = [a for m in sorted(meshes) for a in ("--mesh", m)] + (["--multihost"] if multihost else [])
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sharded_checks.py"), work,
-                             os.path.join(work, "report.json"), *args], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, preexec_fn=lambda: os.nice(10))
-    _job.update(work=work, proc=proc, log=log, started=time.time())
-
-
-def stop_background_checks():
-    if not _job:
-        return
-    if _job["proc"].poll() is None:
-        _job["proc"].kill()
-        _job["proc"].wait()
-    _job["log"].close()
-    shutil.rmtree(_job["work"], ignore_errors=True)
-    _job.clear()
 
 
 @pytest.fixture(scope="module")
 def report(request):
-    start_background_checks(request.session.items)
-    proc = _job["proc"]
-    try:
-        proc.wait(timeout=1800)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        pytest.fail("tests/sharded_checks.py did not finish in 30 minutes")
-    path = os.path.join(_job["work"], "report.json")
-    if proc.returncode != 0 or not os.path.isfile(path):
-        with open(os.path.join(_job["work"], "checks.log")) as f:
-            pytest.fail(f"tests/sharded_checks.py failed (exit {proc.returncode}):\n{f.read()[-4000:]}")
+    if os.environ.get("PYTEST_XDIST_WORKER") is None:  # started at collection; here when a test asks for it alone
+        sharded_job.start(request.session.items, FAST_MESHES)
+    work = sharded_job.work_dir()
+    path = os.path.join(work, "report.json")
+    deadline = time.time() + 1800
+    while not os.path.isfile(path) and sharded_job.running(work):
+        if time.time() > deadline:
+            pytest.fail("tests/sharded_checks.py did not finish in 30 minutes")
+        time.sleep(0.5)
+    if not os.path.isfile(path):
+        with open(os.path.join(work, "checks.log")) as f:
+            pytest.fail(f"tests/sharded_checks.py ended without a report:\n{f.read()[-4000:]}")
     with open(path) as f:
         return json.load(f)
 
