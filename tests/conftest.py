@@ -15,10 +15,24 @@ import pytest
 # XLA:CPU's elemental emitters instead of its newer fusion emitters: for the tiny programs most tests compile they
 # compile about twice as fast (a tiny model's trace grid: 5.9 -> 2.6 s), SmolLM2's programs run as fast (a trace
 # 13.5-16.3 s with either) and results agree to float32 rounding. Set before JAX starts its CPU backend (it reads
-# XLA_FLAGS once per process); the commands a test starts inherit it.
-if "--xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""),
-                                                     "--xla_cpu_use_fusion_emitters=false"]))
+# XLA_FLAGS once per process); the commands a test starts and xdist's workers inherit it. A flag that the installed
+# jaxlib does not know would abort every JAX process, so a throwaway process tries it first (once per run).
+FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
+
+
+def _xla_accepts(flag: str) -> bool:
+    import subprocess
+    import sys
+
+    probe = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; jnp.zeros(2).block_until_ready()"],
+                           env=dict(os.environ, XLA_FLAGS=flag), capture_output=True, timeout=300)
+    return probe.returncode == 0
+
+
+if not os.environ.get("JAXEDIT_TEST_XLA_PROBED"):
+    os.environ["JAXEDIT_TEST_XLA_PROBED"] = "1"
+    if FAST_COMPILE_FLAG not in os.environ.get("XLA_FLAGS", "") and _xla_accepts(FAST_COMPILE_FLAG):
+        os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS", ""), FAST_COMPILE_FLAG]))
 
 # one id for the test run, inherited by xdist's workers: the processes of a run share tests/sharded_job.py's folder
 os.environ.setdefault("JAXEDIT_TEST_RUN", f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
@@ -186,6 +200,11 @@ def _cache_dir(tmp_path_factory):
     else to the session's folder: they are keyed by the program itself, so they cannot be stale."""
     root = tmp_path_factory.mktemp("jaxedit-cache")
     os.environ["JAXEDIT_CACHE"] = str(root)
+    if os.environ.get("JAXEDIT_COMPILE_CACHE") and os.environ.get("PYTEST_XDIST_WORKER"):
+        # a folder per test process: JAX writes an entry without a lock, and another process could read it half
+        # written
+        os.environ["JAXEDIT_COMPILE_CACHE"] = os.path.join(os.environ["JAXEDIT_COMPILE_CACHE"],
+                                                           os.environ["PYTEST_XDIST_WORKER"])
     os.environ.setdefault("JAXEDIT_COMPILE_CACHE", str(root / "xla"))
     from jaxedit import runtime
 

@@ -3,11 +3,14 @@ tests/conftest.py starts it when the tests that read its report are collected (i
 xdist's first worker) and stops it at the end of the run; tests/test_sharding.py's ``report`` fixture waits for it."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _job: dict = {}
@@ -35,45 +38,86 @@ def start(items, fast_meshes):
         multihost |= item.originalname == "test_two_processes_write_the_results_of_one"
     work = work_dir()
     os.makedirs(work)
-    env = dict(os.environ, JAXEDIT_CHECKS_DUMP=os.path.join(work, "hlo"), JAXEDIT_CACHE=os.path.join(work, "cache"))
-    env.pop("XLA_FLAGS", None)
-    log = open(os.path.join(work, "checks.log"), "w")
-    args = [a for m in sorted(meshes) for a in ("--mesh", m)] + (["--multihost"] if multihost else [])
-    proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sharded_checks.py"), work,
-                             os.path.join(work, "report.json"), *args], env=env, stdout=log,
-                            stderr=subprocess.STDOUT)
-    with open(os.path.join(work, "pid"), "w") as f:
-        f.write(str(proc.pid))
+    try:
+        env = dict(os.environ, JAXEDIT_CHECKS_DUMP=os.path.join(work, "hlo"),
+                   JAXEDIT_CACHE=os.path.join(work, "cache"))
+        env.pop("XLA_FLAGS", None)
+        log = open(os.path.join(work, "checks.log"), "w")
+        args = [a for m in sorted(meshes) for a in ("--mesh", m)] + (["--multihost"] if multihost else [])
+        # a session of its own: stopping it stops the processes it starts (the two-process run) too
+        proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sharded_checks.py"), work,
+                                 os.path.join(work, "report.json"), *args], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        _write(os.path.join(work, "pid"), str(proc.pid))
+    except Exception as e:  # the waiting tests report it instead of waiting for a process that never started
+        _write(os.path.join(work, "start-error"), f"{type(e).__name__}: {e}")
+        raise
     _job.update(proc=proc, log=log)
+
+
+def _write(path, text):
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def _pid_of_checks(work):
+    """The checks' process id, or None when the pid file is missing or that process is gone or another one now
+    (a process id can be reused: the process must be sharded_checks.py of this folder)."""
+    try:
+        pid = int(open(os.path.join(work, "pid")).read())
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if work.encode() not in f.read():
+                return None
+        with open(f"/proc/{pid}/stat") as f:  # an ended child of another process is a zombie until reaped
+            if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                return None
+        return pid
+    except (OSError, ValueError):
+        return None
 
 
 def stop():
     """At the end of the run (in the process that runs the session: the only one, or xdist's controller): stop the
-    checks if they still run and remove their folder."""
+    checks and what they started if they still run, and remove their folder."""
     work = work_dir()
     if _job:
         if _job["proc"].poll() is None:
-            _job["proc"].kill()
+            os.killpg(_job["proc"].pid, signal.SIGKILL)
         _job["proc"].wait()
         _job["log"].close()
         _job.clear()
-    elif os.path.isfile(os.path.join(work, "pid")):  # started by a worker process that has ended
-        try:
-            os.kill(int(open(os.path.join(work, "pid")).read()), 9)
-        except (OSError, ValueError):
-            pass
+    else:  # started by a worker process, which has ended
+        pid = _pid_of_checks(work)
+        if pid is not None:
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
     shutil.rmtree(work, ignore_errors=True)
 
 
-def running(work) -> bool:
-    if _job:
-        return _job["proc"].poll() is None
-    try:
-        pid = int(open(os.path.join(work, "pid")).read())
-        os.kill(pid, 0)
-    except (OSError, ValueError):
-        return not os.path.isfile(os.path.join(work, "pid"))  # not started yet: the starting worker is collecting
-    with open(f"/proc/{pid}/stat") as f:  # an ended child of another process stays as a zombie until reaped
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+NOT_STARTED_SECS = 120  # the first worker starts the checks when it has collected the tests
 
 
+def wait_for_report(work, timeout=1800):
+    """The checks' report (a dict), or a one-line reason why there is none: they failed, never started, or did not
+    finish in ``timeout`` seconds."""
+    path = os.path.join(work, "report.json")
+    t0 = time.time()
+    while not os.path.isfile(path):
+        if os.path.isfile(os.path.join(work, "start-error")):
+            return f"tests/sharded_checks.py could not start: {open(os.path.join(work, 'start-error')).read()}"
+        started = os.path.isfile(os.path.join(work, "pid"))
+        if not started and time.time() - t0 > NOT_STARTED_SECS:
+            return f"tests/sharded_checks.py was not started in {NOT_STARTED_SECS} s (no {work}/pid)"
+        if started and (_job["proc"].poll() is not None if _job else _pid_of_checks(work) is None):
+            if os.path.isfile(path):  # finished between the two looks
+                break
+            with open(os.path.join(work, "checks.log")) as f:
+                return f"tests/sharded_checks.py ended without a report:\n{f.read()[-4000:]}"
+        if time.time() - t0 > timeout:
+            return f"tests/sharded_checks.py did not finish in {timeout} s"
+        time.sleep(0.5)
+    with open(path) as f:
+        return json.load(f)

@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import time
 
 import numpy as np
 import pytest
@@ -35,19 +31,12 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def report(request):
     if os.environ.get("PYTEST_XDIST_WORKER") is None:  # started at collection; here when a test asks for it alone
-        sharded_job.start(request.session.items, FAST_MESHES)
-    work = sharded_job.work_dir()
-    path = os.path.join(work, "report.json")
-    deadline = time.time() + 1800
-    while not os.path.isfile(path) and sharded_job.running(work):
-        if time.time() > deadline:
-            pytest.fail("tests/sharded_checks.py did not finish in 30 minutes")
-        time.sleep(0.5)
-    if not os.path.isfile(path):
-        with open(os.path.join(work, "checks.log")) as f:
-            pytest.fail(f"tests/sharded_checks.py ended without a report:\n{f.read()[-4000:]}")
-    with open(path) as f:
-        return json.load(f)
+        sharded_job.start([i for i in request.session.items if getattr(i, "module", None) is sys.modules[__name__]],
+                          FAST_MESHES)
+    got = sharded_job.wait_for_report(sharded_job.work_dir())
+    if isinstance(got, str):
+        pytest.fail(got)
+    return got
 
 
 # ---- meshes and their errors (in this process: one device) ----
