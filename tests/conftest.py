@@ -310,11 +310,7 @@ def pytest_collection_finish(session):
     collected, so it runs beside the rest of the suite instead of after it (its tests come last). Under xdist every
     worker collects every test: the first one starts it."""
     if os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0":
-        module = next((m for m in {getattr(item, "module", None) for item in session.items}
-                       if getattr(m, "__name__", "") == "test_sharding"), None)
-        if module is not None:
-            sharded_job.start([item for item in session.items if getattr(item, "module", None) is module],
-                              module.FAST_MESHES)
+        sharded_job.start(session.items)
 
 
 def pytest_sessionfinish(session):

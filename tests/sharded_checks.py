@@ -27,10 +27,11 @@ import time
 
 DUMP = os.environ.get("JAXEDIT_CHECKS_DUMP")
 # tiny programs: compile time is what costs, so XLA's CPU backend optimizes little (every run here, the
-# single-device references included, uses the same flags)
+# single-device references and the two-process run included, uses the same flags)
+FAST_XLA = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
+            "--xla_cpu_use_fusion_emitters=false")
 os.environ["XLA_FLAGS"] = " ".join(filter(None, [
-    os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8",
-    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false",
+    os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8", FAST_XLA,
     f"--xla_dump_to={DUMP} --xla_dump_hlo_as_text --xla_dump_hlo_module_re=.*" if DUMP else ""]))
 
 import jax  # noqa: E402
@@ -206,7 +207,6 @@ MESHES = ["data=8", "data=4,model=2", "data=2,model=4", "data=1,model=8"]
 PLAN = {"gpt2": {"meshes": MESHES, "sample_on": ["data=4,model=2"], "heavy_on": ["data=4,model=2", "data=1,model=8"]},
         "llama": {"meshes": MESHES, "sample_on": ["data=1,model=8"], "heavy_on": MESHES},
         "llama-odd": {"meshes": ["data=4,model=2", "data=2,model=4", "data=1,model=8"], "run": False}}
-FAST_XLA = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true --xla_cpu_use_fusion_emitters=false"
 
 
 def build_models(work):

@@ -22,16 +22,17 @@ def work_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"jaxedit-sharded-{os.environ['JAXEDIT_TEST_RUN']}")
 
 
-def start(items, fast_meshes):
-    """Start tests/sharded_checks.py for what the selected ``items`` of tests/test_sharding.py read: the meshes they name (the fast ones
-    always) and the two-process run when its test is selected. One process of a run starts it (the only one, or
+def start(items):
+    """Start tests/sharded_checks.py for what the selected ``items`` that read its report (tests/test_sharding.py's,
+    through the ``report`` fixture) need: the meshes they name (that file's FAST_MESHES always) and the two-process
+    run when its test is selected; nothing when none reads it. One process of a run starts it (the only one, or
     xdist's first worker); any process's ``report`` fixture waits for it."""
     if _job:
         return
     items = [item for item in items if "report" in getattr(item, "fixturenames", ())]
     if not items:
         return
-    meshes, multihost = set(fast_meshes), False
+    meshes, multihost = set(items[0].module.FAST_MESHES), False
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         meshes.update([params["mesh"]] if "mesh" in params else [])

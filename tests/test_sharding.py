@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -31,8 +30,7 @@ TOL = 1e-5
 @pytest.fixture(scope="module")
 def report(request):
     if os.environ.get("PYTEST_XDIST_WORKER") is None:  # started at collection; here when a test asks for it alone
-        sharded_job.start([i for i in request.session.items if getattr(i, "module", None) is sys.modules[__name__]],
-                          FAST_MESHES)
+        sharded_job.start(request.session.items)
     got = sharded_job.wait_for_report(sharded_job.work_dir())
     if isinstance(got, str):
         pytest.fail(got)
