@@ -6,6 +6,7 @@ import ast
 import importlib.util
 import json
 import os
+import shutil
 import tempfile
 import uuid
 
@@ -36,6 +37,23 @@ if not os.environ.get("JAXEDIT_TEST_XLA_PROBED"):
 
 # one id for the test run, inherited by xdist's workers: the processes of a run share tests/sharded_job.py's folder
 os.environ.setdefault("JAXEDIT_TEST_RUN", f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _run_compile_cache() -> str:
+    return os.path.join(tempfile.gettempdir(), f"jaxedit-xla-{os.environ['JAXEDIT_TEST_RUN']}")
+
+
+# Compiled programs go to $JAXEDIT_COMPILE_CACHE when set (CI points it at a folder it keeps for the run; a developer
+# at one kept between runs, docs/testing.md), else to a folder of the run's own, removed at its end. JAX keys them by
+# the program, its compile options and JAX's version, so they cannot be stale. The test processes and the commands
+# they start share it (JAX reads and writes it under a file lock: a program one compiled serves the others), and every
+# program is kept (most of the tests' compile in a fraction of a second, below the library's 0.5 s), unless
+# JAXEDIT_COMPILE_CACHE_MIN_SECS says otherwise (CI's cache lives for one run, where writing every program costs more
+# than it saves). Set here, before xdist starts its workers and the sharded checks' process (whose 8-device programs
+# are not cached: its check of the compiled programs reads XLA's dump, which a program loaded from the cache does not
+# write).
+os.environ.setdefault("JAXEDIT_COMPILE_CACHE", _run_compile_cache())
+os.environ.setdefault("JAXEDIT_COMPILE_CACHE_MIN_SECS", "0")
 
 import sharded_job  # noqa: E402
 import torch  # noqa: E402  (the test extra's references: a missing one fails the run, it never skips)
@@ -196,16 +214,9 @@ os.environ["JAXEDIT_HEARTBEAT_SECS"] = "0"
 def _cache_dir(tmp_path_factory):
     """Every test session starts from an empty jaxedit cache (converted models, key statistics) of its own, so no
     test reads what an earlier run or other code left; fixtures share what they compute within the session.
-    Compiled programs go to ``$JAXEDIT_COMPILE_CACHE`` when set (CI points it at a folder it keeps for the run),
-    else to the session's folder: they are keyed by the program itself, so they cannot be stale."""
+    (Compiled programs: see JAXEDIT_COMPILE_CACHE above.)"""
     root = tmp_path_factory.mktemp("jaxedit-cache")
     os.environ["JAXEDIT_CACHE"] = str(root)
-    if os.environ.get("JAXEDIT_COMPILE_CACHE") and os.environ.get("PYTEST_XDIST_WORKER"):
-        # a folder per test process: JAX writes an entry without a lock, and another process could read it half
-        # written
-        os.environ["JAXEDIT_COMPILE_CACHE"] = os.path.join(os.environ["JAXEDIT_COMPILE_CACHE"],
-                                                           os.environ["PYTEST_XDIST_WORKER"])
-    os.environ.setdefault("JAXEDIT_COMPILE_CACHE", str(root / "xla"))
     from jaxedit import runtime
 
     runtime.enable_compile_cache()
@@ -318,3 +329,4 @@ def pytest_sessionfinish(session):
         sharded_job.stop()
         if os.path.exists(_groups_file()):
             os.remove(_groups_file())
+        shutil.rmtree(_run_compile_cache(), ignore_errors=True)

@@ -2,11 +2,13 @@
 count is fixed when JAX starts, so the rest of the suite keeps its one device). tests/test_sharding.py runs it once
 and checks the JSON report it prints on its last line.
 
-    JAXEDIT_CHECKS_DUMP=DIR python tests/sharded_checks.py WORK_DIR REPORT.json [--mesh SPEC ...] [--multihost]
+    JAXEDIT_CHECKS_DUMP=DIR python tests/sharded_checks.py WORK_DIR REPORT.json [--mesh SPEC ...]
+        [--run MODEL@SPEC ...] [--multihost]
 
-``--mesh`` (repeated) names the meshes to check (default: all four); ``--multihost`` adds the two-process run.
-tests/test_sharding.py asks for what its selected tests read: two meshes in the fast tier, all four and the
-two-process run in the slow one.
+``--mesh`` (repeated) names the meshes to load the models on (default: all four); ``--run`` the (model, mesh) pairs
+whose computations are compared (default: every model on every mesh); ``--multihost`` adds the two-process run.
+tests/test_sharding.py asks for what its selected tests read: two meshes and a pair on each in the fast tier, all
+four meshes, six pairs and the two-process run in the full suite.
 
 For each model and mesh the model is loaded with ``mesh=`` (each device reading its shards from the safetensors
 file) and every public computation is compared with the same call on the model loaded without a mesh: logits,
@@ -70,8 +72,8 @@ def random_stats(cfg, layers, seed=0):
     return out
 
 
-def run_all(model, tok, work, tag, sample, heavy=True):
-    """Every computation on ``model`` (``heavy``: saliency and MEMIT too); returns {quantity: numpy result}."""
+def run_all(model, tok, work, tag, sample):
+    """Every computation on ``model``; returns {quantity: numpy result}."""
     from jaxedit.edit.stats import layer_stats
     from jaxedit.generate import generate_ids, sample
 
@@ -97,8 +99,6 @@ def run_all(model, tok, work, tag, sample, heavy=True):
         short = np.array([x[-6:] for x in generate_ids(model, ids, 6, top_k=5, seed=3)])
         batched = np.array([s for row in sample(model, ids, 5, samples=3, top_p=0.9, seed=2) for s in row])
         out["sample"] = np.concatenate([short.ravel(), batched.ravel()])
-    if not heavy:
-        return out
     per, mean = jaxedit.saliency_batch(model, [{"prompt": p, "target": " Paris"} for p in PROMPTS], tokenizer=tok)
     out["saliency"] = np.stack([np.concatenate([r.layer] + list(r.modules.values())) for r in per])
     layer = (cfg.n_layers - 1,)
@@ -202,10 +202,11 @@ MODELS = {
                       intermediate_size=80, tie_word_embeddings=False),
 }
 MESHES = ["data=8", "data=4,model=2", "data=2,model=4", "data=1,model=8"]
-# GPT-2 runs saliency and MEMIT on two meshes (its biases and tied head split there too), the rest everywhere; the
+# Every model is loaded on every selected mesh (placement, bytes per device); the computations run for the selected
+# (model, mesh) pairs (``--run``; tests/test_sharding.py's FAST_RUNS / SLOW_RUNS), with sampling on one mesh each; the
 # odd LLaMA is only loaded (the errors of the meshes that do not divide it)
-PLAN = {"gpt2": {"meshes": MESHES, "sample_on": ["data=4,model=2"], "heavy_on": ["data=4,model=2", "data=1,model=8"]},
-        "llama": {"meshes": MESHES, "sample_on": ["data=1,model=8"], "heavy_on": MESHES},
+PLAN = {"gpt2": {"meshes": MESHES, "sample_on": ["data=4,model=2"]},
+        "llama": {"meshes": MESHES, "sample_on": ["data=1,model=8"]},
         "llama-odd": {"meshes": ["data=4,model=2", "data=2,model=4", "data=1,model=8"], "run": False}}
 
 
@@ -224,17 +225,17 @@ def build_models(work):
     return paths
 
 
-def mesh_checks(paths, work, report, meshes):
+def mesh_checks(paths, work, report, meshes, runs):
     t0 = time.time()
     for name, plan in PLAN.items():
         path = paths[name]
         ref_model, tok = jaxedit.load(path)
-        ref = run_all(ref_model, tok, work, f"{name}-ref", sample=True) if plan.get("run", True) else None
+        ref = run_all(ref_model, tok, work, f"{name}-ref", sample=True) if any(m == name for m, _ in runs) else None
         report["seconds"][f"{name}-ref"] = time.time() - t0
         entry = report["models"][name] = {"weight_shapes": weight_shapes(ref_model.config, params_of(ref_model)),
                                           "meshes": {}}
-        run = plan.get("run", True)
-        for mesh_spec in [m for m in plan["meshes"] if m in meshes or not run]:
+        for mesh_spec in [m for m in plan["meshes"] if m in meshes or not plan.get("run", True)]:
+            run = (name, mesh_spec) in runs
             t1 = time.time()
             try:
                 model, _ = jaxedit.load(path, mesh=jaxedit.make_mesh(mesh_spec))
@@ -250,8 +251,7 @@ def mesh_checks(paths, work, report, meshes):
                           for path, leaf in jax.tree_util.tree_leaves_with_path(params)},
             }
             if run:
-                got = run_all(model, tok, work, f"{name}-{mesh_spec}", sample=mesh_spec in plan["sample_on"],
-                              heavy=mesh_spec in plan["heavy_on"])
+                got = run_all(model, tok, work, f"{name}-{mesh_spec}", sample=mesh_spec in plan["sample_on"])
                 result["rel"] = {k: rel(got[k], ref[k]) for k in got if k != "sample"}
                 # how much the reference varies: a comparison with a flat result would prove little
                 result["signal"] = {k: float(np.ptp(ref[k]) / max(np.abs(ref[k]).max(), 1e-30))
@@ -332,14 +332,16 @@ def multihost_run(paths, work, report):
                            "seconds": time.time() - t0}
 
 
-def main(work, out_file, meshes=tuple(MESHES), multihost=True):
+def main(work, out_file, meshes=tuple(MESHES), runs=None, multihost=True):
+    runs = set(runs) if runs is not None else {(m, spec) for m, p in PLAN.items() if p.get("run", True)
+                                                for spec in p["meshes"] if spec in meshes}
     report = {"devices": len(jax.devices()), "models": {}, "errors": {}, "seconds": {}}
     t0 = time.time()
     paths = build_models(work)
     with open(os.path.join(work, "corpus.txt"), "w") as f:
         f.write("\n".join(CORPUS) + "\n")
     report["seconds"]["build"] = time.time() - t0
-    mesh_checks(paths, work, report, meshes)
+    mesh_checks(paths, work, report, meshes, runs)
     for spec_text in ("data=3", "data=4,model=4", "data=2,model=x", "rows=8", "model=2,model=4", "model=3"):
         try:
             jaxedit.make_mesh(spec_text)
@@ -371,6 +373,9 @@ if __name__ == "__main__":
     parser.add_argument("work")
     parser.add_argument("report")
     parser.add_argument("--mesh", action="append", choices=MESHES)
+    parser.add_argument("--run", action="append", metavar="MODEL@MESH",
+                        help="compare the computations of this model on this mesh (default: every model, every mesh)")
     parser.add_argument("--multihost", action="store_true")
     a = parser.parse_args()
-    main(a.work, a.report, tuple(a.mesh or MESHES), a.multihost)
+    runs = None if a.run is None else [tuple(r.split("@", 1)) for r in a.run]
+    main(a.work, a.report, tuple(a.mesh or MESHES), runs, a.multihost)

@@ -24,18 +24,21 @@ def work_dir() -> str:
 
 def start(items):
     """Start tests/sharded_checks.py for what the selected ``items`` that read its report (tests/test_sharding.py's,
-    through the ``report`` fixture) need: the meshes they name (that file's FAST_MESHES always) and the two-process
-    run when its test is selected; nothing when none reads it. One process of a run starts it (the only one, or
-    xdist's first worker); any process's ``report`` fixture waits for it."""
+    through the ``report`` fixture) need: the meshes they name (that file's FAST_MESHES always), the (model, mesh)
+    pairs whose results they compare (FAST_RUNS always) and the two-process run when its test is selected; nothing
+    when none reads it. One process of a run starts it (the only one, or xdist's first worker); any process's
+    ``report`` fixture waits for it."""
     if _job:
         return
     items = [item for item in items if "report" in getattr(item, "fixturenames", ())]
     if not items:
         return
-    meshes, multihost = set(items[0].module.FAST_MESHES), False
+    meshes, runs, multihost = set(items[0].module.FAST_MESHES), set(items[0].module.FAST_RUNS), False
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         meshes.update([params["mesh"]] if "mesh" in params else [])
+        if "model" in params and "mesh" in params and item.originalname == "test_results_equal_single_device":
+            runs.add((params["model"], params["mesh"]))
         multihost |= item.originalname == "test_two_processes_write_the_results_of_one"
     work = work_dir()
     os.makedirs(work)
@@ -44,7 +47,8 @@ def start(items):
                    JAXEDIT_CACHE=os.path.join(work, "cache"))
         env.pop("XLA_FLAGS", None)
         log = open(os.path.join(work, "checks.log"), "w")
-        args = [a for m in sorted(meshes) for a in ("--mesh", m)] + (["--multihost"] if multihost else [])
+        args = ([a for m in sorted(meshes) for a in ("--mesh", m)] +
+                [a for m, spec in sorted(runs) for a in ("--run", f"{m}@{spec}")] + (["--multihost"] if multihost else []))
         # a session of its own: stopping it stops the processes it starts (the two-process run) too
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sharded_checks.py"), work,
                                  os.path.join(work, "report.json"), *args], env=env, stdout=log,

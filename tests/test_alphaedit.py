@@ -206,6 +206,7 @@ def test_sequential_equals_chained_calls(gpt2_tiny):
                                atol=1e-6 * np.abs(r2["state"]["C_p"][2]).max())
 
 
+@pytest.mark.slow
 def test_sequential_memit_one_batch_is_memit(gpt2_tiny):
     model, tok = gpt2_tiny
     stats = spectrum_stats(model.config.d_ff, (1, 2))
@@ -224,6 +225,7 @@ def test_sequential_memit_one_batch_is_memit(gpt2_tiny):
         jaxedit.edit_sequential(model, [REQS4[0], {"prompt": "x"}], tokenizer=tok, stats=stats, **HP)
 
 
+@pytest.mark.slow
 def test_sequential_resumes_and_refuses_changed_options(gpt2_tiny, tmp_path):
     """A run killed after its first batch resumes at the second and ends with the uninterrupted run's weights;
     a suppress request is edited with deletion's objective; a rerun with another option is refused by name."""

@@ -80,6 +80,7 @@ def test_attribution_equals_torch_autograd(tiny):
         assert np.ptp(ref[kind]) > 1e-4
 
 
+@pytest.mark.slow
 def test_attribution_tracks_the_exact_grid_for_small_effects(tiny):
     """With weak noise every restoration is a small change, where the first-order estimate is close (window 1: a
     wider window's joint restoration also clamps later MLPs of the window, which the summed estimate ignores)."""

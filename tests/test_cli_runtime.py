@@ -83,6 +83,7 @@ def gpt2_native(tiny_dirs, tmp_path_factory):
     return path
 
 
+@pytest.mark.slow
 def test_interrupt_ends_at_once_keeps_results_and_resumes(gpt2_native, tmp_path):
     """Ctrl-C, then SIGTERM, in the middle of a compiled call (many noisy samples: several seconds): the process
     ends within 2 s with the finished prompt kept; the second process resumes from it and loads its program from
@@ -123,6 +124,7 @@ def test_transformers_advice_is_silenced():
     assert out.returncode == 0 and "PyTorch was not found" not in out.stderr + out.stdout, out.stderr
 
 
+@pytest.mark.slow
 def test_transformers_advice_is_silenced_in_library_use():
     """`import jaxedit` alone (no CLI, no environment variable) drops the "PyTorch was not found" notice of a
     transformers imported without torch, and only that: its other warnings still show."""
@@ -138,6 +140,7 @@ def test_transformers_advice_is_silenced_in_library_use():
         assert "another transformers warning" in out.stderr
 
 
+@pytest.mark.slow
 def test_skip_bad_reports_every_bad_line(gpt2_dir, tmp_path):
     bad = ["{not json", json.dumps({"subject": "Miles"}), json.dumps({"prompt": "Miles Davis plays the"}),
            json.dumps({"prompt": "Miles Davis plays the", "subject": "Coltrane"}), "[1, 2]"]
@@ -184,6 +187,7 @@ def test_rerun_into_the_same_folder(gpt2_dir, tmp_path):
             f"'Miles Davis plays the' there; --noise-samples 3 here, 2 there)") in other.output, other.output
 
 
+@pytest.mark.slow
 def test_input_order_line_numbers_and_noise_level(gpt2_dir, tmp_path):
     """Rows come out in input order with their line numbers; the noise level is recorded; with --noise-per-prompt
     a prompt gets the same level and scores alone and in a batch; without it, the level is the batch's."""
@@ -340,6 +344,7 @@ def test_one_vocabulary_old_spellings_accepted_not_shown(tiny_dirs):
     assert both.exit_code == 2 and both.output.startswith("error: two models given"), both.output
 
 
+@pytest.mark.slow
 def test_never_silent_for_more_than_a_few_seconds(gpt2_native, tmp_path):
     """From its first output to its end, a command's output (stderr and stdout, read as it comes) never pauses for
     more than ~5 s: not after the model loads (a 7 s step added there: silent without the heartbeat), not in

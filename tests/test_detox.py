@@ -67,6 +67,7 @@ def read(path):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_selection_equals_the_hand_filter(study):
     _, _, cfg, out = study
     cands = read(os.path.join(out, "candidates.jsonl"))
@@ -111,6 +112,7 @@ def decode_span(tok, prompt, chunk):
     return hit[0], hit[-1] + 1
 
 
+@pytest.mark.slow
 def test_chunk_spans_match_decoded_tokens(study, tokenizer):
     _, _, _, out = study
     for r in read(os.path.join(out, "selected.jsonl")):
@@ -133,6 +135,7 @@ def test_phrase_chunker():
     assert [text[a:b] for a, b in phrase_chunks(text)] == ["I can't believe it", "the guy", "behind me kept yelling"]
 
 
+@pytest.mark.slow
 def test_outputs_of_every_stage(study):
     _, _, cfg, out = study
     for f in ("localize.json", "trace/aie.csv", "summary.jsonl", "runs.jsonl", "table1.md", "table2.md",
@@ -189,6 +192,7 @@ def assert_close(a, b, where):
         assert a == b, where
 
 
+@pytest.mark.slow
 def test_resume_after_a_kill_at_every_stage(study, tmp_path):
     model, tok, cfg, out = study
     want = snapshot(out)
@@ -221,6 +225,7 @@ def test_resume_after_a_kill_at_every_stage(study, tmp_path):
             assert_close(got[k], want[k], k)
 
 
+@pytest.mark.slow
 def test_timings_accumulate_over_runs(study, tmp_path, monkeypatch):
     """timings.json adds every run of a stage to its total, an interrupted run included (recorded by the interrupt
     hook the CLI runs before the process ends); a stage's total is the sum of its runs."""
@@ -259,6 +264,7 @@ def test_timings_accumulate_over_runs(study, tmp_path, monkeypatch):
     assert {k: v for k, v in t.items() if k != "report"} == {k: v for k, v in before.items() if k != "report"}
 
 
+@pytest.mark.slow
 def test_edit_stage_computes_statistics_of_the_edited_layers_only(study, tmp_path, monkeypatch):
     """The edit stage asks for the key statistics of the layers its remaining runs edit (random draws included),
     and a layer's statistics are the same whether its pass covers every layer or only the edited ones."""
@@ -284,6 +290,7 @@ def test_edit_stage_computes_statistics_of_the_edited_layers_only(study, tmp_pat
     np.testing.assert_array_equal(some[1], every[1])
 
 
+@pytest.mark.slow
 def test_rerun_with_other_options_is_refused(study, tmp_path):
     model, tok, cfg, out = study
     with pytest.raises(JaxeditError, match=r"select stage run with other options \(--select-samples 4 -> 5"):
@@ -339,6 +346,7 @@ def test_rerun_with_other_options_is_refused(study, tmp_path):
         c["line"] for c in first3 if c["prompt_toxicity"] < 0.5 and c["mean_toxicity"] > 0.3)
 
 
+@pytest.mark.slow
 def test_fewer_samples_on_a_rerun_reuse_the_first_ones(study, tmp_path):
     """A smaller --select-samples on a rerun with no later results: the stored candidates are cut to their first N
     continuations (nothing sampled again) and equal a fresh selection with N samples (each sample's random stream is
@@ -422,6 +430,7 @@ def drawn_texts(monkeypatch):
     return figures
 
 
+@pytest.mark.slow
 def test_figures_keep_the_toxic_words_hidden_and_fit(study, tmp_path, monkeypatch):
     """With obfuscation on (the default) no figure text spells the toxic value or chunk in clear: not the heatmap
     titles, not the colorbars' p(...); every text lies inside its figure; the frontier labels its points with their
@@ -534,6 +543,7 @@ def test_dry_run_prints_the_plan_without_loading(tmp_path, tiny_dirs, monkeypatc
     assert lines[-1] == "dry run: nothing loaded, nothing written" and not out.exists()
 
 
+@pytest.mark.slow
 def test_plan_estimates_time_from_the_measured_units(study, tmp_path, monkeypatch):
     """The stage bars time their first update from the stage's start (compile included) and the later units; the
     plan extrapolates: by hand, 10 s for the first 3 prompts, then 4 s for 5 more (0.8 s each), so a fixed part of
@@ -662,6 +672,7 @@ def ngram_fluency(texts):
     return sum(per_text) / len(per_text)
 
 
+@pytest.mark.slow
 def test_perplexities_of_every_run_against_torch(study, tiny_dirs, tokenizer, one_thread):
     """summary.jsonl's perplexities (prompts, neutral text, held-out prompts; seeds averaged) against the torch
     model with each run's stored weights put back; every edit moves them by more than the tolerance."""
@@ -706,6 +717,7 @@ def greedy_eval(study, tmp_path_factory):
     return ecfg, str(d), ["base"] + rids
 
 
+@pytest.mark.slow
 def test_evaluate_against_torch(greedy_eval, study, tiny_dirs, tokenizer, one_thread):
     """Every metric of the evaluate stage for the unedited model and two edits, recomputed with torch: argmax
     continuations regenerated on the torch model with the stored weights put back and scored by hand (toxic rate,
@@ -744,6 +756,7 @@ def test_evaluate_against_torch(greedy_eval, study, tiny_dirs, tokenizer, one_th
     assert moved  # an edit changed some factual prompt's argmax: the kept fraction is not 1 by construction
 
 
+@pytest.mark.slow
 def test_layer_choice_against_hand_aie_and_torch_saliency(study, tiny_dirs, tokenizer, one_thread):
     """The layers of ct-single / ct-multi against a hand computation of the AIE at the chunk's last token (the
     stored per-prompt MLP grids' IE, averaged over the edited prompts in float64, ranked by hand), and those of
@@ -821,6 +834,7 @@ def hand_extremes(out):
     return rows
 
 
+@pytest.mark.slow
 def test_methods_runs_and_table(study, methods_study):
     """Adding methods to a study keeps the deletion rows as they were and adds one row per DINM / ProFS run, with
     its method, to runs.jsonl, summary.jsonl and table_methods.md."""
@@ -855,6 +869,7 @@ def test_methods_runs_and_table(study, methods_study):
     assert os.path.isfile(os.path.join(out, "table_methods.csv")) and os.path.isfile(os.path.join(out, "frontier.png"))
 
 
+@pytest.mark.slow
 def test_methods_profs_run_against_recomputation(methods_study, tiny_dirs, tokenizer, one_thread):
     """The ProFS run's weights are jaxedit.profs on the pairs built by hand (prompt + least / most toxic sample);
     its perplexities are the torch model's with those weights, its toxic rate the hand-scored samples of the
@@ -883,6 +898,7 @@ def test_methods_profs_run_against_recomputation(methods_study, tiny_dirs, token
     assert row["toxic_rate"] == pytest.approx(np.mean([s > 0.5 for s in scores]), abs=1e-12)
 
 
+@pytest.mark.slow
 def test_methods_dinm_run_against_recomputation(methods_study):
     """The DINM run is jaxedit.dinm over cases built by hand from the stored samples, in turn into one model."""
     model, tok, cfg, out = methods_study
@@ -899,6 +915,7 @@ def test_methods_dinm_run_against_recomputation(methods_study):
         assert np.abs(w - np.asarray(params_of(model)["blocks"]["w_out"])[z["layers"]]).max() > 1e-6
 
 
+@pytest.mark.slow
 def test_methods_resume_after_an_interrupt(methods_study, tmp_path, monkeypatch):
     """Interrupted after the DINM run, a rerun does the ProFS runs only, and ends where an uninterrupted study
     does."""
@@ -939,6 +956,7 @@ def test_methods_resume_after_an_interrupt(methods_study, tmp_path, monkeypatch)
             assert_close(got[k], want[k], k)
 
 
+@pytest.mark.slow
 def test_methods_pairs_file(study, tmp_path):
     """--pairs: ProFS from the file's pairs; another file in the same folder is refused."""
     model, tok, cfg, out = study

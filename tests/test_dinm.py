@@ -265,6 +265,7 @@ def test_cli_dry_run(tiny_dirs, tmp_path, monkeypatch):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cli_run_and_resume(tiny_dirs, tmp_path):
     run = lambda cli, args: CliRunner().invoke(cli, ["-q", *args])  # noqa: E731 (--quiet: errors alone)
     f = write_cases(tmp_path / "cases.json", cli_cases())

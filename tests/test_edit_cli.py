@@ -3,6 +3,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 import jaxedit
@@ -24,6 +25,7 @@ def corpus(tmp_path):
     return str(p)
 
 
+@pytest.mark.slow
 def test_edit_delete_stats_export(tiny_dirs, tmp_path, monkeypatch):
     monkeypatch.setenv("JAXEDIT_CACHE", str(tmp_path / "cache"))
     model_dir = tiny_dirs["llama-mha-tied"][0]
@@ -105,6 +107,7 @@ CF = [{"case_id": i, "requested_rewrite": {"prompt": p, "subject": s, "target_ne
            "Toko Yasuda produces the most amazing music on the")])]
 
 
+@pytest.mark.slow
 def test_sequential_alphaedit_with_eval(tiny_dirs, tmp_path, monkeypatch):
     """A CounterFact file edited by AlphaEdit one record a batch: the summary in eval.json is the metrics of the
     saved model (recomputed here), the curve holds the unedited model and each batch, a rerun resumes."""

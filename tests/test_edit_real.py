@@ -15,9 +15,8 @@ LAYERS = [4, 5, 6, 7, 8]
 FACTS = [json.loads(l) for l in open(os.path.join(HERE, "..", "jaxedit", "data", "facts.jsonl"))]
 EIFFEL = {"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower", "target": " Rome",
           "paraphrases": ["Where is the Eiffel Tower? It stands in the city of"]}
-BATCH = [EIFFEL] + [{"prompt": FACTS[i]["prompt"], "subject": FACTS[i]["subject"], "target": t} for i, t in [
-    (1, " London"), (3, " Tokyo"), (4, " Berlin"), (5, " Madrid"), (6, " Moscow"), (7, " Paris"), (8, " violin"),
-    (11, " Brazil"), (18, " Germany")]]
+EDITED = [(1, " London"), (3, " Tokyo"), (4, " Berlin"), (8, " violin"), (11, " Brazil")]
+BATCH = [EIFFEL] + [{"prompt": FACTS[i]["prompt"], "subject": FACTS[i]["subject"], "target": t} for i, t in EDITED]
 EXTRA_NEIGHBOURS = ["The capital of France is the city of", "The Louvre is located in the city of",
                     "Barack Obama was born in the state of", "The Beatles were a band from the city of",
                     "The currency of Japan is the", "Water is made of hydrogen and"]
@@ -42,16 +41,17 @@ def perplexity(model, tok, texts=(TEXT,)):
 
 
 @pytest.mark.slow
-def test_batch_of_ten_edits_and_export(smollm2, stats, tmp_path):
-    """Ten facts rewritten in one MEMIT batch (Eiffel Tower -> Rome among them, with a paraphrase and the unedited
+def test_batch_of_edits_and_export(smollm2, stats, tmp_path):
+    """Six facts rewritten in one MEMIT batch (Eiffel Tower -> Rome among them, with a paraphrase and the unedited
     facts as its neighbourhood); the exported checkpoint, loaded by transformers alone, gives the edited logits.
-    (A batch of one is the same code path, pinned against the reference on tiny models in test_editing.py.)"""
+    (The batch's arithmetic is pinned against the reference on tiny models in test_editing.py; a batch of ten here
+    cost 95 s and showed the same: every p >= 0.87.)"""
     model, tok = smollm2
-    edited_ids = {0, 1, 3, 4, 5, 6, 7, 8, 11, 18}
+    edited_ids = {0} | {i for i, _ in EDITED}
     neighbours = [f["prompt"] for i, f in enumerate(FACTS) if i not in edited_ids] + EXTRA_NEIGHBOURS
     batch = [dict(BATCH[0], neighborhood=neighbours)] + BATCH[1:]
-    # lambda = 5000: with the LLaMA-7B preset's 15000 and statistics from 64 sampled texts, 2 of the 10 edits
-    # stay below p = 0.8 on this model (measured: 0.48 and 0.07)
+    # lambda = 5000: with the LLaMA-7B preset's 15000 and statistics from 64 sampled texts, 2 of a batch of 10 edits
+    # stayed below p = 0.8 on this model (measured: 0.48 and 0.07)
     edited, rep = jaxedit.memit(model, batch, layers=LAYERS, tokenizer=tok, stats=stats, progress=False,
                                 mom2_update_weight=5000.0)
     p = [r["p_after"][0] for r in rep["requests"]]
@@ -89,7 +89,11 @@ def test_batch_of_ten_edits_and_export(smollm2, stats, tmp_path):
 
 
 @pytest.mark.slow
-def test_delete_both_objectives(smollm2, stats):
+def test_delete_keeps_text_perplexity(smollm2, stats):
+    """Deleting three facts with the bounded unlikelihood objective -log(1 - P) at a middle KL weight: suppressed,
+    text perplexity kept. (The default objective, mean log P, has no floor: on this model it drops p by 8e10 and more
+    at every KL weight, measured over a sweep in docs/editing.md; both objectives' terms are pinned against float64
+    torch/numpy on tiny models in test_editing.py.)"""
     model, tok = smollm2
     prompts = [FACTS[i] for i in (0, 9, 16)]
     _, greedy = next_token_probs(model, tok, [f["prompt"] for f in prompts], [[0]] * len(prompts))
@@ -97,22 +101,11 @@ def test_delete_both_objectives(smollm2, stats):
             for f, g in zip(prompts, greedy)]
     texts = [r["prompt"] for r in reqs]
     ppl0, ppl0_prompts = perplexity(model, tok), perplexity(model, tok, texts)
-
-    def run(**kw):
-        edited, rep = jaxedit.delete(model, reqs, layers=LAYERS, tokenizer=tok, stats=stats, progress=False, **kw)
-        drop = [r["p_before"][0] / r["p_after"][0] for r in rep["requests"]]
-        return (float(np.exp(np.mean(np.log(drop)))), min(drop), perplexity(edited, tok) / ppl0 - 1,
-                perplexity(edited, tok, texts) / ppl0_prompts - 1)
-
-    # the reference objective (mean log P) at the default KL weight
-    geo, low, rise, _ = run()
-    print(f"\nlogp objective: geo-mean p drop {geo:.3g}, min {low:.3g}, perplexity rise {rise:.2%}")
-    # log P has no floor: measured drops of 8e10 and more at every KL weight (docs/editing.md)
-    assert low >= 1e6 and rise < 0.10
-    # the bounded unlikelihood objective -log(1 - P) at a middle KL weight: suppresses, text perplexity kept.
-    # (How the KL weight moves suppression and perplexity under each objective was measured over a sweep, see
-    # docs/editing.md; the objective's terms are pinned against float64 torch/numpy in test_editing.py.)
-    kl, geo, low, rise, rise_prompts = (0.5,) + run(kl_weight=0.5, delete_objective="unlikelihood")
-    print(f"unlikelihood at KL weight {kl}: geo-mean p drop {geo:.4g}, min {low:.4g}, perplexity rise "
+    edited, rep = jaxedit.delete(model, reqs, layers=LAYERS, tokenizer=tok, stats=stats, progress=False,
+                                 kl_weight=0.5, delete_objective="unlikelihood")
+    drop = [r["p_before"][0] / r["p_after"][0] for r in rep["requests"]]
+    geo, low = float(np.exp(np.mean(np.log(drop)))), min(drop)
+    rise, rise_prompts = perplexity(edited, tok) / ppl0 - 1, perplexity(edited, tok, texts) / ppl0_prompts - 1
+    print(f"\nunlikelihood at KL weight 0.5: geo-mean p drop {geo:.4g}, min {low:.4g}, perplexity rise "
           f"{rise:.2%} (text), {rise_prompts:.2%} (the prompts)")
     assert low >= 20 and rise < 0.02  # measured min drop 82 (geo-mean 340), text perplexity +0.49 %

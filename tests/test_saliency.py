@@ -75,6 +75,7 @@ def test_default_target_is_the_argmax(tiny):
     np.testing.assert_allclose(a.layer, b.layer, rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk", [1, 2, 3])
 def test_batched_equals_one_by_one_for_any_chunk(tiny, chunk):
     _, model, tok = tiny

@@ -58,6 +58,7 @@ def test_single_prompt_outputs(model_dir, tiny_dirs, tmp_path):
     assert csv[0].startswith("kind,group,n,layer0") and len(csv) == 1 + 3 * 6
 
 
+@pytest.mark.slow
 def test_batch_resumes_after_a_kill(model_dir, tmp_path):
     src = write_jsonl(tmp_path / "r.jsonl", REQS)
     out = tmp_path / "o"

@@ -7,6 +7,7 @@ from jaxedit.locate.tracing import trace_batch
 from conftest import offset_span
 from reference_torch import torch_scores
 
+SAMPLES = 5
 REQS = [{"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower"},
         {"prompt": "The Colosseum is located in the city of", "subject": "The Colosseum"}]
 
@@ -14,7 +15,9 @@ REQS = [{"prompt": "The Eiffel Tower is located in the city of", "subject": "The
 @pytest.fixture(scope="module")
 def traces(smollm2):
     model, tok = smollm2
-    return trace_batch(model, REQS, tokenizer=tok, kinds=("hidden",), batch_size=2, bucket=1)
+    # 5 noise samples instead of the default 10: the same picture at half the cost (the grid is ~60 CPU-seconds
+    # per prompt and sample count); the noise is the same draw's first 5 rows
+    return trace_batch(model, REQS, tokenizer=tok, kinds=("hidden",), samples=SAMPLES, batch_size=2, bucket=1)
 
 
 @pytest.mark.slow
@@ -37,7 +40,7 @@ def test_eiffel_tower_high_and_low(traces):
 @pytest.mark.slow
 def test_eiffel_tower_against_transformers(traces, smollm2, hf_gguf):
     """The numbers above from transformers' own GGUF model with the same noise (3 x the std of the embeddings of
-    both requests' subject tokens there, RandomState(1), 10 samples): clean and corrupted p(" Paris") and the
+    both requests' subject tokens there, RandomState(1), 5 samples): clean and corrupted p(" Paris") and the
     restorations of "iffel" and " Tower" at layer 3."""
     _, tok = smollm2
     r = traces[0]["hidden"]
@@ -51,7 +54,7 @@ def test_eiffel_tower_against_transformers(traces, smollm2, hf_gguf):
         a, b = offset_span(tok, q["prompt"], q["subject"])
         subjects.append(emb[tok(q["prompt"])["input_ids"][a:b]])
     level = 3 * np.concatenate(subjects).std(ddof=1)
-    noise = level * np.random.RandomState(1).randn(10, e - s, emb.shape[1])
+    noise = level * np.random.RandomState(1).randn(SAMPLES, e - s, emb.shape[1])
     with torch.no_grad():
         assert r.answer_id == int(hf_gguf(torch.tensor([ids])).logits[0, -1].argmax())
     cells = [(2, 3), (3, 3)]

@@ -33,9 +33,15 @@ def tiny(request, tmp_path_factory, tokenizer):
 
 
 # with 3 layers, window 3 is clipped at both the first and the last layer and every window differs; window 4 gives
-# layers 1 and 2 the same window (0..2), which the shared grid computes once
+# layers 1 and 2 the same window (0..2), which the shared grid computes once. The fast tier runs two of the five: the
+# shared grid two layers a step, and the dense one.
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize("method, layers_per_step, window",
-                         [("shared", 1, 3), ("shared", 2, 3), ("shared", 3, 3), ("shared", 2, 4), ("dense", None, 3)])
+                         [pytest.param("shared", 1, 3, marks=SLOW), ("shared", 2, 3),
+                          pytest.param("shared", 3, 3, marks=SLOW), pytest.param("shared", 2, 4, marks=SLOW),
+                          ("dense", None, 3)])
 def test_grid_equals_naive_torch_loop(tiny, method, layers_per_step, window):
     hf, model, tok = tiny
     ids = tok(PROMPT)["input_ids"]
@@ -54,7 +60,7 @@ def test_grid_equals_naive_torch_loop(tiny, method, layers_per_step, window):
         assert np.ptp(ref) > 1e-3  # the grid has signal: a wrong cell could not pass unnoticed
 
 
-@pytest.mark.parametrize("method", ["shared", "dense"])
+@pytest.mark.parametrize("method", ["shared", pytest.param("dense", marks=SLOW)])
 def test_restoration_identities(tiny, method):
     """Restoring the last token's final state gives the clean probability; restoring a token before the span,
     which the noise never reached, changes nothing."""
@@ -82,6 +88,7 @@ def test_seeded_noise_equals_explicit_reference_draw(tiny):
     assert np.abs(c.scores - b.scores).max() > 0
 
 
+@pytest.mark.slow
 def test_batch_of_different_lengths_equals_one_by_one(tiny):
     _, model, tok = tiny
     reqs = [{"prompt": PROMPT, "subject": SUBJECT},
@@ -149,6 +156,7 @@ def test_bad_input_errors(tiny, kwargs, message):
         trace(model, tokenizer=tok, **kwargs)
 
 
+@pytest.mark.slow
 def test_memory_chunking_does_not_change_the_grid(tiny):
     """A small memory budget splits the token-rows into several packed groups, one restore layer per step."""
     from jaxedit.locate.tracing import packed_bytes, row_groups
