@@ -31,10 +31,6 @@ from jaxedit.cache import cache_dir
 
 COMPILE_CACHE_ENV = "JAXEDIT_COMPILE_CACHE"  # "0" turns the persistent compilation cache off; a path moves it
 MIN_COMPILE_SECS = 0.5  # programs that compile faster than this are not written to the cache
-# the cache's size bound: past it, the least recently used programs are removed. A bound also makes JAX take a file
-# lock around each read and write, so that processes sharing the folder (a multi-process run on one host, commands
-# run side by side) never read a program another one is still writing
-COMPILE_CACHE_MAX_BYTES = 4 << 30
 
 _reporter: Optional[Callable[[str], None]] = None
 _bars = True  # the library's bars (key statistics) show unless turned off; status lines need a reporter
@@ -316,8 +312,7 @@ def compile_cache_dir() -> Optional[str]:
 
 def enable_compile_cache(path: Optional[str] = None, min_compile_secs: Optional[float] = None) -> Optional[str]:
     """Turn on JAX's persistent compilation cache (programs that took at least ``min_compile_secs`` to compile are
-    written to ``path``, default :func:`compile_cache_dir`; at most :data:`COMPILE_CACHE_MAX_BYTES`, the least
-    recently used removed first, read and written under a file lock). Does nothing when the cache is turned off or when the
+    written to ``path``, default :func:`compile_cache_dir`). Does nothing when the cache is turned off or when the
     process already has a cache directory. Returns the directory in use (None: off)."""
     import jax
 
@@ -336,7 +331,6 @@ def enable_compile_cache(path: Optional[str] = None, min_compile_secs: Optional[
         min_compile_secs = float(os.environ.get("JAXEDIT_COMPILE_CACHE_MIN_SECS", MIN_COMPILE_SECS))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_secs))
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
     _listen_for_cache_hits()
     return path
 

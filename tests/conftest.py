@@ -43,17 +43,28 @@ def _run_compile_cache() -> str:
     return os.path.join(tempfile.gettempdir(), f"jaxedit-xla-{os.environ['JAXEDIT_TEST_RUN']}")
 
 
-# Compiled programs go to $JAXEDIT_COMPILE_CACHE when set (CI points it at a folder it keeps for the run; a developer
-# at one kept between runs, docs/testing.md), else to a folder of the run's own, removed at its end. JAX keys them by
-# the program, its compile options and JAX's version, so they cannot be stale. The test processes and the commands
-# they start share it (JAX reads and writes it under a file lock: a program one compiled serves the others), and every
-# program is kept (most of the tests' compile in a fraction of a second, below the library's 0.5 s), unless
-# JAXEDIT_COMPILE_CACHE_MIN_SECS says otherwise (CI's cache lives for one run, where writing every program costs more
-# than it saves). Set here, before xdist starts its workers and the sharded checks' process (whose 8-device programs
-# are not cached: its check of the compiled programs reads XLA's dump, which a program loaded from the cache does not
-# write).
-os.environ.setdefault("JAXEDIT_COMPILE_CACHE", _run_compile_cache())
-os.environ.setdefault("JAXEDIT_COMPILE_CACHE_MIN_SECS", "0")
+# Compiled programs: each test process has a folder of its own (its subfolder gw0, gw1 or main; JAX writes an entry
+# without a lock, so two processes must not share one), which the commands it starts share (it waits for them). The
+# folders are under $JAXEDIT_COMPILE_CACHE when it names a folder (the caller keeps it: CI for its run, a developer
+# between runs, docs/testing.md), else under a folder of the run's own, removed at its end. A kept folder gets every
+# program (most of the tests' compile in a fraction of a second, below the library's 0.5 s threshold) unless
+# JAXEDIT_COMPILE_CACHE_MIN_SECS says otherwise (CI: 0.5, as its folder lives for one run); a run's own folder keeps
+# the library's threshold, as writing every program costs a cold run more than it saves. JAX keys the programs by
+# the program, its compile options and JAX's version, so they cannot be stale. Decided once, by the run's first
+# process, before xdist starts its workers (which inherit the variables) and the sharded checks' process (whose
+# 8-device programs are not cached: its check of the compiled programs reads XLA's dump, which a program loaded from
+# the cache does not write).
+if "JAXEDIT_TEST_COMPILE_BASE" not in os.environ:
+    from jaxedit.runtime import MIN_COMPILE_SECS
+
+    _kept = os.environ.get("JAXEDIT_COMPILE_CACHE", "").strip()
+    if _kept.lower() in ("", "0", "off", "false", "no", "1", "on", "true", "yes"):  # not a folder
+        os.environ["JAXEDIT_TEST_COMPILE_BASE"] = _run_compile_cache()
+        os.environ["JAXEDIT_COMPILE_CACHE_MIN_SECS"] = str(MIN_COMPILE_SECS)
+    else:
+        os.environ["JAXEDIT_TEST_COMPILE_BASE"] = os.path.abspath(os.path.expanduser(_kept))
+        os.environ.setdefault("JAXEDIT_COMPILE_CACHE_MIN_SECS", "0")
+    os.environ["JAXEDIT_COMPILE_CACHE"] = os.environ["JAXEDIT_TEST_COMPILE_BASE"]
 
 import sharded_job  # noqa: E402
 import torch  # noqa: E402  (the test extra's references: a missing one fails the run, it never skips)
@@ -214,9 +225,11 @@ os.environ["JAXEDIT_HEARTBEAT_SECS"] = "0"
 def _cache_dir(tmp_path_factory):
     """Every test session starts from an empty jaxedit cache (converted models, key statistics) of its own, so no
     test reads what an earlier run or other code left; fixtures share what they compute within the session.
-    (Compiled programs: see JAXEDIT_COMPILE_CACHE above.)"""
+    (Compiled programs: see JAXEDIT_TEST_COMPILE_BASE above.)"""
     root = tmp_path_factory.mktemp("jaxedit-cache")
     os.environ["JAXEDIT_CACHE"] = str(root)
+    os.environ["JAXEDIT_COMPILE_CACHE"] = os.path.join(os.environ["JAXEDIT_TEST_COMPILE_BASE"],
+                                                       os.environ.get("PYTEST_XDIST_WORKER", "main"))
     from jaxedit import runtime
 
     runtime.enable_compile_cache()

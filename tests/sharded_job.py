@@ -48,7 +48,8 @@ def start(items):
         env.pop("XLA_FLAGS", None)
         log = open(os.path.join(work, "checks.log"), "w")
         args = ([a for m in sorted(meshes) for a in ("--mesh", m)] +
-                [a for m, spec in sorted(runs) for a in ("--run", f"{m}@{spec}")] + (["--multihost"] if multihost else []))
+                [a for m, spec in sorted(runs) for a in ("--run", f"{m}@{spec}")] +
+                (["--multihost"] if multihost else []))
         # a session of its own: stopping it stops the processes it starts (the two-process run) too
         proc = subprocess.Popen([sys.executable, os.path.join(HERE, "sharded_checks.py"), work,
                                  os.path.join(work, "report.json"), *args], env=env, stdout=log,

@@ -28,8 +28,10 @@ MESHES = [*FAST_MESHES, *(pytest.param(m, marks=pytest.mark.slow) for m in SLOW_
 # the (model, mesh) pairs whose results are compared with one device: in the fast tier each model on one of the two
 # meshes; in the full suite GPT-2 (whose split differs by its biases and tied vocabulary) on both of them and LLaMA on
 # all four (GPT-2 on the other two meshes is loaded and its placement checked, as every model on every mesh)
-FAST_RUNS = [("gpt2", "data=4,model=2"), ("llama", "data=1,model=8")]
-SLOW_RUNS = [("gpt2", "data=1,model=8"), ("llama", "data=4,model=2"), ("llama", "data=8"), ("llama", "data=2,model=4")]
+# (GPT-2 on 1x8 in the fast tier: the one mesh that splits its tied vocabulary table over d_model)
+FAST_RUNS = [("gpt2", "data=1,model=8"), ("llama", "data=4,model=2")]
+SLOW_RUNS = [("gpt2", "data=4,model=2"), ("llama", "data=1,model=8"), ("llama", "data=8"),
+             ("llama", "data=2,model=4")]
 RUNS = [*FAST_RUNS, *(pytest.param(*r, marks=pytest.mark.slow) for r in SLOW_RUNS)]
 TOL = 1e-5
 
@@ -129,8 +131,8 @@ def test_model_axis_must_divide_heads_and_d_ff(report):
 @pytest.mark.parametrize("model, mesh", RUNS)
 def test_results_equal_single_device(report, model, mesh):
     entry = report["models"][model]["meshes"][mesh]
-    want = {"logits", "trace", "stats", "saliency", "memit_update", "memit_weights", "memit_report", "profs_weights", "profs_projectors",
-            "alphaedit_update", "alphaedit_cp"}
+    want = {"logits", "trace", "stats", "saliency", "memit_update", "memit_weights", "memit_report", "profs_weights",
+            "profs_projectors", "alphaedit_update", "alphaedit_cp"}
     assert set(entry["rel"]) >= want
     bad = {k: v for k, v in entry["rel"].items() if not v <= TOL}
     assert not bad, bad
