@@ -299,15 +299,21 @@ def resume_note() -> Optional[str]:
 
 # ---------------------------------------------------------------------------------------------- compilation
 
+def compile_cache_env_path() -> Optional[str]:
+    """The folder ``$JAXEDIT_COMPILE_CACHE`` names (absolute); None when it is unset or a switch (0 / off / false /
+    no, 1 / on / true / yes)."""
+    env = os.environ.get(COMPILE_CACHE_ENV, "").strip()
+    if env.lower() in ("", "0", "off", "false", "no", "1", "on", "true", "yes"):
+        return None
+    return os.path.abspath(os.path.expanduser(env))
+
+
 def compile_cache_dir() -> Optional[str]:
     """Where compiled programs are kept: ``$JAXEDIT_COMPILE_CACHE`` when it is a path, else ``<cache>/xla``; None
     when ``$JAXEDIT_COMPILE_CACHE`` is 0 / off / false."""
-    env = os.environ.get(COMPILE_CACHE_ENV, "").strip()
-    if env.lower() in ("0", "off", "false", "no"):
+    if os.environ.get(COMPILE_CACHE_ENV, "").strip().lower() in ("0", "off", "false", "no"):
         return None
-    if env and env.lower() not in ("1", "on", "true", "yes"):
-        return os.path.abspath(os.path.expanduser(env))
-    return os.path.join(cache_dir(), "xla")
+    return compile_cache_env_path() or os.path.join(cache_dir(), "xla")
 
 
 def enable_compile_cache(path: Optional[str] = None, min_compile_secs: Optional[float] = None) -> Optional[str]:

@@ -211,25 +211,16 @@ PLAN = {"gpt2": {"meshes": MESHES, "sample_on": ["data=1,model=8"]},
 
 
 def build_models(work):
-    """Save the tiny checkpoints (random torch models, as tests/conftest.py builds them) under ``work``."""
+    """Save the tiny checkpoints (random torch models, as the tests build them: tests/tiny_models.py) under ``work``."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    # (importing conftest points the compile cache at a test run's folder, which only a test run removes: run by
-    # hand, this process keeps its own setting)
-    saved = {k: os.environ.get(k) for k in ("JAXEDIT_COMPILE_CACHE", "JAXEDIT_COMPILE_CACHE_MIN_SECS")}
-    import conftest
+    import tiny_models
 
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-
-    tok = conftest.make_tokenizer()
+    tok = tiny_models.make_tokenizer()
     paths = {}
     for name, cfg in MODELS.items():
-        conftest.TINY_CONFIGS["sharded-" + name] = cfg
+        tiny_models.TINY_CONFIGS["sharded-" + name] = cfg
         path = paths[name] = os.path.join(work, name)
-        conftest.build_hf_model("sharded-" + name, seed=1, init_std=0.2).save_pretrained(path)
+        tiny_models.build_hf_model("sharded-" + name, seed=1, init_std=0.2).save_pretrained(path)
         tok.save_pretrained(path)
     return paths
 
