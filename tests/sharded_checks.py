@@ -3,12 +3,16 @@ count is fixed when JAX starts, so the rest of the suite keeps its one device). 
 and checks the JSON report it prints on its last line.
 
     JAXEDIT_CHECKS_DUMP=DIR python tests/sharded_checks.py WORK_DIR REPORT.json [--mesh SPEC ...]
-        [--run MODEL@SPEC ...] [--multihost]
+        [--run MODEL@SPEC ...] [--sample MODEL@SPEC ...] [--persistence] [--multihost]
 
 ``--mesh`` (repeated) names the meshes to load the models on (default: all four); ``--run`` the (model, mesh) pairs
-whose computations are compared (default: every model on every mesh); ``--multihost`` adds the two-process run.
-tests/test_sharding.py asks for what its selected tests read: two meshes and a pair on each in the fast tier, all
-four meshes, six pairs and the two-process run in the full suite.
+whose computations are compared (default: every model on every mesh); ``--sample`` the pairs that also compare
+sampled tokens (added to --run; with neither option: GPT-2 on data=1,model=8 and LLaMA on data=4,model=2);
+``--persistence`` adds the orbax save / export of a sharded model and the wide forward's memory; ``--multihost`` the
+two-process run.
+tests/test_sharding.py asks for what its selected tests read: two meshes, a pair on each and LLaMA's sampling in
+the fast tier; all four meshes, six pairs, both models' sampling, the persistence checks and the two-process run in
+the full suite.
 
 Each model is loaded with ``mesh=`` on each selected mesh (each device reading its shards from the safetensors
 file), and for the selected (model, mesh) pairs every public computation is compared with the same call on the model
@@ -75,7 +79,7 @@ def random_stats(cfg, layers, seed=0):
 def run_all(model, tok, work, tag, sample):
     """Every computation on ``model``; returns {quantity: numpy result}."""
     from jaxedit.edit.stats import layer_stats
-    from jaxedit.generate import generate_ids, sample
+    from jaxedit.generate import generate_ids, sample as sample_rows
 
     cfg = model.config
     out = {}
@@ -97,7 +101,7 @@ def run_all(model, tok, work, tag, sample):
     out["stats"] = np.stack([st[l] for l in layers])
     if sample:
         short = np.array([x[-6:] for x in generate_ids(model, ids, 6, top_k=5, seed=3)])
-        batched = np.array([s for row in sample(model, ids, 5, samples=3, top_p=0.9, seed=2) for s in row])
+        batched = np.array([s for row in sample_rows(model, ids, 5, samples=3, top_p=0.9, seed=2) for s in row])
         out["sample"] = np.concatenate([short.ravel(), batched.ravel()])
     per, mean = jaxedit.saliency_batch(model, [{"prompt": p, "target": " Paris"} for p in PROMPTS], tokenizer=tok)
     out["saliency"] = np.stack([np.concatenate([r.layer] + list(r.modules.values())) for r in per])
@@ -203,10 +207,11 @@ MODELS = {
 }
 MESHES = ["data=8", "data=4,model=2", "data=2,model=4", "data=1,model=8"]
 # Every model is loaded on every selected mesh (placement, bytes per device); the computations run for the selected
-# (model, mesh) pairs (``--run``; tests/test_sharding.py's FAST_RUNS / SLOW_RUNS), with sampling on one mesh each; the
-# odd LLaMA is only loaded (the errors of the meshes that do not divide it)
-PLAN = {"gpt2": {"meshes": MESHES, "sample_on": ["data=1,model=8"]},
-        "llama": {"meshes": MESHES, "sample_on": ["data=4,model=2"]},
+# (model, mesh) pairs (``--run``; tests/test_sharding.py's FAST_RUNS / SLOW_RUNS), sampling for those of ``--sample``;
+# the odd LLaMA is only loaded (the errors of the meshes that do not divide it)
+SAMPLES = [("gpt2", "data=1,model=8"), ("llama", "data=4,model=2")]
+PLAN = {"gpt2": {"meshes": MESHES},
+        "llama": {"meshes": MESHES},
         "llama-odd": {"meshes": ["data=4,model=2", "data=2,model=4", "data=1,model=8"], "run": False}}
 
 
@@ -225,12 +230,13 @@ def build_models(work):
     return paths
 
 
-def mesh_checks(paths, work, report, meshes, runs):
+def mesh_checks(paths, work, report, meshes, runs, samples):
     t0 = time.time()
     for name, plan in PLAN.items():
         path = paths[name]
         ref_model, tok = jaxedit.load(path)
-        ref = run_all(ref_model, tok, work, f"{name}-ref", sample=True) if any(m == name for m, _ in runs) else None
+        ref = (run_all(ref_model, tok, work, f"{name}-ref", sample=any(m == name for m, _ in samples))
+               if any(m == name for m, _ in runs) else None)
         report["seconds"][f"{name}-ref"] = time.time() - t0
         entry = report["models"][name] = {"weight_shapes": weight_shapes(ref_model.config, params_of(ref_model)),
                                           "meshes": {}}
@@ -251,7 +257,7 @@ def mesh_checks(paths, work, report, meshes, runs):
                           for path, leaf in jax.tree_util.tree_leaves_with_path(params)},
             }
             if run:
-                got = run_all(model, tok, work, f"{name}-{mesh_spec}", sample=mesh_spec in plan["sample_on"])
+                got = run_all(model, tok, work, f"{name}-{mesh_spec}", sample=(name, mesh_spec) in samples)
                 result["rel"] = {k: rel(got[k], ref[k]) for k in got if k != "sample"}
                 # how much the reference varies: a comparison with a flat result would prove little
                 result["signal"] = {k: float(np.ptp(ref[k]) / max(np.abs(ref[k]).max(), 1e-30))
@@ -332,26 +338,29 @@ def multihost_run(paths, work, report):
                            "seconds": time.time() - t0}
 
 
-def main(work, out_file, meshes=tuple(MESHES), runs=None, multihost=True):
+def main(work, out_file, meshes=tuple(MESHES), runs=None, samples=tuple(SAMPLES), persistence=True, multihost=True):
     runs = set(runs) if runs is not None else {(m, spec) for m, p in PLAN.items() if p.get("run", True)
                                                 for spec in p["meshes"] if spec in meshes}
+    samples = set(samples)
+    runs |= samples
     report = {"devices": len(jax.devices()), "models": {}, "errors": {}, "seconds": {}}
     t0 = time.time()
     paths = build_models(work)
     with open(os.path.join(work, "corpus.txt"), "w") as f:
         f.write("\n".join(CORPUS) + "\n")
     report["seconds"]["build"] = time.time() - t0
-    mesh_checks(paths, work, report, meshes, runs)
+    mesh_checks(paths, work, report, meshes, runs, samples)
     for spec_text in ("data=3", "data=4,model=4", "data=2,model=x", "rows=8", "model=2,model=4", "model=3"):
         try:
             jaxedit.make_mesh(spec_text)
             report["errors"][spec_text] = None
         except JaxeditError as e:
             report["errors"][spec_text] = str(e)
-    t1 = time.time()
-    persistence_checks(paths, work, report)
-    report["wide_forward"] = wide_forward_memory()
-    report["seconds"]["persistence+wide"] = time.time() - t1
+    if persistence:
+        t1 = time.time()
+        persistence_checks(paths, work, report)
+        report["wide_forward"] = wide_forward_memory()
+        report["seconds"]["persistence+wide"] = time.time() - t1
     if DUMP:
         report["all_gathers"] = hlo_all_gathers(DUMP)
     if multihost:
@@ -387,7 +396,13 @@ if __name__ == "__main__":
     parser.add_argument("--run", action="append", metavar="MODEL@MESH", type=run_pair,
                         help="compare the computations of this model on this mesh (default: every model, every mesh; "
                              "the mesh is added to --mesh)")
+    parser.add_argument("--sample", action="append", metavar="MODEL@MESH", type=run_pair,
+                        help="also compare sampled tokens for this model on this mesh (added to --run; with neither "
+                             "option: " + ", ".join(f"{m}@{s}" for m, s in SAMPLES) + ")")
+    parser.add_argument("--persistence", action="store_true",
+                        help="the orbax save and export of a sharded model, the wide forward's memory")
     parser.add_argument("--multihost", action="store_true")
     a = parser.parse_args()
-    meshes = set(a.mesh or MESHES) | {spec for _, spec in a.run or ()}
-    main(a.work, a.report, tuple(m for m in MESHES if m in meshes), a.run, a.multihost)
+    samples = a.sample if a.sample is not None else SAMPLES if a.run is None else []
+    meshes = set(a.mesh or MESHES) | {spec for _, spec in [*(a.run or ()), *samples]}
+    main(a.work, a.report, tuple(m for m in MESHES if m in meshes), a.run, samples, a.persistence, a.multihost)

@@ -10,6 +10,8 @@ from jaxedit.locate.tracing import draw_noise, find_token_range, trace
 from conftest import build_hf_model
 
 PROMPT = "The Eiffel Tower is located in the city of"
+# the other model family's run (tests/conftest.py: SLOW_CASES): the fast tier compares LLaMA's with torch
+SLOW_CASES = {"test_attribution_equals_torch_autograd[gpt2]"}
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama-gqa-untied"])

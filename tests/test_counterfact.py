@@ -159,7 +159,8 @@ def check_counterfact(result, ref_summary, ref_rows):
         assert result["summary"][key + "_magnitude"] == pytest.approx(ref_summary[key + "_magnitude"], abs=2e-6)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied", "gpt2-edited"])
+@pytest.mark.parametrize("name", [pytest.param("gpt2", marks=pytest.mark.slow), "llama-gqa-untied",
+                                  "gpt2-edited"])  # GPT-2 edited in the fast tier, unedited in the full suite
 def test_counterfact_matches_reference(models, tokenizer, name):
     model, ref_model = models[name]
     result = jaxedit.counterfact_eval(model, RECORDS, tokenizer)
@@ -199,7 +200,8 @@ def zsre_records(ref_model, tok):
             for d in ZSRE]
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied", "gpt2-edited"])
+@pytest.mark.parametrize("name", [pytest.param("gpt2", marks=pytest.mark.slow), pytest.param("llama-gqa-untied", marks=pytest.mark.slow),
+                                  "gpt2-edited"])  # the unedited models in the full suite
 def test_zsre_matches_reference(models, tokenizer, name):
     model, ref_model = models[name]
     records = zsre_records(ref_model, tokenizer)

@@ -89,7 +89,8 @@ def torch_dinm(hf, tok, layer, case, steps, *, lr, edit_weight, kl_grad):
     return np.array(losses), (w if gpt2 else w.T)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-untied"])
+# LLaMA's tuning on a deep model: test_deep_tuning_matches_torch (fast); the shallow one in the full suite
+@pytest.mark.parametrize("name", ["gpt2", pytest.param("llama-gqa-untied", marks=pytest.mark.slow)])
 def test_tuning_matches_torch(tiny_dirs, tokenizer, name):
     """Two Adam steps (the KL and its gradient are zero at the first step: the second step is the one the KL's
     gradient acts in): equal to torch with and without that gradient, the two different, and nothing but the

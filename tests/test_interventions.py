@@ -9,6 +9,8 @@ from jaxedit.forward import Interventions, apply
 from conftest import VOCAB
 
 IDS = np.random.default_rng(1).integers(0, VOCAB, size=(3, 8))
+# the other model family's run of the jit/vmap identity (tests/conftest.py: SLOW_CASES)
+SLOW_CASES = {"test_jit_vmap_equals_python_loop[llama-gqa-untied]"}
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama-gqa-untied"])

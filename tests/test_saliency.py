@@ -10,6 +10,9 @@ from jaxedit.locate.saliency import saliency, saliency_batch
 REQS = [{"prompt": "The Eiffel Tower is located in the city of", "target": " Paris"},
         {"prompt": "Miles Davis plays the", "target": " trumpet"},
         {"prompt": "Beats Music is owned by"}]
+# the other model family's runs (tests/conftest.py: SLOW_CASES): the fast tier compares LLaMA's profiles and GPT-2's
+# default target with their references
+SLOW_CASES = {"test_profiles_equal_torch_float64[gpt2]", "test_default_target_is_the_argmax[llama-gqa-untied]"}
 
 
 def torch_profiles(hf, ids, target):

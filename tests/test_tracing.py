@@ -36,6 +36,14 @@ def tiny(request, tmp_path_factory, tokenizer):
 # layers 1 and 2 the same window (0..2), which the shared grid computes once. The fast tier runs two of the five: the
 # shared grid two layers a step, and the dense one.
 SLOW = pytest.mark.slow
+# the other model family's runs of the checks above and below (tests/conftest.py: SLOW_CASES): the fast tier keeps
+# GPT-2's shared grid, restoration identities, seeded noise and "s3" level, and LLaMA's dense grid and "s0.5" level
+SLOW_CASES = {"test_grid_equals_naive_torch_loop[llama-gqa-untied-shared-2-3]",
+              "test_grid_equals_naive_torch_loop[gpt2-dense-None-3]",
+              "test_restoration_identities[llama-gqa-untied-shared]",
+              "test_seeded_noise_equals_explicit_reference_draw[llama-gqa-untied]",
+              "test_s3_noise_is_three_embedding_stds[llama-gqa-untied-3]",
+              "test_s3_noise_is_three_embedding_stds[gpt2-0.5]"}
 
 
 @pytest.mark.parametrize("method, layers_per_step, window",
