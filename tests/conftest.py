@@ -138,22 +138,22 @@ def smollm2_gguf_parsed_once():
     the tokenizer built without torch, transformers' configuration and weights) and transformers also rebuilds
     gguf's tensor-name table once per submodule (397 times, ~7 s). Here the reader of that one file is memoized (it
     is read-only: a memory map) and the name table is cached by its arguments: the same objects, computed once, so
-    both loaders still do all of their own conversion (smoke test's set-up 65 -> 31 s on one core)."""
+    both loaders still do all of their own conversion (smoke test's set-up 60 -> 31 s on one core)."""
     import functools
 
     import gguf
 
     from jaxedit.loading import embedded_gguf_path
 
-    path = os.path.realpath(embedded_gguf_path("smollm2"))
-    parse, parsed = gguf.GGUFReader, {}
+    smollm2_file = os.path.realpath(embedded_gguf_path("smollm2"))
+    parse, parsed = gguf.GGUFReader, []
 
-    def reader(file, *args, **kwargs):
-        if args or kwargs or os.path.realpath(file) != path:
-            return parse(file, *args, **kwargs)
-        if path not in parsed:
-            parsed[path] = parse(file)
-        return parsed[path]
+    def reader(path, mode="r"):  # GGUFReader's signature
+        if mode != "r" or os.path.realpath(path) != smollm2_file:
+            return parse(path, mode)
+        if not parsed:
+            parsed.append(parse(path))
+        return parsed[0]
 
     patch = pytest.MonkeyPatch()
     patch.setattr(gguf, "GGUFReader", reader)
@@ -255,7 +255,7 @@ def _release_compiled_programs():
 # suite; where the family is a module fixture's parameter, a marker on the test cannot say it, so a test module
 # names those cases in SLOW_CASES (test names with their parameter ids, as pytest prints them) and they are marked
 # `slow` here. A name that matches no test of the module is an error (a typo would leave the case in the fast tier;
-# checked when whole files are collected).
+# checked when whole files are collected; module-level test functions only).
 def mark_slow_cases(config, items):
     by_module = {}
     for item in items:
@@ -264,13 +264,12 @@ def mark_slow_cases(config, items):
             by_module.setdefault(item.module, []).append(item)
             if item.name in cases:
                 item.add_marker(pytest.mark.slow)
-    if any("::" in arg for arg in config.args):  # tests chosen one by one: a module's cases are not all collected
+    # tests chosen one by one, or only the last run's failures: a module's cases are not all collected
+    if any("::" in arg for arg in config.args) or config.getoption("lf", False):
         return
     for module, collected in by_module.items():
         names = {item.name for item in collected}
-        functions = {item.originalname for item in collected}
-        unknown = [c for c in module.SLOW_CASES if c not in names and c.split("[")[0] in functions]
-        unknown += [c for c in module.SLOW_CASES if not hasattr(module, c.split("[")[0])]
+        unknown = [c for c in module.SLOW_CASES if c not in names]
         if unknown:
             raise pytest.UsageError(f"{module.__file__}: SLOW_CASES names no collected test: {', '.join(unknown)}")
 

@@ -6,10 +6,10 @@ and checks the JSON report it prints on its last line.
         [--run MODEL@SPEC ...] [--sample MODEL@SPEC ...] [--persistence] [--multihost]
 
 ``--mesh`` (repeated) names the meshes to load the models on (default: all four); ``--run`` the (model, mesh) pairs
-whose computations are compared (default: every model on every mesh); ``--sample`` the pairs that also compare
-sampled tokens (added to --run; with neither option: GPT-2 on data=1,model=8 and LLaMA on data=4,model=2);
-``--persistence`` adds the orbax save / export of a sharded model and the wide forward's memory; ``--multihost`` the
-two-process run.
+whose computations are compared (default: every model on every selected mesh); ``--sample`` the pairs that also
+compare sampled tokens (added to --run; with neither option: GPT-2 on data=1,model=8 and LLaMA on data=4,model=2, where
+those meshes are selected; with --run alone, none); ``--persistence`` adds the orbax save / export of a sharded model
+and the wide forward's memory, ``--multihost`` the two-process run (both off unless given).
 tests/test_sharding.py asks for what its selected tests read: two meshes, a pair on each and LLaMA's sampling in
 the fast tier; all four meshes, six pairs, both models' sampling, the persistence checks and the two-process run in
 the full suite.
@@ -338,7 +338,7 @@ def multihost_run(paths, work, report):
                            "seconds": time.time() - t0}
 
 
-def main(work, out_file, meshes=tuple(MESHES), runs=None, samples=tuple(SAMPLES), persistence=True, multihost=True):
+def main(work, out_file, meshes=tuple(MESHES), runs=None, samples=tuple(SAMPLES), persistence=False, multihost=False):
     runs = set(runs) if runs is not None else {(m, spec) for m, p in PLAN.items() if p.get("run", True)
                                                 for spec in p["meshes"] if spec in meshes}
     samples = set(samples)
@@ -376,7 +376,7 @@ def main(work, out_file, meshes=tuple(MESHES), runs=None, samples=tuple(SAMPLES)
 
 
 def run_pair(text):
-    """``MODEL@MESH`` -> (model, mesh) for --run."""
+    """``MODEL@MESH`` -> (model, mesh) for --run and --sample."""
     import argparse
 
     model, _, spec = text.partition("@")
@@ -403,6 +403,9 @@ if __name__ == "__main__":
                         help="the orbax save and export of a sharded model, the wide forward's memory")
     parser.add_argument("--multihost", action="store_true")
     a = parser.parse_args()
-    samples = a.sample if a.sample is not None else SAMPLES if a.run is None else []
+    if a.sample is not None:
+        samples = a.sample
+    else:  # the default pairs, on the meshes asked for (all of them without --mesh), when no --run chooses
+        samples = [] if a.run is not None else [p for p in SAMPLES if not a.mesh or p[1] in a.mesh]
     meshes = set(a.mesh or MESHES) | {spec for _, spec in [*(a.run or ()), *samples]}
     main(a.work, a.report, tuple(m for m in MESHES if m in meshes), a.run, samples, a.persistence, a.multihost)

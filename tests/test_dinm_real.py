@@ -1,7 +1,6 @@
-"""DINM on the embedded real model (SmolLM2-135M): the demo's attacks work on the unedited model and per-instance
-DINM makes the answers safe while the knowledge-constraint answers keep their argmax. The method's numbers are
-checked against torch on tiny models in test_dinm.py."""
-import numpy as np
+"""DINM on the embedded real model (SmolLM2-135M): a demo attack works on the unedited model and DINM makes the
+answer safe while the knowledge-constraint answer keeps its argmax. The method's numbers are checked against torch
+on tiny models in test_dinm.py."""
 import pytest
 
 from jaxedit.edit.dinm import dinm

@@ -16,7 +16,8 @@ TEXTS = ["The Eiffel Tower is located in the city of Paris.", "Miles Davis plays
          "Beats Music is owned by Apple. The capital of France is Paris. Toko Yasuda produces music.", "The"]
 
 
-@pytest.mark.parametrize("name", ["gpt2", pytest.param("llama-gqa-untied", marks=pytest.mark.slow)])  # LLaMA: the full suite
+# LLaMA: the full suite
+@pytest.mark.parametrize("name", ["gpt2", pytest.param("llama-gqa-untied", marks=pytest.mark.slow)])
 def test_perplexity_equals_torch(tiny_dirs, tokenizer, name):
     model, _ = jaxedit.load(tiny_dirs[name][0])
     hf = tiny_dirs[name][1]

@@ -55,7 +55,8 @@ def test_generate_errors(tiny_dirs):
 # ---- the batched sampler (prefill + cache, left-padded length buckets, nucleus) ----
 # References: the transformers model in torch, one full forward per new token.
 
-@pytest.mark.parametrize("name", ["gpt2", pytest.param("llama-gqa-untied", marks=pytest.mark.slow)])  # LLaMA: the full suite
+# LLaMA: the full suite
+@pytest.mark.parametrize("name", ["gpt2", pytest.param("llama-gqa-untied", marks=pytest.mark.slow)])
 def test_sample_greedy_matches_torch_loop_across_buckets(tiny_dirs, tokenizer, name):
     model, _ = jaxedit.load(tiny_dirs[name][0])
     hf = tiny_dirs[name][1]

@@ -34,7 +34,8 @@ FAST_RUNS = [("gpt2", "data=1,model=8"), ("llama", "data=4,model=2")]
 SLOW_RUNS = [("gpt2", "data=4,model=2"), ("llama", "data=1,model=8"), ("llama", "data=8"),
              ("llama", "data=2,model=4")]
 RUNS = [*FAST_RUNS, *(pytest.param(*r, marks=pytest.mark.slow) for r in SLOW_RUNS)]
-# sampled tokens compared with one device's: LLaMA's in the fast tier, GPT-2's too in the full suite
+# sampled tokens compared with one device's: LLaMA's (4x2) in the fast tier, GPT-2's (1x8, its vocabulary split over
+# d_model) too in the full suite
 SAMPLES = [("llama", "data=4,model=2"), pytest.param("gpt2", "data=1,model=8", marks=pytest.mark.slow)]
 TOL = 1e-5
 
