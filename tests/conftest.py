@@ -39,13 +39,19 @@ if not os.environ.get("JAXEDIT_TEST_XLA_PROBED"):
 os.environ.setdefault("JAXEDIT_TEST_RUN", f"{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
+def _run_path(kind: str) -> str:
+    """A path of this test run's own in the temporary folder, the same in all of its processes; removed at the end
+    of the run (pytest_sessionfinish)."""
+    return os.path.join(tempfile.gettempdir(), f"jaxedit-{kind}-{os.environ['JAXEDIT_TEST_RUN']}")
+
+
 def _run_compile_cache() -> str:
-    return os.path.join(tempfile.gettempdir(), f"jaxedit-xla-{os.environ['JAXEDIT_TEST_RUN']}")
+    return _run_path("xla")
 
 
 def _run_model_cache() -> str:
     """SmolLM2's converted copy, made once per run and shared by the test processes (the `smollm2` fixture)."""
-    return os.path.join(tempfile.gettempdir(), f"jaxedit-models-{os.environ['JAXEDIT_TEST_RUN']}")
+    return _run_path("models")
 
 
 # Compiled programs: each test process has a folder of its own (its subfolder gw0, gw1 or main; JAX writes an entry
@@ -155,11 +161,10 @@ def smollm2_gguf_parsed_once():
             parsed.append(parse(path))
         return parsed[0]
 
-    patch = pytest.MonkeyPatch()
-    patch.setattr(gguf, "GGUFReader", reader)
-    patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
-    yield
-    patch.undo()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gguf, "GGUFReader", reader)
+        patch.setattr(gguf, "get_tensor_name_map", functools.lru_cache(maxsize=None)(gguf.get_tensor_name_map))
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -306,7 +311,7 @@ def _group_of(item) -> str:
 
 
 def _groups_file() -> str:
-    return os.path.join(tempfile.gettempdir(), f"jaxedit-groups-{os.environ['JAXEDIT_TEST_RUN']}.json")
+    return _run_path("groups") + ".json"
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: SLOW_CASES' marks count

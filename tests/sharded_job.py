@@ -26,9 +26,8 @@ def start(items):
     """Start tests/sharded_checks.py for what the selected ``items`` that read its report (tests/test_sharding.py's,
     through the ``report`` fixture) need: the meshes they name (that file's FAST_MESHES always), the (model, mesh)
     pairs whose results they compare (FAST_RUNS always), those whose sampling they compare, and the persistence
-    checks and the two-process run when their tests are selected; nothing
-    when none reads it. One process of a run starts it (the only one, or xdist's first worker); any process's
-    ``report`` fixture waits for it."""
+    checks and the two-process run when their tests are selected; nothing when none reads it. One process of a run
+    starts it (the only one, or xdist's first worker); any process's ``report`` fixture waits for it."""
     if _job:
         return
     items = [item for item in items if "report" in getattr(item, "fixturenames", ())]

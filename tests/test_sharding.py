@@ -27,9 +27,9 @@ FAST_MESHES = ["data=4,model=2", "data=1,model=8"]
 SLOW_MESHES = ["data=8", "data=2,model=4"]
 MESHES = [*FAST_MESHES, *(pytest.param(m, marks=pytest.mark.slow) for m in SLOW_MESHES)]
 # the (model, mesh) pairs whose results are compared with one device: in the fast tier each model on one of the two
-# meshes; in the full suite GPT-2 (whose split differs by its biases and tied vocabulary) on both of them and LLaMA on
-# all four (GPT-2 on the other two meshes is loaded and its placement checked, as every model on every mesh)
-# (GPT-2 on 1x8 in the fast tier: the one mesh that splits its tied vocabulary table over d_model)
+# meshes (GPT-2 on 1x8, the one mesh that splits its tied vocabulary table over d_model); in the full suite GPT-2
+# (whose split differs by its biases and tied vocabulary) on both of them and LLaMA on all four (GPT-2 on the other
+# two meshes is loaded and its placement checked, as every model on every mesh)
 FAST_RUNS = [("gpt2", "data=1,model=8"), ("llama", "data=4,model=2")]
 SLOW_RUNS = [("gpt2", "data=4,model=2"), ("llama", "data=1,model=8"), ("llama", "data=8"),
              ("llama", "data=2,model=4")]

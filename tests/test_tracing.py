@@ -32,12 +32,9 @@ def tiny(request, tmp_path_factory, tokenizer):
     return hf, model, tok
 
 
-# with 3 layers, window 3 is clipped at both the first and the last layer and every window differs; window 4 gives
-# layers 1 and 2 the same window (0..2), which the shared grid computes once. The fast tier runs two of the five: the
-# shared grid two layers a step, and the dense one.
 SLOW = pytest.mark.slow
-# the other model family's runs of the checks above and below (tests/conftest.py: SLOW_CASES): the fast tier keeps
-# GPT-2's shared grid, restoration identities, seeded noise and "s3" level, and LLaMA's dense grid and "s0.5" level
+# the other model family's runs of the checks below (tests/conftest.py: SLOW_CASES): the fast tier keeps GPT-2's
+# shared grid, restoration identities, seeded noise and "s3" level, and LLaMA's dense grid and "s0.5" level
 SLOW_CASES = {"test_grid_equals_naive_torch_loop[llama-gqa-untied-shared-2-3]",
               "test_grid_equals_naive_torch_loop[gpt2-dense-None-3]",
               "test_restoration_identities[llama-gqa-untied-shared]",
@@ -46,6 +43,9 @@ SLOW_CASES = {"test_grid_equals_naive_torch_loop[llama-gqa-untied-shared-2-3]",
               "test_s3_noise_is_three_embedding_stds[gpt2-0.5]"}
 
 
+# with 3 layers, window 3 is clipped at both the first and the last layer and every window differs; window 4 gives
+# layers 1 and 2 the same window (0..2), which the shared grid computes once. The fast tier runs two of the five
+# (GPT-2 the shared grid two layers a step, LLaMA the dense one: SLOW_CASES above).
 @pytest.mark.parametrize("method, layers_per_step, window",
                          [pytest.param("shared", 1, 3, marks=SLOW), ("shared", 2, 3),
                           pytest.param("shared", 3, 3, marks=SLOW), pytest.param("shared", 2, 4, marks=SLOW),
