@@ -61,31 +61,46 @@ def _run_model_cache() -> str:
 # program (most of the tests' compile in a fraction of a second, below the library's 0.5 s threshold) unless
 # JAXEDIT_COMPILE_CACHE_MIN_SECS says otherwise (CI: 0.5, as its folder lives for one run); a run's own folder keeps
 # the library's threshold, as writing every program costs a cold run more than it saves. JAX keys the programs by
-# the program, its compile options and JAX's version, so they cannot be stale. Decided once, by the run's first
-# process, before xdist starts its workers (which inherit the variables) and the sharded checks' process (whose
-# 8-device programs are not cached: its check of the compiled programs reads XLA's dump, which a program loaded from
-# the cache does not write).
-if "JAXEDIT_TEST_COMPILE_BASE" not in os.environ:
+# the program, its compile options and JAX's version, so they cannot be stale. Decided by each process that runs
+# tests (from the environment it inherits, so all decide alike) before its first test, and inherited by the
+# sharded checks' process (whose 8-device programs are not cached: its check of the compiled programs reads XLA's
+# dump, which a program loaded from the cache does not write) and the commands the tests start.
+def _decide_compile_cache():
+    if "JAXEDIT_TEST_COMPILE_BASE" in os.environ:
+        return
     from jaxedit.runtime import MIN_COMPILE_SECS, compile_cache_env_path
 
-    _kept = compile_cache_env_path()
-    if _kept is None:
+    kept = compile_cache_env_path()
+    if kept is None:
         os.environ["JAXEDIT_TEST_COMPILE_BASE"] = _run_compile_cache()
         os.environ["JAXEDIT_COMPILE_CACHE_MIN_SECS"] = str(MIN_COMPILE_SECS)
     else:
-        os.environ["JAXEDIT_TEST_COMPILE_BASE"] = _kept
+        os.environ["JAXEDIT_TEST_COMPILE_BASE"] = kept
         os.environ.setdefault("JAXEDIT_COMPILE_CACHE_MIN_SECS", "0")
     os.environ["JAXEDIT_COMPILE_CACHE"] = os.environ["JAXEDIT_TEST_COMPILE_BASE"]
 
+
+def _is_xdist_controller(config) -> bool:
+    """xdist's controller process: it starts the workers and reports, and runs no test."""
+    return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", None))
+
+
+def pytest_configure(config):
+    """In the processes that run tests (xdist's workers, or the only process) and not in xdist's controller, which
+    would spend ~7 s importing JAX and torch before it starts the workers: the compile cache's folders, and torch's
+    threads. (torch and transformers, the test extra's references, are imported by the test modules, so a missing
+    one fails the run at collection; it never skips.)"""
+    if _is_xdist_controller(config):
+        return
+    _decide_compile_cache()
+    import torch
+
+    # the torch references are small: one thread each avoids fighting JAX's threads for the 2 cores (measured under
+    # load: a tiny forward 0.9 s with 2 intra-op threads, 0.02 s with 1)
+    torch.set_num_threads(1)
+
+
 import sharded_job  # noqa: E402
-import torch  # noqa: E402  (the test extra's references: a missing one fails the run, it never skips)
-import transformers  # noqa: E402,F401  (likewise)
-
-# the torch references are small: one thread each avoids fighting JAX's threads for the 2 cores (measured under
-# load: a tiny forward 0.9 s with 2 intra-op threads, 0.02 s with 1)
-torch.set_num_threads(1)
-
-from tiny_models import CORPUS, TINY_CONFIGS, VOCAB, build_hf_model, make_tokenizer  # noqa: E402,F401  (to the tests)
 
 
 def _is_module(name):
@@ -120,12 +135,16 @@ def offset_span(tok, text, substring):
 
 @pytest.fixture(scope="session")
 def tokenizer():
+    from tiny_models import make_tokenizer
+
     return make_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def tiny_dirs(tmp_path_factory, tokenizer):
     """name -> (directory, torch model) for every tiny configuration."""
+    from tiny_models import TINY_CONFIGS, build_hf_model
+
     out = {}
     for name in TINY_CONFIGS:
         model = build_hf_model(name)
@@ -202,6 +221,7 @@ def smollm2_stats(smollm2):
 def hf_gguf(smollm2_gguf_parsed_once):
     """The embedded SmolLM2 GGUF file as transformers loads it (its own GGUF reader and dequantization)."""
     import accelerate  # noqa: F401  (transformers' GGUF loader needs it: a missing one must fail, not skip)
+    import torch
     from transformers import AutoModelForCausalLM
 
     from jaxedit.loading import embedded_gguf_path
@@ -213,6 +233,8 @@ def hf_gguf(smollm2_gguf_parsed_once):
 
 
 def hf_logits(model, ids, mask=None):
+    import torch
+
     with torch.no_grad():
         out = model(input_ids=torch.as_tensor(np.asarray(ids)),
                     attention_mask=None if mask is None else torch.as_tensor(np.asarray(mask)),

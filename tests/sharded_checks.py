@@ -6,13 +6,14 @@ and checks the JSON report it prints on its last line.
         [--run MODEL@SPEC ...] [--sample MODEL@SPEC ...] [--persistence] [--multihost]
 
 ``--mesh`` (repeated) names the meshes to load the models on (default: all four); ``--run`` the (model, mesh) pairs
-whose computations are compared (default: every model on every selected mesh); ``--sample`` the pairs that also
+whose computations are compared, and which of them (``MODEL@MESH:trace,memit``; default: all of QUANTITIES, on every
+model and every selected mesh); ``--sample`` the pairs that also
 compare sampled tokens (added to --run; with neither option: GPT-2 on data=1,model=8 and LLaMA on data=4,model=2, where
 those meshes are selected; with --run alone, none); ``--persistence`` adds the orbax save / export of a sharded model
 and the wide forward's memory, ``--multihost`` the two-process run (both off unless given).
-tests/test_sharding.py asks for what its selected tests read: two meshes, a pair on each and LLaMA's sampling in
-the fast tier; all four meshes, six pairs, both models' sampling, the persistence checks and the two-process run in
-the full suite.
+tests/test_sharding.py asks for what its selected tests read: two meshes, a pair on each (each computation on one
+of the two models) and LLaMA's sampling in the fast tier; all four meshes, six pairs with every computation, both
+models' sampling, the persistence checks and the two-process run in the full suite.
 
 Each model is loaded with ``mesh=`` on each selected mesh (each device reading its shards from the safetensors
 file), and for the selected (model, mesh) pairs every public computation is compared with the same call on the model
@@ -76,8 +77,15 @@ def random_stats(cfg, layers, seed=0):
     return out
 
 
-def run_all(model, tok, work, tag, sample):
-    """Every computation on ``model``; returns {quantity: numpy result}."""
+# the computations compared, by the name --run takes -> the results' keys in the report
+QUANTITIES = {"logits": ("logits",), "trace": ("trace",), "stats": ("stats",), "saliency": ("saliency",),
+              "memit": ("memit_update", "memit_weights", "memit_report"),
+              "profs": ("profs_weights", "profs_projectors"), "alphaedit": ("alphaedit_update", "alphaedit_cp")}
+
+
+def run_all(model, tok, work, tag, sample, quantities=tuple(QUANTITIES)):
+    """The computations named in ``quantities`` (and sampling with ``sample``) on ``model``; returns
+    {result key: numpy result}."""
     from jaxedit.edit.stats import layer_stats
     from jaxedit.generate import generate_ids, sample as sample_rows
 
@@ -89,23 +97,40 @@ def run_all(model, tok, work, tag, sample):
     mask = np.zeros((len(ids), T), np.int32)
     for i, x in enumerate(ids):
         batch[i, :len(x)], mask[i, :len(x)] = x, 1
-    out["logits"] = np.asarray(jax.device_get(jaxedit.forward(model, batch, mask).logits)) * mask[..., None]
+    if "logits" in quantities:
+        out["logits"] = np.asarray(jax.device_get(jaxedit.forward(model, batch, mask).logits)) * mask[..., None]
     kinds = ("attn",) if cfg.family == "gpt2" else ("hidden", "mlp")  # every kind, over the two models
-    res = jaxedit.trace_batch(model, [{"prompt": p, "subject": s} for p, s in zip(PROMPTS[:2], SUBJECTS)],
-                              tokenizer=tok, kinds=kinds, samples=2, window=2, batch_size=2, bucket=16)
-    out["trace"] = np.concatenate([r[k].scores.ravel() for r in res for k in kinds] +
-                                  [[r[kinds[0]].low_score, r[kinds[0]].high_score] for r in res])
-    layers = (0, cfg.n_layers - 1)
-    st = layer_stats(model, tok, layers, corpus=os.path.join(work, "corpus.txt"), n_samples=len(CORPUS),
-                     max_len=16, batch_size=4, cache_dir=os.path.join(work, "stats-" + tag), progress=False)
-    out["stats"] = np.stack([st[l] for l in layers])
+    if "trace" in quantities:
+        res = jaxedit.trace_batch(model, [{"prompt": p, "subject": s} for p, s in zip(PROMPTS[:2], SUBJECTS)],
+                                  tokenizer=tok, kinds=kinds, samples=2, window=2, batch_size=2, bucket=16)
+        out["trace"] = np.concatenate([r[k].scores.ravel() for r in res for k in kinds] +
+                                      [[r[kinds[0]].low_score, r[kinds[0]].high_score] for r in res])
+    if "stats" in quantities:
+        layers = (0, cfg.n_layers - 1)
+        st = layer_stats(model, tok, layers, corpus=os.path.join(work, "corpus.txt"), n_samples=len(CORPUS),
+                         max_len=16, batch_size=4, cache_dir=os.path.join(work, "stats-" + tag), progress=False)
+        out["stats"] = np.stack([st[l] for l in layers])
     if sample:
         short = np.array([x[-6:] for x in generate_ids(model, ids, 6, top_k=5, seed=3)])
         batched = np.array([s for row in sample_rows(model, ids, 5, samples=3, top_p=0.9, seed=2) for s in row])
         out["sample"] = np.concatenate([short.ravel(), batched.ravel()])
-    per, mean = jaxedit.saliency_batch(model, [{"prompt": p, "target": " Paris"} for p in PROMPTS], tokenizer=tok)
-    out["saliency"] = np.stack([np.concatenate([r.layer] + list(r.modules.values())) for r in per])
+    if "saliency" in quantities:
+        per, mean = jaxedit.saliency_batch(model, [{"prompt": p, "target": " Paris"} for p in PROMPTS],
+                                           tokenizer=tok)
+        out["saliency"] = np.stack([np.concatenate([r.layer] + list(r.modules.values())) for r in per])
     layer = (cfg.n_layers - 1,)
+    if "memit" in quantities:
+        out.update(_memit(model, tok, layer))
+    if "profs" in quantities:
+        out.update(_profs(model, tok))
+    if "alphaedit" in quantities:
+        out.update(_alphaedit(model, tok, layer))
+    return out
+
+
+def _memit(model, tok, layer):
+    out = {}
+    cfg = model.config
     updates = []
     solve = memit_module._solve
 
@@ -127,6 +152,12 @@ def run_all(model, tok, work, tag, sample):
     out["memit_report"] = np.array([r["update_norm"] for r in report["layers_report"]] +
                                    [r["delta_norm"] for r in report["requests"]] +
                                    [p for r in report["requests"] for p in r["p_after"]])
+    return out
+
+
+def _profs(model, tok):
+    out = {}
+    cfg = model.config
     # ProFS: the padded mean (its own forward); the subspaces as projectors (free of the SVD's sign)
     edited, report = jaxedit.profs(model, PROFS_PAIRS, tok, layers=range(cfg.n_layers), mean_over="padded",
                                    progress=False)
@@ -136,6 +167,12 @@ def run_all(model, tok, work, tag, sample):
                              f"{params_of(model)['blocks']['w_out'].sharding}")
     out["profs_weights"] = np.asarray(jax.device_get(w_out))
     out["profs_projectors"] = np.stack([v.T @ v for v in report["subspace"].values()])
+    return out
+
+
+def _alphaedit(model, tok, layer):
+    out = {}
+    cfg = model.config
     # AlphaEdit, sequentially: one request a batch (padded to the data axis on a mesh), the state carried over
     edited, report = jaxedit.edit_sequential(model, EDITS, method="alphaedit", batch_size=1, layers=layer,
                                              tokenizer=tok, stats=random_stats(cfg, layer), context_prefixes=(),
@@ -235,8 +272,9 @@ def mesh_checks(paths, work, report, meshes, runs, samples):
     for name, plan in PLAN.items():
         path = paths[name]
         ref_model, tok = jaxedit.load(path)
-        ref = (run_all(ref_model, tok, work, f"{name}-ref", sample=any(m == name for m, _ in samples))
-               if any(m == name for m, _ in runs) else None)
+        wanted = set().union(*[q for (m, _), q in runs.items() if m == name])
+        ref = (run_all(ref_model, tok, work, f"{name}-ref", sample=any(m == name for m, _ in samples),
+                       quantities=wanted) if any(m == name for m, _ in runs) else None)
         report["seconds"][f"{name}-ref"] = time.time() - t0
         entry = report["models"][name] = {"weight_shapes": weight_shapes(ref_model.config, params_of(ref_model)),
                                           "meshes": {}}
@@ -257,7 +295,8 @@ def mesh_checks(paths, work, report, meshes, runs, samples):
                           for path, leaf in jax.tree_util.tree_leaves_with_path(params)},
             }
             if run:
-                got = run_all(model, tok, work, f"{name}-{mesh_spec}", sample=(name, mesh_spec) in samples)
+                got = run_all(model, tok, work, f"{name}-{mesh_spec}", sample=(name, mesh_spec) in samples,
+                              quantities=runs[(name, mesh_spec)])
                 result["rel"] = {k: rel(got[k], ref[k]) for k in got if k != "sample"}
                 # how much the reference varies: a comparison with a flat result would prove little
                 result["signal"] = {k: float(np.ptp(ref[k]) / max(np.abs(ref[k]).max(), 1e-30))
@@ -339,10 +378,18 @@ def multihost_run(paths, work, report):
 
 
 def main(work, out_file, meshes=tuple(MESHES), runs=None, samples=tuple(SAMPLES), persistence=False, multihost=False):
-    runs = set(runs) if runs is not None else {(m, spec) for m, p in PLAN.items() if p.get("run", True)
-                                                for spec in p["meshes"] if spec in meshes}
+    # (model, mesh) -> the names of QUANTITIES compared there
+    if runs is None:
+        runs = {(m, spec): set(QUANTITIES) for m, p in PLAN.items() if p.get("run", True)
+                for spec in p["meshes"] if spec in meshes}
+    else:
+        merged = {}
+        for m, spec, quantities in runs:
+            merged.setdefault((m, spec), set()).update(quantities)
+        runs = merged
     samples = set(samples)
-    runs |= samples
+    for pair in samples:
+        runs.setdefault(pair, set())
     report = {"devices": len(jax.devices()), "models": {}, "errors": {}, "seconds": {}}
     t0 = time.time()
     paths = build_models(work)
@@ -376,7 +423,7 @@ def main(work, out_file, meshes=tuple(MESHES), runs=None, samples=tuple(SAMPLES)
 
 
 def run_pair(text):
-    """``MODEL@MESH`` -> (model, mesh) for --run and --sample."""
+    """``MODEL@MESH`` -> (model, mesh) for --sample."""
     import argparse
 
     model, _, spec = text.partition("@")
@@ -386,6 +433,19 @@ def run_pair(text):
     return model, spec
 
 
+def run_spec(text):
+    """``MODEL@MESH[:QUANTITY,...]`` -> (model, mesh, quantities) for --run (all of QUANTITIES when none is named)."""
+    import argparse
+
+    pair, _, names = text.partition(":")
+    quantities = set(names.split(",")) if names else set(QUANTITIES)
+    unknown = quantities - set(QUANTITIES)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"{text!r}: unknown quantities {sorted(unknown)} (known: "
+                                         f"{', '.join(QUANTITIES)})")
+    return (*run_pair(pair), quantities)
+
+
 if __name__ == "__main__":
     import argparse
 
@@ -393,9 +453,9 @@ if __name__ == "__main__":
     parser.add_argument("work")
     parser.add_argument("report")
     parser.add_argument("--mesh", action="append", choices=MESHES)
-    parser.add_argument("--run", action="append", metavar="MODEL@MESH", type=run_pair,
-                        help="compare the computations of this model on this mesh (default: every model, every mesh; "
-                             "the mesh is added to --mesh)")
+    parser.add_argument("--run", action="append", metavar="MODEL@MESH[:QUANTITY,...]", type=run_spec,
+                        help="compare these computations (default: all of " + ", ".join(QUANTITIES) + ") of this "
+                             "model on this mesh (default: every model, every mesh; the mesh is added to --mesh)")
     parser.add_argument("--sample", action="append", metavar="MODEL@MESH", type=run_pair,
                         help="also compare sampled tokens for this model on this mesh (added to --run; with neither "
                              "option: " + ", ".join(f"{m}@{s}" for m, s in SAMPLES) + ")")
@@ -407,5 +467,5 @@ if __name__ == "__main__":
         samples = a.sample
     else:  # the default pairs, on the meshes asked for (all of them without --mesh), when no --run chooses
         samples = [] if a.run is not None else [p for p in SAMPLES if not a.mesh or p[1] in a.mesh]
-    meshes = set(a.mesh or MESHES) | {spec for _, spec in [*(a.run or ()), *samples]}
+    meshes = set(a.mesh or MESHES) | {r[1] for r in [*(a.run or ()), *samples]}
     main(a.work, a.report, tuple(m for m in MESHES if m in meshes), a.run, samples, a.persistence, a.multihost)

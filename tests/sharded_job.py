@@ -25,9 +25,10 @@ def work_dir() -> str:
 def start(items):
     """Start tests/sharded_checks.py for what the selected ``items`` that read its report (tests/test_sharding.py's,
     through the ``report`` fixture) need: the meshes they name (that file's FAST_MESHES always), the (model, mesh)
-    pairs whose results they compare (FAST_RUNS always), those whose sampling they compare, and the persistence
-    checks and the two-process run when their tests are selected; nothing when none reads it. One process of a run
-    starts it (the only one, or xdist's first worker); any process's ``report`` fixture waits for it."""
+    pairs whose results they compare and which computations (FAST_RUNS always), those whose sampling they compare,
+    and the persistence checks and the two-process run when their tests are selected; nothing when none reads it.
+    One process of a run starts it (the only one, or xdist's first worker); any process's ``report`` fixture waits
+    for it."""
     if _job:
         return
     items = [item for item in items if "report" in getattr(item, "fixturenames", ())]
@@ -38,8 +39,8 @@ def start(items):
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         meshes.update([params["mesh"]] if "mesh" in params else [])
-        if "model" in params and "mesh" in params and item.originalname == "test_results_equal_single_device":
-            runs.add((params["model"], params["mesh"]))
+        if item.originalname == "test_results_equal_single_device":
+            runs.add((params["model"], params["mesh"], params["quantities"]))
         if item.originalname == "test_sampling_equals_single_device":
             samples.add((params["model"], params["mesh"]))
         persistence |= item.originalname in ("test_model_axis_divides_live_memory",
@@ -53,7 +54,7 @@ def start(items):
         env.pop("XLA_FLAGS", None)
         log = open(os.path.join(work, "checks.log"), "w")
         args = ([a for m in sorted(meshes) for a in ("--mesh", m)] +
-                [a for m, spec in sorted(runs) for a in ("--run", f"{m}@{spec}")] +
+                [a for m, spec, quantities in sorted(runs) for a in ("--run", f"{m}@{spec}:{quantities}")] +
                 [a for m, spec in sorted(samples) for a in ("--sample", f"{m}@{spec}")] +
                 (["--persistence"] if persistence else []) + (["--multihost"] if multihost else []))
         # a session of its own: stopping it stops the processes it starts (the two-process run) too

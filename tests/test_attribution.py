@@ -7,7 +7,7 @@ import torch
 import jaxedit
 from jaxedit.locate.attribution import attribution_patching
 from jaxedit.locate.tracing import draw_noise, find_token_range, trace
-from conftest import build_hf_model
+from tiny_models import build_hf_model
 
 PROMPT = "The Eiffel Tower is located in the city of"
 # the other model family's run (tests/conftest.py: SLOW_CASES): the fast tier compares LLaMA's with torch

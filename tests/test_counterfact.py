@@ -16,7 +16,7 @@ from jaxedit.errors import JaxeditError
 from jaxedit.evaluate import editing
 from jaxedit.evaluate.metrics import ngram_entropy
 
-from conftest import build_hf_model
+from tiny_models import build_hf_model
 
 # facts in the tiny tokenizer's vocabulary (its corpus: the Eiffel Tower, Paris, Seattle, Miles Davis, Apple...)
 RECORDS = [

@@ -16,7 +16,7 @@ from jaxedit import JaxeditError
 from jaxedit.cli.main import cli
 from jaxedit.edit.dinm import dinm, dinm_locate
 
-from conftest import build_hf_model
+from tiny_models import build_hf_model
 
 # texts from the tiny tokenizer's corpus (short in tokens); safe and unsafe of different lengths, so the pair pads
 CASES = [
@@ -323,7 +323,7 @@ def deep_llama(tmp_path_factory, tokenizer):
     locate case a at layer 5 and case b at layer 4. Returns (model, tok, hf)."""
     import transformers
 
-    from conftest import VOCAB
+    from tiny_models import VOCAB
 
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(num_hidden_layers=7, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,

@@ -103,7 +103,7 @@ def test_spreading_matches_torch_loop(tiny_dirs, tokenizer, name):
 @pytest.fixture(scope="module")
 def sharp_llama(tmp_path_factory, tokenizer):
     """A tiny LLaMA with larger weights (init std 0.3): its logits can express a confident prediction."""
-    from conftest import build_hf_model
+    from tiny_models import build_hf_model
 
     hf = build_hf_model("llama-mha-tied", init_std=0.3)
     d = tmp_path_factory.mktemp("sharp")

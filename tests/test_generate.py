@@ -130,7 +130,7 @@ def test_sample_errors(tiny_dirs):
 def peaked_llama(tmp_path_factory, tokenizer):
     """A tiny LLaMA with init std 0.3: next-token distributions far from uniform (at "Miles Davis plays" the most
     likely token has p = 0.07, 0.13 at temperature 0.7), so temperature, top-k and top-p change them visibly."""
-    from conftest import build_hf_model
+    from tiny_models import build_hf_model
 
     hf = build_hf_model("llama-mha-tied", seed=1, init_std=0.3)
     d = tmp_path_factory.mktemp("peaked-llama")

@@ -10,7 +10,8 @@ import torch
 
 import jaxedit
 from jaxedit import loading
-from conftest import build_hf_model, jaxedit_imports
+from conftest import jaxedit_imports
+from tiny_models import build_hf_model
 
 TEXT = "The Eiffel Tower is located in the city of Paris. Miles Davis plays the trumpet."
 

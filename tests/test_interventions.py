@@ -6,7 +6,7 @@ import pytest
 
 import jaxedit
 from jaxedit.forward import Interventions, apply
-from conftest import VOCAB
+from tiny_models import VOCAB
 
 IDS = np.random.default_rng(1).integers(0, VOCAB, size=(3, 8))
 # the other model family's run of the jit/vmap identity (tests/conftest.py: SLOW_CASES)

@@ -10,7 +10,8 @@ from safetensors.numpy import load_file, save_file
 
 import jaxedit
 from jaxedit import JaxeditError
-from conftest import VOCAB, build_hf_model, hf_logits
+from conftest import hf_logits
+from tiny_models import VOCAB, build_hf_model
 
 IDS = np.random.default_rng(3).integers(0, VOCAB, size=(1, 6))
 

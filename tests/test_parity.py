@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 import jaxedit
-from conftest import TINY_CONFIGS, VOCAB, hf_logits
+from conftest import hf_logits
+from tiny_models import TINY_CONFIGS, VOCAB
 
 RNG = np.random.default_rng(0)
 IDS = RNG.integers(0, VOCAB, size=(2, 11))

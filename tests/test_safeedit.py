@@ -13,7 +13,7 @@ import jaxedit
 from jaxedit import JaxeditError
 from jaxedit.evaluate import safeedit as se
 
-from conftest import build_hf_model
+from tiny_models import build_hf_model
 
 SUFFIX = "Answer:"
 GEN = {"test input of only harmful question": "Miles Davis plays the",

@@ -4,7 +4,8 @@ sentencepiece tokenizer (BOS added, "▁" word prefixes, a decoder that drops th
 import pytest
 
 from jaxedit.locate.tracing import find_token_range
-from conftest import CORPUS, offset_span
+from conftest import offset_span
+from tiny_models import CORPUS
 
 CASES = [  # (prompt, subject): multi-token subjects, at the start, at the end, with a leading space, repeated
     ("The Eiffel Tower is located in the city of Paris", "Eiffel Tower"),

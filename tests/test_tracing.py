@@ -7,7 +7,8 @@ import torch
 import jaxedit
 from jaxedit import JaxeditError
 from jaxedit.locate.tracing import draw_noise, find_token_range, trace, trace_batch
-from conftest import build_hf_model, offset_span
+from conftest import offset_span
+from tiny_models import build_hf_model
 from reference_torch import torch_scores, torch_trace
 
 PROMPT = "The Eiffel Tower is located in the city of"
