@@ -1,6 +1,8 @@
 """The embedded SmolLM2-135M-Instruct GGUF: jaxedit equals transformers loading the same file. Padded batches, the
-GGUF Q/K row order and the torch-free tokenizer path are pinned on tiny checkpoints (test_parity.py, test_gguf.py);
+GGUF Q/K row order and the tokenizer without torch are pinned on tiny checkpoints (test_parity.py, test_gguf.py);
 here only what the real file can show."""
+
+import os
 
 import numpy as np
 import pytest
@@ -19,11 +21,12 @@ TOKENIZER_TEXTS = ["  Hello,\tworld!\n\nÜber 123 4567 café 🙂", "<|im_start|
 
 def test_smollm2_smoke(smollm2, hf_gguf):
     """The fast tier's one real-model check: the configuration, two prompts' logits against transformers' own GGUF
-    loader, and the tokenizer built without torch against the one transformers builds from the same file."""
+    loader, and jaxedit's tokenizer (built from the GGUF metadata at conversion, saved with the converted copy and
+    read back) against the one transformers builds from the same file."""
     import torch
+    from transformers import AutoTokenizer
 
     from jaxedit.loading import embedded_gguf_path
-    from jaxedit.loading.gguf_file import gguf_tokenizer_without_torch
 
     model, tok = smollm2
     c = model.config
@@ -39,12 +42,12 @@ def test_smollm2_smoke(smollm2, hf_gguf):
         if prompt == PROMPTS[0]:  # the fact the tracing and editing examples rely on, from transformers' numbers
             p = np.exp(ref[-1] - ref[-1].max())
             assert tok.decode([int(p.argmax())]) == " Paris" and 0.6 < p.max() / p.sum() < 0.8
-    no_torch = gguf_tokenizer_without_torch(embedded_gguf_path("smollm2"))
+    path = embedded_gguf_path("smollm2")
+    ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
     for t in PROMPTS + TOKENIZER_TEXTS:
-        assert no_torch(t)["input_ids"] == tok(t)["input_ids"], t
-        assert no_torch.decode(no_torch(t)["input_ids"]) == tok.decode(tok(t)["input_ids"])
-    assert (no_torch.bos_token, no_torch.eos_token, no_torch.pad_token) == (tok.bos_token, tok.eos_token,
-                                                                           tok.pad_token)
+        assert tok(t)["input_ids"] == ref(t)["input_ids"], t
+        assert tok.decode(tok(t)["input_ids"]) == ref.decode(ref(t)["input_ids"])
+    assert (tok.bos_token, tok.eos_token, tok.pad_token) == (ref.bos_token, ref.eos_token, ref.pad_token)
 
 
 @pytest.mark.slow

@@ -248,12 +248,14 @@ def prompt_target_ids(tokenizer, prompt: str, target: str) -> tuple:
 
 
 @partial(jax.jit, static_argnames=("cfg",))
-def _position_scores(cfg: ModelConfig, params, ids, mask):
-    """Per row and position t: -log p(ids[t+1] | ids[:t+1]) and whether ids[t+1] is the argmax, [B, T-1] each."""
-    logits = apply(cfg, params, ids, mask).logits[:, :-1].astype(jnp.float32)
+def _position_scores(cfg: ModelConfig, params, ids, mask, positions, targets):
+    """Per row and k: -log p(targets[k] | ids[:positions[k]+1]) and whether targets[k] is the argmax there,
+    [B, K] each; the logits only at those positions (the unembedding and softmax are a large part of a short
+    row's cost)."""
+    logits = apply(cfg, params, ids, mask, logit_positions=positions).logits.astype(jnp.float32)
     lp = jax.nn.log_softmax(logits, -1)
-    nll = -jnp.take_along_axis(lp, ids[:, 1:, None], -1)[..., 0]
-    hit = jnp.argmax(logits, -1) == ids[:, 1:]
+    nll = -jnp.take_along_axis(lp, targets[..., None], -1)[..., 0]
+    hit = jnp.argmax(logits, -1) == targets
     return nll, hit
 
 
@@ -268,16 +270,24 @@ def score_rows(model, rows: Sequence[tuple], *, bucket: int = 16, memory_budget:
         if len(f) > cfg.max_positions:
             raise JaxeditError(f"a prompt with its target has {len(f)} tokens, more than the model's "
                                f"{cfg.max_positions} positions")
+    K = max((len(t) for _, t in rows), default=1)  # the longest target: one program shape for the whole call
     out = [None] * len(rows)
     for T, members in group_by_bucket(range(len(full)), lambda i: len(full[i]), bucket, cap=cfg.max_positions):
-        B = batch_rows(len(members), rows_within(budget, T * (3 * cfg.vocab_size + 8 * cfg.d_ff) * 4,
+        B = batch_rows(len(members), rows_within(budget, (T * 8 * cfg.d_ff + K * 3 * cfg.vocab_size) * 4,
                                                  power_of_two=True))
         for chunk in batches(members, B):
             ids, mask = pad_rows([full[i] for i in chunk], T, n_rows=B)
-            nll, hit = jax.device_get(_position_scores(cfg, params, jnp.asarray(ids), jnp.asarray(mask)))
+            positions = np.zeros((B, K), np.int32)  # the position before each target token (0 past its end)
+            targets = np.zeros((B, K), np.int32)
             for b, i in enumerate(chunk):
-                a, n = len(rows[i][0]), len(rows[i][1])
-                out[i] = (np.asarray(nll[b, a - 1:a - 1 + n], np.float64), np.asarray(hit[b, a - 1:a - 1 + n]))
+                a, t = len(rows[i][0]), rows[i][1]
+                positions[b, :len(t)] = np.arange(a - 1, a - 1 + len(t))
+                targets[b, :len(t)] = t
+            nll, hit = jax.device_get(_position_scores(cfg, params, jnp.asarray(ids), jnp.asarray(mask),
+                                                       jnp.asarray(positions), jnp.asarray(targets)))
+            for b, i in enumerate(chunk):
+                n = len(rows[i][1])
+                out[i] = (np.asarray(nll[b, :n], np.float64), np.asarray(hit[b, :n]))
     return out
 
 

@@ -1,14 +1,12 @@
 """llama.cpp GGUF files (LLaMA architecture): metadata -> config, tensors dequantized with the ``gguf`` package."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.loading.convert import convert, convert_sharded
-from jaxedit.loading.hf import load_tokenizer
 
 
 def _field(reader, key, default=None):
@@ -51,10 +49,12 @@ def gguf_config(reader) -> ModelConfig:
     )
 
 
-def load_gguf(path: str, dtype="float32", mesh=None):
+def load_gguf(path: str, dtype="float32", mesh=None, reader=None):
+    """The model a GGUF file holds, its tensors dequantized; ``reader``: the file's GGUFReader when it was parsed
+    already (parsing builds ~200,000 Python objects for a tokenizer's arrays, ~6 s for SmolLM2)."""
     import gguf
 
-    reader = read_gguf(path)
+    reader = reader or read_gguf(path)
     cfg = gguf_config(reader)
     tensors = {t.name: t for t in reader.tensors}
 
@@ -70,16 +70,6 @@ def load_gguf(path: str, dtype="float32", mesh=None):
     return convert(list(tensors), get, cfg, "gguf", dtype)
 
 
-def gguf_tokenizer(path: str):
-    """The tokenizer a GGUF file describes. transformers' own GGUF path reads the file with torch; where torch is
-    not installed, the same tokenizer is built from the metadata read by the ``gguf`` package."""
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return gguf_tokenizer_without_torch(path)
-    return load_tokenizer(os.path.dirname(os.path.abspath(path)), gguf_file=os.path.basename(path))
-
-
 # llama.cpp metadata keys -> the names transformers' GGUF tokenizer builder expects
 _TOKENIZER_KEYS = {"model": "tokenizer_type", "pre": "pre_tokenizer_type", "tokens": "tokens", "scores": "scores",
                    "token_type": "token_type", "merges": "merges", "bos_token_id": "bos_token_id",
@@ -87,14 +77,17 @@ _TOKENIZER_KEYS = {"model": "tokenizer_type", "pre": "pre_tokenizer_type", "toke
                    "padding_token_id": "pad_token_id", "add_space_prefix": "add_prefix_space"}
 
 
-def gguf_tokenizer_without_torch(path: str):
+def gguf_tokenizer(path: str, reader=None):
+    """The tokenizer a GGUF file describes, built from its metadata by transformers' GGUF tokenizer builder (the
+    one ``AutoTokenizer.from_pretrained(..., gguf_file=...)`` uses), from ``reader`` when the file was parsed
+    already. transformers' own GGUF path would parse the file again, with torch; this one needs no torch and
+    encodes alike (tests/test_real_model.py compares the two on SmolLM2)."""
     try:
         from transformers import PreTrainedTokenizerFast
         from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
     except ImportError:
-        raise JaxeditError("reading a GGUF tokenizer needs torch or transformers >= 5 (with its GGUF "
-                           "tokenizer builder)") from None
-    reader = read_gguf(path)
+        raise JaxeditError("reading a GGUF tokenizer needs transformers >= 5 (its GGUF tokenizer builder)") from None
+    reader = reader or read_gguf(path)
     meta = {}
     for key, name in _TOKENIZER_KEYS.items():
         f = reader.fields.get(f"tokenizer.ggml.{key}")
