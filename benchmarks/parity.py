@@ -14,7 +14,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 import jaxedit  # noqa: E402
-from conftest import TINY_CONFIGS, VOCAB, build_hf_model  # noqa: E402
+from tiny_models import TINY_CONFIGS, VOCAB, build_hf_model  # noqa: E402
 
 
 def main():

@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random Hugging Face checkpoints (built here with transformers + torch, saved with
-save_pretrained) and a tiny byte-level BPE tokenizer trained on a few sentences."""
+"""Shared fixtures: tiny random Hugging Face checkpoints (built with transformers + torch by tests/tiny_models.py,
+saved with save_pretrained) and a tiny byte-level BPE tokenizer trained on a few sentences."""
 from __future__ import annotations
 
 import ast
@@ -81,8 +81,10 @@ def _decide_compile_cache():
 
 
 def _is_xdist_controller(config) -> bool:
-    """xdist's controller process: it starts the workers and reports, and runs no test."""
-    return not hasattr(config, "workerinput") and bool(getattr(config.option, "numprocesses", None))
+    """xdist's controller process: it starts the workers and reports, and runs no test. (xdist sets its "dist"
+    option before pytest_configure; it stays in one process under --collect-only.)"""
+    return (not hasattr(config, "workerinput") and config.getoption("dist", "no") != "no"
+            and not config.getoption("collectonly"))
 
 
 def pytest_configure(config):
@@ -157,13 +159,13 @@ def tiny_dirs(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="session")
 def smollm2_gguf_parsed_once():
-    """SmolLM2's GGUF file parsed once per test process. jaxedit's conversion and transformers' GGUF loader both read
-    it with the ``gguf`` package's GGUFReader, which builds ~200,000 Python objects for the tokenizer's arrays (~6 s
-    a parse); unpatched, one test process parses it five times (jaxedit's weights and its tokenizer's configuration,
-    the tokenizer built without torch, transformers' configuration and weights) and transformers also rebuilds
-    gguf's tensor-name table once per submodule (397 times, ~7 s). Here the reader of that one file is memoized (it
-    is read-only: a memory map) and the name table is cached by its arguments: the same objects, computed once, so
-    both loaders still do all of their own conversion (smoke test's set-up 60 -> 31 s on one core)."""
+    """SmolLM2's GGUF file parsed once per test process. jaxedit's weights and transformers' GGUF model loader
+    (its configuration and weights) read it with the ``gguf`` package's GGUFReader, which builds ~200,000 Python
+    objects for the tokenizer's arrays (~6 s a parse), and transformers rebuilds gguf's tensor-name table once per
+    submodule (397 times, ~7 s). Here the reader of that one file is memoized (it is read-only: a memory map) and
+    the name table is cached by its arguments: the same objects, computed once, so both loaders still do all of
+    their own conversion (the smoke test's set-up 60 -> 31 s on one core when the file was parsed five times; the
+    tokenizers are read by transformers' own GGUF metadata reader, ~0.5 s)."""
     import functools
 
     import gguf
@@ -388,7 +390,7 @@ def pytest_collection_finish(session):
     """tests/test_sharding.py's checks run in a process of their own (8 CPU devices); start it as soon as they are
     collected, so it runs beside the rest of the suite instead of after it (its tests come last). Under xdist every
     worker collects every test: the first one starts it."""
-    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0":
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0") == "gw0" and not session.config.getoption("collectonly"):
         sharded_job.start(session.items)
 
 

@@ -3,7 +3,7 @@ count is fixed when JAX starts, so the rest of the suite keeps its one device). 
 and checks the JSON report it prints on its last line.
 
     JAXEDIT_CHECKS_DUMP=DIR python tests/sharded_checks.py WORK_DIR REPORT.json [--mesh SPEC ...]
-        [--run MODEL@SPEC ...] [--sample MODEL@SPEC ...] [--persistence] [--multihost]
+        [--run MODEL@SPEC[:QUANTITY,...] ...] [--sample MODEL@SPEC ...] [--persistence] [--multihost]
 
 ``--mesh`` (repeated) names the meshes to load the models on (default: all four); ``--run`` the (model, mesh) pairs
 whose computations are compared, and which of them (``MODEL@MESH:trace,memit``; default: all of QUANTITIES, on every
@@ -16,8 +16,8 @@ of the two models) and LLaMA's sampling in the fast tier; all four meshes, six p
 models' sampling, the persistence checks and the two-process run in the full suite.
 
 Each model is loaded with ``mesh=`` on each selected mesh (each device reading its shards from the safetensors
-file), and for the selected (model, mesh) pairs every public computation is compared with the same call on the model
-loaded without a mesh: logits, tracing grids, key statistics, saliency profiles, MEMIT weight updates, ProFS edits
+file), and for the selected (model, mesh) pairs the selected public computations are compared with the same calls on
+the model loaded without a mesh: logits, tracing grids, key statistics, saliency profiles, MEMIT weight updates, ProFS edits
 and sequential AlphaEdit edits (whose edited weights must keep the input's placement) and, on one mesh per model,
 sampled tokens. The report also holds the parameter bytes per device, the all-gathers of the compiled programs (from
 XLA's dump), the compiled forward's memory per device on a wider model, an orbax save / export of a sharded model,
@@ -390,7 +390,8 @@ def main(work, out_file, meshes=tuple(MESHES), runs=None, samples=tuple(SAMPLES)
     samples = set(samples)
     for pair in samples:
         runs.setdefault(pair, set())
-    report = {"devices": len(jax.devices()), "models": {}, "errors": {}, "seconds": {}}
+    report = {"devices": len(jax.devices()), "models": {}, "errors": {}, "seconds": {},
+              "quantities": {name: list(keys) for name, keys in QUANTITIES.items()}}
     t0 = time.time()
     paths = build_models(work)
     with open(os.path.join(work, "corpus.txt"), "w") as f:

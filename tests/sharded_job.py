@@ -54,7 +54,8 @@ def start(items):
         env.pop("XLA_FLAGS", None)
         log = open(os.path.join(work, "checks.log"), "w")
         args = ([a for m in sorted(meshes) for a in ("--mesh", m)] +
-                [a for m, spec, quantities in sorted(runs) for a in ("--run", f"{m}@{spec}:{quantities}")] +
+                [a for m, spec, quantities in sorted(runs)
+                 for a in ("--run", f"{m}@{spec}" + ("" if quantities == "all" else f":{quantities}"))] +
                 [a for m, spec in sorted(samples) for a in ("--sample", f"{m}@{spec}")] +
                 (["--persistence"] if persistence else []) + (["--multihost"] if multihost else []))
         # a session of its own: stopping it stops the processes it starts (the two-process run) too

@@ -25,8 +25,10 @@ def test_smollm2_smoke(smollm2, hf_gguf):
     read back) against the one transformers builds from the same file."""
     import torch
     from transformers import AutoTokenizer
+    from transformers.integrations.gguf import get_gguf_tokenizer
 
     from jaxedit.loading import embedded_gguf_path
+    from jaxedit.loading.gguf_file import gguf_tokenizer_fields
 
     model, tok = smollm2
     c = model.config
@@ -48,6 +50,16 @@ def test_smollm2_smoke(smollm2, hf_gguf):
         assert tok(t)["input_ids"] == ref(t)["input_ids"], t
         assert tok.decode(tok(t)["input_ids"]) == ref.decode(ref(t)["input_ids"])
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == (ref.bos_token, ref.eos_token, ref.pad_token)
+    # the instruct model's chat template comes with it (rendered alike), and the BOS / EOS flags
+    assert ref.chat_template and tok.chat_template == ref.chat_template
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True) == \
+        ref.apply_chat_template(chat, add_generation_prompt=True)
+    assert [getattr(t, "add_bos_token", None) for t in (tok, ref)] == [getattr(ref, "add_bos_token", None)] * 2
+    assert [getattr(t, "add_eos_token", None) for t in (tok, ref)] == [getattr(ref, "add_eos_token", None)] * 2
+    # the metadata read without torch (the gguf package's reader, transformers' key table) gives the same tokenizer
+    fields = gguf_tokenizer_fields(path)
+    assert fields[0] == "llama" and fields[2]["chat_template"] and fields == get_gguf_tokenizer(path)
 
 
 @pytest.mark.slow

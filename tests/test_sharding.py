@@ -32,17 +32,25 @@ MESHES = [*FAST_MESHES, *(pytest.param(m, marks=pytest.mark.slow) for m in SLOW_
 # vocabulary table over d_model), each computation on one of the two models, as the fast tier's other references
 # alternate the family; in the full suite the rest, so that GPT-2 (whose split differs by its biases and tied
 # vocabulary) is compared on both meshes and LLaMA on all four, every computation (GPT-2 on the other two meshes is
-# loaded and its placement checked, as every model on every mesh)
-ALL = "logits,trace,stats,saliency,memit,profs,alphaedit"
+# loaded and its placement checked, as every model on every mesh; "all": every computation)
 FAST_RUNS = [("gpt2", "data=1,model=8", "logits,trace,stats,memit,profs"),
              ("llama", "data=4,model=2", "logits,trace,stats,saliency,alphaedit")]
 SLOW_RUNS = [("gpt2", "data=1,model=8", "saliency,alphaedit"), ("llama", "data=4,model=2", "memit,profs"),
-             ("gpt2", "data=4,model=2", ALL), ("llama", "data=1,model=8", ALL), ("llama", "data=8", ALL),
-             ("llama", "data=2,model=4", ALL)]
+             ("gpt2", "data=4,model=2", "all"), ("llama", "data=1,model=8", "all"), ("llama", "data=8", "all"),
+             ("llama", "data=2,model=4", "all")]
 RUNS = [*FAST_RUNS, *(pytest.param(*r, marks=pytest.mark.slow) for r in SLOW_RUNS)]
-# each computation's results in the report
-KEYS = {"memit": ("memit_update", "memit_weights", "memit_report"), "profs": ("profs_weights", "profs_projectors"),
-        "alphaedit": ("alphaedit_update", "alphaedit_cp")}
+
+
+def test_both_tiers_compare_every_computation_on_both_models(report):
+    """The full suite's pairs compare every computation the checks know on both models (the fast tier's split
+    leaves none out)."""
+    known = set(report["quantities"])
+    for model in ("gpt2", "llama"):
+        named = set()
+        for m, _, quantities in FAST_RUNS + SLOW_RUNS:
+            if m == model:
+                named |= known if quantities == "all" else set(quantities.split(","))
+        assert named == known, (model, known - named)
 # sampled tokens compared with one device's: LLaMA's (4x2) in the fast tier, GPT-2's (1x8, its vocabulary split over
 # d_model) too in the full suite
 SAMPLES = [("llama", "data=4,model=2"), pytest.param("gpt2", "data=1,model=8", marks=pytest.mark.slow)]
@@ -144,7 +152,8 @@ def test_model_axis_must_divide_heads_and_d_ff(report):
 @pytest.mark.parametrize("model, mesh, quantities", RUNS)
 def test_results_equal_single_device(report, model, mesh, quantities):
     entry = report["models"][model]["meshes"][mesh]
-    want = {key for q in quantities.split(",") for key in KEYS.get(q, (q,))}
+    names = list(report["quantities"]) if quantities == "all" else quantities.split(",")
+    want = {key for name in names for key in report["quantities"][name]}
     assert set(entry["rel"]) >= want
     bad = {k: v for k, v in entry["rel"].items() if k in want and not v <= TOL}
     assert not bad, bad
@@ -159,7 +168,9 @@ def test_sampling_equals_single_device(report, model, mesh):
 
 def test_no_program_gathers_a_weight(report):
     """No compiled program (forward, tracing grid, statistics, saliency, z optimization, sampling, ...) all-gathers
-    an array shaped like a weight matrix, whole or one layer of it; the programs do all-gather activations."""
+    an array shaped like a weight matrix, whole or one layer of it; the programs do all-gather activations. (The
+    programs of the computations compared: in the fast tier GPT-2's saliency and AlphaEdit programs and LLaMA's
+    MEMIT and ProFS ones are not compiled on a mesh.)"""
     shapes = {tuple(s) for entry in report["models"].values() for s in entry["weight_shapes"]}
     gathers = report["all_gathers"]
     assert gathers, "no all-gather found: the HLO dump is missing"

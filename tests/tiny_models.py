@@ -1,6 +1,6 @@
 """The tiny random Hugging Face checkpoints and the tiny byte-level BPE tokenizer the tests build (with
-transformers + torch), without the test run's side effects of tests/conftest.py (which re-exports them to the test
-files): tests/sharded_checks.py builds its checkpoints with them in a process of its own."""
+transformers + torch), without the test run's side effects of tests/conftest.py: the test files, the fixtures,
+tests/sharded_checks.py (in a process of its own) and benchmarks/parity.py import them from here."""
 from __future__ import annotations
 
 import torch

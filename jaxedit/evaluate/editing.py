@@ -266,11 +266,15 @@ def score_rows(model, rows: Sequence[tuple], *, bucket: int = 16, memory_budget:
     params = params_of(model)
     budget = memory_budget or default_memory_budget()
     full = [list(p) + list(t) for p, t in rows]
-    for f in full:
+    for (p, t), f in zip(rows, full):
+        if len(p) == 0 or len(t) == 0:
+            raise JaxeditError("every row needs at least one prompt token and one target token")
         if len(f) > cfg.max_positions:
             raise JaxeditError(f"a prompt with its target has {len(f)} tokens, more than the model's "
                                f"{cfg.max_positions} positions")
-    K = max((len(t) for _, t in rows), default=1)  # the longest target: one program shape for the whole call
+    # target positions per row: the longest target's length, rounded up to a power of two so that calls with other
+    # records (a growing set of edits) mostly reuse the compiled programs
+    K = 1 << (max((len(t) for _, t in rows), default=1) - 1).bit_length()
     out = [None] * len(rows)
     for T, members in group_by_bucket(range(len(full)), lambda i: len(full[i]), bucket, cap=cfg.max_positions):
         B = batch_rows(len(members), rows_within(budget, (T * 8 * cfg.d_ff + K * 3 * cfg.vocab_size) * 4,

@@ -12,7 +12,7 @@ import os
 
 from jaxedit.cache import cache_dir, code_fingerprint
 from jaxedit.errors import JaxeditError
-from jaxedit.loading.gguf_file import gguf_tokenizer, load_gguf, read_gguf
+from jaxedit.loading.gguf_file import gguf_tokenizer, load_gguf
 from jaxedit.loading.hf import download, load_hf_dir, load_tokenizer
 from jaxedit.loading.native import is_native_dir, load_native, load_native_tokenizer, save_native
 from jaxedit.model import params_of
@@ -52,10 +52,12 @@ CONVERSION_DEPENDENCIES = ("gguf", "numpy", "transformers", "tokenizers")
 @functools.lru_cache(maxsize=None)
 def conversion_fingerprint() -> str:
     """A hash of everything besides the GGUF file that decides its converted copy: the source of
-    :data:`CONVERSION_MODULES` and the installed versions of :data:`CONVERSION_DEPENDENCIES`. Any change to the
+    :data:`CONVERSION_MODULES`, the installed versions of :data:`CONVERSION_DEPENDENCIES`, and whether torch is
+    installed (the tokenizer's metadata is read by one of two readers, see :func:`gguf_tokenizer`). Any change to the
     converting code or an upgrade of these dependencies gives a new cache key, so a stale conversion is never
     served."""
-    return code_fingerprint(CONVERSION_MODULES, CONVERSION_DEPENDENCIES)
+    return code_fingerprint(CONVERSION_MODULES, CONVERSION_DEPENDENCIES,
+                            f"torch:{importlib.util.find_spec('torch') is not None}")
 
 
 def _cache_key(path: str) -> str:
@@ -71,9 +73,8 @@ def _converted_gguf(path: str) -> str:
     target = os.path.join(cache_dir(), f"{os.path.splitext(os.path.basename(path))[0]}-{_cache_key(path)}")
     if not is_native_dir(target) and is_main_process():  # several processes: the first converts, the others wait
         stage(f"converting {os.path.basename(path)} into {cache_dir()} (first use only; about 15 s)")
-        reader = read_gguf(path)  # parsed once for the weights and the tokenizer
-        model = load_gguf(path, "float32", reader=reader)
-        save_native(model, gguf_tokenizer(path, reader), target,
+        model = load_gguf(path, "float32")
+        save_native(model, gguf_tokenizer(path), target,
                     extra={"source": os.path.abspath(path), "conversion": conversion_fingerprint()})
     sync("jaxedit-gguf-cache")
     return target
@@ -127,8 +128,7 @@ def load(name_or_path: str = DEFAULT_MODEL, dtype=None, *, allow_pickle: bool = 
         if cache:
             target = _converted_gguf(name)
             return load_native(target, dtype, mesh), load_native_tokenizer(target)
-        reader = read_gguf(name)
-        return load_gguf(name, dtype, mesh, reader), gguf_tokenizer(name, reader)
+        return load_gguf(name, dtype, mesh), gguf_tokenizer(name)
     if os.path.isdir(name):
         if is_native_dir(name):
             return load_native(name, dtype, mesh), load_native_tokenizer(name)

@@ -1,6 +1,7 @@
 """llama.cpp GGUF files (LLaMA architecture): metadata -> config, tensors dequantized with the ``gguf`` package."""
 from __future__ import annotations
 
+import importlib.util
 
 import numpy as np
 
@@ -49,12 +50,11 @@ def gguf_config(reader) -> ModelConfig:
     )
 
 
-def load_gguf(path: str, dtype="float32", mesh=None, reader=None):
-    """The model a GGUF file holds, its tensors dequantized; ``reader``: the file's GGUFReader when it was parsed
-    already (parsing builds ~200,000 Python objects for a tokenizer's arrays, ~6 s for SmolLM2)."""
+def load_gguf(path: str, dtype="float32", mesh=None):
+    """The model a GGUF file holds, its tensors dequantized."""
     import gguf
 
-    reader = reader or read_gguf(path)
+    reader = read_gguf(path)
     cfg = gguf_config(reader)
     tensors = {t.name: t for t in reader.tensors}
 
@@ -70,42 +70,52 @@ def load_gguf(path: str, dtype="float32", mesh=None, reader=None):
     return convert(list(tensors), get, cfg, "gguf", dtype)
 
 
-# llama.cpp metadata keys -> the names transformers' GGUF tokenizer builder expects
-_TOKENIZER_KEYS = {"model": "tokenizer_type", "pre": "pre_tokenizer_type", "tokens": "tokens", "scores": "scores",
-                   "token_type": "token_type", "merges": "merges", "bos_token_id": "bos_token_id",
-                   "eos_token_id": "eos_token_id", "unknown_token_id": "unk_token_id",
-                   "padding_token_id": "pad_token_id", "add_space_prefix": "add_prefix_space"}
-
-
-def gguf_tokenizer(path: str, reader=None):
-    """The tokenizer a GGUF file describes, built from its metadata by transformers' GGUF tokenizer builder (the
-    one ``AutoTokenizer.from_pretrained(..., gguf_file=...)`` uses), from ``reader`` when the file was parsed
-    already. transformers' own GGUF path would parse the file again, with torch; this one needs no torch and
-    encodes alike (tests/test_real_model.py compares the two on SmolLM2)."""
+def gguf_tokenizer(path: str):
+    """The tokenizer a GGUF file describes, as transformers builds it for ``AutoTokenizer.from_pretrained(folder,
+    gguf_file=name)`` (vocabulary, merges, special tokens, chat template, BOS/EOS flags), from transformers' GGUF
+    tokenizer builder directly: without the configuration loading that call also does (SmolLM2: ~1 s instead of
+    ~10 s). transformers' metadata reader imports torch; where torch is not installed, the metadata is read with the
+    ``gguf`` package under transformers' own key table (tests/test_real_model.py compares both paths with
+    AutoTokenizer on SmolLM2, tests/test_gguf.py the torch-free one with the tokenizer a tiny GGUF was written from)."""
     try:
         from transformers import PreTrainedTokenizerFast
         from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
     except ImportError:
         raise JaxeditError("reading a GGUF tokenizer needs transformers >= 5 (its GGUF tokenizer builder)") from None
-    reader = reader or read_gguf(path)
-    meta = {}
-    for key, name in _TOKENIZER_KEYS.items():
-        f = reader.fields.get(f"tokenizer.ggml.{key}")
-        if f is not None:
-            meta[name] = f.contents()
-    if "tokens" not in meta:
-        raise JaxeditError(f"{path}: the GGUF file has no tokenizer")
-    backend, _ = convert_gguf_tokenizer(_field(reader, "general.architecture"), meta)
-    special = {name: meta["tokens"][meta[key]] for name, key in
-               (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unk_token_id"),
-                ("pad_token", "pad_token_id")) if key in meta}
-    add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")
-    add_bos = bool(add_bos.contents()) if add_bos is not None else meta.get("tokenizer_type") == "llama"
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **special)
-    if add_bos and tok.bos_token_id is not None:
-        from tokenizers import processors
+    if importlib.util.find_spec("torch") is not None:
+        from transformers.integrations.gguf import get_gguf_tokenizer
 
-        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{tok.bos_token}:0 $A:0", pair=f"{tok.bos_token}:0 $A:0 {tok.bos_token}:1 $B:1",
-            special_tokens=[(tok.bos_token, tok.bos_token_id)])
-    return tok
+        try:
+            architecture, tokenizer, config = get_gguf_tokenizer(path)
+        except Exception as e:
+            raise JaxeditError(f"{path}: could not read the GGUF tokenizer "
+                               f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    else:
+        architecture, tokenizer, config = gguf_tokenizer_fields(path)
+    if "tokens" not in tokenizer:
+        raise JaxeditError(f"{path}: the GGUF file has no tokenizer")
+    backend, extra = convert_gguf_tokenizer(architecture, tokenizer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{**config, **extra})
+
+
+def gguf_tokenizer_fields(path: str):
+    """(architecture, tokenizer fields, tokenizer configuration) of a GGUF file as transformers' GGUF tokenizer
+    reader returns them, read with the ``gguf`` package (no torch): transformers' table of tokenizer keys, BOS on by
+    default for a sentencepiece ("llama") vocabulary, the special tokens by their ids."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING
+
+    reader = read_gguf(path)
+    groups = {}
+    for group, renames in GGUF_TOKENIZER_MAPPING.items():
+        groups[group] = {}
+        for key, name in renames.items():
+            f = reader.fields.get(f"tokenizer.{key}")
+            if f is not None:
+                groups[group][name] = f.contents()
+    tokenizer, config = groups["tokenizer"], groups["tokenizer_config"]
+    if tokenizer.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)
+    for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unk_token_id"),
+                      ("pad_token", "pad_token_id")):
+        config[name] = tokenizer["tokens"][tokenizer[key]] if key in tokenizer and "tokens" in tokenizer else None
+    return _field(reader, "general.architecture"), tokenizer, config
