@@ -72,7 +72,7 @@ def _converted_gguf(path: str) -> str:
     """Convert a GGUF file once (dequantize, tokenizer) into a jaxedit directory in the cache; return its path."""
     target = os.path.join(cache_dir(), f"{os.path.splitext(os.path.basename(path))[0]}-{_cache_key(path)}")
     if not is_native_dir(target) and is_main_process():  # several processes: the first converts, the others wait
-        stage(f"converting {os.path.basename(path)} into {cache_dir()} (first use only; about 15 s)")
+        stage(f"converting {os.path.basename(path)} into {cache_dir()} (first use only; about 20 s)")
         model = load_gguf(path, "float32")
         save_native(model, gguf_tokenizer(path), target,
                     extra={"source": os.path.abspath(path), "conversion": conversion_fingerprint()})
