@@ -75,6 +75,10 @@ def test_ngram_entropy_by_hand():
     repetitive = "the cat the cat the cat the cat the cat the cat"
     varied = "the cat sat on a warm mat while two dogs slept by the door"
     assert jaxedit.fluency([repetitive]) < jaxedit.fluency([varied])
+    # one text given as a string is that text (not its characters); no text is an error
+    assert jaxedit.fluency("a b a b") == pytest.approx(want, rel=1e-12)
+    with pytest.raises(JaxeditError, match="^fluency of no texts$"):
+        jaxedit.fluency([])
 
 
 def test_scorer_checks_and_cache():
