@@ -7,10 +7,10 @@ and checks the JSON report it prints on its last line.
 
 ``--mesh`` (repeated) names the meshes to load the models on (default: all four); ``--run`` the (model, mesh) pairs
 whose computations are compared, and which of them (``MODEL@MESH:trace,memit``; default: all of QUANTITIES, on every
-model and every selected mesh); ``--sample`` the pairs that also
-compare sampled tokens (added to --run; with neither option: GPT-2 on data=1,model=8 and LLaMA on data=4,model=2, where
-those meshes are selected; with --run alone, none); ``--persistence`` adds the orbax save / export of a sharded model
-and the wide forward's memory, ``--multihost`` the two-process run (both off unless given).
+model and every selected mesh); ``--sample`` the pairs that also compare sampled tokens (added to --run; with neither
+option: GPT-2 on data=1,model=8 and LLaMA on data=4,model=2, where those meshes are selected; with --run alone,
+none); ``--persistence`` adds the orbax save / export of a sharded model and the wide forward's memory,
+``--multihost`` the two-process run (both off unless given).
 tests/test_sharding.py asks for what its selected tests read: two meshes, a pair on each (each computation on one
 of the two models) and LLaMA's sampling in the fast tier; all four meshes, six pairs with every computation, both
 models' sampling, the persistence checks and the two-process run in the full suite.
@@ -128,6 +128,15 @@ def run_all(model, tok, work, tag, sample, quantities=tuple(QUANTITIES)):
     return out
 
 
+def _placed_like_input(method, edited, model):
+    """The edited model's w_out, which must keep the input's placement (an edit on a mesh stays sharded alike)."""
+    w_out, before = params_of(edited)["blocks"]["w_out"], params_of(model)["blocks"]["w_out"]
+    if w_out.sharding != before.sharding:
+        raise AssertionError(f"{method}: the edited w_out is placed as {w_out.sharding}, the input's as "
+                             f"{before.sharding}")
+    return w_out
+
+
 def _memit(model, tok, layer):
     out = {}
     cfg = model.config
@@ -161,10 +170,7 @@ def _profs(model, tok):
     # ProFS: the padded mean (its own forward); the subspaces as projectors (free of the SVD's sign)
     edited, report = jaxedit.profs(model, PROFS_PAIRS, tok, layers=range(cfg.n_layers), mean_over="padded",
                                    progress=False)
-    w_out = params_of(edited)["blocks"]["w_out"]
-    if w_out.sharding != params_of(model)["blocks"]["w_out"].sharding:
-        raise AssertionError(f"profs: the edited w_out is placed as {w_out.sharding}, the input's as "
-                             f"{params_of(model)['blocks']['w_out'].sharding}")
+    w_out = _placed_like_input("profs", edited, model)
     out["profs_weights"] = np.asarray(jax.device_get(w_out))
     out["profs_projectors"] = np.stack([v.T @ v for v in report["subspace"].values()])
     return out
@@ -178,10 +184,7 @@ def _alphaedit(model, tok, layer):
                                              tokenizer=tok, stats=random_stats(cfg, layer), context_prefixes=(),
                                              v_num_grad_steps=10, null_space_threshold="energy:0.5",
                                              progress=False)
-    w_out = params_of(edited)["blocks"]["w_out"]
-    if w_out.sharding != params_of(model)["blocks"]["w_out"].sharding:
-        raise AssertionError(f"alphaedit: the edited w_out is placed as {w_out.sharding}, the input's as "
-                             f"{params_of(model)['blocks']['w_out'].sharding}")
+    w_out = _placed_like_input("alphaedit", edited, model)
     # the update itself (relative to the whole weights it would hide in their rounding)
     out["alphaedit_update"] = (np.asarray(jax.device_get(w_out[layer[0]]), np.float64)
                                - np.asarray(jax.device_get(params_of(model)["blocks"]["w_out"][layer[0]]), np.float64))
