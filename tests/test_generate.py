@@ -89,6 +89,23 @@ def test_nucleus_mask_equals_sorted_reference():
             assert (probs[r][extra] != last).sum() <= 1
 
 
+def test_nucleus_mask_at_exact_boundaries():
+    """Where the float32 sums that decide it are exact (dyadic probabilities) the nucleus is decided exactly: a token
+    whose more likely tokens' mass equals top_p is out, and so is a token one float32 step below the last kept one."""
+    below = lambda x: float(np.nextafter(np.float32(x), np.float32(0)))
+    cases = [([0.0625, 0.5, 0.125, 0.25, 0.0625], (0.25, 0.5, 0.6, 0.75, 0.875, 0.9375, 1.0)),
+             ([0.5, below(0.5), 0.0, 0.0, 0.0], (0.25, 0.5, 0.75)),  # (0.5 + below(0.5) rounds to 1 in float32)
+             ([0.25, 0.5, below(0.25), 0.0, 0.0], (0.25, 0.5, 0.6, 0.75))]
+    rows = np.array([row for row, _ in cases], np.float32)
+    for top_p in sorted({t for _, ts in cases for t in ts}):
+        got = np.asarray(nucleus_mask(jnp.asarray(rows), top_p))
+        for r, (_, ts) in enumerate(cases):
+            if top_p in ts:  # the definition, in exact float64 sums
+                probs = rows[r].astype(np.float64)
+                want = np.array([probs[probs > p].sum() < top_p for p in probs])
+                assert (got[r] == want).all(), (top_p, r, got[r], want)
+
+
 def test_sample_respects_the_nucleus_and_is_seeded(tiny_dirs, tokenizer):
     model, _ = jaxedit.load(tiny_dirs["llama-mha-tied"][0])
     hf = tiny_dirs["llama-mha-tied"][1]
