@@ -122,6 +122,15 @@ def test_tuning_matches_torch(tiny_dirs, tokenizer, name):
                 assert np.array_equal(np.asarray(val), np.asarray(flat_b[key])), key
         got[kl_grad] = w
     assert np.abs(got[True] - got[False]).max() > 50 * 1e-5  # the KL's gradient moved the weights
+    # a one-token safe response and a one-token knowledge answer: the NLL and the KL are means over one entry each
+    one = dict(CASES[0], id="one", **{"safe generation": "Paris",
+                                      "knowledge constrain": {"prompt": "The capital of France is", "answer": "Paris"}})
+    assert len(tok(" Paris", add_special_tokens=False)["input_ids"]) == 1
+    _, rep = dinm(model, [one], tokenizer=tok, **dict(hp, lr=5e-3))
+    ref_losses, _ = torch_dinm(hf, tokenizer, 1, one, 2, lr=5e-3, edit_weight=0.01, kl_grad=True)
+    # (measured: the second step's KL 1.4410e-3 against 1.4408e-3, the losses within 4e-6 of each other)
+    np.testing.assert_allclose(np.array([rep["losses"][0], rep["nll"][0], rep["kl"][0]]).T, ref_losses, rtol=1e-4,
+                               atol=3e-7)
     # sequential editing: the second case is tuned on the model the first one edited
     seq, rep = dinm(model, CASES, tokenizer=tok, per_instance=False, **hp)
     one, _ = dinm(model, CASES[:1], tokenizer=tok, **hp)

@@ -229,11 +229,11 @@ def _logprobs(cfg: ModelConfig, params, layers, W, blk, h_in=None, start: int = 
     return jax.nn.log_softmax(fam.lm_head(cfg, p, x).astype(jnp.float32), -1)
 
 
-def dinm_loss(cfg: ModelConfig, params, layers, W, edit, kc, lp0, edit_weight, kl_grad=True, h_in=(None, None),
-              start: int = 0):
+def dinm_loss(cfg: ModelConfig, params, layers, W, edit, kc, lp0, edit_weight, kl_grad, h_in, start: int):
     """(loss, (nll, kl)) with the located ``layers``' output projections replaced by ``W`` [k, d_ff, d]: the NLL
     over the ``edit`` block's entries, the KL over the ``kc`` block's, whose unedited log-probabilities are
-    ``lp0`` [N, V]."""
+    ``lp0`` [N, V]. ``kl_grad``: whether the KL's gradient reaches ``W``; ``h_in``: the two blocks' hidden states
+    entering layer ``start`` (as ``_logprobs`` takes them)."""
     lp = _logprobs(cfg, params, layers, W, edit, h_in[0], start)
     tok = jnp.take_along_axis(lp, edit["tgt"][:, None], -1)[:, 0]
     nll = -jnp.sum(tok * edit["w"]) / jnp.maximum(edit["w"].sum(), 1.0)
