@@ -8,9 +8,9 @@ from jaxedit import runtime
 from jaxedit.calibration import setup_key
 from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, Renamed, cli, echo, request_file, with_mesh, with_options
 from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
-from jaxedit.detox.config import RANDOM_STRATEGIES, STAGES, DetoxConfig
+from jaxedit.detox.config import STAGES, DetoxConfig
 from jaxedit.detox.data import prompt_of, read_facts, read_prompts, read_texts
-from jaxedit.detox.editing import plan_runs
+from jaxedit.detox.editing import grid_run_ids, plan_runs
 from jaxedit.detox.estimate import estimate_lines
 from jaxedit.detox.methods import plan_method_runs, read_pairs_file
 from jaxedit.detox.pipeline import run_study
@@ -213,12 +213,12 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
         lines.append(f"localize: {edited} edited prompts x {len(cfg.trace_kinds)} kinds "
                      f"({', '.join(cfg.trace_kinds)}) x {cfg.trace_samples} noisy samples"
                      + (", saliency profiles" if "saliency-multi" in cfg.strategies else ""))
-    per = len(cfg.objectives) * len(cfg.kl_weights)
-    n_runs = sum((cfg.random_seeds if s in RANDOM_STRATEGIES else 1) * per for s in cfg.strategies) \
-        if "delete" in cfg.methods else 0
+    grid = grid_run_ids(cfg) if "delete" in cfg.methods else []
+    n_runs = len(grid)
     more = plan_method_runs(cfg)
-    done = len([f for f in os.listdir(os.path.join(out, "edits")) if f.endswith(".json")]) \
-        if os.path.isdir(os.path.join(out, "edits")) else 0
+    # this configuration's runs only: a folder may hold runs of other KL weights, strategies or ranks
+    mine = grid + [rid for rid, _, _ in more]
+    done = sum(os.path.isfile(os.path.join(out, "edits", rid + ".json")) for rid in grid)
     if "edit" in stages and "delete" in cfg.methods:
         lines.append(f"edit: {n_runs} runs ({len(cfg.strategies)} strategies x {len(cfg.objectives)} objectives x "
                      f"{len(cfg.kl_weights)} KL weights; random strategies x {cfg.random_seeds} seeds), each one "
@@ -273,9 +273,9 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
         traced = len(read_rows(os.path.join(out, "trace", "results.jsonl"))) if have("trace/results.jsonl") else 0
         units["localize"] = None if n_edit is None else max(n_edit - traced, 0)
     if "edit" in stages:
-        units["edit"] = max(n_runs + len(more) - done, 0)
+        units["edit"] = sum(not os.path.isfile(os.path.join(out, "edits", rid + ".json")) for rid in mine)
     if "evaluate" in stages:
-        evaluated = len(read_rows(os.path.join(out, "runs.jsonl"))) if have("runs.jsonl") else 0
-        units["evaluate"] = max(1 + n_runs + len(more) - evaluated, 0)
+        evaluated = {r["run"] for r in read_rows(os.path.join(out, "runs.jsonl"))} if have("runs.jsonl") else set()
+        units["evaluate"] = sum(rid not in evaluated for rid in ["base"] + mine)
     lines += estimate_lines(cfg, units, setup)
     return lines

@@ -543,6 +543,29 @@ def test_dry_run_prints_the_plan_without_loading(tmp_path, tiny_dirs, monkeypatc
     assert lines[-1] == "dry run: nothing loaded, nothing written" and not out.exists()
 
 
+def test_plan_counts_only_this_configurations_runs(tmp_path, monkeypatch):
+    """A folder that holds runs of other KL weights and ranks (a sweep grown over several commands): the plan's units
+    left are this configuration's runs without an edit / an evaluation, not the folder's counts."""
+    import cli.detox as cli_detox
+
+    out = tmp_path / "study"
+    (out / "edits").mkdir(parents=True)
+    cfg = config("demo", strategies=("topk-multi", "ct-multi"), objectives=("delete",), kl_weights=(0.0, 1.0),
+                 methods=("delete", "profs"), profs_ranks=(1, 2))
+    edited = ["topk-multi__delete__kl0.25__s0", "topk-multi__delete__kl0.25__s1", "ct-multi__delete__kl0.25__s0",
+              "ct-multi__delete__kl1__s0", "profs__rank1", "profs__rank4"]
+    for rid in edited:
+        (out / "edits" / f"{rid}.json").write_text("{}")
+    (out / "runs.jsonl").write_text("".join(json.dumps({"run": r}) + "\n" for r in ["base"] + edited[2:4] + edited[5:]))
+    seen = {}
+    monkeypatch.setattr(cli_detox, "estimate_lines", lambda cfg, units, setup: seen.update(units) or [])
+    lines = cli_detox.plan(cfg, None, str(out), ("edit", "evaluate"))
+    # this configuration: topk-multi 2 seeds x KL 0, 1 and ct-multi x KL 0, 1 (6), ProFS ranks 1, 2 (2); of them
+    # ct-multi KL 1 and rank 1 are edited, and base and ct-multi KL 1 evaluated
+    assert seen == {"edit": 6, "evaluate": 7}
+    assert lines[1].endswith("each one batched edit of the selected prompts; 1 done earlier"), lines[1]
+
+
 @pytest.mark.slow
 def test_plan_estimates_time_from_the_measured_units(study, tmp_path, monkeypatch):
     """The stage bars time their first update from the stage's start (compile included) and the later units; the

@@ -35,13 +35,23 @@ def parse_run_id(rid: str) -> tuple:
     return strategy, objective, float(kl[2:]), int(seed[1:])
 
 
+def strategy_seeds(cfg: DetoxConfig, strategy: str) -> list:
+    """The seeds a strategy's runs use: ``random_seeds`` of them for the random strategies, else ``seed``."""
+    return [cfg.seed + s for s in range(cfg.random_seeds)] if strategy in RANDOM_STRATEGIES else [cfg.seed]
+
+
+def grid_run_ids(cfg: DetoxConfig) -> list:
+    """The run ids of the deletion grid, in :func:`plan_runs`' order (known without the model)."""
+    return [run_id(strategy, objective, kl, seed) for strategy in cfg.strategies
+            for seed in strategy_seeds(cfg, strategy) for objective in cfg.objectives for kl in cfg.kl_weights]
+
+
 def plan_runs(cfg: DetoxConfig, n_layers: int, loc: Optional[dict]) -> list:
     """[(run id, strategy, objective, kl weight, seed, layers)] of the grid."""
     n, k = cfg.layer_counts(n_layers)
     runs = []
     for strategy in cfg.strategies:
-        seeds = [cfg.seed + s for s in range(cfg.random_seeds)] if strategy in RANDOM_STRATEGIES else [cfg.seed]
-        for seed in seeds:
+        for seed in strategy_seeds(cfg, strategy):
             count = 1 if strategy.endswith("single") else n
             if strategy.startswith("random"):
                 layers = select_layers("random", n_layers, n=count, seed=seed)
