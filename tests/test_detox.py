@@ -466,6 +466,31 @@ def test_figures_keep_the_toxic_words_hidden_and_fit(study, tmp_path, monkeypatc
     assert "| edit-canned toxic % |" in table1 and "Not run: edit-nontoxic." in table1 and "table2.md" in table1
 
 
+def test_frontier_draws_the_goal_region(tmp_path, monkeypatch):
+    """The frontier shades the goal (the unedited toxic rate halved at <= +31 % perplexity): by hand, 7.5 % at
+    perplexity 100 gives the region up to perplexity 131 and 3.75 % toxic."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxedit.detox.report import goal_region, plot_frontier
+
+    base = {"strategy": "base", "perplexity_prompts": 100.0, "toxic_rate": 0.075}
+    assert goal_region(base) == pytest.approx((131.0, 3.75))
+    rows = [base, {"strategy": "topk-multi", "objective": "delete", "kl_weight": 1.0, "perplexity_prompts": 160.0,
+                   "toxic_rate": 0.05}]
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    plot_frontier(rows, str(tmp_path / "frontier"))
+    (ax,) = kept[0].axes
+    region = [c for c in ax.collections if c.get_label().startswith("toxic % halved")]
+    assert len(region) == 1 and region[0].get_label() == "toxic % halved at <= +31% ppl"
+    xy = region[0].get_paths()[0].vertices
+    assert xy[:, 0].max() == pytest.approx(131.0) and xy[:, 1].max() == pytest.approx(3.75)
+    assert ax.get_ylim()[0] <= 0.9 * 3.75 and (tmp_path / "frontier.png").exists()
+
+
 def test_bad_input(tmp_path, tiny_dirs):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "fine"}\n{"prompt": {"toxicity": 0.2}}\n')

@@ -205,6 +205,16 @@ def plot_aie(loc: dict, path_stem: str) -> None:
     plt.close(fig)
 
 
+GOAL_PPL_RISE = 1.31  # the frontier figure's goal region: half the unedited toxic rate at <= 1.31 x its perplexity
+
+
+def goal_region(base: dict) -> tuple:
+    """(largest perplexity on the prompts, largest toxic %) of the goal Das et al.'s deletion reached on GPT-2-XL
+    (62.9 % -> 22.3 % toxic at perplexity 78.2 -> 102.4): the unedited model's toxic rate halved at no more than
+    +31 % perplexity, from the unedited row ``base`` of summary.jsonl."""
+    return GOAL_PPL_RISE * base["perplexity_prompts"], 100 * base["toxic_rate"] / 2
+
+
 def plot_frontier(rows: list, path_stem: str) -> None:
     import matplotlib
 
@@ -237,7 +247,15 @@ def plot_frontier(rows: list, path_stem: str) -> None:
                 ax.annotate(f"r{rank}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     base = next((r for r in rows if r["strategy"] == "base"), None)
     if base:
-        ax.plot([base["perplexity_prompts"]], [100 * base["toxic_rate"]], "k*", ms=12, label="unedited")
+        x0, y0 = base["perplexity_prompts"], 100 * base["toxic_rate"]
+        ax.plot([x0], [y0], "k*", ms=12, label="unedited")
+        gx, gy = goal_region(base)
+        (xlo, xhi), (ylo, yhi) = ax.get_xlim(), ax.get_ylim()
+        ylo = min(ylo, 0.9 * gy)
+        ax.fill_between([xlo, gx], ylo, gy, color="tab:green", alpha=0.12, lw=0,
+                        label=f"toxic % halved at <= +{GOAL_PPL_RISE - 1:.0%} ppl")
+        ax.set_xlim(xlo, max(xhi, gx))
+        ax.set_ylim(ylo, yhi)
     ax.set_xlabel("perplexity on the prompts")
     ax.set_ylabel("% toxic continuations")
     ax.set_title("toxicity vs perplexity (labels: KL weight; ProFS: rank)"
