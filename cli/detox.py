@@ -273,7 +273,8 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
         traced = len(read_rows(os.path.join(out, "trace", "results.jsonl"))) if have("trace/results.jsonl") else 0
         units["localize"] = None if n_edit is None else max(n_edit - traced, 0)
     if "edit" in stages:
-        units["edit"] = sum(not os.path.isfile(os.path.join(out, "edits", rid + ".json")) for rid in mine)
+        left = lambda ids: sum(not os.path.isfile(os.path.join(out, "edits", rid + ".json")) for rid in ids)  # noqa
+        units["edit"], units["edit-methods"] = left(grid), left([rid for rid, _, _ in more])
     if "evaluate" in stages:
         evaluated = {r["run"] for r in read_rows(os.path.join(out, "runs.jsonl"))} if have("runs.jsonl") else set()
         units["evaluate"] = sum(rid not in evaluated for rid in ["base"] + mine)

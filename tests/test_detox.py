@@ -587,8 +587,18 @@ def test_plan_counts_only_this_configurations_runs(tmp_path, monkeypatch):
     lines = cli_detox.plan(cfg, None, str(out), ("edit", "evaluate"))
     # this configuration: topk-multi 2 seeds x KL 0, 1 and ct-multi x KL 0, 1 (6), ProFS ranks 1, 2 (2); of them
     # ct-multi KL 1 and rank 1 are edited, and base and ct-multi KL 1 evaluated
-    assert seen == {"edit": 6, "evaluate": 7}
+    assert seen == {"edit": 5, "edit-methods": 1, "evaluate": 7}
     assert lines[1].endswith("each one batched edit of the selected prompts; 1 done earlier"), lines[1]
+    # the deletions and the other methods' runs are extrapolated from their own times: fixed 200 s, then 240 s a
+    # deletion; fixed 20 s, then 10 s a ProFS run
+    from jaxedit.detox import estimate
+
+    cal = {"edit": {"first": 440.0, "first_units": 1, "per_unit": 240.0, "unit_size": 1.0, "date": "2026-12-06"},
+           "edit-methods": {"first": 30.0, "first_units": 1, "per_unit": 10.0, "unit_size": 1.0, "date": "2026-12-06"}}
+    monkeypatch.setattr(estimate, "load_calibration", lambda cfg, setup: cal)
+    line = estimate.estimate_lines(cfg, {"edit": 5, "edit-methods": 1}, "float32")[0]
+    assert line == ("time: ~24 min (edit (deletions) ~23 min, edit (DINM / ProFS) ~30 s; from runs on this machine, "
+                    "2026-12-06)"), line
 
 
 @pytest.mark.slow

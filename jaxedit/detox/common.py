@@ -52,7 +52,7 @@ def diff_keys(a: dict, b: dict) -> list:
 
 
 TIMED_BARS = {"select: sampling": "select", "localize: tracing": "localize", "edit: runs": "edit",
-              "edit: method runs": "edit", "evaluate: runs": "evaluate"}
+              "edit: method runs": "edit-methods", "evaluate: runs": "evaluate"}
 
 
 def stage_bar(total, desc, initial=0, progress=True):

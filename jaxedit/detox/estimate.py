@@ -2,7 +2,8 @@
 
 Each stage's progress bar times its work (:mod:`jaxedit.calibration`): the first unit (a batch of prompts, one edit
 run, one evaluated model), timed from the stage's start (the compile and any set-up, such as the key statistics,
-are in it), and the units after it. When a stage has done work, those times are kept per model, batch size, dtype
+are in it), and the units after it. The edit stage is timed in two parts, the deletion grid's runs and the DINM /
+ProFS runs, whose costs differ by an order of magnitude. When a stage has done work, those times are kept per model, batch size, dtype
 and mesh shape in the jaxedit cache (``<cache>/calibration/detox.json``), with the sizes that set a unit's cost (samples x tokens
 for the sampling stages, noisy samples x kinds for tracing). The plan extrapolates them to the work left:
 
@@ -21,7 +22,11 @@ from jaxedit.detox.config import DetoxConfig
 from jaxedit.model import params_of
 from jaxedit.sharding import mesh_of
 
-STAGES_TIMED = ("select", "localize", "edit", "evaluate")
+STAGES_TIMED = ("select", "localize", "edit", "edit-methods", "evaluate")
+# the edit stage is timed in two parts: the deletion grid's runs (minutes each) and the DINM / ProFS runs (seconds
+# to a minute or two each), so that a plan of one kind is not extrapolated from the other's times
+TIMED_PARTS = {"edit": ("edit", "edit-methods")}
+SHOWN = {"edit": "edit (deletions)", "edit-methods": "edit (DINM / ProFS)"}
 
 
 def unit_size(cfg: DetoxConfig, stage: str) -> float:
@@ -82,7 +87,8 @@ def estimate_lines(cfg: DetoxConfig, units: dict, setup: str = setup_key()) -> l
             unknown.append(stage)
             continue
         total += s
-        parts.append(f"{stage} ~{human(s)}")
+        parts.append(f"{SHOWN.get(stage, stage)} ~{human(s)}")
+    unknown = [SHOWN.get(u, u) for u in unknown]
     if not parts:
         return [f"time: no estimate yet for {', '.join(unknown)} (not measured for {cfg.model} at batch size "
                 f"{cfg.batch_size} ({setup}) on this machine, or sized by an earlier stage)"]

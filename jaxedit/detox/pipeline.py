@@ -59,7 +59,8 @@ def run_study(model, tokenizer, cfg: DetoxConfig, out: str, stages=STAGES, progr
         with runtime.on_interrupt(lambda: add_timing(out, stage, time.perf_counter() - t0, interrupted=True)):
             fns[stage](model, tokenizer, cfg, out, progress=progress)
         add_timing(out, stage, time.perf_counter() - t0)
-        estimate.record(cfg, stage, setup)
+        for timed in estimate.TIMED_PARTS.get(stage, (stage,)):
+            estimate.record(cfg, timed, setup)
 
 
 def add_timing(out: str, stage: str, seconds: float, interrupted: bool = False) -> None:
