@@ -218,7 +218,7 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
     more = plan_method_runs(cfg)
     # this configuration's runs only: a folder may hold runs of other KL weights, strategies or ranks
     mine = grid + [rid for rid, _, _ in more]
-    done = sum(os.path.isfile(os.path.join(out, "edits", rid + ".json")) for rid in grid)
+    done = sum(have(f"edits/{rid}.json") for rid in grid)
     if "edit" in stages and "delete" in cfg.methods:
         lines.append(f"edit: {n_runs} runs ({len(cfg.strategies)} strategies x {len(cfg.objectives)} objectives x "
                      f"{len(cfg.kl_weights)} KL weights; random strategies x {cfg.random_seeds} seeds), each one "
@@ -272,9 +272,9 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
     if "localize" in stages and "delete" in cfg.methods:
         traced = len(read_rows(os.path.join(out, "trace", "results.jsonl"))) if have("trace/results.jsonl") else 0
         units["localize"] = None if n_edit is None else max(n_edit - traced, 0)
-    if "edit" in stages:
-        left = lambda ids: sum(not os.path.isfile(os.path.join(out, "edits", rid + ".json")) for rid in ids)  # noqa
-        units["edit"], units["edit-methods"] = left(grid), left([rid for rid, _, _ in more])
+    if "edit" in stages:  # the deletions and the other methods' runs are timed apart (jaxedit.detox.estimate)
+        units["edit"] = sum(not have(f"edits/{rid}.json") for rid in grid)
+        units["edit-methods"] = sum(not have(f"edits/{rid}.json") for rid, _, _ in more)
     if "evaluate" in stages:
         evaluated = {r["run"] for r in read_rows(os.path.join(out, "runs.jsonl"))} if have("runs.jsonl") else set()
         units["evaluate"] = sum(rid not in evaluated for rid in ["base"] + mine)

@@ -3,9 +3,10 @@
 Each stage's progress bar times its work (:mod:`jaxedit.calibration`): the first unit (a batch of prompts, one edit
 run, one evaluated model), timed from the stage's start (the compile and any set-up, such as the key statistics,
 are in it), and the units after it. The edit stage is timed in two parts, the deletion grid's runs and the DINM /
-ProFS runs, whose costs differ by an order of magnitude. When a stage has done work, those times are kept per model, batch size, dtype
-and mesh shape in the jaxedit cache (``<cache>/calibration/detox.json``), with the sizes that set a unit's cost (samples x tokens
-for the sampling stages, noisy samples x kinds for tracing). The plan extrapolates them to the work left:
+ProFS runs, whose costs differ by an order of magnitude. When a stage has done work, those times are kept per model,
+batch size, dtype and mesh shape in the jaxedit cache (``<cache>/calibration/detox.json``), with the sizes that set
+a unit's cost (samples x tokens for the sampling stages, noisy samples x kinds for tracing). The plan extrapolates
+them to the work left:
 
     estimate = fixed part (the first unit's seconds beyond one unit's: compile, set-up; once per stage)
                + seconds per later unit x units left x (this run's unit size / the measured run's unit size)
