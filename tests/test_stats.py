@@ -156,3 +156,20 @@ def test_stats_modules_cover_what_they_import():
     for name in listed:
         for mod in jaxedit_imports(name):
             assert mod in listed or mod in NOT_COMPUTING, f"{name} imports {mod}: in the key or not?"
+
+
+def test_corpus_key_names_what_fixes_the_texts(tmp_path):
+    """The statistics' cache folder per corpus: model samples by their seed and batch size; a local corpus by its
+    name (made filename-safe) and a hash of its files' paths, sizes and times, so that an edited file is a new key."""
+    keys = {st.corpus_key("model", s, b) for s, b in [(0, 8), (1, 8), (0, 4)]}
+    assert keys == {"model-samples-seed0-b8", "model-samples-seed1-b8", "model-samples-seed0-b4"}
+    f = tmp_path / "My corpus (v2).txt"
+    f.write_text("one text\n")
+    key = st.corpus_key(str(f), 0, 8)
+    assert key.startswith("My_corpus__v2_.txt-") and len(key) == len("My_corpus__v2_.txt-") + 12
+    g = tmp_path / "other.txt"
+    g.write_text("one text\n")
+    assert st.corpus_key(str(g), 0, 8).startswith("other.txt-")
+    f.write_text("one text, edited\n")
+    assert st.corpus_key(str(f), 0, 8) != key
+    assert st.corpus_key("wikitext:wikitext-103-raw-v1", 0, 8) == "wikitext_wikitext-103-raw-v1"
