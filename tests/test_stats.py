@@ -172,4 +172,20 @@ def test_corpus_key_names_what_fixes_the_texts(tmp_path):
     assert st.corpus_key(str(g), 0, 8).startswith("other.txt-")
     f.write_text("one text, edited\n")
     assert st.corpus_key(str(f), 0, 8) != key
-    assert st.corpus_key("wikitext:wikitext-103-raw-v1", 0, 8) == "wikitext_wikitext-103-raw-v1"
+    assert st.corpus_key("Salesforce/wikitext:wikitext-103-raw-v1", 0, 8) == "Salesforce_wikitext_wikitext-103-raw-v1"
+
+
+def test_model_sampled_texts_count_skip_and_starters(tiny_dirs, tokenizer):
+    """The model-sampled corpus: n_samples texts in batches of batch_size (the last one short), each at most max_len
+    tokens and opening with its starter (text i: starter i mod the starters' count); skip drops the first texts
+    and keeps the others as they were (each batch has its own seed)."""
+    model, tok = jaxedit.load(tiny_dirs["gpt2"][0])
+    kw = dict(corpus="model", n_samples=5, max_len=12, batch_size=2)
+    full = list(st.token_batches(model, tok, **kw))
+    assert [len(b) for b in full] == [2, 2, 1]
+    texts = [t for b in full for t in b]
+    for i, t in enumerate(texts):
+        starter = tok(st.SAMPLE_STARTERS[i % len(st.SAMPLE_STARTERS)], add_special_tokens=False)["input_ids"]
+        assert t[:len(starter)] == starter and len(starter) < len(t) <= 12
+    skipped = list(st.token_batches(model, tok, skip=3, **kw))
+    assert [len(b) for b in skipped] == [1, 1] and [t for b in skipped for t in b] == texts[3:]
