@@ -480,7 +480,7 @@ def test_frontier_draws_the_goal_region(tmp_path, monkeypatch):
     assert goal_region(base) == pytest.approx((131.0, 3.75))
     rows = [base, {"strategy": "topk-multi", "objective": "delete", "kl_weight": 1.0, "perplexity_prompts": 160.0,
                    "toxic_rate": 0.05}]
-    kept = []
+    kept, close = [], plt.close
     monkeypatch.setattr(plt, "close", kept.append)
     plot_frontier(rows, str(tmp_path / "frontier"))
     (ax,) = kept[0].axes
@@ -489,6 +489,7 @@ def test_frontier_draws_the_goal_region(tmp_path, monkeypatch):
     xy = region[0].get_paths()[0].vertices
     assert xy[:, 0].max() == pytest.approx(131.0) and xy[:, 1].max() == pytest.approx(3.75)
     assert ax.get_ylim()[0] <= 0.9 * 3.75 and (tmp_path / "frontier.png").exists()
+    close(kept[0])
 
 
 def test_bad_input(tmp_path, tiny_dirs):
