@@ -217,8 +217,9 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
     n_runs = len(grid)
     more = plan_method_runs(cfg)
     # this configuration's runs only: a folder may hold runs of other KL weights, strategies or ranks
-    mine = grid + [rid for rid, _, _ in more]
-    done = sum(have(f"edits/{rid}.json") for rid in grid)
+    method_ids = [rid for rid, _, _ in more]
+    edited_run = lambda rid: have(f"edits/{rid}.json")  # noqa: E731
+    done = sum(map(edited_run, grid))
     if "edit" in stages and "delete" in cfg.methods:
         lines.append(f"edit: {n_runs} runs ({len(cfg.strategies)} strategies x {len(cfg.objectives)} objectives x "
                      f"{len(cfg.kl_weights)} KL weights; random strategies x {cfg.random_seeds} seeds), each one "
@@ -242,7 +243,6 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
                      + (f", {cfg.samples} texts" if cfg.samples else "") + (f" of <= {cfg.max_len} tokens"
                                                                              if cfg.max_len else ""))
     if "edit" in stages and more:
-        have_run = lambda rid: os.path.isfile(os.path.join(out, "edits", rid + ".json"))  # noqa: E731
         for rid, method, st in more:
             if method == "dinm":
                 what = (f"DINM on {edited} edited prompts in turn (safe / unsafe: the prompt's least / most toxic "
@@ -255,7 +255,7 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
                        else "the upper layers" + (f" {default_layers(config.n_layers)[0]}-{config.n_layers - 1}"
                                                   if config is not None else ""))
                 what = f"ProFS rank {st['rank']} from {src}, {lay}"
-            lines.append(f"edit: run {rid}: {what}" + ("; done earlier" if have_run(rid) else ""))
+            lines.append(f"edit: run {rid}: {what}" + ("; done earlier" if edited_run(rid) else ""))
     if "evaluate" in stages:
         facts = len(read_facts(cfg.factual))
         each = (f"{cfg.eval_samples} continuations per edited prompt"
@@ -273,10 +273,10 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
         traced = len(read_rows(os.path.join(out, "trace", "results.jsonl"))) if have("trace/results.jsonl") else 0
         units["localize"] = None if n_edit is None else max(n_edit - traced, 0)
     if "edit" in stages:  # the deletions and the other methods' runs are timed apart (jaxedit.detox.estimate)
-        units["edit"] = sum(not have(f"edits/{rid}.json") for rid in grid)
-        units["edit-methods"] = sum(not have(f"edits/{rid}.json") for rid, _, _ in more)
+        units["edit"] = sum(not edited_run(rid) for rid in grid)
+        units["edit-methods"] = sum(not edited_run(rid) for rid in method_ids)
     if "evaluate" in stages:
         evaluated = {r["run"] for r in read_rows(os.path.join(out, "runs.jsonl"))} if have("runs.jsonl") else set()
-        units["evaluate"] = sum(rid not in evaluated for rid in ["base"] + mine)
+        units["evaluate"] = sum(rid not in evaluated for rid in ["base"] + grid + method_ids)
     lines += estimate_lines(cfg, units, setup)
     return lines
