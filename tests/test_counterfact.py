@@ -402,6 +402,63 @@ def test_hub_name_offline():
     assert msg.startswith("someone/counterfact: no such file") and "hub" in msg and "\n" not in msg
 
 
+def test_hub_records_through_datasets(monkeypatch, tmp_path):
+    """A hub name is read through datasets.load_dataset(NAME, split="train") and checked record by record; a hub
+    failure is one line with the error's type and its first 200 characters, whitespace folded. The datasets package
+    is optional (and the hub is offline here): a stand-in module answers load_dataset."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(JaxeditError) as err:
+        jaxedit.load_counterfact("someone/counterfact")
+    assert str(err.value) == ("someone/counterfact: no such file, and reading it as a hub dataset needs the datasets "
+                              "package (pip install datasets)")
+    datasets = types.ModuleType("datasets")
+    monkeypatch.setitem(sys.modules, "datasets", datasets)
+    calls = []
+
+    def fake_load(*args, **kw):
+        calls.append((args, kw))
+        return [dict(r) for r in ZSRE] if args[0] == "someone/zsre" else [dict(r) for r in RECORDS]
+
+    datasets.load_dataset = fake_load
+    assert jaxedit.load_counterfact("someone/counterfact") == RECORDS
+    assert jaxedit.load_zsre("someone/zsre") == ZSRE
+    assert calls == [(("someone/counterfact",), {"split": "train"}), (("someone/zsre",), {"split": "train"})]
+    datasets.load_dataset = lambda *a, **k: [{"subject": "x"}]
+    with pytest.raises(JaxeditError, match=r"^someone/zsre: record 0: missing field"):
+        jaxedit.load_zsre("someone/zsre")
+
+    def offline(*a, **k):
+        raise ConnectionError("no\n  network " + "x" * 300)
+
+    datasets.load_dataset = offline
+    with pytest.raises(JaxeditError) as err:
+        jaxedit.load_counterfact("someone/counterfact")
+    assert str(err.value) == ("someone/counterfact: no such file, and the hub dataset could not be read "
+                              "(ConnectionError: no network " + "x" * 189 + ")")
+
+
+def test_no_records_and_the_kind_in_messages(tmp_path):
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    for load in (jaxedit.load_counterfact, jaxedit.load_zsre):
+        with pytest.raises(JaxeditError) as err:
+            load(str(empty))
+        assert str(err.value) == f"{empty}: no records"
+        with pytest.raises(JaxeditError) as err:
+            load([])
+        assert str(err.value) == "records: no records"
+    for load, kind in ((jaxedit.load_counterfact, "CounterFact"), (jaxedit.load_zsre, "zsRE")):
+        with pytest.raises(JaxeditError) as err:
+            load(str(tmp_path))
+        assert str(err.value) == f"{tmp_path} is a directory, not a {kind} JSON file"
+        with pytest.raises(JaxeditError) as err:
+            load(3)
+        assert str(err.value) == f"{kind} records must be a file path or a list of dicts, not int"
+
+
 def test_demo_set():
     recs = jaxedit.load_counterfact("demo")
     assert 20 <= len(recs) <= 30
@@ -419,6 +476,14 @@ def test_format_summary():
     head, vals = table.splitlines()
     assert head.split() == ["efficacy", "generalization", "specificity", "fluency"]
     assert vals.split() == ["50.0", "25.0", "100.0", "620.0"]
+    # every column, its short name, the title and the right-aligned widths, written out by hand
+    full = {"efficacy": 0.5, "generalization": 0.25, "specificity": 1.0, "efficacy_magnitude": 0.123,
+            "generalization_magnitude": -0.05, "specificity_magnitude": 0.9, "score": 10.0, "fluency": 6.2,
+            "consistency": 0.1}
+    assert editing.format_summary(full, title="after 10 edits").splitlines() == [
+        "after 10 edits",
+        "efficacy  generalization  specificity  eff. mag.  gen. mag.  spec. mag.   score  fluency  consistency",
+        "    50.0            25.0        100.0       12.3       -5.0        90.0  1000.0    620.0         10.0"]
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 hand computation, toxicity scorers (the Hugging Face classifier vs torch; the checks on what a scorer returns),
 and the toxic rate vs counting by hand."""
 import math
+import os
 
 import numpy as np
 import pytest
@@ -121,6 +122,78 @@ def test_hf_classifier_scorer_equals_torch(tmp_path, tokenizer):
         assert g == pytest.approx(float(p[1]), abs=1e-5)
     with pytest.raises(JaxeditError, match="no label"):
         jaxedit.toxicity_scores(["x"], scorer=f"hf:{tmp_path}#insult")
+
+
+@pytest.mark.parametrize("head", ["multi-label", "one-logit"])
+def test_hf_classifier_sigmoid_heads_truncation_and_names(tmp_path, tokenizer, head):
+    """Multi-label and single-logit heads score with a sigmoid; texts are cut to max_length tokens; a tokenizer without
+    a pad token pads with its end token; the scorer's name and batch size are the ones asked for."""
+    import copy
+
+    import transformers
+
+    from jaxedit.evaluate.toxicity import hf_scorer
+
+    torch.manual_seed(1)
+    labels = {0: "toxic", 1: "insult", 2: "obscene"} if head == "multi-label" else {0: "LABEL_0"}
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=64, vocab_size=len(tokenizer),
+                                  num_labels=len(labels), id2label=labels, label2id={v: k for k, v in labels.items()},
+                                  pad_token_id=tokenizer.eos_token_id,
+                                  problem_type="multi_label_classification" if head == "multi-label" else None)
+    clf = transformers.GPT2ForSequenceClassification(cfg).eval()
+    clf.save_pretrained(tmp_path)
+    tok = copy.deepcopy(tokenizer)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    label = "insult" if head == "multi-label" else None
+    idx = 1 if head == "multi-label" else 0
+    scorer = hf_scorer(str(tmp_path), label=label, batch_size=2, max_length=6)
+    assert scorer.name == f"hf:{os.path.abspath(tmp_path)}" + ("#insult" if label else "")
+    assert scorer.batch_size == 2
+    texts = [TEXTS[0], TEXTS[1], TEXTS[3]]  # 22, 16 and 1 tokens: two cut to 6, a batch padded
+    got = scorer(texts)
+    for text, g in zip(texts, got):
+        ids = torch.tensor([tokenizer(text)["input_ids"][:6]])
+        with torch.no_grad():
+            p = torch.sigmoid(clf(ids).logits[0].double())
+        assert g == pytest.approx(float(p[idx]), abs=1e-5)
+
+
+def test_toxic_label_of_a_classifier():
+    """Which output of a Hugging Face classifier is "toxic": the one named with #LABEL (by name or index), else the
+    only label naming toxicity (not "non-toxic"/"not toxic"), else the higher of two."""
+    from types import SimpleNamespace
+
+    from jaxedit.evaluate.toxicity import _toxic_label
+
+    def label(id2label, name=None):
+        return _toxic_label(SimpleNamespace(id2label=id2label), name)
+
+    assert label({0: "non-toxic", 1: "toxic"}) == 1 and label({0: "toxic", 1: "non-toxic"}) == 0
+    assert label({"0": "Toxic", "1": "not toxic"}) == 0
+    assert label({0: "LABEL_0", 1: "LABEL_1"}) == 1 and label({}) == 0 and label(None) == 0
+    three = {0: "toxic", 1: "insult", 2: "obscene"}
+    assert label(three, "insult") == 1 and label(three, "2") == 2 and label(three) == 0
+    with pytest.raises(JaxeditError) as err:
+        label(three, "threat")
+    assert str(err.value) == "the classifier has no label 'threat' (labels: toxic, insult, obscene)"
+    with pytest.raises(JaxeditError, match="cannot tell which of the labels neutral, insult, obscene is the toxic"):
+        label({0: "neutral", 1: "insult", 2: "obscene"})
+
+
+def test_hf_scorer_errors(tmp_path, monkeypatch):
+    import sys
+
+    from jaxedit.evaluate.toxicity import hf_scorer
+
+    with pytest.raises(JaxeditError) as err:
+        hf_scorer(str(tmp_path))
+    assert str(err.value) == f"no classifier checkpoint at {tmp_path} (expected a folder with config.json)"
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setitem(sys.modules, "torch", None)  # torch not installed
+    with pytest.raises(JaxeditError) as err:
+        hf_scorer(str(tmp_path))
+    assert str(err.value) == "Hugging Face classifier scorers need torch (pip install torch, or jaxedit[torch])"
 
 
 def test_toxic_rate_counts_scored_continuations(tiny_dirs, tokenizer):
