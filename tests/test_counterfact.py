@@ -340,6 +340,71 @@ def test_generation_fluency_and_consistency(models, tokenizer, tmp_path):
         jaxedit.counterfact_eval(model, RECORDS, tokenizer, generation=True, snippets=snippets[:2], max_out_len=20)
 
 
+def test_generate_texts_greedy_equals_torch(models, tokenizer):
+    """generate_texts with top_k=1 is greedy decoding: every prompt continued to max_out_len tokens in all, equal to
+    a torch argmax loop; an empty prompt starts from token 0 (this tokenizer has no BOS); no room is an error. The
+    defaults are MEMIT's (100 tokens, top-5)."""
+    import inspect
+
+    model, hf = models["gpt2"]
+    prompts = ["The Eiffel Tower is", "Miles Davis plays the trumpet and", "", "Paris\n\nis"]
+    got = editing.generate_texts(model, tokenizer, prompts, max_out_len=14, top_k=1)
+    assert tokenizer.bos_token_id is None
+    for prompt, text in zip(prompts, got):
+        ids = list(tokenizer(prompt)["input_ids"]) or [0]
+        while len(ids) < 14:
+            with torch.no_grad():
+                ids.append(int(hf(torch.tensor([ids])).logits[0, -1].argmax()))
+        want = tokenizer.decode(ids, skip_special_tokens=True)
+        assert text == want.replace("\n\n", " ") and "\n" not in text
+    assert got[3].startswith("Paris is")
+    sampled = editing.generate_texts(model, tokenizer, prompts[:2] * 4, max_out_len=12, top_k=5, seed=3)
+    assert len(set(sampled)) > 2  # top-5 draws differ between rows
+    assert editing.generate_texts(model, tokenizer, prompts[:2] * 4, max_out_len=12, top_k=5, seed=3) == sampled
+    assert editing.generate_texts(model, tokenizer, prompts[:2] * 4, max_out_len=12, top_k=5, seed=4) != sampled
+    n = len(tokenizer(prompts[1])["input_ids"])
+    with pytest.raises(JaxeditError) as err:
+        editing.generate_texts(model, tokenizer, prompts[1:2], max_out_len=n)
+    assert str(err.value) == f"max_out_len {n} leaves no room after prompts of {n} tokens"
+    defaults = inspect.signature(editing.generate_texts).parameters
+    assert (defaults["max_out_len"].default, defaults["top_k"].default) == (100, 5)
+
+
+def test_read_snippets_and_idf_files(tmp_path):
+    """MEMIT's attribute snippets from a file (its list form) or the nested dict; the IDF files from a folder or a
+    pair of paths; each malformed input a one-line error naming it."""
+    rows = [{"relation_id": "P131", "target_id": "Q5083", "samples": [{"name": "a", "text": "Seattle rain"}]},
+            {"relation_id": "P131", "target_id": "Q5083", "samples": [{"name": "b", "text": "the Space Needle"}]},
+            {"relation_id": 17, "target_id": 3, "samples": []}]
+    f = tmp_path / "attribute_snippets.json"
+    f.write_text(json.dumps(rows))
+    want = {"P131": {"Q5083": ["Seattle rain", "the Space Needle"]}, "17": {"3": []}}
+    assert editing.read_snippets(str(f)) == want and editing.read_snippets(rows) == want
+    assert editing.read_snippets({"P1": {"Q2": ["plain text", {"text": "an object"}]}}) == \
+        {"P1": {"Q2": ["plain text", "an object"]}}
+    for bad, msg in ((str(tmp_path / "missing.json"), f"{tmp_path / 'missing.json'}: no such file"),
+                     ([{"relation_id": "P1", "target_id": "Q1"}],
+                      'snippets entry 0: needs "relation_id", "target_id" and "samples"'),
+                     ([rows[0], "text"], 'snippets entry 1: needs "relation_id", "target_id" and "samples"'),
+                     (3, "snippets must be a path, a list or a dict, not int")):
+        with pytest.raises(JaxeditError) as err:
+            editing.read_snippets(bad)
+        assert str(err.value) == msg
+    (tmp_path / "broken.json").write_text('[{"relation_id": 1,\n ]')
+    with pytest.raises(JaxeditError, match=r"^.*broken\.json:2: not valid JSON \("):
+        editing.read_snippets(str(tmp_path / "broken.json"))
+
+    np.save(tmp_path / "idf.npy", np.array([1.0, 2.0]))
+    (tmp_path / "tfidf_vocab.json").write_text(json.dumps({"paris": 0, "seattle": 1}))
+    for where in (str(tmp_path), (str(tmp_path / "idf.npy"), str(tmp_path / "tfidf_vocab.json"))):
+        t = editing.Tfidf.from_files(where)
+        assert t.vocab == {"paris": 0, "seattle": 1} and t.idf.tolist() == [1.0, 2.0]
+    with pytest.raises(JaxeditError) as err:
+        editing.Tfidf.from_files((str(tmp_path / "none.npy"), str(tmp_path / "tfidf_vocab.json")))
+    assert str(err.value) == (f"{tmp_path / 'none.npy'}: no such file (consistency's IDF needs idf.npy and "
+                              f"tfidf_vocab.json)")
+
+
 def test_tfidf_by_hand():
     vec = editing.Tfidf.fit(["a paris paris", "paris rome"])  # one-letter words are not terms
     assert vec.vocab == {"paris": 0, "rome": 1}

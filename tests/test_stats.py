@@ -175,6 +175,49 @@ def test_corpus_key_names_what_fixes_the_texts(tmp_path):
     assert st.corpus_key("Salesforce/wikitext:wikitext-103-raw-v1", 0, 8) == "Salesforce_wikitext_wikitext-103-raw-v1"
 
 
+def test_dataset_corpus_through_datasets(monkeypatch):
+    """A datasets corpus NAME[:CONFIG] is streamed from load_dataset(NAME, CONFIG or None, split="train",
+    streaming=True); rows without text are skipped; failures are one line naming the corpus and the way out."""
+    import sys
+    import types
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    with pytest.raises(JaxeditError) as err:
+        list(st._dataset_texts("wikitext:wikitext-2-raw-v1"))
+    assert str(err.value) == (
+        "corpus 'wikitext:wikitext-2-raw-v1' is a datasets name, and the datasets package is not installed (pip "
+        "install datasets); or use a local .txt/.jsonl corpus, or the corpus \"model\" (text sampled from the model; "
+        "works offline; on the command line: --corpus model)")
+    datasets = types.ModuleType("datasets")
+    monkeypatch.setitem(sys.modules, "datasets", datasets)
+    calls = []
+
+    def load_dataset(*args, **kw):
+        calls.append((args, kw))
+        return [{"text": "first"}, {"text": ""}, {"text": "  \n"}, {"title": "no text"}, {"text": "last"}]
+
+    datasets.load_dataset = load_dataset
+    assert list(st._dataset_texts("wikitext:wikitext-2-raw-v1")) == ["first", "last"]
+    assert list(st._dataset_texts("c4")) == ["first", "last"]
+    assert calls == [(("wikitext", "wikitext-2-raw-v1"), {"split": "train", "streaming": True}),
+                     (("c4", None), {"split": "train", "streaming": True})]
+    datasets.load_dataset = lambda *a, **k: iter([{"text": "only"}])
+    assert list(st._dataset_texts("c4")) == ["only"]
+
+    for exc, shown in ((ConnectionError("offline\nsecond line"), "offline"), (ValueError(), "ValueError")):
+        def failing(*a, exc=exc, **k):
+            raise exc
+        datasets.load_dataset = failing
+        with pytest.raises(JaxeditError) as err:
+            list(st._dataset_texts("c4"))
+        assert str(err.value) == (f"cannot reach corpus 'c4' ({shown}); use a local .txt/.jsonl corpus, or the corpus "
+                                  f"\"model\" (text sampled from the model itself; works offline; on the command line: "
+                                  f"--corpus model)")
+    datasets.load_dataset = lambda *a, **k: iter([])  # an empty split: next() raises StopIteration
+    with pytest.raises(JaxeditError, match=r"^cannot reach corpus 'c4' \(StopIteration\)"):
+        list(st._dataset_texts("c4"))
+
+
 def test_model_sampled_texts_count_skip_and_starters(tiny_dirs, tokenizer):
     """The model-sampled corpus: n_samples texts in batches of batch_size (the last one short), each at most max_len
     tokens and opening with its starter (text i: starter i mod the starters' count); skip drops the first texts
