@@ -394,11 +394,14 @@ def test_read_snippets_and_idf_files(tmp_path):
     with pytest.raises(JaxeditError, match=r"^.*broken\.json:2: not valid JSON \("):
         editing.read_snippets(str(tmp_path / "broken.json"))
 
-    np.save(tmp_path / "idf.npy", np.array([1.0, 2.0]))
+    np.save(tmp_path / "idf.npy", np.array([1.0, 2.0], np.float32))
     (tmp_path / "tfidf_vocab.json").write_text(json.dumps({"paris": 0, "seattle": 1}))
     for where in (str(tmp_path), (str(tmp_path / "idf.npy"), str(tmp_path / "tfidf_vocab.json"))):
-        t = editing.Tfidf.from_files(where)
-        assert t.vocab == {"paris": 0, "seattle": 1} and t.idf.tolist() == [1.0, 2.0]
+        t = editing.Tfidf.from_files(where)  # weights in float64 whatever the file holds, as scikit-learn's
+        assert t.vocab == {"paris": 0, "seattle": 1} and t.idf.tolist() == [1.0, 2.0] and t.idf.dtype == np.float64
+    with pytest.raises(JaxeditError) as err:
+        editing.Tfidf({"paris": 0, "seattle": 1, "rome": 2}, [1.0, 2.0])
+    assert str(err.value) == "IDF has 2 weights for a vocabulary of 3 terms"
     with pytest.raises(JaxeditError) as err:
         editing.Tfidf.from_files((str(tmp_path / "none.npy"), str(tmp_path / "tfidf_vocab.json")))
     assert str(err.value) == (f"{tmp_path / 'none.npy'}: no such file (consistency's IDF needs idf.npy and "

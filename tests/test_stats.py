@@ -175,6 +175,30 @@ def test_corpus_key_names_what_fixes_the_texts(tmp_path):
     assert st.corpus_key("Salesforce/wikitext:wikitext-103-raw-v1", 0, 8) == "Salesforce_wikitext_wikitext-103-raw-v1"
 
 
+def test_cached_elsewhere_picks_the_most_texts(tmp_path):
+    """The statistics of another corpus that hold every asked layer at the asked precision, with the most texts
+    (then the longest), from the cache's file names; the excluded corpus, stray files and partial sets are passed."""
+    def put(key, layers, n, t, precision="float32"):
+        (tmp_path / key).mkdir(exist_ok=True)
+        for l in layers:
+            (tmp_path / key / f"layer{l}-n{n}-t{t}-{precision}.npz").write_bytes(b"")
+
+    put("aaa", [0, 1], 50, 16)  # excluded below
+    (tmp_path / "bbb").write_text("a file, not a corpus folder")
+    put("ccc", [0, 1], 10, 16)
+    (tmp_path / "ccc" / "notes.txt").write_text("")
+    put("ddd", [0, 1], 20, 8)
+    put("eee", [0], 100, 16)  # layer 1 missing
+    put("fff", [0, 1], 20, 8)  # a tie with ddd: the first keeps it
+    put("ggg", [0, 1], 1000, 16, "float64")  # another precision
+    assert st.cached_elsewhere(str(tmp_path), [0, 1], "float32", exclude="aaa") == ("ddd", 20, 8)
+    assert st.cached_elsewhere(str(tmp_path), [0, 1], "float32") == ("aaa", 50, 16)
+    assert st.cached_elsewhere(str(tmp_path), [0], "float32", exclude="aaa") == ("eee", 100, 16)
+    assert st.cached_elsewhere(str(tmp_path), [0, 1], "float64") == ("ggg", 1000, 16)
+    assert st.cached_elsewhere(str(tmp_path), [2], "float32") is None
+    assert st.cached_elsewhere(str(tmp_path / "none"), [0], "float32") is None
+
+
 def test_dataset_corpus_through_datasets(monkeypatch):
     """A datasets corpus NAME[:CONFIG] is streamed from load_dataset(NAME, CONFIG or None, split="train",
     streaming=True); rows without text are skipped; failures are one line naming the corpus and the way out."""
