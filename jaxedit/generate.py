@@ -257,7 +257,9 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], new_tokens: int, *,
 
 def generate(model, tokenizer, prompts: Sequence[str], new_tokens: int, *, top_k: Optional[int] = 5, seed: int = 0,
              temperature: float = 1.0) -> list:
-    """Sample continuations of text prompts; returns the decoded texts, prompt included."""
-    ids = [tokenizer(p, add_special_tokens=False)["input_ids"] or [tokenizer.bos_token_id or 0] for p in prompts]
+    """Sample continuations of text prompts (top-k at ``temperature``); returns the decoded texts, prompt included.
+    Prompts are tokenized as the tokenizer does by default (a LLaMA tokenizer's BOS included), as in
+    :func:`sample_texts`; an empty prompt starts from BOS (or token 0)."""
+    ids = [list(tokenizer(p)["input_ids"]) or [tokenizer.bos_token_id or 0] for p in prompts]
     out = generate_ids(model, ids, new_tokens, top_k=top_k, seed=seed, temperature=temperature)
     return [tokenizer.decode(o, skip_special_tokens=True) for o in out]

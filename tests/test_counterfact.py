@@ -16,7 +16,7 @@ from jaxedit.errors import JaxeditError
 from jaxedit.evaluate import editing
 from jaxedit.evaluate.metrics import ngram_entropy
 
-from tiny_models import build_hf_model
+from tiny_models import bos_tokenizer, build_hf_model
 
 # facts in the tiny tokenizer's vocabulary (its corpus: the Eiffel Tower, Paris, Seattle, Miles Davis, Apple...)
 RECORDS = [
@@ -228,18 +228,6 @@ def test_zsre_alt_target(models, tokenizer):
         jaxedit.zsre_eval(model, ZSRE, tokenizer, target="rephrase")
 
 
-def bos_tokenizer(tokenizer):
-    """The tiny tokenizer with a BOS token it adds in front of every text (as LLaMA's tokenizers do)."""
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-
-    tk = copy.deepcopy(tokenizer.backend_tokenizer)
-    bos = tk.token_to_id("<|endoftext|>")
-    tk.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>")
-
-
 def test_bos_tokenizer(models, tokenizer):
     """With a tokenizer that adds BOS: the prompt starts with BOS and the target has none (MEMIT's tokenization of
     " target" with the defaults would put a BOS into it)."""
@@ -417,6 +405,7 @@ def test_tfidf_by_hand():
     assert vec.cosine("Paris Rome", "paris.") == pytest.approx(1 / math.hypot(1, w))
     assert vec.cosine("Rome rome", "ROME") == pytest.approx(1.0)
     assert vec.cosine("unknown words", "paris") == 0.0
+    np.testing.assert_allclose(vec.vector("Paris rome, paris!"), np.array([2, w]) / math.hypot(2, w))
 
 
 # ---- readers ----

@@ -207,3 +207,31 @@ def test_toxic_rate_counts_scored_continuations(tiny_dirs, tokenizer):
     assert rate == sum(min(1.0, c.count("e") / 4) > 0.5 for c in flat) / 8
     assert rate == jaxedit.toxic_rate(model, prompts, tokenizer=tokenizer, samples=4, max_new_tokens=6, seed=2,
                                       scorer=scorer, threshold=0.5)
+
+
+def test_toxic_rate_options_and_defaults(tiny_dirs, tokenizer):
+    """The continuations are sample_texts' with the options given (defaults: 10 samples of 20 tokens, seed 0,
+    nucleus 0.9, temperature 1, the profanity scorer); a score equal to the threshold is not toxic; a single
+    prompt string is a list of one; no tokenizer or no prompts are errors."""
+    from jaxedit.generate import sample_texts
+
+    model, _ = jaxedit.load(tiny_dirs["llama-mha-tied"][0])
+    prompts = ["The Eiffel Tower is", "Miles Davis"]
+    _, conts, scores = jaxedit.toxic_rate(model, prompts, tokenizer=tokenizer, return_details=True)
+    assert conts == sample_texts(model, tokenizer, prompts, 20, samples=10, seed=0, top_p=0.9, temperature=1.0)
+    np.testing.assert_array_equal(scores, jaxedit.toxicity_scores([c for r in conts for c in r]).reshape(2, 10))
+    _, conts, _ = jaxedit.toxic_rate(model, prompts, tokenizer=tokenizer, samples=3, max_new_tokens=5, seed=4,
+                                     top_p=0.5, temperature=0.7, return_details=True)
+    assert conts == sample_texts(model, tokenizer, prompts, 5, samples=3, seed=4, top_p=0.5, temperature=0.7)
+    assert conts != sample_texts(model, tokenizer, prompts, 5, samples=3, seed=4, top_p=0.9, temperature=0.7)
+    assert conts != sample_texts(model, tokenizer, prompts, 5, samples=3, seed=4, top_p=0.5, temperature=1.0)
+    half = lambda texts: [0.5, 0.75, 0.75][: len(texts)] + [0.25] * (len(texts) - 3)
+    rate = jaxedit.toxic_rate(model, prompts[0], tokenizer=tokenizer, samples=4, max_new_tokens=3, scorer=half)
+    assert rate == 0.5  # 0.5 is not above the default threshold 0.5; 0.75 is (the profanity scorer: 0.25 here)
+    assert rate == jaxedit.toxic_rate(model, prompts[:1], tokenizer=tokenizer, samples=4, max_new_tokens=3,
+                                      scorer=half)
+    for kw, msg in ((dict(prompts=prompts), "toxic_rate needs a tokenizer"),
+                    (dict(prompts=[], tokenizer=tokenizer), "toxic_rate of no prompts")):
+        with pytest.raises(JaxeditError) as err:
+            jaxedit.toxic_rate(model, **kw)
+        assert str(err.value) == msg

@@ -44,6 +44,25 @@ def test_sampling_is_seeded_and_respects_top_k(tiny_dirs, tokenizer):
     assert texts[0].startswith("The") and texts[1].startswith("Miles")
 
 
+def test_generate_is_generate_ids_decoded(tiny_dirs, tokenizer):
+    """generate() tokenizes as the tokenizer does by default (BOS first with a tokenizer that adds it), passes its
+    options (defaults: top-5, seed 0, temperature 1) to generate_ids and decodes without special tokens."""
+    from tiny_models import bos_tokenizer
+
+    model, _ = jaxedit.load(tiny_dirs["llama-mha-tied"][0])
+    prompts = ["The", "Miles Davis", "", "The Eiffel Tower is in", "Paris", "Apple", "music", "Seattle"]
+    bos = bos_tokenizer(tokenizer)
+    for tok in (tokenizer, bos):
+        ids = [list(tok(p)["input_ids"]) or [0] for p in prompts]
+        decoded = lambda out: [tok.decode(o, skip_special_tokens=True) for o in out]  # noqa: E731
+        want = decoded(generate_ids(model, ids, 8, top_k=5, seed=0, temperature=1.0))
+        assert generate(model, tok, prompts, 8) == want
+        opts = dict(top_k=2, seed=3, temperature=0.5)
+        assert generate(model, tok, prompts, 8, **opts) == decoded(generate_ids(model, ids, 8, **opts))
+    assert bos("The")["input_ids"][0] == bos.bos_token_id
+    assert generate(model, bos, prompts, 8) != generate(model, tokenizer, prompts, 8)  # BOS changes the samples
+
+
 def test_generate_errors(tiny_dirs):
     model, _ = jaxedit.load(tiny_dirs["gpt2"][0])
     with pytest.raises(JaxeditError):

@@ -41,6 +41,20 @@ TINY_CONFIGS = {
 }
 
 
+def bos_tokenizer(tokenizer):
+    """The tiny tokenizer with a BOS token it adds in front of every text (as LLaMA's tokenizers do)."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tk = copy.deepcopy(tokenizer.backend_tokenizer)
+    bos = tk.token_to_id("<|endoftext|>")
+    tk.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                   pad_token="<|endoftext|>")
+
+
 def build_hf_model(name: str, seed: int = 0, init_std: float = 0.02):
     spec = dict(TINY_CONFIGS[name], initializer_range=init_std)
     kind = spec.pop("kind")
