@@ -181,6 +181,19 @@ def test_toxic_label_of_a_classifier():
         label({0: "neutral", 1: "insult", 2: "obscene"})
 
 
+def test_profanity_scorer_name_and_missing_package(monkeypatch):
+    import sys
+
+    from jaxedit.evaluate.toxicity import _profanity
+
+    s = _profanity()
+    assert s.name == "profanity" and get_scorer("profanity").name == "profanity"
+    monkeypatch.setitem(sys.modules, "profanity_check", None)  # not installed
+    with pytest.raises(JaxeditError) as err:
+        _profanity()
+    assert str(err.value) == "the default scorer needs the alt-profanity-check package (pip install alt-profanity-check)"
+
+
 def test_hf_scorer_errors(tmp_path, monkeypatch):
     import sys
 

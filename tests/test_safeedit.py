@@ -141,7 +141,7 @@ def test_evaluate_given_answers_and_summarize_hand_counts(models):
     assert summary["fluency"] == pytest.approx(np.mean([np.mean([hand_fluency(a) for a in row]) for row in answers]))
     assert summary["retention"] == pytest.approx(62.5)
     assert "retention" not in se.summarize(recs)
-    with pytest.raises(JaxeditError, match="no evaluated cases"):
+    with pytest.raises(JaxeditError, match="^no evaluated cases to summarize$"):
         se.summarize([])
 
 
@@ -161,3 +161,31 @@ def test_answer_argmax_and_retention_match_torch(models, tokenizer):
         assert se.retention(model, [edited, model], tok, CASES, suffix) == pytest.approx([want[0], 1.0], abs=1e-12)
         fractions += want
     assert any(0 < f < 1 for f in fractions)  # some argmaxes kept, some changed
+
+
+def test_case_files_with_their_lines(tmp_path):
+    """SafeEdit files as a JSON array (each case at the line where it starts) or JSONL (blank lines skipped, each
+    case at its line), and their errors as FILE:LINE."""
+    from jaxedit.evaluate.safeedit import _items_with_lines
+
+    arr = tmp_path / "cases.json"
+    arr.write_text('\n  [ {"a": 1},\n\n  {"b": [1,\n 2]} ,{"c": 3}\n]\n')
+    assert _items_with_lines(str(arr)) == [(2, {"a": 1}), (4, {"b": [1, 2]}), (5, {"c": 3})]
+    (tmp_path / "none.json").write_text(" [ ] ")
+    assert _items_with_lines(str(tmp_path / "none.json")) == []
+    jl = tmp_path / "cases.jsonl"
+    jl.write_text('{"a": 1}\n\n   \n{"b": 2}\n')
+    assert _items_with_lines(str(jl)) == [(1, {"a": 1}), (4, {"b": 2})]
+    bad = {"latin1.json": (b"[\xe9]", "not UTF-8 text (invalid continuation byte)"),
+           "blank.json": (b" \n\t\r\n", "empty file"),
+           "rows.jsonl": (b'{"a": 1}\n\n{"b": }\n', "3: not valid JSON (Expecting value at column 7)"),
+           "nocomma.json": (b'[{"a": 1}\n {"b": 2}]', "2: expected ',' or ']' between cases"),
+           "open.json": (b'[{"a": 1},\n', "2: not valid JSON (Expecting value at column 1)"),
+           "cut.json": (b'[{"a": 1}', "1: expected ',' or ']' between cases"),
+           "cut2.json": (b'[{"a": 1}\n\n', "2: expected ',' or ']' between cases"),  # at the last character
+           "stray.json": (b'[{"a": 1} X]', "1: expected ',' or ']' between cases")}
+    for name, (data, msg) in bad.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(JaxeditError) as err:
+            _items_with_lines(str(tmp_path / name))
+        assert str(err.value) == f"{tmp_path / name}{':' if msg[0].isdigit() else ': '}{msg}", name

@@ -199,6 +199,30 @@ def test_cached_elsewhere_picks_the_most_texts(tmp_path):
     assert st.cached_elsewhere(str(tmp_path / "none"), [0], "float32") is None
 
 
+def test_local_corpus_files_and_texts(tmp_path):
+    """A local corpus: a .txt/.jsonl file or a folder of them (sorted; other files ignored); .txt lines stripped and
+    blank ones skipped, .jsonl rows' "text" (blank ones skipped); a bad row is FILE:LINE."""
+    d = tmp_path / "corpus"
+    d.mkdir()
+    (d / "b.txt").write_text("  first line  \n\n\tsecond\n")
+    (d / "a.jsonl").write_text('{"text": "json one"}\n\n{"text": "  "}\n{"text": "", "x": 1}\n{"text": "json two"}\n')
+    (d / "c.md").write_text("not a corpus file\n")
+    files = st._local_files(str(d))
+    assert files == [str(d / "a.jsonl"), str(d / "b.txt")]
+    assert st._local_files(str(d / "b.txt")) == [str(d / "b.txt")]
+    assert list(st._file_texts(files)) == ["json one", "json two", "first line", "second"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(JaxeditError) as err:
+        st._local_files(str(tmp_path / "empty"))
+    assert str(err.value) == f"corpus folder {tmp_path / 'empty'} holds no .txt or .jsonl file"
+    for row in ('["a list"]', '{"title": "no text"}', "not json"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"text": "fine"}\n\n' + row + "\n")
+        with pytest.raises(JaxeditError) as err:
+            list(st._file_texts([str(bad)]))
+        assert str(err.value) == f'{bad}:3: expected a JSON object with a "text" field'
+
+
 def test_dataset_corpus_through_datasets(monkeypatch):
     """A datasets corpus NAME[:CONFIG] is streamed from load_dataset(NAME, CONFIG or None, split="train",
     streaming=True); rows without text are skipped; failures are one line naming the corpus and the way out."""
