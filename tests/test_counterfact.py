@@ -228,6 +228,20 @@ def test_zsre_alt_target(models, tokenizer):
         jaxedit.zsre_eval(model, ZSRE, tokenizer, target="rephrase")
 
 
+def test_zsre_eval_case_ids_and_errors(models, tokenizer):
+    model = models["gpt2"][0]
+    records = [dict(ZSRE[0], case_id=7), ZSRE[1]]
+    assert [r["case_id"] for r in jaxedit.zsre_eval(model, records, tokenizer)["rows"]] == [7, 1]
+    no_alt = [ZSRE[0], {k: v for k, v in ZSRE[1].items() if k != "alt"}]
+    for args, kw, msg in (((ZSRE, None), {}, "zsre_eval needs a tokenizer (jaxedit.load returns it with the model)"),
+                          (([], tokenizer), {}, "no zsRE records"),
+                          ((3, tokenizer), {}, "zsRE records must be a file path or a list of dicts, not int"),
+                          ((no_alt, tokenizer), dict(target="alt"), 'record 1: missing field "alt" (the target)')):
+        with pytest.raises(JaxeditError) as err:
+            jaxedit.zsre_eval(model, *args, **kw)
+        assert str(err.value) == msg
+
+
 def test_bos_tokenizer(models, tokenizer):
     """With a tokenizer that adds BOS: the prompt starts with BOS and the target has none (MEMIT's tokenization of
     " target" with the defaults would put a BOS into it)."""

@@ -189,3 +189,39 @@ def test_case_files_with_their_lines(tmp_path):
         with pytest.raises(JaxeditError) as err:
             _items_with_lines(str(tmp_path / name))
         assert str(err.value) == f"{tmp_path / name}{':' if msg[0].isdigit() else ': '}{msg}", name
+
+
+class WordTok:
+    """Words to ids ("zzz" is dropped: it tokenizes to nothing); special tokens: a BOS id 0 in front, if ``bos``."""
+
+    def __init__(self, bos=True):
+        self.vocab, self.bos = {}, bos
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [self.vocab.setdefault(w, len(self.vocab) + 1) for w in text.split() if w != "zzz"]
+        return {"input_ids": ([0] if add_special_tokens and self.bos else []) + ids}
+
+
+def test_check_texts_refuses_what_dinm_would(monkeypatch):
+    """Blank, empty or token-less responses and prompts, and responses (not the unsafe one) of max_len tokens or
+    more (counted without special tokens, after a space), each named by case and field."""
+    import dataclasses
+
+    case = dataclasses.replace(se.read_cases(CASES[:1])[0], where="f.json:3", safe="one two three",
+                               unsafe="four five six seven", kc_answer="eight")
+    tok = WordTok()
+    se.check_texts([case], tok, max_len=4)  # 3 tokens fit 4 positions; the unsafe response is not checked
+    se.check_texts([case], None, max_len=1)  # lengths need a tokenizer
+    se.check_texts([dataclasses.replace(case, prompt="zzz")], tok)  # BOS alone is a token
+    se.check_texts([dataclasses.replace(case, prompt="zzz")], WordTok(bos=False), suffix="Answer:")
+    for change, kw, msg in (
+            (dict(safe="   "), dict(tokenizer=None), '"safe generation" is blank'),
+            (dict(unsafe=""), dict(tokenizer=tok), '"unsafe generation" is empty'),
+            (dict(unsafe="zzz"), dict(tokenizer=tok), '"unsafe generation" tokenizes to no tokens'),
+            (dict(kc_answer="zzz zzz"), dict(tokenizer=tok), '"knowledge constrain answer" tokenizes to no tokens'),
+            ({}, dict(tokenizer=tok, max_len=3), '"safe generation" has 3 tokens; the model takes 3'),
+            (dict(prompt="zzz"), dict(tokenizer=WordTok(bos=False)), "the prompt tokenizes to no tokens"),
+            (dict(kc_prompt="zzz"), dict(tokenizer=WordTok(bos=False)), "the prompt tokenizes to no tokens")):
+        with pytest.raises(JaxeditError) as err:
+            se.check_texts([dataclasses.replace(case, **change)], **kw)
+        assert str(err.value) == f"f.json:3: {msg}"
