@@ -228,6 +228,25 @@ def test_zsre_alt_target(models, tokenizer):
         jaxedit.zsre_eval(model, ZSRE, tokenizer, target="rephrase")
 
 
+def test_check_zsre_by_hand():
+    ok = dict(ZSRE[0])
+    assert editing.check_zsre(ok, "r") is ok
+    alt_only = {k: v for k, v in ok.items() if k != "answers"}
+    assert editing.check_zsre(alt_only, "r") is alt_only
+    no_target = {k: v for k, v in alt_only.items() if k != "alt"}
+    for bad, msg in (("text", "a record must be a JSON object, not str"),
+                     (no_target, 'missing field "answers" (or "alt")'),
+                     (dict(ok, answers="Paris"), 'field "answers" must be a non-empty list of non-empty strings'),
+                     (dict(ok, answers=[]), 'field "answers" must be a non-empty list of non-empty strings'),
+                     (dict(ok, answers=["Paris", " "]), 'field "answers" must be a non-empty list of non-empty strings'),
+                     (dict(ok, answers=["Paris", 3]), 'field "answers" must be a non-empty list of non-empty strings'),
+                     (dict(ok, alt=""), 'field "alt" must be a non-empty string'),
+                     ({k: v for k, v in ok.items() if k != "loc_ans"}, 'missing field "loc_ans"')):
+        with pytest.raises(JaxeditError) as err:
+            editing.check_zsre(bad, "f.jsonl:4")
+        assert str(err.value) == f"f.jsonl:4: {msg}"
+
+
 def test_zsre_eval_case_ids_and_errors(models, tokenizer):
     model = models["gpt2"][0]
     records = [dict(ZSRE[0], case_id=7), ZSRE[1]]

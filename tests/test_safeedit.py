@@ -225,3 +225,9 @@ def test_check_texts_refuses_what_dinm_would(monkeypatch):
         with pytest.raises(JaxeditError) as err:
             se.check_texts([dataclasses.replace(case, **change)], **kw)
         assert str(err.value) == f"f.json:3: {msg}"
+
+
+def test_prompt_ids_cut_from_the_left(tokenizer):
+    ids = tokenizer("The Eiffel Tower is located in")["input_ids"]
+    assert tokenizer.bos_token_id is None
+    assert se.prompt_ids(tokenizer, ["The Eiffel Tower is located in", ""], 3) == [ids[-3:], [0]]
