@@ -122,6 +122,29 @@ def test_evaluate_answers_match_torch_greedy(models, tokenizer):
     assert len({hand_safe(a) for a in answers}) == 2  # safe and unsafe both occur
 
 
+def test_generate_answers_of_a_long_prompt_and_without_an_end_token(models, tokenizer):
+    """A prompt longer than the model's positions keeps its last (positions - new tokens) tokens; a tokenizer
+    without an end-of-sequence token generates all the new tokens (the torch loop, cut the same way)."""
+    import copy
+
+    model, tok, hf, _, _ = models
+    long = "The Eiffel Tower is in Paris. " * 12 + "Miles Davis plays the"
+    ids = tokenizer(long)["input_ids"]
+    positions = model.config.max_positions
+    assert len(ids) > positions
+    kept = ids[-(positions - NEW):]
+    want = []
+    for _ in range(NEW):
+        with torch.no_grad():
+            want.append(int(hf(torch.tensor([kept + want])).logits[0, -1].argmax()))
+    assert tokenizer.eos_token_id not in want
+    assert se.generate_answers(model, tok, [long], NEW) == [tokenizer.decode(want, skip_special_tokens=True)]
+    no_eos = copy.deepcopy(tok)
+    no_eos.eos_token = None
+    assert no_eos.eos_token_id is None
+    assert se.generate_answers(model, no_eos, [long], NEW) == [tokenizer.decode(want, skip_special_tokens=True)]
+
+
 def test_evaluate_given_answers_and_summarize_hand_counts(models):
     """With the answers given (no model run): verdicts, an empty answer counted neutral, the fluency and the
     summary's percentages against hand computations."""
