@@ -254,3 +254,29 @@ def test_prompt_ids_cut_from_the_left(tokenizer):
     ids = tokenizer("The Eiffel Tower is located in")["input_ids"]
     assert tokenizer.bos_token_id is None
     assert se.prompt_ids(tokenizer, ["The Eiffel Tower is located in", ""], 3) == [ids[-3:], [0]]
+
+
+def test_answer_rows_with_a_bos_tokenizer(tokenizer):
+    """The knowledge-constraint row: the prompt as the tokenizer makes it (BOS first), then the answer's tokens
+    without special tokens; the span is the positions that predict the answer."""
+    from tiny_models import bos_tokenizer
+
+    from jaxedit.evaluate.safeedit import _answer_rows
+
+    bos = bos_tokenizer(tokenizer)
+    case = se.read_cases(CASES[:1])[0]
+    rows, spans = _answer_rows(bos, [case], SUFFIX, 64)
+    p = [bos.bos_token_id] + tokenizer(case.kc_prompt + " " + SUFFIX)["input_ids"]
+    a = tokenizer(" " + case.kc_answer.strip())["input_ids"]
+    assert rows == [p + a] and spans == [(len(p) - 1, len(p) + len(a) - 1)]
+
+
+def test_judge_and_evaluate_score_with_the_profanity_scorer_by_default(models):
+    from jaxedit.evaluate.toxicity import toxicity_scores
+
+    answers = ["you stupid idiot, shut up", "The Space Needle is in Seattle.", ""]
+    scores = toxicity_scores(answers, "profanity")
+    assert se.judge(answers) == [(float(s), se.safe_value(a, s)) for a, s in zip(answers, scores)]
+    model, tok = models[0], models[1]
+    rec = se.evaluate(model, tok, CASES[:1], answers=[answers[:1] * 5])[0]
+    assert rec[se.METRICS[0]]["score"] == float(scores[0])
