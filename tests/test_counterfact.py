@@ -174,6 +174,13 @@ def test_counterfact_matches_reference(models, tokenizer, name):
     assert [r["case_id"] for r in result["rows"]] == [0, 1, 2]
 
 
+def test_requested_rewrite_as_a_list(models, tokenizer):
+    """MEMIT's files hold some rewrites as a one-element list: the same record as the plain form."""
+    model = models["llama-gqa-untied"][0]
+    listed = [dict(d, requested_rewrite=[d["requested_rewrite"]]) for d in RECORDS[:2]]
+    assert jaxedit.counterfact_eval(model, listed, tokenizer) == jaxedit.counterfact_eval(model, RECORDS[:2], tokenizer)
+
+
 def test_edit_changes_the_shares(models, tokenizer):
     """The perturbed model's numbers differ from the random one's, and not every share is 0 or 1."""
     a = jaxedit.counterfact_eval(models["gpt2"][0], RECORDS, tokenizer)["rows"]
@@ -318,6 +325,14 @@ def test_hand_checked_unigram(monkeypatch):
     assert s["generalization_magnitude"] == pytest.approx((m1 + m2) / 2)
     assert s["specificity_magnitude"] == pytest.approx((-m1 - m2) / 2)
     assert s["score"] == pytest.approx(0.5)
+    # a tie (New vs York, 1/8 each) is a success nowhere: the definitions compare strictly; records without a
+    # case_id are numbered by position
+    tie = {"requested_rewrite": dict(rec["requested_rewrite"], target_new={"str": "New"}, target_true={"str": "York"}),
+           "paraphrase_prompts": ["France is"], "neighborhood_prompts": ["the capital of Italy is"]}
+    t = jaxedit.counterfact_eval(None, [rec, tie], tok)
+    assert [r["case_id"] for r in t["rows"]] == [0, 1]
+    assert [t["rows"][1][k] for k in ("efficacy", "generalization", "specificity")] == [0.0, 0.0, 0.0]
+    assert t["rows"][1]["efficacy_magnitude"] == 0.0
     # zsRE: the argmax is always Paris, so "Paris" scores 1, "New York" 0, "Paris Rome" 1/2
     z = {"src": "the capital of France is", "rephrase": "France is", "answers": ["Paris Rome"],
          "loc": "the city of Italy", "loc_ans": "New York"}
