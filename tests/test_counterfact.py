@@ -174,6 +174,19 @@ def test_counterfact_matches_reference(models, tokenizer, name):
     assert [r["case_id"] for r in result["rows"]] == [0, 1, 2]
 
 
+def test_score_rows_against_torch_float64(models, tokenizer):
+    model, ref = models["llama-gqa-untied"]
+    rows = [editing.prompt_target_ids(tokenizer, "The Eiffel Tower is in", "Paris"),
+            editing.prompt_target_ids(tokenizer, "Miles Davis plays the", "trumpet and the guitar")]
+    for (p, t), (nll, hit) in zip(rows, editing.score_rows(model, rows)):
+        assert nll.dtype == np.float64 and hit.dtype == bool and len(nll) == len(t)
+        with torch.no_grad():
+            logp = torch.log_softmax(ref(torch.tensor([p + t])).logits[0].double(), -1)
+        want = [-float(logp[len(p) - 1 + k, x]) for k, x in enumerate(t)]
+        np.testing.assert_allclose(nll, want, atol=2e-5, rtol=0)
+        assert hit.tolist() == [int(logp[len(p) - 1 + k].argmax()) == x for k, x in enumerate(t)]
+
+
 def test_requested_rewrite_as_a_list(models, tokenizer):
     """MEMIT's files hold some rewrites as a one-element list: the same record as the plain form."""
     model = models["llama-gqa-untied"][0]
@@ -468,6 +481,53 @@ def test_load_round_trip(tmp_path):
     z = tmp_path / "zsre.json"
     z.write_text(json.dumps(ZSRE))
     assert jaxedit.load_zsre(str(z)) == ZSRE
+
+
+def test_record_checks_and_relative_paths(tmp_path, monkeypatch):
+    rr = RECORDS[0]["requested_rewrite"]
+    for change, msg in (({"requested_rewrite": dict(rr, target_true="Paris")},
+                         'r requested_rewrite: field "target_true" must be an object with "str"'),
+                        ({"paraphrase_prompts": None}, 'r: missing field "paraphrase_prompts"'),
+                        ({"generation_prompts": None}, None)):
+        d = dict(RECORDS[0], **change)
+        d = {k: v for k, v in d.items() if v is not None}
+        if msg is None:
+            assert editing.check_counterfact(d, "r") is d  # generation prompts are optional
+            continue
+        with pytest.raises(JaxeditError) as err:
+            editing.check_counterfact(d, "r")
+        assert str(err.value) == msg
+    monkeypatch.chdir(tmp_path)  # relative paths ending in .json/.jsonl are files, never hub names
+    for name in ("missing.json", "missing.jsonl"):
+        with pytest.raises(JaxeditError) as err:
+            jaxedit.load_counterfact(name)
+        assert str(err.value) == f"{name}: no such file"
+    (tmp_path / "rows.jsonl").write_text(json.dumps(RECORDS[0]) + "\n{broken\n")
+    with pytest.raises(JaxeditError) as err:
+        jaxedit.load_counterfact("rows.jsonl")
+    assert str(err.value).startswith("rows.jsonl:2: not valid JSON (Expecting property name")
+
+
+class SpacesTok:
+    """Characters as tokens, but a run of two spaces is one token: "ab " + " " + "cd" does not begin with the
+    tokens of "ab "."""
+
+    def __call__(self, text, add_special_tokens=True):
+        ids, i = [], 0
+        while i < len(text):
+            if text[i:i + 2] == "  ":
+                ids.append(1000)
+                i += 2
+            else:
+                ids.append(ord(text[i]))
+                i += 1
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def test_prompt_target_ids_when_the_joint_tokens_differ():
+    tok = SpacesTok()
+    assert editing.prompt_target_ids(tok, "ab", "cd") == ([1, 97, 98], [32, 99, 100])  # the joint row's tail
+    assert editing.prompt_target_ids(tok, "ab ", "cd") == ([1, 97, 98, 32], [32, 99, 100])  # " cd" alone
 
 
 def test_malformed_records(tmp_path):

@@ -452,3 +452,20 @@ def test_deep_tuning_matches_torch(deep_llama, tokenizer):
     assert ref_n == 2 and len(ref_losses) == 3
     edited, rep = dinm(model, CASES, tokenizer=tok, stop_loss=stop, **DEEP)
     check_deep_run(model, rep, edited, ref_losses, ref_w, ref_n)
+
+
+def test_case_models_index_and_slice(tiny_dirs):
+    """Entry i of the per-instance results is the original model with case i's output projections written; a slice
+    is the list of those entries."""
+    from jaxedit.edit.dinm import CaseModels
+    from jaxedit.models.common import params_of
+
+    model, _ = jaxedit.load(tiny_dirs["gpt2"][0])
+    params = params_of(model)
+    w_out = np.asarray(params["blocks"]["w_out"])
+    edits = [([1], np.full((1,) + w_out.shape[1:], float(i + 1), np.float32)) for i in range(3)]
+    cm = CaseModels(model.config, params, edits)
+    assert len(cm) == 3
+    for i, m in [(0, cm[0]), (2, cm[-1])] + list(zip([1, 2], cm[1:])):
+        got = np.asarray(params_of(m)["blocks"]["w_out"])
+        assert np.all(got[1] == i + 1) and np.array_equal(got[0], w_out[0]) and np.array_equal(got[2:], w_out[2:])
