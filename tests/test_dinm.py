@@ -469,3 +469,40 @@ def test_case_models_index_and_slice(tiny_dirs):
     for i, m in [(0, cm[0]), (2, cm[-1])] + list(zip([1, 2], cm[1:])):
         got = np.asarray(params_of(m)["blocks"]["w_out"])
         assert np.all(got[1] == i + 1) and np.array_equal(got[0], w_out[0]) and np.array_equal(got[2:], w_out[2:])
+
+
+def test_case_rows_and_blocks_by_hand(tokenizer):
+    """A case's rows: the prompt (+ suffix) as the tokenizer makes it (BOS first with a BOS tokenizer), then the
+    response's tokens after a space without special tokens; the prompt cut from the left only when the row would
+    not fit. The blocks: rows right-padded to a multiple of 32 (at most the model's positions), one loss entry per
+    response token (its row, the position predicting it, the token, weight 1), filler entries to a multiple of 16."""
+    import dataclasses
+
+    from tiny_models import bos_tokenizer
+
+    from jaxedit.edit.dinm import _block, _case_rows
+    from jaxedit.evaluate.safeedit import read_cases
+
+    case = dataclasses.replace(read_cases("demo")[0], prompt="The Eiffel Tower is", safe="in Paris",
+                               kc_prompt="Miles Davis plays", kc_answer="the trumpet")
+    bos = bos_tokenizer(tokenizer)
+    p = [bos.bos_token_id] + tokenizer("The Eiffel Tower is Answer:")["input_ids"]
+    a = tokenizer(" in Paris")["input_ids"]
+    kp, ka = [bos.bos_token_id] + tokenizer("Miles Davis plays Answer:")["input_ids"], tokenizer(" the trumpet")["input_ids"]
+    rows = _case_rows(bos, case, "Answer:", 64)
+    assert (rows.edit, rows.edit_n, rows.kc, rows.kc_n, rows.truncated) == (p + a, len(a), kp + ka, len(ka), False)
+    fit = max(len(p) + len(a), len(kp) + len(ka))
+    assert not _case_rows(bos, case, "Answer:", fit).truncated  # the longer row exactly fits: nothing cut
+    cut = _case_rows(bos, case, "Answer:", fit - 2)
+    assert cut.truncated and (cut.edit_n, cut.kc_n) == (len(a), len(ka))
+    assert cut.edit == (p + a)[-(fit - 2):] and cut.kc == (kp + ka)[-(fit - 2):]
+
+    blk = _block([[5] * 35, [6, 7, 8, 9]], [3, 2], pad=0, max_len=40)
+    ids = np.asarray(blk["ids"])
+    assert ids.shape == (2, 40) and ids[0, :35].tolist() == [5] * 35 and ids[1].tolist() == [6, 7, 8, 9] + [0] * 36
+    assert np.asarray(blk["mask"]).sum(1).tolist() == [35, 4]
+    assert np.asarray(blk["row"]).tolist() == [0, 0, 0, 1, 1] + [0] * 11
+    assert np.asarray(blk["pos"]).tolist() == [31, 32, 33, 1, 2] + [0] * 11
+    assert np.asarray(blk["tgt"]).tolist() == [5, 5, 5, 8, 9] + [0] * 11
+    assert np.asarray(blk["w"]).tolist() == [1.0] * 5 + [0.0] * 11
+    assert np.asarray(_block([[1, 2, 3]], [1], pad=0, max_len=64)["ids"]).shape == (1, 32)
