@@ -506,3 +506,38 @@ def test_case_rows_and_blocks_by_hand(tokenizer):
     assert np.asarray(blk["tgt"]).tolist() == [5, 5, 5, 8, 9] + [0] * 11
     assert np.asarray(blk["w"]).tolist() == [1.0] * 5 + [0.0] * 11
     assert np.asarray(_block([[1, 2, 3]], [1], pad=0, max_len=64)["ids"]).shape == (1, 32)
+
+
+def test_final_losses_and_divergence(tiny_dirs):
+    """The report's "final" values are the losses after the last step: the next step's "before" values of a longer
+    run; a run whose weights become non-finite is refused with the model unchanged."""
+    model, tok = jaxedit.load(tiny_dirs["gpt2"][0])
+    hp = dict(layer=1, lr=5e-4, edit_weight=0.01, suffix=SUFFIX)
+    _, two = dinm(model, [CASES[0]], tokenizer=tok, steps=2, **hp)
+    _, three = dinm(model, [CASES[0]], tokenizer=tok, steps=3, **hp)
+    final = two["final"][0]
+    np.testing.assert_allclose([final["loss"], final["nll"], final["kl"]],
+                               [three["losses"][0][2], three["nll"][0][2], three["kl"][0][2]], rtol=1e-5, atol=1e-9)
+    assert final["loss"] != final["nll"]
+    before = np.asarray(jaxedit.params_of(model)["blocks"]["w_out"]).copy()
+    with pytest.raises(JaxeditError) as err:
+        dinm(model, [CASES[0]], tokenizer=tok, steps=3, **dict(hp, lr=1e38))
+    assert str(err.value) == "the DINM optimization diverged (non-finite weights); nothing was changed"
+    assert np.array_equal(np.asarray(jaxedit.params_of(model)["blocks"]["w_out"]), before)
+
+
+def test_defaults_report_ids_and_unknown_options(tiny_dirs):
+    """Several cases are edited one model per case unless asked otherwise; the report names the cases; unknown
+    hyperparameters are refused by name."""
+    from jaxedit.edit.dinm import CaseModels, DinmHparams
+
+    model, tok = jaxedit.load(tiny_dirs["gpt2"][0])
+    cases = [dict(CASES[0], id="first"), dict(CASES[0], id="second")]
+    edited, rep = dinm(model, cases, tokenizer=tok, steps=1, layer=1, suffix=SUFFIX)
+    assert isinstance(edited, CaseModels) and len(edited) == 2 and rep["per_instance"] is True
+    assert rep["case_ids"] == ["first", "second"]
+    assert len(rep["update_norm"]) == len(rep["final"]) == len(rep["losses"]) == len(rep["steps"]) == 2
+    assert rep["update_norm"][0] == pytest.approx(rep["update_norm"][1]) and rep["update_norm"][0] > 0
+    with pytest.raises(JaxeditError) as err:
+        DinmHparams().replace(stepz=3, rate=1)
+    assert str(err.value).startswith("unknown DINM hyperparameter(s): stepz, rate (known: ")

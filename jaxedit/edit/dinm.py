@@ -319,7 +319,7 @@ def _tune_group(cfg, params, tokenizer, rows, layers, hp):
     W0 = np.asarray(params["blocks"]["w_out"][jnp.asarray(lay)], np.float32)
     info = {"layers": lay, "steps": n, "loss": hist[:, 0].tolist(), "nll": hist[:, 1].tolist(),
             "kl": hist[:, 2].tolist(), "final": {"loss": final[0], "nll": final[1], "kl": final[2]},
-            "update_norm": float(np.linalg.norm(W - W0)), "weight_norm": float(np.linalg.norm(W0))}
+            "update_norm": float(np.linalg.norm(W - W0))}
     return lay, W, info
 
 
