@@ -538,6 +538,15 @@ def test_defaults_report_ids_and_unknown_options(tiny_dirs):
     assert rep["case_ids"] == ["first", "second"]
     assert len(rep["update_norm"]) == len(rep["final"]) == len(rep["losses"]) == len(rep["steps"]) == 2
     assert rep["update_norm"][0] == pytest.approx(rep["update_norm"][1]) and rep["update_norm"][0] > 0
+    DinmHparams(steps=1, layer=3).check(4)
+    for kw, msg in ((dict(steps=0), "steps must be >= 1 (got 0)"), (dict(lr=0.0), "lr must be > 0 (got 0.0)"),
+                    (dict(weight_decay=-1.0), "edit_weight and weight_decay must be >= 0"),
+                    (dict(locate="all"), "locate must be 'each' or 'first' (got 'all')"),
+                    (dict(batch_size=0), "batch_size must be >= 1 (got 0)"),
+                    (dict(layer=4), "layer 4 is out of range: the model has layers 0..3")):
+        with pytest.raises(JaxeditError) as err:
+            DinmHparams(**kw).check(4)
+        assert str(err.value) == msg
     with pytest.raises(JaxeditError) as err:
         DinmHparams().replace(stepz=3, rate=1)
     assert str(err.value).startswith("unknown DINM hyperparameter(s): stepz, rate (known: ")
