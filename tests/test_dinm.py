@@ -550,3 +550,25 @@ def test_defaults_report_ids_and_unknown_options(tiny_dirs):
     with pytest.raises(JaxeditError) as err:
         DinmHparams().replace(stepz=3, rate=1)
     assert str(err.value).startswith("unknown DINM hyperparameter(s): stepz, rate (known: ")
+
+
+def test_pad_and_response_ids(tokenizer):
+    """The pad id is the end token's, else the pad token's, else 0; a response is tokenized with the tokenizer's
+    special tokens unless asked otherwise, and one that tokenizes to nothing is refused by case and field."""
+    from types import SimpleNamespace
+
+    from tiny_models import bos_tokenizer
+
+    from jaxedit.edit.dinm import _pad_id, _response_ids
+    from jaxedit.evaluate.safeedit import read_cases
+
+    ns = lambda eos, pad: SimpleNamespace(eos_token_id=eos, pad_token_id=pad)  # noqa: E731
+    assert (_pad_id(ns(5, 7)), _pad_id(ns(None, 7)), _pad_id(ns(5, None)), _pad_id(ns(None, None))) == (5, 7, 5, 0)
+    bos = bos_tokenizer(tokenizer)
+    case = read_cases(CASES[:1])[0]
+    ids = tokenizer("in Paris")["input_ids"]
+    assert _response_ids(bos, "in Paris", case, "safe generation") == [bos.bos_token_id] + ids
+    assert _response_ids(bos, "in Paris", case, "safe generation", special=False) == ids
+    with pytest.raises(JaxeditError) as err:
+        _response_ids(bos, "   ", case, "safe generation")
+    assert str(err.value) == f'{case.where}: "safe generation" tokenizes to no tokens'

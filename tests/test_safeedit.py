@@ -280,3 +280,28 @@ def test_judge_and_evaluate_score_with_the_profanity_scorer_by_default(models):
     model, tok = models[0], models[1]
     rec = se.evaluate(model, tok, CASES[:1], answers=[answers[:1] * 5])[0]
     assert rec[se.METRICS[0]]["score"] == float(scores[0])
+
+
+def test_parse_case_messages():
+    """Each malformed case is one line naming the case and the field; responses may be blank here (caught where
+    they are tokenized), prompts and test inputs may not."""
+    ok = CASES[0]
+    kc = ok["knowledge constrain"]
+    gen = ok["generalization test"]
+    assert se.parse_case(dict(ok, **{"safe generation": " "}), "f:2", 0).safe == " "
+    assert se.parse_case({k: v for k, v in ok.items() if k != "id"}, "f:2", 5).id == 5
+    for change, msg in (({"id": [1]}, 'f:2: field "id" must be a number or a string'),
+                        ({"adversarial prompt": "  "}, 'f:2 (id a): field "adversarial prompt" must be a non-empty string'),
+                        ({"generalization test": dict(gen, **{"test input of other question input": ""})},
+                         'f:2 (id a) generalization test: field "test input of other question input" must be a '
+                         'non-empty string'),
+                        ({"generalization test": "x"}, 'f:2 (id a): field "generalization test" must be an object'),
+                        ({"knowledge constrain": dict(kc, prompt=" ")},
+                         'f:2 (id a) knowledge constrain: field "prompt" must be a non-empty string'),
+                        ({"knowledge constrain": "x"}, 'f:2 (id a): field "knowledge constrain" must be an object with '
+                                                      '"prompt" and "answer"'),
+                        ({"knowledge constrain": None}, 'f:2 (id a): missing field "knowledge constrain"')):
+        d = {k: v for k, v in dict(ok, **change).items() if v is not None}
+        with pytest.raises(JaxeditError) as err:
+            se.parse_case(d, "f:2", 0)
+        assert str(err.value) == msg
