@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 from collections import Counter
 
@@ -96,6 +97,43 @@ def test_selection_equals_the_hand_filter(study):
         c = next(c for c in cands if c["line"] == r["line"])
         assert r["value_id"] == c["most_toxic"]["ids"][0]
         assert c["most_toxic"]["score"] == max(fake_toxicity([s for s in c["samples"] if s]))
+        # the non-toxic target: the least toxic continuation's first word, by hand
+        least = min((s for s in c["samples"] if s), key=lambda s: fake_toxicity([s])[0])
+        assert c["least_toxic"]["text"] == least
+        word = re.match(r"\s*[\w']+", least) or re.match(r"\s*\S+", least)
+        assert r["nontoxic_target"] == ((word.group() if word else "") or " the")
+
+
+def test_plan_runs_by_hand(tmp_path):
+    """The grid: the random strategies (random-*, topk-*) once per seed, the located ones once; each run's layers
+    from layer_selection with the counts of layer_counts (topk: drawn from the top K); errors without the
+    localize stage's profiles."""
+    from jaxedit.detox.editing import plan_runs, strategy_seeds
+    from jaxedit.layer_selection import select_layers
+
+    cfg = config(str(tmp_path / "p.jsonl"), strategies=("random-single", "topk-multi", "ct-multi"),
+                 objectives=("delete",), kl_weights=(0.5,), random_seeds=2, seed=3, topk=5)
+    assert strategy_seeds(cfg, "topk-multi") == [3, 4] and strategy_seeds(cfg, "ct-multi") == [3]
+    loc = {"ct_profile": [0.1, 0.9, 0.3, 0.8, 0.2, 0.7, 0.4, 0.6]}
+    n, k = cfg.layer_counts(8)
+    assert (n, k) == (2, 5)
+    want = [("random-single", s, select_layers("random", 8, n=1, seed=s)) for s in (3, 4)] + \
+        [("topk-multi", s, select_layers("random-topk", 8, n=2, k=5, seed=s)) for s in (3, 4)] + \
+        [("ct-multi", 3, select_layers("ct", 8, n=2, evidence=loc["ct_profile"]))]
+    runs = plan_runs(cfg, 8, loc)
+    assert [(r[1], r[4], list(r[5])) for r in runs] == [(st, s, list(l)) for st, s, l in want]
+    assert all(r[2] == "delete" and r[3] == 0.5 for r in runs)
+    with pytest.raises(JaxeditError, match="^strategy ct-multi needs the localize stage's results$"):
+        plan_runs(cfg, 8, None)
+    with pytest.raises(JaxeditError, match="^strategy saliency-multi needs saliency profiles"):
+        plan_runs(config(str(tmp_path / "p.jsonl"), strategies=("saliency-multi",)), 8, loc)
+
+
+def test_first_word():
+    from jaxedit.detox.selection import first_word
+
+    assert [first_word(t) for t in ("  hello world", "don't stop", " ...!? x", "", "   ")] == \
+        ["  hello", "don't", " ...!?", "", ""]
 
 
 def decode_span(tok, prompt, chunk):

@@ -186,6 +186,14 @@ def test_answer_argmax_and_retention_match_torch(models, tokenizer):
     assert any(0 < f < 1 for f in fractions)  # some argmaxes kept, some changed
 
 
+def test_read_cases_demo_and_paths(tmp_path):
+    demo = se.read_cases("demo")
+    assert demo == se.read_cases(se.DEMO_CASES) and len(demo) >= 2
+    with pytest.raises(JaxeditError) as err:
+        se.read_cases(str(tmp_path))
+    assert str(err.value) == f"{tmp_path} is a directory, not a SafeEdit JSON file"
+
+
 def test_case_files_with_their_lines(tmp_path):
     """SafeEdit files as a JSON array (each case at the line where it starts) or JSONL (blank lines skipped, each
     case at its line), and their errors as FILE:LINE."""
@@ -290,6 +298,9 @@ def test_parse_case_messages():
     gen = ok["generalization test"]
     assert se.parse_case(dict(ok, **{"safe generation": " "}), "f:2", 0).safe == " "
     assert se.parse_case({k: v for k, v in ok.items() if k != "id"}, "f:2", 5).id == 5
+    c = se.parse_case(dict(ok, **{"unsafety category": "offensiveness", "question": "Why?"}), "f:2", 0)
+    assert (c.category, c.question) == ("offensiveness", "Why?")
+    assert (se.parse_case(ok, "f:2", 0).category, se.parse_case(ok, "f:2", 0).question) == ("", "")
     for change, msg in (({"id": [1]}, 'f:2: field "id" must be a number or a string'),
                         ({"adversarial prompt": "  "}, 'f:2 (id a): field "adversarial prompt" must be a non-empty string'),
                         ({"generalization test": dict(gen, **{"test input of other question input": ""})},
