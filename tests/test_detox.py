@@ -129,6 +129,13 @@ def test_plan_runs_by_hand(tmp_path):
         plan_runs(config(str(tmp_path / "p.jsonl"), strategies=("saliency-multi",)), 8, loc)
 
 
+def test_obfuscate_by_hand():
+    from jaxedit.detox.localization import obfuscate
+
+    assert [obfuscate(t) for t in (" stupid", "Idiot", "  Oaf", "x", "", " ")] == \
+        [" st*p*d", "Id**t", "  O*f", "x", "", " "]
+
+
 def test_first_word():
     from jaxedit.detox.selection import first_word
 
