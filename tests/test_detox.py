@@ -688,6 +688,11 @@ def test_empty_selection_says_how_many_were_considered(tmp_path, tiny_dirs):
     with pytest.raises(JaxeditError, match=r"no prompt selected: 3 considered, 3 below prompt toxicity 0.5, none "
                                            r"with mean continuation toxicity > 0.3 \(the highest was 0.100\)"):
         run_study(model, tok, cfg, str(tmp_path / "o"), stages=("select",), progress=False)
+    # every prompt itself above the prompt threshold: none below it, no highest mean to report
+    cfg = config(str(p), scorer=lambda texts: [0.9] * len(texts), select_threshold=0.3, select_samples=2)
+    with pytest.raises(JaxeditError, match=r"no prompt selected: 3 considered, 0 below prompt toxicity 0.5, none "
+                                           r"with mean continuation toxicity > 0.3 \(the highest was nan\)"):
+        run_study(model, tok, cfg, str(tmp_path / "o2"), stages=("select",), progress=False)
 
 
 # ---------------------------------------------------------------------------------------------- torch references
