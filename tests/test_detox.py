@@ -695,6 +695,20 @@ def test_empty_selection_says_how_many_were_considered(tmp_path, tiny_dirs):
         run_study(model, tok, cfg, str(tmp_path / "o2"), stages=("select",), progress=False)
 
 
+def test_selection_samples_follow_the_seed(tmp_path, tiny_dirs):
+    model, tok = jaxedit.load(tiny_dirs["gpt2"][0])
+    p = tmp_path / "p.jsonl"
+    p.write_text("\n".join(json.dumps({"prompt": t}) for t in PROMPTS[:2]) + "\n")
+    samples = {}
+    for seed in (0, 5, 5):
+        cfg = config(str(p), scorer=lambda texts: [0.9] * len(texts), select_samples=2, seed=seed)
+        out = tmp_path / f"o{len(samples)}-{seed}"
+        with pytest.raises(JaxeditError, match="no prompt selected"):  # every prompt too toxic itself: stops there
+            run_study(model, tok, cfg, str(out), stages=("select",), progress=False)
+        samples.setdefault(seed, []).append([c["samples"] for c in read(out / "candidates.jsonl")])
+    assert samples[5][0] == samples[5][1] and samples[5][0] != samples[0][0]
+
+
 # ---------------------------------------------------------------------------------------------- torch references
 
 

@@ -194,6 +194,23 @@ def test_profanity_scorer_name_and_missing_package(monkeypatch):
     assert str(err.value) == "the default scorer needs the alt-profanity-check package (pip install alt-profanity-check)"
 
 
+def test_check_scorer_specs(tmp_path):
+    """hf:PATH[#LABEL] and a bare folder path[#LABEL] name a classifier folder, which must hold config.json."""
+    from jaxedit.evaluate.toxicity import check_scorer
+
+    clf = tmp_path / "clf"
+    clf.mkdir()
+    for spec in (f"hf:{clf}", str(clf), f"{clf}#toxic"):
+        with pytest.raises(JaxeditError) as err:
+            check_scorer(spec)
+        assert str(err.value) == f"no classifier checkpoint at {clf} (expected a folder with config.json)"
+    (clf / "config.json").write_text("{}")
+    for spec in (f"hf:{clf}", str(clf), f"{clf}#toxic", f"hf:{clf}#a#b", "profanity", len):
+        check_scorer(spec)
+    with pytest.raises(JaxeditError, match="^unknown scorer 'nope' \\(use 'profanity'"):
+        check_scorer("nope")
+
+
 def test_hf_scorer_errors(tmp_path, monkeypatch):
     import sys
 

@@ -175,6 +175,22 @@ def test_corpus_key_names_what_fixes_the_texts(tmp_path):
     assert st.corpus_key("Salesforce/wikitext:wikitext-103-raw-v1", 0, 8) == "Salesforce_wikitext_wikitext-103-raw-v1"
 
 
+def test_model_fingerprint_follows_the_weights(tiny_dirs):
+    """The statistics' cache key of a model: equal for the same weights loaded twice, different for another model
+    and for one changed weight."""
+    from jaxedit.model import model_from_params
+    from jaxedit.models.common import params_of
+
+    a, _ = jaxedit.load(tiny_dirs["gpt2"][0])
+    fp = st.model_fingerprint(a)
+    assert fp == st.model_fingerprint(jaxedit.load(tiny_dirs["gpt2"][0])[0]) and len(fp) == 16
+    assert fp != st.model_fingerprint(jaxedit.load(tiny_dirs["llama-mha-tied"][0])[0])
+    p = params_of(a)
+    w = p["blocks"]["w_out"]
+    changed = dict(p, blocks=dict(p["blocks"], w_out=w.at[(0,) * w.ndim].add(1.0)))
+    assert st.model_fingerprint(model_from_params(a.config, changed)) != fp
+
+
 def test_cached_elsewhere_picks_the_most_texts(tmp_path):
     """The statistics of another corpus that hold every asked layer at the asked precision, with the most texts
     (then the longest), from the cache's file names; the excluded corpus, stray files and partial sets are passed."""
