@@ -175,6 +175,20 @@ def test_corpus_key_names_what_fixes_the_texts(tmp_path):
     assert st.corpus_key("Salesforce/wikitext:wikitext-103-raw-v1", 0, 8) == "Salesforce_wikitext_wikitext-103-raw-v1"
 
 
+def test_default_length_and_bad_counts(tiny_dirs, tokenizer, tmp_path, corpus_file):
+    """Without max_len the texts are cut at the model's positions (at most 1024): the same statistics as max_len=64
+    on this 64-position model, equal to torch's; counts below 1 are refused."""
+    model, tok = jaxedit.load(tiny_dirs["gpt2"][0])
+    assert model.config.max_positions == 64
+    got = st.layer_stats(model, tok, [1], corpus=corpus_file, n_samples=2, batch_size=2,
+                         cache_dir=str(tmp_path / "c"), progress=False)
+    ref = torch_mom2(tiny_dirs["gpt2"][1], tok, TEXTS[:2], [1], 64)
+    np.testing.assert_allclose(got[1], ref[1], rtol=1e-5, atol=1e-7 * np.abs(ref[1]).max())
+    for kw in (dict(n_samples=0), dict(batch_size=0)):
+        with pytest.raises(JaxeditError, match="^n_samples and batch_size must be >= 1$"):
+            st.layer_stats(model, tok, [1], **dict(dict(corpus=corpus_file, n_samples=2, batch_size=2), **kw))
+
+
 def test_model_fingerprint_follows_the_weights(tiny_dirs):
     """The statistics' cache key of a model: equal for the same weights loaded twice, different for another model
     and for one changed weight."""
