@@ -1,5 +1,7 @@
 """Key statistics E[k k^T] against torch: the inputs of the HF model's MLP output projection, captured by hooks,
 summed in float64 over every token of the corpus."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -66,8 +68,12 @@ def test_cache_and_resume(tiny_dirs, tokenizer, tmp_path, corpus_file, monkeypat
         return real(*a, **k)
 
     monkeypatch.setattr(st, "accumulate", killed_after_three)
+    (tmp_path / "cwd").mkdir()
+    monkeypatch.chdir(tmp_path / "cwd")
     with pytest.raises(KeyboardInterrupt):
         st.layer_stats(model, tok, [1, 2], **kw)
+    # the partial sums are kept in the cache folder (nothing lands in the working directory)
+    assert len(list((tmp_path / "c").rglob("partial-1_2-*.npz"))) == 1 and not os.listdir(tmp_path / "cwd")
     monkeypatch.setattr(st, "accumulate", real)
     seen = []
     monkeypatch.setattr(st, "accumulate", lambda *a, **k: seen.append(1) or real(*a, **k))
