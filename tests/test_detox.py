@@ -136,6 +136,30 @@ def test_obfuscate_by_hand():
         [" st*p*d", "Id**t", "  O*f", "x", "", " "]
 
 
+def test_summarize_seeds_by_hand():
+    """Seeds of one configuration averaged (population std over seeds, each seed's layers), failed seeds listed;
+    a row's method: its own, else "base" for the unedited model, else the deletion grid's."""
+    from jaxedit.detox.evaluation import method_of, summarize
+
+    base = {"strategy": "random-multi", "objective": "delete", "kl_weight": 0.5, "n_prompts": 4}
+    rows = [dict(base, layers=[1, 2], toxic_rate=0.2, perplexity_prompts=10.0),
+            dict(base, layers=[3, 4], toxic_rate=0.4, perplexity_prompts=14.0),
+            dict(base, layers=[5, 6], error="diverged"),
+            {"strategy": "base", "objective": None, "kl_weight": None, "layers": [], "toxic_rate": 0.5},
+            {"method": "dinm", "strategy": "dinm", "objective": None, "kl_weight": None, "layers": [7],
+             "settings": {"steps": 10}, "toxic_rate": 0.1}]
+    got = summarize(rows)
+    assert [method_of(r) for r in rows] == ["delete", "delete", "delete", "base", "dinm"]
+    assert [(g["method"], g["strategy"]) for g in got] == [("delete", "random-multi"), ("base", "base"),
+                                                         ("dinm", "dinm")]
+    grid = got[0]
+    assert grid["layers"] == [[1, 2], [3, 4]] and grid["seeds"] == 2 and grid["failed"] == ["diverged"]
+    assert grid["toxic_rate"] == pytest.approx(0.3) and grid["toxic_rate_std"] == pytest.approx(0.1)
+    assert grid["perplexity_prompts"] == pytest.approx(12.0) and grid["perplexity_prompts_std"] == pytest.approx(2.0)
+    assert got[1]["layers"] == [] and "toxic_rate_std" not in got[1] and got[2]["layers"] == [7]
+    assert got[2]["settings"] == {"steps": 10} and "settings" not in grid
+
+
 def test_first_word():
     from jaxedit.detox.selection import first_word
 
