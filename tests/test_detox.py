@@ -160,6 +160,14 @@ def test_summarize_seeds_by_hand():
     assert got[2]["settings"] == {"steps": 10} and "settings" not in grid
 
 
+def test_unknown_stage_is_refused_before_any_work(tmp_path):
+    cfg = config(str(tmp_path / "p.jsonl"))
+    with pytest.raises(JaxeditError) as err:
+        run_study(None, None, cfg, str(tmp_path / "o"), stages=("select", "sample"))
+    assert str(err.value) == "unknown stage 'sample' (choose from select, localize, edit, evaluate, report, all)"
+    assert not (tmp_path / "o").exists()
+
+
 def test_first_word():
     from jaxedit.detox.selection import first_word
 
