@@ -168,6 +168,21 @@ def test_unknown_stage_is_refused_before_any_work(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_add_timing_by_hand(tmp_path):
+    """timings.json: per stage the total and each run; an older folder's single number becomes its first run; a
+    missing folder gets nothing."""
+    from jaxedit.detox.pipeline import add_timing
+
+    (tmp_path / "timings.json").write_text(json.dumps({"select": 12.5}))
+    add_timing(str(tmp_path), "select", 1.004)
+    add_timing(str(tmp_path), "edit", 2.0, interrupted=True)
+    assert json.load(open(tmp_path / "timings.json")) == {
+        "select": {"seconds": 13.5, "runs": [12.5, 1.0]},
+        "edit": {"seconds": 2.0, "runs": [{"seconds": 2.0, "interrupted": True}]}}
+    add_timing(str(tmp_path / "none"), "select", 1.0)
+    assert not (tmp_path / "none").exists()
+
+
 def test_first_word():
     from jaxedit.detox.selection import first_word
 
