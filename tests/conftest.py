@@ -234,6 +234,24 @@ def hf_gguf(smollm2_gguf_parsed_once):
     return model.eval()
 
 
+@pytest.fixture
+def stand_in_datasets(monkeypatch):
+    """The optional ``datasets`` package for a test (it is not installed here, and the hub is offline):
+    ``stand_in_datasets(None)`` makes ``import datasets`` fail; ``stand_in_datasets(fn)`` installs a module whose
+    ``load_dataset`` is ``fn`` and returns it."""
+    import sys
+    import types
+
+    def install(load_dataset):
+        module = None if load_dataset is None else types.ModuleType("datasets")
+        if module is not None:
+            module.load_dataset = load_dataset
+        monkeypatch.setitem(sys.modules, "datasets", module)
+        return module
+
+    return install
+
+
 def hf_logits(model, ids, mask=None):
     import torch
 

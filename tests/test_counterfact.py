@@ -567,38 +567,32 @@ def test_hub_name_offline():
     assert msg.startswith("someone/counterfact: no such file") and "hub" in msg and "\n" not in msg
 
 
-def test_hub_records_through_datasets(monkeypatch, tmp_path):
+def test_hub_records_through_datasets(stand_in_datasets):
     """A hub name is read through datasets.load_dataset(NAME, split="train") and checked record by record; a hub
-    failure is one line with the error's type and its first 200 characters, whitespace folded. The datasets package
-    is optional (and the hub is offline here): a stand-in module answers load_dataset."""
-    import sys
-    import types
-
-    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    failure is one line with the error's type and its first 200 characters, whitespace folded."""
+    stand_in_datasets(None)  # not installed
     with pytest.raises(JaxeditError) as err:
         jaxedit.load_counterfact("someone/counterfact")
     assert str(err.value) == ("someone/counterfact: no such file, and reading it as a hub dataset needs the datasets "
                               "package (pip install datasets)")
-    datasets = types.ModuleType("datasets")
-    monkeypatch.setitem(sys.modules, "datasets", datasets)
     calls = []
 
     def fake_load(*args, **kw):
         calls.append((args, kw))
         return [dict(r) for r in ZSRE] if args[0] == "someone/zsre" else [dict(r) for r in RECORDS]
 
-    datasets.load_dataset = fake_load
+    stand_in_datasets(fake_load)
     assert jaxedit.load_counterfact("someone/counterfact") == RECORDS
     assert jaxedit.load_zsre("someone/zsre") == ZSRE
     assert calls == [(("someone/counterfact",), {"split": "train"}), (("someone/zsre",), {"split": "train"})]
-    datasets.load_dataset = lambda *a, **k: [{"subject": "x"}]
+    stand_in_datasets(lambda *a, **k: [{"subject": "x"}])
     with pytest.raises(JaxeditError, match=r"^someone/zsre: record 0: missing field"):
         jaxedit.load_zsre("someone/zsre")
 
     def offline(*a, **k):
         raise ConnectionError("no\n  network " + "x" * 300)
 
-    datasets.load_dataset = offline
+    stand_in_datasets(offline)
     with pytest.raises(JaxeditError) as err:
         jaxedit.load_counterfact("someone/counterfact")
     assert str(err.value) == ("someone/counterfact: no such file, and the hub dataset could not be read "

@@ -259,28 +259,23 @@ def test_local_corpus_files_and_texts(tmp_path):
         assert str(err.value) == f'{bad}:3: expected a JSON object with a "text" field'
 
 
-def test_dataset_corpus_through_datasets(monkeypatch):
+def test_dataset_corpus_through_datasets(stand_in_datasets):
     """A datasets corpus NAME[:CONFIG] is streamed from load_dataset(NAME, CONFIG or None, split="train",
     streaming=True); rows without text are skipped; failures are one line naming the corpus and the way out."""
-    import sys
-    import types
-
-    monkeypatch.setitem(sys.modules, "datasets", None)  # not installed
+    stand_in_datasets(None)  # not installed
     with pytest.raises(JaxeditError) as err:
         list(st._dataset_texts("wikitext:wikitext-2-raw-v1"))
     assert str(err.value) == (
         "corpus 'wikitext:wikitext-2-raw-v1' is a datasets name, and the datasets package is not installed (pip "
         "install datasets); or use a local .txt/.jsonl corpus, or the corpus \"model\" (text sampled from the model; "
         "works offline; on the command line: --corpus model)")
-    datasets = types.ModuleType("datasets")
-    monkeypatch.setitem(sys.modules, "datasets", datasets)
     calls = []
 
     def load_dataset(*args, **kw):
         calls.append((args, kw))
         return [{"text": "first"}, {"text": ""}, {"text": "  \n"}, {"title": "no text"}, {"text": "last"}]
 
-    datasets.load_dataset = load_dataset
+    datasets = stand_in_datasets(load_dataset)
     assert list(st._dataset_texts("wikitext:wikitext-2-raw-v1")) == ["first", "last"]
     assert list(st._dataset_texts("c4")) == ["first", "last"]
     assert calls == [(("wikitext", "wikitext-2-raw-v1"), {"split": "train", "streaming": True}),
