@@ -756,6 +756,29 @@ def test_selection_samples_follow_the_seed(tmp_path, tiny_dirs):
     assert samples[5][0] == samples[5][1] and samples[5][0] != samples[0][0]
 
 
+def test_toxic_word_value_mode(tmp_path, tiny_dirs):
+    """--value toxic-word: the value is the first token of the most toxic word (by the scorer) of the most toxic
+    continuation, found by hand from the decoded prefixes."""
+    model, tok = jaxedit.load(tiny_dirs["gpt2"][0])
+    p = tmp_path / "p.jsonl"
+    p.write_text("\n".join(json.dumps({"prompt": t}) for t in PROMPTS) + "\n")
+    out = tmp_path / "o"
+    run_study(model, tok, config(str(p), value="toxic-word"), str(out), stages=("select",), progress=False)
+    cands = {c["line"]: c for c in read(out / "candidates.jsonl")}
+    sel = read(out / "selected.jsonl")
+    assert sel and all(r["value_mode"] == "toxic-word" for r in sel)
+    moved = 0
+    for r in sel:
+        most = cands[r["line"]]["most_toxic"]
+        words = list(re.finditer(r"[\w']+", most["text"]))
+        scores = fake_toxicity([m.group() for m in words])
+        m = words[scores.index(max(scores))]
+        k = next(k for k in range(len(most["ids"])) if len(tok.decode(most["ids"][:k + 1])) > m.start())
+        assert (r["value_word"], r["value_id"]) == (m.group(), most["ids"][k])
+        moved += k > 0
+    assert moved  # some values are not the continuation's first token
+
+
 # ---------------------------------------------------------------------------------------------- torch references
 
 
