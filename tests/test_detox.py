@@ -354,6 +354,18 @@ def test_timings_accumulate_over_runs(study, tmp_path, monkeypatch):
     assert t["report"]["seconds"] == pytest.approx(sum(r if isinstance(r, float) else r["seconds"] for r in runs),
                                                    abs=0.011)
     assert {k: v for k, v in t.items() if k != "report"} == {k: v for k, v in before.items() if k != "report"}
+    # each stage's measurement starts afresh and is kept per timed part (the edit stage's deletions and its
+    # DINM/ProFS part apart), under the model's set-up
+    from jaxedit.detox import estimate
+
+    calls = []
+    monkeypatch.setattr(pipeline, "report", real)
+    monkeypatch.setattr(estimate, "begin", lambda stage: calls.append(("begin", stage)))
+    monkeypatch.setattr(estimate, "record", lambda c, part, setup: calls.append(("record", part, setup)))
+    run_study(model, tok, cfg, d, stages=("edit", "report"), progress=False)
+    setup = estimate.model_setup(model)
+    assert calls == [("begin", "edit"), ("record", "edit", setup), ("record", "edit-methods", setup),
+                     ("begin", "report"), ("record", "report", setup)]
 
 
 @pytest.mark.slow
