@@ -196,10 +196,16 @@ def sample(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, s
     return out
 
 
+def prompt_token_ids(tokenizer, prompts: Sequence[str]) -> list:
+    """Each text prompt's token ids as the tokenizer makes them by default (a LLaMA tokenizer's BOS included); an
+    empty prompt is BOS alone (token 0 for a tokenizer without one)."""
+    return [list(tokenizer(p)["input_ids"]) or [tokenizer.bos_token_id or 0] for p in prompts]
+
+
 def sample_texts(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, **kw) -> list:
     """:func:`sample` on text prompts; returns ``out[i][j]``, the decoded continuation (prompt not included),
     stopped at the tokenizer's end-of-sequence token."""
-    ids = [list(tokenizer(p)["input_ids"]) or [tokenizer.bos_token_id or 0] for p in prompts]
+    ids = prompt_token_ids(tokenizer, prompts)
     if tokenizer.eos_token_id is not None:
         kw.setdefault("stop_ids", [tokenizer.eos_token_id])
     new = sample(model, ids, max_new_tokens, **kw)
@@ -258,8 +264,7 @@ def generate_ids(model, prompt_ids: Sequence[Sequence[int]], new_tokens: int, *,
 def generate(model, tokenizer, prompts: Sequence[str], new_tokens: int, *, top_k: Optional[int] = 5, seed: int = 0,
              temperature: float = 1.0) -> list:
     """Sample continuations of text prompts (top-k at ``temperature``); returns the decoded texts, prompt included.
-    Prompts are tokenized as the tokenizer does by default (a LLaMA tokenizer's BOS included), as in
-    :func:`sample_texts`; an empty prompt starts from BOS (or token 0)."""
-    ids = [list(tokenizer(p)["input_ids"]) or [tokenizer.bos_token_id or 0] for p in prompts]
+    Prompts are tokenized by :func:`prompt_token_ids`, as in :func:`sample_texts`."""
+    ids = prompt_token_ids(tokenizer, prompts)
     out = generate_ids(model, ids, new_tokens, top_k=top_k, seed=seed, temperature=temperature)
     return [tokenizer.decode(o, skip_special_tokens=True) for o in out]

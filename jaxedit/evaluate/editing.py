@@ -65,7 +65,7 @@ from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.evaluate.metrics import ngram_entropy
 from jaxedit.forward import apply
-from jaxedit.generate import sample
+from jaxedit.generate import prompt_token_ids, sample
 from jaxedit.model import params_of
 from jaxedit.runtime import default_memory_budget
 
@@ -314,7 +314,7 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_out_len: int
     blank lines joined by a space)."""
     if not prompts:
         return []
-    ids = [list(tokenizer(p)["input_ids"]) or [tokenizer.bos_token_id or 0] for p in prompts]
+    ids = prompt_token_ids(tokenizer, prompts)
     shortest = min(len(i) for i in ids)
     if shortest >= max_out_len:
         raise JaxeditError(f"max_out_len {max_out_len} leaves no room after prompts of {shortest} tokens")

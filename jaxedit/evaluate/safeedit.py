@@ -46,7 +46,7 @@ from jaxedit.errors import JaxeditError, json_problem
 from jaxedit.evaluate.metrics import ngram_entropy
 from jaxedit.evaluate.toxicity import get_scorer
 from jaxedit.forward import apply_jit
-from jaxedit.generate import sample
+from jaxedit.generate import prompt_token_ids, sample
 from jaxedit.model import params_of
 
 DEMO_CASES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "safeedit_demo.json")
@@ -235,11 +235,7 @@ def safe_value(text: str, score: float) -> float:
 def prompt_ids(tokenizer, texts: Sequence[str], max_len: int) -> list:
     """Token ids of each text, cut from the left to at most ``max_len`` tokens (the request is usually at the
     end of a long attack prompt)."""
-    out = []
-    for t in texts:
-        ids = list(tokenizer(t)["input_ids"]) or [tokenizer.bos_token_id or 0]
-        out.append(ids[-max_len:])
-    return out
+    return [ids[-max_len:] for ids in prompt_token_ids(tokenizer, texts)]
 
 
 def generate_answers(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, bucket: Optional[int] = None):
