@@ -273,7 +273,7 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
         traced = len(read_rows(os.path.join(out, "trace", "results.jsonl"))) if have("trace/results.jsonl") else 0
         units["localize"] = None if n_edit is None else max(n_edit - traced, 0)
     if "edit" in stages:  # the deletions and the other methods' runs are timed apart (jaxedit.detox.estimate)
-        units["edit"] = sum(not edited_run(rid) for rid in grid)
+        units["edit"] = n_runs - done
         units["edit-methods"] = sum(not edited_run(rid) for rid in method_ids)
     if "evaluate" in stages:
         evaluated = {r["run"] for r in read_rows(os.path.join(out, "runs.jsonl"))} if have("runs.jsonl") else set()
