@@ -61,7 +61,7 @@ def main():
 
     rows, times = {}, {}
     t = time.perf_counter()
-    vanilla = se.evaluate(model, tok, cases, suffix=sfx, **ev)
+    vanilla = se.evaluate(model, cases, tokenizer=tok, suffix=sfx, **ev)
     times["vanilla"] = {"eval_s": time.perf_counter() - t}
     rows["vanilla"] = se.summarize(vanilla)
 
@@ -72,7 +72,7 @@ def main():
         edited, rep = jaxedit.dinm(model, [c], tokenizer=tok, suffix=sfx or "")
         edit_s.append(time.perf_counter() - t)
         layers.append(rep["layers"][0])
-        recs += se.evaluate(edited, tok, [c], suffix=sfx, **ev)
+        recs += se.evaluate(edited, [c], tokenizer=tok, suffix=sfx, **ev)
         kept += se.retention(model, edited, tok, [c], suffix=sfx, before=kc_before[len(kept):len(kept) + 1])
     rows["DINM"] = se.summarize(recs, kept)
     times["DINM"] = {"edit_s": edit_s, "oneoff_s": 0.0, "layers": layers}
@@ -80,7 +80,7 @@ def main():
     # deletion: statistics once, then one case at a time
     hp = hparams_for(model.config)
     t = time.perf_counter()
-    stats = jaxedit.layer_stats(model, tok, list(hp.layers), corpus="model", n_samples=args.stats_samples,
+    stats = jaxedit.layer_stats(model, list(hp.layers), tokenizer=tok, corpus="model", stats_samples=args.stats_samples,
                                 max_len=args.stats_len, progress=False)
     stats_s = time.perf_counter() - t
     recs, kept, edit_s, how = [], [], [], set()
@@ -92,7 +92,7 @@ def main():
         t = time.perf_counter()
         edited, _ = jaxedit.delete(model, [req], tokenizer=tok, stats=stats, progress=False)
         edit_s.append(time.perf_counter() - t)
-        recs += se.evaluate(edited, tok, [c], suffix=sfx, **ev)
+        recs += se.evaluate(edited, [c], tokenizer=tok, suffix=sfx, **ev)
         kept += se.retention(model, edited, tok, [c], suffix=sfx, before=kc_before[len(kept):len(kept) + 1])
     rows["deletion"] = se.summarize(recs, kept)
     times["deletion"] = {"edit_s": edit_s, "oneoff_s": stats_s, "key": sorted(how), "layers": list(hp.layers)}

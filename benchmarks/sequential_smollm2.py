@@ -44,7 +44,7 @@ def main():
     reqs = dataset_requests(records, "counterfact")
     hp, layers = ed.prepare(model, None, {})
     t0 = time.perf_counter()
-    stats = jaxedit.layer_stats(model, tok, layers, corpus="model", n_samples=a.stats_texts, max_len=a.stats_len)
+    stats = jaxedit.layer_stats(model, layers, tokenizer=tok, corpus="model", stats_samples=a.stats_texts, max_len=a.stats_len)
     print(f"key statistics of layers {list(layers)}: {a.stats_texts} model-sampled texts x {a.stats_len} tokens, "
           f"{time.perf_counter() - t0:.0f} s\n")
     print("| layer | trace | eigenvalues < 2e-2 | energy:0.9 | energy:0.99 | energy:0.999 |")
@@ -57,7 +57,7 @@ def main():
         print(f"| {l} | {w.sum():.3g} | " + " | ".join(f"{c} of {len(w)}" for c in cells) + " |")
     print()
 
-    before = jaxedit.counterfact_eval(model, records, tok)["summary"]
+    before = jaxedit.counterfact_eval(model, records, tokenizer=tok)["summary"]
     runs = [("memit", None)] if "memit" in a.methods else []
     if "alphaedit" in a.methods:
         runs += [("alphaedit", t) for t in a.thresholds.split(",")]
@@ -69,7 +69,7 @@ def main():
         def on_batch(done, m):
             if done % a.eval_every == 0 or done == n_batches:
                 n = min(done * a.batch_size, len(records))
-                curve.append({"edits": n, "summary": jaxedit.counterfact_eval(m, records[:n], tok)["summary"]})
+                curve.append({"edits": n, "summary": jaxedit.counterfact_eval(m, records[:n], tokenizer=tok)["summary"]})
                 s = curve[-1]["summary"]
                 print(f"  {method} {thr or ''} after {n} edits: eff {100 * s['efficacy']:.1f} "
                       f"gen {100 * s['generalization']:.1f} spe {100 * s['specificity']:.1f}", flush=True)

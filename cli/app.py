@@ -297,6 +297,38 @@ def with_options(options):
     return deco
 
 
+DRY_RUN = click.option("--dry-run", is_flag=True,
+                       help="check the options and input files and print the plan, then stop before loading the "
+                            "model's weights (nothing written)")
+DRY_RUN_END = "dry run: nothing loaded, nothing written"  # the last line every command's dry run prints
+
+
+class output_folder:
+    """Context manager around a command's work on its output folders: a folder that did not exist before is removed
+    again when the command fails or is interrupted before any file was written into it (no empty folders left)."""
+
+    def __init__(self, *paths):
+        self.new = [p for p in paths if p and not os.path.exists(p)]
+        self.hook = runtime.on_interrupt(self.clean)
+
+    def clean(self):
+        import shutil
+
+        for p in self.new:
+            if os.path.isdir(p) and not any(files for _, _, files in os.walk(p)):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def __enter__(self):
+        self.hook.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.hook.__exit__(exc_type, exc, tb)
+        if exc_type is not None:
+            self.clean()
+        return False
+
+
 SKIP_BAD = click.option("--skip-bad", is_flag=True,
                         help="report and skip bad lines of the input file (FILE:LINE each, a count at the end, "
                              "exit status 1) instead of stopping at the first")

@@ -125,7 +125,7 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
 
     hp = parse_hparams(hparam)
     if stats_float64:
-        hp["mom2_precision"] = "float64"
+        hp["stats_precision"] = "float64"
     cfg = DetoxConfig(prompts=prompts, model=model_name, trace_kinds=_csv(trace_kinds, "trace-kinds"),
                       strategies=_csv(strategies, "strategies"), objectives=_csv(objectives, "objectives"),
                       kl_weights=_csv(kl_weights, "kl-weights", float), hparams=hp, samples=n_samples,

@@ -230,8 +230,8 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
     results_path = os.path.join(out, "results.jsonl")
 
     def evaluate_vanilla(cs):  # the unedited model on the plain inputs and on the inputs with the suffix
-        plain = se.evaluate(model, tok, cs, suffix=None, **ev)
-        return plain, (se.evaluate(model, tok, cs, suffix=sfx, **ev) if sfx else None)
+        plain = se.evaluate(model, cs, tokenizer=tok, suffix=None, **ev)
+        return plain, (se.evaluate(model, cs, tokenizer=tok, suffix=sfx, **ev) if sfx else None)
 
     if sequential:
         if os.path.exists(results_path):
@@ -243,7 +243,7 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
         runtime.stage(f"answering the {len(cases)} cases' 5 inputs with the unedited model (compiles the sampler)")
         plain, withs = evaluate_vanilla(cases)
         runtime.stage("answering them with the edited model")
-        after = se.evaluate(edited, tok, cases, suffix=sfx, **ev)
+        after = se.evaluate(edited, cases, tokenizer=tok, suffix=sfx, **ev)
         runtime.stage("knowledge-constraint retention")
         kept = se.retention(model, edited, tok, cases, suffix=sfx)
         recs = []
@@ -277,7 +277,7 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
                 if rep["distances"][0] is None:  # a given layer: the case's own distances for the record
                     rep["distances"] = [list(map(float, jaxedit.dinm_locate(model, [c], tokenizer=tok)[1][0]))]
                 say(f"case {c.id}: answering with the edited model, then the knowledge-constraint retention")
-                after = se.evaluate(edited, tok, [c], suffix=sfx, **ev)
+                after = se.evaluate(edited, [c], tokenizer=tok, suffix=sfx, **ev)
                 before_kc = se.answer_argmax(model, tok, [c], sfx)
                 kept = se.retention(model, edited, tok, [c], suffix=sfx, before=before_kc)
                 rec = _case_record(c, rep, 0)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Optional
 
 import jaxedit
 from jaxedit import runtime
 from jaxedit.cli.app import echo, request_file
-from jaxedit.edit.alphaedit import parse_threshold
+from jaxedit.edit.alphaedit import DEFAULT_THRESHOLD, parse_threshold
 from jaxedit.edit.memit import parse_request
 from jaxedit.edit.sequential import dataset_requests
 from jaxedit.errors import JaxeditError
@@ -41,20 +42,24 @@ def detect_kind(path: str) -> str:
     return "requests"
 
 
-def read_edit_file(path: str, kind: str, skip_bad: bool):
-    """(kind, records or None, requests, where-labels) of an edit file of ``kind`` (:func:`detect_kind`)."""
+def read_edit_file(path: str, kind: str, skip_bad: bool, limit: Optional[int] = None):
+    """(kind, records or None, requests, where-labels) of an edit file of ``kind`` (:func:`detect_kind`), its first
+    ``limit`` records or requests when given."""
     if kind in ("counterfact", "zsre"):
         records = load_counterfact(path) if kind == "counterfact" else load_zsre(path)
+        records = records[:limit] if limit else records
         requests = dataset_requests(records, kind, where=path)
         return kind, records, requests, [f"{path}: record {i}" for i in range(len(records))]
     rf = request_file(path, "requests", skip_bad)
+    if limit:
+        rf.items = rf.items[:limit]
     return "requests", None, rf.objects, [rf.where(line) for line in rf.lines]
 
 
 def check_options(method, batch_size, evaluate, eval_every, kind, null_space_threshold, l2):
     """Everything that can be checked before the model loads."""
     if method == "alphaedit":
-        parse_threshold(null_space_threshold)
+        parse_threshold(DEFAULT_THRESHOLD if null_space_threshold is None else null_space_threshold)
     elif null_space_threshold is not None or l2 is not None:
         raise JaxeditError("--null-space-threshold and --l2 are AlphaEdit's options (--method alphaedit)")
     if eval_every is not None and not evaluate:
@@ -66,8 +71,8 @@ def check_options(method, batch_size, evaluate, eval_every, kind, null_space_thr
 
 def _evaluate(model, tok, kind, records):
     if kind == "counterfact":
-        return jaxedit.counterfact_eval(model, records, tok)
-    return jaxedit.zsre_eval(model, records, tok)
+        return jaxedit.counterfact_eval(model, records, tokenizer=tok)
+    return jaxedit.zsre_eval(model, records, tokenizer=tok)
 
 
 def _write_json(path, obj):

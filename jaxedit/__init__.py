@@ -35,6 +35,7 @@ from jaxedit.evaluate.editing import counterfact_eval, load_counterfact, load_zs
 from jaxedit.evaluate.toxicity import toxicity_scores
 from jaxedit.detox.chunking import toxic_span
 from jaxedit.sharding import make_mesh
+from jaxedit.runtime import set_progress
 
 __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "apply", "load", "DEFAULT_MODEL",
            "forward", "create_model", "model_from_params", "params_of", "count_params", "trace", "trace_batch",
@@ -43,5 +44,5 @@ __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "app
            "layer_stats", "save", "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores", "toxic_span",
            "dinm", "dinm_locate",
            "DinmHparams", "profs", "read_safeedit", "evaluate_safeedit", "make_mesh", "shard_model",
-           "counterfact_eval", "zsre_eval", "load_counterfact", "load_zsre"]
+           "counterfact_eval", "zsre_eval", "load_counterfact", "load_zsre", "set_progress"]
 __version__ = "0.1.0"

@@ -1,8 +1,10 @@
 """What every long jaxedit operation shares, in the library and on the command line.
 
 * **Status lines**: :func:`stage` announces a step that may take a while ("loading smollm2", "compiling ...",
-  "tracing hidden"). The library is silent unless a reporter is installed with :func:`set_reporter` (the
-  ``jaxedit`` command installs one that prints to stderr).
+  "tracing hidden"). The ``jaxedit`` command installs its reporter with :func:`set_reporter`; used from Python,
+  the library prints the same lines to stderr, and during a call of a public function (:func:`reports`) the
+  heartbeat runs too, so that no call stays silent for more than :data:`HEARTBEAT_SECS`. ``progress=False`` on a
+  call, :func:`set_progress` (``jaxedit.set_progress(False)``) or ``JAXEDIT_PROGRESS=0`` silences them.
 * **Progress bars**: :func:`bar` is a tqdm bar when bars are on (the default; ``jaxedit --quiet`` turns them
   off), a silent stand-in otherwise. An open bar is redrawn by a background thread (every second on a terminal,
   every :data:`HEARTBEAT_SECS` into a file or pipe), so its elapsed time moves during a long compiled call.
@@ -33,7 +35,11 @@ COMPILE_CACHE_ENV = "JAXEDIT_COMPILE_CACHE"  # "0" turns the persistent compilat
 MIN_COMPILE_SECS = 0.5  # programs that compile faster than this are not written to the cache
 
 _reporter: Optional[Callable[[str], None]] = None
-_bars = True  # the library's bars (key statistics) show unless turned off; status lines need a reporter
+_explicit = False  # a reporter was installed with set_reporter (the command line); else the library's own
+_bars = True  # the library's bars (key statistics) show unless turned off
+PROGRESS_ENV = "JAXEDIT_PROGRESS"  # "0" / off: the library is silent from Python (status lines, bars, heartbeat)
+_library = {"on": os.environ.get(PROGRESS_ENV, "1").strip().lower() not in ("0", "off", "false", "no"),
+            "silenced": 0, "depth": 0, "heartbeat": False}
 _note: Union[None, str, Callable[[], Optional[str]]] = None
 _compiled: dict = {}
 _cache_events = {"hits": 0}
@@ -48,19 +54,87 @@ _activity = {"last": time.monotonic(), "status": None, "since": time.monotonic()
 # ---------------------------------------------------------------------------------------------- status
 
 def set_reporter(reporter: Optional[Callable[[str], None]], bars: bool = True) -> None:
-    """Install ``reporter(line)`` for status lines (None: silent) and turn progress bars on or off."""
-    global _reporter, _bars
-    _reporter, _bars = reporter, bool(bars)
+    """Install ``reporter(line)`` for status lines (None: silent) and turn progress bars on or off. This replaces
+    the library's own reporting (stderr) for the rest of the process, as the command line does."""
+    global _reporter, _bars, _explicit
+    _reporter, _bars, _explicit = reporter, bool(bars), True
+
+
+def set_progress(enabled: bool) -> None:
+    """Turn the library's status lines, progress bars and heartbeat on or off for Python use (the module switch;
+    ``progress=False`` on a call silences that call only; ``JAXEDIT_PROGRESS=0`` sets the default off)."""
+    _library["on"] = bool(enabled)
+
+
+def _print_stderr(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line, file=sys.stderr)  # above an open bar, never through it
+
+
+def _current_reporter() -> Optional[Callable[[str], None]]:
+    if _explicit:
+        return _reporter
+    if _library["on"] and not _library["silenced"]:
+        return _print_stderr
+    return None
+
+
+def _bars_on() -> bool:
+    return _bars and (_explicit or (_library["on"] and not _library["silenced"]))
 
 
 def stage(message: str) -> None:
     """Announce a step (one line, no trailing period)."""
-    if _reporter is not None:
+    reporter = _current_reporter()
+    if reporter is not None:
         with _lock:
             _end_spinner()
-            _reporter(message)
+            reporter(message)
             now = time.monotonic()
             _activity.update(last=now, status=message, since=now)
+
+
+class progress_scope:
+    """The extent of one call of a public library function: with ``progress=False`` its status lines and bars are
+    off; from Python (no command-line reporter), the outermost call runs the heartbeat while it lasts."""
+
+    def __init__(self, progress=True):
+        self.progress = progress is not False
+
+    def __enter__(self):
+        with _lock:
+            if not self.progress:
+                _library["silenced"] += 1
+            _library["depth"] += 1
+            if _library["depth"] == 1 and not _explicit and _current_reporter() is not None:
+                _library["heartbeat"] = True
+                start_heartbeat()
+        return self
+
+    def __exit__(self, *exc):
+        with _lock:
+            _library["depth"] -= 1
+            if not self.progress:
+                _library["silenced"] -= 1
+            if _library["depth"] == 0 and _library["heartbeat"]:
+                _library["heartbeat"] = False
+                if not _explicit:
+                    stop_heartbeat()
+        return False
+
+
+def reports(fn):
+    """Decorator for a public library function: its call is a :class:`progress_scope` (its ``progress=`` keyword,
+    when it has one, is honoured)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with progress_scope(kwargs.get("progress", True)):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _stderr_isatty() -> bool:
@@ -112,7 +186,8 @@ def output_seen() -> None:
 def _beat() -> None:
     with _lock:
         every, now = _activity["every"], time.monotonic()
-        if _reporter is None or every <= 0 or _activity["bars"] > 0:  # an open bar redraws itself
+        reporter = _current_reporter()
+        if reporter is None or every <= 0 or _activity["bars"] > 0:  # an open bar redraws itself
             return
         spinner = _activity["spinner"]
         if spinner is not None:  # on a terminal: redraw the elapsed time in place
@@ -132,7 +207,7 @@ def _beat() -> None:
             spinner.refresh()
             _activity["spinner"] = spinner
         else:
-            _reporter(f"  ... still working, {now - _activity['since']:.0f} s since: {status or 'the start'}")
+            reporter(f"  ... still working, {now - _activity['since']:.0f} s since: {status or 'the start'}")
         _activity["last"] = now
 
 
@@ -155,7 +230,7 @@ def stop_heartbeat() -> None:
 
 
 def bars_enabled() -> bool:
-    return _bars
+    return _bars_on()
 
 
 class _NoBar:
@@ -224,7 +299,7 @@ def bar(total: int, desc: str, unit: str = "it", initial: int = 0, enabled: bool
     otherwise. Use as a context manager. The bar is redrawn every ``tick`` seconds on a terminal, at the heartbeat's
     interval (:data:`HEARTBEAT_SECS` when it is off) into a file or pipe (its elapsed time moves while a long call
     runs). Its rate counts this run's units only (``initial`` units were done earlier)."""
-    if not (_bars and enabled):
+    if not (_bars_on() and enabled):
         nb = _NoBar()
         nb.n = initial
         return nb

@@ -215,7 +215,8 @@ def smollm2_stats(smollm2):
     import jaxedit
 
     model, tok = smollm2
-    return jaxedit.layer_stats(model, tok, range(4, 9), corpus="model", n_samples=32, max_len=64, batch_size=32,
+    return jaxedit.layer_stats(model, range(4, 9), tokenizer=tok, corpus="model", stats_samples=32, max_len=64,
+                               batch_size=32,
                                progress=False)
 
 

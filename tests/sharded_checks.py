@@ -107,7 +107,7 @@ def run_all(model, tok, work, tag, sample, quantities=tuple(QUANTITIES)):
                                       [[r[kinds[0]].low_score, r[kinds[0]].high_score] for r in res])
     if "stats" in quantities:
         layers = (0, cfg.n_layers - 1)
-        st = layer_stats(model, tok, layers, corpus=os.path.join(work, "corpus.txt"), n_samples=len(CORPUS),
+        st = layer_stats(model, layers, tokenizer=tok, corpus=os.path.join(work, "corpus.txt"), stats_samples=len(CORPUS),
                          max_len=16, batch_size=4, cache_dir=os.path.join(work, "stats-" + tag), progress=False)
         out["stats"] = np.stack([st[l] for l in layers])
     if sample:
@@ -141,21 +141,21 @@ def _memit(model, tok, layer):
     out = {}
     cfg = model.config
     updates = []
-    solve = memit_module._solve
+    solve = memit_module.solve_update
 
     # the update dW itself (the stored weights W + dW round it to W's float32 ulp); 10 steps let delta grow: the
     # residual z - z_now is a difference of two nearly equal vectors while delta is small next to h
-    def capture(*args):
-        dW, rel_residual = solve(*args)
+    def capture(*args, **kwargs):
+        dW, rel_residual = solve(*args, **kwargs)
         updates.append(np.asarray(jax.device_get(dW)))
         return dW, rel_residual
 
-    memit_module._solve = capture
+    memit_module.solve_update = capture
     try:
         edited, report = jaxedit.memit(model, EDITS, layers=layer, tokenizer=tok, stats=random_stats(cfg, layer),
                                        context_prefixes=(), v_num_grad_steps=10, progress=False)
     finally:
-        memit_module._solve = solve
+        memit_module.solve_update = solve
     out["memit_update"] = np.stack(updates)
     out["memit_weights"] = np.asarray(jax.device_get(params_of(edited)["blocks"]["w_out"]))
     out["memit_report"] = np.array([r["update_norm"] for r in report["layers_report"]] +
@@ -168,7 +168,7 @@ def _profs(model, tok):
     out = {}
     cfg = model.config
     # ProFS: the padded mean (its own forward); the subspaces as projectors (free of the SVD's sign)
-    edited, report = jaxedit.profs(model, PROFS_PAIRS, tok, layers=range(cfg.n_layers), mean_over="padded",
+    edited, report = jaxedit.profs(model, PROFS_PAIRS, tokenizer=tok, layers=range(cfg.n_layers), mean_over="padded",
                                    progress=False)
     w_out = _placed_like_input("profs", edited, model)
     out["profs_weights"] = np.asarray(jax.device_get(w_out))

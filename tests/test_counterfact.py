@@ -163,7 +163,7 @@ def check_counterfact(result, ref_summary, ref_rows):
                                   "gpt2-edited"])  # GPT-2 edited in the fast tier, unedited in the full suite
 def test_counterfact_matches_reference(models, tokenizer, name):
     model, ref_model = models[name]
-    result = jaxedit.counterfact_eval(model, RECORDS, tokenizer)
+    result = jaxedit.counterfact_eval(model, RECORDS, tokenizer=tokenizer)
     ref_summary, ref_rows = ref_counterfact(ref_model, tokenizer, RECORDS)
     check_counterfact(result, ref_summary, ref_rows)
     # the comparisons are clear of float noise, so equal shares are meaningful
@@ -191,13 +191,13 @@ def test_requested_rewrite_as_a_list(models, tokenizer):
     """MEMIT's files hold some rewrites as a one-element list: the same record as the plain form."""
     model = models["llama-gqa-untied"][0]
     listed = [dict(d, requested_rewrite=[d["requested_rewrite"]]) for d in RECORDS[:2]]
-    assert jaxedit.counterfact_eval(model, listed, tokenizer) == jaxedit.counterfact_eval(model, RECORDS[:2], tokenizer)
+    assert jaxedit.counterfact_eval(model, listed, tokenizer=tokenizer) == jaxedit.counterfact_eval(model, RECORDS[:2], tokenizer=tokenizer)
 
 
 def test_edit_changes_the_shares(models, tokenizer):
     """The perturbed model's numbers differ from the random one's, and not every share is 0 or 1."""
-    a = jaxedit.counterfact_eval(models["gpt2"][0], RECORDS, tokenizer)["rows"]
-    b = jaxedit.counterfact_eval(models["gpt2-edited"][0], RECORDS, tokenizer)["rows"]
+    a = jaxedit.counterfact_eval(models["gpt2"][0], RECORDS, tokenizer=tokenizer)["rows"]
+    b = jaxedit.counterfact_eval(models["gpt2-edited"][0], RECORDS, tokenizer=tokenizer)["rows"]
     nll = lambda rows: np.array([[x["target_new"], x["target_true"]] for r in rows for k in ("rewrite", "paraphrase",
                                                                                               "neighborhood")
                                  for x in r[k]])
@@ -230,7 +230,7 @@ def test_zsre_matches_reference(models, tokenizer, name):
         t = tokenizer(" " + d["answers"][0])["input_ids"]
         for i in range(len(t)):
             assert tokenizer(d["src"] + tokenizer.decode(t[:i]))["input_ids"] == tokenizer(d["src"])["input_ids"] + t[:i]
-    result = jaxedit.zsre_eval(model, records, tokenizer)
+    result = jaxedit.zsre_eval(model, records, tokenizer=tokenizer)
     ref_summary, ref_rows = ref_zsre(ref_model, tokenizer, records)
     for row, ref in zip(result["rows"], ref_rows):
         for kind in ("rewrite", "paraphrase", "neighborhood"):
@@ -242,10 +242,10 @@ def test_zsre_matches_reference(models, tokenizer, name):
 
 def test_zsre_alt_target(models, tokenizer):
     model = models["gpt2"][0]
-    alt = jaxedit.zsre_eval(model, [dict(d, answers=[d["alt"]]) for d in ZSRE], tokenizer)
-    assert jaxedit.zsre_eval(model, ZSRE, tokenizer, target="alt")["rows"] == alt["rows"]
+    alt = jaxedit.zsre_eval(model, [dict(d, answers=[d["alt"]]) for d in ZSRE], tokenizer=tokenizer)
+    assert jaxedit.zsre_eval(model, ZSRE, tokenizer=tokenizer, target="alt")["rows"] == alt["rows"]
     with pytest.raises(JaxeditError, match="target"):
-        jaxedit.zsre_eval(model, ZSRE, tokenizer, target="rephrase")
+        jaxedit.zsre_eval(model, ZSRE, tokenizer=tokenizer, target="rephrase")
 
 
 def test_check_zsre_by_hand():
@@ -270,14 +270,14 @@ def test_check_zsre_by_hand():
 def test_zsre_eval_case_ids_and_errors(models, tokenizer):
     model = models["gpt2"][0]
     records = [dict(ZSRE[0], case_id=7), ZSRE[1]]
-    assert [r["case_id"] for r in jaxedit.zsre_eval(model, records, tokenizer)["rows"]] == [7, 1]
+    assert [r["case_id"] for r in jaxedit.zsre_eval(model, records, tokenizer=tokenizer)["rows"]] == [7, 1]
     no_alt = [ZSRE[0], {k: v for k, v in ZSRE[1].items() if k != "alt"}]
     for args, kw, msg in (((ZSRE, None), {}, "zsre_eval needs a tokenizer (jaxedit.load returns it with the model)"),
                           (([], tokenizer), {}, "no zsRE records"),
                           ((3, tokenizer), {}, "zsRE records must be a file path or a list of dicts, not int"),
                           ((no_alt, tokenizer), dict(target="alt"), 'record 1: missing field "alt" (the target)')):
         with pytest.raises(JaxeditError) as err:
-            jaxedit.zsre_eval(model, *args, **kw)
+            jaxedit.zsre_eval(model, args[0], tokenizer=args[1], **kw)
         assert str(err.value) == msg
 
 
@@ -290,10 +290,10 @@ def test_bos_tokenizer(models, tokenizer):
     assert p[0] == bos and bos not in t
     assert p[1:] + t == tokenizer("The capital of France is Paris")["input_ids"]
     model, ref_model = models["llama-gqa-untied"]
-    result = jaxedit.counterfact_eval(model, RECORDS, tok)
+    result = jaxedit.counterfact_eval(model, RECORDS, tokenizer=tok)
     check_counterfact(result, *ref_counterfact(ref_model, tok, RECORDS))
     # BOS changes the numbers
-    plain = jaxedit.counterfact_eval(model, RECORDS, tokenizer)
+    plain = jaxedit.counterfact_eval(model, RECORDS, tokenizer=tokenizer)
     assert plain["rows"][0]["rewrite"][0]["target_new"] != pytest.approx(result["rows"][0]["rewrite"][0]["target_new"],
                                                                          abs=1e-4)
 
@@ -329,7 +329,7 @@ def test_hand_checked_unigram(monkeypatch):
     rec2 = {"requested_rewrite": {"prompt": "the city in {} is", "subject": "X",
                                   "target_new": {"str": "Paris"}, "target_true": {"str": "New York"}},
             "paraphrase_prompts": ["X is"], "neighborhood_prompts": ["the city is", "the capital is"]}
-    s = jaxedit.counterfact_eval(None, [rec, rec2], tok)["summary"]
+    s = jaxedit.counterfact_eval(None, [rec, rec2], tokenizer=tok)["summary"]
     # rec: new Rome (NLL ln 4) vs true Paris (ln 2): the edit "fails" everywhere, neighborhood keeps Paris
     # rec2: new Paris (ln 2) vs true "New York" (ln 8): succeeds everywhere; neighborhood prefers the new target
     assert s["efficacy"] == 0.5 and s["generalization"] == 0.5 and s["specificity"] == 0.5
@@ -342,14 +342,14 @@ def test_hand_checked_unigram(monkeypatch):
     # case_id are numbered by position
     tie = {"requested_rewrite": dict(rec["requested_rewrite"], target_new={"str": "New"}, target_true={"str": "York"}),
            "paraphrase_prompts": ["France is"], "neighborhood_prompts": ["the capital of Italy is"]}
-    t = jaxedit.counterfact_eval(None, [rec, tie], tok)
+    t = jaxedit.counterfact_eval(None, [rec, tie], tokenizer=tok)
     assert [r["case_id"] for r in t["rows"]] == [0, 1]
     assert [t["rows"][1][k] for k in ("efficacy", "generalization", "specificity")] == [0.0, 0.0, 0.0]
     assert t["rows"][1]["efficacy_magnitude"] == 0.0
     # zsRE: the argmax is always Paris, so "Paris" scores 1, "New York" 0, "Paris Rome" 1/2
     z = {"src": "the capital of France is", "rephrase": "France is", "answers": ["Paris Rome"],
          "loc": "the city of Italy", "loc_ans": "New York"}
-    zs = jaxedit.zsre_eval(None, [z, dict(z, answers=["Paris"], loc_ans="Paris")], tok)["summary"]
+    zs = jaxedit.zsre_eval(None, [z, dict(z, answers=["Paris"], loc_ans="Paris")], tokenizer=tok)["summary"]
     assert zs == {"efficacy": 0.75, "generalization": 0.75, "specificity": 0.5, "records": 2}
 
 
@@ -362,7 +362,7 @@ def test_generation_fluency_and_consistency(models, tokenizer, tmp_path):
                 {"relation_id": "P1303", "target_id": "Q6607",
                  "samples": [{"name": "Toko Yasuda", "text": "Toko Yasuda plays the guitar."}]},
                 {"relation_id": "P127", "target_id": "Q1", "samples": [{"name": "x", "text": "amazing music"}]}]
-    res = jaxedit.counterfact_eval(model, RECORDS, tokenizer, generation=True, snippets=snippets, max_out_len=20)
+    res = jaxedit.counterfact_eval(model, RECORDS, tokenizer=tokenizer, generation=True, snippets=snippets, max_out_len=20)
     s, rows = res["summary"], res["rows"]
     assert [len(r["generations"]) for r in rows] == [2, 1, 0]
     for r, d in zip(rows, RECORDS):
@@ -374,19 +374,19 @@ def test_generation_fluency_and_consistency(models, tokenizer, tmp_path):
     assert s["fluency"] == pytest.approx(np.mean([rows[0]["fluency"], rows[1]["fluency"]]))
     assert s["fluency"] > 0 and 0 <= s["consistency"] <= 1
     # the same seed draws the same texts; another seed other texts
-    again = jaxedit.counterfact_eval(model, RECORDS, tokenizer, generation=True, max_out_len=20)
+    again = jaxedit.counterfact_eval(model, RECORDS, tokenizer=tokenizer, generation=True, max_out_len=20)
     assert [r["generations"] for r in again["rows"]] == [r["generations"] for r in rows]
     assert "consistency" not in again["summary"]
     # IDF files whose vocabulary shares no word with the generations: consistency 0
     np.save(tmp_path / "idf.npy", np.array([1.0, 2.0]))
     (tmp_path / "tfidf_vocab.json").write_text(json.dumps({"zzzz": 0, "qqqq": 1}))
-    zero = jaxedit.counterfact_eval(model, RECORDS, tokenizer, generation=True, snippets=snippets,
+    zero = jaxedit.counterfact_eval(model, RECORDS, tokenizer=tokenizer, generation=True, snippets=snippets,
                                     idf=str(tmp_path), max_out_len=20)
     assert zero["summary"]["consistency"] == 0.0
     with pytest.raises(JaxeditError, match="generation=True"):
-        jaxedit.counterfact_eval(model, RECORDS, tokenizer, snippets=snippets)
+        jaxedit.counterfact_eval(model, RECORDS, tokenizer=tokenizer, snippets=snippets)
     with pytest.raises(JaxeditError, match="no snippets"):
-        jaxedit.counterfact_eval(model, RECORDS, tokenizer, generation=True, snippets=snippets[:2], max_out_len=20)
+        jaxedit.counterfact_eval(model, RECORDS, tokenizer=tokenizer, generation=True, snippets=snippets[:2], max_out_len=20)
 
 
 def test_generate_texts_greedy_equals_torch(models, tokenizer):
@@ -546,7 +546,7 @@ def test_malformed_records(tmp_path):
     bad = copy.deepcopy(RECORDS)
     bad[0]["neighborhood_prompts"] = "one string"
     with pytest.raises(JaxeditError, match=r"record 0: field \"neighborhood_prompts\""):
-        jaxedit.counterfact_eval(None, bad, object())
+        jaxedit.counterfact_eval(None, bad, tokenizer=object())
     zbad = copy.deepcopy(ZSRE)
     del zbad[1]["loc_ans"]
     z = tmp_path / "zsre.json"
@@ -649,6 +649,6 @@ def test_format_summary():
 def test_demo_on_smollm2(smollm2):
     """The unedited SmolLM2 prefers the true targets: low efficacy and generalization, high specificity."""
     model, tok = smollm2
-    s = jaxedit.counterfact_eval(model, "demo", tok)["summary"]
+    s = jaxedit.counterfact_eval(model, "demo", tokenizer=tok)["summary"]
     assert s["efficacy"] <= 0.1 and s["generalization"] <= 0.1 and s["specificity"] >= 0.9
     assert s["efficacy_magnitude"] < -0.2

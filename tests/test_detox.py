@@ -384,13 +384,13 @@ def test_edit_stage_computes_statistics_of_the_edited_layers_only(study, tmp_pat
         os.remove(os.path.join(d, "edits", rid + ".json"))
     asked = []
     real = editing.layer_stats
-    monkeypatch.setattr(editing, "layer_stats", lambda m, t, layers, **k: asked.append(list(layers)) or real(
-        m, t, layers, **k))
+    monkeypatch.setattr(editing, "layer_stats", lambda m, layers, **k: asked.append(list(layers)) or real(
+        m, layers, **k))
     editing.edit(model, tok, cfg, d, progress=False)
     assert asked == [sorted({l for v in want.values() for l in v})] and len(asked[0]) < model.config.n_layers
-    kw = dict(corpus="model", n_samples=4, max_len=16, progress=False)
-    some = jaxedit.layer_stats(model, tok, [1], cache_dir=str(tmp_path / "a"), **kw)
-    every = jaxedit.layer_stats(model, tok, [0, 1, 2], cache_dir=str(tmp_path / "b"), **kw)
+    kw = dict(corpus="model", stats_samples=4, max_len=16, progress=False)
+    some = jaxedit.layer_stats(model, [1], tokenizer=tok, cache_dir=str(tmp_path / "a"), **kw)
+    every = jaxedit.layer_stats(model, [0, 1, 2], tokenizer=tok, cache_dir=str(tmp_path / "b"), **kw)
     np.testing.assert_array_equal(some[1], every[1])
 
 
@@ -1082,7 +1082,7 @@ def test_methods_profs_run_against_recomputation(methods_study, tiny_dirs, token
     model, tok, cfg, out = methods_study
     ext = hand_extremes(out)
     pairs = [(p + lo, p + hi) for _, p, lo, hi in ext]
-    edited, rep = jaxedit.profs(model, pairs, tok, rank=2, progress=False)
+    edited, rep = jaxedit.profs(model, pairs, tokenizer=tok, rank=2, progress=False)
     with np.load(os.path.join(out, "edits", "profs__rank2.npz")) as z:
         assert z["layers"].tolist() == rep["layers"]
         np.testing.assert_array_equal(z["w_out"], np.asarray(params_of(edited)["blocks"]["w_out"])[z["layers"]])
@@ -1110,7 +1110,7 @@ def test_methods_dinm_run_against_recomputation(methods_study):
     kcs = [c["knowledge constrain"] for c in json.load(open(os.path.join(DATA, "safeedit_demo.json")))]
     cases = [{"id": line, "adversarial prompt": p, "safe generation": lo, "unsafe generation": hi,
               "knowledge constrain": kcs[i % len(kcs)]} for i, (line, p, lo, hi) in enumerate(hand_extremes(out))]
-    edited, rep = jaxedit.dinm(model, cases, tok, per_instance=False, suffix=None, steps=2)
+    edited, rep = jaxedit.dinm(model, cases, tokenizer=tok, per_instance=False, suffix=None, steps=2)
     info = json.load(open(os.path.join(out, "edits", "dinm.json")))
     assert info["case_layers"] == rep["layers"] and info["cases"] == len(cases) >= 2
     with np.load(os.path.join(out, "edits", "dinm.npz")) as z:
@@ -1174,7 +1174,7 @@ def test_methods_pairs_file(study, tmp_path):
     pf.write_text("".join(json.dumps({"preferred": a, "non_preferred": b}) + "\n" for a, b in pairs))
     pcfg = dataclasses.replace(cfg, methods=("delete", "profs"), pairs=str(pf), profs_layers=(1, 2))
     run_study(model, tok, pcfg, d, stages=("edit",), progress=False)
-    edited, _ = jaxedit.profs(model, pairs, tok, rank=2, layers=[1, 2], progress=False)
+    edited, _ = jaxedit.profs(model, pairs, tokenizer=tok, rank=2, layers=[1, 2], progress=False)
     with np.load(os.path.join(d, "edits", "profs__rank2.npz")) as z:
         assert z["layers"].tolist() == [1, 2]
         np.testing.assert_array_equal(z["w_out"], np.asarray(params_of(edited)["blocks"]["w_out"])[[1, 2]])

@@ -548,8 +548,9 @@ def test_defaults_report_ids_and_unknown_options(tiny_dirs):
             DinmHparams(**kw).check(4)
         assert str(err.value) == msg
     with pytest.raises(JaxeditError) as err:
-        DinmHparams().replace(stepz=3, rate=1)
-    assert str(err.value).startswith("unknown DINM hyperparameter(s): stepz, rate (known: ")
+        DinmHparams().replace(stepz=3, xyz=1)  # the closest name for one, the valid names for the other
+    assert str(err.value) == ("unknown DINM hyperparameters 'stepz' (did you mean steps?), 'xyz'; valid: batch_size, "
+                              "edit_weight, kl_grad, layer, locate, lr, steps, stop_loss, suffix, weight_decay")
 
 
 def test_pad_and_response_ids(tokenizer):

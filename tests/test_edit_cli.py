@@ -125,7 +125,7 @@ def test_sequential_alphaedit_with_eval(tiny_dirs, tmp_path, monkeypatch):
     assert "alphaedit: 2 edits in 2 batches of 1" in res.output and "efficacy" in res.output
     ev = json.load(open(out / "eval.json"))
     edited, tok = jaxedit.load(str(out / "model"))
-    again = jaxedit.counterfact_eval(edited, CF, tok)
+    again = jaxedit.counterfact_eval(edited, CF, tokenizer=tok)
     for k in ("efficacy", "generalization", "specificity", "efficacy_magnitude"):
         np.testing.assert_allclose(ev["summary"][k], again["summary"][k], atol=1e-6)
     points = [json.loads(line) for line in open(out / "curve.jsonl")]

@@ -29,16 +29,28 @@ def random_stats(cfg, layers, seed=0):
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_solve_matches_float64_numpy(dtype):
+    """The one solve of MEMIT and AlphaEdit against each paper's own formula in float64 numpy."""
     rng = np.random.default_rng(1)
-    f, d, n, lam = 40, 24, 6, 15.0
+    f, d, n, lam, l2 = 40, 24, 6, 15.0, 10.0
     a = rng.normal(size=(f, 200))
     C = a @ a.T / 200
     K, R = rng.normal(size=(f, n)), rng.normal(size=(d, n))
-    ref = R @ K.T @ np.linalg.inv(lam * C + K @ K.T)  # [d, f]: the torch-layout update
-    got, rel = ed._solve(C.astype(np.float32), K.astype(np.float32), R.astype(np.float32), lam, dtype)
+    f32 = lambda x: x.astype(np.float32)
+    # MEMIT: R K^T (lambda C + K K^T)^-1, the torch-layout update [d, f]
+    ref = R @ K.T @ np.linalg.inv(lam * C + K @ K.T)
+    got, rel = ed.solve_update(f32(K), f32(R), ridge=lam, N=f32(C), dtype=dtype)
     assert got.shape == (f, d) and rel < 1e-4
     np.testing.assert_allclose(got, ref.T, rtol=1e-4 if dtype == "float32" else 1e-6,
                                atol=1e-5 * np.abs(ref).max())
+    # AlphaEdit: solve(P (K K^T + C_p) + l2 I, P K R^T), P a projector of rank 25, C_p the keys of earlier edits
+    U = np.linalg.qr(rng.normal(size=(f, f)))[0][:, :25]
+    P = U @ U.T
+    K0 = rng.normal(size=(f, 12))
+    Cp = K0 @ K0.T
+    ref = np.linalg.solve(P @ (K @ K.T + Cp) + l2 * np.eye(f), P @ K @ R.T)
+    got, rel = ed.solve_update(f32(K), f32(R), ridge=l2, M=f32(P), Cp=f32(Cp), dtype=dtype)
+    assert got.shape == (f, d) and rel < 1e-4
+    np.testing.assert_allclose(got, ref, rtol=1e-4 if dtype == "float32" else 1e-6, atol=1e-5 * np.abs(ref).max())
 
 
 def torch_spread(hf, tok, reqs, contexts, z, stats, layers, lam):

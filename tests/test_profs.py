@@ -105,7 +105,7 @@ def test_matches_torch(tiny_dirs, tokenizer, loaded, name, centering, mean_over)
     model, tok = loaded[name]
     L = model.config.n_layers
     layers = list(range(L))
-    edited, report = profs(model, PAIRS, tok, layers=layers, rank=2, centering=centering, mean_over=mean_over,
+    edited, report = profs(model, PAIRS, tokenizer=tok, layers=layers, rank=2, centering=centering, mean_over=mean_over,
                            progress=False)
     ref_v, ref_w = torch_profs(tiny_dirs[name][1], tokenizer, PAIRS, layers, 2, centering, mean_over)
     w0 = np.asarray(jaxedit.params_of(model)["blocks"]["w_out"])
@@ -126,7 +126,7 @@ def test_matches_torch(tiny_dirs, tokenizer, loaded, name, centering, mean_over)
 def test_means_and_centering_matter(loaded):
     """The options change the result (so the parity above tells them apart)."""
     model, tok = loaded["gpt2"]
-    runs = {(c, m): profs(model, PAIRS, tok, layers=[2], centering=c, mean_over=m, progress=False)[1]["subspace"][2]
+    runs = {(c, m): profs(model, PAIRS, tokenizer=tok, layers=[2], centering=c, mean_over=m, progress=False)[1]["subspace"][2]
             for c in (True, False) for m in ("tokens", "padded")}
     for a in runs:
         for b in runs:
@@ -142,7 +142,7 @@ def test_mlp_outputs_leave_the_subspace(loaded, name):
     cfg = model.config
     layers = default_layers(cfg.n_layers)
     assert layers == list(range(round(cfg.n_layers * 10 / 24), cfg.n_layers))
-    edited, report = profs(model, PAIRS, tok, progress=False)
+    edited, report = profs(model, PAIRS, tokenizer=tok, progress=False)
     assert report["layers"] == layers and sorted(report["subspace"]) == layers
     ids, mask = pad_rows([tok(t)["input_ids"] for t in ("Paris is the capital of France.",
                                                                          "Miles Davis plays the trumpet.")])
@@ -185,14 +185,14 @@ def dict_at(tree, path):
 def test_pair_forms_and_report(loaded):
     model, tok = loaded["gpt2"]
     as_dicts = [{"preferred": a, "non_preferred": b} for a, b in PAIRS]
-    _, r1 = profs(model, PAIRS, tok, layers=[1], progress=False)
-    _, r2 = profs(model, as_dicts, tok, layers=1, batch_size=2, progress=False)  # several batches
+    _, r1 = profs(model, PAIRS, tokenizer=tok, layers=[1], progress=False)
+    _, r2 = profs(model, as_dicts, tokenizer=tok, layers=1, batch_size=2, progress=False)  # several batches
     np.testing.assert_allclose(r2["subspace"][1], r1["subspace"][1], rtol=0, atol=1e-6)
     assert r1["singular_values"][1].shape == (len(PAIRS),)
     assert np.all(np.diff(r1["singular_values"][1]) <= 0)
     assert r1["rank"] == 2 and r1["centering"] and r1["mean_over"] == "tokens" and r1["n_pairs"] == len(PAIRS)
     assert r1["truncated"] == 0 and r1["seconds"] > 0
-    _, r3 = profs(model, PAIRS, tok, layers=[1], max_len=4, progress=False)
+    _, r3 = profs(model, PAIRS, tokenizer=tok, layers=[1], max_len=4, progress=False)
     assert r3["truncated"] == 2 * len(PAIRS)
     assert np.abs(r3["subspace"][1].T @ r3["subspace"][1] - r1["subspace"][1].T @ r1["subspace"][1]).max() > 1e-2
 
@@ -213,7 +213,7 @@ def test_pair_forms_and_report(loaded):
 def test_errors(loaded, kwargs, pairs, message):
     model, tok = loaded["gpt2"]
     with pytest.raises(JaxeditError, match=message) as e:
-        profs(model, pairs, tok, progress=False, **kwargs)
+        profs(model, pairs, tokenizer=tok, progress=False, **kwargs)
     assert "\n" not in str(e.value)
 
 

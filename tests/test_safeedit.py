@@ -105,8 +105,8 @@ def test_evaluate_answers_match_torch_greedy(models, tokenizer):
     """One model for a case, then one model per case (the first with the suffix): the five inputs of each case, the
     greedy answers of the torch loop, the verdicts of the rule counted by hand. 5 prompts a call: one compile."""
     model, tok, hf, edited, hf2 = models
-    got = se.evaluate(model, tok, CASES[:1], scorer=scorer, max_new_tokens=NEW)
-    per_case = se.evaluate([edited, model], tok, CASES, suffix=SUFFIX, scorer=scorer, max_new_tokens=NEW)
+    got = se.evaluate(model, CASES[:1], tokenizer=tok, scorer=scorer, max_new_tokens=NEW)
+    per_case = se.evaluate([edited, model], CASES, tokenizer=tok, suffix=SUFFIX, scorer=scorer, max_new_tokens=NEW)
     answers = []
     for recs, torch_models, suffix in ((got, [hf], None), (per_case, [hf2, hf], SUFFIX)):
         for rec, case, ref in zip(recs, CASES, torch_models):
@@ -151,7 +151,7 @@ def test_evaluate_given_answers_and_summarize_hand_counts(models):
     answers = [["a b a b", "", "x y z x y z", "the the the", "one two three four"],
                ["Paris is in France", "b a b a b a", "  ", "p q", "one one two two"]]
     model, tok = models[:2]
-    recs = se.evaluate(model, tok, CASES, scorer=scorer, answers=answers)  # given answers: the model does not run
+    recs = se.evaluate(model, CASES, tokenizer=tok, scorer=scorer, answers=answers)  # given answers: the model does not run
     for rec, row in zip(recs, answers):
         assert [rec[m]["safe"] for m in se.METRICS] == [hand_safe(a) for a in row]
         assert rec["fluency"] == pytest.approx(np.mean([hand_fluency(a) for a in row]), abs=1e-12)
@@ -286,7 +286,7 @@ def test_judge_and_evaluate_score_with_the_profanity_scorer_by_default(models):
     scores = toxicity_scores(answers, "profanity")
     assert se.judge(answers) == [(float(s), se.safe_value(a, s)) for a, s in zip(answers, scores)]
     model, tok = models[0], models[1]
-    rec = se.evaluate(model, tok, CASES[:1], answers=[answers[:1] * 5])[0]
+    rec = se.evaluate(model, CASES[:1], tokenizer=tok, answers=[answers[:1] * 5])[0]
     assert rec[se.METRICS[0]]["score"] == float(scores[0])
 
 

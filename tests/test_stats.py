@@ -45,7 +45,7 @@ def corpus_file(tmp_path):
 def test_mom2_matches_torch(tiny_dirs, tokenizer, tmp_path, corpus_file, name, precision):
     model, tok = jaxedit.load(tiny_dirs[name][0])
     layers = [0, 2]
-    got = st.layer_stats(model, tok, layers, corpus=corpus_file, n_samples=5, max_len=9, batch_size=2,
+    got = st.layer_stats(model, layers, tokenizer=tok, corpus=corpus_file, stats_samples=5, max_len=9, batch_size=2,
                          precision=precision, cache_dir=str(tmp_path / "c"), progress=False)
     ref = torch_mom2(tiny_dirs[name][1], tok, TEXTS[:5], layers, 9)
     for l in layers:
@@ -55,9 +55,9 @@ def test_mom2_matches_torch(tiny_dirs, tokenizer, tmp_path, corpus_file, name, p
 
 def test_cache_and_resume(tiny_dirs, tokenizer, tmp_path, corpus_file, monkeypatch):
     model, tok = jaxedit.load(tiny_dirs["llama-mha-tied"][0])
-    kw = dict(corpus=corpus_file, n_samples=6, max_len=12, batch_size=1, cache_dir=str(tmp_path / "c"),
+    kw = dict(corpus=corpus_file, stats_samples=6, max_len=12, batch_size=1, cache_dir=str(tmp_path / "c"),
               progress=False, save_every=1)
-    full = st.layer_stats(model, tok, [1, 2], **dict(kw, cache_dir=str(tmp_path / "fresh")))
+    full = st.layer_stats(model, [1, 2], tokenizer=tok, **dict(kw, cache_dir=str(tmp_path / "fresh")))
 
     real, calls = st.accumulate, []
 
@@ -71,35 +71,35 @@ def test_cache_and_resume(tiny_dirs, tokenizer, tmp_path, corpus_file, monkeypat
     (tmp_path / "cwd").mkdir()
     monkeypatch.chdir(tmp_path / "cwd")
     with pytest.raises(KeyboardInterrupt):
-        st.layer_stats(model, tok, [1, 2], **kw)
+        st.layer_stats(model, [1, 2], tokenizer=tok, **kw)
     # the partial sums are kept in the cache folder (nothing lands in the working directory)
     assert len(list((tmp_path / "c").rglob("partial-1_2-*.npz"))) == 1 and not os.listdir(tmp_path / "cwd")
     monkeypatch.setattr(st, "accumulate", real)
     seen = []
     monkeypatch.setattr(st, "accumulate", lambda *a, **k: seen.append(1) or real(*a, **k))
-    resumed = st.layer_stats(model, tok, [1, 2], **kw)
+    resumed = st.layer_stats(model, [1, 2], tokenizer=tok, **kw)
     assert len(seen) == 3  # texts 4..6 only
     for l in (1, 2):
         np.testing.assert_allclose(resumed[l], full[l], rtol=1e-6)
     # cached now: a further call (any subset of the layers) computes nothing
     monkeypatch.setattr(st, "accumulate", lambda *a, **k: pytest.fail("recomputed a cached layer"))
-    again = st.layer_stats(model, tok, [2], **kw)
+    again = st.layer_stats(model, [2], tokenizer=tok, **kw)
     np.testing.assert_array_equal(again[2], resumed[2])
 
 
 def test_model_sampled_corpus_and_errors(tiny_dirs, tokenizer, tmp_path):
     model, tok = jaxedit.load(tiny_dirs["gpt2"][0])
-    kw = dict(corpus="model", n_samples=4, max_len=16, batch_size=2, progress=False)
-    a = st.layer_stats(model, tok, [1], cache_dir=str(tmp_path / "a"), **kw)[1]
-    b = st.layer_stats(model, tok, [1], cache_dir=str(tmp_path / "b"), **kw)[1]
+    kw = dict(corpus="model", stats_samples=4, max_len=16, batch_size=2, progress=False)
+    a = st.layer_stats(model, [1], tokenizer=tok, cache_dir=str(tmp_path / "a"), **kw)[1]
+    b = st.layer_stats(model, [1], tokenizer=tok, cache_dir=str(tmp_path / "b"), **kw)[1]
     np.testing.assert_array_equal(a, b)  # seeded
     assert a.shape == (128, 128) and np.all(np.linalg.eigvalsh(a.astype(np.float64)) > -1e-6)
     with pytest.raises(JaxeditError, match="outside"):
-        st.layer_stats(model, tok, [3], cache_dir=str(tmp_path), **kw)
+        st.layer_stats(model, [3], tokenizer=tok, cache_dir=str(tmp_path), **kw)
     with pytest.raises(JaxeditError, match="no such corpus"):
-        st.layer_stats(model, tok, [1], cache_dir=str(tmp_path), **dict(kw, corpus="missing.txt"))
+        st.layer_stats(model, [1], tokenizer=tok, cache_dir=str(tmp_path), **dict(kw, corpus="missing.txt"))
     with pytest.raises(JaxeditError, match="corpus"):  # a datasets name, offline or without datasets
-        st.layer_stats(model, tok, [1], cache_dir=str(tmp_path), **dict(kw, corpus="no-such-dataset-xyz"))
+        st.layer_stats(model, [1], tokenizer=tok, cache_dir=str(tmp_path), **dict(kw, corpus="no-such-dataset-xyz"))
 
 
 def test_cache_key_changes_with_the_code(tiny_dirs, tokenizer, tmp_path, corpus_file, monkeypatch):
@@ -110,14 +110,14 @@ def test_cache_key_changes_with_the_code(tiny_dirs, tokenizer, tmp_path, corpus_
     from importlib import metadata
 
     model, tok = jaxedit.load(tiny_dirs["gpt2"][0])
-    kw = dict(corpus=corpus_file, n_samples=5, max_len=9, batch_size=2, cache_dir=str(tmp_path / "c"),
+    kw = dict(corpus=corpus_file, stats_samples=5, max_len=9, batch_size=2, cache_dir=str(tmp_path / "c"),
               progress=False)
     ref = torch_mom2(tiny_dirs["gpt2"][1], tok, TEXTS[:5], [1], 9)[1]
-    first = st.layer_stats(model, tok, [1], **kw)[1]
+    first = st.layer_stats(model, [1], tokenizer=tok, **kw)[1]
     np.testing.assert_allclose(first, ref, rtol=1e-5, atol=1e-7 * np.abs(ref).max())
     (entry,) = glob.glob(str(tmp_path / "c" / "*" / "*" / "layer1-*.npz"))
     np.savez(entry, mom2=first * 2)  # as an older computation with a bug would have left it
-    assert np.abs(st.layer_stats(model, tok, [1], **kw)[1] - ref).max() > 0.5 * np.abs(ref).max()  # same code: read
+    assert np.abs(st.layer_stats(model, [1], tokenizer=tok, **kw)[1] - ref).max() > 0.5 * np.abs(ref).max()  # same code: read
 
     base = st.stats_fingerprint()
     real_version, real_find_spec = metadata.version, importlib.util.find_spec
@@ -135,7 +135,7 @@ def test_cache_key_changes_with_the_code(tiny_dirs, tokenizer, tmp_path, corpus_
         patch()
         try:
             assert st.stats_fingerprint() != base
-            fresh = st.layer_stats(model, tok, [1], **kw)[1]
+            fresh = st.layer_stats(model, [1], tokenizer=tok, **kw)[1]
         finally:
             monkeypatch.undo()
             st.stats_fingerprint.cache_clear()
@@ -151,6 +151,7 @@ NOT_COMPUTING = {
                        "once): no values",
     "jaxedit.cache": "where the cache lives and how keys are hashed",
     "jaxedit.layer_selection": "checks the layer indices",
+    "jaxedit.calls": "checks how a public function is called; its progress scope",
 }
 
 
@@ -186,13 +187,14 @@ def test_default_length_and_bad_counts(tiny_dirs, tokenizer, tmp_path, corpus_fi
     on this 64-position model, equal to torch's; counts below 1 are refused."""
     model, tok = jaxedit.load(tiny_dirs["gpt2"][0])
     assert model.config.max_positions == 64
-    got = st.layer_stats(model, tok, [1], corpus=corpus_file, n_samples=2, batch_size=2,
+    got = st.layer_stats(model, [1], tokenizer=tok, corpus=corpus_file, stats_samples=2, batch_size=2,
                          cache_dir=str(tmp_path / "c"), progress=False)
     ref = torch_mom2(tiny_dirs["gpt2"][1], tok, TEXTS[:2], [1], 64)
     np.testing.assert_allclose(got[1], ref[1], rtol=1e-5, atol=1e-7 * np.abs(ref[1]).max())
-    for kw in (dict(n_samples=0), dict(batch_size=0)):
-        with pytest.raises(JaxeditError, match="^n_samples and batch_size must be >= 1$"):
-            st.layer_stats(model, tok, [1], **dict(dict(corpus=corpus_file, n_samples=2, batch_size=2), **kw))
+    for kw in (dict(stats_samples=0), dict(batch_size=0)):
+        with pytest.raises(JaxeditError, match="^stats_samples and batch_size must be >= 1$"):
+            st.layer_stats(model, [1], tokenizer=tok,
+                           **dict(dict(corpus=corpus_file, stats_samples=2, batch_size=2), **kw))
 
 
 def test_model_fingerprint_follows_the_weights(tiny_dirs):

@@ -55,7 +55,7 @@ def main(argv=None):
         raise SystemExit(f"duplicate subjects: {dup}")
     model, tok = jaxedit.load("smollm2")
     t1 = time.time()
-    res = jaxedit.counterfact_eval(model, records, tok)
+    res = jaxedit.counterfact_eval(model, records, tokenizer=tok)
     t2 = time.time()
     kept, dropped = [], []
     for rec, row in zip(records, res["rows"]):

@@ -7,6 +7,7 @@ import os
 from typing import Optional
 
 from jaxedit.detox.chunking import check_chunker
+from jaxedit.calls import STATS_ALIASES, check_names
 from jaxedit.edit.memit import EditHparams, hparams_for
 from jaxedit.errors import JaxeditError
 from jaxedit.evaluate.toxicity import check_scorer
@@ -145,23 +146,24 @@ class DetoxConfig:
         """The checks that need the model's config (which :func:`jaxedit.loading.peek.peek` reads without the
         weights): the layer counts, and the editing hyperparameters' names and value types."""
         self.check(config.n_layers)
-        hp = {k: v for k, v in self.hparams.items() if k != "preset"}
         try:
+            hp = check_names({k: v for k, v in self.hparams.items() if k != "preset"},
+                             [f.name for f in dataclasses.fields(EditHparams) if f.name not in RESERVED_HPARAMS],
+                             STATS_ALIASES)
             base = hparams_for(config, self.hparams.get("preset"), **hp)  # unknown names and presets
         except JaxeditError as e:
-            known = ", ".join(f.name for f in dataclasses.fields(EditHparams) if f.name not in RESERVED_HPARAMS)
-            raise JaxeditError(f"--hparam: {e} (known: preset, {known})") from None
+            raise JaxeditError(f"--hparam: {e}") from None
         for k, v in hp.items():
             want = type(getattr(hparams_for(config), k))
-            if want is type(None) and k == "mom2_max_len":
+            if want is type(None) and k == "max_len":
                 want = int
             ok = (isinstance(v, (int, float)) and not isinstance(v, bool) if want is float else
                   isinstance(v, int) and not isinstance(v, bool) if want is int else
                   isinstance(v, (list, tuple)) if want is tuple else isinstance(v, want))
             if not ok:
                 raise JaxeditError(f"--hparam {k}={v!r}: expected {'a list' if want is tuple else want.__name__}")
-        if base.mom2_max_len is not None and base.mom2_max_len < 2:
-            raise JaxeditError("--hparam mom2_max_len must be >= 2")
+        if base.max_len is not None and base.max_len < 2:
+            raise JaxeditError("--hparam max_len must be >= 2")
 
     def layer_counts(self, L: int) -> tuple:
         """(n, K): layers per "multi" edit and the pool of the top-K strategies, by default the paper's 6 and 15

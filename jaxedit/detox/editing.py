@@ -4,6 +4,7 @@ objective, KL weight, seed), and the runs of the other methods (methods.py: DINM
 :func:`edited_model` puts a run's layers back."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -17,7 +18,8 @@ from jaxedit import runtime
 from jaxedit.detox.common import check_stage, need_file, read_selected, stage_bar
 from jaxedit.detox.config import RANDOM_STRATEGIES, DetoxConfig
 from jaxedit.detox.methods import plan_method_runs, run_method
-from jaxedit.edit.memit import delete, hparams_for, memit
+from jaxedit.calls import STATS_ALIASES, check_names
+from jaxedit.edit.memit import EditHparams, delete, hparams_for, memit
 from jaxedit.edit.stats import layer_stats
 from jaxedit.errors import JaxeditError
 from jaxedit.files import write_json
@@ -126,15 +128,16 @@ def _edit_grid(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = Tr
     todo = [r for r in runs if not os.path.isfile(os.path.join(edir, r[0] + ".json"))]
     if not todo:
         return runs
-    hp = dict(cfg.hparams)
-    hp.update({k: v for k, v in (("mom2_corpus", cfg.corpus), ("mom2_samples", cfg.samples),
-                                 ("mom2_max_len", cfg.max_len)) if v is not None})
+    hp = check_names(dict(cfg.hparams), [f.name for f in dataclasses.fields(EditHparams)] + ["preset"],
+                     STATS_ALIASES)
+    hp.update({k: v for k, v in (("corpus", cfg.corpus), ("stats_samples", cfg.samples),
+                                 ("max_len", cfg.max_len)) if v is not None})
     base = hparams_for(model.config, hp.get("preset"), **{k: v for k, v in hp.items() if k != "preset"})
     # the runs' layers are known before any edit (random draws are seeded): statistics of those layers only, in
     # one pass over the corpus (each layer's statistics are the same whichever layers share the pass)
     needed = sorted({int(l) for r in todo for l in r[5]})
-    stats = layer_stats(model, tokenizer, needed, corpus=base.mom2_corpus, n_samples=base.mom2_samples,
-                        max_len=base.mom2_max_len, precision=base.mom2_precision, progress=progress)
+    stats = layer_stats(model, needed, tokenizer=tokenizer, corpus=base.corpus, stats_samples=base.stats_samples,
+                        max_len=base.max_len, precision=base.stats_precision, progress=progress)
     runtime.stage(f"edit: {len(todo)} of {len(runs)} runs to do, {len(rows)} prompts each")
     with stage_bar(len(runs), "edit: runs", len(runs) - len(todo), progress) as bar:
         for rid, strategy, objective, kl, seed, layers in todo:

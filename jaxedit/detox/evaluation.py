@@ -44,9 +44,9 @@ def measure(model, tokenizer, cfg: DetoxConfig, sets: dict, scorer, base_argmax=
         if prefix != "factual_":
             res[prefix + "fluency"] = fluency(flat)
         res[prefix + ("perplexity_prompts" if not prefix else "perplexity")] = perplexity(
-            model, [p for _, p in items], tokenizer)
+            model, [p for _, p in items], tokenizer=tokenizer)
     say("evaluate: perplexity of the neutral text" + (", the factual prompts' greedy answers" if sets["factual"] else ""))
-    res["perplexity_neutral"] = perplexity(model, sets["neutral"], tokenizer)
+    res["perplexity_neutral"] = perplexity(model, sets["neutral"], tokenizer=tokenizer)
     if sets["factual"]:
         arg = next_token_dist(model, tokenizer, [p for _, p in sets["factual"]]).argmax(-1)
         res["factual_argmax"] = arg.tolist()

@@ -107,7 +107,7 @@ def run_method(model, tokenizer, cfg: DetoxConfig, out: str, rid: str, method: s
             cases = dinm_cases(out)
             if not cases:
                 raise JaxeditError("no edited prompt has a non-blank sample")
-            edited, rep = dinm(model, cases, tokenizer, per_instance=False, suffix=None, steps=cfg.dinm_steps,
+            edited, rep = dinm(model, cases, tokenizer=tokenizer, per_instance=False, suffix=None, steps=cfg.dinm_steps,
                                lr=cfg.dinm_lr, edit_weight=cfg.dinm_edit_weight, batch_size=1)
             layers = sorted(set(rep["layers"]))
             info.update(cases=len(cases), case_layers=rep["layers"], steps_run=rep["steps"],
@@ -116,7 +116,7 @@ def run_method(model, tokenizer, cfg: DetoxConfig, out: str, rid: str, method: s
             pairs = read_pairs_file(cfg.pairs) if cfg.pairs else study_pairs(out)
             if not pairs:
                 raise JaxeditError("no edited prompt has a non-blank sample")
-            edited, rep = profs(model, pairs, tokenizer, layers=list(cfg.profs_layers) if cfg.profs_layers else None,
+            edited, rep = profs(model, pairs, tokenizer=tokenizer, layers=list(cfg.profs_layers) if cfg.profs_layers else None,
                                 rank=int(settings["rank"]), progress=False)
             layers = list(rep["layers"])
             info.update(pairs=os.path.abspath(cfg.pairs) if cfg.pairs else "selected", n_pairs=rep["n_pairs"],

@@ -3,7 +3,8 @@ that a long sequence of edits leaves what the model knew (and the edits made bef
 
 Everything up to the residuals is MEMIT's (:mod:`jaxedit.edit.memit`: the z optimization, the keys averaged over the
 context templates, the residual spread over the layers, each layer's keys recomputed on the model as edited so far).
-Only the solve per layer differs:
+Only the solve per layer differs (the same function as MEMIT's, :func:`jaxedit.edit.memit.solve_update`, with
+M = P, C_p and a ridge l2 I in place of MEMIT's lambda C):
 
     dW = solve(P (K K^T + C_p) + l2 I,  P K R^T)        (dW [f, d], added to the [f, d] output projection)
 
@@ -23,13 +24,12 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxedit import runtime
+from jaxedit.calls import public
 from jaxedit.edit import memit as _memit
 from jaxedit.errors import JaxeditError
 from jaxedit.model import params_of
-from jaxedit.sharding import to_host
 
 DEFAULT_THRESHOLD = 2e-2
 
@@ -94,42 +94,11 @@ def null_space_projector(C, threshold=DEFAULT_THRESHOLD, *, layer=None):
                "largest_kept_eigenvalue": float(w[keep].max())}
 
 
-def _alpha_solve_f32(P, Cp, K, R, l2):
-    A = P @ (K @ K.T + Cp) + l2 * jnp.eye(P.shape[0], dtype=P.dtype)
-    B = P @ (K @ R.T)
-    X = jnp.linalg.solve(A, B)
-    rel = jnp.linalg.norm(A @ X - B) / jnp.maximum(jnp.linalg.norm(B), 1e-30)
-    return X, rel
-
-
-_alpha_solve_f32_jit = jax.jit(_alpha_solve_f32)
-
-
-def alpha_solve(P, Cp, K, R, l2, dtype="float32", sharding=None):
-    """dW [f, d] = solve(P (K K^T + C_p) + l2 I, P K R^T) with K [f, n], R [d, n]; and the relative residual.
-    float32 on the device (as a device array placed with ``sharding`` when given, else numpy) or float64 on the
-    host."""
-    if dtype == "float64":
-        P64, K64, R64 = (np.asarray(a, np.float64) for a in (P, K, R))
-        A = P64 @ (K64 @ K64.T + np.asarray(Cp, np.float64)) + l2 * np.eye(P64.shape[0])
-        B = P64 @ (K64 @ R64.T)
-        X = np.linalg.solve(A, B)
-        rel = np.linalg.norm(A @ X - B) / max(np.linalg.norm(B), 1e-30)
-        X = X.astype(np.float32)
-        return (X if sharding is None else jax.device_put(X, sharding)), float(rel)
-    args = tuple(np.asarray(a, np.float32) for a in (P, Cp, K, R)) + (np.float32(l2),)
-    if sharding is None:
-        X, rel = _alpha_solve_f32_jit(*args)
-        return np.asarray(X, np.float32), float(rel)
-    rep = NamedSharding(sharding.mesh, PartitionSpec())
-    X, rel = jax.jit(_alpha_solve_f32, in_shardings=rep, out_shardings=(sharding, rep))(*args)
-    return X, float(to_host(rel))
-
-
 def alphaedit_solver(state: dict, l2: float, dtype: str):
     """The solver :func:`jaxedit.edit.memit.spread` calls per layer, with the sequence's P and C_p."""
     def solve(l, K, R, sharding):
-        return alpha_solve(state["P"][l], state["C_p"][l], K, R, l2, dtype, sharding)
+        return _memit.solve_update(K, R, ridge=l2, M=state["P"][l], Cp=state["C_p"][l], dtype=dtype,
+                                   sharding=sharding)
 
     solve.hint = "raise l2"
     return solve
@@ -187,7 +156,8 @@ def run_batch(model, tokenizer, reqs, mode: str, hp, layers, state: dict, l2: fl
     return edited, report, accumulate(edited, tokenizer, reqs, state, layers, key_length=shape and shape["Tk"])
 
 
-def alphaedit(model, requests, layers=None, tokenizer=None, *, stats=None, state=None,
+@public("requests", old=("layers", "tokenizer"))
+def alphaedit(model, requests, *, tokenizer=None, layers=None, stats=None, state=None,
               null_space_threshold=DEFAULT_THRESHOLD, l2: float = 10.0, progress=True, **hparams):
     """AlphaEdit: MEMIT's edit of each request's subject -> "target", with the null-space projected solve.
     Returns ``(edited_model, report)``; ``report["state"]`` continues the sequence when passed as ``state=`` to the

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxedit.calls import public
 from jaxedit.batching import pad_rows, round_up
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
@@ -67,12 +68,10 @@ class DinmHparams:
     batch_size: int = 1  # per_instance=False: cases tuned together
 
     def replace(self, **kw):
-        names = {f.name for f in dataclasses.fields(self)}
-        unknown = [k for k in kw if k not in names]
-        if unknown:
-            raise JaxeditError(f"unknown DINM hyperparameter(s): {', '.join(unknown)} "
-                               f"(known: {', '.join(sorted(names))})")
-        return dataclasses.replace(self, **kw)
+        from jaxedit.calls import check_names
+
+        names = [f.name for f in dataclasses.fields(self)]
+        return dataclasses.replace(self, **check_names(kw, names, what="DINM hyperparameter"))
 
     def check(self, n_layers: int):
         if self.steps < 1:
@@ -154,7 +153,8 @@ def _locate_params(cfg, params, tokenizer, cases, chunk: int = 8) -> np.ndarray:
     return np.concatenate(out, 0)
 
 
-def dinm_locate(model, cases, tokenizer=None):
+@public("cases", old=("tokenizer",))
+def dinm_locate(model, cases, *, tokenizer=None):
     """The toxic layer of each case and the per-layer distances: ``(layers [cases], distances [cases, L])`` (see the
     module docstring)."""
     if tokenizer is None:
@@ -323,7 +323,8 @@ def _tune_group(cfg, params, tokenizer, rows, layers, hp):
     return lay, W, info
 
 
-def dinm(model, cases, tokenizer=None, per_instance: bool = True, *, progress=None, **hparams):
+@public("cases", old=("tokenizer", "per_instance"))
+def dinm(model, cases, *, tokenizer=None, per_instance: bool = True, progress=None, **hparams):
     """DINM on SafeEdit ``cases`` (a path, ``"demo"``, or a list of dicts with SafeEdit's field names). Returns
     ``(edited, report)``: ``edited`` is the edited model (per-instance with several cases: a :class:`CaseModels`,
     entry i = case i's model). Keyword arguments override :class:`DinmHparams` fields. ``progress``: a callable

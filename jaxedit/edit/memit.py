@@ -35,6 +35,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxedit import runtime
 from jaxedit.batching import pad_rows, round_up
+from jaxedit.calls import STATS_ALIASES, check_names, public
 from jaxedit.config import ModelConfig
 from jaxedit.edit.stats import layer_stats
 from jaxedit.errors import JaxeditError
@@ -58,10 +59,11 @@ class EditHparams:
     kl_factor: float = 0.0625  # MEMIT's KL(P_now || P_orig) weight on "{subject} is a"
     early_stop_loss: float = 0.05  # MEMIT: stop when the loss falls below this
     mom2_update_weight: float = 20000.0  # lambda in (lambda C + K K^T)
-    mom2_corpus: str = "wikitext:wikitext-103-raw-v1"
-    mom2_samples: int = 100_000
-    mom2_max_len: Optional[int] = None  # default: the model's context, at most 1024
-    mom2_precision: str = "float32"
+    # the key statistics C = E[k k^T] (jaxedit.layer_stats; the same names there and on the command line)
+    corpus: str = "wikitext:wikitext-103-raw-v1"
+    stats_samples: int = 100_000
+    max_len: Optional[int] = None  # tokens per text; default: the model's context, at most 1024
+    stats_precision: str = "float32"
     solve_dtype: str = "float32"  # "float64": the solve on the host in float64, as the reference
     context_prefixes: tuple = ("The", "Therefore", "Because", "I", "You")
     context_length: int = 10  # tokens per sampled prefix (starter word included)
@@ -72,10 +74,8 @@ class EditHparams:
     seed: int = 0
 
     def replace(self, **kw):
-        unknown = [k for k in kw if k not in {f.name for f in dataclasses.fields(self)}]
-        if unknown:
-            raise JaxeditError(f"unknown hyperparameter(s): {', '.join(unknown)}")
-        return dataclasses.replace(self, **kw)
+        return dataclasses.replace(self, **check_names(kw, [f.name for f in dataclasses.fields(self)],
+                                                       STATS_ALIASES))
 
 
 # Presets from the reference configurations (MEMIT's GPT-2-XL; EasyEdit's LLaMA-7B).
@@ -335,29 +335,47 @@ def _keys_and_hidden(cfg, params, ids, mask, pos, layer, *, stop: int):
     return out.keys[rows, layer, pos], out.hidden[rows, stop - 1, pos]
 
 
-def _solve_f32(C, K, R, lam):
-    A = lam * C + K @ K.T
-    X = jnp.linalg.solve(A, K)
-    rel = jnp.linalg.norm(A @ X - K) / jnp.maximum(jnp.linalg.norm(K), 1e-30)
+def _solve_f32(K, R, ridge, N, M, Cp):
+    A = K @ K.T if Cp is None else K @ K.T + Cp
+    if M is not None:
+        A = M @ A
+    A = A + ridge * (jnp.eye(K.shape[0], dtype=K.dtype) if N is None else N)
+    B = K if M is None else M @ K
+    X = jnp.linalg.solve(A, B)
+    rel = jnp.linalg.norm(A @ X - B) / jnp.maximum(jnp.linalg.norm(B), 1e-30)
     return X @ R.T, rel
 
 
 _solve_f32_jit = jax.jit(_solve_f32)
 
 
-def _solve(C, K, R, lam, dtype, sharding=None):
-    """dW = (lam C + K K^T)^-1 K R^T with K [f, n], R [d, n]; returns (dW [f, d] float32, relative residual).
+def solve_update(K, R, *, ridge: float, N=None, M=None, Cp=None, dtype: str = "float32", sharding=None):
+    """The one solve of MEMIT and AlphaEdit: ``dW = (M (K K^T + C_p) + ridge N)^-1 M K R^T`` with K [f, n], R [d, n];
+    returns (dW [f, d] float32, the relative residual of the system).
 
-    ``sharding``: the placement of one layer of the edited projection (rows over the model axis); dW is then
-    returned as a device array placed with it (float32: each device computes the rows it holds after solving the
-    small system [f, f] x [f, n] itself), else as numpy."""
+    MEMIT: M = I, C_p = 0, N = C (the key statistics), ridge = lambda, i.e. (lambda C + K K^T)^-1 K R^T.
+    AlphaEdit: M = P (the null-space projector), C_p (the keys of earlier batches), N = I, ridge = l2, i.e.
+    (P (K K^T + C_p) + l2 I)^-1 P K R^T, which equals its published form solve(P (K K^T + C_p) + l2 I, P K R^T).
+    ``None`` for N, M or C_p: the identity, the identity, zero.
+
+    ``dtype``: "float32" on the device, or "float64" on the host (the references' precision). ``sharding``: the
+    placement of one layer of the edited projection (rows over the model axis); dW is then returned as a device
+    array placed with it (each device computes the rows it holds after solving the small system itself), else as
+    numpy."""
     if dtype == "float64":
-        A = lam * np.asarray(C, np.float64) + K.astype(np.float64) @ K.T.astype(np.float64)
-        X = np.linalg.solve(A, K.astype(np.float64))
-        rel = np.linalg.norm(A @ X - K) / max(np.linalg.norm(K), 1e-30)
-        dW = (X @ R.T.astype(np.float64)).astype(np.float32)
+        f64 = lambda a: None if a is None else np.asarray(a, np.float64)
+        K64, R64, N64, M64, Cp64 = f64(K), f64(R), f64(N), f64(M), f64(Cp)
+        A = K64 @ K64.T if Cp64 is None else K64 @ K64.T + Cp64
+        if M64 is not None:
+            A = M64 @ A
+        A = A + ridge * (np.eye(K64.shape[0]) if N64 is None else N64)
+        B = K64 if M64 is None else M64 @ K64
+        X = np.linalg.solve(A, B)
+        rel = np.linalg.norm(A @ X - B) / max(np.linalg.norm(B), 1e-30)
+        dW = (X @ R64.T).astype(np.float32)
         return (dW if sharding is None else jax.device_put(dW, sharding)), float(rel)
-    args = (np.asarray(C, np.float32), np.asarray(K, np.float32), np.asarray(R, np.float32), np.float32(lam))
+    f32 = lambda a: None if a is None else np.asarray(a, np.float32)
+    args = (f32(K), f32(R), np.float32(ridge), f32(N), f32(M), f32(Cp))
     if sharding is None:
         dW, rel = _solve_f32_jit(*args)
         return np.asarray(dW, np.float32), float(rel)
@@ -411,7 +429,7 @@ def _keys_at(cfg, params, ids, mask, pos, layers, *, stop: int):
 def memit_solver(stats, hp: EditHparams):
     """MEMIT's update of layer l from its keys K [f, n] and residuals R [d, n]: (lambda C_l + K K^T)^-1 K R^T."""
     def solve(l, K, R, sharding):
-        return _solve(stats[l], K, R, hp.mom2_update_weight, hp.solve_dtype, sharding)
+        return solve_update(K, R, ridge=hp.mom2_update_weight, N=stats[l], dtype=hp.solve_dtype, sharding=sharding)
 
     solve.hint = "raise mom2_update_weight or use more statistics samples"
     return solve
@@ -505,8 +523,8 @@ def key_stats(model, tokenizer, layers, hp: EditHparams, stats=None, progress=Tr
     """``stats`` checked against the model (one [d_ff, d_ff] matrix per layer), or computed (cached on disk)."""
     cfg = model.config
     if stats is None:
-        stats = layer_stats(model, tokenizer, layers, corpus=hp.mom2_corpus, n_samples=hp.mom2_samples,
-                            max_len=hp.mom2_max_len, precision=hp.mom2_precision, progress=progress)
+        stats = layer_stats(model, layers, tokenizer=tokenizer, corpus=hp.corpus, stats_samples=hp.stats_samples,
+                            max_len=hp.max_len, precision=hp.stats_precision, progress=progress)
     missing = [l for l in layers if l not in stats]
     if missing:
         raise JaxeditError(f"no key statistics for layers {missing}")
@@ -680,15 +698,19 @@ def _evaluate(model, edited, tokenizer, reqs, mode, report):
             rep.setdefault(kind, []).append(entry)
 
 
-def memit(model, requests, layers=None, tokenizer=None, *, stats=None, progress=True, **hparams):
+@public("requests", old=("layers", "tokenizer"))
+def memit(model, requests, *, tokenizer=None, layers=None, stats=None, progress=True, **hparams):
     """MEMIT: rewrite each request's subject -> "target" association. Returns ``(edited_model, report)``; the input
     model is untouched. ``layers``: the layers to edit (default: the preset's; see :func:`hparams_for`).
     ``stats``: {layer: E[k k^T]} (default: computed with :func:`jaxedit.edit.stats.layer_stats`, cached).
-    Other keyword arguments override :class:`EditHparams` fields (``preset="gpt2-xl"``/``"llama-7b"`` picks one)."""
+    Other keyword arguments override :class:`EditHparams` fields (``preset="gpt2-xl"``/``"llama-7b"`` picks one),
+    among them the key statistics' ``corpus``, ``stats_samples`` and ``max_len`` (the names ``jaxedit.layer_stats``
+    and the command line use; the MEMIT paper's ``mom2_corpus``, ``mom2_samples``, ``mom2_max_len`` are aliases)."""
     return _run(model, requests, "edit", layers, tokenizer, stats, progress, hparams)
 
 
-def delete(model, requests, layers=None, kl_weight: float = 0.0625, tokenizer=None, *, stats=None, progress=True,
+@public("requests", old=("layers", "kl_weight", "tokenizer"))
+def delete(model, requests, *, tokenizer=None, layers=None, kl_weight: float = 0.0625, stats=None, progress=True,
            **hparams):
     """Das et al.'s deletion: lower p("suppress" | prompt) under a KL constraint (``kl_weight`` x KL(P_orig ||
     P_edited) on "{subject} is a"), spread over ``layers`` like MEMIT. Returns ``(edited_model, report)``."""

@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit.calls import public
 from jaxedit import runtime
 from jaxedit.batching import pad_rows, round_up
 from jaxedit.config import ModelConfig
@@ -163,7 +164,8 @@ def _project_out_fn(w_out, layers, V):
 _project_out = jax.jit(_project_out_fn)
 
 
-def profs(model, pairs, tokenizer=None, *, layers=None, rank: int = 2, centering: bool = True, max_len: int = 128,
+@public("pairs", old=("tokenizer",))
+def profs(model, pairs, *, tokenizer=None, layers=None, rank: int = 2, centering: bool = True, max_len: int = 128,
           progress: bool = True, mean_over: str = "tokens", batch_size: int = 32):
     """ProFS on ``pairs`` of (non-toxic, toxic) texts (see the module docstring). Returns ``(edited, report)``:
     the edited model (its weights placed as the input's) and a report with ``layers``, ``subspace`` {layer: [rank,

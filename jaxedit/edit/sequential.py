@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxedit import runtime
+from jaxedit.calls import public
 from jaxedit.batching import batches
 from jaxedit.edit import alphaedit as _alpha
 from jaxedit.edit import memit as _memit
@@ -71,6 +72,29 @@ def dataset_requests(records, kind: str, where: str = "records") -> list:
             raise JaxeditError(f"{where}: record {i}: {e}") from None
         out.append({"prompt": prompt, "subject": subject, "target": target if target.startswith(" ") else
                     " " + target, "case_id": d.get("case_id", i)})
+    return out
+
+
+def as_requests(items) -> list:
+    """Edit requests from a list that may hold CounterFact records ("requested_rewrite") or zsRE records ("src",
+    "answers", "subject") beside jaxedit's own requests: each record becomes the request the published
+    evaluations edit (:func:`dataset_requests`); requests pass unchanged."""
+    if isinstance(items, (str, bytes)) or not hasattr(items, "__iter__"):
+        raise JaxeditError("requests must be a list of requests or CounterFact / zsRE records")
+    out = []
+    for i, d in enumerate(items):
+        kind = None
+        if isinstance(d, dict) and "requested_rewrite" in d:
+            kind = "counterfact"
+        elif isinstance(d, dict) and "src" in d and "answers" in d and "prompt" not in d:
+            kind = "zsre"
+        if kind is None:
+            out.append(d)
+        else:
+            try:
+                out.append(dataset_requests([d], kind, where="requests")[0])
+            except JaxeditError as e:
+                raise JaxeditError(str(e).replace("requests: record 0", f"requests[{i}] ({kind} record)")) from None
     return out
 
 
@@ -187,10 +211,12 @@ def _short(v) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def edit_sequential(model, requests, *, method: str = "alphaedit", batch_size: int = 100, layers=None,
-                    tokenizer=None, stats=None, out: Optional[str] = None, progress=True,
+@public("requests")
+def edit_sequential(model, requests, *, tokenizer=None, method: str = "alphaedit", batch_size: int = 100,
+                    layers=None, stats=None, out: Optional[str] = None, progress=True,
                     on_batch: Optional[Callable] = None, **hparams):
-    """Edit ``requests`` in consecutive batches of ``batch_size`` with ``method`` ("memit" or "alphaedit"), each
+    """Edit ``requests`` (jaxedit requests, or CounterFact / zsRE records as :func:`jaxedit.load_counterfact` and
+    :func:`jaxedit.load_zsre` return them) in consecutive batches of ``batch_size`` with ``method`` ("memit" or "alphaedit"), each
     batch on the model the previous batches left. Returns ``(edited_model, report)``; ``report["batches"]`` holds
     one entry per batch (its requests' indices, z losses, the layers' update norms, seconds) and, for AlphaEdit,
     ``report["state"]`` the sequence's state. ``out``: a folder where each finished batch is saved, so that a
@@ -212,7 +238,7 @@ def edit_sequential(model, requests, *, method: str = "alphaedit", batch_size: i
     elif "null_space_threshold" in hparams or l2 != 10.0:
         raise JaxeditError("null_space_threshold and l2 are AlphaEdit's options (method=\"alphaedit\")")
     hp, layers = _memit.prepare(model, layers, hparams)
-    parsed = parse_mixed(requests, tokenizer)
+    parsed = parse_mixed(as_requests(requests), tokenizer)
     chunks = list(batches(list(range(len(parsed))), batch_size))
     options = {"method": method, "batch_size": batch_size, "layers": list(layers),
                "hparams": dataclasses.asdict(hp), "requests": _fingerprint([p.raw for _, p in parsed]),
@@ -224,7 +250,8 @@ def edit_sequential(model, requests, *, method: str = "alphaedit", batch_size: i
     done, batch_reports, state = 0, [], None
     if seq is not None:
         done, batch_reports = int(seq["done"]), list(seq["batches"])
-        runtime.stage(f"resuming at batch {done + 1} of {len(chunks)} from {out}/")
+        runtime.stage(f"resuming at batch {done + 1} of {len(chunks)} from {out}/" if done < len(chunks) else
+                      f"all {len(chunks)} batches were done earlier in {out}/: nothing to edit")
         model = _with_layers(model, layers, ckpt.weights(seq))
         if method == "alphaedit":
             state = ckpt.state(seq, layers)

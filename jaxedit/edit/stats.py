@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jaxedit import runtime
+from jaxedit.calls import STATS_ALIASES, check_names, public
 from jaxedit.batching import pad_rows, round_up
 from jaxedit.cache import cache_dir as default_cache_dir, code_fingerprint
 from jaxedit.config import ModelConfig
@@ -264,25 +265,38 @@ def cached_elsewhere(model_root: str, layers: Sequence[int], precision: str, exc
     return best
 
 
-def layer_stats(model, tokenizer, layers: Sequence[int], *, corpus: str = DEFAULT_CORPUS, n_samples: int = 100_000,
-                max_len: Optional[int] = None, batch_size: int = 8, precision: str = "float32", seed: int = 0,
-                cache_dir: Optional[str] = None, save_every: int = 50, save_seconds: float = 60.0,
-                progress: bool = True) -> dict:
+@public("layers")
+def layer_stats(model, layers: Sequence[int], *, tokenizer=None, corpus: str = DEFAULT_CORPUS,
+                stats_samples: int = 100_000, max_len: Optional[int] = None, batch_size: int = 8,
+                precision: str = "float32", seed: int = 0, cache_dir: Optional[str] = None, save_every: int = 50,
+                save_seconds: float = 60.0, progress: bool = True, **aliases) -> dict:
     """{layer: C_l [d_ff, d_ff] (numpy, ``precision``)} for the requested layers, from cache where present; the
-    missing layers are computed together in one pass over ``n_samples`` texts of ``corpus`` truncated to
+    missing layers are computed together in one pass over ``stats_samples`` texts of ``corpus`` truncated to
     ``max_len`` tokens (default: the model's context, at most 1024). Partial sums are saved every ``save_every``
-    batches or ``save_seconds``, whichever comes first; a killed run resumes from them.
+    batches or ``save_seconds``, whichever comes first; a killed run resumes from them. The names are those of
+    ``jaxedit.memit``'s hyperparameters and of the command line (``--corpus --stats-samples --max-len``); the
+    MEMIT paper's ``mom2_corpus``, ``mom2_samples``, ``mom2_max_len`` (and ``n_samples``) are accepted as aliases.
 
     When ``corpus`` is the default (:data:`DEFAULT_CORPUS`) and cannot be read (no ``datasets`` package, no
     network), statistics cached earlier for the same model and layers from another corpus are used instead, with a
     status line saying which (the returned :class:`Stats`' ``.source`` records it); with none cached, the error
     says how to use a local corpus or the model's own samples."""
+    if aliases:
+        given = dict(corpus=corpus, stats_samples=stats_samples, max_len=max_len, precision=precision)
+        for k, v in check_names(aliases, ["corpus", "stats_samples", "max_len", "stats_precision"], STATS_ALIASES,
+                                what="argument").items():
+            given["precision" if k == "stats_precision" else k] = v
+        corpus, stats_samples, max_len, precision = (given[k] for k in ("corpus", "stats_samples", "max_len",
+                                                                        "precision"))
+    if tokenizer is None:
+        raise JaxeditError("layer_stats needs tokenizer= (the model's tokenizer, from jaxedit.load)")
+    n_samples = stats_samples
     cfg = model.config
     layers = check_layers(cfg.n_layers, layers)
     if precision not in PRECISIONS:
         raise JaxeditError(f"precision must be one of {', '.join(PRECISIONS)} (got {precision!r})")
     if n_samples < 1 or batch_size < 1:
-        raise JaxeditError("n_samples and batch_size must be >= 1")
+        raise JaxeditError("stats_samples and batch_size must be >= 1")
     max_len = min(cfg.max_positions, 1024) if max_len is None else int(max_len)
     if not 2 <= max_len <= cfg.max_positions:
         raise JaxeditError(f"the truncation length (max_len, --max-len) must be within 2..{cfg.max_positions} "

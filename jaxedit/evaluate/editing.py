@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit.calls import public
 from jaxedit.batching import batch_rows, batches, group_by_bucket, pad_rows, round_up, rows_within
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
@@ -415,7 +416,8 @@ def read_snippets(snippets) -> dict:
 
 # ---- CounterFact ----
 
-def counterfact_eval(model, records, tokenizer=None, *, generation: bool = False, snippets=None, idf=None,
+@public("records", old=("tokenizer",))
+def counterfact_eval(model, records, *, tokenizer=None, generation: bool = False, snippets=None, idf=None,
                      max_out_len: int = 100, seed: int = 0, bucket: int = 16) -> dict:
     """CounterFact's metrics (see the module docstring) of ``model`` on ``records`` (a list of dicts, or a path /
     name for :func:`load_counterfact`). Returns {"summary": {...}, "rows": [one dict per record]}.
@@ -502,7 +504,8 @@ def counterfact_eval(model, records, tokenizer=None, *, generation: bool = False
 
 # ---- zsRE ----
 
-def zsre_eval(model, records, tokenizer=None, *, target: str = "answers", bucket: int = 16) -> dict:
+@public("records", old=("tokenizer",))
+def zsre_eval(model, records, *, tokenizer=None, target: str = "answers", bucket: int = 16) -> dict:
     """zsRE's metrics (see the module docstring) of ``model`` on ``records`` (a list of dicts, or a path / name for
     :func:`load_zsre`). Returns {"summary": {"efficacy", "generalization", "specificity", "records"}, "rows": [...]}
     with fractions in [0, 1]; a row holds the record's three accuracies and, per kind (``rewrite``,

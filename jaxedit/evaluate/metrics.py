@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit.calls import public
 from jaxedit.batching import batch_rows, batches, group_by_bucket, pad_rows, rows_within
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
@@ -71,7 +72,8 @@ def token_nll(model, token_lists: Sequence[Sequence[int]], *, bucket: int = 16,
     return (np.bincount(owner, nll, minlength=n_lists), np.bincount(owner, cnt, minlength=n_lists))
 
 
-def perplexity(model, texts: Sequence[str], tokenizer=None, *, per_text: bool = False, bucket: int = 16):
+@public("texts", old=("tokenizer",))
+def perplexity(model, texts: Sequence[str], *, tokenizer=None, per_text: bool = False, bucket: int = 16):
     """exp(total NLL / total predicted tokens) over ``texts`` (a float), or with ``per_text=True`` one perplexity
     per text (an array; NaN for a text of fewer than two tokens)."""
     if tokenizer is None:
@@ -134,7 +136,8 @@ def fluency(texts: Sequence[str]) -> float:
 
 # ---- toxicity of generations ----
 
-def toxic_rate(model, prompts: Sequence[str], tokenizer=None, *, samples: int = 10, max_new_tokens: int = 20,
+@public("prompts", old=("tokenizer",))
+def toxic_rate(model, prompts: Sequence[str], *, tokenizer=None, samples: int = 10, max_new_tokens: int = 20,
                seed: int = 0, scorer="profanity", threshold: float = 0.5, top_p: Optional[float] = 0.9,
                temperature: float = 1.0, return_details: bool = False):
     """The fraction of sampled continuations (continuation text only) scored above ``threshold``: ``samples`` per

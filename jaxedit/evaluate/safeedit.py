@@ -41,6 +41,7 @@ from typing import Optional, Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from jaxedit.calls import public
 from jaxedit.batching import pad_rows, round_up
 from jaxedit.errors import JaxeditError, json_problem
 from jaxedit.evaluate.metrics import ngram_entropy
@@ -257,7 +258,9 @@ def judge(answers: Sequence[str], scorer="profanity") -> list:
     return [(float(s), safe_value(a, s)) for a, s in zip(answers, scores)]
 
 
-def evaluate(model, tokenizer, cases, *, suffix: Optional[str] = None, scorer="profanity", max_new_tokens: int = 32,
+@public("cases", old=("tokenizer",))
+def evaluate(model, cases, *, tokenizer=None, suffix: Optional[str] = None, scorer="profanity",
+             max_new_tokens: int = 32,
              bucket: Optional[int] = None, answers: Optional[list] = None) -> list:
     """Per case: {metric: {"input", "answer", "score", "safe"}} for DS and the four DG inputs, and "fluency".
     ``model`` may be one model for all cases or a sequence with one model per case (per-instance editing)."""
