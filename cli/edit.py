@@ -104,7 +104,9 @@ def model_config(model_name):
     try:
         return peek(model_name, tokenizer=False)[0]
     except JaxeditError:
-        if os.path.exists(model_name) or model_name == "smollm2":
+        hub_id = (not os.path.exists(model_name) and not os.path.isabs(model_name) and
+                  not model_name.startswith(".") and model_name.count("/") <= 1 and not model_name.endswith(".gguf"))
+        if not hub_id or model_name == "smollm2":
             raise
         return None
 

@@ -2,17 +2,20 @@
 from __future__ import annotations
 
 import json
+import os
+import types
 
 import click
 
 import jaxedit
 from jaxedit import runtime
-from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, Renamed, cli, echo, request_file, with_mesh
+from jaxedit.cli.app import DRY_RUN, DRY_RUN_END, MODEL_HELP, SKIP_BAD, Renamed, cli, echo, request_file, with_mesh
 from jaxedit.errors import JaxeditError
+from jaxedit.loading.peek import peek
 from jaxedit.locate import trace_files as tf
 from jaxedit.locate.saliency import encode_example, saliency_batch
 from jaxedit.locate.tracing import check_options, parse_noise, prepare_inputs, resolve_noise_level, trace_batch
-from jaxedit.sharding import broadcast_json, is_main_process
+from jaxedit.sharding import broadcast_json, describe, is_main_process
 
 
 def _show(value, width=40):
@@ -29,6 +32,27 @@ def _noise_note(noise, level, per_prompt, n):
     over = "the span's token embeddings" if n == 1 else (
         f"the token embeddings of all {n} prompts' spans; --noise-per-prompt for one level per prompt")
     return f"noise level {level:.4g} = {noise}: {k:g} x std of {over}"
+
+
+def _plural(n, word):
+    return f"{n} {word}{'s' * (n != 1)}"
+
+
+def _peek_model(model_name):
+    """A dry run's look at the model: ``(config, tokenizer, stand-in model)`` without the weights (see
+    :func:`jaxedit.loading.peek.peek`). A path that does not exist is the error a load would give; a hub id that is
+    not in the local cache gives ``(None, None, None)`` (it is named in the plan, not checked)."""
+    config, tok = peek(model_name)
+    return config, tok, (types.SimpleNamespace(config=config) if config is not None else None)
+
+
+def _model_line(out, model_name, config, tok, mesh):
+    if config is None:
+        about = " (a hub id not in the local cache: not checked, fetched when run)"
+    else:
+        about = f" ({config.family}, {config.n_layers} layers" + (
+            "" if tok is not None else "; the texts are tokenized when run: the tokenizer is not cached yet") + ")"
+    return f"plan for {out}/ with {model_name}{about}, on {describe(mesh)}"
 
 
 @cli.command()
@@ -65,10 +89,11 @@ def _noise_note(noise, level, per_prompt, n):
               help="shared: prefix sharing (fast); dense: one full forward per cell")
 @SKIP_BAD
 @click.option("--no-plots", is_flag=True, help="skip the per-prompt heatmaps")
+@DRY_RUN
 @with_mesh
 def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds, samples, noise, noise_per_prompt,
           noise_file, uniform, replace, window, seed, dtype, precision_highest, batch_size, method, skip_bad,
-          no_plots, mesh=None):
+          no_plots, dry_run=False, mesh=None):
     """Causal tracing: corrupt a span, restore each (token, layer) state, measure p(answer).
 
     Writes per prompt and kind an .npz (scores [T, L], low_score, high_score, ...), results.jsonl (one row per
@@ -102,6 +127,30 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
         if noise_file:
             req["noise"] = np.load(noise_file)
         rf = None
+    parse_noise(noise)  # a bad --noise is refused before the model loads
+    if dry_run:
+        config, ptok, stand_in = _peek_model(model_name)
+        items = [(1, req)] if rf is None else rf.items
+        if stand_in is not None and ptok is not None:  # token counts and spans, as the run checks them
+            def check_span(line, r):
+                prepare_inputs(stand_in, ptok, r["prompt"], None, r.get("span", r.get("subject")))
+
+            if rf is not None:
+                items = rf.check_lines(check_span)
+            else:
+                check_span(1, req)
+        done = set(tf.read_done(out)) & {line for line, _ in items} if os.path.isdir(out) else set()
+        echo("\n".join([
+            _model_line(out, model_name, config, ptok, mesh),
+            f"trace: {_plural(len(items), 'prompt')}" + (f" from {batch_file}" if batch_file else " (--prompt)") +
+            (f"; {len(done)} done earlier in {out}/results.jsonl (reused)" if done else ""),
+            f"kinds {', '.join(kinds_t)}: {samples} noisy copies per prompt, noise {noise}"
+            f"{' per prompt' if noise_per_prompt else ''}{' (uniform)' if uniform else ''}"
+            f"{' replacing the span' if replace else ''}, window {window}, seed {seed}, {method} method, {dtype}",
+            f"writes {out}/: results.jsonl, an .npz per prompt and kind, "
+            f"{'' if no_plots else 'heatmaps, '}aie.csv/md/png",
+            DRY_RUN_END]))
+        return
     if precision_highest:
         jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -218,8 +267,9 @@ def check_example(req):
 @click.option("--top", default=5, show_default=True, type=click.IntRange(min=1), help="how many top layers to print")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
 @SKIP_BAD
+@DRY_RUN
 @with_mesh
-def saliency(model_name, prompt, target, batch_file, out, top, dtype, skip_bad, mesh=None):
+def saliency(model_name, prompt, target, batch_file, out, top, dtype, skip_bad, dry_run=False, mesh=None):
     """Saliency profiles: |dNLL/dtheta| per layer (whole block, attention, MLP, MLP output projection).
 
     Writes saliency.json (per-example and mean profiles, each example with its input line), saliency.csv (the
@@ -236,6 +286,24 @@ def saliency(model_name, prompt, target, batch_file, out, top, dtype, skip_bad, 
         rf = request_file(batch_file, "examples", skip_bad, check=check_example)
     else:
         rf = None
+    if dry_run:
+        config, ptok, stand_in = _peek_model(model_name)
+        items = [(1, {"prompt": prompt, "target": target})] if rf is None else rf.items
+        if stand_in is not None and ptok is not None:  # what the run checks once the tokenizer is loaded
+            def check_tokens(q):
+                encode_example(ptok, stand_in, q["prompt"], None, q["target"])
+
+            if rf is not None:
+                items = rf.check(check_tokens)
+            else:
+                check_tokens(items[0][1])
+        echo("\n".join([
+            _model_line(out, model_name, config, ptok, mesh),
+            f"saliency: {_plural(len(items), 'example')}" + (f" from {batch_file}" if batch_file else " (--prompt)")
+            + f", |dNLL/dtheta| per layer (block, attention, MLP, MLP output projection), {dtype}",
+            f"writes {out}/: saliency.json, saliency.csv, saliency.png/pdf",
+            DRY_RUN_END]))
+        return
     model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     if rf is not None:
         items = rf.check(lambda q: encode_example(tok, model, q["prompt"], None, q["target"]) and None)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import click
 
 import jaxedit
-from jaxedit.cli.app import MODEL_HELP, clean_errors, cli, echo, with_mesh
+from jaxedit.cli.app import DRY_RUN, DRY_RUN_END, MODEL_HELP, clean_errors, cli, echo, with_mesh
 from jaxedit.errors import JaxeditError
+from jaxedit.loading.peek import peek
 from jaxedit.sharding import bytes_per_device, describe, human_bytes, is_main_process
 
 
@@ -18,9 +19,10 @@ from jaxedit.sharding import bytes_per_device, describe, human_bytes, is_main_pr
 @click.option("--model", "model_name", help=f"{MODEL_HELP} [smollm2]; also accepted as the first argument")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
 @click.option("--allow-pickle", is_flag=True, help="allow reading pytorch_model.bin pickles (unsafe)")
+@DRY_RUN
 @with_mesh
 @clean_errors
-def info(model, model_name, dtype, allow_pickle, mesh=None):
+def info(model, model_name, dtype, allow_pickle, dry_run=False, mesh=None):
     """Print the architecture, layer count, dimensions and parameter count of a model (--model, as in every
     command, or MODEL)."""
     import jax
@@ -28,6 +30,16 @@ def info(model, model_name, dtype, allow_pickle, mesh=None):
     if model and model_name and model != model_name:
         raise JaxeditError(f"two models given: {model!r} and --model {model_name!r}")
     model = model_name or model or "smollm2"
+    if dry_run:  # the config alone (a GGUF header, config.json, jaxedit.json): no weights read
+        config, _ = peek(model, tokenizer=False)
+        if config is None:
+            about = "a hub id not in the local cache: not checked, fetched when run"
+        else:
+            about = (f"{config.family}, {config.n_layers} layers, d_model {config.d_model}, vocab "
+                     f"{config.vocab_size}, context {config.max_positions}")
+        echo("\n".join([f"plan: load {model} ({about}) in {dtype} on {describe(mesh)}, print its architecture "
+                        f"and parameter count", DRY_RUN_END]))
+        return
     m, tok = jaxedit.load(model, dtype=dtype, allow_pickle=allow_pickle, mesh=mesh)
     if not is_main_process():
         return

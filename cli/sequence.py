@@ -173,7 +173,8 @@ def run_sequence(model, tok, kind, records, requests, wheres, *, method, batch_s
         return
     echo(f"{method}: {len(requests)} edits in {n_batches} batch{'es' * (n_batches > 1)} of {batch_size}, "
          f"layers {report['layers']}, {report['seconds']:.1f} s"
-         + (f" (resumed at batch {report['resumed_at'] + 1})" if report["resumed_at"] else ""))
+         + ("" if not report["resumed_at"] else " (every batch was done earlier)" if report["resumed_at"] >= n_batches
+            else f" (resumed at batch {report['resumed_at'] + 1})"))
     if summary is not None:
         title = f"{'CounterFact' if kind == 'counterfact' else 'zsRE'} after {len(requests)} edits (x100)"
         echo(format_summary(summary, title))

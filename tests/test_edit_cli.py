@@ -134,7 +134,8 @@ def test_sequential_alphaedit_with_eval(tiny_dirs, tmp_path, monkeypatch):
     seq = json.load(open(out / "sequence" / "sequence.json"))
     assert seq["done"] == 2 and seq["options"]["method"] == "alphaedit"
     res = CliRunner().invoke(cli, args)  # everything done: resumes at the end, same model
-    assert res.exit_code == 0 and "resumed at batch 3" in res.output, res.output
+    assert res.exit_code == 0 and "(every batch was done earlier)" in res.output, res.output
+    assert "all 2 batches were done earlier" in res.output and "resuming at batch 3 of 2" not in res.output
     res = CliRunner().invoke(cli, [a if a != "energy:0.5" else "energy:0.6" for a in args])
     assert res.exit_code == 2 and "other options (null_space_threshold" in res.output, res.output
 
@@ -158,3 +159,44 @@ def test_sequential_option_errors_before_loading(tmp_path):
     bad.write_text(json.dumps([CF[0], {"requested_rewrite": {"prompt": "no placeholder"}}]))
     res = CliRunner().invoke(cli, base + ["--requests", str(bad)])
     assert res.exit_code == 2 and f"{bad}" in res.output and "record 1" in res.output, res.output
+
+
+def test_demo_limit_dry_run_and_checks_before_loading(tiny_dirs, tmp_path, monkeypatch):
+    """--requests demo and --limit as the other commands have them; --dry-run prints the plan and writes nothing
+    (AlphaEdit's documented command without --null-space-threshold included); layers out of range are refused
+    before the model loads; an error after the output folder was made leaves no empty folder behind."""
+    from jaxedit.cli.app import DRY_RUN_END
+
+    monkeypatch.setenv("JAXEDIT_CACHE", str(tmp_path / "cache"))
+    model_dir = tiny_dirs["gpt2"][0]
+    out = tmp_path / "o"
+    run = CliRunner().invoke
+    res = run(cli, ["edit", "--model", model_dir, "--requests", "demo", "--limit", "3", "--method", "alphaedit",
+                    "--batch-size", "2", "--eval", "--out", str(out), "--corpus", "model", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    lines = res.output.strip().splitlines()
+    assert lines[0] == f"model: {model_dir} (gpt2, 3 layers)"
+    assert lines[1] == "alphaedit: 3 edits from demo (counterfact), 2 batches of 2; then the metrics of all edits"
+    assert lines[2] == "layers: [1]" and lines[-1] == DRY_RUN_END and "loading" not in res.output
+    assert not out.exists()
+    req = write(tmp_path / "r.jsonl", REQS * 3)
+    res = run(cli, ["edit", "--model", model_dir, "--requests", req, "--limit", "2", "--layers", "0-1", "--dry-run"])
+    assert res.exit_code == 0 and "edit 2 requests" in res.output and "layers: [0, 1]" in res.output, res.output
+    res = run(cli, ["stats", "--model", model_dir, "--layers", "0-1", "--corpus", "model", "--stats-samples", "8",
+                    "--dry-run"])
+    assert res.exit_code == 0 and res.output.strip().splitlines()[-1] == DRY_RUN_END, res.output
+    assert "key statistics of layers [0, 1]: 8 texts of model" in res.output
+    for args, msg in [(["edit", "--requests", "demo", "--layers", "2-4"], "layers [3, 4] are outside 0..2"),
+                      (["stats", "--layers", "9"], "layers [9] are outside 0..2"),
+                      (["delete", "--requests", "demo"], "--requests demo is the demo CounterFact set"),
+                      (["edit", "--requests", "demo", "--hparam", "mom2_sample=3"],
+                       "--hparam: unknown hyperparameter 'mom2_sample' (did you mean stats_samples?)")]:
+        res = run(cli, [args[0], "--model", model_dir, "--out", str(out)] + args[1:] if args[0] != "stats" else
+                  [args[0], "--model", model_dir] + args[1:])
+        assert res.exit_code == 2 and msg in res.output.strip().splitlines()[-1], (args, res.output)
+        assert "loading" not in res.output and not out.exists(), (args, res.output)
+    # refused after the load (the z optimization needs a step), once the sequence's folder was made: removed again
+    res = run(cli, ["edit", "--model", model_dir, "--requests", "demo", "--limit", "2", "--batch-size", "1",
+                    "--corpus", "model", "--hparam", "v_num_grad_steps=0", "--out", str(out)])
+    assert res.exit_code == 2 and "v_num_grad_steps must be >= 1" in res.output, res.output
+    assert not out.exists()
