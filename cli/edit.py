@@ -206,7 +206,7 @@ def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, c
             os.replace(tmp, os.path.join(out, "report.json"))
         if export_hf_dir:
             runtime.stage(f"exporting {export_hf_dir}/")
-            jaxedit.export_hf(edited, tok, export_hf_dir)
+            jaxedit.export_hf(edited, export_hf_dir, tokenizer=tok)
     if not is_main_process():
         return
     tracked = "target" if mode == "edit" else "suppressed"
@@ -347,6 +347,6 @@ def export(model_name, out, dry_run, mesh=None):
         return
     model, tok = jaxedit.load(model_name, mesh=mesh)
     runtime.stage(f"writing {out}/")
-    jaxedit.export_hf(model, tok, out)
+    jaxedit.export_hf(model, out, tokenizer=tok)
     if is_main_process():
         echo(f"wrote {out}/ (config.json, model.safetensors, tokenizer)")

@@ -323,8 +323,8 @@ def persistence_checks(paths, work, report):
     pairs = list(zip(jax.tree.leaves(params_of(model)), jax.tree.leaves(params_of(back))))
     report["orbax"] = {"equal": all(bool(np.array_equal(jax.device_get(a), jax.device_get(b))) for a, b in pairs),
                        "same_shardings": all(a.sharding == b.sharding for a, b in pairs)}
-    jaxedit.export_hf(model, tok, os.path.join(work, "hf-sharded"))
-    jaxedit.export_hf(one, tok, os.path.join(work, "hf-one"))
+    jaxedit.export_hf(model, os.path.join(work, "hf-sharded"), tokenizer=tok)
+    jaxedit.export_hf(one, os.path.join(work, "hf-one"), tokenizer=tok)
     a = load_file(os.path.join(work, "hf-sharded", "model.safetensors"))
     b = load_file(os.path.join(work, "hf-one", "model.safetensors"))
     report["export"] = {"same_names": sorted(a) == sorted(b),

@@ -71,7 +71,7 @@ def test_batch_of_edits_and_export(smollm2, stats, tmp_path):
     # the exported checkpoint, loaded by transformers alone, gives the edited logits
     import transformers
 
-    jaxedit.export_hf(edited, tok, str(tmp_path / "hf"))
+    jaxedit.export_hf(edited, str(tmp_path / "hf"), tokenizer=tok)
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     ids = np.array([tok(EIFFEL["prompt"])["input_ids"]])
     with torch.no_grad():

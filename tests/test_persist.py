@@ -28,7 +28,7 @@ def test_export_hf_round_trip(tiny_dirs, tokenizer, tmp_path, name):
     model, tok = jaxedit.load(tiny_dirs[name][0])
     edited = perturbed(model)
     out = tmp_path / "hf"
-    jaxedit.export_hf(edited, tok, str(out))
+    jaxedit.export_hf(edited, str(out), tokenizer=tok)
     assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temporary directory left behind
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     with torch.no_grad():
@@ -58,7 +58,7 @@ def test_non_finite_weights_are_refused(tiny_dirs, tmp_path):
     params = jaxedit.params_of(model)
     bad = dict(params, blocks=dict(params["blocks"], w_out=params["blocks"]["w_out"].at[1, 0, 0].set(jnp.nan)))
     bad = jaxedit.model_from_params(model.config, bad)
-    for fn in (lambda p: jaxedit.save(bad, p, tokenizer=tok), lambda p: jaxedit.export_hf(bad, tok, p)):
+    for fn in (lambda p: jaxedit.save(bad, p, tokenizer=tok), lambda p: jaxedit.export_hf(bad, p, tokenizer=tok)):
         with pytest.raises(JaxeditError, match="blocks.w_out.*non-finite"):
             fn(str(tmp_path / "x"))
         assert os.listdir(tmp_path) == []  # nothing written

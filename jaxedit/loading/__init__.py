@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import os
 
+from jaxedit.calls import public
 from jaxedit.cache import cache_dir, code_fingerprint
 from jaxedit.errors import JaxeditError
 from jaxedit.loading.gguf_file import gguf_tokenizer, load_gguf
@@ -91,7 +92,8 @@ def check_finite(model) -> None:
             raise JaxeditError(f"parameter {name} holds non-finite values; nothing was written")
 
 
-def save(model, path: str, tokenizer=None) -> None:
+@public("path", old=("tokenizer",))
+def save(model, path: str, *, tokenizer=None) -> None:
     """Save a (possibly edited) model with orbax-checkpoint, atomically, in its own dtype; ``jaxedit.load(path)``
     reads it back (with the tokenizer, when given here)."""
     import jax.numpy as jnp

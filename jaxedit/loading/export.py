@@ -7,6 +7,7 @@ import os
 
 import jax.numpy as jnp
 
+from jaxedit.calls import public
 from jaxedit.errors import JaxeditError
 from jaxedit.loading import check_finite, mappings as mp
 from jaxedit.loading.native import atomic_dir
@@ -98,7 +99,8 @@ def hf_tensors(cfg, params) -> dict:
 MAX_SHARD_BYTES = 5 * 2**30
 
 
-def export_hf(model, tokenizer, path: str, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+@public("path", old=("tokenizer",))
+def export_hf(model, path: str, *, tokenizer=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
     """Write ``model`` as a Hugging Face checkpoint directory at ``path`` (atomically: a temporary sibling directory
     renamed into place). Refuses models with non-finite weights.
 
