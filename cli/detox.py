@@ -123,6 +123,7 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
     """
     import os
 
+    refuse_inapplicable(click.get_current_context(), _csv(methods, "methods"))
     hp = parse_hparams(hparam)
     if stats_float64:
         hp["stats_precision"] = "float64"
@@ -160,6 +161,42 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
     echo(f"wrote {out}/ (stage {stage})")
 
 
+# options that only one method uses: refused when given (even at their default value) without it in --methods
+METHOD_OPTIONS = {
+    "profs": ("profs_ranks", "profs_layers", "pairs"),
+    "dinm": ("dinm_steps", "dinm_lr", "dinm_edit_weight"),
+    "delete": ("strategies", "objectives", "kl_weights", "n_layers", "topk", "random_seeds", "canned",
+               "delete_objective", "trace_kinds", "trace_samples", "window"),
+}
+WHY = {"profs": "ProFS", "dinm": "DINM", "delete": "the deletion grid (and the localize stage it needs)"}
+
+
+def refuse_inapplicable(ctx, methods) -> None:
+    """Refuse an option given on the command line that no method in ``methods`` uses, naming why (one line)."""
+    from click.core import ParameterSource
+
+    for method, names in METHOD_OPTIONS.items():
+        if method in methods:
+            continue
+        for name in names:
+            if ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+                opt = next(p for p in ctx.command.params if p.name == name).opts[0]
+                raise JaxeditError(f"{opt} applies to {WHY[method]} only: add {method} to --methods "
+                                   f"(--methods is {','.join(methods)})")
+
+
+def plural(n: int, word: str, many: str = None) -> str:
+    """``1 kind``, ``3 kinds``."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
+def edited_bound(cfg: DetoxConfig, n: int) -> tuple:
+    """(edited, held out) if every one of ``n`` prompts were selected: the most the select stage can keep."""
+    n_sel = min(n, cfg.max_prompts or n)
+    n_held = int(round(cfg.heldout_fraction * n_sel)) if n_sel > 1 else 0
+    return n_sel - n_held, n_held
+
+
 def check_inputs(cfg: DetoxConfig, out: str, stages) -> None:
     """Refuse bad options and input files (one line, FILE:LINE where a file was read) without loading the model or
     writing anything: names, ranges, the prompt file, the neutral text and the factual prompts."""
@@ -181,6 +218,22 @@ def check_inputs(cfg: DetoxConfig, out: str, stages) -> None:
         if max(cfg.profs_ranks) > n:
             raise JaxeditError(f"--profs-rank {max(cfg.profs_ranks)} is more than the {n} pair{'s' * (n > 1)} of "
                                f"{cfg.pairs} give")
+    elif "profs" in cfg.methods and "edit" in stages:
+        # without --pairs, each edited prompt gives one pair: the prompts read (all selected, at most) bound them
+        sel = os.path.join(out, "selected.jsonl")
+        if os.path.isfile(sel):
+            n = sum(r.get("split") == "edit" for r in read_rows(sel))
+            what = f"{plural(n, 'edited prompt')} of {sel} give"
+        elif cfg.prompts == "demo" or os.path.isfile(cfg.prompts):
+            n_read = len(read_prompts(cfg.prompts, cfg.limit, cfg.skip_bad))
+            n = edited_bound(cfg, n_read)[0]
+            what = (f"at most {plural(n, 'edited prompt')} of the {plural(n_read, 'prompt')} read can give "
+                    f"(--heldout-fraction {cfg.heldout_fraction:g})")
+        else:
+            n = None
+        if n is not None and max(cfg.profs_ranks) > n:
+            raise JaxeditError(f"--profs-rank {max(cfg.profs_ranks)} is more than the {plural(n, 'pair')} that the "
+                               f"{what} (one pair per edited prompt; or give --pairs)")
 
 
 def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -> list:
@@ -195,7 +248,7 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
              + (f" ({config.n_layers} layers)" if config is not None else " (layers: known once the model loads)")]
     if cfg.prompts == "demo" or os.path.isfile(cfg.prompts):
         n = len(read_prompts(cfg.prompts, cfg.limit, cfg.skip_bad))
-        prompts = f"{n} prompts"
+        prompts = plural(n, "prompt")
     else:
         n, prompts = cfg.limit, f"{'up to ' + str(cfg.limit) if cfg.limit else 'every'} prompt of {cfg.prompts}"
     cands = len(read_rows(os.path.join(out, "candidates.jsonl"))) if have("candidates.jsonl") else 0
@@ -205,12 +258,12 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
     edited = f"{n_edit}" if n_edit is not None else "the selected"
     if "select" in stages:
         lines.append(f"select: {prompts} x {cfg.select_samples} continuations of {cfg.max_new_tokens} tokens"
-                     + (f" ({n * cfg.select_samples} samples)" if n else "") + (f"; {cands} prompts done earlier"
+                     + (f" ({n * cfg.select_samples} samples)" if n else "") + (f"; {plural(cands, 'prompt')} done earlier"
                                                                                  if cands else ""))
     if "localize" in stages and "delete" not in cfg.methods:
         lines.append("localize: skipped (no deletion grid in the methods)")
     elif "localize" in stages:
-        lines.append(f"localize: {edited} edited prompts x {len(cfg.trace_kinds)} kinds "
+        lines.append(f"localize: {edited} edited prompts x {plural(len(cfg.trace_kinds), 'kind')} "
                      f"({', '.join(cfg.trace_kinds)}) x {cfg.trace_samples} noisy samples"
                      + (", saliency profiles" if "saliency-multi" in cfg.strategies else ""))
     grid = grid_run_ids(cfg) if "delete" in cfg.methods else []
@@ -221,8 +274,9 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
     edited_run = lambda rid: have(f"edits/{rid}.json")  # noqa: E731
     done = sum(map(edited_run, grid))
     if "edit" in stages and "delete" in cfg.methods:
-        lines.append(f"edit: {n_runs} runs ({len(cfg.strategies)} strategies x {len(cfg.objectives)} objectives x "
-                     f"{len(cfg.kl_weights)} KL weights; random strategies x {cfg.random_seeds} seeds), each one "
+        lines.append(f"edit: {plural(n_runs, 'run')} ({plural(len(cfg.strategies), 'strategy', 'strategies')} x "
+                     f"{plural(len(cfg.objectives), 'objective')} x {plural(len(cfg.kl_weights), 'KL weight')}; "
+                     f"random strategies x {plural(cfg.random_seeds, 'seed')}), each one "
                      f"batched edit of {edited} prompts" + (f"; {done} done earlier" if done else ""))
         if config is not None:
             loc = None
@@ -263,7 +317,7 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
                 + (f", {cfg.eval_samples * n_held} on held-out prompts" if n_held else "")
                 + (f", {cfg.factual_samples} per factual prompt ({cfg.factual_samples * facts})" if facts else "")
                 + ", perplexities")
-        lines.append(f"evaluate: {1 + n_runs + len(more)} models (the unedited one and every run): {each}")
+        lines.append(f"evaluate: {plural(1 + n_runs + len(more), 'model')} (the unedited one and every run): {each}")
     if "report" in stages:
         lines.append("report: table1, table2, summary, table_methods, aie_layers, frontier")
     units = {}
@@ -278,5 +332,61 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
     if "evaluate" in stages:
         evaluated = {r["run"] for r in read_rows(os.path.join(out, "runs.jsonl"))} if have("runs.jsonl") else set()
         units["evaluate"] = sum(rid not in evaluated for rid in ["base"] + grid + method_ids)
-    lines += estimate_lines(cfg, units, setup)
+    sizes = plan_sizes(cfg, out, stages, n, sel, more, edited_run, units)
+    lines += estimate_lines(cfg, units, setup, config, sizes)
+    lines += corpus_warnings(cfg, stages)
     return lines
+
+
+def plan_sizes(cfg: DetoxConfig, out: str, stages, n, sel, more, edited_run, units) -> dict:
+    """What the FLOP estimate of a stage never measured needs (:func:`jaxedit.detox.estimate.stage_flops`): the
+    prompts' mean length, the edited and held-out prompt counts (before selection: as if every prompt were kept,
+    and ``units`` sized so), the factual prompts, the neutral text, the DINM / ProFS runs left."""
+    import os
+
+    from jaxedit.detox.estimate import text_tokens
+
+    texts = ([r["prompt"] for r in sel] if sel else [p["prompt"] for p in read_prompts(cfg.prompts, cfg.limit,
+                                                                                         cfg.skip_bad)]
+             if cfg.prompts == "demo" or os.path.isfile(cfg.prompts) else [])
+    sizes = {"methods": [m for rid, m, _ in more if not edited_run(rid)], "bound": {}}
+    if texts:
+        sizes["prompt_tokens"] = sum(map(text_tokens, texts)) / len(texts)
+    if sel is not None:
+        sizes["edited"] = sum(r["split"] == "edit" for r in sel)
+        sizes["heldout"] = sum(r["split"] == "heldout" for r in sel)
+    elif n is not None:
+        sizes["edited"], sizes["heldout"] = edited_bound(cfg, n)
+        sizes["bound"] = {s: True for s in ("localize", "edit", "edit-methods", "evaluate")}
+        if units.get("localize", 0) is None:
+            units["localize"] = sizes["edited"]
+    if "evaluate" in stages:
+        facts = read_facts(cfg.factual)
+        sizes["facts"] = len(facts)
+        if facts:
+            sizes["fact_tokens"] = sum(text_tokens(f if isinstance(f, str) else str(f)) for f in facts) / len(facts)
+        sizes["neutral_tokens"] = sum(map(text_tokens, read_texts(cfg.neutral)))
+    return sizes
+
+
+def corpus_warnings(cfg: DetoxConfig, stages) -> list:
+    """Warnings for inputs that need the datasets package when it is not installed: a stage would fail only once
+    it starts (the prompts when select runs; the key statistics' corpus when the deletion grid's edits run)."""
+    import importlib.util
+    import os
+
+    from jaxedit.edit.stats import DEFAULT_CORPUS
+
+    if importlib.util.find_spec("datasets") is not None:
+        return []
+    out = []
+    if "select" in stages and cfg.prompts != "demo" and not os.path.exists(cfg.prompts) \
+            and not cfg.prompts.endswith((".jsonl", ".json")):
+        out.append(f"warning: --prompts {cfg.prompts} is a datasets name and the datasets package is not installed: "
+                   f"the select stage will stop (pip install datasets, or give a JSONL file)")
+    corpus = cfg.corpus or cfg.hparams.get("corpus") or cfg.hparams.get("mom2_corpus") or DEFAULT_CORPUS
+    if "edit" in stages and "delete" in cfg.methods and corpus != "model" and not os.path.exists(corpus):
+        out.append(f"warning: the key statistics' corpus {corpus} is a datasets name and the datasets package is not "
+                   f"installed: the edit stage will stop unless statistics of its layers are cached (pip install "
+                   f"datasets, or --corpus model, or --corpus FILE)")
+    return out

@@ -113,15 +113,58 @@ def calibration_key(model_name: str, hp: dict, max_new_tokens: int, sequential: 
             f"suffix {bool(hp['suffix'])} | {max_new_tokens} tokens | {calibration.setup_key(dtype, mesh)}")
 
 
-def time_line(key: str, cases_left: int, sequential: bool) -> str:
+# A run never measured on this machine is priced from its FLOPs (jaxedit.calibration.from_flops): the compiles and
+# set-up in probe compiles, and the fraction of the probe's FLOP rate the work reaches (greedy decoding one token a
+# step, small tuning batches; above 1: the count is an upper bound, the bucket's padding and every step counted in
+# full), read off `jaxedit dinm --cases demo --limit 2` on SmolLM2 on the 2-core CPU machine
+# (benchmarks/bench_estimate.py, docs/benchmarks.md).
+SETUP_UNITS = 16.0
+RATE_FACTOR = 1.9
+
+
+def case_flops(config, cases, suffix, steps: int, max_new_tokens: int, n_models: int) -> float:
+    """Matmul FLOPs of the per-instance run's cases (token counts guessed as characters / 4, the plan tokenizes
+    nothing): per case, 5 inputs answered greedily by each of ``n_models`` models (the prompt bucket, a multiple of
+    64, plus ``max_new_tokens``); the location (2 forwards of the prompt with the safe and the unsafe answer);
+    ``steps`` Adam steps (forward + backward, x 3) on the unsafe-to-safe NLL and the KL input (2 sequences); the
+    retention (the knowledge constraint before and after)."""
+    from jaxedit.batching import round_up
+    from jaxedit.calibration import forward_flops
+    from jaxedit.detox.estimate import text_tokens
+
+    if not cases:
+        return 0.0
+    lens = [text_tokens(x) for c in cases for x in c.inputs(suffix) + c.inputs(None)]
+    bucket = round_up(min(max(lens), config.max_positions - max_new_tokens), 64)
+    total = 0.0
+    for c in cases:
+        p = text_tokens(with_suffix(c.prompt, suffix))
+        seq = p + max(text_tokens(c.safe), text_tokens(c.unsafe))
+        kc = text_tokens(with_suffix(c.kc_prompt, suffix)) + text_tokens(c.kc_answer)
+        total += 5 * n_models * forward_flops(config, bucket + max_new_tokens)
+        total += 2 * forward_flops(config, seq) + steps * 3 * 2 * forward_flops(config, seq)
+        total += 2 * forward_flops(config, kc)
+    return total
+
+
+def with_suffix(text: str, suffix) -> str:
+    return se.with_suffix(text, suffix)
+
+
+def time_line(key: str, cases_left: int, sequential: bool, flops: float = None, config=None) -> str:
     """The plan's time line: the measured first case (compiles included) and seconds per later case, from earlier
-    per-instance runs with the same settings on this machine (:mod:`jaxedit.calibration`)."""
+    per-instance runs with the same settings on this machine (:mod:`jaxedit.calibration`); with none, the cases'
+    ``flops`` (:func:`case_flops`) priced with this machine's probe (for the model's ``config``)."""
     if sequential:
         return "time: no estimate for --sequential runs (per-instance runs measure their cases)"
     if cases_left <= 0:
         return "time: nothing left to do (every case is in the folder)"
     stored = calibration.read("dinm").get(key, {}).get("cases")
     secs = calibration.extrapolate(stored, cases_left)
+    if secs is None and flops is not None and config is not None:
+        secs = calibration.from_flops(flops, SETUP_UNITS, calibration.machine(config), RATE_FACTOR)
+        return (f"time: ~{calibration.human(secs)}* ({cases_left} case{'s' * (cases_left != 1)}; *: estimated from "
+                f"FLOPs and a probe of this machine; this run measures it)")
     if secs is None:
         return "time: no estimate yet for these settings on this machine (this run measures it)"
     return (f"time: ~{calibration.human(secs)} ({cases_left} cases; {stored['per_unit']:.0f} s a case after the "
@@ -174,6 +217,14 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
 
     if no_suffix and suffix is not None:
         raise JaxeditError("give --suffix or --no-suffix, not both")
+    given = lambda name: click.get_current_context().get_parameter_source(name) in (  # noqa: E731
+        click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    if given("batch_size") and not sequential:
+        raise JaxeditError("--batch-size applies to --sequential runs only (a per-instance run tunes each case on "
+                           "its own): add --sequential or leave --batch-size out")
+    if given("locate") and layer is not None:
+        raise JaxeditError("--locate does not apply with --layer (a given layer is edited for every case, nothing is "
+                           "located): leave one out")
     sfx = None if no_suffix else (DEFAULT_SUFFIX if suffix is None else suffix)
     hp = dict(steps=steps, lr=lr, edit_weight=edit_weight, weight_decay=weight_decay, kl_grad=not kl_no_grad,
               locate=locate, layer=layer, suffix=sfx, batch_size=batch_size)
@@ -194,8 +245,9 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
         DinmHparams(**hp).check(config.n_layers)
     if tok is not None and config is not None:
         se.check_texts(cases, tok, sfx, config.max_positions)
-    done_before = 0 if sequential else len({str(r["id"]) for r in read_rows(os.path.join(out, "results.jsonl"))}
-                                           & {str(c.id) for c in cases})
+    done_ids = set() if sequential else ({str(r["id"]) for r in read_rows(os.path.join(out, "results.jsonl"))}
+                                         & {str(c.id) for c in cases})
+    done_before = len(done_ids)
     where = (f"layer {layer} for every case" if layer is not None else "the first case's located layer for all"
              if locate == "first" else "the layer located per case")
     n_models = 3 if sfx else 2
@@ -208,7 +260,9 @@ def dinm(model_name, cases_file, out, scorer, max_new_tokens, steps, lr, edit_we
         f"evaluate: 5 inputs per case x {n_models} models ({'vanilla, vanilla + suffix, DINM' if sfx else 'vanilla, DINM'}), "
         f"greedy answers of <= {max_new_tokens} tokens ({5 * n_models * (len(cases) - done_before)} answers), "
         f"scored by {scorer}; knowledge-constraint retention",
-        time_line(time_key, len(cases) - done_before, sequential)]
+        time_line(time_key, len(cases) - done_before, sequential,
+                  None if config is None else case_flops(config, [c for c in cases if str(c.id) not in done_ids],
+                                                         sfx, steps, max_new_tokens, n_models), config)]
     if dry_run:
         echo("\n".join(lines + ["dry run: nothing loaded, nothing written"]))
         return

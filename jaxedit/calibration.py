@@ -11,6 +11,17 @@ A plan then extrapolates:
                  command scales it)
 
 :func:`extrapolate` is that formula; ``jaxedit detox`` (:mod:`jaxedit.detox.estimate`) and ``jaxedit dinm`` use it.
+
+Before a stage has ever run on this machine, a plan prices it from its work instead (:func:`from_flops`):
+
+    estimate ~ set-up units x the probe's compile seconds + the stage's FLOPs / the probe's FLOP rate
+
+The stage's FLOPs come from its counts (tokens x :func:`forward_flops` per token, x 3 where a backward pass runs);
+:func:`machine` measures, once per machine and model shape, a short probe (about a second: one jitted scan over two
+blocks' matmuls of the model's width on 256 tokens) and keeps its FLOP rate and compile seconds in
+``<cache>/calibration/machine.json``. The set-up units (how many probe compiles a stage's compiles and set-up cost)
+and the rate factors (what fraction of the probe's rate a kind of work reaches) are constants of each command, read
+off a measured run on the 2-core CPU machine (``benchmarks/bench_estimate.py``, docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -133,9 +144,104 @@ def extrapolate(c: Optional[dict], units: Optional[int], unit_size: float = 1.0)
     return fixed + c["per_unit"] * ratio * units
 
 
+def block_flops(cfg, keys: int) -> float:
+    """Matmul FLOPs of one block for one token attending to ``keys`` keys (the projections, the MLP, the scores and
+    the weighted sum)."""
+    proj = 2 * cfg.d_model * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    mlp = 2 * cfg.d_model * cfg.d_ff * (3 if cfg.family == "llama" else 2)
+    return float(proj + mlp + 4 * keys * cfg.n_heads * cfg.head_dim)
+
+
+def forward_flops(cfg, tokens: float, keys: Optional[float] = None) -> float:
+    """Matmul FLOPs of a forward pass over ``tokens`` tokens (each attending to ``keys`` keys, by default the
+    sequence's own ``tokens``): every block, and the LM head (2 x d x vocab per token). About 2 x parameters per
+    token, the usual count; a backward pass costs twice a forward."""
+    keys = tokens if keys is None else keys
+    return float(tokens) * (cfg.n_layers * block_flops(cfg, int(keys)) + 2.0 * cfg.d_model * cfg.vocab_size)
+
+
+_PROBE_TOKENS = 256
+
+
+def _probe_flops(d: int, ff: int) -> float:
+    return 2 * 2 * _PROBE_TOKENS * (4 * d * d + 3 * d * ff)  # two blocks of 4 d x d and 3 d x ff matmuls
+
+
+def machine_key(cfg) -> str:
+    """The machine (host, CPUs, JAX's device) and the probe's shape (the model's width, capped at 2048)."""
+    import platform
+
+    import jax
+
+    dev = jax.devices()[0]
+    return (f"{platform.node()} | {os.cpu_count()} cpus | {dev.platform} {dev.device_kind} x{jax.device_count()} | "
+            f"d {min(cfg.d_model, 2048)} ff {min(cfg.d_ff, 8192)}")
+
+
+def probe(cfg) -> dict:
+    """Measure this machine: jit a scan over two blocks' matmuls (4 d x d and 3 d x d_ff, the model's width capped
+    at 2048) on 256 tokens; ``compile`` is the first call's seconds beyond a later one's, ``rate`` the FLOP/s of the
+    fastest of three later calls."""
+    import jax
+    import jax.numpy as jnp
+
+    d, ff = min(cfg.d_model, 2048), min(cfg.d_ff, 8192)
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    wa = jax.random.normal(k[0], (2, 4, d, d), jnp.float32) / d ** 0.5
+    wb = jax.random.normal(k[1], (2, 3, d, ff), jnp.float32) / d ** 0.5
+    x0 = jax.random.normal(k[2], (_PROBE_TOKENS, d), jnp.float32)
+
+    @jax.jit
+    def run(x, wa, wb):
+        def block(x, w):
+            a, b = w
+            for i in range(4):
+                x = jnp.tanh(x @ a[i])
+            h = jax.nn.silu(x @ b[0]) * (x @ b[1])
+            return x + h @ b[2].T, None
+
+        return jax.lax.scan(block, x, (wa, wb))[0].sum()
+
+    t0 = _clock()
+    run(x0, wa, wb).block_until_ready()
+    first = _clock() - t0
+    times = []
+    for i in range(3):
+        t0 = _clock()
+        run(x0 + i, wa, wb).block_until_ready()
+        times.append(_clock() - t0)
+    best = max(min(times), 1e-6)
+    return {"rate": round(_probe_flops(d, ff) / best / 1e9, 3) * 1e9, "compile": round(max(first - best, 0.01), 3),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def machine(cfg) -> dict:
+    """This machine's probe for the model's shape (:func:`probe`), measured once and kept in
+    ``<cache>/calibration/machine.json``: ``rate`` (FLOP/s) and ``compile`` (seconds)."""
+    key = machine_key(cfg)
+    allc = read("machine")
+    if key in allc:
+        return allc[key]
+    allc[key] = rec = probe(cfg)
+    try:
+        os.makedirs(os.path.dirname(_path("machine")), exist_ok=True)
+        write_json(_path("machine"), allc)
+    except OSError:
+        pass
+    return rec
+
+
+def from_flops(flops: float, setup_units: float, probe_rec: dict, rate_factor: float = 1.0) -> float:
+    """Seconds for a stage never measured on this machine: ``setup_units`` probe compiles (the stage's compiles and
+    set-up) plus its FLOPs at ``rate_factor`` x the probe's rate (see the module docstring)."""
+    return setup_units * probe_rec["compile"] + flops / (probe_rec["rate"] * rate_factor)
+
+
 def human(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
+    if seconds < 600:
+        return f"{seconds / 60:.1f} min"
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"

@@ -643,7 +643,10 @@ def test_options_are_checked_before_the_model_loads(tmp_path, tiny_dirs, monkeyp
              # these need the model's config (3 layers), read without the weights
              (["--n-layers", "4"], "error: n-layers must be within 1..3"),
              (["--topk", "1", "--n-layers", "2"], "error: topk must be within n-layers (2)..3 (got 1)"),
-             (["--hparam", "bogus=1"], "error: --hparam: unknown hyperparameter(s): bogus (known: preset, v_lr,"),
+             (["--hparam", "bogus=1"], "error: --hparam: unknown hyperparameter 'bogus'; valid: clamp_norm_factor, "
+                                       "context_length,"),
+             (["--hparam", "mom2_sample=3"],
+              "error: --hparam: unknown hyperparameter 'mom2_sample' (did you mean stats_samples?)"),
              (["--hparam", "v_num_grad_steps=2.5"], "error: --hparam v_num_grad_steps=2.5: expected int")]
     for args, msg in cases:
         r = CliRunner().invoke(cli, ["-q", "detox", "--prompts", "demo", "--out", str(out), "--model",
@@ -669,7 +672,7 @@ def test_dry_run_prints_the_plan_without_loading(tmp_path, tiny_dirs, monkeypatc
     lines = r.output.splitlines()
     assert lines[0] == f"plan for {out}/ with {tiny_dirs['gpt2'][0]} (3 layers)"
     assert lines[1] == "select: 5 prompts x 25 continuations of 20 tokens (125 samples)"
-    assert lines[3].startswith("edit: 6 runs (2 strategies x 1 objectives x 2 KL weights; random strategies x 2 seeds)")
+    assert lines[3].startswith("edit: 6 runs (2 strategies x 1 objective x 2 KL weights; random strategies x 2 seeds)")
     assert lines[-1] == "dry run: nothing loaded, nothing written" and not out.exists()
 
 
@@ -688,7 +691,7 @@ def test_plan_counts_only_this_configurations_runs(tmp_path, monkeypatch):
         (out / "edits" / f"{rid}.json").write_text("{}")
     (out / "runs.jsonl").write_text("".join(json.dumps({"run": r}) + "\n" for r in ["base"] + edited[2:4] + edited[5:]))
     seen = {}
-    monkeypatch.setattr(cli_detox, "estimate_lines", lambda cfg, units, setup: seen.update(units) or [])
+    monkeypatch.setattr(cli_detox, "estimate_lines", lambda cfg, units, setup, *a: seen.update(units) or [])
     lines = cli_detox.plan(cfg, None, str(out), ("edit", "evaluate"))
     # this configuration: topk-multi 2 seeds x KL 0, 1 and ct-multi x KL 0, 1 (6), ProFS ranks 1, 2 (2); of them
     # ct-multi KL 1 and rank 1 are edited, and base and ct-multi KL 1 evaluated
@@ -1197,8 +1200,11 @@ def test_methods_options_are_checked_before_the_model_loads(tmp_path, tiny_dirs,
              (["--methods", "profs", "--profs-layers", "1-x"], "error: --profs-layers must be a comma list of"),
              (["--methods", "dinm", "--dinm-steps", "0"], "error: --dinm-steps must be >= 1 (got 0)"),
              (["--methods", "dinm", "--dinm-lr", "0"], "error: --dinm-lr must be > 0 (got 0.0)"),
-             (["--pairs", str(one)], "error: --pairs, --profs-rank and --profs-layers need profs in --methods"),
-             (["--dinm-steps", "3"], "error: --dinm-steps, --dinm-lr and --dinm-edit-weight need dinm in --methods"),
+             (["--pairs", str(one)], "error: --pairs applies to ProFS only: add profs to --methods (--methods is "
+                                     "delete)"),
+             (["--dinm-steps", "3"], "error: --dinm-steps applies to DINM only: add dinm to --methods"),
+             (["--dinm-steps", "10"], "error: --dinm-steps applies to DINM only"),  # the default value, given
+             (["--profs-rank", "2"], "error: --profs-rank applies to ProFS only"),
              (["--methods", "profs", "--pairs", str(pf)], f'error: {pf}:3: expected "non_preferred" as a non-empty'),
              (["--methods", "profs", "--pairs", str(one)], f"error: --profs-rank 2 is more than the 1 pair of {one}"),
              (["--methods", "profs", "--pairs", str(tmp_path / "none.jsonl")], "error: cannot read"),

@@ -260,7 +260,11 @@ def test_cli_checks_everything_before_the_model_loads(tiny_dirs, tmp_path, monke
 
 
 def test_cli_dry_run(tiny_dirs, tmp_path, monkeypatch):
+    from jaxedit import calibration
+
     monkeypatch.setattr(jaxedit, "load", lambda *a, **k: (_ for _ in ()).throw(AssertionError("loaded")))
+    # never measured: priced from FLOPs with a fixed probe (16 set-up units x 1/16 s; the tiny FLOPs at 1e12/s ~ 0)
+    monkeypatch.setattr(calibration, "machine", lambda cfg: {"rate": 1e12, "compile": 1 / 16})
     out = tmp_path / "o"
     f = write_cases(tmp_path / "cases.json", cli_cases())
     res = CliRunner().invoke(cli, ["-q", "dinm", "--model", tiny_dirs["gpt2"][0], "--cases", f, "--out", str(out),
@@ -270,7 +274,7 @@ def test_cli_dry_run(tiny_dirs, tmp_path, monkeypatch):
         f"cases: 2 from {f}", "edit: each case on its own, layer 2 for every case, 10 Adam steps at lr 0.0005, no suffix",
         "evaluate: 5 inputs per case x 2 models (vanilla, DINM), greedy answers of <= 32 tokens (20 answers), scored by "
         "profanity; knowledge-constraint retention",
-        "time: no estimate yet for these settings on this machine (this run measures it)",
+        "time: ~1 s* (2 cases; *: estimated from FLOPs and a probe of this machine; this run measures it)",
         "dry run: nothing loaded, nothing written"]
     assert not out.exists()
 
@@ -318,8 +322,8 @@ def test_cli_run_and_resume(tiny_dirs, tmp_path):
     assert res.exit_code == 0, res.output
     assert f"time: ~{calibration.human(expect)} (2 cases; " in res.output.splitlines()[-2], res.output
     res = run(cli, args + ["--dry-run", "--steps", "3", "--out", str(tmp_path / "other")])  # never measured
-    assert res.output.splitlines()[-2] == "time: no estimate yet for these settings on this machine (this run " \
-                                          "measures it)", res.output
+    assert res.output.splitlines()[-2].endswith("* (2 cases; *: estimated from FLOPs and a probe of this machine; "
+                                                "this run measures it)"), res.output
     res = run(cli, args + ["--dry-run"])  # the finished folder: nothing left
     assert res.exit_code == 0 and res.output.splitlines()[-2] == "time: nothing left to do (every case is in the " \
                                                                  "folder)", res.output

@@ -11,7 +11,10 @@ them to the work left:
     estimate = fixed part (the first unit's seconds beyond one unit's: compile, set-up; once per stage)
                + seconds per later unit x units left x (this run's unit size / the measured run's unit size)
 
-A model with no measurement yet gets no estimate (the plan says so); the first run of a stage measures it.
+A stage not measured yet for this model and set-up is priced from its FLOPs instead (:func:`flop_seconds`, marked
+"estimated from FLOPs" in the plan): its counts of prompts, samples, tokens, runs and models, the model's shape (its
+config, read without the weights) and this machine's probe (:func:`jaxedit.calibration.machine`). Before the select
+stage has run, the stages after it are priced as if every prompt were selected (an upper bound, "<=" in the plan).
 """
 from __future__ import annotations
 
@@ -72,28 +75,128 @@ def stage_seconds(cal: dict, cfg: DetoxConfig, stage: str, units: Optional[int])
     return calibration.extrapolate(cal.get(stage), units, unit_size(cfg, stage))
 
 
-def estimate_lines(cfg: DetoxConfig, units: dict, setup: str = setup_key()) -> list:
+# What a stage's compiles and set-up cost, in compiles of the machine probe (jaxedit.calibration.probe), and what
+# fraction of the probe's FLOP rate its counted FLOPs reach: read off the quick study of docs/toxicity.md on SmolLM2
+# on the 2-core CPU machine (benchmarks/bench_estimate.py; docs/benchmarks.md has the table). Sampling decodes one
+# token per step (small matmuls, a nucleus cut per step): half the probe's rate. The edit's count is an upper bound
+# (the target vector's gradient stops at its layer, and its steps stop early), so its factor is above 1.
+SETUP_UNITS = {"select": 15.0, "localize": 12.0, "edit": 60.0, "edit-methods": 5.0, "evaluate": 80.0}
+METHOD_SETUP_UNITS = {"profs": 5.0, "dinm": 20.0}  # edit-methods: the largest of the methods left
+RATE_FACTOR = {"select": 0.5, "localize": 1.2, "edit": 2.7, "edit-methods": 0.5, "dinm": 1.9, "evaluate": 0.65}
+NEUTRAL_TOKENS = 320  # the shipped neutral text (220 words) in tokens, about; a given file is measured by its size
+CHARS_PER_TOKEN = 4.0  # English text in a BPE vocabulary, about (the plan does not tokenize)
+
+
+def text_tokens(text: str) -> int:
+    """A text's token count as the plan guesses it, without a tokenizer: its characters / 4, at least 1."""
+    return max(1, round(len(text) / CHARS_PER_TOKEN))
+
+
+def stage_flops(cfg: DetoxConfig, config, stage: str, sizes: dict) -> tuple:
+    """``(fixed, per_unit)`` FLOPs of ``stage`` (fixed: once per stage, such as the key statistics; per unit: a
+    prompt for select and localize, a run for edit, an evaluated model for evaluate, and for edit-methods the mean
+    over the DINM / ProFS runs left). ``sizes``: ``prompt_tokens`` (mean tokens of a prompt), ``edited`` and
+    ``heldout`` (prompts), ``facts`` (factual prompts) and ``fact_tokens`` (their mean tokens), ``neutral_tokens``,
+    ``methods`` (the method of each DINM / ProFS run left)."""
+    from jaxedit.calibration import block_flops, forward_flops
+    from jaxedit.edit.memit import hparams_for
+
+    P, N = sizes.get("prompt_tokens", 12), cfg.max_new_tokens
+    n_edit, n_held = sizes.get("edited", 0), sizes.get("heldout", 0)
+    if stage == "select":  # select_samples continuations of N tokens after the prompt, per prompt
+        return 0.0, cfg.select_samples * forward_flops(config, P + N)
+    if stage == "localize":  # per kind and noisy sample: the packed grid (restore layer l runs blocks l..L-1 over
+        # the T(T+1)/2 positions of its token rows) and the LM head at each row's last token; saliency: fwd + bwd
+        L, T = config.n_layers, P
+        grid = L * (L + 1) / 2 * T * (T + 1) / 2 * block_flops(config, T) + L * T * 2.0 * config.d_model * \
+            config.vocab_size
+        sal = 3 * forward_flops(config, T) if "saliency-multi" in cfg.strategies else 0.0
+        return 0.0, len(cfg.trace_kinds) * cfg.trace_samples * grid + sal
+    if stage == "edit":  # per run: the target vector's Adam steps (fwd + bwd) over every edited prompt in its
+        # context prefixes and the KL prompt; once: the key statistics (the corpus sampled from the model and read)
+        hp = hparams_for(config, cfg.hparams.get("preset"), **{k: v for k, v in cfg.hparams.items()
+                                                                   if k not in ("preset",)})
+        ctx = len(hp.context_prefixes) + 1
+        per_run = hp.v_num_grad_steps * 3 * n_edit * ctx * forward_flops(config, hp.context_length + P)
+        field = lambda *names: next((getattr(hp, n) for n in names if hasattr(hp, n)), None)  # noqa: E731
+        samples = cfg.samples or field("stats_samples", "mom2_samples") or 100_000
+        max_len = cfg.max_len or field("max_len", "mom2_max_len") or min(config.max_positions, 1024)
+        corpus = cfg.corpus or field("corpus", "mom2_corpus")
+        stats = samples * forward_flops(config, max_len) * (2 if corpus == "model" else 1)
+        return stats, per_run
+    if stage == "edit-methods":  # DINM: per prompt, the location (2 forwards) and its Adam steps (fwd + bwd) on the
+        # unsafe / safe sample and the KL input; ProFS: the pairs' forwards (its SVD is small)
+        seq = forward_flops(config, P + N)
+        each = {"dinm": n_edit * (2 + cfg.dinm_steps * 3 * 2) * seq, "profs": n_edit * 2 * seq}
+        ms = sizes.get("methods") or ["dinm"]
+        return 0.0, sum(each[m] for m in ms) / len(ms)
+    if stage == "evaluate":  # per model: the continuations on the edited, held-out and factual prompts, and the
+        # perplexities (prompts, neutral text, factual answers)
+        F, FT = sizes.get("facts", 0), sizes.get("fact_tokens", 8)
+        flops = (n_edit + n_held) * (cfg.eval_samples * forward_flops(config, P + N) + forward_flops(config, P))
+        flops += F * (cfg.factual_samples * forward_flops(config, FT + N) + forward_flops(config, FT + N))
+        flops += forward_flops(config, sizes.get("neutral_tokens", NEUTRAL_TOKENS))
+        return 0.0, flops
+    return 0.0, 0.0
+
+
+def flop_seconds(cfg: DetoxConfig, config, stage: str, units: Optional[int], sizes: dict,
+                 probe: dict) -> Optional[float]:
+    """Estimated seconds of ``units`` units of ``stage`` never measured here: the stage's set-up (SETUP_UNITS probe
+    compiles) plus its FLOPs (:func:`stage_flops`) at RATE_FACTOR x the probe's rate; 0 with nothing left, None when
+    the units are not known."""
+    if units is not None and units <= 0:
+        return 0.0
+    if units is None:
+        return None
+    fixed, per = stage_flops(cfg, config, stage, sizes)
+    setup = SETUP_UNITS[stage]
+    if stage == "edit-methods":  # DINM's tuning loop compiles far more than ProFS's forwards
+        setup = max(METHOD_SETUP_UNITS[m] for m in sizes.get("methods") or ["dinm"])
+    return calibration.from_flops(fixed + per * units, setup, probe, RATE_FACTOR[stage])
+
+
+def estimate_lines(cfg: DetoxConfig, units: dict, setup: str = setup_key(), config=None, sizes=None) -> list:
     """The plan's time lines: per stage ``units`` (stage -> units left, None when unknown before an earlier stage
-    runs), and the total."""
+    runs), and the total. A stage measured on this machine is extrapolated from its measurement; one never measured
+    is priced from its FLOPs (with the model's ``config`` and the plan's ``sizes``, see :func:`stage_flops`; the
+    machine is probed once, about a second, and kept)."""
     cal = load_calibration(cfg, setup)
-    if not cal:
-        return [f"time: no estimate yet for {cfg.model} at batch size {cfg.batch_size} ({setup}) on this machine "
-                f"(the first run of each stage measures it)"]
-    parts, total, unknown = [], 0.0, []
+    sizes = sizes or {}
+    probe = None
+    parts, total, unknown, measured, guessed = [], 0.0, [], False, False
     for stage in STAGES_TIMED:
         if stage not in units:
             continue
         s = stage_seconds(cal, cfg, stage, units[stage])
+        tag = ""
+        if s is not None:
+            measured = measured or bool(units[stage])
+        elif config is not None and units[stage] is not None:
+            if probe is None and units[stage] > 0:
+                probe = calibration.machine(config)
+            s = flop_seconds(cfg, config, stage, units[stage], sizes, probe) if units[stage] > 0 else 0.0
+            tag = "*" if units[stage] else ""
+            if tag and sizes.get("bound", {}).get(stage):
+                tag = "*<="
+                guessed = True
         if s is None:
             unknown.append(stage)
             continue
         total += s
-        parts.append(f"{SHOWN.get(stage, stage)} ~{human(s)}")
+        parts.append(f"{SHOWN.get(stage, stage)} {tag.lstrip('*')}~{human(s)}{tag[:1]}")
     unknown = [SHOWN.get(u, u) for u in unknown]
     if not parts:
         return [f"time: no estimate yet for {', '.join(unknown)} (not measured for {cfg.model} at batch size "
                 f"{cfg.batch_size} ({setup}) on this machine, or sized by an earlier stage)"]
-    dates = sorted({c["date"] for c in cal.values()})
-    line = f"time: ~{human(total)}" + (" + " + ", ".join(unknown) + " (not measured yet, or sized by an earlier "
-                                       "stage)" if unknown else "")
-    return [line + f" ({', '.join(parts)}; from runs on this machine, {dates[-1]})"]
+    line = f"time: {'<=' if guessed else ''}~{human(total)}" + (
+        " + " + ", ".join(unknown) + " (not measured yet, or sized by an earlier stage)" if unknown else "")
+    notes = []
+    if measured:
+        dates = sorted({c["date"] for c in cal.values()})
+        notes.append(f"from runs on this machine, {dates[-1]}")
+    if probe is not None:
+        notes.append("*: estimated from FLOPs and a probe of this machine; the first run measures it")
+    if guessed:
+        notes.append("<=: sized as if every prompt were selected")
+    return [line + f" ({', '.join(parts)}; {'; '.join(notes)})"]
