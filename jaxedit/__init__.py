@@ -29,6 +29,7 @@ from jaxedit.edit.sequential import edit_sequential
 from jaxedit.edit.stats import layer_stats
 from jaxedit.edit.dinm import DinmHparams, dinm, dinm_locate
 from jaxedit.edit.profs import profs
+from jaxedit.edit.aura import aura
 from jaxedit.evaluate.safeedit import evaluate as evaluate_safeedit, read_cases as read_safeedit
 from jaxedit.evaluate.metrics import fluency, perplexity, toxic_rate
 from jaxedit.evaluate.editing import counterfact_eval, load_counterfact, load_zsre, zsre_eval
@@ -43,6 +44,6 @@ __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "app
            "attribution_patching", "memit", "alphaedit", "edit_sequential", "delete", "EditHparams", "hparams_for",
            "layer_stats", "save", "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores", "toxic_span",
            "dinm", "dinm_locate",
-           "DinmHparams", "profs", "read_safeedit", "evaluate_safeedit", "make_mesh", "shard_model",
+           "DinmHparams", "profs", "aura", "read_safeedit", "evaluate_safeedit", "make_mesh", "shard_model",
            "counterfact_eval", "zsre_eval", "load_counterfact", "load_zsre", "set_progress"]
 __version__ = "0.1.0"

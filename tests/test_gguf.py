@@ -190,6 +190,7 @@ NOT_CONVERTING = {
     "jaxedit.forward": "runs a model; imported by jaxedit.model for its forward(), makes no parameter",
     "jaxedit.models.gpt2": "GGUF files are LLaMA only (gguf_config refuses other architectures)",
     "jaxedit.runtime": "status lines, progress bars and the compile cache: no values",
+    "jaxedit.calls": "checks how jaxedit.save and export_hf are called (no values)",
     "jaxedit.sharding": "places arrays on devices (a mesh); the converted values do not depend on it",
 }
 
