@@ -14,21 +14,13 @@ from jaxedit.calls import CallError, check_names, public
 from jaxedit.edit.memit import EditHparams, hparams_for
 from jaxedit.edit.sequential import as_requests, dataset_requests
 from jaxedit.errors import JaxeditError
+from test_editing import random_stats
 
 CF = [{"case_id": 7, "requested_rewrite": {"prompt": "{} plays the", "subject": "Miles Davis",
                                            "target_new": {"str": "guitar"}, "target_true": {"str": "trumpet"}},
        "paraphrase_prompts": ["Miles Davis is known for the"], "neighborhood_prompts": ["John Coltrane plays the"]}]
 ZSRE = [{"subject": "Eiffel Tower", "src": "Where is Eiffel Tower?", "answers": ["Rome"], "rephrase": "Eiffel Tower "
          "is in which city?", "loc": "nq question: who wrote it", "loc_ans": "Paris"}]
-
-
-def random_stats(cfg, layers, seed=0):
-    rng = np.random.default_rng(seed)
-    out = {}
-    for l in layers:
-        a = rng.normal(size=(cfg.d_ff, 4 * cfg.d_ff)) * 0.1
-        out[l] = (a @ a.T / a.shape[1]).astype(np.float32)
-    return out
 
 
 @pytest.fixture(scope="module")
