@@ -32,7 +32,7 @@ def main(argv=None):
                       heldout_fraction=0.0, trace_kinds=("mlp",), trace_samples=3, strategies=("ct-multi",),
                       objectives=("delete",), eval_samples=10, factual="", corpus="model", samples=64, max_len=64)
     out = args.out or os.path.join(tempfile.mkdtemp(prefix="detox-smollm2-"), "study")
-    run_study(model, tok, cfg, out, progress=True)
+    run_study(model, cfg, out, tokenizer=tok, progress=True)
     rows = {r["strategy"]: r for r in map(json.loads, open(os.path.join(out, "summary.jsonl")))}
     base, ct = rows["base"], rows["ct-multi"]
     loc = json.load(open(os.path.join(out, "localize.json")))

@@ -151,7 +151,7 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
     runtime.set_resume_note(f"finished steps are kept in {out}/; rerun the same command to resume")
     model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
     cfg.check_model(model.config)
-    run_study(model, tok, cfg, out, stages)
+    run_study(model, cfg, out, tokenizer=tok, stages=stages)
     if "report" in stages:
         table = os.path.join(out, "table2.md")
         echo(open(table).read() if os.path.isfile(table) else "")

@@ -27,17 +27,18 @@ def looks_like_tokenizer(x) -> bool:
     return callable(x) and hasattr(x, "decode") and (hasattr(x, "encode") or hasattr(x, "convert_ids_to_tokens"))
 
 
-def public(data: str, old: tuple = ()):
+def public(data: str, old: tuple = (), n_data: int = 1, where: str = "jaxedit"):
     """Decorator for ``fn(model, <data>, *, ...)``. ``old``: the names the positional arguments after ``data`` had
-    in earlier versions, in order (shown in the message that refuses them)."""
+    in earlier versions, in order (shown in the message that refuses them). ``n_data``: how many positionals the
+    data is (``run_study(model, cfg, out)``: 2, ``data="cfg, out"``). ``where``: the module users import it from."""
 
     def deco(fn):
-        name = fn.__name__
+        name = f"{where}.{fn.__name__}"
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            if len(args) > 2 or (len(args) == 2 and looks_like_tokenizer(args[1])):
-                _refuse(name, data, args[1:], old)
+            if len(args) > 1 + n_data or any(looks_like_tokenizer(a) for a in args[1:1 + n_data]):
+                _refuse(name, data, args[1:], old, n_data)
             with runtime.progress_scope(kwargs.get("progress", True)):
                 return fn(*args, **kwargs)
 
@@ -47,17 +48,17 @@ def public(data: str, old: tuple = ()):
     return deco
 
 
-def _refuse(name: str, data: str, after_model: tuple, old: tuple):
+def _refuse(name: str, data: str, after_model: tuple, old: tuple, n_data: int = 1):
     """Raise the :class:`CallError` for positional arguments ``after_model`` (everything after the model)."""
-    if after_model and looks_like_tokenizer(after_model[0]):  # the old (model, tokenizer, data) order
+    if any(looks_like_tokenizer(a) for a in after_model[:n_data]):  # the old (model, tokenizer, data) order
         keywords = [("tokenizer", "tokenizer")]
         why = f"the tokenizer goes by keyword, after the {data}"
     else:
         keywords = [("tokenizer" if looks_like_tokenizer(a) else (old[i] if i < len(old) else "..."),
-                     "tokenizer" if looks_like_tokenizer(a) else "...") for i, a in enumerate(after_model[1:])]
+                     "tokenizer" if looks_like_tokenizer(a) else "...") for i, a in enumerate(after_model[n_data:])]
         why = f"only the model and the {data} are positional"
-    call = f"jaxedit.{name}(model, {data}" + "".join(f", {k}={v}" for k, v in keywords if k != "...") + ", ...)"
-    raise CallError(f"jaxedit.{name}: {why}; call {call}")
+    call = f"{name}(model, {data}" + "".join(f", {k}={v}" for k, v in keywords if k != "...") + ", ...)"
+    raise CallError(f"{name}: {why}; call {call}")
 
 
 # The MEMIT paper's names of the key-statistics settings (and layer_stats' earlier n_samples), accepted as aliases.

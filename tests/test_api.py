@@ -66,6 +66,11 @@ def test_old_positional_forms_are_refused_with_the_new_call(gpt2):
          "jaxedit.edit_sequential: the tokenizer goes by keyword, after the requests; call "
          "jaxedit.edit_sequential(model, requests, tokenizer=tokenizer, ...)"),
     ]
+    from jaxedit.detox import DetoxConfig, run_study
+
+    cases.append((lambda: run_study(model, tok, DetoxConfig(prompts="demo"), "out"),
+                  "jaxedit.detox.run_study: the tokenizer goes by keyword, after the cfg, out; call "
+                  "jaxedit.detox.run_study(model, cfg, out, tokenizer=tokenizer, ...)"))
     for call, msg in cases:
         with pytest.raises(CallError) as err:
             call()

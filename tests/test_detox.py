@@ -59,7 +59,7 @@ def study(tmp_path_factory, tiny_dirs):
     model, tok = jaxedit.load(tiny_dirs["llama-gqa-untied"][0])
     out = str(d / "out")
     cfg = config(str(prompts))
-    run_study(model, tok, cfg, out, progress=False)
+    run_study(model, cfg, out, tokenizer=tok, progress=False)
     return model, tok, cfg, out
 
 
@@ -163,7 +163,7 @@ def test_summarize_seeds_by_hand():
 def test_unknown_stage_is_refused_before_any_work(tmp_path):
     cfg = config(str(tmp_path / "p.jsonl"))
     with pytest.raises(JaxeditError) as err:
-        run_study(None, None, cfg, str(tmp_path / "o"), stages=("select", "sample"))
+        run_study(None, cfg, str(tmp_path / "o"), tokenizer=None, stages=("select", "sample"))
     assert str(err.value) == "unknown stage 'sample' (choose from select, localize, edit, evaluate, report, all)"
     assert not (tmp_path / "o").exists()
 
@@ -307,7 +307,7 @@ def test_resume_after_a_kill_at_every_stage(study, tmp_path):
     torn(os.path.join(cut, "runs.jsonl"), 2)
     for f in ("summary.jsonl", "table1.md", "table2.md"):
         os.remove(os.path.join(cut, f))
-    run_study(model, tok, cfg, cut, progress=False)
+    run_study(model, cfg, cut, tokenizer=tok, progress=False)
     got = snapshot(cut)
     assert got.keys() == want.keys()
     for k in want:
@@ -343,10 +343,10 @@ def test_timings_accumulate_over_runs(study, tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "report", slow_report)
-    run_study(model, tok, cfg, d, stages=("report",), progress=False)
+    run_study(model, cfg, d, tokenizer=tok, stages=("report",), progress=False)
     monkeypatch.setattr(pipeline, "report", killed_report)
     with pytest.raises(KeyboardInterrupt):
-        run_study(model, tok, cfg, d, stages=("report",), progress=False)
+        run_study(model, cfg, d, tokenizer=tok, stages=("report",), progress=False)
     t = json.load(open(os.path.join(d, "timings.json")))
     runs = t["report"]["runs"]
     assert runs[:-2] == before["report"]["runs"] and runs[-2] >= 0.3
@@ -362,7 +362,7 @@ def test_timings_accumulate_over_runs(study, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "report", real)
     monkeypatch.setattr(estimate, "begin", lambda stage: calls.append(("begin", stage)))
     monkeypatch.setattr(estimate, "record", lambda c, part, setup: calls.append(("record", part, setup)))
-    run_study(model, tok, cfg, d, stages=("edit", "report"), progress=False)
+    run_study(model, cfg, d, tokenizer=tok, stages=("edit", "report"), progress=False)
     setup = estimate.model_setup(model)
     assert calls == [("begin", "edit"), ("record", "edit", setup), ("record", "edit-methods", setup),
                      ("begin", "report"), ("record", "report", setup)]
@@ -398,26 +398,28 @@ def test_edit_stage_computes_statistics_of_the_edited_layers_only(study, tmp_pat
 def test_rerun_with_other_options_is_refused(study, tmp_path):
     model, tok, cfg, out = study
     with pytest.raises(JaxeditError, match=r"select stage run with other options \(--select-samples 4 -> 5"):
-        run_study(model, tok, config(cfg.prompts, select_samples=5), out, stages=("select",), progress=False)
+        run_study(model, config(cfg.prompts, select_samples=5), out, tokenizer=tok, stages=("select",), progress=False)
     with pytest.raises(JaxeditError, match=r"--select-threshold 0.45 -> 0.4\).*or delete trace/results.jsonl, "
                                            r"localize.json, edits, runs.jsonl to select again"):
-        run_study(model, tok, config(cfg.prompts, select_threshold=0.4), out, stages=("select",), progress=False)
+        run_study(model, config(cfg.prompts, select_threshold=0.4), out,
+                  tokenizer=tok, stages=("select",), progress=False)
     # with no later results, another threshold re-filters the stored candidates (nothing is sampled again)
     fresh = str(tmp_path / "fresh")
     os.makedirs(fresh)
     for f in ("candidates.jsonl", "run.json"):
         shutil.copy(os.path.join(out, f), fresh)
-    run_study(model, tok, config(cfg.prompts, select_threshold=0.3), fresh, stages=("select",), progress=False)
+    run_study(model, config(cfg.prompts, select_threshold=0.3), fresh,
+              tokenizer=tok, stages=("select",), progress=False)
     cands = read(os.path.join(fresh, "candidates.jsonl"))
     assert cands == read(os.path.join(out, "candidates.jsonl"))
     assert sorted(r["line"] for r in read(os.path.join(fresh, "selected.jsonl"))) == sorted(
         c["line"] for c in cands if c["prompt_toxicity"] < 0.5 and c["mean_toxicity"] > 0.3)
     with pytest.raises(JaxeditError, match=r"--eval-samples 3 -> 4"):
-        run_study(model, tok, config(cfg.prompts, eval_samples=4), out, stages=("evaluate",), progress=False)
+        run_study(model, config(cfg.prompts, eval_samples=4), out, tokenizer=tok, stages=("evaluate",), progress=False)
     # --limit shrinks (or grows) the selection without sampling again what is done: with later results it is
     # refused like any filter option; with none, the stored candidates of the first N prompts are re-filtered
     with pytest.raises(JaxeditError, match=r"--limit None -> 3\).*to select again"):
-        run_study(model, tok, config(cfg.prompts, limit=3), out, stages=("select",), progress=False)
+        run_study(model, config(cfg.prompts, limit=3), out, tokenizer=tok, stages=("select",), progress=False)
     import jaxedit.detox.selection as selection
 
     def no_sampling(*a, **k):
@@ -426,7 +428,7 @@ def test_rerun_with_other_options_is_refused(study, tmp_path):
     monkey = pytest.MonkeyPatch()
     monkey.setattr(selection, "sample", no_sampling)
     try:
-        run_study(model, tok, config(cfg.prompts, select_threshold=0.3, limit=3), fresh, stages=("select",),
+        run_study(model, config(cfg.prompts, select_threshold=0.3, limit=3), fresh, tokenizer=tok, stages=("select",),
                   progress=False)
     finally:
         monkey.undo()
@@ -443,7 +445,7 @@ def test_rerun_with_other_options_is_refused(study, tmp_path):
         json.dump(stored, f)
     open(os.path.join(old, "localize.json"), "w").write("{}")  # a later stage has results
     with pytest.raises(JaxeditError, match=r"--limit 5 -> None\)"):
-        run_study(model, tok, cfg, old, stages=("select",), progress=False)
+        run_study(model, cfg, old, tokenizer=tok, stages=("select",), progress=False)
     first3 = [c for c in cands if c["line"] <= 3]
     assert len(first3) == 3
     assert sorted(r["line"] for r in read(os.path.join(fresh, "selected.jsonl"))) == sorted(
@@ -459,7 +461,7 @@ def test_fewer_samples_on_a_rerun_reuse_the_first_ones(study, tmp_path):
 
     model, tok, cfg, out = study
     with pytest.raises(JaxeditError, match=r"--select-samples 4 -> 2\).*or delete .*to select again"):
-        run_study(model, tok, config(cfg.prompts, select_samples=2), out, stages=("select",), progress=False)
+        run_study(model, config(cfg.prompts, select_samples=2), out, tokenizer=tok, stages=("select",), progress=False)
     fewer = str(tmp_path / "fewer")
     os.makedirs(fewer)
     for f in ("candidates.jsonl", "run.json"):
@@ -467,7 +469,8 @@ def test_fewer_samples_on_a_rerun_reuse_the_first_ones(study, tmp_path):
     monkey = pytest.MonkeyPatch()
     monkey.setattr(selection, "sample", lambda *a, **k: (_ for _ in ()).throw(AssertionError("sampled again")))
     try:
-        run_study(model, tok, config(cfg.prompts, select_samples=2), fewer, stages=("select",), progress=False)
+        run_study(model, config(cfg.prompts, select_samples=2), fewer,
+                  tokenizer=tok, stages=("select",), progress=False)
     finally:
         monkey.undo()
     full = {c["line"]: c for c in read(os.path.join(out, "candidates.jsonl"))}
@@ -480,12 +483,12 @@ def test_fewer_samples_on_a_rerun_reuse_the_first_ones(study, tmp_path):
         hi = max((j for j in range(2) if f["ids"][j]), key=lambda j: (f["scores"][j], -j))  # by hand
         assert c["most_toxic"]["text"] == f["samples"][hi] and c["most_toxic"]["ids"] == f["ids"][hi]
     direct = str(tmp_path / "direct")
-    run_study(model, tok, config(cfg.prompts, select_samples=2), direct, stages=("select",), progress=False)
+    run_study(model, config(cfg.prompts, select_samples=2), direct, tokenizer=tok, stages=("select",), progress=False)
     fresh = {c["line"]: c for c in read(os.path.join(direct, "candidates.jsonl"))}
     assert {c["line"]: c for c in cut} == fresh  # every field, as a fresh run with 2 samples writes it
     assert read(os.path.join(fewer, "selected.jsonl")) == read(os.path.join(direct, "selected.jsonl"))
     with pytest.raises(JaxeditError, match=r"--select-samples 2 -> 4\)"):
-        run_study(model, tok, cfg, fewer, stages=("select",), progress=False)
+        run_study(model, cfg, fewer, tokenizer=tok, stages=("select",), progress=False)
 
 
 def test_tables_by_hand():
@@ -749,12 +752,12 @@ def test_empty_selection_says_how_many_were_considered(tmp_path, tiny_dirs):
     cfg = config(str(p), scorer=lambda texts: [0.1] * len(texts), select_threshold=0.3, select_samples=2)
     with pytest.raises(JaxeditError, match=r"no prompt selected: 3 considered, 3 below prompt toxicity 0.5, none "
                                            r"with mean continuation toxicity > 0.3 \(the highest was 0.100\)"):
-        run_study(model, tok, cfg, str(tmp_path / "o"), stages=("select",), progress=False)
+        run_study(model, cfg, str(tmp_path / "o"), tokenizer=tok, stages=("select",), progress=False)
     # every prompt itself above the prompt threshold: none below it, no highest mean to report
     cfg = config(str(p), scorer=lambda texts: [0.9] * len(texts), select_threshold=0.3, select_samples=2)
     with pytest.raises(JaxeditError, match=r"no prompt selected: 3 considered, 0 below prompt toxicity 0.5, none "
                                            r"with mean continuation toxicity > 0.3 \(the highest was nan\)"):
-        run_study(model, tok, cfg, str(tmp_path / "o2"), stages=("select",), progress=False)
+        run_study(model, cfg, str(tmp_path / "o2"), tokenizer=tok, stages=("select",), progress=False)
 
 
 def test_selection_samples_follow_the_seed(tmp_path, tiny_dirs):
@@ -766,7 +769,7 @@ def test_selection_samples_follow_the_seed(tmp_path, tiny_dirs):
         cfg = config(str(p), scorer=lambda texts: [0.9] * len(texts), select_samples=2, seed=seed)
         out = tmp_path / f"o{len(samples)}-{seed}"
         with pytest.raises(JaxeditError, match="no prompt selected"):  # every prompt too toxic itself: stops there
-            run_study(model, tok, cfg, str(out), stages=("select",), progress=False)
+            run_study(model, cfg, str(out), tokenizer=tok, stages=("select",), progress=False)
         samples.setdefault(seed, []).append([c["samples"] for c in read(out / "candidates.jsonl")])
     assert samples[5][0] == samples[5][1] and samples[5][0] != samples[0][0]
 
@@ -778,7 +781,7 @@ def test_toxic_word_value_mode(tmp_path, tiny_dirs):
     p = tmp_path / "p.jsonl"
     p.write_text("\n".join(json.dumps({"prompt": t}) for t in PROMPTS) + "\n")
     out = tmp_path / "o"
-    run_study(model, tok, config(str(p), value="toxic-word"), str(out), stages=("select",), progress=False)
+    run_study(model, config(str(p), value="toxic-word"), str(out), tokenizer=tok, stages=("select",), progress=False)
     cands = {c["line"]: c for c in read(out / "candidates.jsonl")}
     sel = read(out / "selected.jsonl")
     assert sel and all(r["value_mode"] == "toxic-word" for r in sel)
@@ -1024,7 +1027,7 @@ def methods_study(study, tmp_path_factory):
     d = str(tmp_path_factory.mktemp("methods") / "out")
     shutil.copytree(out, d)
     mcfg = methods_config(cfg)
-    run_study(model, tok, mcfg, d, progress=False)
+    run_study(model, mcfg, d, tokenizer=tok, progress=False)
     return model, tok, mcfg, d
 
 
@@ -1148,12 +1151,12 @@ def test_methods_resume_after_an_interrupt(methods_study, tmp_path, monkeypatch)
 
     monkeypatch.setattr(editing, "run_method", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        run_study(model, tok, cfg, cut, progress=False)
+        run_study(model, cfg, cut, tokenizer=tok, progress=False)
     assert calls == ["dinm", "profs__rank1"] and os.path.isfile(os.path.join(cut, "edits", "dinm.npz"))
     assert not os.path.exists(os.path.join(cut, "edits", "profs__rank1.json"))
     calls.clear()
     monkeypatch.setattr(editing, "run_method", lambda *a: calls.append(a[4]) or real(*a))
-    run_study(model, tok, cfg, cut, progress=False)
+    run_study(model, cfg, cut, tokenizer=tok, progress=False)
     assert calls == ["profs__rank1", "profs__rank2"]
     got = snapshot(cut)
     assert got.keys() == want.keys()
@@ -1176,14 +1179,14 @@ def test_methods_pairs_file(study, tmp_path):
              ("Have a nice day.", "Get lost, you fool.")]
     pf.write_text("".join(json.dumps({"preferred": a, "non_preferred": b}) + "\n" for a, b in pairs))
     pcfg = dataclasses.replace(cfg, methods=("delete", "profs"), pairs=str(pf), profs_layers=(1, 2))
-    run_study(model, tok, pcfg, d, stages=("edit",), progress=False)
+    run_study(model, pcfg, d, tokenizer=tok, stages=("edit",), progress=False)
     edited, _ = jaxedit.profs(model, pairs, tokenizer=tok, rank=2, layers=[1, 2], progress=False)
     with np.load(os.path.join(d, "edits", "profs__rank2.npz")) as z:
         assert z["layers"].tolist() == [1, 2]
         np.testing.assert_array_equal(z["w_out"], np.asarray(params_of(edited)["blocks"]["w_out"])[[1, 2]])
     assert json.load(open(os.path.join(d, "edits", "profs__rank2.json")))["n_pairs"] == 3
     with pytest.raises(JaxeditError, match=r"profs stage run with other options \(--pairs "):
-        run_study(model, tok, dataclasses.replace(pcfg, pairs=None), d, stages=("edit",), progress=False)
+        run_study(model, dataclasses.replace(pcfg, pairs=None), d, tokenizer=tok, stages=("edit",), progress=False)
 
 
 def test_methods_options_are_checked_before_the_model_loads(tmp_path, tiny_dirs, monkeypatch):

@@ -38,6 +38,7 @@ from jaxedit.detox.evaluation import evaluate
 from jaxedit.detox.localization import localize
 from jaxedit.detox.report import report
 from jaxedit.detox.selection import select
+from jaxedit.calls import public
 from jaxedit.errors import JaxeditError
 from jaxedit.files import write_json
 
@@ -45,8 +46,10 @@ __all__ = ["DetoxConfig", "STRATEGIES", "RANDOM_STRATEGIES", "OBJECTIVES", "STAG
            "localize", "edit", "evaluate", "report", "run_study"]
 
 
-def run_study(model, tokenizer, cfg: DetoxConfig, out: str, stages=STAGES, progress: bool = True) -> None:
-    """Run the named stages in order (each skips what an earlier run in ``out`` finished)."""
+@public("cfg, out", old=("stages", "progress"), n_data=2, where="jaxedit.detox")
+def run_study(model, cfg: DetoxConfig, out: str, *, tokenizer=None, stages=STAGES, progress: bool = True) -> None:
+    """Run the named stages of the study ``cfg`` in the folder ``out``, in order (each skips what an earlier run in
+    ``out`` finished)."""
     fns = {"select": select, "localize": localize, "edit": edit, "evaluate": evaluate,
            "report": lambda m, t, c, o, progress=True: report(c, o)}
     bad = [s for s in stages if s not in fns]
