@@ -155,16 +155,17 @@ def time_line(key: str, cases_left: int, sequential: bool, flops: float = None, 
     """The plan's time line: the measured first case (compiles included) and seconds per later case, from earlier
     per-instance runs with the same settings on this machine (:mod:`jaxedit.calibration`); with none, the cases'
     ``flops`` (:func:`case_flops`) priced with this machine's probe (for the model's ``config``)."""
-    if sequential:
-        return "time: no estimate for --sequential runs (per-instance runs measure their cases)"
     if cases_left <= 0:
         return "time: nothing left to do (every case is in the folder)"
-    stored = calibration.read("dinm").get(key, {}).get("cases")
+    # a --sequential run tunes and answers as many cases as per-instance runs (into one model, evaluated once at the
+    # end): it is priced from the same FLOPs; its own runs are not timed per case, so no measured record exists
+    stored = None if sequential else calibration.read("dinm").get(key, {}).get("cases")
     secs = calibration.extrapolate(stored, cases_left)
     if secs is None and flops is not None and config is not None:
         secs = calibration.from_flops(flops, SETUP_UNITS, calibration.machine(config), RATE_FACTOR)
         return (f"time: ~{calibration.human(secs)}* ({cases_left} case{'s' * (cases_left != 1)}; *: estimated from "
-                f"FLOPs and a probe of this machine; this run measures it)")
+                f"FLOPs and a probe of this machine; "
+                f"{'per-instance runs measure their cases' if sequential else 'this run measures it'})")
     if secs is None:
         return "time: no estimate yet for these settings on this machine (this run measures it)"
     return (f"time: ~{calibration.human(secs)} ({cases_left} cases; {stored['per_unit']:.0f} s a case after the "
