@@ -119,7 +119,7 @@ def new_state(model, tokenizer, layers, hp, *, stats=None, null_space_threshold=
     f = model.config.d_ff
     return {"layers": list(layers), "P": P, "C_p": {l: np.zeros((f, f), np.float32) for l in layers},
             "null_space": info, "null_space_threshold": null_space_threshold, "contexts": list(contexts),
-            "edits": 0, "stats": getattr(stats, "source", None)}
+            "edits": 0, "stats": getattr(stats, "source", None), "nas_mean_norm": None}
 
 
 def check_state(state, layers, d_ff: int) -> None:
@@ -148,10 +148,11 @@ def accumulate(model, tokenizer, reqs, state: dict, layers, *, key_length: Optio
 
 def run_batch(model, tokenizer, reqs, mode: str, hp, layers, state: dict, l2: float, *, evaluate=True,
               pad_to: int = 0, shape: Optional[dict] = None):
-    """One AlphaEdit batch on parsed requests: the edit, then C_p updated. Returns (edited, report, new state)."""
+    """One AlphaEdit batch on parsed requests: the edit, then C_p updated. Returns (edited, report, new state).
+    With ``hp.nas``, the targets are rescaled to the sequence's ``state["nas_mean_norm"]``."""
     edited, report = _memit.edit_batch(model, tokenizer, reqs, mode, hp, layers, state["contexts"], None,
                                        solver=alphaedit_solver(state, l2, hp.solve_dtype), evaluate=evaluate,
-                                       pad_to=pad_to, shape=shape)
+                                       pad_to=pad_to, shape=shape, nas_mean_norm=state.get("nas_mean_norm"))
     runtime.stage("adding the batch's keys to the preserved set")
     return edited, report, accumulate(edited, tokenizer, reqs, state, layers, key_length=shape and shape["Tk"])
 
@@ -159,7 +160,9 @@ def run_batch(model, tokenizer, reqs, mode: str, hp, layers, state: dict, l2: fl
 @public("requests", old=("layers", "tokenizer"))
 def alphaedit(model, requests, *, tokenizer=None, layers=None, stats=None, state=None,
               null_space_threshold=DEFAULT_THRESHOLD, l2: float = 10.0, progress=True, **hparams):
-    """AlphaEdit: MEMIT's edit of each request's subject -> "target", with the null-space projected solve.
+    """AlphaEdit: MEMIT's edit of each request's subject -> "target", with the null-space projected solve
+    (``nas=True``: AlphaEdit + NAS, the targets rescaled to the mean |v*| of clean edits, computed once per
+    sequence on the model it starts from and kept in the state; ``nas_mean_norm=`` gives it).
     Returns ``(edited_model, report)``; ``report["state"]`` continues the sequence when passed as ``state=`` to the
     next call (its P is reused, its C_p holds the keys of every batch so far). ``stats``: {layer: E[k k^T]}
     (default computed and cached like MEMIT's; only needed for a new sequence). ``null_space_threshold``: a number
@@ -167,6 +170,8 @@ def alphaedit(model, requests, *, tokenizer=None, layers=None, stats=None, state
     t0 = time.perf_counter()
     if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 >= 0:
         raise JaxeditError(f"l2 must be a number >= 0 (got {l2!r})")
+    hparams = dict(hparams)
+    given_mean = hparams.pop("nas_mean_norm", None)
     hp, layers = _memit.prepare(model, layers, hparams)
     reqs = _memit.parse_requests(requests, tokenizer, "edit")
     if state is None:
@@ -174,6 +179,10 @@ def alphaedit(model, requests, *, tokenizer=None, layers=None, stats=None, state
                           progress=progress)
     else:
         check_state(state, layers, model.config.d_ff)
+    if hp.nas and state.get("nas_mean_norm") is None:  # once per sequence, on the model the sequence starts from
+        state = dict(state, nas_mean_norm=_memit.nas_mean(model, tokenizer, reqs, hp, layers, given_mean))
+    elif not hp.nas and given_mean is not None:
+        raise JaxeditError("nas_mean_norm is NAS's (nas=True)")
     edited, report, state = run_batch(model, tokenizer, reqs, "edit", hp, layers, state, float(l2))
     report.update(method="alphaedit", l2=float(l2), null_space_threshold=state["null_space_threshold"],
                   null_space=state["null_space"], state=state, seconds=time.perf_counter() - t0)

@@ -72,6 +72,11 @@ class EditHparams:
     delete_objective: str = "logp"  # deletion: "logp" (the reference: mean log P) or "unlikelihood" (-log(1 - P))
     max_update_ratio: float = 10.0  # refuse an update with ||dW|| > ratio x ||W|| (absurd weights)
     seed: int = 0
+    # NAS (norm-anchored scaling): v* = delta + v0 (v0: the MLP output of the last edited layer at the key token)
+    # rescaled to the mean |v*| of clean edits on the unedited model, or not written when above twice that mean
+    nas: bool = False
+    nas_samples: int = 1000  # requests whose clean |v*| make the mean (NAS's nas_restart), drawn with seed 0
+    nas_quantile: float = 0.95  # the norms above this quantile are dropped from the mean
 
     def replace(self, **kw):
         return dataclasses.replace(self, **check_names(kw, [f.name for f in dataclasses.fields(self)],
@@ -581,7 +586,8 @@ def optimize_targets(model, tokenizer, reqs, mode: str, hp: EditHparams, layers,
     """Step 1: z = h + delta at the output of the last edited layer, per request. With ``pad_to``, the batch is
     padded to that many requests (copies of the first) and with ``shape`` (:func:`batch_shape`) its rows to those
     sizes, so batches of one size share one compiled program. Returns (z [n, d], h_init [n, d], delta [n, d],
-    losses [n, steps], objective terms [n, steps], steps run [n])."""
+    losses [n, steps], objective terms [n, steps], steps run [n], v0 [n, d]: the last edited layer's MLP output at
+    the key token of the bare context, which NAS anchors)."""
     cfg = model.config
     params = params_of(model)
     L = layers[-1]
@@ -610,9 +616,10 @@ def optimize_targets(model, tokenizer, reqs, mode: str, hp: EditHparams, layers,
     put = (lambda a: jnp.asarray(a)) if mesh is None else (lambda a: put_batch(mesh, a))
     ids, mask, key_pos, lp_arr, ti_arr, tw_arr = (np.asarray(a)[order] for a in
                                                   (ids, mask, key_pos, lp_arr, ti_arr, tw_arr))
-    hid = apply_jit(cfg, params, put(ids), put(mask), capture=("hidden",), num_layers=L + 1)
+    hid = apply_jit(cfg, params, put(ids), put(mask), capture=("hidden", "mlp"), num_layers=L + 1)
     h = hid.hidden[:, L]  # [n_pad*R, T, d]
     h_init = h[jnp.arange(n_pad * R), jnp.asarray(key_pos)].reshape(n_pad, R, -1)[:, 0]  # bare context, key token
+    v0 = hid.mlp[:, L][jnp.arange(n_pad * R), jnp.asarray(key_pos)].reshape(n_pad, R, -1)[:, 0]  # its MLP output
     per_request = lambda a: (jnp.reshape(a, (n_pad, R) + a.shape[1:]) if isinstance(a, jax.Array)
                              else put(np.reshape(a, (n_pad, R) + np.shape(a)[1:])))
     delta, losses, mains, n_run = to_host(optimize_deltas(
@@ -623,26 +630,82 @@ def optimize_targets(model, tokenizer, reqs, mode: str, hp: EditHparams, layers,
         kl_factor=hp.kl_factor, stop_loss=hp.early_stop_loss, window=window))
     delta, losses, mains, n_run = delta[:n], losses[:n], mains[:n], n_run[:n]
     h_init = np.asarray(to_host(h_init)[:n], np.float32)
+    v0 = np.asarray(to_host(v0)[:n], np.float32)
     if not np.all(np.isfinite(delta)):
         raise JaxeditError("the target optimization diverged (non-finite delta); nothing was changed")
-    return h_init + delta, h_init, delta, np.asarray(losses), np.asarray(mains), np.asarray(n_run)
+    return h_init + delta, h_init, delta, np.asarray(losses), np.asarray(mains), np.asarray(n_run), v0
+
+
+def trimmed_mean(values, upper_quantile: float = 0.95) -> float:
+    """The mean of ``values`` without the floor((1 - q) n) largest (NAS's outlier rule)."""
+    arr = np.sort(np.asarray(values, np.float64))
+    if arr.size == 0 or not np.all(np.isfinite(arr)):
+        raise JaxeditError("NAS: no finite |v*| norms to average")
+    drop = int(np.floor((1.0 - upper_quantile) * arr.size))
+    return float(arr[:arr.size - drop].mean()) if drop else float(arr.mean())
+
+
+def nas_targets(h_init, delta, v0, mean_norm: float):
+    """NAS's targets: v* = delta + v0 scaled to ``mean_norm``, or v* = v0 (nothing written) when |delta + v0| >
+    2 x mean_norm; the target is h_init - v0 + v*. Returns (z [n, d], written [n] bool, |v*| before [n])."""
+    h_init, delta, v0 = (np.asarray(a, np.float64) for a in (h_init, delta, v0))
+    vstar = delta + v0
+    norm = np.linalg.norm(vstar, axis=1)
+    written = ~(norm > 2 * mean_norm) if mean_norm > 0 else np.ones(len(norm), bool)
+    scale = np.where(norm > 1e-10, mean_norm / np.maximum(norm, 1e-10), 1.0) if mean_norm > 0 else 1.0
+    vstar = np.where(written[:, None], vstar * np.reshape(scale, (-1, 1)), v0)
+    return (h_init - v0 + vstar).astype(np.float32), written, norm
+
+
+def nas_sample(requests, n: int) -> list:
+    """The requests whose clean |v*| make NAS's mean: ``n`` of them drawn with seed 0 (all when fewer)."""
+    import random
+
+    requests = list(requests)
+    return requests if n >= len(requests) else random.Random(0).sample(requests, n)
+
+
+def vstar_mean_norm(model, tokenizer, reqs, hp: EditHparams, layers, batch_size: int = 16) -> dict:
+    """NAS's mean |v*| of clean edits on ``model`` (the unedited one): each parsed edit request's z optimization on
+    its bare prompt (no context prefixes), |delta + v0| at the last edited layer, the largest (1 - nas_quantile)
+    share dropped. Returns {"mean_norm", "samples", "dropped"}."""
+    bare = hp.replace(context_prefixes=())
+    norms = []
+    with runtime.bar(len(reqs), f"NAS mean |v*| (layer {layers[-1]})", "request") as bar:
+        for start in range(0, len(reqs), batch_size):
+            chunk = reqs[start:start + batch_size]
+            out = optimize_targets(model, tokenizer, chunk, "edit", bare, layers, ["{}"],
+                                   pad_to=batch_size if len(reqs) > batch_size else 0)
+            delta, v0 = out[2], out[6]
+            norms.extend(np.linalg.norm(delta.astype(np.float64) + v0, axis=1).tolist())
+            bar.update(len(chunk))
+    return {"mean_norm": trimmed_mean(norms, hp.nas_quantile), "samples": len(norms),
+            "dropped": int(np.floor((1.0 - hp.nas_quantile) * len(norms)))}
 
 
 def edit_batch(model, tokenizer, reqs, mode: str, hp: EditHparams, layers, contexts, stats, *, solver=None,
-               evaluate: bool = True, pad_to: int = 0, shape: Optional[dict] = None):
-    """One batch edit of parsed requests: targets (:func:`optimize_targets`), then :func:`spread` with ``solver``
-    (default MEMIT's with ``stats``). Returns (edited model, report)."""
+               evaluate: bool = True, pad_to: int = 0, shape: Optional[dict] = None,
+               nas_mean_norm: Optional[float] = None):
+    """One batch edit of parsed requests: targets (:func:`optimize_targets`; with ``hp.nas``, rescaled by
+    :func:`nas_targets` to ``nas_mean_norm``), then :func:`spread` with ``solver`` (default MEMIT's with
+    ``stats``). Returns (edited model, report)."""
     t0 = time.perf_counter()
     cfg = model.config
-    z, h_init, delta, losses, mains, n_run = optimize_targets(model, tokenizer, reqs, mode, hp, layers, contexts,
-                                                              pad_to=pad_to, shape=shape)
+    z, h_init, delta, losses, mains, n_run, v0 = optimize_targets(model, tokenizer, reqs, mode, hp, layers, contexts,
+                                                                  pad_to=pad_to, shape=shape)
+    nas = None
+    if hp.nas:
+        if nas_mean_norm is None:
+            raise JaxeditError("nas=True needs the mean |v*| of clean edits (nas_mean_norm)")
+        z, written, vnorm = nas_targets(h_init, delta, v0, nas_mean_norm)
+        nas = {"mean_norm": float(nas_mean_norm), "written": written.tolist(), "vstar_norm": vnorm.tolist()}
     runtime.stage(f"spreading the update over layers {list(layers)}")
     new_params, layer_report = spread(cfg, params_of(model), tokenizer, reqs, contexts, z, stats, layers, hp,
                                       solver=solver, key_length=shape and shape["Tk"])
     edited = model_from_params(cfg, new_params)
 
     report = {"mode": mode, "layers": list(layers), "hparams": dataclasses.asdict(hp), "contexts": contexts,
-              "requests": [], "layers_report": layer_report, "stats": getattr(stats, "source", None)}
+              "requests": [], "layers_report": layer_report, "stats": getattr(stats, "source", None), "nas": nas}
     h_norm = np.linalg.norm(h_init, axis=1)
     for j, r in enumerate(reqs):
         k = max(int(n_run[j]) - 1, 0)
@@ -658,14 +721,39 @@ def edit_batch(model, tokenizer, reqs, mode: str, hp: EditHparams, layers, conte
     return edited, report
 
 
+def nas_mean(model, tokenizer, reqs, hp: EditHparams, layers, nas_mean_norm=None) -> Optional[float]:
+    """The mean |v*| NAS scales to: ``nas_mean_norm`` when given, else computed on ``model`` from a sample of the
+    parsed edit requests ``reqs`` (:func:`nas_sample`, :func:`vstar_mean_norm`); None without ``hp.nas``."""
+    if not hp.nas:
+        if nas_mean_norm is not None:
+            raise JaxeditError("nas_mean_norm is NAS's (nas=True)")
+        return None
+    if nas_mean_norm is not None:
+        if isinstance(nas_mean_norm, bool) or not isinstance(nas_mean_norm, (int, float)) or not nas_mean_norm > 0:
+            raise JaxeditError(f"nas_mean_norm must be a number > 0 (got {nas_mean_norm!r})")
+        return float(nas_mean_norm)
+    if hp.nas_samples < 1 or not 0 < hp.nas_quantile <= 1:
+        raise JaxeditError("nas_samples must be >= 1 and nas_quantile in (0, 1]")
+    sample = nas_sample([r for r in reqs if r.raw.get("target") is not None], hp.nas_samples)
+    if not sample:
+        raise JaxeditError("NAS needs edit requests (with a \"target\") to measure the mean |v*|")
+    runtime.stage(f"NAS: the mean |v*| of {len(sample)} clean edits on the unedited model")
+    return vstar_mean_norm(model, tokenizer, sample, hp, layers)["mean_norm"]
+
+
 def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides):
+    hp_overrides = dict(hp_overrides)
+    given_mean = hp_overrides.pop("nas_mean_norm", None)
     hp, layers = prepare(model, layers, hp_overrides)
     reqs = parse_requests(requests, tokenizer, mode)
     t0 = time.perf_counter()
     stats = key_stats(model, tokenizer, layers, hp, stats, progress)  # before any change
+    if mode == "delete" and (hp.nas or given_mean is not None):
+        raise JaxeditError("NAS (nas=True) rescales edit targets; deletion has none")
+    mean = nas_mean(model, tokenizer, reqs, hp, layers, given_mean) if mode == "edit" else None
     runtime.stage("sampling context templates")
     contexts = context_templates(model, tokenizer, hp)
-    edited, report = edit_batch(model, tokenizer, reqs, mode, hp, layers, contexts, stats)
+    edited, report = edit_batch(model, tokenizer, reqs, mode, hp, layers, contexts, stats, nas_mean_norm=mean)
     report["seconds"] = time.perf_counter() - t0
     return edited, report
 
