@@ -52,7 +52,7 @@ import click
 from jaxedit import runtime
 from jaxedit.errors import JaxeditError
 from jaxedit.request_files import RequestFile
-from jaxedit.sharding import initialize, make_mesh
+from jaxedit.sharding import distributed_args, initialize, make_mesh, parse_mesh_spec
 
 MODEL_HELP = "model: 'smollm2' (embedded default), a .gguf file, a HF directory or hub id, or a jaxedit directory"
 
@@ -276,12 +276,38 @@ MESH_OPTIONS = [
 ]
 
 
+class PlannedMesh:
+    """A ``--mesh`` in a dry run: its axis sizes (``.shape``, as a Mesh has), with no devices behind it (the
+    devices of a multi-host run, or of a bigger machine, need not be visible to plan it)."""
+
+    def __init__(self, spec: str):
+        sizes = parse_mesh_spec(spec)
+        self.spec = spec
+        self.shape = {"data": sizes.get("data", 1), "model": sizes.get("model", 1)}
+        self.devices = None
+
+    def __bool__(self):
+        return True
+
+
+def planned_mesh(spec: str):
+    """The mesh a run would build on this machine's devices, or, when they do not fit it, a :class:`PlannedMesh`
+    (a dry run plans for the machine the command names, not this one)."""
+    try:
+        return make_mesh(spec)
+    except JaxeditError:
+        return PlannedMesh(spec)
+
+
 def with_mesh(fn):
     """Add the shared --mesh / multi-host options to a command; the command receives ``mesh`` (a
     :class:`jax.sharding.Mesh`, or None for one device). jax.distributed starts before anything touches a device."""
     @functools.wraps(fn)
     @clean_errors
     def wrapper(*args, mesh=None, coordinator=None, num_processes=None, process_id=None, **kwargs):
+        if kwargs.get("dry_run"):  # nothing started: the options are checked, the mesh described, not built
+            distributed_args(coordinator, num_processes, process_id)
+            return fn(*args, mesh=planned_mesh(mesh) if mesh else None, **kwargs)
         several = initialize(coordinator, num_processes, process_id)
         return fn(*args, mesh=make_mesh(mesh) if (mesh or several) else None, **kwargs)
 

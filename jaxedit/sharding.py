@@ -255,11 +255,26 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
 
     if _dist.global_state.client is not None:
         return jax.process_count() > 1
+    kw = distributed_args(coordinator, num_processes, process_id)
+    if kw is None:
+        return False
+    try:
+        jax.distributed.initialize(**kw)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise JaxeditError(f"could not start jax.distributed ({first})") from None
+    return jax.process_count() > 1
+
+
+def distributed_args(coordinator: Optional[str] = None, num_processes: Optional[int] = None,
+                     process_id: Optional[int] = None) -> Optional[dict]:
+    """The checked arguments of ``jax.distributed.initialize`` for :func:`initialize`'s options (None: a single
+    process); starts nothing, so a dry run checks them too."""
     coordinator = coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not coordinator:
         if num_processes is not None or process_id is not None:
             raise JaxeditError("--num-processes/--process-id need --coordinator HOST:PORT (or auto)")
-        return False
+        return None
 
     def env_int(value, name):
         if value is not None:
@@ -284,12 +299,7 @@ def initialize(coordinator: Optional[str] = None, num_processes: Optional[int] =
         if n < 1 or i is None or not 0 <= i < n:
             raise JaxeditError(f"process id {i} is not within 0..{n - 1}")
         kw.update(num_processes=n, process_id=i)
-    try:
-        jax.distributed.initialize(**kw)
-    except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise JaxeditError(f"could not start jax.distributed ({first})") from None
-    return jax.process_count() > 1
+    return kw
 
 
 def is_main_process() -> bool:

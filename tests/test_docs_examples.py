@@ -33,10 +33,8 @@ from click.testing import CliRunner
 
 import jaxedit
 from jaxedit import calibration
-from jaxedit.cli import app
 from jaxedit.cli.app import DRY_RUN_END
 from jaxedit.cli.main import cli
-from jaxedit.sharding import parse_mesh_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
@@ -225,17 +223,6 @@ def tiny_native_dir(tmp_path_factory, tokenizer):
 PROBE = {"rate": 1e10, "compile": 1.0, "date": "2000-01-01"}
 
 
-def _no_devices_mesh(spec=None, devices=None):
-    parse_mesh_spec(spec or "")  # the spec's syntax is checked; its 8-32 devices are not here
-    return None
-
-
-def _no_distributed(coordinator=None, num_processes=None, process_id=None):
-    if coordinator not in (None, "auto") and not re.fullmatch(r"\[?[^\s]+\]?:\d+", coordinator):
-        raise jaxedit.JaxeditError(f"bad coordinator {coordinator!r}: expected HOST:PORT or auto")
-    return False
-
-
 def run_command(cmd: Command, folder: Path, monkeypatch):
     """(ok, message) of one command's dry run in ``folder``."""
     found = placeholders(cmd.args)
@@ -248,8 +235,6 @@ def run_command(cmd: Command, folder: Path, monkeypatch):
     before = _files(folder)
     cwd = os.getcwd()
     with monkeypatch.context() as m:
-        m.setattr(app, "make_mesh", _no_devices_mesh)
-        m.setattr(app, "initialize", _no_distributed)
         m.setattr(jaxedit, "load", _refuse_load)
         m.setattr(calibration, "probe", lambda cfg: dict(PROBE))
         os.chdir(folder)
