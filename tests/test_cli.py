@@ -110,3 +110,25 @@ def test_trace_and_saliency_dry_runs_check_the_inputs_and_write_nothing(tiny_dir
                                    "--dry-run"])
     assert res.exit_code == 2 and res.output.startswith("error: Invalid value for '--out'") and "is a file" in res.output
     assert not out.exists()
+
+
+def test_dry_run_plans_a_mesh_it_cannot_build_and_starts_nothing(tiny_dirs, monkeypatch):
+    """A dry run names a mesh bigger than this machine (8 devices here: 1) without building it, checks the
+    multi-host options without starting jax.distributed, and still refuses a malformed mesh or coordinator."""
+    import jax
+
+    from jaxedit.cli import app
+
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **k: (_ for _ in ()).throw(AssertionError("started")))
+    base = ["-q", "trace", "--model", tiny_dirs["gpt2"][0], "--prompt", "Miles Davis plays the", "--subject",
+            "Miles Davis", "--dry-run"]
+    res = CliRunner().invoke(cli, base + ["--mesh", "data=4,model=2", "--coordinator", "10.0.0.1:1234",
+                                          "--num-processes", "2", "--process-id", "0"])
+    assert res.exit_code == 0 and "on data=4,model=2" in res.output, res.output
+    assert isinstance(app.planned_mesh("data=4,model=2"), app.PlannedMesh)
+    for extra, msg in ((["--mesh", "data=x"], "bad mesh 'data=x'"),
+                       (["--coordinator", "nohost"], "bad coordinator 'nohost'"),
+                       (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "5"],
+                        "process id 5 is not within 0..1")):
+        res = CliRunner().invoke(cli, base + extra)
+        assert res.exit_code == 2 and msg in res.output, (extra, res.output)
