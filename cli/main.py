@@ -64,6 +64,7 @@ def info(model, model_name, dtype, allow_pickle, dry_run=False, mesh=None):
 
 
 from jaxedit.cli import detox, dinm, edit, locate  # noqa: E402,F401  (registers the commands)
+from jaxedit.cli import plan  # noqa: E402,F401  (jaxedit plan)
 
 
 def main():
