@@ -80,22 +80,41 @@ def _check_complete(found: dict, cfg: ModelConfig, fmt: str) -> None:
 
 def convert(names: Iterable[str], get: Callable[[str], np.ndarray], cfg: ModelConfig, fmt: str, dtype="float32"):
     """Build a model from checkpoint tensors. ``names``: the checkpoint's tensor names; ``get(name)`` returns one
-    as a numpy array. Raises :class:`JaxeditError` naming the tensor on a missing, unexpected or misshapen tensor."""
+    as a numpy array. Raises :class:`JaxeditError` naming the tensor on a missing, unexpected or misshapen tensor.
+
+    Memory: the tensors are read rule by rule (a rule's targets together, e.g. GPT-2's fused q/k/v), each target's
+    layers written into one preallocated host array that goes to the device and is dropped before the next rule is
+    read; the host holds at most one rule's stacked arrays beside what is already on the device (not a second copy
+    of every weight)."""
     np_dtype = np.dtype(resolve_dtype(dtype))
     expected = _flatten(abstract_params(cfg, dtype))
-    filled: dict[str, dict] = {t: {} for t in expected}
+    plan: dict = {}  # rule id -> (rule, {layer: name})
+    found: dict[str, dict] = {t: {} for t in expected}  # target -> layer -> name (the completeness check)
     for name, rule, layer in _matched(names, cfg, fmt, expected):
-        arr = np.asarray(get(name))
-        outs = rule.transform(arr, cfg) if rule.transform else (arr,)
-        for target, out in zip(rule.targets, outs):
-            _check_shape(name, target, out.shape, expected, layer)
-            filled[target][layer] = out.astype(np_dtype)
-    _check_complete(filled, cfg, fmt)
+        plan.setdefault(id(rule), (rule, {}))[1][layer] = name
+        for target in rule.targets:
+            if target in expected:
+                found[target][layer] = name
+    _check_complete(found, cfg, fmt)
     params = {}
-    for target, parts in filled.items():
-        stacked = target.startswith("blocks.")
-        params[target] = jnp.asarray(np.stack([parts[i] for i in range(cfg.n_layers)]) if stacked else parts[None])
-        parts.clear()
+    for rule, layers in plan.values():
+        host = {}  # target -> the stacked (or single) host array being filled
+        for layer, name in sorted(layers.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
+            arr = np.asarray(get(name))
+            outs = rule.transform(arr, cfg) if rule.transform else (arr,)
+            for target, out in zip(rule.targets, outs):
+                if target not in expected:
+                    continue
+                _check_shape(name, target, out.shape, expected, layer)
+                if layer is None:
+                    host[target] = np.asarray(out, np_dtype)
+                    continue
+                if target not in host:
+                    host[target] = np.empty((cfg.n_layers,) + tuple(out.shape), np_dtype)
+                host[target][layer] = out
+            del arr, outs
+        for target in list(host):
+            params[target] = jnp.asarray(host.pop(target))
     return model_from_params(cfg, _unflatten(params))
 
 
