@@ -168,11 +168,19 @@ def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, c
         what = (f"{sequence['method']}: {n} {'edit' if kind != 'requests' else 'request'}{'s' * (n != 1)} from "
                 f"{'demo' if requests_file == DEMO_COUNTERFACT else requests_file} ({kind}), {nb} batch{'es' * (nb != 1)} of {bs}"
                 + ("; then the metrics of all edits" if sequence["evaluate"] else ""))
+    ultra = sequence is not None and sequence["active"] and sequence["method"] == "ultraedit"
     lines = [f"model: {model_name}" + (f" ({config.family}, {config.n_layers} layers)" if config else ""), what,
              f"layers: {list(lay_used) if lay_used is not None else 'the preset (checked when the model loads)'}"]
-    if lay_used is not None:
+    if ultra:  # UltraEdit edits the MLP input projections and needs no key statistics
+        from jaxedit.edit.ultraedit import resolve_modules
+
+        mods = resolve_modules(config, lay) if config is not None else None
+        lines[-1] = ("edited projections: " + ", ".join(
+            f"{n} {[l for m, l in mods if m == n]}" for n in dict.fromkeys(m for m, _ in mods))) if mods else \
+            "edited projections: the defaults (checked when the model loads)"
+    elif lay_used is not None:
         lines.append(stats_line(hp, lay_used))
-    warn = corpus_warning(hp.get("corpus"))
+    warn = None if ultra else corpus_warning(hp.get("corpus"))
     if warn:
         lines.append(warn)
     lines.append(f"writes {out}/" + (f" and {export_hf_dir}/" if export_hf_dir else ""))
@@ -242,8 +250,10 @@ _EDIT_OPTIONS = [
 
 @cli.command()
 @with_options(_EDIT_OPTIONS)
-@click.option("--method", type=click.Choice(["memit", "alphaedit"]), default="memit", show_default=True,
-              help="memit, or alphaedit (MEMIT's update projected onto the null space of the key statistics)")
+@click.option("--method", type=click.Choice(["memit", "alphaedit", "ultraedit"]), default="memit", show_default=True,
+              help="memit, alphaedit (MEMIT's update projected onto the null space of the key statistics), or "
+                   "ultraedit (closed-form updates of the MLP input projections, one per turn of --batch-size "
+                   "edits; --layers: both of LLaMA's input projections / GPT-2's c_fc at those layers)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None,
               help="edit the requests in consecutive batches of this many, each on the model the previous ones "
                    "left (checkpointed under OUT/sequence/: a killed run resumes) [all in one batch]")
@@ -253,18 +263,42 @@ _EDIT_OPTIONS = [
 @click.option("--eval-every", type=click.IntRange(min=1), default=None,
               help="with --eval: also the metrics of the edits so far every K batches (OUT/curve.jsonl, "
                    "curve.png/.pdf)")
+@click.option("--eval-generative", is_flag=True,
+              help="with --eval: also the generative scores (greedy decoding from the prompt; success when the "
+                   "continuation begins with the target): gen_efficacy, gen_generalization, gen_specificity")
 @click.option("--null-space-threshold", default=None,
               help="alphaedit: eigenvalues of the key statistics below this span the null space, or energy:F "
                    f"(the smallest eigenvalues holding at most 1-F of the trace) [{DEFAULT_THRESHOLD:g}]")
 @click.option("--l2", type=click.FloatRange(min=0), default=None, help="alphaedit: the solve's ridge term [10]")
+@click.option("--lr", type=float, default=None, help="ultraedit: the step on the normalized gradients [1e-6]")
+@click.option("--nas", is_flag=True,
+              help="memit / alphaedit: norm-anchored scaling of the target vectors (AlphaEdit + NAS): each v* "
+                   "rescaled to the mean norm of clean edits on the unedited model, or not written above twice it")
 @with_mesh
-def edit(method, batch_size, evaluate, eval_every, null_space_threshold, l2, **kw):
+def edit(method, batch_size, evaluate, eval_every, null_space_threshold, l2, lr, nas, **kw):
     """MEMIT or AlphaEdit: rewrite subject -> target associations, in one batch or sequentially; CounterFact and
-    zsRE files (and 'demo', the shipped CounterFact set) are read and evaluated as the papers do."""
+    zsRE files (and 'demo', the shipped CounterFact set; 'synthetic:N[:SEED]', N invented zsRE-format edits made
+    offline) are read and evaluated as the papers do."""
+    generative = kw.pop("eval_generative")
+    if nas:
+        if method == "ultraedit":
+            raise JaxeditError("--nas rescales MEMIT's and AlphaEdit's target vectors; UltraEdit has none "
+                               "(--method memit or alphaedit)")
+        kw["hparam"] = tuple(kw["hparam"]) + ("nas=true",)
     if kw["requests_file"] == "demo":
         kw["requests_file"] = DEMO_COUNTERFACT
+    if generative and not evaluate:
+        raise JaxeditError("--eval-generative needs --eval")
     kind = detect_kind(kw["requests_file"])
-    check_options(method, batch_size, evaluate, eval_every, kind, null_space_threshold, l2)
+    if kw["requests_file"].startswith("synthetic:") and kw["model_name"] != "smollm2":
+        runtime.stage(f"note: the synthetic stream's neighborhood prompts are facts the default model (smollm2) "
+                      f"knows, not necessarily {kw['model_name']} (jaxedit.synthetic_edits(n, model=...) probes "
+                      f"another model's)")
+    given = {"--corpus": kw["corpus"] is not None, "--stats-samples": kw["n_samples"] is not None,
+             "--max-len": kw["max_len"] is not None, "--stats-float64": kw["stats_float64"],
+             "--preset": bool(kw["preset"]), "--solve-float64": kw["solve_float64"], "--hparam": bool(kw["hparam"])}
+    check_options(method, batch_size, evaluate, eval_every, kind, null_space_threshold, l2, lr=lr,
+                  memit_options=[k for k, v in given.items() if v])
     active = kind != "requests" or method != "memit" or batch_size is not None or evaluate
     if active and kw["export_hf_dir"]:
         raise JaxeditError("--export-hf is for a single MEMIT batch; after a sequential edit run `jaxedit export "
@@ -272,7 +306,8 @@ def edit(method, batch_size, evaluate, eval_every, null_space_threshold, l2, **k
     read = read_edit_file(kw["requests_file"], kind, kw["skip_bad"], kw["limit"]) if active else None
     _edit_command("edit", sequence={"active": active, "read": read, "method": method, "batch_size": batch_size,
                                     "evaluate": evaluate, "eval_every": eval_every,
-                                    "null_space_threshold": null_space_threshold, "l2": l2}, **kw)
+                                    "null_space_threshold": null_space_threshold, "l2": l2,
+                                    "generative": generative, "model_name": kw["model_name"], "lr": lr}, **kw)
 
 
 @cli.command()

@@ -13,13 +13,19 @@ from jaxedit.edit.alphaedit import DEFAULT_THRESHOLD, parse_threshold
 from jaxedit.edit.memit import parse_request
 from jaxedit.edit.sequential import dataset_requests
 from jaxedit.errors import JaxeditError
-from jaxedit.evaluate.editing import format_summary, load_counterfact, load_zsre
+from jaxedit.evaluate.editing import format_summary, load_counterfact, load_zsre, protocol_record
 from jaxedit.sharding import is_main_process
 
 
 def detect_kind(path: str) -> str:
     """"counterfact" / "zsre" (records in the public JSON or JSONL formats, told apart by their fields) or
-    "requests" (jaxedit's JSONL request lines)."""
+    "requests" (jaxedit's JSONL request lines). ``synthetic:N[:SEED]`` (jaxedit.synthetic_edits) is "zsre";
+    WikiBigEdit's and UltraEditBench's files are "zsre" too (read as zsRE records, jaxedit.evaluate.editing.as_zsre)."""
+    if path.startswith("synthetic:"):
+        from jaxedit.synthetic import parse_synthetic
+
+        parse_synthetic(path)
+        return "zsre"
     try:
         with open(path, encoding="utf-8") as f:
             head = f.read(65536).lstrip()
@@ -31,13 +37,13 @@ def detect_kind(path: str) -> str:
     if head.startswith("["):
         if '"requested_rewrite"' in head:
             return "counterfact"
-        if '"src"' in head and '"loc"' in head:
+        if ('"src"' in head or '"update"' in head or '"rephrase_prompt"' in head) and '"loc"' in head:
             return "zsre"
         raise JaxeditError(f"{path}: a JSON array of neither CounterFact records (\"requested_rewrite\") nor zsRE "
                            f"records (\"src\", \"loc\"); edit requests go one a line (JSONL)")
     if '"requested_rewrite"' in first:
         return "counterfact"
-    if '"src"' in first and '"loc"' in first:
+    if ('"src"' in first or '"update"' in first or '"rephrase_prompt"' in first) and '"loc"' in first:
         return "zsre"
     return "requests"
 
@@ -45,6 +51,13 @@ def detect_kind(path: str) -> str:
 def read_edit_file(path: str, kind: str, skip_bad: bool, limit: Optional[int] = None):
     """(kind, records or None, requests, where-labels) of an edit file of ``kind`` (:func:`detect_kind`), its first
     ``limit`` records or requests when given."""
+    if path.startswith("synthetic:"):  # the offline stream: n records, SEED, the default model's known facts
+        from jaxedit.synthetic import parse_synthetic, synthetic_edits
+
+        n, seed = parse_synthetic(path)
+        records = synthetic_edits(min(n, limit) if limit else n, seed=seed)
+        requests = dataset_requests(records, "zsre", where=path)
+        return "zsre", records, requests, [f"{path}: record {i}" for i in range(len(records))]
     if kind in ("counterfact", "zsre"):
         records = load_counterfact(path) if kind == "counterfact" else load_zsre(path)
         records = records[:limit] if limit else records
@@ -56,8 +69,20 @@ def read_edit_file(path: str, kind: str, skip_bad: bool, limit: Optional[int] = 
     return "requests", None, rf.objects, [rf.where(line) for line in rf.lines]
 
 
-def check_options(method, batch_size, evaluate, eval_every, kind, null_space_threshold, l2):
-    """Everything that can be checked before the model loads."""
+def check_options(method, batch_size, evaluate, eval_every, kind, null_space_threshold, l2, lr=None,
+                  memit_options=()):
+    """Everything that can be checked before the model loads. ``lr``: UltraEdit's step; ``memit_options``: the
+    MEMIT / AlphaEdit options given (their command-line names), which UltraEdit refuses."""
+    if method == "ultraedit":
+        if null_space_threshold is not None or l2 is not None:
+            raise JaxeditError("--null-space-threshold and --l2 are AlphaEdit's options (--method alphaedit); "
+                               "ultraedit takes --lr")
+        if memit_options:
+            raise JaxeditError(f"{memit_options[0]} is a MEMIT / AlphaEdit option; ultraedit takes --layers and --lr")
+        if lr is not None and not lr > 0:
+            raise JaxeditError(f"--lr must be > 0 (got {lr:g})")
+    elif lr is not None:
+        raise JaxeditError("--lr is UltraEdit's option (--method ultraedit)")
     if method == "alphaedit":
         parse_threshold(DEFAULT_THRESHOLD if null_space_threshold is None else null_space_threshold)
     elif null_space_threshold is not None or l2 is not None:
@@ -69,10 +94,10 @@ def check_options(method, batch_size, evaluate, eval_every, kind, null_space_thr
                            "prompts and true targets the metrics use)")
 
 
-def _evaluate(model, tok, kind, records):
+def _evaluate(model, tok, kind, records, generative=False):
     if kind == "counterfact":
-        return jaxedit.counterfact_eval(model, records, tokenizer=tok)
-    return jaxedit.zsre_eval(model, records, tokenizer=tok)
+        return jaxedit.counterfact_eval(model, records, tokenizer=tok, generative=generative)
+    return jaxedit.zsre_eval(model, records, tokenizer=tok, generative=generative)
 
 
 def _write_json(path, obj):
@@ -105,12 +130,19 @@ def plot_curve(points, kind, out):
 
 
 def run_sequence(model, tok, kind, records, requests, wheres, *, method, batch_size, layers, out, evaluate,
-                 eval_every, hp, null_space_threshold, l2):
-    """Edit (batch after batch, resumable under ``out/sequence/``), evaluate, save; prints the summary table."""
+                 eval_every, hp, null_space_threshold, l2, generative=False, model_name=None, lr=None):
+    """Edit (batch after batch, resumable under ``out/sequence/``), evaluate, save; prints the summary table.
+    Every result (eval.json, each curve.jsonl point, report.json) carries a "protocol" entry
+    (:func:`jaxedit.evaluate.editing.protocol_record`); ``generative`` adds the generative scores."""
     for r, where in zip(requests, wheres):  # FILE:LINE (or FILE: record i) errors before any work
         mode = "delete" if "suppress" in r and "target" not in r else "edit"
         try:
-            parse_request(r, tok, mode, other="jaxedit delete")
+            if method == "ultraedit":
+                from jaxedit.edit.ultraedit import parse_record
+
+                parse_record(r, tok)
+            else:
+                parse_request(r, tok, mode, other="jaxedit delete")
         except JaxeditError as e:
             raise JaxeditError(f"{where}: {e}") from None
     batch_size = batch_size or len(requests)
@@ -122,12 +154,23 @@ def run_sequence(model, tok, kind, records, requests, wheres, *, method, batch_s
         with open(curve_path) as f:
             points = [json.loads(line) for line in f if line.strip()]
 
+    source = wheres[0].rsplit(":", 1)[0] if wheres else None
+
+    def protocol(m, n_eval, edits_so_far, evaluated="stream"):
+        return protocol_record(m, records if records is not None else requests,
+                               kind=kind if kind in ("counterfact", "zsre") else "requests",
+                               edits_per_turn=batch_size, evaluated=evaluated, evaluated_records=n_eval,
+                               edits_so_far=edits_so_far, generative=generative, source=source,
+                               model_name=model_name, method=method)
+
     def record_point(done, m):
         if not any(p["batches"] == done for p in points):
             n = min(done * batch_size, len(records))
             runtime.stage(f"evaluating the {n} edits so far")
-            res = _evaluate(m, tok, kind, records[:n] if n else records[:batch_size])
-            points.append({"batches": done, "edits": n, "summary": res["summary"]})
+            evaluated = records[:n] if n else records[:batch_size]
+            res = _evaluate(m, tok, kind, evaluated, generative)
+            points.append({"batches": done, "edits": n, "summary": res["summary"],
+                           "protocol": protocol(m, len(evaluated), n)})
             points.sort(key=lambda p: p["batches"])
             if is_main_process():
                 with open(curve_path + ".tmp", "w") as f:
@@ -147,6 +190,8 @@ def run_sequence(model, tok, kind, records, requests, wheres, *, method, batch_s
             kw["null_space_threshold"] = null_space_threshold
         if l2 is not None:
             kw["l2"] = l2
+    if method == "ultraedit" and lr is not None:
+        kw["lr"] = lr
     edited, report = jaxedit.edit_sequential(model, requests, method=method, batch_size=batch_size, layers=layers,
                                              tokenizer=tok, out=os.path.join(out, "sequence"), on_batch=on_batch,
                                              **kw)
@@ -160,10 +205,12 @@ def run_sequence(model, tok, kind, records, requests, wheres, *, method, batch_s
     summary = None
     if evaluate:
         runtime.stage(f"evaluating all {len(records)} edits")
-        res = _evaluate(edited, tok, kind, records)
+        res = _evaluate(edited, tok, kind, records, generative)
         summary = res["summary"]
+        res["protocol"] = protocol(edited, len(records), len(requests))
         if is_main_process():
             _write_json(os.path.join(out, "eval.json"), res)
+    report["protocol"] = res["protocol"] if evaluate else protocol(edited, 0, len(requests), evaluated=None)
     if is_main_process():
         report["summary"] = summary
         _write_json(os.path.join(out, "report.json"), report)

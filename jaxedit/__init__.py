@@ -25,6 +25,7 @@ from jaxedit.locate.saliency import SaliencyResult, saliency, saliency_batch
 from jaxedit.locate.tracing import TraceResult, trace, trace_batch
 from jaxedit.edit.memit import EditHparams, delete, hparams_for, memit
 from jaxedit.edit.alphaedit import alphaedit
+from jaxedit.edit.ultraedit import ultraedit
 from jaxedit.edit.sequential import edit_sequential
 from jaxedit.edit.stats import layer_stats
 from jaxedit.edit.dinm import DinmHparams, dinm, dinm_locate
@@ -32,18 +33,20 @@ from jaxedit.edit.profs import profs
 from jaxedit.edit.aura import aura
 from jaxedit.evaluate.safeedit import evaluate as evaluate_safeedit, read_cases as read_safeedit
 from jaxedit.evaluate.metrics import fluency, perplexity, toxic_rate
-from jaxedit.evaluate.editing import counterfact_eval, load_counterfact, load_zsre, zsre_eval
+from jaxedit.evaluate.editing import counterfact_eval, load_counterfact, load_zsre, protocol_record, zsre_eval
+from jaxedit.synthetic import synthetic_edits
 from jaxedit.evaluate.toxicity import toxicity_scores
 from jaxedit.detox.chunking import toxic_span
 from jaxedit.sharding import make_mesh
 from jaxedit.runtime import set_progress
+from jaxedit.planning import plan
 
 __all__ = ["ModelConfig", "JaxeditError", "ForwardOutput", "Interventions", "apply", "load", "DEFAULT_MODEL",
            "forward", "create_model", "model_from_params", "params_of", "count_params", "trace", "trace_batch",
-           "TraceResult", "saliency", "saliency_batch", "SaliencyResult", "select_layers",
-           "attribution_patching", "memit", "alphaedit", "edit_sequential", "delete", "EditHparams", "hparams_for",
-           "layer_stats", "save", "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores", "toxic_span",
-           "dinm", "dinm_locate",
-           "DinmHparams", "profs", "aura", "read_safeedit", "evaluate_safeedit", "make_mesh", "shard_model",
-           "counterfact_eval", "zsre_eval", "load_counterfact", "load_zsre", "set_progress"]
+           "TraceResult", "saliency", "saliency_batch", "SaliencyResult", "select_layers", "attribution_patching",
+           "memit", "alphaedit", "ultraedit", "edit_sequential", "delete", "EditHparams", "hparams_for",
+           "layer_stats", "save", "export_hf", "perplexity", "fluency", "toxic_rate", "toxicity_scores",
+           "toxic_span", "dinm", "dinm_locate", "DinmHparams", "profs", "aura", "read_safeedit", "evaluate_safeedit",
+           "make_mesh", "shard_model", "counterfact_eval", "zsre_eval", "load_counterfact", "load_zsre",
+           "protocol_record", "synthetic_edits", "set_progress", "plan"]
 __version__ = "0.1.0"

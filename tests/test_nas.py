@@ -107,3 +107,34 @@ def test_nas_mean_from_the_requests_and_refusals(tiny_dirs):
                                               **kw), "deletion has none")]:
         with pytest.raises(JaxeditError, match=msg):
             call()
+
+
+@pytest.mark.slow
+def test_nas_in_a_sequence_is_measured_once_and_kept(tiny_dirs, tmp_path):
+    """edit_sequential(nas=True): the mean is measured once on the unedited model, recorded with the checkpoints,
+    and a resumed run keeps it (it is not measured again on the edited model); --nas on the command line."""
+    import json
+
+    from click.testing import CliRunner
+
+    from jaxedit.cli.main import cli
+
+    model, tok = jaxedit.load(tiny_dirs["gpt2"][0])
+    layers = [1]
+    stats = random_stats(model.config, layers)
+    kw = dict(tokenizer=tok, layers=layers, stats=stats, context_prefixes=(), v_num_grad_steps=3, progress=False,
+              method="memit", batch_size=1, nas=True)
+    out = str(tmp_path / "seq")
+    first, rep = jaxedit.edit_sequential(model, REQS[:2], out=out, **kw)
+    hp = ed.hparams_for(model.config, layers=tuple(layers), context_prefixes=(), v_num_grad_steps=3, nas=True)
+    want = ed.vstar_mean_norm(model, tok, ed.parse_requests(REQS[:2], tok, "edit"), hp, tuple(layers))
+    assert rep["nas_mean_norm"] == pytest.approx(want["mean_norm"], rel=1e-5)
+    assert json.load(open(tmp_path / "seq" / "sequence.json"))["nas_mean_norm"] == rep["nas_mean_norm"]
+    again, rep2 = jaxedit.edit_sequential(model, REQS[:2], out=out, **kw)  # everything done: kept, not remeasured
+    assert rep2["nas_mean_norm"] == rep["nas_mean_norm"]
+    res = CliRunner().invoke(cli, ["edit", "--model", tiny_dirs["gpt2"][0], "--requests", "demo", "--method",
+                                   "ultraedit", "--batch-size", "2", "--nas", "--dry-run"])
+    assert res.exit_code == 2 and "UltraEdit has none" in res.output, res.output
+    res = CliRunner().invoke(cli, ["edit", "--model", tiny_dirs["gpt2"][0], "--requests", "demo", "--method",
+                                   "alphaedit", "--batch-size", "2", "--nas", "--corpus", "model", "--dry-run"])
+    assert res.exit_code == 0, res.output

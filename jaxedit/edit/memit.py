@@ -694,7 +694,7 @@ def edit_batch(model, tokenizer, reqs, mode: str, hp: EditHparams, layers, conte
     z, h_init, delta, losses, mains, n_run, v0 = optimize_targets(model, tokenizer, reqs, mode, hp, layers, contexts,
                                                                   pad_to=pad_to, shape=shape)
     nas = None
-    if hp.nas:
+    if hp.nas and mode == "edit":  # deletion requests (in a mixed sequence) have no target to anchor
         if nas_mean_norm is None:
             raise JaxeditError("nas=True needs the mean |v*| of clean edits (nas_mean_norm)")
         z, written, vnorm = nas_targets(h_init, delta, v0, nas_mean_norm)

@@ -1,5 +1,6 @@
 """Sequential (lifelong) editing: many requests edited batch after batch, each batch on the model the previous ones
-left, with MEMIT or AlphaEdit.
+left, with MEMIT or AlphaEdit (or UltraEdit, :mod:`jaxedit.edit.ultraedit`: a batch is a turn, and the checkpoints
+hold the edited input projections and the lifelong normalizer).
 
 The key statistics and the context templates are computed once, on the unedited model (as the published sequential
 experiments do); AlphaEdit's projector P is computed once and its C_p grows with every batch. Requests with
@@ -26,15 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxedit import runtime
-from jaxedit.calls import public
+from jaxedit.calls import check_names, public
 from jaxedit.batching import batches
 from jaxedit.edit import alphaedit as _alpha
 from jaxedit.edit import memit as _memit
+from jaxedit.edit import ultraedit as _ultra
 from jaxedit.errors import JaxeditError
 from jaxedit.model import model_from_params, params_of
 from jaxedit.sharding import is_main_process, to_host
 
-METHODS = ("memit", "alphaedit")
+METHODS = ("memit", "alphaedit", "ultraedit")
 BUCKET = 16  # rows padded to a multiple of this many tokens
 FORMAT = 1
 
@@ -131,6 +133,7 @@ class _Checkpoints:
         self.out = out
         self.options = json.loads(json.dumps(options, default=str))  # as it reads back (tuples -> lists)
         self.path = os.path.join(out, "sequence.json")
+        self.extra = {}  # more of the sequence's state recorded with every checkpoint (NAS's mean |v*|)
 
     def load(self) -> Optional[dict]:
         if not os.path.exists(self.path):
@@ -183,7 +186,7 @@ class _Checkpoints:
         with open(os.path.join(tmp, "weights.npz"), "wb") as f:
             np.savez(f, w_out=np.asarray(w, np.float32))
         seq = {"format": FORMAT, "options": self.options, "done": done, "batches_total": total,
-               "checkpoint": name, "contexts": list(contexts), "batches": batch_reports}
+               "checkpoint": name, "contexts": list(contexts), "batches": batch_reports, **self.extra}
         if state is not None:
             with open(os.path.join(tmp, "state.npz"), "wb") as f:
                 np.savez(f, **{f"C_p_{l}": state["C_p"][l] for l in layers})
@@ -216,8 +219,9 @@ def edit_sequential(model, requests, *, tokenizer=None, method: str = "alphaedit
                     layers=None, stats=None, out: Optional[str] = None, progress=True,
                     on_batch: Optional[Callable] = None, **hparams):
     """Edit ``requests`` (jaxedit requests, or CounterFact / zsRE records as :func:`jaxedit.load_counterfact` and
-    :func:`jaxedit.load_zsre` return them) in consecutive batches of ``batch_size`` with ``method`` ("memit" or "alphaedit"), each
-    batch on the model the previous batches left. Returns ``(edited_model, report)``; ``report["batches"]`` holds
+    :func:`jaxedit.load_zsre` return them) in consecutive batches of ``batch_size`` with ``method`` ("memit", "alphaedit" or
+    "ultraedit": a batch is then one UltraEdit turn, and ``lr``, ``micro_batch``, ``solve_dtype`` are its options),
+    each batch on the model the previous batches left. Returns ``(edited_model, report)``; ``report["batches"]`` holds
     one entry per batch (its requests' indices, z losses, the layers' update norms, seconds) and, for AlphaEdit,
     ``report["state"]`` the sequence's state. ``out``: a folder where each finished batch is saved, so that a
     killed run resumes at the next batch. ``on_batch(batches_done, model)`` is called after each batch (e.g. to
@@ -228,9 +232,13 @@ def edit_sequential(model, requests, *, tokenizer=None, method: str = "alphaedit
         raise JaxeditError(f"method must be one of {', '.join(METHODS)} (got {method!r})")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise JaxeditError(f"batch_size must be an integer >= 1 (got {batch_size!r})")
+    if method == "ultraedit":
+        return _ultraedit_sequential(model, requests, tokenizer=tokenizer, batch_size=batch_size, layers=layers,
+                                     stats=stats, out=out, progress=progress, on_batch=on_batch, **hparams)
     hparams = dict(hparams)
     threshold = hparams.pop("null_space_threshold", _alpha.DEFAULT_THRESHOLD)
     l2 = hparams.pop("l2", 10.0)
+    given_mean = hparams.pop("nas_mean_norm", None)
     if method == "alphaedit":
         _alpha.parse_threshold(threshold)
         if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 >= 0:
@@ -269,6 +277,15 @@ def edit_sequential(model, requests, *, tokenizer=None, method: str = "alphaedit
             if contexts is None:
                 runtime.stage("sampling context templates")
                 contexts = _memit.context_templates(model, tokenizer, hp)
+    # NAS: the mean |v*| of clean edits, measured once on the model the sequence starts from (recorded with the
+    # checkpoints, so a resumed run keeps it)
+    nas_mean = seq.get("nas_mean_norm") if seq is not None else None
+    if done < len(chunks) and nas_mean is None:
+        nas_mean = _memit.nas_mean(model, tokenizer, [p for m, p in parsed if m == "edit"], hp, layers, given_mean)
+    if ckpt and nas_mean is not None:
+        ckpt.extra["nas_mean_norm"] = nas_mean
+    if method == "alphaedit" and state is not None:
+        state = dict(state, nas_mean_norm=nas_mean)
     shape = _memit.batch_shape(tokenizer, parsed, hp, contexts, BUCKET) if done < len(chunks) else None
     note = (lambda: f"{done} of {len(chunks)} batches kept in {out}/; rerun to resume") if out else \
         (lambda: "nothing kept (give an output folder to resume)")
@@ -286,7 +303,8 @@ def edit_sequential(model, requests, *, tokenizer=None, method: str = "alphaedit
                                                          evaluate=False, pad_to=batch_size, shape=shape)
                 else:
                     model, rep = _memit.edit_batch(model, tokenizer, reqs, mode, hp, layers, contexts, stats,
-                                                   evaluate=False, pad_to=batch_size, shape=shape)
+                                                   evaluate=False, pad_to=batch_size, shape=shape,
+                                                   nas_mean_norm=nas_mean if mode == "edit" else None)
                 entry["parts"].append({
                     "mode": mode, "layers_report": rep["layers_report"],
                     "loss_last": [r["loss_last"] for r in rep["requests"]],
@@ -302,9 +320,135 @@ def edit_sequential(model, requests, *, tokenizer=None, method: str = "alphaedit
                 on_batch(done, model)
     report = {"method": method, "batch_size": batch_size, "layers": list(layers), "n_requests": len(parsed),
               "batches": batch_reports, "hparams": dataclasses.asdict(hp), "contexts": contexts,
-              "resumed_at": 0 if seq is None else int(seq["done"]), "seconds": time.perf_counter() - t0}
+              "resumed_at": 0 if seq is None else int(seq["done"]), "seconds": time.perf_counter() - t0,
+              "nas_mean_norm": nas_mean}
     if method == "alphaedit":
         report.update(l2=float(l2), null_space_threshold=threshold, state=state,
                       null_space=None if state is None else state["null_space"])
     return model, report
 
+
+
+# ---------------------------------------------------------------------------------------------- UltraEdit
+
+class _UltraCheckpoints(_Checkpoints):
+    """``out/sequence.json`` + ``out/ckpt-NNNNN/`` (weights.npz: the edited projections; state.npz: the
+    normalizer)."""
+
+    def weights(self, seq) -> dict:
+        with np.load(os.path.join(self.out, seq["checkpoint"], "weights.npz")) as z:
+            return {k: z[k] for k in z.files}
+
+    def state(self, seq) -> dict:
+        with np.load(os.path.join(self.out, seq["checkpoint"], "state.npz")) as z:
+            norms = {key: {"n": float(seq["state"]["n"][key]), "mean": z[f"mean_{key}"], "var": z[f"var_{key}"]}
+                     for key in seq["state"]["n"]}
+        return dict(seq["state"]["meta"], normalizers=norms)
+
+    def save(self, done: int, model, modules, state, batch_reports, total: int) -> None:
+        blocks = params_of(model)["blocks"]
+        w = {f"{name}_{l}": np.asarray(to_host(blocks[name][l]), np.float32) for name, l in modules}
+        if not is_main_process():
+            return
+        os.makedirs(self.out, exist_ok=True)
+        name = f"ckpt-{done:05d}"
+        tmp = os.path.join(self.out, ".ckpt-tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "weights.npz"), "wb") as f:
+            np.savez(f, **w)
+        norms = state["normalizers"]
+        with open(os.path.join(tmp, "state.npz"), "wb") as f:
+            np.savez(f, **{f"{part}_{key}": norms[key][part] for key in norms for part in ("mean", "var")})
+        meta = {k: v for k, v in state.items() if k != "normalizers"}
+        seq = {"format": FORMAT, "options": self.options, "done": done, "batches_total": total,
+               "checkpoint": name, "contexts": [], "batches": batch_reports,
+               "state": {"meta": meta, "n": {key: float(norms[key]["n"]) for key in norms}}}
+        shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
+        os.replace(tmp, os.path.join(self.out, name))
+        tmpj = self.path + ".tmp"
+        with open(tmpj, "w") as f:
+            json.dump(seq, f, indent=1, default=str)
+        os.replace(tmpj, self.path)  # the commit point
+        for entry in os.listdir(self.out):
+            if entry.startswith("ckpt-") and entry != name:
+                shutil.rmtree(os.path.join(self.out, entry), ignore_errors=True)
+
+
+def _with_modules(model, weights: dict):
+    params = params_of(model)
+    blocks = dict(params["blocks"])
+    for key, value in weights.items():
+        name, l = key.rsplit("_", 1)
+        w = blocks[name]
+        new = _set_layers(w, jnp.asarray([int(l)]), jnp.asarray(value)[None])
+        blocks[name] = jax.device_put(new, w.sharding) if getattr(w, "sharding", None) is not None else new
+    return model_from_params(model.config, dict(params, blocks=blocks))
+
+
+def _ultra_signature(model, modules) -> dict:
+    blocks = params_of(model)["blocks"]
+    norms = to_host(jnp.stack([jnp.linalg.norm(blocks[n][l].astype(jnp.float32)) for n, l in modules]))
+    return {"config": _fingerprint(dataclasses.asdict(model.config)),
+            "edited_module_norms": [round(float(x), 4) for x in norms]}
+
+
+def _ultraedit_sequential(model, requests, *, tokenizer, batch_size, layers, stats, out, progress, on_batch,
+                          **options):
+    """UltraEdit over consecutive turns of ``batch_size`` requests (see :func:`edit_sequential`)."""
+    t0 = time.perf_counter()
+    if stats is not None:
+        raise JaxeditError("stats (the key statistics) are MEMIT's and AlphaEdit's; ultraedit uses none")
+    other = [k for k in options if k in ("null_space_threshold", "l2")]
+    if other:
+        raise JaxeditError(f"{other[0]} is AlphaEdit's option (method=\"alphaedit\"); ultraedit takes lr, "
+                           f"micro_batch, solve_dtype")
+    options = check_names(options, ("lr", "micro_batch", "solve_dtype"), what="ultraedit option")
+    lr = _ultra._check_lr(options.get("lr", _ultra.DEFAULT_LR))
+    micro_batch = _ultra._check_micro_batch(options.get("micro_batch", _ultra.DEFAULT_MICRO_BATCH))
+    solve_dtype = options.get("solve_dtype", "float64")
+    if solve_dtype not in ("float32", "float64"):
+        raise JaxeditError(f"solve_dtype must be float32 or float64 (got {solve_dtype!r})")
+    modules = _ultra.resolve_modules(model.config, layers)
+    reqs = as_requests(requests)
+    records = _ultra.parse_records(reqs, tokenizer)
+    chunks = list(batches(list(range(len(records))), batch_size))
+    options = {"method": "ultraedit", "batch_size": batch_size, "modules": [list(m) for m in modules],
+               "lr": lr, "micro_batch": micro_batch, "solve_dtype": solve_dtype,
+               "requests": _fingerprint(reqs), "n_requests": len(records),
+               "model": _ultra_signature(model, modules)}
+    ckpt = _UltraCheckpoints(out, options) if out else None
+    seq = ckpt.load() if ckpt else None
+    done, batch_reports = 0, []
+    if seq is not None:
+        done, batch_reports = int(seq["done"]), list(seq["batches"])
+        runtime.stage(f"resuming at turn {done + 1} of {len(chunks)} from {out}/" if done < len(chunks) else
+                      f"all {len(chunks)} turns were done earlier in {out}/: nothing to edit")
+        model = _with_modules(model, ckpt.weights(seq))
+        state = ckpt.state(seq)
+    else:
+        state = _ultra.new_state(model, modules)
+    # one compiled capture program per micro-batch length bucket for the whole sequence
+    T, R = _ultra.turn_shapes(records, micro_batch)
+    note = (lambda: f"{done} of {len(chunks)} turns kept in {out}/; rerun to resume") if out else \
+        (lambda: "nothing kept (give an output folder to resume)")
+    with runtime.resume_note_while(note), \
+            runtime.bar(len(chunks), f"ultraedit, turns of {batch_size}", "turn", done, enabled=progress) as pbar:
+        for b in range(done, len(chunks)):
+            tb = time.perf_counter()
+            model, rep, state = _ultra.run_turn(model, [records[i] for i in chunks[b]], modules, state, lr,
+                                                micro_batch=micro_batch, solve_dtype=solve_dtype, shapes=(T, R),
+                                                progress=False)
+            batch_reports.append({"batch": b, "requests": chunks[b], "losses": rep["losses"],
+                                  "layers_report": rep["modules"], "seconds": time.perf_counter() - tb})
+            done = b + 1
+            if ckpt:
+                ckpt.save(done, model, modules, state, batch_reports, len(chunks))
+            pbar.update(1)
+            if on_batch is not None:
+                on_batch(done, model)
+    return model, {"method": "ultraedit", "batch_size": batch_size, "modules": [list(m) for m in modules],
+                   "layers": sorted({l for _, l in modules}), "n_requests": len(records), "lr": lr,
+                   "micro_batch": micro_batch, "solve_dtype": solve_dtype, "batches": batch_reports,
+                   "state": state, "resumed_at": 0 if seq is None else int(seq["done"]),
+                   "seconds": time.perf_counter() - t0}

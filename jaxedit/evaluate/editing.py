@@ -68,6 +68,7 @@ from jaxedit.evaluate.metrics import ngram_entropy
 from jaxedit.forward import apply
 from jaxedit.generate import prompt_token_ids, sample
 from jaxedit.model import params_of
+from jaxedit import runtime
 from jaxedit.runtime import default_memory_budget
 
 DEMO_COUNTERFACT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
@@ -197,7 +198,29 @@ def check_zsre(d, where: str) -> dict:
             raise JaxeditError(f"{where}: field \"answers\" must be a non-empty list of non-empty strings")
     if "alt" in d:
         _str(d, "alt", where)
+    if not isinstance(d.get("loc_suffix", "?"), str):
+        raise JaxeditError(f"{where}: field \"loc_suffix\" must be a string")
     return d
+
+
+def as_zsre(d) -> dict:
+    """A record of a zsRE-like benchmark in zsRE's fields (``src``, ``rephrase``, ``answers``, ``loc``,
+    ``loc_ans``), the original fields kept beside them: WikiBigEdit's (``update``, ``rephrase``, ``ans``, ``loc``,
+    ``loc_ans``, ``subject``), UltraEditBench's (``prompt``, ``rephrase_prompt``, ``ans``, ``loc``, ``loc_ans``) and
+    UltraEdit's zsRE files (``ans`` for ``answers``). The two benchmarks' locality prompts are used as written, as
+    their loaders do (``loc_suffix: ""``; zsRE's own get "?" appended). Other records pass unchanged."""
+    if not isinstance(d, dict) or "src" in d and "answers" in d:
+        return d
+    out = dict(d)
+    if "src" not in d and "update" in d:  # WikiBigEdit
+        out["src"] = d["update"]
+        out.setdefault("loc_suffix", "")
+    elif "src" not in d and "rephrase_prompt" in d:  # UltraEditBench
+        out["src"], out["rephrase"] = d.get("prompt"), d["rephrase_prompt"]
+        out.setdefault("loc_suffix", "")
+    if "answers" not in d and isinstance(d.get("ans"), str):
+        out["answers"] = [d["ans"]]
+    return out
 
 
 def load_counterfact(path) -> list:
@@ -212,11 +235,12 @@ def load_counterfact(path) -> list:
 
 def load_zsre(path) -> list:
     """zsRE records (MEMIT's ``zsre_mend_eval.json`` format; checked dicts, as given) from a JSON array or JSONL
-    file, or a hub dataset name. Errors as :func:`load_counterfact`'s."""
+    file, or a hub dataset name. WikiBigEdit's and UltraEditBench's records are read too, mapped by
+    :func:`as_zsre`. Errors as :func:`load_counterfact`'s."""
     items = _read_items(path, "zsRE")
     if not items:
         raise JaxeditError(f"{os.fspath(path) if isinstance(path, (str, os.PathLike)) else 'records'}: no records")
-    return [check_zsre(d, where) for where, d in items]
+    return [check_zsre(as_zsre(d), where) for where, d in items]
 
 
 def _records(records, kind):
@@ -226,7 +250,7 @@ def _records(records, kind):
         return [check_counterfact(d, w) for w, d in _read_items(records, kind)]
     if isinstance(records, (str, os.PathLike)):
         return load_zsre(records)
-    return [check_zsre(d, w) for w, d in _read_items(records, kind)]
+    return [check_zsre(as_zsre(d), w) for w, d in _read_items(records, kind)]
 
 
 # ---- scoring rows ----
@@ -262,7 +286,12 @@ def _position_scores(cfg: ModelConfig, params, ids, mask, positions, targets):
 
 def score_rows(model, rows: Sequence[tuple], *, bucket: int = 16, memory_budget: Optional[float] = None) -> list:
     """For each (prompt ids, target ids): (per-token NLL of the target after the prompt, per-token argmax hits),
-    float64 / bool arrays. Rows run in length buckets, one compiled program per bucket shape."""
+    float64 / bool arrays. Equal rows are scored once (a stream's neighborhood facts recur); rows run in length
+    buckets, one compiled program per bucket shape."""
+    unique = list(dict.fromkeys((tuple(p), tuple(t)) for p, t in rows))
+    if len(unique) < len(rows):
+        scored = dict(zip(unique, score_rows(model, unique, bucket=bucket, memory_budget=memory_budget)))
+        return [scored[(tuple(p), tuple(t))] for p, t in rows]
     cfg = model.config
     params = params_of(model)
     budget = memory_budget or default_memory_budget()
@@ -330,6 +359,45 @@ def generate_texts(model, tokenizer, prompts: Sequence[str], *, max_out_len: int
         t = tokenizer.decode(p + row[0][:keep], skip_special_tokens=True)
         texts.append(unicodedata.normalize("NFKD", t).replace("\n\n", " "))
     return texts
+
+
+# ---- generative scores ----
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).casefold()
+
+
+def generative_match(continuation: str, target: str) -> bool:
+    """Whether a greedy continuation begins with the target's words: both sides with leading and trailing
+    whitespace dropped, runs of whitespace made one space and case folded (``str.casefold``); the continuation
+    must equal the target or continue it with a character that is not a letter or digit (" Paris," and " Paris"
+    match "Paris"; " Parisian" does not)."""
+    c, t = _norm(continuation), _norm(target)
+    if not t or not c.startswith(t):
+        return False
+    return len(c) == len(t) or not c[len(t)].isalnum()
+
+
+def greedy_continuations(model, prompts: Sequence[str], *, tokenizer, targets: Optional[Sequence[str]] = None,
+                         new_tokens: Optional[int] = None, bucket: int = 8) -> list:
+    """The greedy continuation (decoded text, prompt not included, cut at the end-of-sequence token) of each
+    prompt, batched with the key/value-cached sampler; equal prompts are decoded once. ``new_tokens``: how many
+    tokens to decode (default: one more than the longest target's tokens, ``" " + target``, rounded up to a power
+    of two, so a growing set of records reuses the compiled programs)."""
+    if not prompts:
+        return []
+    if new_tokens is None:
+        if not targets:
+            raise JaxeditError("greedy_continuations needs new_tokens or the targets")
+        longest = max(len(tokenizer(" " + t, add_special_tokens=False)["input_ids"]) for t in targets)
+        new_tokens = 1 << max(longest, 1).bit_length()
+    unique = list(dict.fromkeys(prompts))
+    ids = prompt_token_ids(tokenizer, unique)
+    stop = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
+    with runtime.bar(len(unique), "greedy decoding", unit="prompt") as bar:
+        new = sample(model, ids, new_tokens, greedy=True, stop_ids=stop, bucket=bucket, progress=bar.update)
+    text = {p: tokenizer.decode(row[0], skip_special_tokens=True) for p, row in zip(unique, new)}
+    return [text[p] for p in prompts]
 
 
 _WORD = re.compile(r"(?u)\b\w\w+\b")  # scikit-learn's default token pattern (lowercased text)
@@ -418,7 +486,7 @@ def read_snippets(snippets) -> dict:
 
 @public("records", old=("tokenizer",))
 def counterfact_eval(model, records, *, tokenizer=None, generation: bool = False, snippets=None, idf=None,
-                     max_out_len: int = 100, seed: int = 0, bucket: int = 16) -> dict:
+                     max_out_len: int = 100, seed: int = 0, bucket: int = 8, generative: bool = False) -> dict:
     """CounterFact's metrics (see the module docstring) of ``model`` on ``records`` (a list of dicts, or a path /
     name for :func:`load_counterfact`). Returns {"summary": {...}, "rows": [one dict per record]}.
 
@@ -432,7 +500,12 @@ def counterfact_eval(model, records, *, tokenizer=None, generation: bool = False
     ``snippets``: reference texts for consistency (needs ``generation=True``); ``idf``: MEMIT's IDF files (a
     directory with ``idf.npy`` and ``tfidf_vocab.json``, or a (idf path, vocab path) pair, or a :class:`Tfidf`);
     without it the IDF is fitted on all snippet texts. ``max_out_len``/``seed``: generation's total length and
-    random seed."""
+    random seed.
+
+    ``generative=True`` adds the generative scores (greedy decoding from the prompt alone; a prompt succeeds when
+    its continuation begins with the target, :func:`generative_match`): ``gen_efficacy`` and
+    ``gen_generalization`` with ``target_new``, ``gen_specificity`` with ``target_true`` on the neighborhood
+    prompts; rows get the same keys and ``continuations`` ({kind: [text per prompt]})."""
     _need_tokenizer(tokenizer, "counterfact_eval")
     recs = _records(records, "CounterFact")
     if not recs:
@@ -470,6 +543,14 @@ def counterfact_eval(model, records, *, tokenizer=None, generation: bool = False
     parts = [summary[k] for k in CF_KEYS]
     summary["score"] = (None if any(p is None for p in parts) else
                         0.0 if min(parts) <= 0 else len(parts) / sum(1 / p for p in parts))
+    if generative:
+        gen = []  # (record, kind, prompt, target)
+        for r, d in enumerate(recs):
+            rr = d["requested_rewrite"][0] if isinstance(d["requested_rewrite"], list) else d["requested_rewrite"]
+            gen.append((r, "rewrite", rr["prompt"].format(rr["subject"]), rr["target_new"]["str"]))
+            gen += [(r, "paraphrase", p, rr["target_new"]["str"]) for p in d["paraphrase_prompts"]]
+            gen += [(r, "neighborhood", p, rr["target_true"]["str"]) for p in d["neighborhood_prompts"]]
+        _generative(model, tokenizer, gen, out_rows, summary)
     summary["fluency"] = None
     if snippets is not None:  # every record's references, before the generation
         snips = read_snippets(snippets)
@@ -505,12 +586,15 @@ def counterfact_eval(model, records, *, tokenizer=None, generation: bool = False
 # ---- zsRE ----
 
 @public("records", old=("tokenizer",))
-def zsre_eval(model, records, *, tokenizer=None, target: str = "answers", bucket: int = 16) -> dict:
+def zsre_eval(model, records, *, tokenizer=None, target: str = "answers", bucket: int = 8,
+              generative: bool = False) -> dict:
     """zsRE's metrics (see the module docstring) of ``model`` on ``records`` (a list of dicts, or a path / name for
     :func:`load_zsre`). Returns {"summary": {"efficacy", "generalization", "specificity", "records"}, "rows": [...]}
     with fractions in [0, 1]; a row holds the record's three accuracies and, per kind (``rewrite``,
     ``paraphrase``, ``neighborhood``), the 0/1 hit of each target token. ``target``: "answers" (the first answer,
-    as MEMIT's evaluation edits) or "alt"."""
+    as MEMIT's evaluation edits) or "alt". The locality prompt is ``loc`` + "?" (MEMIT's), or ``loc`` +
+    ``loc_suffix`` where a record has one. ``generative=True`` adds ``gen_efficacy``, ``gen_generalization``,
+    ``gen_specificity`` (greedy continuation begins with the target; see :func:`counterfact_eval`)."""
     _need_tokenizer(tokenizer, "zsre_eval")
     if target not in ("answers", "alt"):
         raise JaxeditError(f"target must be \"answers\" or \"alt\" (got {target!r})")
@@ -523,7 +607,7 @@ def zsre_eval(model, records, *, tokenizer=None, target: str = "answers", bucket
             raise JaxeditError(f"record {r}: missing field \"{target}\" (the target)")
         new = d["answers"][0] if target == "answers" else d["alt"]
         rows += [prompt_target_ids(tokenizer, d["src"], new), prompt_target_ids(tokenizer, d["rephrase"], new),
-                 prompt_target_ids(tokenizer, d["loc"] + "?", d["loc_ans"])]
+                 prompt_target_ids(tokenizer, d["loc"] + d.get("loc_suffix", "?"), d["loc_ans"])]
     scores = score_rows(model, rows, bucket=bucket)
     out_rows = []
     for r, d in enumerate(recs):
@@ -534,8 +618,108 @@ def zsre_eval(model, records, *, tokenizer=None, target: str = "answers", bucket
             row[key] = float(np.mean(hits))
         out_rows.append(row)
     summary = {k: _mean([row[k] for row in out_rows]) for k in CF_KEYS}
+    if generative:
+        gen = []
+        for r, d in enumerate(recs):
+            new = d["answers"][0] if target == "answers" else d["alt"]
+            gen += [(r, "rewrite", d["src"], new), (r, "paraphrase", d["rephrase"], new),
+                    (r, "neighborhood", d["loc"] + d.get("loc_suffix", "?"), d["loc_ans"])]
+        _generative(model, tokenizer, gen, out_rows, summary)
     summary["records"] = len(out_rows)
     return {"summary": summary, "rows": out_rows}
+
+
+GEN_KEYS = ("gen_efficacy", "gen_generalization", "gen_specificity")
+
+
+def _generative(model, tokenizer, gen, out_rows, summary):
+    """Greedy continuations of every (record, kind, prompt, target) of ``gen``; per record and kind the share of
+    prompts whose continuation begins with the target (rows and summary, ``gen_*`` keys)."""
+    runtime.stage(f"generative scores: greedy continuations of {len(set(g[2] for g in gen))} prompts")
+    conts = greedy_continuations(model, [g[2] for g in gen], tokenizer=tokenizer, targets=[g[3] for g in gen])
+    kinds = ("rewrite", "paraphrase", "neighborhood")
+    for row in out_rows:
+        row["continuations"] = {k: [] for k in kinds}
+        hits = {k: [] for k in kinds}
+        row["_hits"] = hits
+    for (r, kind, _, t), c in zip(gen, conts):
+        out_rows[r]["continuations"][kind].append(c)
+        out_rows[r]["_hits"][kind].append(float(generative_match(c, t)))
+    for row in out_rows:
+        hits = row.pop("_hits")
+        for kind, key in zip(kinds, GEN_KEYS):
+            row[key] = _mean(hits[kind])
+    summary.update({k: _mean([row[k] for row in out_rows]) for k in GEN_KEYS})
+
+
+# ---- how a result was taken ----
+
+METRIC_DEFINITIONS = {
+    "counterfact": {
+        "efficacy": "teacher-forced: share of rewrite prompts where NLL(target_new) < NLL(target_true) (mean "
+                    "per-token NLL of the target after the prompt and a space)",
+        "generalization": "teacher-forced: the same on each paraphrase prompt, mean per record",
+        "specificity": "teacher-forced: share of neighborhood prompts where NLL(target_true) < NLL(target_new)",
+    },
+    "zsre": {
+        "efficacy": "teacher-forced token accuracy of answers[0] after src (argmax = next target token, the "
+                    "target's earlier tokens fed), mean per record",
+        "generalization": "teacher-forced token accuracy of answers[0] after rephrase",
+        "specificity": "teacher-forced token accuracy of loc_ans after loc + '?' (or loc + loc_suffix)",
+    },
+    "generative": {
+        "gen_efficacy": "greedy decoding from the edit prompt alone; success when the continuation begins with "
+                        "the new target (whitespace runs collapsed, case folded, a word boundary after it)",
+        "gen_generalization": "the same on the paraphrase prompts (rephrase), mean per record",
+        "gen_specificity": "the same on the neighborhood prompts with their true answers",
+    },
+}
+EVALUATED = {"turn": "after each turn, on that turn's edits",
+             "stream": "after the turns so far, on all edits so far (the first `evaluated_records` of the stream)"}
+
+
+def stream_fingerprint(records) -> str:
+    """A short hash of the records (their JSON, keys sorted): two results with the same fingerprint were taken on
+    the same stream."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(list(records), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@public("records")
+def protocol_record(model, records, *, kind: str, edits_per_turn: Optional[int] = None, evaluated: str = "stream",
+                    evaluated_records: Optional[int] = None, edits_so_far: Optional[int] = None,
+                    generative: bool = False, source: Optional[str] = None, model_name: Optional[str] = None,
+                    method: Optional[str] = None) -> dict:
+    """What a result was taken on and how: ``kind`` ("counterfact" / "zsre"; "requests" for plain edit requests),
+    the edits per turn, when it was evaluated (``evaluated``: "turn", after each turn on that turn's edits,
+    "stream", on all edits so far, or None: not evaluated), the
+    metric definitions (teacher-forced, and generative with ``generative``), the evaluated model's fingerprint
+    (``model``; None for none) and the stream's (``records``: the whole stream). JSON-ready."""
+    if kind not in ("counterfact", "zsre", "requests"):
+        raise JaxeditError(f"kind must be \"counterfact\", \"zsre\" or \"requests\" (got {kind!r})")
+    if evaluated is not None and evaluated not in EVALUATED:
+        raise JaxeditError(f"evaluated must be one of {sorted(EVALUATED)} or None (got {evaluated!r})")
+    records = list(records or [])
+    fp = None
+    if model is not None:
+        from jaxedit.edit.stats import model_fingerprint
+
+        fp = model_fingerprint(model)
+    metrics = dict(METRIC_DEFINITIONS.get(kind, {})) if evaluated is not None else {}
+    if generative and evaluated is not None:
+        metrics.update(METRIC_DEFINITIONS["generative"])
+    return {"benchmark": kind, "method": method, "edits_per_turn": edits_per_turn, "edits_so_far": edits_so_far,
+            "evaluated": evaluated, "evaluated_when": EVALUATED.get(evaluated, "not evaluated"),
+            "evaluated_records": 0 if evaluated is None else len(records) if evaluated_records is None
+            else evaluated_records,
+            "metrics": metrics, "teacher_forced": evaluated is not None,
+            "generative": bool(generative) and evaluated is not None,
+            "model": {"name": model_name, "fingerprint": fp,
+                      "config": None if model is None else {"family": model.config.family,
+                                                            "layers": model.config.n_layers,
+                                                            "d_model": model.config.d_model}},
+            "stream": {"source": source, "records": len(records), "fingerprint": stream_fingerprint(records)}}
 
 
 # ---- tables ----
@@ -544,10 +728,12 @@ def format_summary(summary: dict, title: Optional[str] = None) -> str:
     """The summary as a one-row table, every value x100 as the papers print them (fluency too: 6.2 bits shows as
     620)."""
     keys = [k for k in ("efficacy", "generalization", "specificity", "efficacy_magnitude",
-                        "generalization_magnitude", "specificity_magnitude", "score", "fluency", "consistency")
+                        "generalization_magnitude", "specificity_magnitude", "score", "fluency", "consistency",
+                        *GEN_KEYS)
             if summary.get(k) is not None]
     names = {"efficacy_magnitude": "eff. mag.", "generalization_magnitude": "gen. mag.",
-             "specificity_magnitude": "spec. mag."}
+             "specificity_magnitude": "spec. mag.", "gen_efficacy": "gen. eff.", "gen_generalization": "gen. gen.",
+             "gen_specificity": "gen. spec."}
     head = [names.get(k, k) for k in keys]
     vals = [f"{100 * summary[k]:.1f}" for k in keys]
     width = [max(len(h), len(v)) for h, v in zip(head, vals)]
