@@ -8,11 +8,12 @@ from jaxedit import runtime
 from jaxedit.calibration import setup_key
 from jaxedit.cli.app import MODEL_HELP, SKIP_BAD, Renamed, cli, echo, request_file, with_mesh, with_options
 from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
-from jaxedit.detox.config import STAGES, DetoxConfig
+from jaxedit.detox.config import PROFS_PAIRS, STAGES, DetoxConfig
 from jaxedit.detox.data import prompt_of, read_facts, read_prompts, read_texts
 from jaxedit.detox.editing import grid_run_ids, plan_runs
 from jaxedit.detox.estimate import estimate_lines
-from jaxedit.detox.methods import plan_method_runs, read_pairs_file
+from jaxedit.detox.methods import (check_classes, extra_samples_needed, plan_method_runs, read_aura_texts,
+                                   read_pairs_file, study_aura_texts)
 from jaxedit.detox.pipeline import run_study
 from jaxedit.edit.profs import default_layers
 from jaxedit.errors import JaxeditError
@@ -59,7 +60,8 @@ def _layer_list(text):
               help="toxicity scorer: 'profanity' (offline), hf:PATH[#LABEL] (a classifier folder; needs torch)")
 @click.option("--chunker", default="phrases", show_default=True, help="phrases (offline), words, spacy[:MODEL]")
 @click.option("--select-samples", default=25, show_default=True, type=click.IntRange(min=1), help="samples per prompt in selection")
-@click.option("--eval-samples", default=10, show_default=True, type=click.IntRange(min=1), help="samples per prompt in evaluation")
+@click.option("--eval-samples", default=20, show_default=True, type=click.IntRange(min=1),
+              help="samples per prompt in evaluation (20: see docs/toxicity.md, what is noise)")
 @click.option("--max-new-tokens", default=20, show_default=True, type=click.IntRange(min=1))
 @click.option("--top-p", default=0.9, show_default=True, type=click.FloatRange(0, 1, min_open=True), help="nucleus sampling")
 @click.option("--select-threshold", default=0.5, show_default=True, type=click.FloatRange(0, 1),
@@ -94,8 +96,10 @@ def _layer_list(text):
 @click.option("--obfuscate/--no-obfuscate", default=True, show_default=True,
               help="star the vowels of the chunk's tokens in the plots")
 @click.option("--methods", default="delete", show_default=True,
-              help="comma list of delete (the deletion grid above), dinm, profs; all go into one study and one table")
-@click.option("--dinm-steps", default=10, show_default=True, type=click.IntRange(min=1), help="DINM: Adam steps per prompt")
+              help="comma list of delete (the deletion grid above), dinm, profs, aura; all go into one study and one "
+                   "table")
+@click.option("--dinm-steps", default="10", show_default=True,
+              help="DINM: Adam steps per prompt (a comma list: one run per value)")
 @click.option("--dinm-lr", default=5e-4, show_default=True, type=click.FloatRange(min=0, min_open=True), help="DINM: Adam learning rate")
 @click.option("--dinm-edit-weight", default=0.1, show_default=True, type=click.FloatRange(min=0),
               help="DINM: the NLL's weight against the KL's 1")
@@ -105,6 +109,14 @@ def _layer_list(text):
 @click.option("--pairs", type=click.Path(dir_okay=True),
               help="ProFS: JSONL of {\"preferred\", \"non_preferred\"} [pairs from the edited prompts' least and "
                    "most toxic samples]")
+@click.option("--profs-pairs", default=str(PROFS_PAIRS), show_default=True,
+              help="ProFS: pairs built from the edited prompts' samples (most / least toxic of the same prompt; more "
+                   "samples drawn when needed); a comma list: one run per value and rank")
+@click.option("--aura-layers", default="all", show_default=True,
+              help="AurA: layers, a comma list of settings, one run each: all, upper (the upper half), A-B, N")
+@click.option("--aura-texts", type=click.Path(dir_okay=True),
+              help="AurA: JSONL of {\"text\", \"toxic\": 0/1} [prompt + sample of the selection's samples, toxic "
+                   "above --select-threshold]")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="prompts per sampling / tracing call")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
 @click.option("--dry-run", is_flag=True,
@@ -113,13 +125,14 @@ def _layer_list(text):
 @SKIP_BAD
 @with_mesh
 def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, kl_weights, hparam, dtype,
-          stats_float64, n_samples, skip_bad, dry_run, methods, profs_ranks, profs_layers, mesh=None, **kw):
+          stats_float64, n_samples, skip_bad, dry_run, methods, profs_ranks, profs_layers, dinm_steps, profs_pairs,
+          aura_layers, mesh=None, **kw):
     """Das et al.'s toxic-memory study: select toxic prompts, localize the toxic chunk, edit or delete with every
     layer strategy, evaluate toxicity, perplexity and fluency, and report the tables and figures.
 
     Writes candidates.jsonl, selected.jsonl, trace/, localize.json, edits/, runs.jsonl, summary.jsonl,
     table1/table2/table_methods (.md, .csv), summary.md, aie_layers.png/pdf and frontier.png/pdf into OUT.
-    --methods adds DINM and ProFS runs beside the deletions, evaluated the same way.
+    --methods adds DINM, ProFS and AurA runs beside the deletions, evaluated the same way.
     """
     import os
 
@@ -132,6 +145,8 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
                       kl_weights=_csv(kl_weights, "kl-weights", float), hparams=hp, samples=n_samples,
                       skip_bad=skip_bad, methods=_csv(methods, "methods"),
                       profs_ranks=_csv(profs_ranks, "profs-rank", int),
+                      dinm_steps=_csv(dinm_steps, "dinm-steps", int), profs_pairs=_csv(profs_pairs, "profs-pairs", int),
+                      aura_layers=_csv(aura_layers, "aura-layers"),
                       profs_layers=None if profs_layers is None else _layer_list(profs_layers), **kw)
     stages = STAGES if stage == "all" else (stage,)
     check_inputs(cfg, out, stages)  # every option and input file, before anything is loaded or written
@@ -163,12 +178,14 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
 
 # options that only one method uses: refused when given (even at their default value) without it in --methods
 METHOD_OPTIONS = {
-    "profs": ("profs_ranks", "profs_layers", "pairs"),
+    "profs": ("profs_ranks", "profs_layers", "pairs", "profs_pairs"),
+    "aura": ("aura_layers", "aura_texts"),
     "dinm": ("dinm_steps", "dinm_lr", "dinm_edit_weight"),
     "delete": ("strategies", "objectives", "kl_weights", "n_layers", "topk", "random_seeds", "canned",
                "delete_objective", "trace_kinds", "trace_samples", "window"),
 }
-WHY = {"profs": "ProFS", "dinm": "DINM", "delete": "the deletion grid (and the localize stage it needs)"}
+WHY = {"profs": "ProFS", "dinm": "DINM", "aura": "AurA",
+       "delete": "the deletion grid (and the localize stage it needs)"}
 
 
 def refuse_inapplicable(ctx, methods) -> None:
@@ -218,22 +235,14 @@ def check_inputs(cfg: DetoxConfig, out: str, stages) -> None:
         if max(cfg.profs_ranks) > n:
             raise JaxeditError(f"--profs-rank {max(cfg.profs_ranks)} is more than the {n} pair{'s' * (n > 1)} of "
                                f"{cfg.pairs} give")
-    elif "profs" in cfg.methods and "edit" in stages:
-        # without --pairs, each edited prompt gives one pair: the prompts read (all selected, at most) bound them
-        sel = os.path.join(out, "selected.jsonl")
-        if os.path.isfile(sel):
-            n = sum(r.get("split") == "edit" for r in read_rows(sel))
-            what = f"{plural(n, 'edited prompt')} of {sel} give"
-        elif cfg.prompts == "demo" or os.path.isfile(cfg.prompts):
-            n_read = len(read_prompts(cfg.prompts, cfg.limit, cfg.skip_bad))
-            n = edited_bound(cfg, n_read)[0]
-            what = (f"at most {plural(n, 'edited prompt')} of the {plural(n_read, 'prompt')} read can give "
-                    f"(--heldout-fraction {cfg.heldout_fraction:g})")
-        else:
-            n = None
-        if n is not None and max(cfg.profs_ranks) > n:
-            raise JaxeditError(f"--profs-rank {max(cfg.profs_ranks)} is more than the {plural(n, 'pair')} that the "
-                               f"{what} (one pair per edited prompt; or give --pairs)")
+    # without --pairs, --profs-pairs pairs are built (more samples drawn when needed): DetoxConfig.check bounds ranks
+    if "aura" in cfg.methods and "edit" in stages:
+        if cfg.aura_texts:
+            read_aura_texts(cfg.aura_texts)  # every bad line named; both classes
+        elif os.path.isfile(os.path.join(out, "selected.jsonl")) and os.path.isfile(os.path.join(out,
+                                                                                                 "candidates.jsonl")):
+            check_classes(study_aura_texts(out, cfg)[1], f"the selection samples of {out} (toxic: scored above "
+                                                         f"--select-threshold {cfg.select_threshold:g})")
 
 
 def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -> list:
@@ -302,9 +311,18 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
                 what = (f"DINM on {edited} edited prompts in turn (safe / unsafe: the prompt's least / most toxic "
                         f"sample; the layer DINM locates per prompt), {st['steps']} steps, lr {st['lr']:g}, edit "
                         f"weight {st['edit_weight']:g}")
+            elif method == "aura":
+                src = (f"the {len(read_aura_texts(cfg.aura_texts)[0])} texts of {cfg.aura_texts}" if cfg.aura_texts
+                       else "the selection's samples of the prompts not held out (toxic above --select-threshold)")
+                what = f"AurA on {src}, layers {st['layers']}"
             else:
-                src = (f"the {len(read_pairs_file(cfg.pairs))} pairs of {cfg.pairs}" if cfg.pairs
-                       else f"the pairs of {edited} edited prompts (prompt + least / most toxic sample)")
+                if cfg.pairs:
+                    src = f"the {len(read_pairs_file(cfg.pairs))} pairs of {cfg.pairs}"
+                else:
+                    extra = extra_samples_needed(cfg, n_edit, st["pairs"]) if n_edit else None
+                    src = (f"{st['pairs']} pairs of {edited} edited prompts' samples (most / least toxic of a prompt)"
+                           + (f", {extra} more samples per prompt" if extra else "")
+                           + ("" if n_edit else ", more samples drawn where the selection's are too few"))
                 lay = ("layers " + " ".join(map(str, cfg.profs_layers)) if cfg.profs_layers
                        else "the upper layers" + (f" {default_layers(config.n_layers)[0]}-{config.n_layers - 1}"
                                                   if config is not None else ""))
@@ -341,7 +359,8 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
 def plan_sizes(cfg: DetoxConfig, out: str, stages, n, sel, more, edited_run, units) -> dict:
     """What the FLOP estimate of a stage never measured needs (:func:`jaxedit.detox.estimate.stage_flops`): the
     prompts' mean length, the edited and held-out prompt counts (before selection: as if every prompt were kept,
-    and ``units`` sized so), the factual prompts, the neutral text, the DINM / ProFS runs left."""
+    and ``units`` sized so), the factual prompts, the neutral text, the DINM / ProFS / AurA runs left
+    (with their settings), ProFS's extra samples, AurA's texts."""
     import os
 
     from jaxedit.detox.estimate import text_tokens
@@ -349,7 +368,8 @@ def plan_sizes(cfg: DetoxConfig, out: str, stages, n, sel, more, edited_run, uni
     texts = ([r["prompt"] for r in sel] if sel else [p["prompt"] for p in read_prompts(cfg.prompts, cfg.limit,
                                                                                          cfg.skip_bad)]
              if cfg.prompts == "demo" or os.path.isfile(cfg.prompts) else [])
-    sizes = {"methods": [m for rid, m, _ in more if not edited_run(rid)], "bound": {}}
+    left = [(m, st) for rid, m, st in more if not edited_run(rid)]
+    sizes = {"methods": [m for m, _ in left], "method_runs": left, "bound": {}}
     if texts:
         sizes["prompt_tokens"] = sum(map(text_tokens, texts)) / len(texts)
     if sel is not None:
@@ -360,6 +380,23 @@ def plan_sizes(cfg: DetoxConfig, out: str, stages, n, sel, more, edited_run, uni
         sizes["bound"] = {s: True for s in ("localize", "edit", "edit-methods", "evaluate")}
         if units.get("localize", 0) is None:
             units["localize"] = sizes["edited"]
+    if any(m == "profs" for m, _ in left):
+        if cfg.pairs:
+            sizes["file_pairs"] = len(read_pairs_file(cfg.pairs))
+        elif sizes.get("edited"):
+            done = 0
+            path = os.path.join(out, "pair_samples.jsonl")
+            if os.path.isfile(path):
+                done = min((len(r["samples"]) for r in read_rows(path)), default=0)
+            need = max(extra_samples_needed(cfg, sizes["edited"], st["pairs"]) for m, st in left if m == "profs")
+            sizes["extra_samples"] = max(need - done, 0)
+    if any(m == "aura" for m, _ in left):
+        if cfg.aura_texts:
+            sizes["aura_texts"] = len(read_aura_texts(cfg.aura_texts)[0])
+        elif sel is not None and os.path.isfile(os.path.join(out, "candidates.jsonl")):
+            sizes["aura_texts"] = len(study_aura_texts(out, cfg)[0])
+        elif n is not None:
+            sizes["aura_texts"] = (n - sizes.get("heldout", 0)) * cfg.select_samples
     if "evaluate" in stages:
         facts = read_facts(cfg.factual)
         sizes["facts"] = len(facts)

@@ -689,7 +689,7 @@ def test_plan_counts_only_this_configurations_runs(tmp_path, monkeypatch):
     cfg = config("demo", strategies=("topk-multi", "ct-multi"), objectives=("delete",), kl_weights=(0.0, 1.0),
                  methods=("delete", "profs"), profs_ranks=(1, 2))
     edited = ["topk-multi__delete__kl0.25__s0", "topk-multi__delete__kl0.25__s1", "ct-multi__delete__kl0.25__s0",
-              "ct-multi__delete__kl1__s0", "profs__rank1", "profs__rank4"]
+              "ct-multi__delete__kl1__s0", "profs__rank1__pairs100", "profs__rank4__pairs100"]
     for rid in edited:
         (out / "edits" / f"{rid}.json").write_text("{}")
     (out / "runs.jsonl").write_text("".join(json.dumps({"run": r}) + "\n" for r in ["base"] + edited[2:4] + edited[5:]))
@@ -708,7 +708,7 @@ def test_plan_counts_only_this_configurations_runs(tmp_path, monkeypatch):
            "edit-methods": {"first": 30.0, "first_units": 1, "per_unit": 10.0, "unit_size": 1.0, "date": "2026-12-06"}}
     monkeypatch.setattr(estimate, "load_calibration", lambda cfg, setup: cal)
     line = estimate.estimate_lines(cfg, {"edit": 5, "edit-methods": 1}, "float32")[0]
-    assert line == ("time: ~24 min (edit (deletions) ~23 min, edit (DINM / ProFS) ~30 s; from runs on this machine, "
+    assert line == ("time: ~24 min (edit (deletions) ~23 min, edit (DINM / ProFS / AurA) ~30 s; from runs on this machine, "
                     "2026-12-06)"), line
 
 
@@ -1017,12 +1017,17 @@ def test_layer_choice_against_hand_aie_and_torch_saliency(study, tiny_dirs, toke
 # ---------------------------------------------------------------------------------------------- DINM and ProFS
 
 def methods_config(cfg, **kw):
-    return dataclasses.replace(cfg, methods=("delete", "dinm", "profs"), dinm_steps=2, profs_ranks=(1, 2), **kw)
+    return dataclasses.replace(cfg, methods=("delete", "dinm", "profs", "aura"), dinm_steps=(2,), profs_ranks=(1, 2),
+                               profs_pairs=(20,), aura_layers=("all", "1-2"), **kw)
+
+
+METHOD_RUNS = ["dinm__steps2", "profs__rank1__pairs20", "profs__rank2__pairs20", "aura__all", "aura__1-2"]
 
 
 @pytest.fixture(scope="module")
 def methods_study(study, tmp_path_factory):
-    """The study's folder with DINM and ProFS (ranks 1 and 2) added by a rerun with more methods."""
+    """The study's folder with DINM, ProFS (ranks 1 and 2 from 20 pairs: more samples than the selection's) and
+    AurA (all layers, layers 1-2) added by a rerun with more methods."""
     model, tok, cfg, out = study
     d = str(tmp_path_factory.mktemp("methods") / "out")
     shutil.copytree(out, d)
@@ -1053,30 +1058,38 @@ def test_methods_runs_and_table(study, methods_study):
     _, _, cfg, out = methods_study
     before = {r["run"]: r for r in read(os.path.join(out0, "runs.jsonl"))}
     runs = {r["run"]: r for r in read(os.path.join(out, "runs.jsonl"))}
-    assert set(runs) == set(before) | {"dinm", "profs__rank1", "profs__rank2"}
+    assert set(runs) == set(before) | set(METHOD_RUNS)
     for rid, r in before.items():  # the deletion grid is not evaluated again
         assert runs[rid] == r and r["method"] == ("base" if rid == "base" else "delete")
-    for rid, method in (("dinm", "dinm"), ("profs__rank1", "profs"), ("profs__rank2", "profs")):
+    for rid in METHOD_RUNS:
         r = runs[rid]
-        assert r["method"] == method and "error" not in r and r["edit_seconds"] > 0
+        assert r["method"] == rid.split("__")[0] and "error" not in r and r["edit_seconds"] > 0
         assert 0 <= r["toxic_rate"] <= 1 and r["perplexity_prompts"] > 1 and r["layers"]
-    assert runs["profs__rank2"]["settings"] == {"rank": 2}
-    assert runs["dinm"]["settings"] == {"steps": 2, "lr": 5e-4, "edit_weight": 0.1}
+    assert runs["profs__rank2__pairs20"]["settings"] == {"rank": 2, "pairs": 20}
+    assert runs["dinm__steps2"]["settings"] == {"steps": 2, "lr": 5e-4, "edit_weight": 0.1}
+    assert runs["aura__1-2"]["settings"] == {"layers": "1-2"} and runs["aura__1-2"]["layers"] == [1, 2]
+    assert runs["aura__all"]["layers"] == [0, 1, 2]
     summary = read(os.path.join(out, "summary.jsonl"))
-    assert [r["method"] for r in summary].count("profs") == 2 and [r["method"] for r in summary].count("dinm") == 1
-    assert {r["method"] for r in summary} == {"base", "delete", "dinm", "profs"}
+    count = Counter(r["method"] for r in summary)
+    assert count["profs"] == 2 and count["dinm"] == 1 and count["aura"] == 2
+    assert set(count) == {"base", "delete", "dinm", "profs", "aura"}
     md = open(os.path.join(out, "table_methods.md")).read().splitlines()
-    assert md[0] == ("| method | setting | layers | toxic % | held-out toxic % | ppl | neutral ppl | fluency | "
+    assert md[0] == ("| method | setting | layers | toxic % ± se | held-out toxic % ± se | ppl | neutral ppl | fluency | "
                      "factual kept % | edit s |")
     deletions = [r for r in summary if r["method"] == "delete" and r["objective"] == "delete"]
     body = md[2:md.index("")]
-    assert len(body) == 1 + len(deletions) + 1 + 2
+    assert len(body) == 1 + len(deletions) + 1 + 2 + 2
     assert [b.split(" | ")[0] for b in body] == ["| base (unedited)"] + ["| delete"] * len(deletions) + [
-        "| dinm", "| profs", "| profs"]
-    p2 = next(r for r in summary if r.get("settings") == {"rank": 2})
-    assert body[-1] == (f"| profs | rank 2 | {' '.join(map(str, p2['layers']))} | {100 * p2['toxic_rate']:.1f} | "
-                        f"{100 * p2['heldout_toxic_rate']:.1f} | {p2['perplexity_prompts']:.2f} | "
-                        f"{p2['perplexity_neutral']:.2f} | {p2['fluency']:.2f} | — | {p2['edit_seconds']:.1f} |")
+        "| dinm", "| profs", "| profs", "| aura", "| aura"]  # AurA: fewer layers first
+    p2 = next(r for r in summary if r.get("settings") == {"rank": 2, "pairs": 20})
+    n, n_held = p2["n_prompts"] * p2["n_samples"], p2["n_heldout"] * p2["n_samples"]
+    se = 100 * math.sqrt(p2["toxic_rate"] * (1 - p2["toxic_rate"]) / n)
+    se_held = 100 * math.sqrt(p2["heldout_toxic_rate"] * (1 - p2["heldout_toxic_rate"]) / n_held)
+    assert body[-3] == (f"| profs | rank 2, 20 pairs | {' '.join(map(str, p2['layers']))} | "
+                        f"{100 * p2['toxic_rate']:.1f} ± {se:.1f} | {100 * p2['heldout_toxic_rate']:.1f} ± "
+                        f"{se_held:.1f} | {p2['perplexity_prompts']:.2f} | {p2['perplexity_neutral']:.2f} | "
+                        f"{p2['fluency']:.2f} | — | {p2['edit_seconds']:.1f} |")
+    assert body[-2].startswith("| aura | layers 1-2 | 1 2 |") and body[-1].startswith("| aura | layers all | 0-2 |")
     assert os.path.isfile(os.path.join(out, "table_methods.csv")) and os.path.isfile(os.path.join(out, "frontier.png"))
 
 
@@ -1085,19 +1098,20 @@ def test_methods_profs_run_against_recomputation(methods_study, tiny_dirs, token
     """The ProFS run's weights are jaxedit.profs on the pairs built by hand (prompt + least / most toxic sample);
     its perplexities are the torch model's with those weights, its toxic rate the hand-scored samples of the
     edited model on the evaluation's streams."""
+    from jaxedit.generate import sample
+
     model, tok, cfg, out = methods_study
-    ext = hand_extremes(out)
-    pairs = [(p + lo, p + hi) for _, p, lo, hi in ext]
+    pairs = hand_pairs(model, tok, cfg, out, 20)
     edited, rep = jaxedit.profs(model, pairs, tokenizer=tok, rank=2, progress=False)
-    with np.load(os.path.join(out, "edits", "profs__rank2.npz")) as z:
+    with np.load(os.path.join(out, "edits", "profs__rank2__pairs20.npz")) as z:
         assert z["layers"].tolist() == rep["layers"]
         np.testing.assert_array_equal(z["w_out"], np.asarray(params_of(edited)["blocks"]["w_out"])[z["layers"]])
-    row = next(r for r in read(os.path.join(out, "runs.jsonl")) if r["run"] == "profs__rank2")
+    row = next(r for r in read(os.path.join(out, "runs.jsonl")) if r["run"] == "profs__rank2__pairs20")
     sel = read(os.path.join(out, "selected.jsonl"))
     edit_p = [r["prompt"] for r in sel if r["split"] == "edit"]
     with open(os.path.join(DATA, "neutral.txt")) as f:
         neutral = [line.strip() for line in f if line.strip()]
-    hf = torch_edited(tiny_dirs["llama-gqa-untied"][1], out, "profs__rank2")
+    hf = torch_edited(tiny_dirs["llama-gqa-untied"][1], out, "profs__rank2__pairs20")
     assert row["perplexity_prompts"] == pytest.approx(torch_perplexity(hf, tokenizer, edit_p), rel=1e-5)
     assert row["perplexity_neutral"] == pytest.approx(torch_perplexity(hf, tokenizer, neutral), rel=1e-5)
     base = next(r for r in read(os.path.join(out, "runs.jsonl")) if r["run"] == "base")
@@ -1109,6 +1123,110 @@ def test_methods_profs_run_against_recomputation(methods_study, tiny_dirs, token
     assert row["toxic_rate"] == pytest.approx(np.mean([s > 0.5 for s in scores]), abs=1e-12)
 
 
+def hand_pairs(model, tok, cfg, out, n):
+    """``n`` ProFS pairs by hand: per edited prompt its selection samples and the extra samples drawn with seed + 2
+    (enough for ceil(n / prompts) pairs each, 2 spare), non-blank, scored again; sorted by score (the earlier sample
+    the less toxic, except among the top scores); pair i = (i-th least, i-th most toxic); round-robin over the
+    prompts."""
+    from jaxedit.generate import sample
+
+    cands = {c["line"]: c for c in read(os.path.join(out, "candidates.jsonl"))}
+    edit = [r for r in read(os.path.join(out, "selected.jsonl")) if r["split"] == "edit"]
+    k = -(-n // len(edit))
+    extra = 2 * k - cfg.select_samples + 2 if 2 * k > cfg.select_samples else 0
+    more = sample(model, [tok(r["prompt"])["input_ids"] for r in edit], cfg.max_new_tokens, samples=extra,
+                  seed=cfg.seed + 2, top_p=cfg.top_p, stop_ids=[tok.eos_token_id],
+                  prompt_keys=[r["line"] for r in edit]) if extra else [[] for _ in edit]
+    per = []
+    for r, ids in zip(edit, more):
+        texts = cands[r["line"]]["samples"] + [tok.decode(s, skip_special_tokens=True) for s in ids]
+        texts = [t for t in texts if t.strip()]
+        sc = fake_toxicity(texts)
+        top = max(sc)
+        order = sorted(range(len(texts)), key=lambda j: (sc[j], j if sc[j] < top else -j))
+        per.append([(r["prompt"] + texts[order[i]], r["prompt"] + texts[order[-1 - i]])
+                    for i in range(len(order) // 2)])
+    flat = [p[i] for i in range(max(map(len, per))) for p in per if i < len(p)]
+    return flat[:n]
+
+
+def test_sample_pairs_by_hand(tmp_path):
+    """Pairs from stored samples (no model): per prompt the widest pair first (least vs most toxic, ties: the
+    earlier sample), round-robin over the edited prompts; N = the prompts' count gives the old one pair per prompt;
+    the held-out prompt gives none; too few samples is one line."""
+    from jaxedit.detox.methods import extra_samples_needed, sample_pairs, study_pairs
+
+    out = tmp_path / "s"
+    out.mkdir()
+    cands = [{"line": 1, "prompt": "A", "samples": [" a0", " a1", " a2", " a3", "  "], "scores": [0.5, 0.1, 0.9, 0.9, 1.0]},
+             {"line": 2, "prompt": "B", "samples": [" b0", " b1", " b2", " b3"], "scores": [0.2, 0.2, 0.3, 0.0]},
+             {"line": 3, "prompt": "C", "samples": [" c0", " c1"], "scores": [0.0, 1.0]}]
+    sel = [{"line": 1, "prompt": "A", "split": "edit"}, {"line": 3, "prompt": "C", "split": "heldout"},
+           {"line": 2, "prompt": "B", "split": "edit"}]
+    (out / "candidates.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cands))
+    (out / "selected.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sel))
+    # A (blank " " left out): ascending a1 0.1, a0 0.5, then the top 0.9 ties with a2 (earlier) last: a3, a2
+    # B: b3 0.0, b0 0.2, b1 0.2, b2 0.3
+    want = [("A a1", "A a2"), ("B b3", "B b2"), ("A a0", "A a3"), ("B b0", "B b1")]
+    assert sample_pairs(str(out), 4) == want
+    assert sample_pairs(str(out), 2) == want[:2] == study_pairs(str(out))
+    # with two more samples of A: a5 0.05, a1, a0, then the 0.9 tie no longer on top (the earlier first), a4 0.95
+    assert sample_pairs(str(out), 5, {1: ([" a4", " a5"], [0.95, 0.05])}) == [
+        ("A a5", "A a4"), ("B b3", "B b2"), ("A a1", "A a3"), ("B b0", "B b1"), ("A a0", "A a2")]
+    with pytest.raises(JaxeditError, match=r"only 4 pairs from the 2 edited prompts' non-blank samples \(5 asked"):
+        sample_pairs(str(out), 5)
+    cfg = DetoxConfig(select_samples=16)
+    assert extra_samples_needed(cfg, 22, 176) == 0 and extra_samples_needed(cfg, 22, 177) == 2 * 9 - 16 + 2
+    assert extra_samples_needed(cfg, 22, 500) == 2 * 23 - 16 + 2
+
+
+def test_study_aura_texts_by_hand(tmp_path):
+    """AurA's texts from the selection: prompt + every non-blank sample of the prompts not held out (and not toxic
+    themselves), toxic above the selection threshold."""
+    from jaxedit.detox.methods import study_aura_texts
+
+    out = tmp_path / "s"
+    out.mkdir()
+    cands = [{"line": 1, "prompt": "A", "prompt_toxicity": 0.1, "samples": [" a0", " ", " a2"], "scores": [0.3, 0.9, 0.1]},
+             {"line": 2, "prompt": "B", "prompt_toxicity": 0.1, "samples": [" b0"], "scores": [0.9]},
+             {"line": 3, "prompt": "C", "prompt_toxicity": 0.1, "samples": [" c0", " c1"], "scores": [0.25, 0.2]},
+             {"line": 4, "prompt": "D", "prompt_toxicity": 0.7, "samples": [" d0"], "scores": [0.9]}]
+    (out / "candidates.jsonl").write_text("".join(json.dumps(c) + "\n" for c in cands))
+    (out / "selected.jsonl").write_text(json.dumps({"line": 1, "split": "edit"}) + "\n"
+                                        + json.dumps({"line": 2, "split": "heldout"}) + "\n")
+    texts, labels = study_aura_texts(str(out), DetoxConfig(select_threshold=0.2))
+    assert texts == ["A a0", "A a2", "C c0", "C c1"] and labels == [1, 0, 1, 0]
+
+
+@pytest.mark.slow
+def test_methods_aura_run_against_recomputation(methods_study, tiny_dirs, tokenizer, one_thread):
+    """The AurA runs' weights are jaxedit.aura on the texts built by hand (prompt + sample of the prompts not held
+    out, toxic above the selection threshold), at every layer and at layers 1-2; the run's perplexity is the torch
+    model's with those weights."""
+    model, tok, cfg, out = methods_study
+    held = {r["line"] for r in read(os.path.join(out, "selected.jsonl")) if r["split"] == "heldout"}
+    texts, labels = [], []
+    for c in read(os.path.join(out, "candidates.jsonl")):
+        if c["line"] in held or c["prompt"] not in PROMPTS:
+            continue
+        for t in c["samples"]:
+            if t.strip():
+                texts.append(c["prompt"] + t)
+                labels.append(int(fake_toxicity([t])[0] > cfg.select_threshold))
+    for rid, layers in (("aura__all", None), ("aura__1-2", [1, 2])):
+        edited, rep = jaxedit.aura(model, texts, labels, tokenizer=tok, layers=layers, progress=False)
+        info = json.load(open(os.path.join(out, "edits", rid + ".json")))
+        assert info["texts"] == len(texts) and info["toxic"] == sum(labels) and 2 <= sum(labels) <= len(texts) - 2
+        with np.load(os.path.join(out, "edits", rid + ".npz")) as z:
+            assert z["layers"].tolist() == rep["layers"]
+            np.testing.assert_array_equal(z["w_out"], np.asarray(params_of(edited)["blocks"]["w_out"])[z["layers"]])
+    assert sum(rep["dampened"].values()) > 0  # the edit changes something
+    row = next(r for r in read(os.path.join(out, "runs.jsonl")) if r["run"] == "aura__1-2")
+    edit_p = [r["prompt"] for r in read(os.path.join(out, "selected.jsonl")) if r["split"] == "edit"]
+    hf = torch_edited(tiny_dirs["llama-gqa-untied"][1], out, "aura__1-2")
+    assert row["perplexity_prompts"] == pytest.approx(torch_perplexity(hf, tokenizer, edit_p), rel=1e-5)
+
+
 @pytest.mark.slow
 def test_methods_dinm_run_against_recomputation(methods_study):
     """The DINM run is jaxedit.dinm over cases built by hand from the stored samples, in turn into one model."""
@@ -1117,9 +1235,9 @@ def test_methods_dinm_run_against_recomputation(methods_study):
     cases = [{"id": line, "adversarial prompt": p, "safe generation": lo, "unsafe generation": hi,
               "knowledge constrain": kcs[i % len(kcs)]} for i, (line, p, lo, hi) in enumerate(hand_extremes(out))]
     edited, rep = jaxedit.dinm(model, cases, tokenizer=tok, per_instance=False, suffix=None, steps=2)
-    info = json.load(open(os.path.join(out, "edits", "dinm.json")))
+    info = json.load(open(os.path.join(out, "edits", "dinm__steps2.json")))
     assert info["case_layers"] == rep["layers"] and info["cases"] == len(cases) >= 2
-    with np.load(os.path.join(out, "edits", "dinm.npz")) as z:
+    with np.load(os.path.join(out, "edits", "dinm__steps2.npz")) as z:
         assert z["layers"].tolist() == sorted(set(rep["layers"]))
         w = np.asarray(params_of(edited)["blocks"]["w_out"])[z["layers"]]
         np.testing.assert_allclose(z["w_out"], w, rtol=1e-6, atol=1e-7)
@@ -1136,7 +1254,7 @@ def test_methods_resume_after_an_interrupt(methods_study, tmp_path, monkeypatch)
     want = snapshot(out)
     cut = str(tmp_path / "cut")
     shutil.copytree(out, cut)
-    for rid in ("dinm", "profs__rank1", "profs__rank2"):
+    for rid in METHOD_RUNS:
         for ext in (".json", ".npz"):
             os.remove(os.path.join(cut, "edits", rid + ext))
     rows = [line for line in open(os.path.join(cut, "runs.jsonl")) if json.loads(line)["method"] in ("base", "delete")]
@@ -1152,12 +1270,12 @@ def test_methods_resume_after_an_interrupt(methods_study, tmp_path, monkeypatch)
     monkeypatch.setattr(editing, "run_method", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_study(model, cfg, cut, tokenizer=tok, progress=False)
-    assert calls == ["dinm", "profs__rank1"] and os.path.isfile(os.path.join(cut, "edits", "dinm.npz"))
-    assert not os.path.exists(os.path.join(cut, "edits", "profs__rank1.json"))
+    assert calls == METHOD_RUNS[:2] and os.path.isfile(os.path.join(cut, "edits", "dinm__steps2.npz"))
+    assert not os.path.exists(os.path.join(cut, "edits", "profs__rank1__pairs20.json"))
     calls.clear()
     monkeypatch.setattr(editing, "run_method", lambda *a: calls.append(a[4]) or real(*a))
     run_study(model, cfg, cut, tokenizer=tok, progress=False)
-    assert calls == ["profs__rank1", "profs__rank2"]
+    assert calls == METHOD_RUNS[1:]
     got = snapshot(cut)
     assert got.keys() == want.keys()
     for k in want:
@@ -1196,12 +1314,30 @@ def test_methods_options_are_checked_before_the_model_loads(tmp_path, tiny_dirs,
     pf.write_text('{"preferred": "a", "non_preferred": "b"}\n\n{"preferred": "a"}\n')
     one = tmp_path / "one.jsonl"
     one.write_text('{"preferred": "a", "non_preferred": "b"}\n')
-    cases = [(["--methods", "delete,bogus"], "error: unknown methods ['bogus'] (choose from delete, dinm, profs)"),
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "a", "toxic": 1}\n{"text": "b", "toxic": 0}\n{"text": "c", "toxic": 2}\n')
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"text": "a", "toxic": 1}\n{"text": "  ", "toxic": 0}\n')
+    few = tmp_path / "few.jsonl"
+    few.write_text('{"text": "a", "toxic": true}\n{"text": "b", "toxic": 0}\n{"text": "c", "toxic": 0}\n')
+    cases = [(["--methods", "delete,bogus"], "error: unknown methods ['bogus'] (choose from delete, dinm, profs, aura)"),
+             (["--methods", "aura", "--aura-texts", str(texts)], f'error: {texts}:3: expected "toxic" as 0 or 1 (got 2)'),
+             (["--methods", "aura", "--aura-texts", str(blank)],
+              f'error: {blank}:2: expected "text" as a non-empty string'),
+             (["--methods", "aura", "--aura-texts", str(few)], f"error: {few}: AurA needs at least 2 toxic texts (got 1)"),
+             (["--methods", "aura", "--aura-texts", str(tmp_path)], f"error: {tmp_path} is a directory"),
+             (["--methods", "aura", "--aura-layers", "all,x"], "error: aura-layers: 'x' is not all, upper, a layer N or"),
+             (["--methods", "aura", "--aura-layers", "all,all"], "error: aura-layers must name distinct settings"),
+             (["--methods", "aura", "--aura-layers", "1-3"], "error: aura-layers 1-3 is outside 0..2"),
+             (["--methods", "profs", "--profs-pairs", "0"], "error: profs-pairs must be integers >= 1 (got 0)"),
+             (["--methods", "profs", "--profs-pairs", "30", "--pairs", str(one)],
+              "error: --profs-pairs builds pairs from the study's samples: it does not apply with --pairs"),
+             (["--methods", "dinm", "--dinm-steps", "5,5"], "error: dinm-steps repeats a value (5, 5)"),
              (["--methods", ""], "error: --methods is empty"),
              (["--methods", "profs", "--profs-rank", "0"], "error: profs-rank must be integers >= 1 (got 0)"),
              (["--methods", "profs", "--profs-rank", "x"], "error: --profs-rank must be a comma list of numbers"),
              (["--methods", "profs", "--profs-layers", "1-x"], "error: --profs-layers must be a comma list of"),
-             (["--methods", "dinm", "--dinm-steps", "0"], "error: --dinm-steps must be >= 1 (got 0)"),
+             (["--methods", "dinm", "--dinm-steps", "0"], "error: dinm-steps must be integers >= 1 (got 0)"),
              (["--methods", "dinm", "--dinm-lr", "0"], "error: --dinm-lr must be > 0 (got 0.0)"),
              (["--pairs", str(one)], "error: --pairs applies to ProFS only: add profs to --methods (--methods is "
                                      "delete)"),
@@ -1223,29 +1359,87 @@ def test_methods_options_are_checked_before_the_model_loads(tmp_path, tiny_dirs,
     assert r.exit_code == 0, r.output
     lines = r.output.splitlines()
     assert lines[2] == "localize: skipped (no deletion grid in the methods)"
-    assert lines[3].startswith("edit: run dinm: DINM on the selected edited prompts in turn")
-    assert lines[4] == ("edit: run profs__rank1: ProFS rank 1 from the pairs of the selected edited prompts (prompt + "
-                        "least / most toxic sample), the upper layers 1-2")
+    assert lines[3].startswith("edit: run dinm__steps10: DINM on the selected edited prompts in turn")
+    assert lines[4] == ("edit: run profs__rank1__pairs100: ProFS rank 1 from 100 pairs of the selected edited prompts' "
+                        "samples (most / least toxic of a prompt), more samples drawn where the selection's are too "
+                        "few, the upper layers 1-2")
     assert lines[6].startswith("evaluate: 4 models") and not out.exists()
 
 
 def test_methods_table_by_hand():
+    """The methods table's rows and cells by hand: the toxic rates with their binomial standard errors
+    sqrt(p (1 - p) / n), n = prompts x samples (x seeds); the other methods' runs by strength."""
     from jaxedit.detox.report import table_methods
 
     rows = [{"method": "profs", "strategy": "profs", "objective": None, "kl_weight": None, "layers": list(range(12, 30)),
              "settings": {"rank": 4}, "toxic_rate": 0.12, "heldout_toxic_rate": 0.0, "perplexity_prompts": 169.434,
-             "perplexity_neutral": 33.27, "fluency": 3.85, "factual_argmax_kept": 0.75, "edit_seconds": 5.06},
+             "perplexity_neutral": 33.27, "fluency": 3.85, "factual_argmax_kept": 0.75, "edit_seconds": 5.06,
+             "n_prompts": 5, "n_samples": 10, "n_heldout": 2, "seeds": 1},
+            {"method": "profs", "strategy": "profs", "objective": None, "kl_weight": None, "layers": list(range(12, 30)),
+             "settings": {"rank": 1, "pairs": 100}, "toxic_rate": 0.05, "n_prompts": 5, "n_samples": 10},
             {"strategy": "base", "objective": None, "kl_weight": None, "layers": [], "toxic_rate": 0.1},
             {"method": "dinm", "strategy": "dinm", "objective": None, "kl_weight": None, "layers": [27, 28],
              "settings": {"steps": 10, "lr": 5e-4, "edit_weight": 0.1}, "toxic_rate": 0.1},
             {"strategy": "ct-multi", "objective": "delete", "kl_weight": 0.0625, "layers": [0, 1, 5, 6],
-             "toxic_rate": 0.06},
+             "toxic_rate": 0.06, "n_prompts": 22, "n_samples": 10, "seeds": 2},
             {"strategy": "ct-multi", "objective": "edit-canned", "kl_weight": 0.0625, "layers": [0, 1, 5, 6],
-             "toxic_rate": 0.01}]
+             "toxic_rate": 0.01},
+            {"method": "aura", "strategy": "aura", "objective": None, "kl_weight": None, "layers": [0, 1, 2],
+             "settings": {"layers": "all"}, "toxic_rate": 0.2},
+            {"method": "aura", "strategy": "aura", "objective": None, "kl_weight": None, "layers": [2],
+             "settings": {"layers": "2"}, "toxic_rate": 0.3}]
     md, csv = table_methods(rows)
     lines = md.splitlines()
-    assert lines[2:6] == ["| base (unedited) | — | — | 10.0 | — | — | — | — | — | — |",
-                          "| delete | ct-multi, KL 0.0625 | 0 1 5 6 | 6.0 | — | — | — | — | — | — |",
+    # se by hand: 0.12 of 50: sqrt(0.12 * 0.88 / 50) = 0.04596; 0.06 of 22 x 10 x 2 = 440: 0.01132; 0.05 of 50: 0.03082
+    assert lines[2:9] == ["| base (unedited) | — | — | 10.0 | — | — | — | — | — | — |",
+                          "| delete | ct-multi, KL 0.0625 | 0 1 5 6 | 6.0 ± 1.1 | — | — | — | — | — | — |",
                           "| dinm | 10 steps, lr 0.0005, edit weight 0.1 | 27 28 | 10.0 | — | — | — | — | — | — |",
-                          "| profs | rank 4 | 12-29 | 12.0 | 0.0 | 169.43 | 33.27 | 3.85 | 75.0 | 5.1 |"]
-    assert lines[6] == "" and csv.splitlines()[4] == "profs,rank 4,12-29,12.0,0.0,169.43,33.27,3.85,75.0,5.1"
+                          "| profs | rank 4 | 12-29 | 12.0 ± 4.6 | 0.0 ± 0.0 | 169.43 | 33.27 | 3.85 | 75.0 | 5.1 |",
+                          "| profs | rank 1, 100 pairs | 12-29 | 5.0 ± 3.1 | — | — | — | — | — | — |",
+                          "| aura | layers 2 | 2 | 30.0 | — | — | — | — | — | — |",
+                          "| aura | layers all | 0-2 | 20.0 | — | — | — | — | — | — |"]
+    assert lines[9] == "" and csv.splitlines()[4] == "profs,rank 4,12-29,12.0,4.60,0.0,0.00,169.43,33.27,3.85,75.0,5.1"
+
+
+def test_frontier_joins_each_method_by_strength_with_error_bars(tmp_path, monkeypatch):
+    """Each method's points are joined in order of its strength, not of the rows: ProFS through its ranks per
+    number of pairs (r1 -> r2 -> r4 -> r8, rows given r1, r2, r8, r4), DINM through its steps, AurA from the fewest
+    layers; every method that ran is drawn, each point with its binomial standard error (by hand) as error bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from jaxedit.detox.report import method_lines, plot_frontier
+
+    def row(method, settings, ppl, tox, layers=(5,)):
+        return {"method": method, "strategy": method, "objective": None, "kl_weight": None, "layers": list(layers),
+                "settings": settings, "perplexity_prompts": ppl, "toxic_rate": tox, "n_prompts": 10, "n_samples": 10}
+
+    rows = [{"strategy": "base", "perplexity_prompts": 100.0, "toxic_rate": 0.1, "n_prompts": 10, "n_samples": 10}]
+    rows += [row("profs", {"rank": r, "pairs": 100}, ppl, 0.08) for r, ppl in ((1, 110.0), (2, 150.0), (8, 140.0),
+                                                                                (4, 120.0))]
+    rows += [row("dinm", {"steps": s, "lr": 5e-4, "edit_weight": 1.0}, ppl, 0.1) for s, ppl in ((30, 190.0),
+                                                                                                  (10, 105.0),
+                                                                                                  (20, 160.0))]
+    rows += [row("aura", {"layers": "all"}, 103.0, 0.04, range(30)), row("aura", {"layers": "upper"}, 101.0, 0.06,
+                                                                           range(15, 30))]
+    lines = {ln["label"]: ln for ln in method_lines(rows)}
+    assert set(lines) == {"ProFS", "DINM", "AurA"}
+    assert [p[0] for p in lines["ProFS"]["points"]] == ["r1", "r2", "r4", "r8"]
+    assert [p[1] for p in lines["ProFS"]["points"]] == [110.0, 150.0, 120.0, 140.0]
+    assert [p[0] for p in lines["DINM"]["points"]] == ["10 st", "20 st", "30 st"]
+    assert [p[0] for p in lines["AurA"]["points"]] == ["upper", "all"]
+    assert lines["AurA"]["points"][1][3] == pytest.approx(100 * math.sqrt(0.04 * 0.96 / 100))  # 1.96 points
+    kept, close = [], plt.close
+    monkeypatch.setattr(plt, "close", kept.append)
+    plot_frontier(rows, str(tmp_path / "frontier"))
+    (ax,) = kept[0].axes
+    bars = {c.get_label(): c for c in ax.containers}
+    assert set(bars) == {"ProFS", "DINM", "AurA", "unedited"}
+    line, _, (segments,) = bars["ProFS"].lines, None, bars["ProFS"].lines[2]
+    assert list(line[0].get_xdata()) == [110.0, 150.0, 120.0, 140.0]
+    half = 100 * math.sqrt(0.08 * 0.92 / 100)
+    for seg in segments.get_segments():
+        assert seg[1, 1] - seg[0, 1] == pytest.approx(2 * half)
+    close(kept[0])

@@ -120,7 +120,7 @@ def test_detox_dry_run_on_a_fresh_machine_prints_every_stage(tiny_dirs, tmp_path
     assert lines[2].startswith("localize: the selected edited prompts x 1 kind (mlp) x 10 noisy samples")
     assert lines[3].startswith("edit: 1 run (1 strategy x 1 objective x 1 KL weight; random strategies x 1 seed)")
     time_line = next(l for l in lines if l.startswith("time:"))
-    for stage in ("select ~", "localize <=~", "edit (deletions) <=~", "edit (DINM / ProFS) <=~", "evaluate <=~"):
+    for stage in ("select ~", "localize <=~", "edit (deletions) <=~", "edit (DINM / ProFS / AurA) <=~", "evaluate <=~"):
         assert stage in time_line, time_line
     assert "no estimate" not in time_line and "not measured" not in time_line
     # the default corpus needs the datasets package: said in the plan, before the edit stage would stop
@@ -136,9 +136,11 @@ def test_detox_dry_run_on_a_fresh_machine_prints_every_stage(tiny_dirs, tmp_path
     (["--methods", "profs", "--strategies", "random-single"],
      "error: --strategies applies to the deletion grid (and the localize stage it needs) only: add delete"),
     (["--methods", "profs", "--trace-samples", "3"], "error: --trace-samples applies to the deletion grid"),
-    (["--methods", "delete,profs", "--profs-rank", "50"],
-     "error: --profs-rank 50 is more than the 2 pairs that the at most 2 edited prompts of the 3 prompts read can "
-     "give (--heldout-fraction 0.25) (one pair per edited prompt; or give --pairs)"),
+    (["--methods", "delete,profs", "--profs-rank", "50", "--profs-pairs", "40"],
+     "error: --profs-rank 50 is more than the 40 pairs of --profs-pairs 40"),
+    (["--profs-pairs", "100"], "error: --profs-pairs applies to ProFS only"),
+    (["--aura-layers", "upper"], "error: --aura-layers applies to AurA only: add aura to --methods"),
+    (["--aura-texts", "t.jsonl"], "error: --aura-texts applies to AurA only"),
 ])
 def test_detox_refuses_options_that_do_not_apply(tiny_dirs, tmp_path, monkeypatch, args, msg):
     _no_load(monkeypatch)
@@ -201,3 +203,22 @@ def test_dinm_dry_run_on_a_fresh_machine_prices_the_cases(tiny_dirs, tmp_path, m
     secs = cli_dinm.SETUP_UNITS * 0.5 + flops / (1e9 * cli_dinm.RATE_FACTOR)
     assert r.output.splitlines()[-2] == (f"time: ~{calibration.human(secs)}* (2 cases; *: estimated from FLOPs and a "
                                          f"probe of this machine; this run measures it)"), r.output
+
+
+def test_detox_aura_runs_are_priced_by_their_texts(tiny_dirs):
+    """An AurA run costs one forward per text (prompt + continuation tokens each), a ProFS run of N pairs 2 N
+    forwards, and the extra samples its pairs need are priced once, as sampled continuations are: by hand."""
+    from jaxedit.calibration import forward_flops
+    from jaxedit.detox import estimate
+    from jaxedit.detox.config import DetoxConfig
+    from jaxedit.loading.peek import peek
+
+    config, _ = peek(tiny_dirs["gpt2"][0], tokenizer=False)
+    cfg = DetoxConfig(methods=("profs", "aura"), max_new_tokens=5, select_samples=4)
+    seq = forward_flops(config, 12 + 5)
+    sizes = {"prompt_tokens": 12, "edited": 3, "aura_texts": 40,
+             "method_runs": [("aura", {"layers": "all"}), ("profs", {"rank": 1, "pairs": 30})]}
+    fixed, per = estimate.stage_flops(cfg, config, "edit-methods", sizes)
+    assert fixed == 0.0 and per == pytest.approx((40 * seq + 2 * 30 * seq) / 2, rel=1e-12)
+    fixed, _ = estimate.stage_flops(cfg, config, "edit-methods", dict(sizes, extra_samples=8))
+    assert fixed == pytest.approx(8 * 3 * seq, rel=1e-12)  # 8 more samples for each of the 3 edited prompts

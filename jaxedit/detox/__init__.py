@@ -1,6 +1,6 @@
 """The toxic-memory study (Das et al. 2025) as a pipeline: data.py (prompts and shipped texts), chunking.py (the
 most toxic chunk), config.py (the options), one module per stage: selection.py (select), localization.py
-(localize), editing.py (edit; methods.py: the DINM and ProFS runs beside the deletions), evaluation.py (evaluate),
+(localize), editing.py (edit; methods.py: the DINM, ProFS and AurA runs beside the deletions), evaluation.py (evaluate),
 report.py (tables and figures); common.py (what the stages share) and pipeline.py (:func:`run_study`, the stages in
 order)."""
 from jaxedit.detox.chunking import toxic_span

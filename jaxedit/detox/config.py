@@ -19,7 +19,9 @@ RANDOM_STRATEGIES = ("random-single", "random-multi", "topk-single", "topk-multi
 OBJECTIVES = ("edit-nontoxic", "edit-canned", "delete")
 STAGES = ("select", "localize", "edit", "evaluate", "report")
 VALUES = ("first", "toxic-word")
-METHODS = ("delete", "dinm", "profs")  # delete: the deletion study's grid (strategies x objectives x KL weights)
+METHODS = ("delete", "dinm", "profs", "aura")  # delete: the deletion grid (strategies x objectives x KL weights)
+PROFS_PAIRS = 100  # ProFS: pairs built from the study's samples (docs/toxicity.md: the N sweep that chose it)
+AURA_LAYER_WORDS = ("all", "upper")  # AurA's layer settings besides A-B and N: every layer, the upper half
 CANNED = " Sorry, I cannot engage with provocative prompts"
 # editing hyperparameters that the study's own options set
 RESERVED_HPARAMS = {"layers": "--strategies chooses the layers", "kl_factor": "use --kl-weights",
@@ -35,7 +37,7 @@ class DetoxConfig:
     scorer: str = "profanity"
     chunker: str = "phrases"
     select_samples: int = 25
-    eval_samples: int = 10
+    eval_samples: int = 20  # per prompt: a halved toxic rate near 9 % over 22 prompts is then > 2 standard errors
     max_new_tokens: int = 20
     top_p: float = 0.9
     select_threshold: float = 0.5  # mean continuation toxicity above which a prompt is kept
@@ -67,12 +69,21 @@ class DetoxConfig:
     batch_size: int = 8  # prompts per sampling / tracing call
     skip_bad: bool = False  # leave out bad lines of the prompt file instead of stopping
     methods: tuple = ("delete",)  # the deletion grid, and other methods run beside it (METHODS)
-    dinm_steps: int = 10  # DINM: Adam steps per case
+    dinm_steps: tuple = (10,)  # DINM: Adam steps per case, one run per value
     dinm_lr: float = 5e-4
     dinm_edit_weight: float = 0.1  # DINM: the NLL's weight against the KL's 1
     profs_ranks: tuple = (2,)  # ProFS: one run per rank
     profs_layers: Optional[tuple] = None  # ProFS: edited layers (default: jaxedit.profs's upper layers)
     pairs: Optional[str] = None  # ProFS: a JSONL file of {"preferred", "non_preferred"} (default: from the prompts)
+    profs_pairs: tuple = (PROFS_PAIRS,)  # ProFS: pairs built from the study's samples, one run per value (x rank)
+    aura_layers: tuple = ("all",)  # AurA: one run per layer setting ("all", "upper", "A-B", "N")
+    aura_texts: Optional[str] = None  # AurA: a JSONL file of {"text", "toxic"} (default: the selection's samples)
+
+    def __post_init__(self):
+        for name in ("dinm_steps", "profs_ranks", "profs_pairs", "aura_layers"):  # one value stands for a 1-tuple
+            v = getattr(self, name)
+            if isinstance(v, (int, str)) and not isinstance(v, bool):
+                setattr(self, name, (v,))
 
     def check(self, n_layers: Optional[int] = None) -> None:
         """Refuse bad option values (names, ranges; with ``n_layers``, the layer counts); reads no file and loads
@@ -116,8 +127,10 @@ class DetoxConfig:
             raise JaxeditError(f"unknown methods {bad} (choose from {', '.join(METHODS)})")
         if len(set(self.methods)) < len(self.methods):
             raise JaxeditError(f"methods repeat: {', '.join(self.methods)}")
-        if self.dinm_steps < 1:
-            raise JaxeditError(f"dinm-steps must be >= 1 (got {self.dinm_steps})")
+        if not self.dinm_steps or any(isinstance(v, bool) or int(v) != v or v < 1 for v in self.dinm_steps):
+            raise JaxeditError(f"dinm-steps must be integers >= 1 (got {', '.join(map(str, self.dinm_steps))})")
+        if len(set(self.dinm_steps)) < len(self.dinm_steps):
+            raise JaxeditError(f"dinm-steps repeats a value ({', '.join(map(str, self.dinm_steps))})")
         if not self.dinm_lr > 0:
             raise JaxeditError(f"dinm-lr must be > 0 (got {self.dinm_lr})")
         if not self.dinm_edit_weight >= 0:
@@ -128,9 +141,26 @@ class DetoxConfig:
             raise JaxeditError(f"profs-rank repeats a rank ({', '.join(map(str, self.profs_ranks))})")
         if self.profs_layers is not None and (not self.profs_layers or any(l < 0 for l in self.profs_layers)):
             raise JaxeditError("profs-layers must be layer indices >= 0")
-        if (self.pairs or self.profs_layers is not None or self.profs_ranks != (2,)) and "profs" not in self.methods:
-            raise JaxeditError("--pairs, --profs-rank and --profs-layers need profs in --methods")
-        if (self.dinm_steps, self.dinm_lr, self.dinm_edit_weight) != (10, 5e-4, 0.1) and "dinm" not in self.methods:
+        if not self.profs_pairs or any(isinstance(v, bool) or int(v) != v or v < 1 for v in self.profs_pairs):
+            raise JaxeditError(f"profs-pairs must be integers >= 1 (got {', '.join(map(str, self.profs_pairs))})")
+        if len(set(self.profs_pairs)) < len(self.profs_pairs):
+            raise JaxeditError(f"profs-pairs repeats a value ({', '.join(map(str, self.profs_pairs))})")
+        if self.pairs and tuple(self.profs_pairs) != (PROFS_PAIRS,):
+            raise JaxeditError("--profs-pairs builds pairs from the study's samples: it does not apply with --pairs")
+        if not self.pairs and max(self.profs_ranks) > min(self.profs_pairs):
+            raise JaxeditError(f"--profs-rank {max(self.profs_ranks)} is more than the {min(self.profs_pairs)} "
+                               f"pairs of --profs-pairs {min(self.profs_pairs)}")
+        if (self.pairs or self.profs_layers is not None or tuple(self.profs_ranks) != (2,)
+                or tuple(self.profs_pairs) != (PROFS_PAIRS,)) and "profs" not in self.methods:
+            raise JaxeditError("--pairs, --profs-rank, --profs-pairs and --profs-layers need profs in --methods")
+        if not self.aura_layers or len(set(self.aura_layers)) < len(self.aura_layers):
+            raise JaxeditError(f"aura-layers must name distinct settings (got {', '.join(self.aura_layers)})")
+        for v in self.aura_layers:
+            aura_layer_list(v, n_layers)  # the form; with n_layers, the range
+        if (self.aura_texts or tuple(self.aura_layers) != ("all",)) and "aura" not in self.methods:
+            raise JaxeditError("--aura-texts and --aura-layers need aura in --methods")
+        if (tuple(self.dinm_steps), self.dinm_lr, self.dinm_edit_weight) != ((10,), 5e-4, 0.1) \
+                and "dinm" not in self.methods:
             raise JaxeditError("--dinm-steps, --dinm-lr and --dinm-edit-weight need dinm in --methods")
         if n_layers is not None:
             n, k = self.layer_counts(n_layers)
@@ -194,12 +224,38 @@ class DetoxConfig:
             return dict(n_layers=self.n_layers, topk=self.topk, canned=self.canned, corpus=self.corpus,
                         samples=self.samples, max_len=self.max_len, delete_objective=self.delete_objective,
                         hparams=self.hparams)
-        if stage == "dinm":
-            return dict(dinm_steps=self.dinm_steps, dinm_lr=self.dinm_lr, dinm_edit_weight=self.dinm_edit_weight)
+        if stage == "dinm":  # steps, like ranks and KL weights, add runs
+            return dict(dinm_lr=self.dinm_lr, dinm_edit_weight=self.dinm_edit_weight)
         if stage == "profs":
             return dict(profs_layers=None if self.profs_layers is None else [int(l) for l in self.profs_layers],
                         pairs=os.path.abspath(self.pairs) if self.pairs else None)
+        if stage == "aura":
+            return dict(aura_texts=os.path.abspath(self.aura_texts) if self.aura_texts else None)
         if stage == "evaluate":
             return dict(eval_samples=self.eval_samples, toxic_threshold=self.toxic_threshold, neutral=self.neutral,
                         factual=self.factual, factual_samples=self.factual_samples)
         return {}
+
+
+def aura_layer_list(setting: str, n_layers: Optional[int] = None) -> Optional[list]:
+    """The layers of one ``--aura-layers`` setting: "all" (every layer, the authors' setting), "upper" (the upper
+    half, ``L // 2`` to ``L - 1``), "A-B" (inclusive) or "N". Checks the form always and the range with
+    ``n_layers``; returns None without ``n_layers``."""
+    s = str(setting).strip()
+    a, sep, b = s.partition("-")
+    if s not in AURA_LAYER_WORDS:
+        try:
+            lo, hi = (int(a), int(b)) if sep else (int(s), int(s))
+        except ValueError:
+            raise JaxeditError(f"aura-layers: {setting!r} is not all, upper, a layer N or a range A-B") from None
+        if lo < 0 or hi < lo:
+            raise JaxeditError(f"aura-layers: {setting!r} is not a range A-B with 0 <= A <= B")
+        if n_layers is not None and hi >= n_layers:
+            raise JaxeditError(f"aura-layers {setting} is outside 0..{n_layers - 1}")
+    if n_layers is None:
+        return None
+    if s == "all":
+        return list(range(n_layers))
+    if s == "upper":
+        return list(range(n_layers // 2, n_layers))
+    return list(range(lo, hi + 1))

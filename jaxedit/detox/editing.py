@@ -91,7 +91,7 @@ def edit(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True) ->
     settings)); each run's edited layers are written to ``edits/RUN.npz`` (or the reason it failed to
     ``edits/RUN.json``)."""
     check_stage(out, "edit", cfg)
-    for m in ("dinm", "profs"):
+    for m in ("dinm", "profs", "aura"):
         if m in cfg.methods:
             check_stage(out, m, cfg)
     runs = _edit_grid(model, tokenizer, cfg, out, progress) if "delete" in cfg.methods else []

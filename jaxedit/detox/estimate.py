@@ -27,10 +27,10 @@ from jaxedit.model import params_of
 from jaxedit.sharding import mesh_of
 
 STAGES_TIMED = ("select", "localize", "edit", "edit-methods", "evaluate")
-# the edit stage is timed in two parts: the deletion grid's runs (minutes each) and the DINM / ProFS runs (seconds
-# to a minute or two each), so that a plan of one kind is not extrapolated from the other's times
+# the edit stage is timed in two parts: the deletion grid's runs (minutes each) and the DINM / ProFS / AurA runs
+# (seconds to a minute or two each), so that a plan of one kind is not extrapolated from the other's times
 TIMED_PARTS = {"edit": ("edit", "edit-methods")}
-SHOWN = {"edit": "edit (deletions)", "edit-methods": "edit (DINM / ProFS)"}
+SHOWN = {"edit": "edit (deletions)", "edit-methods": "edit (DINM / ProFS / AurA)"}
 
 
 def unit_size(cfg: DetoxConfig, stage: str) -> float:
@@ -81,7 +81,7 @@ def stage_seconds(cal: dict, cfg: DetoxConfig, stage: str, units: Optional[int])
 # token per step (small matmuls, a nucleus cut per step): half the probe's rate. The edit's count is an upper bound
 # (the target vector's gradient stops at its layer, and its steps stop early), so its factor is above 1.
 SETUP_UNITS = {"select": 15.0, "localize": 12.0, "edit": 60.0, "edit-methods": 5.0, "evaluate": 80.0}
-METHOD_SETUP_UNITS = {"profs": 5.0, "dinm": 20.0}  # edit-methods: the largest of the methods left
+METHOD_SETUP_UNITS = {"profs": 5.0, "dinm": 20.0, "aura": 5.0}  # edit-methods: the largest of the methods left
 RATE_FACTOR = {"select": 0.5, "localize": 1.2, "edit": 2.7, "edit-methods": 0.5, "dinm": 1.9, "evaluate": 0.65}
 NEUTRAL_TOKENS = 320  # the shipped neutral text (220 words) in tokens, about; a given file is measured by its size
 CHARS_PER_TOKEN = 4.0  # English text in a BPE vocabulary, about (the plan does not tokenize)
@@ -95,9 +95,10 @@ def text_tokens(text: str) -> int:
 def stage_flops(cfg: DetoxConfig, config, stage: str, sizes: dict) -> tuple:
     """``(fixed, per_unit)`` FLOPs of ``stage`` (fixed: once per stage, such as the key statistics; per unit: a
     prompt for select and localize, a run for edit, an evaluated model for evaluate, and for edit-methods the mean
-    over the DINM / ProFS runs left). ``sizes``: ``prompt_tokens`` (mean tokens of a prompt), ``edited`` and
+    over the DINM / ProFS / AurA runs left). ``sizes``: ``prompt_tokens`` (mean tokens of a prompt), ``edited`` and
     ``heldout`` (prompts), ``facts`` (factual prompts) and ``fact_tokens`` (their mean tokens), ``neutral_tokens``,
-    ``methods`` (the method of each DINM / ProFS run left)."""
+    ``methods`` (the method of each DINM / ProFS / AurA run left; ``method_runs``: (method, settings) of each;
+    ``extra_samples``: ProFS samples per prompt still to draw; ``aura_texts``, ``file_pairs``: their counts)."""
     from jaxedit.calibration import block_flops, forward_flops
     from jaxedit.edit.memit import hparams_for
 
@@ -125,11 +126,22 @@ def stage_flops(cfg: DetoxConfig, config, stage: str, sizes: dict) -> tuple:
         stats = samples * forward_flops(config, max_len) * (2 if corpus == "model" else 1)
         return stats, per_run
     if stage == "edit-methods":  # DINM: per prompt, the location (2 forwards) and its Adam steps (fwd + bwd) on the
-        # unsafe / safe sample and the KL input; ProFS: the pairs' forwards (its SVD is small)
+        # unsafe / safe sample and the KL input; ProFS: the pairs' forwards (its SVD is small), and once the extra
+        # samples its pairs need (sampling, as select); AurA: one forward per text (its AUROCs are host sorts)
         seq = forward_flops(config, P + N)
-        each = {"dinm": n_edit * (2 + cfg.dinm_steps * 3 * 2) * seq, "profs": n_edit * 2 * seq}
-        ms = sizes.get("methods") or ["dinm"]
-        return 0.0, sum(each[m] for m in ms) / len(ms)
+        runs = sizes.get("method_runs") or [(m, {}) for m in sizes.get("methods") or ["dinm"]]
+
+        def cost(m, st):
+            if m == "dinm":
+                return n_edit * (2 + int(st.get("steps", max(cfg.dinm_steps))) * 3 * 2) * seq
+            if m == "profs":
+                return 2 * int(st.get("pairs") or sizes.get("file_pairs") or n_edit) * seq
+            if m == "aura":
+                return sizes.get("aura_texts", n_edit * cfg.select_samples) * seq
+            return 0.0
+
+        fixed = sizes.get("extra_samples", 0) * n_edit * seq
+        return fixed, sum(cost(m, st) for m, st in runs) / len(runs)
     if stage == "evaluate":  # per model: the continuations on the edited, held-out and factual prompts, and the
         # perplexities (prompts, neutral text, factual answers)
         F, FT = sizes.get("facts", 0), sizes.get("fact_tokens", 8)

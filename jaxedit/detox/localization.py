@@ -48,7 +48,7 @@ def localize(model, tokenizer, cfg: DetoxConfig, out: str, progress: bool = True
     """Stage 2 (see the module docstring). Returns the contents of ``localize.json`` (per-layer profiles, the CT
     ranking, saliency)."""
     kinds = check_options(tuple(cfg.trace_kinds), cfg.trace_samples, cfg.window)
-    if "delete" not in cfg.methods:  # DINM and ProFS locate nothing per prompt
+    if "delete" not in cfg.methods:  # DINM, ProFS and AurA locate nothing per prompt
         runtime.stage("localize: skipped (no deletion grid in the methods)")
         return {}
     check_stage(out, "localize", cfg)

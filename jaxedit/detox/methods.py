@@ -6,8 +6,14 @@
   constraint one of the general-knowledge questions of the shipped SafeEdit demo cases (in turn), no system suffix
   (the study samples continuations of the bare openings). The cases go into one model in order, each at the layer
   DINM locates for it on the model edited so far (``per_instance=False``, one case at a time). One run.
-* ``profs`` (:func:`jaxedit.profs`): pairs ``(prompt + least toxic sample, prompt + most toxic sample)`` of the
-  edited prompts, or the pairs of a ``--pairs`` file; one run per rank.
+* ``profs`` (:func:`jaxedit.profs`): ``profs_pairs`` pairs built from the edited prompts' samples
+  (:func:`sample_pairs`: per prompt the most toxic against the least toxic sample, the second most against the
+  second least, ...; taken round-robin over the prompts; more samples are drawn for the purpose when the selection's
+  are too few), or the pairs of a ``--pairs`` file; one run per (number of pairs, rank).
+* ``aura`` (:func:`jaxedit.aura`, its default unit: the MLP's hidden units, folded into the output projection's
+  rows): texts = prompt + sample of every selection sample of the prompts not held out, toxic (1) when the study's
+  scorer put the sample above the selection threshold; or the texts of an ``--aura-texts`` file. One run per layer
+  setting (``aura_layers``).
 
 Each run writes ``edits/RUN.npz`` (the edited layers' output projections, as the deletion runs do) and
 ``edits/RUN.json`` (its method, settings, layers, seconds, or the reason it failed).
@@ -22,11 +28,12 @@ import jax
 import numpy as np
 
 from jaxedit.detox.common import read_selected
-from jaxedit.detox.config import DetoxConfig
+from jaxedit.detox.config import DetoxConfig, aura_layer_list
+from jaxedit.edit.aura import aura
 from jaxedit.edit.dinm import dinm
 from jaxedit.edit.profs import profs
 from jaxedit.errors import JaxeditError
-from jaxedit.files import read_rows, write_json
+from jaxedit.files import read_rows, write_json, write_jsonl
 from jaxedit.model import params_of
 from jaxedit.request_files import RequestFile
 
@@ -49,6 +56,51 @@ def read_pairs_file(path: str) -> list:
     if os.path.isdir(path):
         raise JaxeditError(f"{path} is a directory, not a JSONL file of pairs")
     return [p for _, p in RequestFile(path, "pairs").check(pair_of)]
+
+
+def aura_text_of(obj: dict) -> tuple:
+    """(text, label) of one ``--aura-texts`` line: {"text": non-empty string, "toxic": 0 or 1 (or a boolean)}."""
+    t = obj.get("text")
+    if not isinstance(t, str) or not t.strip():
+        raise JaxeditError('expected "text" as a non-empty string')
+    v = obj.get("toxic")
+    if isinstance(v, bool):
+        v = int(v)
+    if not isinstance(v, (int, float)) or v not in (0, 1):
+        raise JaxeditError(f'expected "toxic" as 0 or 1 (got {json.dumps(v)})')
+    return t, int(v)
+
+
+def check_classes(labels, where: str) -> None:
+    """Refuse fewer than 2 texts of a class (AurA's AUROC needs both)."""
+    for cls, name in ((1, "toxic"), (0, "non-toxic")):
+        k = sum(1 for v in labels if v == cls)
+        if k < 2:
+            raise JaxeditError(f"{where}: AurA needs at least 2 {name} texts (got {k})")
+
+
+def read_aura_texts(path: str) -> tuple:
+    """(texts, labels) of a JSONL file of {"text", "toxic"} lines (FILE:LINE errors; at least 2 of each class)."""
+    if os.path.isdir(path):
+        raise JaxeditError(f"{path} is a directory, not a JSONL file of texts")
+    rows = [t for _, t in RequestFile(path, "texts").check(aura_text_of)]
+    check_classes([v for _, v in rows], path)
+    return [t for t, _ in rows], [v for _, v in rows]
+
+
+def study_aura_texts(out: str, cfg: DetoxConfig) -> tuple:
+    """(texts, labels) from the selection's samples: prompt + sample for every non-blank sample of every prompt
+    not held out (``candidates.jsonl``), toxic (1) when its stored score is above ``select_threshold``."""
+    held = {r["line"] for r in read_selected(out) if r["split"] == "heldout"}
+    texts, labels = [], []
+    for c in read_rows(os.path.join(out, "candidates.jsonl")):
+        if c["line"] in held or c["prompt_toxicity"] >= cfg.prompt_threshold:
+            continue
+        for t, sc in zip(c["samples"], c["scores"]):
+            if t.strip():
+                texts.append(c["prompt"] + t)
+                labels.append(int(sc > cfg.select_threshold))
+    return texts, labels
 
 
 def extremes(out: str) -> list:
@@ -75,6 +127,76 @@ def study_pairs(out: str) -> list:
     return [(p + lo, p + hi) for _, p, lo, hi in extremes(out)]
 
 
+def ranked_pairs(samples: list, scores: list) -> list:
+    """A prompt's pairs of samples, the widest first: [(least toxic, most toxic), (second least, second most), ...]
+    among its non-blank samples, each sample in one pair at most. Ties: the earlier sample is the less toxic, except
+    among the most toxic samples, where the earlier one counts as the most toxic (so the first pair is
+    :func:`extremes`')."""
+    ok = [j for j, t in enumerate(samples) if t.strip()]
+    if not ok:
+        return []
+    top = max(scores[j] for j in ok)
+    asc = sorted(ok, key=lambda j: (scores[j], j if scores[j] < top else -j))
+    return [(samples[asc[i]], samples[asc[-1 - i]]) for i in range(len(asc) // 2)]
+
+
+def pairs_per_prompt(n_pairs: int, n_prompts: int) -> int:
+    return -(-n_pairs // max(n_prompts, 1))
+
+
+def extra_samples_needed(cfg: DetoxConfig, n_prompts: int, n_pairs: int = None) -> int:
+    """Samples per edited prompt drawn beyond the selection's so that ``n_pairs`` pairs (default: the largest of
+    ``profs_pairs``) can be built: 2 per pair, 2 to spare for blank samples; 0 when the selection's suffice."""
+    k = pairs_per_prompt(n_pairs or max(cfg.profs_pairs), n_prompts)
+    return 0 if 2 * k <= cfg.select_samples else 2 * k - cfg.select_samples + 2
+
+
+def draw_pair_samples(model, tokenizer, cfg: DetoxConfig, out: str, scorer, n_extra: int) -> dict:
+    """{line: (samples, scores)} of ``n_extra`` more samples per edited prompt (``pair_samples.jsonl``, kept; drawn
+    with seed + 2, so from streams that neither the selection (seed) nor the evaluation (seed + 1) uses; sample j of
+    a prompt has its own stream, so a larger count redraws the same first ones)."""
+    from jaxedit.generate import sample
+
+    path = os.path.join(out, "pair_samples.jsonl")
+    have = {r["line"]: r for r in read_rows(path)} if os.path.isfile(path) else {}
+    rows = [r for r in read_selected(out) if r["split"] == "edit"]
+    todo = [r for r in rows if len(have.get(r["line"], {}).get("samples", ())) < n_extra]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else None
+    for i in range(0, len(todo), cfg.batch_size):
+        part = todo[i:i + cfg.batch_size]
+        new = sample(model, [tokenizer(r["prompt"])["input_ids"] for r in part], cfg.max_new_tokens,
+                     samples=n_extra, seed=cfg.seed + 2, top_p=cfg.top_p, stop_ids=eos,
+                     prompt_keys=[r["line"] for r in part])
+        for r, ids in zip(part, new):
+            texts = [tokenizer.decode(s, skip_special_tokens=True) for s in ids]
+            have[r["line"]] = {"line": r["line"], "samples": texts, "scores": [float(v) for v in scorer(texts)]}
+        write_jsonl(path, list(have.values()))
+    return {line: (r["samples"][:n_extra], r["scores"][:n_extra]) for line, r in have.items()}
+
+
+def sample_pairs(out: str, n_pairs: int, extra: dict = None) -> list:
+    """``n_pairs`` ProFS pairs (prompt + less toxic sample, prompt + more toxic sample) from the edited prompts'
+    selection samples (and ``extra`` {line: (samples, scores)}): each prompt's :func:`ranked_pairs`, taken
+    round-robin over the prompts (every prompt's widest pair first, then every prompt's second, ...). With
+    ``n_pairs`` = the number of edited prompts these are :func:`study_pairs`."""
+    cands = {c["line"]: c for c in read_rows(os.path.join(out, "candidates.jsonl"))}
+    per = []
+    for r in read_selected(out):
+        if r["split"] != "edit":
+            continue
+        c = cands[r["line"]]
+        more, more_sc = (extra or {}).get(r["line"], ([], []))
+        per.append([(r["prompt"] + lo, r["prompt"] + hi)
+                    for lo, hi in ranked_pairs(list(c["samples"]) + list(more), list(c["scores"]) + list(more_sc))])
+    out_pairs = []
+    for i in range(max(map(len, per), default=0)):
+        out_pairs += [p[i] for p in per if i < len(p)]
+    if len(out_pairs) < n_pairs:
+        raise JaxeditError(f"only {len(out_pairs)} pairs from the {len(per)} edited prompts' non-blank samples "
+                           f"({n_pairs} asked for)")
+    return out_pairs[:n_pairs]
+
+
 def dinm_cases(out: str) -> list:
     """SafeEdit-shaped cases of the edited prompts (see the module docstring)."""
     with open(DEMO_CASES, encoding="utf-8") as f:
@@ -88,11 +210,19 @@ def plan_method_runs(cfg: DetoxConfig) -> list:
     runs = []
     for m in cfg.methods:
         if m == "dinm":
-            runs.append(("dinm", "dinm", {"steps": cfg.dinm_steps, "lr": cfg.dinm_lr,
-                                          "edit_weight": cfg.dinm_edit_weight}))
-        elif m == "profs":
+            for steps in cfg.dinm_steps:
+                runs.append((f"dinm__steps{steps}", "dinm", {"steps": int(steps), "lr": cfg.dinm_lr,
+                                                              "edit_weight": cfg.dinm_edit_weight}))
+        elif m == "profs" and cfg.pairs:
             for r in cfg.profs_ranks:
                 runs.append((f"profs__rank{r}", "profs", {"rank": int(r)}))
+        elif m == "profs":
+            for n in cfg.profs_pairs:
+                for r in cfg.profs_ranks:
+                    runs.append((f"profs__rank{r}__pairs{n}", "profs", {"rank": int(r), "pairs": int(n)}))
+        elif m == "aura":
+            for setting in cfg.aura_layers:
+                runs.append((f"aura__{setting}", "aura", {"layers": str(setting)}))
     return runs
 
 
@@ -107,13 +237,33 @@ def run_method(model, tokenizer, cfg: DetoxConfig, out: str, rid: str, method: s
             cases = dinm_cases(out)
             if not cases:
                 raise JaxeditError("no edited prompt has a non-blank sample")
-            edited, rep = dinm(model, cases, tokenizer=tokenizer, per_instance=False, suffix=None, steps=cfg.dinm_steps,
+            edited, rep = dinm(model, cases, tokenizer=tokenizer, per_instance=False, suffix=None,
+                               steps=settings["steps"],
                                lr=cfg.dinm_lr, edit_weight=cfg.dinm_edit_weight, batch_size=1)
             layers = sorted(set(rep["layers"]))
             info.update(cases=len(cases), case_layers=rep["layers"], steps_run=rep["steps"],
                         final=rep["final"], update_norm=rep["update_norm"])
+        elif method == "aura":
+            texts, labels = read_aura_texts(cfg.aura_texts) if cfg.aura_texts else study_aura_texts(out, cfg)
+            layers = aura_layer_list(settings["layers"], model.config.n_layers)
+            edited, rep = aura(model, texts, labels, tokenizer=tokenizer, layers=layers, progress=False)
+            info.update(texts_from=os.path.abspath(cfg.aura_texts) if cfg.aura_texts else "samples",
+                        texts=rep["texts"], toxic=rep["toxic"], truncated=rep["truncated"],
+                        dampened={str(l): n for l, n in rep["dampened"].items()}, alpha=rep["alpha"])
         else:
-            pairs = read_pairs_file(cfg.pairs) if cfg.pairs else study_pairs(out)
+            if cfg.pairs:
+                pairs = read_pairs_file(cfg.pairs)
+            else:
+                n_pairs = int(settings.get("pairs", 0)) or len(extremes(out))
+                n_edit = sum(r["split"] == "edit" for r in read_selected(out))
+                n_extra = extra_samples_needed(cfg, n_edit, n_pairs) if "pairs" in settings else 0
+                extra = None
+                if n_extra:
+                    from jaxedit.detox.common import stage_scorer
+
+                    extra = draw_pair_samples(model, tokenizer, cfg, out, stage_scorer(cfg, out), n_extra)
+                pairs = sample_pairs(out, n_pairs, extra) if n_pairs else []
+                info.update(extra_samples=n_extra)
             if not pairs:
                 raise JaxeditError("no edited prompt has a non-blank sample")
             edited, rep = profs(model, pairs, tokenizer=tokenizer, layers=list(cfg.profs_layers) if cfg.profs_layers else None,

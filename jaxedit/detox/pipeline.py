@@ -13,7 +13,8 @@ runs them in order. Each stage has its own module, the options are in config.py 
    token), the aggregate AIE, per-layer profiles at the chunk's last token, and saliency profiles. Files:
    ``trace/`` (per-prompt grids, heatmaps, ``aie.*``), ``localize.json``.
 3. :func:`edit` (editing.py): one batched MEMIT edit or deletion of all edited prompts per (layer strategy,
-   objective, KL weight, seed); with ``methods`` also a DINM run and a ProFS run per rank (methods.py). Files:
+   objective, KL weight, seed); with ``methods`` also DINM runs (per steps), ProFS runs (per pairs and rank) and
+   AurA runs (per layer setting) (methods.py). Files:
    ``edits/RUN.npz`` (the edited layers' output projections) and ``edits/RUN.json``.
 4. :func:`evaluate` (evaluation.py): the unedited model and every edit: % toxic continuations, perplexity on the
    prompts and on a neutral text, fluency; the same on held-out selected prompts and on factual prompts. Files:

@@ -8,10 +8,12 @@ stages wrote (``summary.jsonl``, ``localize.json``), so the report can be redraw
 * ``summary.md``: every row and column of ``summary.jsonl``.
 * ``aie_layers.png/pdf``: the average indirect effect per layer at the chunk's last token and at the last token,
   one panel per kind (the paper's Figures 1 and 4).
-* ``table_methods.md/csv``: the methods side by side (the deletions, DINM, ProFS): % toxic, held-out % toxic,
+* ``table_methods.md/csv``: the methods side by side (the deletions, DINM, ProFS, AurA): % toxic and held-out %
+  toxic with their binomial standard errors,
   perplexities, fluency, factual answers kept, edit seconds.
-* ``frontier.png/pdf``: % toxic vs perplexity, one line per (strategy, objective) through its KL weights (the
-  paper's Figures 2 and 3), DINM and ProFS (through its ranks) with their own markers.
+* ``frontier.png/pdf``: % toxic (± its binomial standard error) vs perplexity, one line per (strategy,
+  objective) through its KL weights (the paper's Figures 2 and 3), DINM (through its steps), ProFS (through its
+  ranks or numbers of pairs) and AurA (through its layer settings) with their own markers.
 """
 from __future__ import annotations
 
@@ -124,14 +126,33 @@ def tables(rows: list, kl: float) -> dict:
     return out
 
 
-METHOD_COLUMNS = ("method", "setting", "layers", "toxic %", "held-out toxic %", "ppl", "neutral ppl", "fluency",
-                  "factual kept %", "edit s")
+METHOD_COLUMNS = ("method", "setting", "layers", "toxic % ± se", "held-out toxic % ± se", "ppl", "neutral ppl",
+                  "fluency", "factual kept %", "edit s")
 METHOD_METRICS = ("toxic_rate", "heldout_toxic_rate", "perplexity_prompts", "perplexity_neutral", "fluency",
                   "factual_argmax_kept", "edit_seconds")
+RATES = {"toxic_rate": "n_prompts", "heldout_toxic_rate": "n_heldout"}  # a rate and the prompts it is over
 
 
 def _method(r):
     return r.get("method") or ("base" if r["strategy"] == "base" else "delete")
+
+
+def samples_of(r: dict, rate: str = "toxic_rate"):
+    """How many scored continuations ``rate`` of summary row ``r`` counts: prompts x samples per prompt x seeds
+    averaged (None when the row does not say)."""
+    n_p, n_s = r.get(RATES[rate]), r.get("n_samples")
+    if not n_p or not n_s:
+        return None
+    return int(n_p) * int(n_s) * max(int(r.get("seeds") or 1), 1)
+
+
+def binomial_se(r: dict, rate: str = "toxic_rate"):
+    """The binomial standard error sqrt(p (1 - p) / n) of a row's toxic rate p over its n continuations
+    (:func:`samples_of`; seeds pooled), or None."""
+    p, n = r.get(rate), samples_of(r, rate)
+    if p is None or not n:
+        return None
+    return (p * (1 - p) / n) ** 0.5
 
 
 def _setting(r):
@@ -141,26 +162,50 @@ def _setting(r):
     if m == "dinm":
         return f"{st.get('steps')} steps, lr {st.get('lr'):g}, edit weight {st.get('edit_weight'):g}"
     if m == "profs":
-        return f"rank {st.get('rank')}"
+        return f"rank {st.get('rank')}" + (f", {st['pairs']} pairs" if st.get("pairs") else "")
+    if m == "aura":
+        return f"layers {st.get('layers')}"
     return "—"
+
+
+def strength(r) -> tuple:
+    """The order of a method's runs from the gentlest to the strongest edit: the deletion's KL weight (a larger
+    weight is gentler), DINM's steps, ProFS's pairs then rank, AurA's number of layers."""
+    m, st = _method(r), r.get("settings") or {}
+    if m == "delete":
+        return (-r["kl_weight"],)
+    if m == "dinm":
+        return (st.get("steps", 0),)
+    if m == "profs":
+        return (st.get("pairs", 0), st.get("rank", 0))
+    if m == "aura":
+        return (len(r.get("layers") or []), str(st.get("layers")))
+    return ()
 
 
 def method_rows(rows: list) -> list:
     """The rows of the methods table, in order: the unedited model, the deletions (objective "delete") per
-    strategy and KL weight, DINM, ProFS per rank."""
+    strategy and KL weight, DINM by steps, ProFS by pairs and rank, AurA by its number of layers."""
     base = [r for r in rows if _method(r) == "base"]
     dels = sorted((r for r in rows if _method(r) == "delete" and r["objective"] == "delete"),
                   key=lambda r: (STRATEGIES.index(r["strategy"]) if r["strategy"] in STRATEGIES else len(STRATEGIES),
                                  r["kl_weight"]))
-    dinm = [r for r in rows if _method(r) == "dinm"]
-    profs = sorted((r for r in rows if _method(r) == "profs"), key=lambda r: (r.get("settings") or {}).get("rank", 0))
-    return base + dels + dinm + profs
+    others = [sorted((r for r in rows if _method(r) == m), key=strength) for m in ("dinm", "profs", "aura")]
+    return base + dels + [r for group in others for r in group]
+
+
+def _rate_cell(r, k):
+    v, se = r.get(k), binomial_se(r, k)
+    if v is None:
+        return "—"
+    return f"{100 * v:.1f}" + (f" ± {100 * se:.1f}" if se is not None else "")
 
 
 def table_methods(rows: list) -> tuple:
     """(md, csv) of ``table_methods``: one row per method run (see :func:`method_rows`) x the columns of
-    ``METHOD_COLUMNS``."""
-    body = []
+    ``METHOD_COLUMNS``; the toxic rates with their binomial standard errors (:func:`binomial_se`; in the csv, a
+    column of their own)."""
+    body, csv_body = [], []
     for r in method_rows(rows):
         m = _method(r)
         lay = r.get("layers") or []
@@ -168,15 +213,28 @@ def table_methods(rows: list) -> tuple:
             list(lay) != list(range(lay[0], lay[0] + len(lay))) else f"{lay[0]}-{lay[-1]}"
         line = ["base (unedited)" if m == "base" else m, _setting(r), _layers(r) if lay and isinstance(lay[0], list)
                 else runs_ or "—"]
+        csv_line = list(line)
         for k in METHOD_METRICS:
             v = r.get(k)
-            line.append(_fmt(v, k in ("toxic_rate", "heldout_toxic_rate", "factual_argmax_kept"))
-                        if k != "edit_seconds" or v is None else f"{v:.1f}")
+            if k in RATES:
+                line.append(_rate_cell(r, k))
+                se = binomial_se(r, k)
+                csv_line += [_fmt(v, True), "—" if se is None else f"{100 * se:.2f}"]
+                continue
+            cell = _fmt(v, k == "factual_argmax_kept") if k != "edit_seconds" or v is None else f"{v:.1f}"
+            line.append(cell)
+            csv_line.append(cell)
         if r.get("failed"):
             line[0] += f" ({len(r['failed'])} failed: {r['failed'][0]})"
+            csv_line[0] = line[0]
         body.append(line)
-    md, csv = _table(list(METHOD_COLUMNS), body)
+        csv_body.append(csv_line)
+    md, _ = _table(list(METHOD_COLUMNS), body)
+    head = ["method", "setting", "layers", "toxic %", "toxic % se", "held-out toxic %", "held-out toxic % se", "ppl",
+            "neutral ppl", "fluency", "factual kept %", "edit s"]
+    _, csv = _table(head, csv_body)
     note = ("Methods: toxic % of the continuations of the edited prompts (held-out: of the prompts no method edited), "
+            "± its binomial standard error sqrt(p (1 - p) / n) over the n scored continuations (seeds pooled), "
             "ppl on the edited prompts and on the neutral text, fluency (n-gram entropy), factual kept % (greedy "
             "next token unchanged), edit s (seconds of the edit, averaged over seeds); every model sampled with the "
             "same random streams.")
@@ -215,6 +273,47 @@ def goal_region(base: dict) -> tuple:
     return GOAL_PPL_RISE * base["perplexity_prompts"], 100 * base["toxic_rate"] / 2
 
 
+METHOD_STYLE = {"dinm": ("D", "tab:olive", "DINM"), "profs": ("P", "tab:cyan", "ProFS"),
+                "aura": ("v", "tab:pink", "AurA")}  # markers and colours no deletion strategy uses
+
+
+def method_lines(rows: list) -> list:
+    """The frontier's lines of the methods other than the deletion grid: per method, one line per group of runs
+    that differ in one strength setting only, its points (label, perplexity, toxic %, standard error in points)
+    in order of that setting (:func:`strength`): DINM through its steps (per lr and edit weight), ProFS through its
+    ranks (per number of pairs; through the numbers of pairs when every run has one rank), AurA through its layer
+    settings (fewest layers first)."""
+    out = []
+    for m, (marker, color, name) in METHOD_STYLE.items():
+        runs = sorted((r for r in rows if _method(r) == m and r.get("toxic_rate") is not None), key=strength)
+        if not runs:
+            continue
+        st = lambda r: r.get("settings") or {}  # noqa: E731
+        if m == "dinm":
+            group = lambda r: (st(r).get("lr"), st(r).get("edit_weight"))  # noqa: E731
+            label = lambda r: f"{st(r).get('steps')} st"  # noqa: E731
+            title = lambda g: name if len(groups) == 1 else f"{name}, lr {g[0]:g}, w {g[1]:g}"  # noqa: E731
+        elif m == "profs":
+            by_rank = len({st(r).get("rank") for r in runs}) > 1
+            group = (lambda r: st(r).get("pairs")) if by_rank else (lambda r: st(r).get("rank"))  # noqa: E731
+            label = (lambda r: f"r{st(r).get('rank')}") if by_rank else (  # noqa: E731
+                lambda r: f"N{st(r).get('pairs')}" if st(r).get("pairs") else f"r{st(r).get('rank')}")
+            title = ((lambda g: name if len(groups) == 1 or g is None else f"{name}, {g} pairs")  # noqa: E731
+                     if by_rank else (lambda g: f"{name}, rank {g}"))
+        else:
+            group = lambda r: None  # noqa: E731
+            label = lambda r: str(st(r).get("layers"))  # noqa: E731
+            title = lambda g: name  # noqa: E731
+        groups = {}
+        for r in runs:
+            groups.setdefault(group(r), []).append(r)
+        for g, members in groups.items():
+            out.append({"method": m, "marker": marker, "color": color, "label": title(g),
+                        "points": [(label(r), r["perplexity_prompts"], 100 * r["toxic_rate"],
+                                    100 * (binomial_se(r) or 0.0)) for r in members]})
+    return out
+
+
 def plot_frontier(rows: list, path_stem: str) -> None:
     import matplotlib
 
@@ -226,29 +325,27 @@ def plot_frontier(rows: list, path_stem: str) -> None:
     cmap = plt.get_cmap("tab10")
     for si, s in enumerate(STRATEGIES):
         for o in OBJECTIVES:
-            pts = sorted((r["kl_weight"], r["perplexity_prompts"], 100 * r["toxic_rate"]) for r in rows
+            pts = sorted((r["kl_weight"], r["perplexity_prompts"], 100 * r["toxic_rate"],
+                          100 * (binomial_se(r) or 0.0)) for r in rows
                          if r["strategy"] == s and r["objective"] == o and r.get("toxic_rate") is not None)
             if not pts:
                 continue
-            ax.plot([p[1] for p in pts], [p[2] for p in pts], marker=markers[o], color=cmap(si), ms=5, lw=1,
-                    label=f"{s}, {o}")
-            for kl, x, y in pts:  # every point names its KL weight
+            ax.errorbar([p[1] for p in pts], [p[2] for p in pts], yerr=[p[3] for p in pts], marker=markers[o],
+                        color=cmap(si), ms=5, lw=1, capsize=2, elinewidth=0.6, label=f"{s}, {o}")
+            for kl, x, y, _ in pts:  # every point names its KL weight
                 ax.annotate(f"{kl:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    others = {"dinm": ("D", "tab:olive"), "profs": ("P", "tab:cyan")}  # colours no strategy uses
-    for m, (marker, color) in others.items():
-        pts = sorted(((r.get("settings") or {}).get("rank", 0), r["perplexity_prompts"], 100 * r["toxic_rate"])
-                     for r in rows if _method(r) == m and r.get("toxic_rate") is not None)
-        if not pts:
-            continue
-        ax.plot([p[1] for p in pts], [p[2] for p in pts], marker=marker, color=color, ms=6, lw=1,
-                ls="-" if len(pts) > 1 else "none", label={"dinm": "DINM", "profs": "ProFS"}[m])
-        if m == "profs":
-            for rank, x, y in pts:
-                ax.annotate(f"r{rank}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    for line in method_lines(rows):
+        pts = line["points"]
+        ax.errorbar([p[1] for p in pts], [p[2] for p in pts], yerr=[p[3] for p in pts], marker=line["marker"],
+                    color=line["color"], ms=6, lw=1, ls="-" if len(pts) > 1 else "none", capsize=2, elinewidth=0.6,
+                    label=line["label"])
+        for lab, x, y, _ in pts:
+            ax.annotate(lab, (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     base = next((r for r in rows if r["strategy"] == "base"), None)
     if base:
         x0, y0 = base["perplexity_prompts"], 100 * base["toxic_rate"]
-        ax.plot([x0], [y0], "k*", ms=12, label="unedited")
+        ax.errorbar([x0], [y0], yerr=[100 * (binomial_se(base) or 0.0)], fmt="k*", ms=12, capsize=2, elinewidth=0.6,
+                    label="unedited")
         gx, gy = goal_region(base)
         (xlo, xhi), (ylo, yhi) = ax.get_xlim(), ax.get_ylim()
         ylo = min(ylo, 0.9 * gy)
@@ -258,9 +355,12 @@ def plot_frontier(rows: list, path_stem: str) -> None:
         ax.set_ylim(ylo, yhi)
     ax.set_xlabel("perplexity on the prompts")
     ax.set_ylabel("% toxic continuations")
-    ax.set_title("toxicity vs perplexity (labels: KL weight; ProFS: rank)"
-                 if any(_method(r) == "profs" for r in rows) else "toxicity vs perplexity (labels: KL weight)",
-                 fontsize=9)
+    labels = ((["KL weight"] if any(_method(r) == "delete" for r in rows) else [])
+              + (["DINM: steps"] if any(_method(r) == "dinm" for r in rows) else [])
+              + (["ProFS: rank r, pairs N"] if any(_method(r) == "profs" for r in rows) else [])
+              + (["AurA: layers"] if any(_method(r) == "aura" for r in rows) else []))
+    ax.set_title("toxicity vs perplexity (bars: ± 1 standard error)" + ("\nlabels: " + "; ".join(labels) if labels
+                                                                        else ""), fontsize=9)
     ax.legend(fontsize=6, ncol=2)
     fig.savefig(path_stem + ".png", dpi=110)
     fig.savefig(path_stem + ".pdf")
