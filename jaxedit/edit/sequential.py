@@ -178,19 +178,27 @@ class _Checkpoints:
         w = to_host(params_of(model)["blocks"]["w_out"][jnp.asarray(list(layers))].astype(jnp.float32))
         if not is_main_process():
             return
+        seq = {"contexts": list(contexts), "batches": batch_reports, **self.extra}
+        arrays = {"weights.npz": {"w_out": np.asarray(w, np.float32)}}
+        if state is not None:
+            arrays["state.npz"] = {f"C_p_{l}": state["C_p"][l] for l in layers}
+            seq["state"] = {k: state[k] for k in ("null_space", "null_space_threshold", "edits", "stats")}
+        self.write(done, total, arrays, seq)
+
+    def write(self, done: int, total: int, arrays: dict, seq: dict) -> None:
+        """Write checkpoint ``done`` ({file name: {array name: array}}) into a new ``ckpt-NNNNN/`` folder, then
+        ``sequence.json`` (``seq`` with the options and counts): its atomic replacement is the commit point (a run
+        killed before it resumes from the previous checkpoint); older checkpoints are removed after it."""
         os.makedirs(self.out, exist_ok=True)
         name = f"ckpt-{done:05d}"
         tmp = os.path.join(self.out, ".ckpt-tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        with open(os.path.join(tmp, "weights.npz"), "wb") as f:
-            np.savez(f, w_out=np.asarray(w, np.float32))
-        seq = {"format": FORMAT, "options": self.options, "done": done, "batches_total": total,
-               "checkpoint": name, "contexts": list(contexts), "batches": batch_reports, **self.extra}
-        if state is not None:
-            with open(os.path.join(tmp, "state.npz"), "wb") as f:
-                np.savez(f, **{f"C_p_{l}": state["C_p"][l] for l in layers})
-            seq["state"] = {k: state[k] for k in ("null_space", "null_space_threshold", "edits", "stats")}
+        for fname, named in arrays.items():
+            with open(os.path.join(tmp, fname), "wb") as f:
+                np.savez(f, **named)
+        seq = {"format": FORMAT, "options": self.options, "done": done, "batches_total": total, "checkpoint": name,
+               **seq}
         shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
         os.replace(tmp, os.path.join(self.out, name))
         tmpj = self.path + ".tmp"
@@ -350,29 +358,12 @@ class _UltraCheckpoints(_Checkpoints):
         w = {f"{name}_{l}": np.asarray(to_host(blocks[name][l]), np.float32) for name, l in modules}
         if not is_main_process():
             return
-        os.makedirs(self.out, exist_ok=True)
-        name = f"ckpt-{done:05d}"
-        tmp = os.path.join(self.out, ".ckpt-tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        with open(os.path.join(tmp, "weights.npz"), "wb") as f:
-            np.savez(f, **w)
         norms = state["normalizers"]
-        with open(os.path.join(tmp, "state.npz"), "wb") as f:
-            np.savez(f, **{f"{part}_{key}": norms[key][part] for key in norms for part in ("mean", "var")})
         meta = {k: v for k, v in state.items() if k != "normalizers"}
-        seq = {"format": FORMAT, "options": self.options, "done": done, "batches_total": total,
-               "checkpoint": name, "contexts": [], "batches": batch_reports,
-               "state": {"meta": meta, "n": {key: float(norms[key]["n"]) for key in norms}}}
-        shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
-        os.replace(tmp, os.path.join(self.out, name))
-        tmpj = self.path + ".tmp"
-        with open(tmpj, "w") as f:
-            json.dump(seq, f, indent=1, default=str)
-        os.replace(tmpj, self.path)  # the commit point
-        for entry in os.listdir(self.out):
-            if entry.startswith("ckpt-") and entry != name:
-                shutil.rmtree(os.path.join(self.out, entry), ignore_errors=True)
+        self.write(done, total, {"weights.npz": w, "state.npz": {
+            f"{part}_{key}": norms[key][part] for key in norms for part in ("mean", "var")}},
+            {"contexts": [], "batches": batch_reports,
+             "state": {"meta": meta, "n": {key: float(norms[key]["n"]) for key in norms}}})
 
 
 def _with_modules(model, weights: dict):
