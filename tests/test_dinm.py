@@ -274,7 +274,7 @@ def test_cli_dry_run(tiny_dirs, tmp_path, monkeypatch):
         f"cases: 2 from {f}", "edit: each case on its own, layer 2 for every case, 10 Adam steps at lr 0.0005, no suffix",
         "evaluate: 5 inputs per case x 2 models (vanilla, DINM), greedy answers of <= 32 tokens (20 answers), scored by "
         "profanity; knowledge-constraint retention",
-        "time: ~1 s* (2 cases; *: estimated from FLOPs and a probe of this machine; this run measures it)",
+        "time: ~2 s* (2 cases; *: estimated from FLOPs and a probe of this machine; this run measures it)",
         "dry run: nothing loaded, nothing written"]
     assert not out.exists()
 

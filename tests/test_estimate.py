@@ -83,13 +83,21 @@ def test_first_plan_prices_every_stage_from_flops(monkeypatch, tmp_path):
 
 
 def test_machine_probe_is_measured_once_and_kept(monkeypatch, tmp_path):
+    """Once per process; the fastest rate and compile ever seen are kept (a probe taken under load does not stay)."""
     monkeypatch.setenv("JAXEDIT_CACHE", str(tmp_path))
+    monkeypatch.setattr(calibration, "_probed", {})
     calls = []
     monkeypatch.setattr(calibration, "probe", lambda cfg: calls.append(1) or dict(PROBE))
     assert calibration.machine(TINY) == PROBE and calibration.machine(TINY) == PROBE and len(calls) == 1
     with open(tmp_path / "calibration" / "machine.json") as f:
         kept = json.load(f)
     assert list(kept.values()) == [PROBE] and list(kept)[0].endswith("d 32 ff 128")
+    slow = dict(PROBE, rate=PROBE["rate"] / 4, compile=PROBE["compile"] * 4)
+    fast = dict(PROBE, rate=PROBE["rate"] * 2, compile=PROBE["compile"] / 2)
+    for measured, want in ((slow, PROBE), (fast, fast)):  # a new process measures again; the best is kept
+        monkeypatch.setattr(calibration, "_probed", {})
+        monkeypatch.setattr(calibration, "probe", lambda cfg, m=measured: dict(m))
+        assert calibration.machine(TINY) == want
 
 
 def test_probe_measures_a_rate():
