@@ -20,6 +20,8 @@ from jaxedit.edit.stats import DEFAULT_CORPUS
 from jaxedit.errors import JaxeditError
 from jaxedit.evaluate.editing import DEMO_COUNTERFACT
 from jaxedit.layer_selection import check_layers
+from jaxedit.edit.ultraedit import resolve_modules
+from jaxedit.loading.peek import peek
 from jaxedit.sharding import is_main_process
 
 
@@ -99,8 +101,6 @@ def check_hparam_names(hp: dict) -> dict:
 
 def model_config(model_name):
     """The model's config without its weights (None for a hub id that cannot be read offline: checked at load)."""
-    from jaxedit.loading.peek import peek
-
     try:
         return peek(model_name, tokenizer=False)[0]
     except JaxeditError:
@@ -172,8 +172,6 @@ def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, c
     lines = [f"model: {model_name}" + (f" ({config.family}, {config.n_layers} layers)" if config else ""), what,
              f"layers: {list(lay_used) if lay_used is not None else 'the preset (checked when the model loads)'}"]
     if ultra:  # UltraEdit edits the MLP input projections and needs no key statistics
-        from jaxedit.edit.ultraedit import resolve_modules
-
         mods = resolve_modules(config, lay) if config is not None else None
         lines[-1] = ("edited projections: " + ", ".join(
             f"{n} {[l for m, l in mods if m == n]}" for n in dict.fromkeys(m for m, _ in mods))) if mods else \

@@ -6,6 +6,7 @@ import json
 
 import click
 
+from jaxedit import planning as planner
 from jaxedit.cli.app import DRY_RUN, DRY_RUN_END, cli, echo
 from jaxedit.errors import JaxeditError
 
@@ -27,9 +28,6 @@ def plan(model_name, device, device_memory, mesh_spec, dtype, headroom, no_refus
     """Per-device bytes of the compiled programs (tracing, saliency, key statistics, the edit's z step, solve and
     update, AlphaEdit's null space) from XLA's memory analysis, the batch sizes that fit, and whether the plan fits
     (refused, naming the smallest mesh that does, when it does not)."""
-
-    from jaxedit import planning as planner
-
     if device and device_memory:
         raise JaxeditError("give --device or --device-memory, not both")
     memory = device_memory or device or "h100-80g"

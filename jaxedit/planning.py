@@ -32,7 +32,15 @@ from typing import Optional
 from jaxedit import runtime
 from jaxedit.calls import check_names
 from jaxedit.config import ModelConfig
+from jaxedit.edit.alphaedit import _eigh
+from jaxedit.edit.memit import _add_layer, _solve_f32, default_layers, hparams_for, optimize_deltas
+from jaxedit.edit.stats import accumulate
 from jaxedit.errors import JaxeditError
+from jaxedit.loading.peek import peek
+from jaxedit.locate.saliency import saliency_profiles
+from jaxedit.locate.tracing import SPLIT_FLOPS, auto_layers_per_step, row_flops, row_groups, trace_grid
+from jaxedit.model import abstract_params, resolve_dtype
+from jaxedit.sharding import make_mesh, param_shardings, param_specs, parse_mesh_spec
 
 # Named shapes, as Hugging Face config.json dicts (the published configs' sizes; benchmarks/make_shapes.py writes
 # them as checkpoint folders with random weights).
@@ -126,7 +134,6 @@ def resolve_config(model) -> tuple:
         except ValueError as e:
             raise JaxeditError(f"{name}: not a JSON config ({e})") from None
     if os.path.exists(name) or key == "smollm2":
-        from jaxedit.loading.peek import peek
 
         config, _ = peek(name, tokenizer=False)
         if config is not None:
@@ -137,7 +144,6 @@ def resolve_config(model) -> tuple:
 
 def mesh_sizes(mesh) -> dict:
     """{"data": D, "model": m} of a spec ("data=2,model=4", "model=8": data=1), a dict, a Mesh, or None."""
-    from jaxedit.sharding import parse_mesh_spec
 
     if mesh is None:
         return {"data": 1, "model": 1}
@@ -153,8 +159,6 @@ def mesh_name(sizes: dict) -> str:
 
 def check_mesh(cfg: ModelConfig, sizes: dict) -> None:
     """One-line errors for a model axis that does not divide the heads, d_ff, or both vocabulary and d_model."""
-    from jaxedit.model import abstract_params
-    from jaxedit.sharding import param_specs
 
     class _Sizes:  # param_specs reads mesh.shape["model"] only
         shape = sizes
@@ -175,7 +179,6 @@ def model_axes(cfg: ModelConfig, most: int = 64) -> list:
 
 def settings_of(cfg: ModelConfig, kw: dict) -> dict:
     """The plan's workload (defaults: the issue's end-to-end run)."""
-    from jaxedit.edit.memit import default_layers
 
     s = dict(trace_tokens=10, samples=10, kinds=("hidden", "mlp", "attn"), stats_len=128, stats_layers=5,
              saliency_tokens=16, z_rows=6, z_tokens=32, requests=1, memory_budget=None, dtype="float32")
@@ -193,8 +196,6 @@ def param_bytes(cfg: ModelConfig, dtype: str, sizes: dict) -> tuple:
     import jax
     import numpy as np
 
-    from jaxedit.model import abstract_params
-    from jaxedit.sharding import param_specs
 
     abstract = abstract_params(cfg, dtype)
     total = sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(abstract))
@@ -231,13 +232,6 @@ def program_bytes(cfg: ModelConfig, sizes: dict, settings: dict, programs=PROGRA
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
 
-    from jaxedit.edit.alphaedit import _eigh
-    from jaxedit.edit.memit import _add_layer, _solve_f32, hparams_for, optimize_deltas
-    from jaxedit.edit.stats import accumulate
-    from jaxedit.locate.saliency import saliency_profiles
-    from jaxedit.locate.tracing import SPLIT_FLOPS, auto_layers_per_step, row_flops, row_groups, trace_grid
-    from jaxedit.model import abstract_params
-    from jaxedit.sharding import make_mesh, param_shardings
 
     D, m = sizes["data"], sizes["model"]
     n_dev = D * m
@@ -482,7 +476,6 @@ def plan(model, **kw) -> dict:
 
 def _plan(model, device_memory="h100-80g", mesh=None, dtype="float32", headroom=HEADROOM, refuse=True, search=True,
           **work):
-    from jaxedit.model import resolve_dtype
 
     name, cfg = resolve_config(model)
     resolve_dtype(dtype)

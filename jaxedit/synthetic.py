@@ -27,6 +27,9 @@ import random
 from typing import Optional
 
 from jaxedit.errors import JaxeditError
+from jaxedit import runtime
+from jaxedit.edit.stats import model_fingerprint
+from jaxedit.evaluate.editing import generative_match, greedy_continuations
 
 KNOWN_FACTS_SMOLLM2 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "known_facts_smollm2.jsonl")
 
@@ -157,15 +160,11 @@ def known_facts(model=None, *, tokenizer=None) -> list:
     meta, facts = read_known_facts()
     if model is None:
         return facts
-    from jaxedit.edit.stats import model_fingerprint
-
     if meta.get("fingerprint") == model_fingerprint(model):
         return facts
     if tokenizer is None:
         raise JaxeditError("synthetic_edits with a model other than the default one probes its known facts: pass "
                            "tokenizer= too")
-    from jaxedit import runtime
-
     runtime.stage(f"probing {len(FACT_CANDIDATES)} candidate facts on the model (its neighborhood prompts)")
     kept = probe_facts(model, tokenizer, FACT_CANDIDATES)
     if not kept:
@@ -176,8 +175,6 @@ def known_facts(model=None, *, tokenizer=None) -> list:
 
 def probe_facts(model, tokenizer, candidates) -> list:
     """The candidates (dicts with "prompt", "answer") whose greedy continuation begins with the answer."""
-    from jaxedit.evaluate.editing import generative_match, greedy_continuations
-
     conts = greedy_continuations(model, [c["prompt"] for c in candidates], tokenizer=tokenizer,
                                  targets=[c["answer"] for c in candidates])
     return [dict(c) for c, t in zip(candidates, conts) if generative_match(t, c["answer"])]

@@ -131,7 +131,7 @@ def scored_chunks(prompt: str, scorer="profanity", chunker="phrases") -> list:
     return list(zip(toxicity_scores(texts, scorer).tolist(), spans, texts))
 
 
-def toxic_span(prompt: str, tokenizer=None, scorer="profanity", chunker="phrases") -> tuple:
+def toxic_span(prompt: str, *, tokenizer=None, scorer="profanity", chunker="phrases") -> tuple:
     """The most toxic chunk of ``prompt``: ``(start, end, chunk)`` with [start, end) a half-open range of
     ``tokenizer(prompt)["input_ids"]`` (the tokens overlapping the chunk's characters) and its text."""
     if tokenizer is None:

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxedit.calls import public
+from jaxedit.calls import check_names, public
 from jaxedit.batching import pad_rows, round_up
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
@@ -68,8 +68,6 @@ class DinmHparams:
     batch_size: int = 1  # per_instance=False: cases tuned together
 
     def replace(self, **kw):
-        from jaxedit.calls import check_names
-
         names = [f.name for f in dataclasses.fields(self)]
         return dataclasses.replace(self, **check_names(kw, names, what="DINM hyperparameter"))
 

@@ -189,11 +189,11 @@ def parse_request(r, tokenizer, mode: str, other: Optional[str] = None) -> _Requ
     return _Request(template, subject, targets, r)
 
 
-def parse_requests(requests, tokenizer, mode) -> list:
-    """:func:`parse_request` for each request; errors name the request by its index (``requests[0]``).
-    ``mode``: "edit", "delete", or a function of the request that gives one of them."""
+def each_request(requests, tokenizer, parse, who: str = "editing") -> list:
+    """``parse(request)`` for each of ``requests`` (a list, or one dict), which must not be empty; an error names
+    the request by its index (``requests[0]: ...``). ``who`` names the method in the missing-tokenizer error."""
     if tokenizer is None:
-        raise JaxeditError("editing needs a tokenizer")
+        raise JaxeditError(f"{who} needs a tokenizer")
     if isinstance(requests, dict):
         requests = [requests]
     if not requests:
@@ -201,10 +201,17 @@ def parse_requests(requests, tokenizer, mode) -> list:
     out = []
     for i, r in enumerate(requests):
         try:
-            out.append(parse_request(r, tokenizer, mode(r) if callable(mode) else mode))
+            out.append(parse(r))
         except JaxeditError as e:
             raise JaxeditError(f"requests[{i}]: {e}") from None
     return out
+
+
+def parse_requests(requests, tokenizer, mode) -> list:
+    """:func:`parse_request` for each request; errors name the request by its index (``requests[0]``).
+    ``mode``: "edit", "delete", or a function of the request that gives one of them."""
+    return each_request(requests, tokenizer,
+                        lambda r: parse_request(r, tokenizer, mode(r) if callable(mode) else mode))
 
 
 def context_templates(model, tokenizer, hp: EditHparams) -> list:

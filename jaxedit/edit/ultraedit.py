@@ -33,6 +33,7 @@ import numpy as np
 from jaxedit import runtime
 from jaxedit.batching import round_up
 from jaxedit.calls import check_names, public
+from jaxedit.edit import memit as _memit
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import attention, block, causal_allowed, embed, positions_from_mask
 from jaxedit.model import model_from_params, params_of
@@ -156,19 +157,7 @@ def normalize(st: dict, x: np.ndarray) -> np.ndarray:
 def parse_records(requests, tokenizer) -> list:
     """[(input ids, labelled positions, label ids)] per request: prompt (its subject put in for a "{}") + target
     with the target's last token dropped; errors name the request."""
-    if tokenizer is None:
-        raise JaxeditError("ultraedit needs a tokenizer")
-    if isinstance(requests, dict):
-        requests = [requests]
-    if not requests:
-        raise JaxeditError("no requests")
-    out = []
-    for i, r in enumerate(requests):
-        try:
-            out.append(parse_record(r, tokenizer))
-        except JaxeditError as e:
-            raise JaxeditError(f"requests[{i}]: {e}") from None
-    return out
+    return _memit.each_request(requests, tokenizer, lambda r: parse_record(r, tokenizer), who="ultraedit")
 
 
 def parse_record(r, tokenizer) -> tuple:

@@ -63,6 +63,7 @@ import numpy as np
 from jaxedit.calls import public
 from jaxedit.batching import batch_rows, batches, group_by_bucket, pad_rows, round_up, rows_within
 from jaxedit.config import ModelConfig
+from jaxedit.edit.stats import model_fingerprint
 from jaxedit.errors import JaxeditError
 from jaxedit.evaluate.metrics import ngram_entropy
 from jaxedit.forward import apply
@@ -703,8 +704,6 @@ def protocol_record(model, records, *, kind: str, edits_per_turn: Optional[int] 
     records = list(records or [])
     fp = None
     if model is not None:
-        from jaxedit.edit.stats import model_fingerprint
-
         fp = model_fingerprint(model)
     metrics = dict(METRIC_DEFINITIONS.get(kind, {})) if evaluated is not None else {}
     if generative and evaluated is not None:
