@@ -659,7 +659,8 @@ def nas_targets(h_init, delta, v0, mean_norm: float):
     vstar = delta + v0
     norm = np.linalg.norm(vstar, axis=1)
     written = ~(norm > 2 * mean_norm) if mean_norm > 0 else np.ones(len(norm), bool)
-    scale = np.where(norm > 1e-10, mean_norm / np.maximum(norm, 1e-10), 1.0) if mean_norm > 0 else 1.0
+    # NAS's scale_vector_to_norm: x * mean / (|x| + 1e-10), x itself when |x| = 0
+    scale = np.where(norm > 0, mean_norm / (norm + 1e-10), 1.0) if mean_norm > 0 else 1.0
     vstar = np.where(written[:, None], vstar * np.reshape(scale, (-1, 1)), v0)
     return (h_init - v0 + vstar).astype(np.float32), written, norm
 
