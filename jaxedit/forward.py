@@ -144,6 +144,11 @@ def apply(cfg: ModelConfig, params, input_ids, attention_mask=None, intervention
           hidden_in=None) -> ForwardOutput:
     """Pure forward pass. ``logit_positions`` [B, K] int: compute logits only at those positions.
 
+    ``attention_mask`` [B, T]: 1 on real tokens, 0 on padding (causal attention among the real tokens). Or
+    [B, T, T] bool: token t attends to exactly the tokens s marked in row t, and its position is how many those are,
+    minus one: several sequences (or a tree of sequences sharing prefixes) packed into one row, each token marking
+    its own sequence's tokens up to itself (see :func:`jaxedit.evaluate.editing.score_rows`).
+
     ``num_layers``: run only the blocks before ``num_layers`` and stop there (no final norm, ``logits`` is None).
     ``start_layer`` with ``hidden_in`` [B, T, d] (the output of block ``start_layer - 1``): skip the embedding and
     the earlier blocks (``input_ids`` is then unused and may be None; give the ``attention_mask``).
@@ -158,8 +163,12 @@ def apply(cfg: ModelConfig, params, input_ids, attention_mask=None, intervention
         raise ValueError("start_layer > 0 goes with hidden_in, the output of the block before it")
     if attention_mask is None:
         attention_mask = jnp.ones(jnp.shape(input_ids), jnp.int32)
-    positions = positions_from_mask(attention_mask)
-    allowed = causal_allowed(attention_mask)
+    if jnp.ndim(attention_mask) == 3:  # [B, T, T]: which tokens each token sees, its position their count - 1
+        allowed = jnp.asarray(attention_mask).astype(bool)
+        positions = jnp.clip(allowed.sum(-1) - 1, 0).astype(jnp.int32)
+    else:
+        positions = positions_from_mask(attention_mask)
+        allowed = causal_allowed(attention_mask)
     iv = interventions if interventions is not None else Interventions()
     x = embed(cfg, params, jnp.asarray(input_ids), positions, iv) if hidden_in is None else hidden_in
     embeds = x

@@ -174,17 +174,40 @@ def test_counterfact_matches_reference(models, tokenizer, name):
     assert [r["case_id"] for r in result["rows"]] == [0, 1, 2]
 
 
-def test_score_rows_against_torch_float64(models, tokenizer):
-    model, ref = models["llama-gqa-untied"]
-    rows = [editing.prompt_target_ids(tokenizer, "The Eiffel Tower is in", "Paris"),
-            editing.prompt_target_ids(tokenizer, "Miles Davis plays the", "trumpet and the guitar")]
-    for (p, t), (nll, hit) in zip(rows, editing.score_rows(model, rows)):
+@pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2"])
+@pytest.mark.parametrize("pack", [128, 16])
+def test_score_rows_against_torch_float64(models, tokenizer, name, pack):
+    """Rows packed as prefix trees (shared beginnings, a row that is the beginning of another, equal prompts with
+    other targets; ``pack=16`` splits them over several packed rows) score as each row alone in float64 torch."""
+    model, ref = models[name]
+    pairs = [("The Eiffel Tower is in", "Paris"), ("Miles Davis plays the", "trumpet and the guitar"),
+             ("Miles Davis plays the", "guitar"), ("Miles Davis", "plays the trumpet"), ("The Eiffel Tower is", "in"),
+             ("The city of", "Paris"), ("Miles Davis plays the", "trumpet and the guitar")]
+    rows = [editing.prompt_target_ids(tokenizer, p, t) for p, t in pairs]
+    size = max(pack, max(len(p) + len(t) for p, t in rows))  # as score_rows makes it (up to the bucket)
+    packed = editing.pack_prefix_trees([p + t for p, t in rows[:-1]], size)
+    if pack == 128:
+        assert len(packed) == 1 and len(packed[0][0]) < sum(len(p) + len(t) for p, t in rows[:-1])  # shared tokens
+    else:
+        assert len(packed) > 1 and all(len(tokens) <= size for tokens, _, _ in packed)
+    for (p, t), (nll, hit) in zip(rows, editing.score_rows(model, rows, pack=pack)):
         assert nll.dtype == np.float64 and hit.dtype == bool and len(nll) == len(t)
         with torch.no_grad():
             logp = torch.log_softmax(ref(torch.tensor([p + t])).logits[0].double(), -1)
         want = [-float(logp[len(p) - 1 + k, x]) for k, x in enumerate(t)]
         np.testing.assert_allclose(nll, want, atol=2e-5, rtol=0)
         assert hit.tolist() == [int(logp[len(p) - 1 + k].argmax()) == x for k, x in enumerate(t)]
+
+
+def test_prefix_tree_packing_by_hand():
+    packs = editing.pack_prefix_trees([[5, 6, 7], [5, 6, 8, 9], [1, 2], [5, 6]], 6)
+    # sorted: [1, 2], [5, 6], [5, 6, 7], [5, 6, 8, 9]; [5, 6] shares both tokens with nothing before it in its pack
+    assert packs[0][0] == [1, 2, 5, 6, 7] and packs[0][1] == [-1, 0, -1, 2, 3]
+    assert packs[0][2] == {2: [0, 1], 3: [2, 3], 0: [2, 3, 4]}
+    assert packs[1] == ([5, 6, 8, 9], [-1, 0, 1, 2], {1: [0, 1, 2, 3]})  # 5 + 2 new tokens would not fit in 6
+    m = editing.tree_mask(packs[0][1], 5)
+    assert m.astype(int).tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0],
+                                      [0, 0, 1, 1, 1]]
 
 
 def test_requested_rewrite_as_a_list(models, tokenizer):

@@ -42,8 +42,9 @@ the prompt's tokens, the target is tokenized alone (``" " + target``, no special
 target; jaxedit never does. zsRE's accuracy is teacher-forced on token ids (MEMIT re-tokenizes the prompt plus the
 decoded target prefix, which is the same text for usual words).
 
-Every (prompt, target) row of a call is scored in length buckets of jaxedit's batched forward, one compiled
-program per bucket shape.
+Every (prompt, target) row of a call is scored by jaxedit's batched forward with rows packed several to a row as
+prefix trees (rows that begin alike share those tokens; each token attends only to its own row's earlier tokens, at
+its own positions) and logits only at the target positions.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxedit.calls import public
-from jaxedit.batching import batch_rows, batches, group_by_bucket, pad_rows, round_up, rows_within
+from jaxedit.batching import batch_rows, batches, round_up, rows_within
 from jaxedit.config import ModelConfig
 from jaxedit.edit.stats import model_fingerprint
 from jaxedit.errors import JaxeditError
@@ -285,13 +286,60 @@ def _position_scores(cfg: ModelConfig, params, ids, mask, positions, targets):
     return nll, hit
 
 
-def score_rows(model, rows: Sequence[tuple], *, bucket: int = 16, memory_budget: Optional[float] = None) -> list:
+PACK = 128  # tokens per packed row of score_rows
+
+
+def pack_prefix_trees(seqs: Sequence[Sequence[int]], size: int) -> list:
+    """Token sequences packed into rows of at most ``size`` tokens, each row a forest of prefix trees: sequences
+    sorted, then taken in order into the current row while the tokens it does not share with the sequence before it
+    still fit. Returns ``[(tokens, parents, paths), ...]``: the row's tokens, each token's parent index in the row
+    (-1 for a first token) and, per packed sequence (its index in ``seqs``), the row indices of its tokens."""
+    out, cur = [], None
+    prev = ()
+    for i in sorted(range(len(seqs)), key=lambda i: tuple(seqs[i])):
+        f = list(seqs[i])
+        shared = 0
+        if cur is not None:
+            while shared < min(len(f), len(prev)) and f[shared] == prev[shared]:
+                shared += 1
+            if len(cur[0]) + len(f) - shared > size:
+                cur, shared = None, 0
+        if cur is None:
+            cur = ([], [], {})
+            out.append(cur)
+            prev_path = []
+        tokens, parents, paths = cur
+        path = prev_path[:shared]
+        for x in f[shared:]:
+            parents.append(path[-1] if path else -1)
+            path.append(len(tokens))
+            tokens.append(x)
+        paths[i] = path
+        prev, prev_path = f, path
+    return out
+
+
+def tree_mask(parents: Sequence[int], size: int) -> np.ndarray:
+    """[size, size] bool: row j marks token j and its ancestors (what token j attends to)."""
+    m = np.zeros((size, size), bool)
+    for j, p in enumerate(parents):
+        if p >= 0:
+            m[j] = m[p]
+        m[j, j] = True
+    return m
+
+
+def score_rows(model, rows: Sequence[tuple], *, bucket: int = 16, memory_budget: Optional[float] = None,
+               pack: int = PACK) -> list:
     """For each (prompt ids, target ids): (per-token NLL of the target after the prompt, per-token argmax hits),
-    float64 / bool arrays. Equal rows are scored once (a stream's neighborhood facts recur); rows run in length
-    buckets, one compiled program per bucket shape."""
+    float64 / bool arrays. Equal rows are scored once (a stream's neighborhood facts recur). Rows are packed
+    several to a row of ``pack`` tokens (``bucket``-rounded up to the longest row) as prefix trees: rows that begin
+    with the same tokens share them, and each token attends only to its own row's earlier tokens, at its own
+    positions (:func:`pack_prefix_trees`); logits are computed only at the target positions. One compiled program
+    per (rows, targets per pack) shape."""
     unique = list(dict.fromkeys((tuple(p), tuple(t)) for p, t in rows))
     if len(unique) < len(rows):
-        scored = dict(zip(unique, score_rows(model, unique, bucket=bucket, memory_budget=memory_budget)))
+        scored = dict(zip(unique, score_rows(model, unique, bucket=bucket, memory_budget=memory_budget, pack=pack)))
         return [scored[(tuple(p), tuple(t))] for p, t in rows]
     cfg = model.config
     params = params_of(model)
@@ -303,26 +351,38 @@ def score_rows(model, rows: Sequence[tuple], *, bucket: int = 16, memory_budget:
         if len(f) > cfg.max_positions:
             raise JaxeditError(f"a prompt with its target has {len(f)} tokens, more than the model's "
                                f"{cfg.max_positions} positions")
-    # target positions per row: the longest target's length, rounded up to a power of two so that calls with other
+    if not rows:
+        return []
+    T = min(max(pack, round_up(max(map(len, full)), bucket)), cfg.max_positions)
+    packs = pack_prefix_trees(full, T)
+    # target positions per pack: the most any pack holds, rounded up to a power of two so that calls with other
     # records (a growing set of edits) mostly reuse the compiled programs
-    K = 1 << (max((len(t) for _, t in rows), default=1) - 1).bit_length()
+    K = 1 << (max(sum(len(rows[i][1]) for i in paths) for _, _, paths in packs) - 1).bit_length()
+    B = batch_rows(len(packs), rows_within(budget, (T * 8 * cfg.d_ff + T * T + K * 3 * cfg.vocab_size) * 4,
+                                           power_of_two=True))
     out = [None] * len(rows)
-    for T, members in group_by_bucket(range(len(full)), lambda i: len(full[i]), bucket, cap=cfg.max_positions):
-        B = batch_rows(len(members), rows_within(budget, (T * 8 * cfg.d_ff + K * 3 * cfg.vocab_size) * 4,
-                                                 power_of_two=True))
-        for chunk in batches(members, B):
-            ids, mask = pad_rows([full[i] for i in chunk], T, n_rows=B)
-            positions = np.zeros((B, K), np.int32)  # the position before each target token (0 past its end)
-            targets = np.zeros((B, K), np.int32)
-            for b, i in enumerate(chunk):
+    for chunk in batches(packs, B):
+        ids = np.zeros((B, T), np.int32)
+        allowed = np.zeros((B, T, T), bool)
+        allowed[:, np.arange(T), np.arange(T)] = True  # padding sees itself only
+        positions = np.zeros((B, K), np.int32)  # the token before each target token (0 past the last)
+        targets = np.zeros((B, K), np.int32)
+        where = []  # (row, pack, first target slot)
+        for b, (tokens, parents, paths) in enumerate(chunk):
+            ids[b, :len(tokens)] = tokens
+            allowed[b, :len(tokens), :len(tokens)] = tree_mask(parents, len(tokens))
+            k = 0
+            for i, path in paths.items():
                 a, t = len(rows[i][0]), rows[i][1]
-                positions[b, :len(t)] = np.arange(a - 1, a - 1 + len(t))
-                targets[b, :len(t)] = t
-            nll, hit = jax.device_get(_position_scores(cfg, params, jnp.asarray(ids), jnp.asarray(mask),
-                                                       jnp.asarray(positions), jnp.asarray(targets)))
-            for b, i in enumerate(chunk):
-                n = len(rows[i][1])
-                out[i] = (np.asarray(nll[b, :n], np.float64), np.asarray(hit[b, :n]))
+                positions[b, k:k + len(t)] = path[a - 1:a - 1 + len(t)]
+                targets[b, k:k + len(t)] = t
+                where.append((i, b, k))
+                k += len(t)
+        nll, hit = jax.device_get(_position_scores(cfg, params, jnp.asarray(ids), jnp.asarray(allowed),
+                                                   jnp.asarray(positions), jnp.asarray(targets)))
+        for i, b, k in where:
+            n = len(rows[i][1])
+            out[i] = (np.asarray(nll[b, k:k + n], np.float64), np.asarray(hit[b, k:k + n]))
     return out
 
 
