@@ -163,12 +163,16 @@ def run_sequence(model, tok, kind, records, requests, wheres, *, method, batch_s
                                edits_so_far=edits_so_far, generative=generative, source=source,
                                model_name=model_name, method=method)
 
+    last = {}  # the evaluation of the last batch's model on every record, reused for eval.json
+
     def record_point(done, m):
         if not any(p["batches"] == done for p in points):
             n = min(done * batch_size, len(records))
             runtime.stage(f"evaluating the {n} edits so far")
             evaluated = records[:n] if n else records[:batch_size]
             res = _evaluate(m, tok, kind, evaluated, generative)
+            if done == n_batches:
+                last["res"] = res
             points.append({"batches": done, "edits": n, "summary": res["summary"],
                            "protocol": protocol(m, len(evaluated), n)})
             points.sort(key=lambda p: p["batches"])
@@ -205,7 +209,7 @@ def run_sequence(model, tok, kind, records, requests, wheres, *, method, batch_s
     summary = None
     if evaluate:
         runtime.stage(f"evaluating all {len(records)} edits")
-        res = _evaluate(edited, tok, kind, records, generative)
+        res = last.get("res") or _evaluate(edited, tok, kind, records, generative)
         summary = res["summary"]
         res["protocol"] = protocol(edited, len(records), len(requests))
         if is_main_process():

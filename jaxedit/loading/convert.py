@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Callable, Iterable
 
 import jax
@@ -82,10 +83,9 @@ def convert(names: Iterable[str], get: Callable[[str], np.ndarray], cfg: ModelCo
     """Build a model from checkpoint tensors. ``names``: the checkpoint's tensor names; ``get(name)`` returns one
     as a numpy array. Raises :class:`JaxeditError` naming the tensor on a missing, unexpected or misshapen tensor.
 
-    Memory: the tensors are read rule by rule (a rule's targets together, e.g. GPT-2's fused q/k/v), each target's
-    layers written into one preallocated host array that goes to the device and is dropped before the next rule is
-    read; the host holds at most one rule's stacked arrays beside what is already on the device (not a second copy
-    of every weight)."""
+    Memory: each stacked parameter is allocated once on the device and its layers are written into it one at a time
+    (a jitted in-place update with the stack donated), each layer read, converted and dropped before the next, so
+    loading needs the weights plus about one layer's tensors (not a second copy of every weight)."""
     np_dtype = np.dtype(resolve_dtype(dtype))
     expected = _flatten(abstract_params(cfg, dtype))
     plan: dict = {}  # rule id -> (rule, {layer: name})
@@ -98,7 +98,6 @@ def convert(names: Iterable[str], get: Callable[[str], np.ndarray], cfg: ModelCo
     _check_complete(found, cfg, fmt)
     params = {}
     for rule, layers in plan.values():
-        host = {}  # target -> the stacked (or single) host array being filled
         for layer, name in sorted(layers.items(), key=lambda kv: -1 if kv[0] is None else kv[0]):
             arr = np.asarray(get(name))
             outs = rule.transform(arr, cfg) if rule.transform else (arr,)
@@ -106,16 +105,21 @@ def convert(names: Iterable[str], get: Callable[[str], np.ndarray], cfg: ModelCo
                 if target not in expected:
                     continue
                 _check_shape(name, target, out.shape, expected, layer)
+                out = np.asarray(out, np_dtype)
                 if layer is None:
-                    host[target] = np.asarray(out, np_dtype)
+                    params[target] = jnp.asarray(out)
                     continue
-                if target not in host:
-                    host[target] = np.empty((cfg.n_layers,) + tuple(out.shape), np_dtype)
-                host[target][layer] = out
+                if target not in params:
+                    params[target] = jnp.zeros((cfg.n_layers,) + out.shape, np_dtype)
+                params[target] = _put_layer(params[target], out, layer)
             del arr, outs
-        for target in list(host):
-            params[target] = jnp.asarray(host.pop(target))
     return model_from_params(cfg, _unflatten(params))
+
+
+@partial(jax.jit, donate_argnums=0)
+def _put_layer(stack, value, layer):
+    """``stack`` with ``stack[layer] = value``, written in place (the stack is donated)."""
+    return jax.lax.dynamic_update_index_in_dim(stack, value.astype(stack.dtype), layer, 0)
 
 
 def assemble(shape, sharding, read_block, np_dtype):

@@ -61,8 +61,14 @@ class SafetensorsSource:
         return self._handles[fpath]
 
     def get(self, name: str) -> np.ndarray:
+        """One whole tensor, copied out of a mapping of its file that is closed again before returning: the process
+        never holds the file's pages beyond the tensor being read (a kept mapping would count every page read so
+        far in the resident memory, a second copy of the weights)."""
+        from safetensors import safe_open
+
         try:
-            return self._handle(name).get_tensor(name)
+            with safe_open(self.files_by_name[name], "numpy") as f:
+                return f.get_tensor(name)
         except Exception as e:  # a weight map that names a tensor its shard lacks
             raise JaxeditError(f"tensor {name!r} not found in {os.path.basename(self.files_by_name[name])}: "
                                f"{e}") from None
