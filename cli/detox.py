@@ -115,8 +115,8 @@ def _layer_list(text):
 @click.option("--aura-layers", default="all", show_default=True,
               help="AurA: layers, a comma list of settings, one run each: all, upper (the upper half), A-B, N")
 @click.option("--aura-texts", type=click.Path(dir_okay=True),
-              help="AurA: JSONL of {\"text\", \"toxic\": 0/1} [prompt + sample of the selection's samples, toxic "
-                   "above --select-threshold]")
+              help="AurA: JSONL of {\"text\", \"toxic\": 0/1}, or 'demo' (60 rude sentences, each beside a civil one "
+                   "of the same shape) [prompt + sample of the selection's samples, toxic above --select-threshold]")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="prompts per sampling / tracing call")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
 @click.option("--dry-run", is_flag=True,

@@ -1443,3 +1443,18 @@ def test_frontier_joins_each_method_by_strength_with_error_bars(tmp_path, monkey
     for seg in segments.get_segments():
         assert seg[1, 1] - seg[0, 1] == pytest.approx(2 * half)
     close(kept[0])
+
+
+def test_aura_demo_texts():
+    """--aura-texts demo: 60 rude sentences, each beside a civil one of the same shape, read like any file; the
+    shipped profanity scorer agrees with the labels on all but at most two."""
+    from jaxedit.detox.config import AURA_DEMO, aura_texts_path
+    from jaxedit.detox.methods import read_aura_texts
+
+    assert aura_texts_path("demo") == AURA_DEMO and os.path.isfile(AURA_DEMO)
+    texts, labels = read_aura_texts("demo")
+    assert len(texts) == 120 and labels == [1, 0] * 60 and len(set(texts)) == 120
+    pc = pytest.importorskip("profanity_check")
+    p = pc.predict_prob(texts)
+    agree = sum(int(s > 0.5) == y for s, y in zip(p, labels))
+    assert agree >= 118

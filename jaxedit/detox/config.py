@@ -77,7 +77,7 @@ class DetoxConfig:
     pairs: Optional[str] = None  # ProFS: a JSONL file of {"preferred", "non_preferred"} (default: from the prompts)
     profs_pairs: tuple = (PROFS_PAIRS,)  # ProFS: pairs built from the study's samples, one run per value (x rank)
     aura_layers: tuple = ("all",)  # AurA: one run per layer setting ("all", "upper", "A-B", "N")
-    aura_texts: Optional[str] = None  # AurA: a JSONL file of {"text", "toxic"} (default: the selection's samples)
+    aura_texts: Optional[str] = None  # AurA: a JSONL file of {"text", "toxic"}, or "demo" (default: the selection's samples)
 
     def __post_init__(self):
         for name in ("dinm_steps", "profs_ranks", "profs_pairs", "aura_layers"):  # one value stands for a 1-tuple
@@ -230,11 +230,20 @@ class DetoxConfig:
             return dict(profs_layers=None if self.profs_layers is None else [int(l) for l in self.profs_layers],
                         pairs=os.path.abspath(self.pairs) if self.pairs else None)
         if stage == "aura":
-            return dict(aura_texts=os.path.abspath(self.aura_texts) if self.aura_texts else None)
+            return dict(aura_texts=aura_texts_path(self.aura_texts) if self.aura_texts else None)
         if stage == "evaluate":
             return dict(eval_samples=self.eval_samples, toxic_threshold=self.toxic_threshold, neutral=self.neutral,
                         factual=self.factual, factual_samples=self.factual_samples)
         return {}
+
+
+AURA_DEMO = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "aura_texts_demo.jsonl")
+
+
+def aura_texts_path(source: str) -> str:
+    """The file of an ``--aura-texts`` value: ``"demo"`` is the shipped set of 60 rude sentences each beside a civil
+    one of the same shape (``jaxedit/data/aura_texts_demo.jsonl``); anything else a path (made absolute)."""
+    return AURA_DEMO if source == "demo" else os.path.abspath(source)
 
 
 def aura_layer_list(setting: str, n_layers: Optional[int] = None) -> Optional[list]:

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from jaxedit.detox.common import read_selected
-from jaxedit.detox.config import DetoxConfig, aura_layer_list
+from jaxedit.detox.config import DetoxConfig, aura_layer_list, aura_texts_path
 from jaxedit.edit.aura import aura
 from jaxedit.edit.dinm import dinm
 from jaxedit.edit.profs import profs
@@ -80,7 +80,9 @@ def check_classes(labels, where: str) -> None:
 
 
 def read_aura_texts(path: str) -> tuple:
-    """(texts, labels) of a JSONL file of {"text", "toxic"} lines (FILE:LINE errors; at least 2 of each class)."""
+    """(texts, labels) of a JSONL file of {"text", "toxic"} lines, or of ``"demo"`` (:func:`aura_texts_path`);
+    FILE:LINE errors; at least 2 of each class."""
+    path = aura_texts_path(path)
     if os.path.isdir(path):
         raise JaxeditError(f"{path} is a directory, not a JSONL file of texts")
     rows = [t for _, t in RequestFile(path, "texts").check(aura_text_of)]
@@ -247,7 +249,7 @@ def run_method(model, tokenizer, cfg: DetoxConfig, out: str, rid: str, method: s
             texts, labels = read_aura_texts(cfg.aura_texts) if cfg.aura_texts else study_aura_texts(out, cfg)
             layers = aura_layer_list(settings["layers"], model.config.n_layers)
             edited, rep = aura(model, texts, labels, tokenizer=tokenizer, layers=layers, progress=False)
-            info.update(texts_from=os.path.abspath(cfg.aura_texts) if cfg.aura_texts else "samples",
+            info.update(texts_from=aura_texts_path(cfg.aura_texts) if cfg.aura_texts else "samples",
                         texts=rep["texts"], toxic=rep["toxic"], truncated=rep["truncated"],
                         dampened={str(l): n for l, n in rep["dampened"].items()}, alpha=rep["alpha"])
         else:
