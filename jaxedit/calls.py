@@ -34,15 +34,23 @@ def public(data: str, old: tuple = (), n_data: int = 1, where: str = "jaxedit"):
 
     def deco(fn):
         name = f"{where}.{fn.__name__}"
+        sig = inspect.signature(fn)
+        own = "progress" in sig.parameters  # else the wrapper takes it (every public call accepts progress=)
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             if len(args) > 1 + n_data or any(looks_like_tokenizer(a) for a in args[1:1 + n_data]):
                 _refuse(name, data, args[1:], old, n_data)
-            with runtime.progress_scope(kwargs.get("progress", True)):
+            enabled = kwargs.get("progress", True) if own else kwargs.pop("progress", True)
+            with runtime.progress_scope(enabled):
                 return fn(*args, **kwargs)
 
-        wrapper.__signature__ = inspect.signature(fn)
+        if not own:
+            params = list(sig.parameters.values())
+            at = next((i for i, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
+            params.insert(at, inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=True))
+            sig = sig.replace(parameters=params)
+        wrapper.__signature__ = sig
         return wrapper
 
     return deco

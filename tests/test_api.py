@@ -187,3 +187,25 @@ def test_progress_from_python(monkeypatch, capfd):
         jaxedit.set_progress(True)
     _slow_public(None, [1])
     assert capfd.readouterr().err == "working on it\ndone\n"
+
+
+@public("items")
+def _quiet_public(model, items):  # no progress parameter of its own
+    runtime.stage("working on it")
+    return items
+
+
+def test_every_public_call_takes_progress(monkeypatch, capfd):
+    """progress= is accepted by every public function, also one without a parameter of that name (the wrapper
+    takes it, and shows it in the signature)."""
+    import inspect
+
+    monkeypatch.setattr(runtime, "_explicit", False)
+    monkeypatch.setattr(runtime, "_reporter", None)
+    monkeypatch.setitem(runtime._library, "on", True)
+    assert _quiet_public(None, [2], progress=False) == [2] and capfd.readouterr().err == ""
+    assert _quiet_public(None, [2]) == [2] and "working on it" in capfd.readouterr().err
+    names = [n for n in dir(jaxedit) if hasattr(getattr(jaxedit, n), "__wrapped__")]
+    assert {"memit", "zsre_eval", "counterfact_eval", "ultraedit", "aura"} <= set(names)
+    for n in names:
+        assert "progress" in inspect.signature(getattr(jaxedit, n)).parameters, n

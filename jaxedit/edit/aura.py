@@ -34,8 +34,6 @@ of the chosen layers leave the device. Responses are float32 (the blocks run in 
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import time
 from functools import partial
 
@@ -45,7 +43,7 @@ import numpy as np
 
 from jaxedit import runtime
 from jaxedit.batching import pad_rows, round_up
-from jaxedit.calls import CallError, check_names, looks_like_tokenizer
+from jaxedit.calls import check_names, public
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
 from jaxedit.forward import FAMILY_MODULES, block, causal_allowed, embed, positions_from_mask
@@ -218,7 +216,8 @@ def _check_int(name, v, low=1):
         raise JaxeditError(f"{name} must be an integer >= {low} (got {v!r})")
 
 
-def _aura(model, texts, labels=None, *, tokenizer=None, layers=None, **kw):
+@public("texts, labels", n_data=2)
+def aura(model, texts, labels=None, *, tokenizer=None, layers=None, **kw):
     """AurA on ``texts`` labelled toxic (1) / non-toxic (0) (see the module docstring): ``texts`` a list of
     strings with ``labels`` a list of 0/1, or a list of {"text", "toxic"} dicts without ``labels``.
 
@@ -301,16 +300,3 @@ def _aura(model, texts, labels=None, *, tokenizer=None, layers=None, **kw):
               "seconds": time.perf_counter() - t0}
     return edited, report
 
-
-@functools.wraps(_aura)
-def aura(*args, **kwargs):
-    if len(args) > 3 or any(looks_like_tokenizer(a) for a in args[1:]):
-        where = "after the model" if len(args) > 1 and looks_like_tokenizer(args[1]) else "after the texts"
-        raise CallError(f"jaxedit.aura: only the model, the texts and the labels are positional (a tokenizer "
-                        f"{where} goes by keyword); call jaxedit.aura(model, texts, labels, tokenizer=tokenizer, ...)")
-    with runtime.progress_scope(kwargs.get("progress", True)):
-        return _aura(*args, **kwargs)
-
-
-aura.__signature__ = inspect.signature(_aura)
-aura.__name__ = aura.__qualname__ = "aura"
