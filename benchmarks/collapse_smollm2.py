@@ -62,7 +62,7 @@ def stops(runs: dict) -> str:
         s = r["seconds"]
         per = f"{s[0]:.0f} / {sum(s[1:]) / len(s[1:]):.0f}" if len(s) > 1 else (f"{s[0]:.0f}" if s else "-")
         turn = r["options"].get("batch_size", 100)
-        lines.append(f"| {n} | {r['done']} of {r['total']} | {r['done'] * turn} | {per} | {len(r['points'])} |")
+        lines.append(f"| {n} | {r['done']} of {r['total'] or '-'} | {r['done'] * turn} | {per} | {len(r['points'])} |")
     return "\n".join(lines)
 
 

@@ -138,3 +138,24 @@ def test_nas_in_a_sequence_is_measured_once_and_kept(tiny_dirs, tmp_path):
     res = CliRunner().invoke(cli, ["edit", "--model", tiny_dirs["gpt2"][0], "--requests", "demo", "--method",
                                    "alphaedit", "--batch-size", "2", "--nas", "--corpus", "model", "--dry-run"])
     assert res.exit_code == 0, res.output
+
+
+def test_z_optimization_in_chunks_equals_one_call(tiny_dirs, monkeypatch):
+    """Requests beyond the memory budget are optimized in equal chunks (one compiled program); each request's
+    optimization is its own, so the chunks give the deltas one call gives."""
+    model, tok = jaxedit.load(tiny_dirs["gpt2"][0])
+    layers = (1,)
+    hp = ed.hparams_for(model.config, layers=layers, context_prefixes=(), v_num_grad_steps=3)
+    reqs = ed.parse_requests(REQS, tok, "edit")
+    whole = ed.optimize_targets(model, tok, reqs, "edit", hp, layers, ["{}"])
+    per = ed.z_request_bytes(model.config, 2, 16, 16, 4, 1)
+    assert ed.z_chunk(model.config, 2, 16, 16, 4, 1, 3, budget=1.5 * per) == 1
+    assert ed.z_chunk(model.config, 2, 16, 16, 4, 1, 3, budget=2.5 * per) == 2  # 3 requests: 2 calls of 2
+    calls = []
+    real = ed.optimize_deltas
+    monkeypatch.setattr(ed, "optimize_deltas", lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
+    monkeypatch.setattr(ed.runtime, "default_memory_budget", lambda: 1.0)  # one request per call
+    chunked = ed.optimize_targets(model, tok, reqs, "edit", hp, layers, ["{}"])
+    assert calls == [1] * len(REQS)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

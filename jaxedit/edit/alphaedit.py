@@ -10,7 +10,8 @@ M = P, C_p and a ridge l2 I in place of MEMIT's lambda C):
 
 - P [f, f] projects onto the eigenvectors of the layer's key statistics C = E[k k^T] (the second moment MEMIT uses)
   whose eigenvalues are small: below ``null_space_threshold`` (absolute, the published default 2e-2) or, with
-  ``"energy:F"``, the smallest ones whose sum is at most (1 - F) of the trace. P is computed once per sequence.
+  ``"energy:F"``, the smallest ones whose sum is at most (1 - F) of the trace. P is computed once per sequence, in
+  float64 on the host (:func:`null_space_projector` says why).
 - C_p [f, f] is the sum of K K^T over the batches edited before (zero for the first), each batch's keys recomputed
   on the model after that batch's edit.
 
@@ -30,6 +31,7 @@ from jaxedit.calls import public
 from jaxedit.edit import memit as _memit
 from jaxedit.errors import JaxeditError
 from jaxedit.model import params_of
+from jaxedit.sharding import to_host
 
 DEFAULT_THRESHOLD = 2e-2
 
@@ -56,23 +58,23 @@ def parse_threshold(value):
 
 
 @jax.jit
-def _eigh(C):
+def _eigh(C):  # the device eigendecomposition P was once made with (jaxedit.planning still sizes it)
     return jnp.linalg.eigh(C)
-
-
-@jax.jit
-def _projector(U, keep):
-    Us = U * keep[None, :].astype(U.dtype)
-    return Us @ Us.T
 
 
 def null_space_projector(C, threshold=DEFAULT_THRESHOLD, *, layer=None):
     """(P [f, f] float32, info): the projector onto the eigen-directions of the key statistics ``C`` kept by
     ``threshold`` (see :func:`parse_threshold`). Refuses a projector of rank 0 (every direction preserved: no
-    edit could be written) or of full rank (nothing preserved: plain MEMIT without its regularizer)."""
+    edit could be written) or of full rank (nothing preserved: plain MEMIT without its regularizer).
+
+    The eigendecomposition and the product are float64, on the host (numpy), and only P is rounded to float32. A
+    float32 eigensolver's eigenvectors are off by about 1e-7 ||C|| / (the gap to the next eigenvalue): key
+    statistics with many eigenvalues near the threshold (e.g. from few texts, so that C is rank-deficient and its
+    spectrum crowds the threshold) then move P by 1e-2 (Frobenius) and the update by percents, and an eigenvalue
+    within the float32 error of the threshold may land on either side."""
     kind, t = parse_threshold(threshold)
-    w, U = _eigh(jnp.asarray(C, jnp.float32))  # ascending eigenvalues
-    w = np.asarray(w, np.float64)
+    C = np.asarray(to_host(C), np.float64)
+    w, U = np.linalg.eigh(C)  # ascending eigenvalues (the lower triangle is read)
     f = w.shape[0]
     if kind == "absolute":
         keep = w < t
@@ -88,7 +90,14 @@ def null_space_projector(C, threshold=DEFAULT_THRESHOLD, *, layer=None):
         raise JaxeditError(f"{where}null_space_threshold {threshold!r} keeps all {f} directions of the key "
                            f"statistics (largest eigenvalue {w[-1]:.3g}), so nothing is preserved; lower it or "
                            f"use energy:F (e.g. energy:0.99)")
-    P = np.asarray(_projector(U, jnp.asarray(keep)), np.float32)
+    if rank <= f - rank:  # from the smaller set of eigenvectors: U_k U_k^T, or I - U_p U_p^T
+        V = U[:, keep]
+        P = V @ V.T
+    else:
+        V = U[:, ~keep]
+        P = -(V @ V.T)
+        P[np.diag_indices(f)] += 1.0
+    P = P.astype(np.float32)
     kept = float(np.clip(w[keep], 0, None).sum() / max(np.clip(w, 0, None).sum(), 1e-30))
     return P, {"rank": rank, "dim": f, "energy_in_null_space": kept,
                "largest_kept_eigenvalue": float(w[keep].max())}

@@ -285,28 +285,41 @@ def optimize_deltas(cfg: ModelConfig, params, h, mask, key_pos, logit_pos, tok_i
     def one(h, mask, key_pos, logit_pos, tok_ids, tok_w, h_init):
         # Tokens before the key token do not see delta: their keys/values in the later blocks are computed once,
         # and each step runs only the ``window`` positions from the key token on (the objective's positions are
-        # all at or after it).
+        # all at or after it). The KL row's objective is at its key token: it runs that one position.
         R, T, _ = h.shape
+        K = logit_pos.shape[1]
         kv = apply(cfg, params, None, mask, hidden_in=h, start_layer=layer + 1, capture=("kv",),
                    num_layers=cfg.n_layers).kv
         cache = tuple(jnp.moveaxis(a, 1, 0) for a in kv)  # [later layers, R, T, KV, hd]
-        idx = key_pos[:, None] + jnp.arange(window)[None]  # [R, W] positions in the window
-        valid = idx < mask.sum(-1)[:, None]
-        idx = jnp.minimum(idx, T - 1)
-        x0 = jnp.take_along_axis(h, idx[..., None], 1)
-        before = (jnp.arange(T)[None, None] < key_pos[:, None, None]) & mask[:, None].astype(bool)
-        allowed = jnp.concatenate([jnp.broadcast_to(before, (R, window, T)),
-                                   jnp.tril(jnp.ones((window, window), bool))[None] & valid[:, None]], -1)
-        at = (logit_pos - key_pos[:, None])[..., None]
+
+        def rows(sl, w):  # the first ``w`` positions from the key token on of the rows ``sl``
+            kp, m = key_pos[sl], mask[sl]
+            idx = kp[:, None] + jnp.arange(w)[None]  # [r, w] positions in the window
+            valid = idx < m.sum(-1)[:, None]
+            idx = jnp.minimum(idx, T - 1)
+            before = (jnp.arange(T)[None, None] < kp[:, None, None]) & m[:, None].astype(bool)
+            allowed = jnp.concatenate([jnp.broadcast_to(before, (idx.shape[0], w, T)),
+                                       jnp.tril(jnp.ones((w, w), bool))[None] & valid[:, None]], -1)
+            return jnp.take_along_axis(h[sl], idx[..., None], 1), idx, allowed, tuple(c[:, sl] for c in cache)
+
+        split = R > 1
+        parts = [rows(slice(0, R - 1), window), rows(slice(R - 1, R), 1)] if split else [rows(slice(0, R), window)]
+        at = (logit_pos[:R - 1 if split else R] - key_pos[:R - 1 if split else R, None])[..., None]
 
         def logprobs(delta):
-            def step(x, xs):
-                pl, k, v = xs
-                return block(cfg, pl, x, idx, allowed, kv_prefix=(k, v))[0], None
+            def run(x0, idx, allowed, kv_rows):
+                def step(x, xs):
+                    pl, k, v = xs
+                    return block(cfg, pl, x, idx, allowed, kv_prefix=(k, v))[0], None
 
-            x, _ = jax.lax.scan(step, x0.at[:, 0].add(delta.astype(h.dtype)), (later,) + cache)
-            x = fam.final_norm(cfg, params, jnp.take_along_axis(x, at, 1))
-            return jax.nn.log_softmax(fam.lm_head(cfg, params, x), -1)  # [R, K, V]
+                return jax.lax.scan(step, x0.at[:, 0].add(delta.astype(h.dtype)), (later,) + kv_rows)[0]
+
+            head = lambda x: jax.nn.log_softmax(fam.lm_head(cfg, params, fam.final_norm(cfg, params, x)), -1)
+            lp = head(jnp.take_along_axis(run(*parts[0]), at, 1))  # [rows, K, V]
+            if split:  # the KL row: its key token's log-probabilities, in every column (only column 0 is read)
+                lp_kl = head(run(*parts[1]))  # [1, 1, V]
+                lp = jnp.concatenate([lp, jnp.broadcast_to(lp_kl, (1, K, lp_kl.shape[-1]))], 0)
+            return lp  # [R, K, V]
 
         lp0 = jax.lax.stop_gradient(logprobs(jnp.zeros_like(h_init)))[-1, 0]  # KL row, at its key token
         norm_h = jnp.linalg.norm(h_init)
@@ -345,6 +358,21 @@ def _keys_and_hidden(cfg, params, ids, mask, pos, layer, *, stop: int):
     out = apply(cfg, params, ids, mask, capture=("hidden", "keys"), num_layers=stop)
     rows = jnp.arange(ids.shape[0])
     return out.keys[rows, layer, pos], out.hidden[rows, stop - 1, pos]
+
+
+@partial(jax.jit, static_argnames=("cfg", "stop"))
+def _hidden_before(cfg, params, ids, mask, *, stop: int):
+    """The output of block ``stop - 1`` at every position [B, T, d]."""
+    return apply(cfg, params, ids, mask, capture=("hidden",), num_layers=stop).hidden[:, -1]
+
+
+@partial(jax.jit, static_argnames=("cfg", "start", "stop"))
+def _keys_and_hidden_from(cfg, params, h, mask, pos, layer, *, start: int, stop: int):
+    """:func:`_keys_and_hidden` from ``h``, the output of block ``start - 1`` (the blocks before it are not run)."""
+    out = apply(cfg, params, None, mask, capture=("hidden", "keys"), num_layers=stop, start_layer=start,
+                hidden_in=h)
+    rows = jnp.arange(h.shape[0])
+    return out.keys[rows, layer - start, pos], out.hidden[rows, stop - 1 - start, pos]
 
 
 def _solve_f32(K, R, ridge, N, M, Cp):
@@ -408,12 +436,13 @@ def _layer_norm2(w, l):
 
 def key_rows(tokenizer, reqs, contexts, length: Optional[int] = None):
     """The rows whose keys make each request's key (per request: the bare prompt first, then the prefixed
-    prompts): (ids, mask, key positions) as device arrays, rows padded to at least ``length`` tokens."""
+    prompts): (ids, mask, key positions) as device arrays, rows padded to at least ``length`` tokens. A row ends at
+    its key token: under causal attention the tokens after it change neither the key nor the hidden state there."""
     krows, kpos = [], []
     for r in reqs:
         for c in contexts:
             ids_k, k = _encode_with_key(tokenizer, c, r.template, r.subject)
-            krows.append(ids_k)
+            krows.append(ids_k[:k + 1])
             kpos.append(k)
     T = max(length, max(len(x) for x in krows)) if length else None
     kids, kmask = (jnp.asarray(a) for a in pad_rows(krows, T))
@@ -465,9 +494,16 @@ def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers
     # on a mesh, dW is made and added where each row of the projection lives (rows over the model axis)
     layer_sharding = None if mesh is None else NamedSharding(mesh, P(*w_out.sharding.spec[1:]))
     layer_report = []
+    # the blocks before the first edited layer do not change here: their output on the key rows is computed once
+    start = min(layers)
+    h0 = _hidden_before(cfg, params, kids, kmask, stop=start) if start > 0 else None
     for i, l in enumerate(layers):
         cur_params = dict(params, blocks=dict(blocks, w_out=w_out))
-        keys, hidden = to_host(_keys_and_hidden(cfg, cur_params, kids, kmask, kpos, l, stop=L + 1))
+        if h0 is None:
+            keys, hidden = to_host(_keys_and_hidden(cfg, cur_params, kids, kmask, kpos, l, stop=L + 1))
+        else:
+            keys, hidden = to_host(_keys_and_hidden_from(cfg, cur_params, h0, kmask, kpos, l, start=start,
+                                                         stop=L + 1))
         keys = np.asarray(keys, np.float32).reshape(n, C, -1)
         K = 0.5 * keys[:, 0] + 0.5 * keys[:, 1:].mean(1) if C > 1 else keys[:, 0]  # [n, f]
         z_now = np.asarray(hidden, np.float32).reshape(n, C, -1)[:, 0]
@@ -575,17 +611,44 @@ def z_rows(tokenizer, reqs, mode: str, hp: EditHparams, contexts):
 
 def batch_shape(tokenizer, parsed, hp: EditHparams, contexts, bucket: int = 16) -> dict:
     """The padded sizes that hold every request of ``parsed`` [(mode, request)]: giving them to every batch makes
-    all batches of one size share one compiled program. "T" and "window" (z rows), "K" (objective tokens),
-    "Tk" (key rows), rounded up to ``bucket`` tokens (4 for "K")."""
+    all batches of one size share one compiled program. "T" and "window" (z rows) and "Tk" (key rows, which end
+    at their key token) rounded up to ``bucket`` tokens, "K" (objective tokens) the most any request has: the
+    sizes are computed once per sequence, and every padded position of the window and of "K" costs a block pass,
+    respectively a vocabulary-wide projection, at every step of the z optimization."""
     T = window = K = Tk = 1
     for mode, r in parsed:
         rows, key_pos, logit_pos, _, _ = z_rows(tokenizer, [r], mode, hp, contexts)
         T = max(T, max(len(x) for x in rows))
         window = max(window, max(len(x) - k for x, k in zip(rows, key_pos)))
         K = max(K, max(len(x) for x in logit_pos))
-        Tk = max(Tk, max(len(_encode_with_key(tokenizer, c, r.template, r.subject)[0]) for c in contexts))
+        Tk = max(Tk, max(_encode_with_key(tokenizer, c, r.template, r.subject)[1] + 1 for c in contexts))
     T = round_up(T, bucket)
-    return {"T": T, "window": min(round_up(window, bucket), T), "K": round_up(K, 4), "Tk": round_up(Tk, bucket)}
+    return {"T": T, "window": min(round_up(window, bucket), T), "K": K, "Tk": round_up(Tk, bucket)}
+
+
+def z_request_bytes(cfg: ModelConfig, R: int, T: int, window: int, K: int, layer: int) -> int:
+    """Bytes one request of the z optimization holds (an estimate from the shapes, float32, with room for XLA's
+    temporaries): its R rows' hidden states and MLP outputs up to ``layer``; the later layers' attention keys and
+    values of every position; per step, the activations of the ``window`` positions through the later layers kept
+    for the gradient, and the vocabulary-wide log-probabilities at its K objective positions."""
+    later = cfg.n_layers - layer - 1
+    d, f, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
+    captured = 2 * (layer + 1) * T * d
+    cache = later * T * 2 * cfg.n_kv_heads * cfg.head_dim
+    grads = later * window * (8 * d + 4 * f + 2 * cfg.n_heads * (T + window))
+    return int(2 * 4 * R * (captured + cache + grads + 3 * K * V))
+
+
+def z_chunk(cfg: ModelConfig, R: int, T: int, window: int, K: int, layer: int, n: int, mesh=None,
+            budget: Optional[float] = None) -> int:
+    """Requests per call of the z optimization for ``n`` requests: as few calls as the memory budget allows (each
+    call's :func:`z_request_bytes` within :func:`jaxedit.runtime.default_memory_budget`), of equal sizes; on a mesh
+    a multiple of its data axis."""
+    budget = budget or runtime.default_memory_budget()
+    most = max(1, int(budget // z_request_bytes(cfg, R, T, window, K, layer)))
+    k = padded(1, mesh)  # the data axis (1 without a mesh)
+    calls = -(-n // max(most, k))
+    return round_up(-(-n // calls), k)  # the calls' sizes balanced (10 requests, 7 fit: two calls of 5)
 
 
 def optimize_targets(model, tokenizer, reqs, mode: str, hp: EditHparams, layers, contexts, *,
@@ -619,25 +682,36 @@ def optimize_targets(model, tokenizer, reqs, mode: str, hp: EditHparams, layers,
                   f"<= {hp.v_num_grad_steps} steps)")
     mesh = mesh_of(params)
     n_pad = padded(max(n, pad_to), mesh)
+    # requests per call: as many as the memory budget holds (each request's optimization is its own, so chunks
+    # give the same deltas); every chunk padded to the same size, one compiled program
+    chunk = z_chunk(cfg, R, ids.shape[1], window, Kmax, L, n_pad, mesh)
+    n_pad = round_up(n_pad, chunk)
     order = np.concatenate([np.arange(n * R), np.tile(np.arange(R), n_pad - n)])
     put = (lambda a: jnp.asarray(a)) if mesh is None else (lambda a: put_batch(mesh, a))
     ids, mask, key_pos, lp_arr, ti_arr, tw_arr = (np.asarray(a)[order] for a in
                                                   (ids, mask, key_pos, lp_arr, ti_arr, tw_arr))
-    hid = apply_jit(cfg, params, put(ids), put(mask), capture=("hidden", "mlp"), num_layers=L + 1)
-    h = hid.hidden[:, L]  # [n_pad*R, T, d]
-    h_init = h[jnp.arange(n_pad * R), jnp.asarray(key_pos)].reshape(n_pad, R, -1)[:, 0]  # bare context, key token
-    v0 = hid.mlp[:, L][jnp.arange(n_pad * R), jnp.asarray(key_pos)].reshape(n_pad, R, -1)[:, 0]  # its MLP output
-    per_request = lambda a: (jnp.reshape(a, (n_pad, R) + a.shape[1:]) if isinstance(a, jax.Array)
-                             else put(np.reshape(a, (n_pad, R) + np.shape(a)[1:])))
-    delta, losses, mains, n_run = to_host(optimize_deltas(
-        cfg, params, per_request(h), per_request(mask), per_request(key_pos), per_request(lp_arr),
-        per_request(ti_arr), per_request(tw_arr),
-        h_init, layer=L, mode="unlikelihood" if mode == "delete" and hp.delete_objective == "unlikelihood" else mode,
-        steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay, clamp_factor=hp.clamp_norm_factor,
-        kl_factor=hp.kl_factor, stop_loss=hp.early_stop_loss, window=window))
-    delta, losses, mains, n_run = delta[:n], losses[:n], mains[:n], n_run[:n]
-    h_init = np.asarray(to_host(h_init)[:n], np.float32)
-    v0 = np.asarray(to_host(v0)[:n], np.float32)
+    mode_z = "unlikelihood" if mode == "delete" and hp.delete_objective == "unlikelihood" else mode
+    parts = []
+    for c0 in range(0, n_pad, chunk):
+        rows_c = slice(c0 * R, (c0 + chunk) * R)
+        kp = key_pos[rows_c]
+        hid = apply_jit(cfg, params, put(ids[rows_c]), put(mask[rows_c]), capture=("hidden", "mlp"), num_layers=L + 1)
+        h = hid.hidden[:, L]  # [chunk*R, T, d]
+        h_init = h[jnp.arange(chunk * R), jnp.asarray(kp)].reshape(chunk, R, -1)[:, 0]  # bare context, key token
+        v0 = hid.mlp[:, L][jnp.arange(chunk * R), jnp.asarray(kp)].reshape(chunk, R, -1)[:, 0]  # its MLP output
+        del hid
+        per_request = lambda a: (jnp.reshape(a, (chunk, R) + a.shape[1:]) if isinstance(a, jax.Array)
+                                 else put(np.reshape(a, (chunk, R) + np.shape(a)[1:])))
+        out = to_host(optimize_deltas(
+            cfg, params, per_request(h), per_request(mask[rows_c]), per_request(kp), per_request(lp_arr[rows_c]),
+            per_request(ti_arr[rows_c]), per_request(tw_arr[rows_c]),
+            h_init, layer=L, mode=mode_z,
+            steps=hp.v_num_grad_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay, clamp_factor=hp.clamp_norm_factor,
+            kl_factor=hp.kl_factor, stop_loss=hp.early_stop_loss, window=window))
+        parts.append(out + tuple(to_host((h_init, v0))))
+    delta, losses, mains, n_run, h_init, v0 = (np.concatenate([p[i] for p in parts])[:n] for i in range(6))
+    h_init = np.asarray(h_init, np.float32)
+    v0 = np.asarray(v0, np.float32)
     if not np.all(np.isfinite(delta)):
         raise JaxeditError("the target optimization diverged (non-finite delta); nothing was changed")
     return h_init + delta, h_init, delta, np.asarray(losses), np.asarray(mains), np.asarray(n_run), v0

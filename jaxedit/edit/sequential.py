@@ -6,7 +6,7 @@ The key statistics and the context templates are computed once, on the unedited 
 experiments do); AlphaEdit's projector P is computed once and its C_p grows with every batch. Requests with
 "suppress" instead of "target" are edited with deletion's objective (within a batch, the edit requests first, then
 the deletion requests). Every batch is padded to ``batch_size`` requests and its rows to the lengths that hold every
-request (rounded up to 16 tokens), so all batches reuse one compiled program.
+request (rounded up to 4 tokens), so all batches reuse one compiled program.
 
 With ``out``, each finished batch is saved (the edited layers' weights, AlphaEdit's C_p; P once) under
 ``out/ckpt-NNNNN/``, and ``out/sequence.json`` records the options and the batches done: a killed run resumes at the
@@ -37,7 +37,7 @@ from jaxedit.model import model_from_params, params_of
 from jaxedit.sharding import is_main_process, to_host
 
 METHODS = ("memit", "alphaedit", "ultraedit")
-BUCKET = 16  # rows padded to a multiple of this many tokens
+BUCKET = 4  # rows padded to a multiple of this many tokens (the sizes are fixed once per sequence)
 FORMAT = 1
 
 
