@@ -35,7 +35,9 @@ def public(data: str, old: tuple = (), n_data: int = 1, where: str = "jaxedit"):
     def deco(fn):
         name = f"{where}.{fn.__name__}"
         sig = inspect.signature(fn)
-        own = "progress" in sig.parameters  # else the wrapper takes it (every public call accepts progress=)
+        # passed on where the function takes it (by name or in its **keywords), else taken by the wrapper: every
+        # public call accepts progress=
+        own = "progress" in sig.parameters or any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
 
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
