@@ -255,3 +255,22 @@ def test_sequential_resumes_and_refuses_changed_options(gpt2_tiny, tmp_path):
         jaxedit.edit_sequential(model, reqs, batch_size=2, tokenizer=tok, l2=1.0, out=out, **HP)
     with pytest.raises(JaxeditError, match=r"other options \(batch_size 2 -> 3\)"):
         jaxedit.edit_sequential(model, reqs, batch_size=3, tokenizer=tok, l2=0.5, out=out, **HP)
+
+
+def test_projector_exact_with_crowded_eigenvalues():
+    """Key statistics whose eigenvalues crowd the threshold (1e-4 apart around 2e-2): P equals the float64 projector
+    to 1e-5 (a float32 eigensolver was off by ~1e-2 here)."""
+    import numpy as np
+
+    from jaxedit.edit.alphaedit import null_space_projector
+
+    rng = np.random.default_rng(0)
+    f = 256
+    w = np.concatenate([np.linspace(0.0195, 0.0205, 100), np.linspace(1, 150, f - 100)])
+    Q, _ = np.linalg.qr(rng.normal(size=(f, f)))
+    C = (Q * w) @ Q.T
+    P, info = null_space_projector(C.astype(np.float32), 2e-2)
+    w64, U = np.linalg.eigh(C.astype(np.float32).astype(np.float64))
+    V = U[:, w64 < 2e-2]
+    assert info["rank"] == V.shape[1]
+    assert np.linalg.norm(P - V @ V.T) < 1e-5
