@@ -47,8 +47,9 @@ LAYERS = (3, 4, 5)
 
 def texts64() -> list:
     """64 short texts: the demo CounterFact prompts and the sentences of jaxedit's neutral paragraphs."""
-    with open(os.path.join(HERE, "..", "jaxedit", "data", "counterfact_demo.json")) as f:
-        demo = json.load(f)
+    import jaxedit
+
+    demo = jaxedit.load_counterfact("demo")
     out = []
     for d in demo:
         rr = d["requested_rewrite"]
@@ -63,8 +64,9 @@ def texts64() -> list:
 
 
 def edit_requests(n: int) -> list:
-    with open(os.path.join(HERE, "..", "jaxedit", "data", "counterfact_demo.json")) as f:
-        demo = json.load(f)
+    import jaxedit
+
+    demo = jaxedit.load_counterfact("demo")
     out = []
     for i in range(n):
         rr = demo[i % len(demo)]["requested_rewrite"]

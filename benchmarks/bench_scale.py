@@ -37,7 +37,7 @@ SUBJECT = "The Eiffel Tower"
 STEPS = ("load", "trace", "saliency", "stats", "edit", "alphaedit", "localize")
 # which plan programs a step runs (its peak is the largest of them)
 STEP_PROGRAMS = {"load": (), "trace": ("trace",), "saliency": ("saliency",), "stats": ("statistics",),
-                 "edit": ("z step", "solve", "update"), "alphaedit": ("z step", "solve", "update", "null space"),
+                 "edit": ("z step", "solve", "update"), "alphaedit": ("z step", "solve", "update", "projected solve"),
                  "localize": ("trace",)}
 
 
@@ -98,7 +98,7 @@ def plan_table(shapes: str, meshes: str, device: str, dtype: str, out_json: str)
             with open(out_json, "w") as f:
                 json.dump(rows, f, indent=1, default=str)
     g = lambda b: f"{b / GIB:.1f}"  # noqa: E731
-    progs = ["trace", "saliency", "statistics", "z step", "solve", "update", "null space"]
+    progs = ["trace", "saliency", "statistics", "z step", "solve", "update", "projected solve"]
     print(f"device {device}, {dtype} parameters; GiB per device at one row (rows per device that fit)\n")
     print("| model | devices (model axis) | weights / device | " + " | ".join(progs) + " | fits |")
     print("|---|---|---|" + "---|" * len(progs) + "---|")

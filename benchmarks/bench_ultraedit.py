@@ -24,8 +24,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def stream(n: int) -> list:
-    with open(os.path.join(HERE, "..", "jaxedit", "data", "counterfact_demo.json")) as f:
-        demo = json.load(f)
+    import jaxedit
+
+    demo = jaxedit.load_counterfact("demo")
     out = []
     for i in range(n):
         rr = demo[i % len(demo)]["requested_rewrite"]

@@ -12,9 +12,11 @@ the edits' steps ``memit.hparams_for``'s presets. Each count is split by how it 
 
 * ``model``: matmuls in the weights' dtype (TF32 for float32 weights under JAX's default precision, or bfloat16);
 * ``f32``: float32 matmuls at the default precision whatever the weights (TF32): the solve's products, AlphaEdit's
-  projector;
+  products with P;
 * ``highest``: float32 at ``Precision.HIGHEST`` (the statistics' k k^T sums): plain FP32;
-* ``linalg``: the LU solve and the eigendecomposition (cuSOLVER, float32): FP32 peak at a lower fraction.
+* ``linalg``: the LU solve (cuSOLVER, float32): FP32 peak at a lower fraction;
+* ``host``: AlphaEdit's float64 eigendecomposition and projector, on the host CPU: in the FLOP total, not in the
+  accelerator's time (a column of its own).
 """
 from __future__ import annotations
 
@@ -39,7 +41,9 @@ PEAK = {"bf16": 989e12, "tf32": 495e12, "fp32": 67e12}  # H100 SXM dense peaks, 
 HBM = 3.35e12  # H100 SXM memory bandwidth, bytes/s
 GPU_BUDGET = DEVICES["h100-80g"] / 4  # tracing's chunk budget on an accelerator (planning: device memory / 4)
 STATS_TEXTS, LOCALIZE_PROMPTS, PROMPT_TOKENS, DETOX_PROMPT_TOKENS = 1000, 4, 10, 12
-KEY_TOKENS, OBJECTIVE_TOKENS = 16, 4  # MEMIT's key rows and objective positions, padded (memit.batch_shape)
+# MEMIT's key rows (ending at the key token, rounded up to 16: memit.batch_shape) and objective positions (the
+# longest target's tokens; 4 assumed)
+KEY_TOKENS, OBJECTIVE_TOKENS = 16, 4
 
 
 def blocks(cfg, tokens, keys, layers):
@@ -53,7 +57,7 @@ def head(cfg, positions):
 
 
 def counts(**kw):
-    return {k: float(kw.get(k, 0.0)) for k in ("model", "f32", "highest", "linalg")}
+    return {k: float(kw.get(k, 0.0)) for k in ("model", "f32", "highest", "linalg", "host")}
 
 
 def gpu_layers_per_step(cfg, S, T, groups, budget=GPU_BUDGET):
@@ -111,9 +115,10 @@ def edit_flops(cfg, s, alphaedit=False):
     forward x 2 (the backward to delta needs input gradients only: the weights are not differentiated); per edited
     layer the key rows (6 x 16 tokens) up to the z layer and the solve (lambda C + K K^T)^-1 K R^T: LU 2/3 f^3 and
     two triangular solves, K K^T, the residual check and X R^T; the before/after evaluation (2 forwards of the
-    prompt). AlphaEdit adds per layer the eigendecomposition of C (9 f^3: symmetric QR with eigenvectors, Golub &
-    Van Loan 8.3; divide and conquer does fewer), the projector U U^T (2 f^3), P A (2 f^3) and P K, and the keys
-    again on the edited model (C_p)."""
+    prompt). AlphaEdit adds per layer, on the host in float64 (``host``: not in the accelerator's time), the
+    eigendecomposition of C (9 f^3: symmetric QR with eigenvectors, Golub & Van Loan 8.3; divide and conquer does
+    fewer) and the projector U U^T (2 f^3); on the device P A (2 f^3) and P K, and the keys again on the edited
+    model (C_p)."""
     hp = hparams_for(cfg)
     f, d, n, layers = cfg.d_ff, cfg.d_model, s["requests"], s["layers"]
     L, R, Tz, W, C = layers[-1], s["z_rows"] + 1, s["z_tokens"], s["z_tokens"] // 2, len(hp.context_prefixes) + 1
@@ -127,8 +132,8 @@ def edit_flops(cfg, s, alphaedit=False):
     linalg = len(layers) * (2 / 3 * f ** 3 + 2.0 * f * f * n)
     if alphaedit:
         model += len(layers) * keys
-        f32 += len(layers) * (4.0 * f ** 3 + 4.0 * f * f * n)
-        linalg += len(layers) * 9.0 * f ** 3
+        f32 += len(layers) * (2.0 * f ** 3 + 4.0 * f * f * n)
+        return counts(model=model, f32=f32, linalg=linalg, host=len(layers) * 11.0 * f ** 3)
     return counts(model=model, f32=f32, linalg=linalg)
 
 
@@ -143,8 +148,9 @@ def step_counts(cfg) -> dict:
 
 
 def seconds(c, dtype, mfu, linalg_frac, devices=1, replicate_linalg=False):
-    """Time of counts ``c``: the matmuls at ``mfu`` x their peak, split over ``devices``; the LU / eigh at FP32
-    peak x ``linalg_frac``, split too unless ``replicate_linalg`` (jaxedit solves on every device)."""
+    """Accelerator time of counts ``c``: the matmuls at ``mfu`` x their peak, split over ``devices``; the LU at FP32
+    peak x ``linalg_frac``, split too unless ``replicate_linalg`` (jaxedit solves on every device); ``host`` not
+    counted."""
     mm = (c["model"] / (PEAK["bf16" if dtype == "bfloat16" else "tf32"] * mfu) + c["f32"] / (PEAK["tf32"] * mfu)
           + c["highest"] / (PEAK["fp32"] * mfu))
     la = c["linalg"] / (PEAK["fp32"] * linalg_frac)
@@ -165,20 +171,21 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=",".join(SHAPES), help="named shapes (jaxedit.planning), comma-separated")
     ap.add_argument("--mfu", type=float, default=0.4, help="assumed fraction of the matmul peaks achieved")
-    ap.add_argument("--linalg-frac", type=float, default=0.1, help="assumed fraction of FP32 peak for LU / eigh")
+    ap.add_argument("--linalg-frac", type=float, default=0.1, help="assumed fraction of FP32 peak for the LU solve")
     a = ap.parse_args()
     usable = HEADROOM * DEVICES["h100-80g"]
     print(f"Assumptions (estimate, not measured): H100 SXM dense peaks {PEAK['bf16'] / 1e12:.0f} TFLOP/s bf16, "
           f"{PEAK['tf32'] / 1e12:.0f} TF32 (JAX's default float32 matmul precision on NVIDIA GPUs), "
           f"{PEAK['fp32'] / 1e12:.0f} plain FP32 (also FP64 tensor core); matmuls reach --mfu {a.mfu} of their peak "
-          f"(float32 weights: TF32; the statistics' k k^T sums run at HIGHEST: FP32); the LU solve and the "
-          f"eigendecomposition (float32 cuSOLVER) reach --linalg-frac {a.linalg_frac} of FP32 peak. 8 H100s: the "
-          f"work split evenly, and with the solve / eigh replicated on every device as jaxedit runs them. Workload: "
+          f"(float32 weights: TF32; the statistics' k k^T sums run at HIGHEST: FP32); the LU solve (float32 "
+          f"cuSOLVER) reaches --linalg-frac {a.linalg_frac} of FP32 peak; AlphaEdit's eigendecomposition runs on the "
+          f"host in float64 (its own column, not in the times). 8 H100s: the work split evenly, and with the solve "
+          f"replicated on every device as jaxedit runs it. Workload: "
           f"planning.settings_of's defaults; {STATS_TEXTS} statistics texts; localize on {LOCALIZE_PROMPTS} prompts "
           f"of {DETOX_PROMPT_TOKENS} tokens. Compile, loading and host work are not counted.\n")
-    print("| step | model | TFLOP | of which LU / eigh | 1 H100, float32 (TF32) | 1 H100, bfloat16 | "
-          "8 H100, float32, even split | 8 H100, float32, solve / eigh replicated |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| step | model | TFLOP | of which LU | of which host float64 eigh | 1 H100, float32 (TF32) | 1 H100, "
+          "bfloat16 | 8 H100, float32, even split | 8 H100, float32, solve replicated |")
+    print("|---|---|---|---|---|---|---|---|---|")
     table = {}
     for name in a.models.split(","):
         _, cfg = resolve_config(name)
@@ -191,6 +198,7 @@ def main():
                     for dt in ("float32", "bfloat16")}
             t = lambda dt, n=1, rep=False: fmt_time(seconds(c, dt, a.mfu, a.linalg_frac, n, rep))  # noqa: E731
             print(f"| {step} | {name} | {fmt_tflop(sum(c.values()))} | {fmt_tflop(c['linalg'])} | "
+                  f"{fmt_tflop(c['host'])} | "
                   f"{t('float32')}{mark['float32']} | {t('bfloat16')}{mark['bfloat16']} | {t('float32', 8)} | "
                   f"{t('float32', 8, True)} |")
     print(f"\n†: the weights (x2 for saliency) exceed one H100's usable {usable / 2**30:.1f} GiB: arithmetic only "

@@ -1,7 +1,10 @@
 """``jaxedit detox``: the toxic-memory study (select, localize, edit, evaluate, report) as one resumable command."""
 from __future__ import annotations
 
+import os
+
 import click
+from click.core import ParameterSource
 
 import jaxedit
 from jaxedit import runtime
@@ -11,11 +14,12 @@ from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
 from jaxedit.detox.config import PROFS_PAIRS, STAGES, DetoxConfig
 from jaxedit.detox.data import prompt_of, read_facts, read_prompts, read_texts
 from jaxedit.detox.editing import grid_run_ids, plan_runs
-from jaxedit.detox.estimate import estimate_lines
+from jaxedit.detox.estimate import estimate_lines, text_tokens
 from jaxedit.detox.methods import (check_classes, extra_samples_needed, plan_method_runs, read_aura_texts,
                                    read_pairs_file, study_aura_texts)
 from jaxedit.detox.pipeline import run_study
 from jaxedit.edit.profs import default_layers
+from jaxedit.edit.stats import DEFAULT_CORPUS
 from jaxedit.errors import JaxeditError
 from jaxedit.files import read_rows
 from jaxedit.loading.peek import peek
@@ -134,8 +138,6 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
     table1/table2/table_methods (.md, .csv), summary.md, aie_layers.png/pdf and frontier.png/pdf into OUT.
     --methods adds DINM, ProFS and AurA runs beside the deletions, evaluated the same way.
     """
-    import os
-
     refuse_inapplicable(click.get_current_context(), _csv(methods, "methods"))
     hp = parse_hparams(hparam)
     if stats_float64:
@@ -190,8 +192,6 @@ WHY = {"profs": "ProFS", "dinm": "DINM", "aura": "AurA",
 
 def refuse_inapplicable(ctx, methods) -> None:
     """Refuse an option given on the command line that no method in ``methods`` uses, naming why (one line)."""
-    from click.core import ParameterSource
-
     for method, names in METHOD_OPTIONS.items():
         if method in methods:
             continue
@@ -217,8 +217,6 @@ def edited_bound(cfg: DetoxConfig, n: int) -> tuple:
 def check_inputs(cfg: DetoxConfig, out: str, stages) -> None:
     """Refuse bad options and input files (one line, FILE:LINE where a file was read) without loading the model or
     writing anything: names, ranges, the prompt file, the neutral text and the factual prompts."""
-    import os
-
     cfg.check()
     if os.path.isfile(out):
         raise JaxeditError(f"{out} is a file, not a directory")
@@ -250,8 +248,6 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
     study folder only."""
     import dataclasses
     import json
-    import os
-
     have = lambda name: os.path.isfile(os.path.join(out, name))  # noqa: E731
     lines = [f"plan for {out}/ with {cfg.model}"
              + (f" ({config.n_layers} layers)" if config is not None else " (layers: known once the model loads)")]
@@ -361,10 +357,6 @@ def plan_sizes(cfg: DetoxConfig, out: str, stages, n, sel, more, edited_run, uni
     prompts' mean length, the edited and held-out prompt counts (before selection: as if every prompt were kept,
     and ``units`` sized so), the factual prompts, the neutral text, the DINM / ProFS / AurA runs left
     (with their settings), ProFS's extra samples, AurA's texts."""
-    import os
-
-    from jaxedit.detox.estimate import text_tokens
-
     texts = ([r["prompt"] for r in sel] if sel else [p["prompt"] for p in read_prompts(cfg.prompts, cfg.limit,
                                                                                          cfg.skip_bad)]
              if cfg.prompts == "demo" or os.path.isfile(cfg.prompts) else [])
@@ -410,10 +402,6 @@ def corpus_warnings(cfg: DetoxConfig, stages) -> list:
     """Warnings for inputs that need the datasets package when it is not installed: a stage would fail only once
     it starts (the prompts when select runs; the key statistics' corpus when the deletion grid's edits run)."""
     import importlib.util
-    import os
-
-    from jaxedit.edit.stats import DEFAULT_CORPUS
-
     if importlib.util.find_spec("datasets") is not None:
         return []
     out = []

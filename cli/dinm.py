@@ -22,7 +22,9 @@ import click
 import jaxedit
 from jaxedit import calibration, runtime
 from jaxedit.batching import round_up
+from jaxedit.calibration import forward_flops
 from jaxedit.cli.app import MODEL_HELP, cli, echo, with_mesh
+from jaxedit.detox.estimate import text_tokens
 from jaxedit.edit.dinm import DEFAULT_SUFFIX, DinmHparams
 from jaxedit.errors import JaxeditError
 from jaxedit.loading.peek import peek
@@ -128,10 +130,6 @@ def case_flops(config, cases, suffix, steps: int, max_new_tokens: int, n_models:
     64, plus ``max_new_tokens``); the location (2 forwards of the prompt with the safe and the unsafe answer);
     ``steps`` Adam steps (forward + backward, x 3) on the unsafe-to-safe NLL and the KL input (2 sequences); the
     retention (the knowledge constraint before and after)."""
-    from jaxedit.batching import round_up
-    from jaxedit.calibration import forward_flops
-    from jaxedit.detox.estimate import text_tokens
-
     if not cases:
         return 0.0
     lens = [text_tokens(x) for c in cases for x in c.inputs(suffix) + c.inputs(None)]

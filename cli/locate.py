@@ -100,8 +100,6 @@ def trace(model_name, prompt, subject, span_str, target, batch_file, out, kinds,
     prompt, in input order, each with its input line), heatmaps (PNG/PDF) and the aggregate AIE per layer and
     token group (aie.csv, aie.md, aie.png/pdf). A --batch run resumes where a killed one stopped.
     """
-    import os
-
     import jax
     import numpy as np
 
@@ -276,8 +274,6 @@ def saliency(model_name, prompt, target, batch_file, out, top, dtype, skip_bad, 
     mean) and saliency.png/pdf (bars).
     """
     import math
-    import os
-
     if (prompt is None) == (batch_file is None):
         raise JaxeditError("give either --prompt or --batch FILE")
     if batch_file:

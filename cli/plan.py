@@ -26,7 +26,8 @@ from jaxedit.errors import JaxeditError
 @DRY_RUN
 def plan(model_name, device, device_memory, mesh_spec, dtype, headroom, no_refuse, as_json, dry_run=False):
     """Per-device bytes of the compiled programs (tracing, saliency, key statistics, the edit's z step, solve and
-    update, AlphaEdit's null space) from XLA's memory analysis, the batch sizes that fit, and whether the plan fits
+    update, AlphaEdit's projected solve) from XLA's memory analysis, the host memory of AlphaEdit's float64
+    eigendecomposition, the batch sizes that fit, and whether the plan fits
     (refused, naming the smallest mesh that does, when it does not)."""
     if device and device_memory:
         raise JaxeditError("give --device or --device-memory, not both")

@@ -12,9 +12,11 @@ from jaxedit.cli.app import echo, request_file
 from jaxedit.edit.alphaedit import DEFAULT_THRESHOLD, parse_threshold
 from jaxedit.edit.memit import parse_request
 from jaxedit.edit.sequential import dataset_requests
+from jaxedit.edit.ultraedit import parse_record
 from jaxedit.errors import JaxeditError
 from jaxedit.evaluate.editing import format_summary, load_counterfact, load_zsre, protocol_record
 from jaxedit.sharding import is_main_process
+from jaxedit.synthetic import parse_synthetic, synthetic_edits
 
 
 def detect_kind(path: str) -> str:
@@ -22,8 +24,6 @@ def detect_kind(path: str) -> str:
     "requests" (jaxedit's JSONL request lines). ``synthetic:N[:SEED]`` (jaxedit.synthetic_edits) is "zsre";
     WikiBigEdit's and UltraEditBench's files are "zsre" too (read as zsRE records, jaxedit.evaluate.editing.as_zsre)."""
     if path.startswith("synthetic:"):
-        from jaxedit.synthetic import parse_synthetic
-
         parse_synthetic(path)
         return "zsre"
     try:
@@ -52,8 +52,6 @@ def read_edit_file(path: str, kind: str, skip_bad: bool, limit: Optional[int] = 
     """(kind, records or None, requests, where-labels) of an edit file of ``kind`` (:func:`detect_kind`), its first
     ``limit`` records or requests when given."""
     if path.startswith("synthetic:"):  # the offline stream: n records, SEED, the default model's known facts
-        from jaxedit.synthetic import parse_synthetic, synthetic_edits
-
         n, seed = parse_synthetic(path)
         records = synthetic_edits(min(n, limit) if limit else n, seed=seed)
         requests = dataset_requests(records, "zsre", where=path)
@@ -138,8 +136,6 @@ def run_sequence(model, tok, kind, records, requests, wheres, *, method, batch_s
         mode = "delete" if "suppress" in r and "target" not in r else "edit"
         try:
             if method == "ultraedit":
-                from jaxedit.edit.ultraedit import parse_record
-
                 parse_record(r, tok)
             else:
                 parse_request(r, tok, mode, other="jaxedit delete")

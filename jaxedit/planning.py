@@ -2,12 +2,13 @@
 XLA's memory analysis of the compiled programs, with no weights allocated.
 
 :func:`plan` lowers the programs jaxedit runs (the causal-tracing grid, saliency, the key-statistics pass, MEMIT's
-z optimization, its solve and weight update, AlphaEdit's null-space eigendecomposition) with abstract arguments
+z optimization, its solve and weight update, AlphaEdit's projected solve) with abstract arguments
 (:class:`jax.ShapeDtypeStruct`; the parameter tree from :func:`jaxedit.model.abstract_params`, placed over the mesh
 with :func:`jaxedit.sharding.param_shardings`), compiles them, and reads ``compiled.memory_analysis()``: argument,
 output, temporary and aliased (donated) bytes. A program's peak per device = arguments + outputs + temporaries -
-aliased; programs that do not take the weights (the solve, the eigendecomposition) add the weights held on the
-device while they run.
+aliased; programs that do not take the weights (the two solves) add the weights held on the device while they
+run. AlphaEdit's projector comes from a float64 eigendecomposition on the host, not compiled: its host memory is
+counted from d_ff (``host_eigh_bytes``).
 
 Each batched program is compiled for 1 and 2 rows per device (a row: a traced prompt, a saliency example, a text of
 the statistics pass, an edit request); the difference is the cost of a row, and the rows that fit are those whose
@@ -32,7 +33,6 @@ from typing import Optional
 from jaxedit import runtime
 from jaxedit.calls import check_names
 from jaxedit.config import ModelConfig
-from jaxedit.edit.alphaedit import _eigh
 from jaxedit.edit.memit import _add_layer, _solve_f32, default_layers, hparams_for, optimize_deltas
 from jaxedit.edit.stats import accumulate
 from jaxedit.errors import JaxeditError
@@ -76,7 +76,10 @@ GIB = 2**30
 # device kinds: the memory a process sees (nvidia-smi's total; the CPU kind is this project's 24 GiB machine)
 DEVICES = {"h100-80g": 81559 * MIB, "h200-141g": 143771 * MIB, "a100-40g": 40960 * MIB, "cpu-24g": 24 * GIB}
 HEADROOM = 0.9  # the fraction of a device's memory a plan may fill (the rest: runtime, allocator, fragmentation)
-PROGRAMS = ("trace", "saliency", "statistics", "z step", "solve", "update", "null space")
+PROGRAMS = ("trace", "saliency", "statistics", "z step", "solve", "update", "projected solve")
+# AlphaEdit's projector P comes from a float64 eigendecomposition of C on the host (alphaedit.null_space_projector):
+# C, its eigenvectors, P in float64 and LAPACK's dsyevd workspace (1 + 6 f + 2 f^2 doubles), and P in float32.
+HOST_EIGH_F2_BYTES = 8 * 5 + 4
 UNITS = {"trace": "prompt", "saliency": "example", "statistics": "text", "z step": "request"}
 MAX_ROWS = 1 << 16
 
@@ -365,8 +368,19 @@ def program_bytes(cfg: ModelConfig, sizes: dict, settings: dict, programs=PROGRA
 
         analyse("update", update)
 
-    if "null space" in programs:
-        analyse("null space", lambda _: _eigh.lower(rep((f, f), jnp.float32)))
+    if "projected solve" in programs:  # AlphaEdit's solve: MEMIT's with P and C_p (d_ff x d_ff each) on the device
+        n = int(settings["requests"])
+
+        def projected(_):
+            args = (sds((f, n), jnp.float32), sds((d, n), jnp.float32), sds((), jnp.float32), None,
+                    sds((f, f), jnp.float32), sds((f, f), jnp.float32))
+            if mesh is None:
+                return jax.jit(_solve_f32).lower(*args)
+            r = NamedSharding(mesh, P())
+            return jax.jit(_solve_f32, in_shardings=r, out_shardings=(NamedSharding(mesh, row_spec), r)).lower(*args)
+
+        analyse("projected solve", projected)
+        out["host_eigh_bytes"] = HOST_EIGH_F2_BYTES * f * f
     return out
 
 
@@ -422,7 +436,7 @@ def _summarize(name, cfg, settings, sizes, dev_name, dev_bytes, headroom, measur
             continue
         res = measured[prog]
         one = dict(res[1])
-        if prog in ("solve", "null space"):  # the weights stay on the device meanwhile
+        if prog in ("solve", "projected solve"):  # the weights stay on the device meanwhile
             one["peak"] += per
         elif prog == "update":  # the other parameters stay too
             one["peak"] += per - measured["w_out_bytes"]
@@ -446,6 +460,7 @@ def _summarize(name, cfg, settings, sizes, dev_name, dev_bytes, headroom, measur
             "device": dev_name, "device_memory": int(dev_bytes), "usable": int(usable), "headroom": headroom,
             "mesh": mesh_name(sizes), "devices": sizes["data"] * sizes["model"], "parameters": int(total),
             "parameters_per_device": int(per), "programs": progs, "fits": bool(fits),
+            "host_eigh_bytes": measured.get("host_eigh_bytes"),
             "analysis": ("nothing compiled (the weights alone do not fit)" if platform == "none" else
                          "XLA:CPU (standing in for the accelerator)" if platform == "cpu" and not dev_name.startswith(
                              "cpu") else f"XLA:{platform.upper()}"),
@@ -543,7 +558,11 @@ def format_plan(report: dict) -> str:
                        if unit else "— | — | — | ")
                     + ("yes" if p["fits"] else "no") + " |")
     verdict = "fits" if report["fits"] else "does NOT fit"
-    return "\n".join([head, ""] + rows + ["", f"plan: {verdict}"])
+    host = []
+    if report.get("host_eigh_bytes"):
+        host = ["", f"projected solve: AlphaEdit's projector P is made on the host (a float64 eigendecomposition of "
+                    f"C, one layer at a time): about {g(report['host_eigh_bytes'])} GiB of host memory"]
+    return "\n".join([head, ""] + rows + host + ["", f"plan: {verdict}"])
 
 
 if __name__ == "__main__" and os.environ.get(WORKER_ENV):

@@ -21,8 +21,10 @@ from __future__ import annotations
 from typing import Optional
 
 from jaxedit import calibration
+from jaxedit.calibration import block_flops, forward_flops
 from jaxedit.calibration import TimedBar, begin, human, setup_key  # noqa: F401  (the stages and the pipeline use them)
 from jaxedit.detox.config import DetoxConfig
+from jaxedit.edit.memit import hparams_for
 from jaxedit.model import params_of
 from jaxedit.sharding import mesh_of
 
@@ -106,9 +108,6 @@ def stage_flops(cfg: DetoxConfig, config, stage: str, sizes: dict) -> tuple:
     ``heldout`` (prompts), ``facts`` (factual prompts) and ``fact_tokens`` (their mean tokens), ``neutral_tokens``,
     ``methods`` (the method of each DINM / ProFS / AurA run left; ``method_runs``: (method, settings) of each;
     ``extra_samples``: ProFS samples per prompt still to draw; ``aura_texts``, ``file_pairs``: their counts)."""
-    from jaxedit.calibration import block_flops, forward_flops
-    from jaxedit.edit.memit import hparams_for
-
     P, N = sizes.get("prompt_tokens", 12), cfg.max_new_tokens
     n_edit, n_held = sizes.get("edited", 0), sizes.get("heldout", 0)
     if stage == "select":  # select_samples continuations of N tokens after the prompt, per prompt

@@ -27,13 +27,14 @@ import time
 import jax
 import numpy as np
 
-from jaxedit.detox.common import read_selected
+from jaxedit.detox.common import read_selected, stage_scorer
 from jaxedit.detox.config import DetoxConfig, aura_layer_list, aura_texts_path
 from jaxedit.edit.aura import aura
 from jaxedit.edit.dinm import dinm
 from jaxedit.edit.profs import profs
 from jaxedit.errors import JaxeditError
 from jaxedit.files import read_rows, write_json, write_jsonl
+from jaxedit.generate import sample
 from jaxedit.model import params_of
 from jaxedit.request_files import RequestFile
 
@@ -157,8 +158,6 @@ def draw_pair_samples(model, tokenizer, cfg: DetoxConfig, out: str, scorer, n_ex
     """{line: (samples, scores)} of ``n_extra`` more samples per edited prompt (``pair_samples.jsonl``, kept; drawn
     with seed + 2, so from streams that neither the selection (seed) nor the evaluation (seed + 1) uses; sample j of
     a prompt has its own stream, so a larger count redraws the same first ones)."""
-    from jaxedit.generate import sample
-
     path = os.path.join(out, "pair_samples.jsonl")
     have = {r["line"]: r for r in read_rows(path)} if os.path.isfile(path) else {}
     rows = [r for r in read_selected(out) if r["split"] == "edit"]
@@ -176,11 +175,11 @@ def draw_pair_samples(model, tokenizer, cfg: DetoxConfig, out: str, scorer, n_ex
     return {line: (r["samples"][:n_extra], r["scores"][:n_extra]) for line, r in have.items()}
 
 
-def sample_pairs(out: str, n_pairs: int, extra: dict = None) -> list:
-    """``n_pairs`` ProFS pairs (prompt + less toxic sample, prompt + more toxic sample) from the edited prompts'
-    selection samples (and ``extra`` {line: (samples, scores)}): each prompt's :func:`ranked_pairs`, taken
-    round-robin over the prompts (every prompt's widest pair first, then every prompt's second, ...). With
-    ``n_pairs`` = the number of edited prompts these are :func:`study_pairs`."""
+def sample_pairs(out: str, n_pairs, extra: dict = None) -> list:
+    """``n_pairs`` (None: all) ProFS pairs (prompt + less toxic sample, prompt + more toxic sample) from the
+    edited prompts' selection samples (and ``extra`` {line: (samples, scores)}): each prompt's
+    :func:`ranked_pairs`, taken round-robin over the prompts (every prompt's widest pair first, then every prompt's
+    second, ...). With ``n_pairs`` = the number of edited prompts these are :func:`study_pairs`."""
     cands = {c["line"]: c for c in read_rows(os.path.join(out, "candidates.jsonl"))}
     per = []
     for r in read_selected(out):
@@ -193,6 +192,8 @@ def sample_pairs(out: str, n_pairs: int, extra: dict = None) -> list:
     out_pairs = []
     for i in range(max(map(len, per), default=0)):
         out_pairs += [p[i] for p in per if i < len(p)]
+    if n_pairs is None:
+        return out_pairs
     if len(out_pairs) < n_pairs:
         raise JaxeditError(f"only {len(out_pairs)} pairs from the {len(per)} edited prompts' non-blank samples "
                            f"({n_pairs} asked for)")
@@ -261,8 +262,6 @@ def run_method(model, tokenizer, cfg: DetoxConfig, out: str, rid: str, method: s
                 n_extra = extra_samples_needed(cfg, n_edit, n_pairs) if "pairs" in settings else 0
                 extra = None
                 if n_extra:
-                    from jaxedit.detox.common import stage_scorer
-
                     extra = draw_pair_samples(model, tokenizer, cfg, out, stage_scorer(cfg, out), n_extra)
                 pairs = sample_pairs(out, n_pairs, extra) if n_pairs else []
                 info.update(extra_samples=n_extra)

@@ -22,8 +22,6 @@ from __future__ import annotations
 import time
 from typing import Optional
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxedit import runtime
@@ -55,11 +53,6 @@ def parse_threshold(value):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
         raise JaxeditError(f"null_space_threshold must be a positive number or energy:F (got {value!r})")
     return "absolute", float(value)
-
-
-@jax.jit
-def _eigh(C):  # the device eigendecomposition P was once made with (jaxedit.planning still sizes it)
-    return jnp.linalg.eigh(C)
 
 
 def null_space_projector(C, threshold=DEFAULT_THRESHOLD, *, layer=None):
