@@ -331,7 +331,10 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
                 + (f", {cfg.eval_samples * n_held} on held-out prompts" if n_held else "")
                 + (f", {cfg.factual_samples} per factual prompt ({cfg.factual_samples * facts})" if facts else "")
                 + ", perplexities")
-        lines.append(f"evaluate: {plural(1 + n_runs + len(more), 'model')} (the unedited one and every run): {each}")
+        evaluated = {r["run"] for r in read_rows(os.path.join(out, "runs.jsonl"))} if have("runs.jsonl") else set()
+        before = sum(rid in evaluated for rid in ["base"] + grid + method_ids)
+        lines.append(f"evaluate: {plural(1 + n_runs + len(more), 'model')} (the unedited one and every run): {each}"
+                     + (f"; {before} evaluated earlier" if before else ""))
     if "report" in stages:
         lines.append("report: table1, table2, summary, table_methods, aie_layers, frontier")
     units = {}
@@ -344,7 +347,6 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
         units["edit"] = n_runs - done
         units["edit-methods"] = sum(not edited_run(rid) for rid in method_ids)
     if "evaluate" in stages:
-        evaluated = {r["run"] for r in read_rows(os.path.join(out, "runs.jsonl"))} if have("runs.jsonl") else set()
         units["evaluate"] = sum(rid not in evaluated for rid in ["base"] + grid + method_ids)
     sizes = plan_sizes(cfg, out, stages, n, sel, more, edited_run, units)
     lines += estimate_lines(cfg, units, setup, config, sizes)
