@@ -7,8 +7,9 @@ of the same programs (``jaxedit.plan``: XLA's analysis of the compiled programs,
 
 Steps (``--steps``, in this order): ``load`` (``jaxedit info``: reading the checkpoint), ``trace`` (one 10-token
 prompt, hidden/mlp/attn, 10 noisy samples), ``saliency`` (one prompt), ``stats`` (key statistics of 5 layers from
-1,000 texts of 128 tokens, streamed from a local file), ``edit`` (one MEMIT edit, its statistics from the stats
-step's cache), ``alphaedit`` (one AlphaEdit batch), ``localize`` (the detox study's localize stage on 4 prompts).
+1,000 texts of 128 tokens, streamed from a local file; ``--stats-texts`` for fewer), ``edit`` (one MEMIT edit,
+its statistics from the stats step's cache), ``alphaedit`` (one AlphaEdit batch),
+``localize`` (the detox study's localize stage on 4 prompts, after its select stage, which is not measured).
 Batch sizes come from the plan at ``--budget`` bytes (default 20 GiB): the rows of each program that fit, capped at
 ``--max-batch``; the script prints which. Swap is checked before each step (``/proc/meminfo``) and reported.
 
@@ -138,13 +139,16 @@ def main():
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--no-plan", action="store_true", help="measure only")
+    ap.add_argument("--stats-texts", type=int, default=1000,
+                    help="texts of the key statistics (stats, edit, alphaedit); the pass streams them in batches, so "
+                         "fewer texts change the time in proportion, not the peak memory")
     args = ap.parse_args()
     steps = [s for s in STEPS if s in args.steps.split(",")]
     os.makedirs(args.work, exist_ok=True)
     env = dict(os.environ, JAXEDIT_CACHE=os.path.abspath(os.path.join(args.work, "cache")))
     os.environ.update(env)
     jaxedit_cmd = [sys.executable, "-m", "jaxedit.cli.main"]
-    corpus = write_corpus(os.path.join(args.work, "corpus.txt"))
+    corpus = write_corpus(os.path.join(args.work, "corpus.txt"), n=max(args.stats_texts, 1))
     edits = os.path.join(args.work, "edits.jsonl")
     with open(edits, "w") as f:
         f.write(json.dumps({"prompt": PROMPT, "subject": SUBJECT, "target": " Rome"}) + "\n")
@@ -176,7 +180,11 @@ def main():
               f"(plan: {report['programs'].get('statistics', {}).get('rows_per_device')} fit; capped at "
               f"{args.max_batch}); trace, saliency, edit: one prompt / example / request", file=sys.stderr)
     common = ["--model", args.model, "--dtype", args.dtype]
-    stats_opts = ["--corpus", corpus, "--stats-samples", "1000", "--max-len", "128"]
+    stats_opts = ["--corpus", corpus, "--stats-samples", str(args.stats_texts), "--max-len", "128"]
+    # the study on 4 demo prompts, all selected (threshold 0: random weights make no toxic text) and none held out;
+    # the select stage runs first as its own command (not in the table), so the localize step measures localize
+    study = common + ["--prompts", "demo", "--limit", "4", "--select-threshold", "0", "--heldout-fraction", "0",
+                      "--out", os.path.join(args.work, "study")]
     cmds = {
         "load": ["info"] + common,
         "trace": ["trace"] + common + ["--prompt", PROMPT, "--subject", SUBJECT, "--out",
@@ -188,20 +196,26 @@ def main():
                                      os.path.join(args.work, "edited")] + stats_opts,
         "alphaedit": ["edit", "--method", "alphaedit"] + common + ["--requests", edits, "--layers", lay, "--out",
                                                                    os.path.join(args.work, "alpha")] + stats_opts,
-        "localize": ["detox"] + common + ["--prompts", "demo", "--stage", "localize", "--out",
-                                          os.path.join(args.work, "study")],
+        "localize": ["detox"] + study + ["--stage", "localize"],
     }
     results = []
     for step in steps:
         cmd = jaxedit_cmd + cmds[step]
+        if step == "localize":
+            pre = run_child(jaxedit_cmd + ["detox"] + study + ["--stage", "select"],
+                            os.path.join(args.work, "select.log"))
+            print(f"select (before localize): {pre['wall_s']:.0f} s, exit {pre['rc']}", file=sys.stderr, flush=True)
         swap0 = swap_used()
         print(f"{step}: {shlex.join(['jaxedit'] + cmds[step])}", file=sys.stderr, flush=True)
         r = run_child(cmd, os.path.join(args.work, f"{step}.log"))
         r.update(step=step, cmd=shlex.join(["jaxedit"] + cmds[step]), swap=swap_used() - swap0)
         progs = [p for p in STEP_PROGRAMS[step] if report and p in report["programs"]]
         if progs:
-            r["plan"] = max(report["programs"][p]["peak"] for p in progs) + base
-            r["plan_programs"] = {p: report["programs"][p]["peak"] for p in progs}
+            peaks = {p: report["programs"][p]["peak"] for p in progs}
+            if step == "alphaedit" and report.get("host_eigh_bytes"):  # on CPU the host is the device
+                peaks["eigendecomposition (host)"] = report["parameters_per_device"] + report["host_eigh_bytes"]
+            r["plan"] = max(peaks.values()) + base
+            r["plan_programs"] = peaks
         results.append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)
     with open(os.path.join(args.work, "results.json"), "w") as f:

@@ -109,10 +109,23 @@ def read(command: str) -> dict:
         return {}
 
 
+def machine_shared() -> bool:
+    """Whether other work shares this machine now: the 1-minute load average above the CPU count plus one (a stage
+    running alone keeps it near the CPU count at most). ``$JAXEDIT_MACHINE_SHARED`` ("0" / "1") overrides it."""
+    if os.environ.get("JAXEDIT_MACHINE_SHARED") in ("0", "1"):
+        return os.environ["JAXEDIT_MACHINE_SHARED"] == "1"
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1) + 1
+    except OSError:  # no load average on this platform
+        return False
+
+
 def store(command: str, key: str, stage: str, rec: dict, unit_size: float = 1.0) -> None:
     """Keep ``rec`` (from :func:`measured`) as ``stage``'s calibration under ``key``: the first unit's seconds, the
     seconds per later unit (a run with one unit only keeps the earlier rate, rescaled to this unit size, when there
-    is one) and the unit size it was measured at."""
+    is one) and the unit size it was measured at. A measurement taken while other work shared the machine
+    (:func:`machine_shared`) does not replace a faster one: a busy hour would otherwise make every later estimate
+    several times too long; it is kept, marked ``"shared"``, only where it is the first or faster."""
     allc = read(command)
     entry = allc.setdefault(key, {})
     old = entry.get(stage, {})
@@ -123,8 +136,12 @@ def store(command: str, key: str, stage: str, rec: dict, unit_size: float = 1.0)
         per = old["per_unit"] * unit_size / old["unit_size"]
     else:
         per = first
+    shared = machine_shared()
+    if shared and old.get("per_unit") and old.get("unit_size") and \
+            old["per_unit"] * unit_size / old["unit_size"] <= per:
+        return
     entry[stage] = {"first": round(rec["first"], 2), "first_units": rec["first_units"], "per_unit": round(per, 3),
-                    "unit_size": unit_size, "date": time.strftime("%Y-%m-%d")}
+                    "unit_size": unit_size, "date": time.strftime("%Y-%m-%d"), **({"shared": True} if shared else {})}
     try:
         os.makedirs(os.path.dirname(_path(command)), exist_ok=True)
         write_json(_path(command), allc)

@@ -266,6 +266,8 @@ def hf_logits(model, ids, mask=None):
 # the commands' heartbeat ("still working" lines after 4 s of silence) is off in the test process, where a slow
 # step on a loaded machine would add a line to a command's exact output; its own tests turn it on
 os.environ["JAXEDIT_HEARTBEAT_SECS"] = "0"
+# the time calibrations a command stores do not depend on how loaded the machine is (its own test turns this off)
+os.environ["JAXEDIT_MACHINE_SHARED"] = "0"
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -230,3 +230,30 @@ def test_detox_aura_runs_are_priced_by_their_texts(tiny_dirs):
     assert fixed == 0.0 and per == pytest.approx((40 * seq + 2 * 30 * seq) / 2, rel=1e-12)
     fixed, _ = estimate.stage_flops(cfg, config, "edit-methods", dict(sizes, extra_samples=8))
     assert fixed == pytest.approx(8 * 3 * seq, rel=1e-12)  # 8 more samples for each of the 3 edited prompts
+
+
+def test_calibration_keeps_a_faster_rate_on_a_shared_machine(tmp_path, monkeypatch):
+    """A stage timed while other work held the machine (load average above the CPUs + 1) does not replace a faster
+    rate; timed alone it does, and a slower shared rate is kept where there is nothing to compare it with."""
+    monkeypatch.setenv("JAXEDIT_CACHE", str(tmp_path))
+    monkeypatch.delenv("JAXEDIT_MACHINE_SHARED")
+    load = {"now": 0.5}
+    monkeypatch.setattr(calibration.os, "getloadavg", lambda: (load["now"], 0.0, 0.0))
+    monkeypatch.setattr(calibration.os, "cpu_count", lambda: 2)
+    rec = lambda per: {"first": 10.0, "first_units": 1, "rest": 4 * per, "rest_units": 4}  # noqa: E731
+    per = lambda: calibration.read("t")["k"]["s"]["per_unit"]  # noqa: E731
+
+    load["now"] = 6.0  # shared, nothing stored yet: kept, marked
+    calibration.store("t", "k", "s", rec(50.0))
+    assert per() == 50.0 and calibration.read("t")["k"]["s"]["shared"] is True
+    load["now"] = 1.8  # alone: replaces it
+    calibration.store("t", "k", "s", rec(8.0))
+    assert per() == 8.0 and "shared" not in calibration.read("t")["k"]["s"]
+    load["now"] = 3.5  # shared and slower (the same work per unit at twice the unit size: 16 s is not slower)
+    calibration.store("t", "k", "s", rec(40.0), unit_size=2.0)
+    assert per() == 8.0
+    calibration.store("t", "k", "s", rec(12.0), unit_size=2.0)  # shared but faster per unit of work: kept
+    assert per() == 12.0 and calibration.read("t")["k"]["s"]["unit_size"] == 2.0
+    load["now"] = 0.2  # alone and slower: an honest measurement of this machine now, kept
+    calibration.store("t", "k", "s", rec(30.0), unit_size=2.0)
+    assert per() == 30.0
