@@ -693,6 +693,9 @@ def optimize_targets(model, tokenizer, reqs, mode: str, hp: EditHparams, layers,
     mode_z = "unlikelihood" if mode == "delete" and hp.delete_objective == "unlikelihood" else mode
     parts = []
     for c0 in range(0, n_pad, chunk):
+        if n_pad > chunk and c0 < n:  # progress where the requests take several calls
+            runtime.stage(f"target vectors: requests {c0 + 1}-{min(c0 + chunk, n)} of {n} ({chunk} per call, as "
+                          f"the memory budget allows)")
         rows_c = slice(c0 * R, (c0 + chunk) * R)
         kp = key_pos[rows_c]
         hid = apply_jit(cfg, params, put(ids[rows_c]), put(mask[rows_c]), capture=("hidden", "mlp"), num_layers=L + 1)
