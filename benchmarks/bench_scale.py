@@ -39,7 +39,7 @@ STEPS = ("load", "trace", "saliency", "stats", "edit", "alphaedit", "localize")
 # which plan programs a step runs (its peak is the largest of them)
 STEP_PROGRAMS = {"load": (), "trace": ("trace",), "saliency": ("saliency",), "stats": ("statistics",),
                  "edit": ("z step", "solve", "update"), "alphaedit": ("z step", "solve", "update", "projected solve"),
-                 "localize": ("trace",)}
+                 "localize": ("trace", "saliency")}  # the localize stage also ranks layers by saliency
 
 
 def run_child(cmd: list, log: str) -> dict:
@@ -142,6 +142,9 @@ def main():
     ap.add_argument("--stats-texts", type=int, default=1000,
                     help="texts of the key statistics (stats, edit, alphaedit); the pass streams them in batches, so "
                          "fewer texts change the time in proportion, not the peak memory")
+    ap.add_argument("--null-space-threshold", default="0.02",
+                    help="alphaedit's (the published absolute 0.02 refuses a random model's full-rank statistics "
+                         "whose smallest eigenvalue is above it: give energy:0.99 then)")
     args = ap.parse_args()
     steps = [s for s in STEPS if s in args.steps.split(",")]
     os.makedirs(args.work, exist_ok=True)
@@ -195,7 +198,9 @@ def main():
         "edit": ["edit"] + common + ["--requests", edits, "--layers", lay, "--out",
                                      os.path.join(args.work, "edited")] + stats_opts,
         "alphaedit": ["edit", "--method", "alphaedit"] + common + ["--requests", edits, "--layers", lay, "--out",
-                                                                   os.path.join(args.work, "alpha")] + stats_opts,
+                                                                   os.path.join(args.work, "alpha"),
+                                                                   "--null-space-threshold",
+                                                                   args.null_space_threshold] + stats_opts,
         "localize": ["detox"] + study + ["--stage", "localize"],
     }
     results = []
