@@ -130,6 +130,10 @@ def test_nas_in_a_sequence_is_measured_once_and_kept(tiny_dirs, tmp_path):
     want = ed.vstar_mean_norm(model, tok, ed.parse_requests(REQS[:2], tok, "edit"), hp, tuple(layers))
     assert rep["nas_mean_norm"] == pytest.approx(want["mean_norm"], rel=1e-5)
     assert json.load(open(tmp_path / "seq" / "sequence.json"))["nas_mean_norm"] == rep["nas_mean_norm"]
+    for b in rep["batches"]:  # each batch says which of its targets NAS wrote, against v*'s norm and the mean
+        nas = b["parts"][0]["nas"]
+        assert nas["mean_norm"] == rep["nas_mean_norm"] and len(nas["written"]) == len(nas["vstar_norm"]) == 1
+        assert nas["written"][0] == (nas["vstar_norm"][0] <= 2 * nas["mean_norm"])
     again, rep2 = jaxedit.edit_sequential(model, REQS[:2], out=out, **kw)  # everything done: kept, not remeasured
     assert rep2["nas_mean_norm"] == rep["nas_mean_norm"]
     res = CliRunner().invoke(cli, ["edit", "--model", tiny_dirs["gpt2"][0], "--requests", "demo", "--method",

@@ -317,7 +317,8 @@ def edit_sequential(model, requests, *, tokenizer=None, method: str = "alphaedit
                     "mode": mode, "layers_report": rep["layers_report"],
                     "loss_last": [r["loss_last"] for r in rep["requests"]],
                     "objective_last": [r["objective_last"] for r in rep["requests"]],
-                    "steps": [r["steps"] for r in rep["requests"]]})
+                    "steps": [r["steps"] for r in rep["requests"]],
+                    **({"nas": rep["nas"]} if rep.get("nas") else {})})  # NAS: which targets were written
             entry["seconds"] = time.perf_counter() - tb
             batch_reports.append(entry)
             done = b + 1
