@@ -248,6 +248,7 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
     study folder only."""
     import dataclasses
     import json
+
     have = lambda name: os.path.isfile(os.path.join(out, name))  # noqa: E731
     lines = [f"plan for {out}/ with {cfg.model}"
              + (f" ({config.n_layers} layers)" if config is not None else " (layers: known once the model loads)")]

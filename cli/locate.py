@@ -274,6 +274,7 @@ def saliency(model_name, prompt, target, batch_file, out, top, dtype, skip_bad, 
     mean) and saliency.png/pdf (bars).
     """
     import math
+
     if (prompt is None) == (batch_file is None):
         raise JaxeditError("give either --prompt or --batch FILE")
     if batch_file:

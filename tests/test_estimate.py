@@ -249,7 +249,7 @@ def test_calibration_keeps_a_faster_rate_on_a_shared_machine(tmp_path, monkeypat
     load["now"] = 1.8  # alone: replaces it
     calibration.store("t", "k", "s", rec(8.0))
     assert per() == 8.0 and "shared" not in calibration.read("t")["k"]["s"]
-    load["now"] = 3.5  # shared and slower (the same work per unit at twice the unit size: 16 s is not slower)
+    load["now"] = 3.5  # shared and slower: 40 s per unit of size 2 against the stored 8 s per unit of size 1 (16 s)
     calibration.store("t", "k", "s", rec(40.0), unit_size=2.0)
     assert per() == 8.0
     calibration.store("t", "k", "s", rec(12.0), unit_size=2.0)  # shared but faster per unit of work: kept

@@ -110,6 +110,44 @@ def test_plan_bytes_equal_the_library_programs(tiny_dirs, tokenizer):
     assert got["trace"][1]["argument"] >= params  # the weights are arguments of the programs that run the model
 
 
+def test_projected_solve_and_host_eigendecomposition(tiny_dirs):
+    """AlphaEdit's projected solve: the plan's abstract program has the bytes of the solve AlphaEdit runs with P and
+    C_p; the projector's float64 eigendecomposition runs on the host, where the plan's 44 d_ff^2 bytes bound the
+    peak the kernel measures (VmHWM reset before the call) and are within 25 % of it."""
+    import jax
+
+    from jaxedit.edit.alphaedit import null_space_projector
+    from jaxedit.edit.memit import _solve_f32
+
+    model, _ = jaxedit.load(tiny_dirs["gpt2"][0])
+    cfg = model.config
+    f, d = cfg.d_ff, cfg.d_model
+    settings = planner.settings_of(cfg, {})
+    got = planner.program_bytes(cfg, {"data": 1, "model": 1}, settings, ("projected solve",), rows=(1,))
+    n = int(settings["requests"])
+    real = jax.jit(_solve_f32).lower(np.ones((f, n), np.float32), np.ones((d, n), np.float32), np.float32(10.0),
+                                     None, np.eye(f, dtype=np.float32), np.zeros((f, f), np.float32)).compile()
+    assert got["projected solve"][1] == _analysis(real)
+    assert got["host_eigh_bytes"] == 44 * f * f
+
+    if not os.access("/proc/self/clear_refs", os.W_OK):
+        pytest.skip("no /proc/self/clear_refs to reset the peak resident memory")
+    F = 1536
+    C = np.random.default_rng(0).standard_normal((F, 400)).astype(np.float32)
+    C = C @ C.T / 400
+
+    def hwm():
+        with open("/proc/self/status") as st:
+            return int(st.read().split("VmHWM:")[1].split()[0]) * 1024
+
+    with open("/proc/self/clear_refs", "w") as cr:
+        cr.write("5")
+    base = hwm()
+    null_space_projector(C, 0.02)
+    used = hwm() - base
+    assert 0.75 * 44 * F * F <= used <= 44 * F * F, used / F / F
+
+
 def test_plan_refusals_without_compiling():
     """Weights over the usable memory: refused before anything is compiled, naming the smallest model axis whose
     weights fit; unknown options are refused with the closest names."""
