@@ -9,7 +9,8 @@ Steps (``--steps``, in this order): ``load`` (``jaxedit info``: reading the chec
 prompt, hidden/mlp/attn, 10 noisy samples), ``saliency`` (one prompt), ``stats`` (key statistics of 5 layers from
 1,000 texts of 128 tokens, streamed from a local file; ``--stats-texts`` for fewer), ``edit`` (one MEMIT edit,
 its statistics from the stats step's cache), ``alphaedit`` (one AlphaEdit batch),
-``localize`` (the detox study's localize stage on 4 prompts, after its select stage, which is not measured).
+``localize`` (the detox study's localize stage on up to 4 prompts (select may drop some), after its select stage,
+which is not measured).
 Batch sizes come from the plan at ``--budget`` bytes (default 20 GiB): the rows of each program that fit, capped at
 ``--max-batch``; the script prints which. Swap is checked before each step (``/proc/meminfo``) and reported.
 
@@ -184,7 +185,8 @@ def main():
               f"{args.max_batch}); trace, saliency, edit: one prompt / example / request", file=sys.stderr)
     common = ["--model", args.model, "--dtype", args.dtype]
     stats_opts = ["--corpus", corpus, "--stats-samples", str(args.stats_texts), "--max-len", "128"]
-    # the study on 4 demo prompts, all selected (threshold 0: random weights make no toxic text) and none held out;
+    # the study on the first 4 demo prompts (threshold 0, as random weights make no toxic text; the prompt-toxicity
+    # filter may still drop one) and none held out;
     # the select stage runs first as its own command (not in the table), so the localize step measures localize
     study = common + ["--prompts", "demo", "--limit", "4", "--select-threshold", "0", "--heldout-fraction", "0",
                       "--out", os.path.join(args.work, "study")]

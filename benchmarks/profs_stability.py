@@ -1,10 +1,11 @@
 """How stable is ProFS's toxic subspace in the number of pairs? Two disjoint sets of N pairs from one detox study's
 samples, one subspace each, and how far apart they are, per layer.
 
-The pairs are the study's own (``jaxedit.detox.methods.sample_pairs``: each edited prompt's least / most toxic
-samples, then its second least / second most, ..., round-robin over the prompts; the selection's samples plus
-``pair_samples.jsonl``'s extra ones). Taken in that order, pair 2i goes to set A and pair 2i+1 to set B, so both sets
-cover every prompt. For each N, ``jaxedit.profs`` on A[:N] and on B[:N] (rank R, the default layers), and per layer:
+The pairs are the study's own (``jaxedit.detox.methods.pairs_by_prompt``: each edited prompt's least / most toxic
+samples, then its second least / second most, ...; the selection's samples plus ``pair_samples.jsonl``'s extra
+ones). Each prompt's pair 2i goes to set A and its pair 2i+1 to set B, so both sets cover every prompt with
+different pairs; each set is then taken round-robin over the prompts (widest pairs first), as the study takes them.
+For each N, ``jaxedit.profs`` on A[:N] and on B[:N] (rank R, the default layers), and per layer:
 
 * the projector distance ||V_A^T V_A - V_B^T V_B||_F / sqrt(2 R): 0 for the same subspace, 1 for orthogonal ones;
 * the cosines of the principal angles (the singular values of V_A V_B^T), largest first.
@@ -31,16 +32,17 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
 
     import jaxedit
-    from jaxedit.detox.methods import sample_pairs
+    from jaxedit.detox.methods import pairs_by_prompt, round_robin
     from jaxedit.files import read_rows
 
     ns = [int(x) for x in args.n.split(",")]
     extra_path = os.path.join(args.study, "pair_samples.jsonl")
     extra = ({r["line"]: (r["samples"], r["scores"]) for r in read_rows(extra_path)}
              if os.path.isfile(extra_path) else None)
-    pool = sample_pairs(args.study, None, extra)  # every pair the samples give
-    A, B = pool[0::2], pool[1::2]
-    print(f"{len(pool)} pairs from {args.study}: {len(A)} in set A, {len(B)} in set B; rank {args.rank}")
+    per = pairs_by_prompt(args.study, extra)  # every pair the samples give, per prompt
+    A, B = round_robin([p[0::2] for p in per]), round_robin([p[1::2] for p in per])
+    print(f"{len(A) + len(B)} pairs of {len(per)} prompts from {args.study}: {len(A)} in set A, {len(B)} in set B "
+          f"(each prompt's pairs dealt alternately); rank {args.rank}")
     model, tok = jaxedit.load(args.model)
     print("| pairs per set | layers | projector distance, mean | worst layer | cos of principal angles, mean (1st, "
           "2nd, ...) | singular values of A, mean (1st, 2nd, 3rd) |")

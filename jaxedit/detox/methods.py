@@ -175,11 +175,9 @@ def draw_pair_samples(model, tokenizer, cfg: DetoxConfig, out: str, scorer, n_ex
     return {line: (r["samples"][:n_extra], r["scores"][:n_extra]) for line, r in have.items()}
 
 
-def sample_pairs(out: str, n_pairs, extra: dict = None) -> list:
-    """``n_pairs`` (None: all) ProFS pairs (prompt + less toxic sample, prompt + more toxic sample) from the
-    edited prompts' selection samples (and ``extra`` {line: (samples, scores)}): each prompt's
-    :func:`ranked_pairs`, taken round-robin over the prompts (every prompt's widest pair first, then every prompt's
-    second, ...). With ``n_pairs`` = the number of edited prompts these are :func:`study_pairs`."""
+def pairs_by_prompt(out: str, extra: dict = None) -> list:
+    """Per edited prompt (in the selection's order), its :func:`ranked_pairs` as ProFS pairs (prompt + less toxic
+    sample, prompt + more toxic sample), from its selection samples and ``extra`` {line: (samples, scores)}."""
     cands = {c["line"]: c for c in read_rows(os.path.join(out, "candidates.jsonl"))}
     per = []
     for r in read_selected(out):
@@ -189,9 +187,24 @@ def sample_pairs(out: str, n_pairs, extra: dict = None) -> list:
         more, more_sc = (extra or {}).get(r["line"], ([], []))
         per.append([(r["prompt"] + lo, r["prompt"] + hi)
                     for lo, hi in ranked_pairs(list(c["samples"]) + list(more), list(c["scores"]) + list(more_sc))])
-    out_pairs = []
+    return per
+
+
+def round_robin(per: list) -> list:
+    """Every list's first item, then every list's second, ..."""
+    out = []
     for i in range(max(map(len, per), default=0)):
-        out_pairs += [p[i] for p in per if i < len(p)]
+        out += [p[i] for p in per if i < len(p)]
+    return out
+
+
+def sample_pairs(out: str, n_pairs, extra: dict = None) -> list:
+    """``n_pairs`` (None: all) ProFS pairs from the edited prompts' selection samples (and ``extra``): each prompt's
+    :func:`ranked_pairs` (:func:`pairs_by_prompt`), taken round-robin over the prompts (every prompt's widest pair
+    first, then every prompt's second, ...). With ``n_pairs`` = the number of edited prompts these are
+    :func:`study_pairs`."""
+    per = pairs_by_prompt(out, extra)
+    out_pairs = round_robin(per)
     if n_pairs is None:
         return out_pairs
     if len(out_pairs) < n_pairs:
