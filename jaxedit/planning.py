@@ -343,18 +343,18 @@ def program_bytes(cfg: ModelConfig, sizes: dict, settings: dict, programs=PROGRA
         analyse("z step", zstep)
 
     row_spec = P("model", None) if (m > 1 and f % m == 0) else P()
-    if "solve" in programs:
+    square = sds((f, f), jnp.float32)
+
+    def lower_solve(N, M, Cp):  # memit.solve_update's device program, replicated, dW placed by rows
         n = int(settings["requests"])
+        args = (sds((f, n), jnp.float32), sds((d, n), jnp.float32), sds((), jnp.float32), N, M, Cp)
+        if mesh is None:
+            return jax.jit(_solve_f32).lower(*args)
+        r = NamedSharding(mesh, P())
+        return jax.jit(_solve_f32, in_shardings=r, out_shardings=(NamedSharding(mesh, row_spec), r)).lower(*args)
 
-        def solve(_):
-            args = (sds((f, n), jnp.float32), sds((d, n), jnp.float32), sds((), jnp.float32),
-                    sds((f, f), jnp.float32), None, None)
-            if mesh is None:
-                return jax.jit(_solve_f32).lower(*args)
-            r = NamedSharding(mesh, P())
-            return jax.jit(_solve_f32, in_shardings=r, out_shardings=(NamedSharding(mesh, row_spec), r)).lower(*args)
-
-        analyse("solve", solve)
+    if "solve" in programs:  # MEMIT's: N = C
+        analyse("solve", lambda _: lower_solve(square, None, None))
 
     if "update" in programs:
         w = params["blocks"]["w_out"]
@@ -368,18 +368,8 @@ def program_bytes(cfg: ModelConfig, sizes: dict, settings: dict, programs=PROGRA
 
         analyse("update", update)
 
-    if "projected solve" in programs:  # AlphaEdit's solve: MEMIT's with P and C_p (d_ff x d_ff each) on the device
-        n = int(settings["requests"])
-
-        def projected(_):
-            args = (sds((f, n), jnp.float32), sds((d, n), jnp.float32), sds((), jnp.float32), None,
-                    sds((f, f), jnp.float32), sds((f, f), jnp.float32))
-            if mesh is None:
-                return jax.jit(_solve_f32).lower(*args)
-            r = NamedSharding(mesh, P())
-            return jax.jit(_solve_f32, in_shardings=r, out_shardings=(NamedSharding(mesh, row_spec), r)).lower(*args)
-
-        analyse("projected solve", projected)
+    if "projected solve" in programs:  # AlphaEdit's: M = P and C_p (d_ff x d_ff each) on the device
+        analyse("projected solve", lambda _: lower_solve(None, square, square))
         out["host_eigh_bytes"] = HOST_EIGH_F2_BYTES * f * f
     return out
 

@@ -352,27 +352,20 @@ def optimize_deltas(cfg: ModelConfig, params, h, mask, key_pos, logit_pos, tok_i
 
 # ---- keys and current z on the (partially edited) model ----
 
-@partial(jax.jit, static_argnames=("cfg", "stop"))
-def _keys_and_hidden(cfg, params, ids, mask, pos, layer, *, stop: int):
-    """Keys at ``layer`` and the output of layer ``stop - 1`` at the positions ``pos`` [B]."""
-    out = apply(cfg, params, ids, mask, capture=("hidden", "keys"), num_layers=stop)
-    rows = jnp.arange(ids.shape[0])
-    return out.keys[rows, layer, pos], out.hidden[rows, stop - 1, pos]
+@partial(jax.jit, static_argnames=("cfg", "start", "stop"))
+def _keys_and_hidden(cfg, params, ids, mask, pos, layer, h=None, *, start: int = 0, stop: int):
+    """Keys at ``layer`` and the output of layer ``stop - 1`` at the positions ``pos`` [B]; with ``start`` > 0 from
+    ``h``, the output of block ``start - 1`` (the blocks before it are not run; ``ids`` unused)."""
+    out = apply(cfg, params, None if start else ids, mask, capture=("hidden", "keys"), num_layers=stop,
+                start_layer=start, hidden_in=h)
+    rows = jnp.arange(mask.shape[0])
+    return out.keys[rows, layer - start, pos], out.hidden[rows, stop - 1 - start, pos]
 
 
 @partial(jax.jit, static_argnames=("cfg", "stop"))
 def _hidden_before(cfg, params, ids, mask, *, stop: int):
     """The output of block ``stop - 1`` at every position [B, T, d]."""
     return apply(cfg, params, ids, mask, capture=("hidden",), num_layers=stop).hidden[:, -1]
-
-
-@partial(jax.jit, static_argnames=("cfg", "start", "stop"))
-def _keys_and_hidden_from(cfg, params, h, mask, pos, layer, *, start: int, stop: int):
-    """:func:`_keys_and_hidden` from ``h``, the output of block ``start - 1`` (the blocks before it are not run)."""
-    out = apply(cfg, params, None, mask, capture=("hidden", "keys"), num_layers=stop, start_layer=start,
-                hidden_in=h)
-    rows = jnp.arange(h.shape[0])
-    return out.keys[rows, layer - start, pos], out.hidden[rows, stop - 1 - start, pos]
 
 
 def _solve_f32(K, R, ridge, N, M, Cp):
@@ -499,11 +492,7 @@ def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers
     h0 = _hidden_before(cfg, params, kids, kmask, stop=start) if start > 0 else None
     for i, l in enumerate(layers):
         cur_params = dict(params, blocks=dict(blocks, w_out=w_out))
-        if h0 is None:
-            keys, hidden = to_host(_keys_and_hidden(cfg, cur_params, kids, kmask, kpos, l, stop=L + 1))
-        else:
-            keys, hidden = to_host(_keys_and_hidden_from(cfg, cur_params, h0, kmask, kpos, l, start=start,
-                                                         stop=L + 1))
+        keys, hidden = to_host(_keys_and_hidden(cfg, cur_params, kids, kmask, kpos, l, h0, start=start, stop=L + 1))
         keys = np.asarray(keys, np.float32).reshape(n, C, -1)
         K = 0.5 * keys[:, 0] + 0.5 * keys[:, 1:].mean(1) if C > 1 else keys[:, 0]  # [n, f]
         z_now = np.asarray(hidden, np.float32).reshape(n, C, -1)[:, 0]
