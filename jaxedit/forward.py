@@ -128,6 +128,30 @@ def block(cfg: ModelConfig, pl, x, positions, allowed, ivl=None, kv_prefix=None,
     return x, {"hidden": x, "attn": a, "mlp": m, "keys": key, "kv": own_kv}
 
 
+def scan_layers(step, carry, blocks, *, start: int = 0, stop: Optional[int] = None, xs=None):
+    """``jax.lax.scan`` of ``step`` over the layers ``start .. stop - 1`` of the stacked ``blocks``: ``step(carry,
+    pl)`` with one layer's parameters ``pl``, or ``step(carry, (pl, x))`` with ``xs`` (per-layer arrays, one per
+    layer of the range). A sub-range is indexed one layer at a time inside the loop: slicing the stack before the
+    scan (``a[start:stop]``) is a copy of those layers' weights that XLA materializes (2.2 GiB for the key
+    statistics of GPT-2-XL's first layers)."""
+    L = jax.tree.leaves(blocks)[0].shape[0]
+    stop = L if stop is None else stop
+    if start == 0 and stop == L:
+        return jax.lax.scan(step, carry, blocks if xs is None else (blocks, xs))
+
+    def body(c, inp):
+        i, x = inp
+        pl = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), blocks)
+        return step(c, pl if xs is None else (pl, x))
+
+    # differentiated (MEMIT's z step), the backward loop keeps only the matrix products' results and recomputes the
+    # rest, the layer's parameters included: by default the parameters, and what is computed from them, would be
+    # kept per layer (a stacked copy of the layers). Llama-3.2-1B's z step: 2.47 GiB of temporaries when sliced,
+    # 4.84 indexed, 0.34 indexed with this policy (XLA:CPU's memory analysis)
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_saveable)
+    return jax.lax.scan(body, carry, (jnp.arange(start, stop), xs))
+
+
 def embed(cfg: ModelConfig, params, input_ids, positions, iv: Optional[Interventions] = None):
     """Token embeddings (with the embedding intervention applied) plus position embeddings: the input of layer 0."""
     fam = FAMILY_MODULES[cfg.family]
@@ -179,10 +203,8 @@ def apply(cfg: ModelConfig, params, input_ids, attention_mask=None, intervention
         x, parts = block(cfg, pl, x, positions, allowed, ivl)
         return x, {n: parts[n] for n in layer_capture}
 
-    blocks, per_layer = params["blocks"], iv.per_layer()
-    if num_layers is not None or start_layer:
-        blocks, per_layer = jax.tree.map(lambda a: a[start_layer:num_layers], (blocks, per_layer))
-    x, caps = jax.lax.scan(step, x, (blocks, per_layer))
+    per_layer = jax.tree.map(lambda a: a[start_layer:num_layers], iv.per_layer())
+    x, caps = scan_layers(step, x, params["blocks"], start=start_layer, stop=num_layers, xs=per_layer)
     out = jax.tree.map(lambda v: jnp.moveaxis(v, 0, 1), caps)
     if num_layers is not None:
         logits = None

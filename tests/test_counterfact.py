@@ -175,22 +175,30 @@ def test_counterfact_matches_reference(models, tokenizer, name):
 
 
 @pytest.mark.parametrize("name", ["llama-gqa-untied", "gpt2"])
-@pytest.mark.parametrize("pack", [128, 16])
-def test_score_rows_against_torch_float64(models, tokenizer, name, pack):
+@pytest.mark.parametrize("pack,targets_per_pack", [(128, 32), (16, 32), (128, 2)])
+def test_score_rows_against_torch_float64(models, tokenizer, name, pack, targets_per_pack):
     """Rows packed as prefix trees (shared beginnings, a row that is the beginning of another, equal prompts with
-    other targets; ``pack=16`` splits them over several packed rows) score as each row alone in float64 torch."""
+    other targets; ``pack=16`` splits them over several packed rows, as does a bound of 2 target tokens per packed
+    row, which a 4-token target exceeds) score as each row alone in float64 torch."""
     model, ref = models[name]
     pairs = [("The Eiffel Tower is in", "Paris"), ("Miles Davis plays the", "trumpet and the guitar"),
              ("Miles Davis plays the", "guitar"), ("Miles Davis", "plays the trumpet"), ("The Eiffel Tower is", "in"),
              ("The city of", "Paris"), ("Miles Davis plays the", "trumpet and the guitar")]
     rows = [editing.prompt_target_ids(tokenizer, p, t) for p, t in pairs]
-    size = max(pack, max(len(p) + len(t) for p, t in rows))  # as score_rows makes it (up to the bucket)
-    packed = editing.pack_prefix_trees([p + t for p, t in rows[:-1]], size)
+    size = max(pack, max(len(p) + len(t) - 1 for p, t in rows))  # as score_rows makes it (up to the bucket)
+    packed = editing.pack_prefix_trees([p + t[:-1] for p, t in rows[:-1]], size)  # a target's last token not fed
     if pack == 128:
         assert len(packed) == 1 and len(packed[0][0]) < sum(len(p) + len(t) for p, t in rows[:-1])  # shared tokens
     else:
         assert len(packed) > 1 and all(len(tokens) <= size for tokens, _, _ in packed)
-    for (p, t), (nll, hit) in zip(rows, editing.score_rows(model, rows, pack=pack)):
+    if targets_per_pack == 2:
+        assert max(len(t) for _, t in rows) > 2
+        weights = [len(t) for _, t in rows[:-1]]
+        bounded = editing.pack_prefix_trees([p + t[:-1] for p, t in rows[:-1]], size, weights=weights,
+                                            max_weight=max(weights))
+        assert len(bounded) > 1 and all(sum(weights[i] for i in paths) <= max(weights) for _, _, paths in bounded)
+    for (p, t), (nll, hit) in zip(rows, editing.score_rows(model, rows, pack=pack,
+                                                           targets_per_pack=targets_per_pack)):
         assert nll.dtype == np.float64 and hit.dtype == bool and len(nll) == len(t)
         with torch.no_grad():
             logp = torch.log_softmax(ref(torch.tensor([p + t])).logits[0].double(), -1)

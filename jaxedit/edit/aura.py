@@ -46,7 +46,7 @@ from jaxedit.batching import pad_rows, round_up
 from jaxedit.calls import check_names, public
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
-from jaxedit.forward import FAMILY_MODULES, block, causal_allowed, embed, positions_from_mask
+from jaxedit.forward import FAMILY_MODULES, block, causal_allowed, embed, positions_from_mask, scan_layers
 from jaxedit.layer_selection import check_layers
 from jaxedit.model import model_from_params, params_of
 from jaxedit.sharding import mesh_of, padded, put_batch, to_host
@@ -160,8 +160,7 @@ def pooled_responses(cfg: ModelConfig, params, ids, mask, modules: tuple, poolin
         return y, {m: pool(_pre(cfg, pl, x, parts, m)) for m in modules}
 
     x = embed(cfg, params, ids, positions)
-    blocks = jax.tree.map(lambda a: a[:n_scan], params["blocks"])
-    _, out = jax.lax.scan(step, x, blocks)
+    _, out = scan_layers(step, x, params["blocks"], stop=n_scan)
     return out
 
 

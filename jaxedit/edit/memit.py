@@ -39,7 +39,7 @@ from jaxedit.calls import STATS_ALIASES, check_names, public
 from jaxedit.config import ModelConfig
 from jaxedit.edit.stats import layer_stats
 from jaxedit.errors import JaxeditError
-from jaxedit.forward import apply, apply_jit, block
+from jaxedit.forward import apply, apply_jit, block, scan_layers
 from jaxedit.generate import generate_ids
 from jaxedit.layer_selection import check_layers
 from jaxedit.model import model_from_params, params_of
@@ -280,7 +280,6 @@ def optimize_deltas(cfg: ModelConfig, params, h, mask, key_pos, logit_pos, tok_i
     """
     tx = optax.adam(lr)
     fam = FAMILY_MODULES[cfg.family]
-    later = jax.tree.map(lambda a: a[layer + 1:], params["blocks"])
 
     def one(h, mask, key_pos, logit_pos, tok_ids, tok_w, h_init):
         # Tokens before the key token do not see delta: their keys/values in the later blocks are computed once,
@@ -309,10 +308,11 @@ def optimize_deltas(cfg: ModelConfig, params, h, mask, key_pos, logit_pos, tok_i
         def logprobs(delta):
             def run(x0, idx, allowed, kv_rows):
                 def step(x, xs):
-                    pl, k, v = xs
-                    return block(cfg, pl, x, idx, allowed, kv_prefix=(k, v))[0], None
+                    pl, kv = xs
+                    return block(cfg, pl, x, idx, allowed, kv_prefix=kv)[0], None
 
-                return jax.lax.scan(step, x0.at[:, 0].add(delta.astype(h.dtype)), (later,) + kv_rows)[0]
+                return scan_layers(step, x0.at[:, 0].add(delta.astype(h.dtype)), params["blocks"],
+                                   start=layer + 1, xs=kv_rows)[0]
 
             head = lambda x: jax.nn.log_softmax(fam.lm_head(cfg, params, fam.final_norm(cfg, params, x)), -1)
             lp = head(jnp.take_along_axis(run(*parts[0]), at, 1))  # [rows, K, V]

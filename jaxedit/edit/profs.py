@@ -42,7 +42,7 @@ from jaxedit import runtime
 from jaxedit.batching import pad_rows, round_up
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
-from jaxedit.forward import block, causal_allowed, embed, positions_from_mask
+from jaxedit.forward import block, causal_allowed, embed, positions_from_mask, scan_layers
 from jaxedit.layer_selection import check_layers
 from jaxedit.model import model_from_params, params_of
 from jaxedit.sharding import mesh_of, padded, put_batch, to_host
@@ -111,7 +111,7 @@ def sentence_embeddings(cfg: ModelConfig, params, ids, mask, weight, padded_mode
     x = embed(cfg, params, ids, positions)
     blocks = params["blocks"]
     if padded_mode and cfg.family == "gpt2":
-        x, means = jax.lax.scan(step, x, jax.tree.map(lambda a: a[:-1], blocks))
+        x, means = scan_layers(step, x, blocks, stop=cfg.n_layers - 1)
         causal = causal_allowed(jnp.ones_like(mask))
         y, _ = block(cfg, jax.tree.map(lambda a: a[-1], blocks), x, positions, causal)
         means = jnp.concatenate([means, mean(y)[None]], 0)

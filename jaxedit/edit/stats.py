@@ -38,7 +38,7 @@ from jaxedit.batching import pad_rows, round_up
 from jaxedit.cache import cache_dir as default_cache_dir, code_fingerprint
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
-from jaxedit.forward import block, causal_allowed, embed, positions_from_mask
+from jaxedit.forward import block, causal_allowed, embed, positions_from_mask, scan_layers
 from jaxedit.generate import generate_ids
 from jaxedit.layer_selection import check_layers
 from jaxedit.model import params_of
@@ -201,8 +201,7 @@ def _accumulate(cfg: ModelConfig, params, ids, mask, acc, layers: tuple):
 
         return (x, jax.lax.cond(s >= 0, add, lambda a: a, acc)), None
 
-    blocks = jax.tree.map(lambda a: a[:stop], params["blocks"])
-    (_, acc), _ = jax.lax.scan(step, (x, acc), (blocks, jnp.asarray(slot)))
+    (_, acc), _ = scan_layers(step, (x, acc), params["blocks"], stop=stop, xs=jnp.asarray(slot))
     return acc
 
 

@@ -287,27 +287,38 @@ def _position_scores(cfg: ModelConfig, params, ids, mask, positions, targets):
 
 
 PACK = 128  # tokens per packed row of score_rows
+TARGETS_PER_PACK = 32  # target-token slots per packed row of score_rows (a row with a longer target gets more)
+# tokens per compiled call of score_rows on CPU: SmolLM2's forward took 0.181 s per 128 tokens in calls of 512-1,024
+# tokens, 0.201 s in calls of 4,096 and 0.211 s in calls of 8,192 (2 cores; benchmarks/bench_eval.py)
+CPU_TOKENS_PER_CALL = 1024
 
 
-def pack_prefix_trees(seqs: Sequence[Sequence[int]], size: int) -> list:
+def pack_prefix_trees(seqs: Sequence[Sequence[int]], size: int, weights: Optional[Sequence[int]] = None,
+                      max_weight: Optional[int] = None) -> list:
     """Token sequences packed into rows of at most ``size`` tokens, each row a forest of prefix trees: sequences
     sorted, then taken in order into the current row while the tokens it does not share with the sequence before it
-    still fit. Returns ``[(tokens, parents, paths), ...]``: the row's tokens, each token's parent index in the row
-    (-1 for a first token) and, per packed sequence (its index in ``seqs``), the row indices of its tokens."""
+    still fit (and, given ``weights`` and ``max_weight``, while the row's summed weights stay within ``max_weight``:
+    score_rows bounds a row's target tokens this way). Returns ``[(tokens, parents, paths), ...]``: the row's
+    tokens, each token's parent index in the row (-1 for a first token) and, per packed sequence (its index in
+    ``seqs``), the row indices of its tokens."""
     out, cur = [], None
     prev = ()
+    load = 0
     for i in sorted(range(len(seqs)), key=lambda i: tuple(seqs[i])):
         f = list(seqs[i])
+        w = weights[i] if weights is not None else 0
         shared = 0
         if cur is not None:
             while shared < min(len(f), len(prev)) and f[shared] == prev[shared]:
                 shared += 1
-            if len(cur[0]) + len(f) - shared > size:
+            if len(cur[0]) + len(f) - shared > size or (max_weight is not None and load + w > max_weight):
                 cur, shared = None, 0
         if cur is None:
             cur = ([], [], {})
             out.append(cur)
             prev_path = []
+            load = 0
+        load += w
         tokens, parents, paths = cur
         path = prev_path[:shared]
         for x in f[shared:]:
@@ -330,16 +341,18 @@ def tree_mask(parents: Sequence[int], size: int) -> np.ndarray:
 
 
 def score_rows(model, rows: Sequence[tuple], *, bucket: int = 16, memory_budget: Optional[float] = None,
-               pack: int = PACK) -> list:
+               pack: int = PACK, targets_per_pack: int = TARGETS_PER_PACK) -> list:
     """For each (prompt ids, target ids): (per-token NLL of the target after the prompt, per-token argmax hits),
     float64 / bool arrays. Equal rows are scored once (a stream's neighborhood facts recur). Rows are packed
     several to a row of ``pack`` tokens (``bucket``-rounded up to the longest row) as prefix trees: rows that begin
     with the same tokens share them, and each token attends only to its own row's earlier tokens, at its own
-    positions (:func:`pack_prefix_trees`); logits are computed only at the target positions. One compiled program
-    per (rows, targets per pack) shape."""
+    positions (:func:`pack_prefix_trees`); a target's last token is not fed (it is only a label); logits are
+    computed only at the target positions, at most ``targets_per_pack`` of them per packed row (more where one row's
+    target is longer). One compiled program per (rows, targets per pack) shape."""
     unique = list(dict.fromkeys((tuple(p), tuple(t)) for p, t in rows))
     if len(unique) < len(rows):
-        scored = dict(zip(unique, score_rows(model, unique, bucket=bucket, memory_budget=memory_budget, pack=pack)))
+        scored = dict(zip(unique, score_rows(model, unique, bucket=bucket, memory_budget=memory_budget, pack=pack,
+                                             targets_per_pack=targets_per_pack)))
         return [scored[(tuple(p), tuple(t))] for p, t in rows]
     cfg = model.config
     params = params_of(model)
@@ -353,15 +366,23 @@ def score_rows(model, rows: Sequence[tuple], *, bucket: int = 16, memory_budget:
                                f"{cfg.max_positions} positions")
     if not rows:
         return []
-    T = min(max(pack, round_up(max(map(len, full)), bucket)), cfg.max_positions)
-    packs = pack_prefix_trees(full, T)
-    # target positions per pack: the most any pack holds, rounded up to a power of two so that calls with other
-    # records (a growing set of edits) mostly reuse the compiled programs
-    K = 1 << (max(sum(len(rows[i][1]) for i in paths) for _, _, paths in packs) - 1).bit_length()
-    B = batch_rows(len(packs), rows_within(budget, (T * 8 * cfg.d_ff + T * T + K * 3 * cfg.vocab_size) * 4,
-                                           power_of_two=True))
-    out = [None] * len(rows)
+    # a target's last token is only read as a label, never fed: each row is packed as prompt + target[:-1]
+    fed = [f[:-1] for f in full]
+    T = min(max(pack, round_up(max(map(len, fed)), bucket)), cfg.max_positions)
+    n_targets = [len(t) for _, t in rows]
+    # target positions per pack: at most max(targets per pack, the longest row's target) rounded up to a power of
+    # two, so that calls with other records (a growing set of edits) mostly reuse the compiled programs; the LM head
+    # runs at every slot, so a pack closes when its targets would pass that bound (packs of 128 tokens hold ~17
+    # targets on average on the synthetic stream, up to 55 unbounded)
+    K = 1 << (max(max(n_targets), min(targets_per_pack, sum(n_targets))) - 1).bit_length()
+    packs = pack_prefix_trees(fed, T, weights=n_targets, max_weight=K)
+    most = [rows_within(budget, (T * 8 * cfg.d_ff + T * T + K * 3 * cfg.vocab_size) * 4, power_of_two=True)]
+    if jax.default_backend() == "cpu":  # smaller calls stay in the CPU's caches
+        most.append(rows_within(CPU_TOKENS_PER_CALL, T, power_of_two=True))
+    B = batch_rows(len(packs), *most)
+    out, pending = [None] * len(rows), []
     for chunk in batches(packs, B):
+        B = batch_rows(len(chunk), B)  # the last call no larger than it needs (another power of two)
         ids = np.zeros((B, T), np.int32)
         allowed = np.zeros((B, T, T), bool)
         allowed[:, np.arange(T), np.arange(T)] = True  # padding sees itself only
@@ -378,8 +399,11 @@ def score_rows(model, rows: Sequence[tuple], *, bucket: int = 16, memory_budget:
                 targets[b, k:k + len(t)] = t
                 where.append((i, b, k))
                 k += len(t)
-        nll, hit = jax.device_get(_position_scores(cfg, params, jnp.asarray(ids), jnp.asarray(allowed),
-                                                   jnp.asarray(positions), jnp.asarray(targets)))
+        # dispatched without waiting: the next call's inputs are built while this one runs
+        pending.append((where, _position_scores(cfg, params, jnp.asarray(ids), jnp.asarray(allowed),
+                                                jnp.asarray(positions), jnp.asarray(targets))))
+    for where, scores in pending:
+        nll, hit = jax.device_get(scores)
         for i, b, k in where:
             n = len(rows[i][1])
             out[i] = (np.asarray(nll[b, k:k + n], np.float64), np.asarray(hit[b, k:k + n]))
