@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -80,9 +81,14 @@ def save_native(model, tokenizer, path: str, extra: dict | None = None, orbax: b
         if orbax:
             import orbax.checkpoint as ocp
 
-            with ocp.StandardCheckpointer() as ckpt:
-                ckpt.save(os.path.join(tmp, "params"), params_of(model))
-                ckpt.wait_until_finished()
+            params = params_of(model)
+            # orbax reserves host memory for the arrays it writes at once; bounded by the largest array (it must
+            # fit), the host holds about one array's copy at a time: saving Llama-3.2-1B's shape (4.6 GiB) peaked
+            # at +2.4 GiB over the loaded model instead of +3.5 with orbax's default (96 GB)
+            largest = max(x.nbytes for x in jax.tree.leaves(params))
+            handler = ocp.StandardCheckpointHandler(save_concurrent_gb=max(1, math.ceil(largest / 1e9)))
+            with ocp.Checkpointer(handler) as ckpt:
+                ckpt.save(os.path.join(tmp, "params"), params)
         else:
             flat = {k: np.asarray(jax.device_get(v)) for k, v in flat_params(params_of(model)).items()}
             save_file(flat, os.path.join(tmp, "params.safetensors"))
