@@ -43,6 +43,20 @@ STEP_PROGRAMS = {"load": (), "trace": ("trace",), "saliency": ("saliency",), "st
                  "localize": ("trace", "saliency")}  # the localize stage also ranks layers by saliency
 
 
+def step_plan(step: str, report: dict, peaks: dict) -> int:
+    """The plan's peak for a step on CPU (where the host is the device): its largest program, plus the host memory
+    the plan counts beside the programs (``report["host"]``) that is alive at the same time. An edit holds the
+    statistics of its layers through the solves and then writes the model; AlphaEdit also holds its state (P, C_p)
+    and, while a projector is made, one layer's eigendecomposition."""
+    top, host, weights = max(peaks.values()), report.get("host") or {}, report["parameters_per_device"]
+    if step == "edit" and host:
+        return max(top + host["statistics"], weights + host["save"])
+    if step == "alphaedit" and host:
+        return (max(top, weights + host["eigendecomposition"], weights + host["save"]) + host["statistics"]
+                + host["alphaedit state"])
+    return top
+
+
 def run_child(cmd: list, log: str) -> dict:
     """Run ``cmd``; its wall time, exit status and peak RSS (bytes, from the kernel's accounting of that child)."""
     t0 = time.perf_counter()
@@ -219,9 +233,7 @@ def main():
         progs = [p for p in STEP_PROGRAMS[step] if report and p in report["programs"]]
         if progs:
             peaks = {p: report["programs"][p]["peak"] for p in progs}
-            if step == "alphaedit" and report.get("host_eigh_bytes"):  # on CPU the host is the device
-                peaks["eigendecomposition (host)"] = report["parameters_per_device"] + report["host_eigh_bytes"]
-            r["plan"] = max(peaks.values()) + base
+            r["plan"] = step_plan(step, report, peaks) + base
             r["plan_programs"] = peaks
         results.append(r)
         print(json.dumps(r), file=sys.stderr, flush=True)

@@ -8,7 +8,8 @@ with :func:`jaxedit.sharding.param_shardings`), compiles them, and reads ``compi
 output, temporary and aliased (donated) bytes. A program's peak per device = arguments + outputs + temporaries -
 aliased; programs that do not take the weights (the two solves) add the weights held on the device while they
 run. AlphaEdit's projector comes from a float64 eigendecomposition on the host, not compiled: its host memory is
-counted from d_ff (``host_eigh_bytes``).
+counted from d_ff (``host_eigh_bytes``), as are the other host-side terms (``host``: the statistics held through
+an edit, AlphaEdit's state, the buffers of writing the edited model).
 
 Each batched program is compiled for 1 and 2 rows per device (a row: a traced prompt, a saliency example, a text of
 the statistics pass, an edit request); the difference is the cost of a row, and the rows that fit are those whose
@@ -80,6 +81,12 @@ PROGRAMS = ("trace", "saliency", "statistics", "z step", "solve", "update", "pro
 # AlphaEdit's projector P comes from a float64 eigendecomposition of C on the host (alphaedit.null_space_projector):
 # C, its eigenvectors, P in float64 and LAPACK's dsyevd workspace (1 + 6 f + 2 f^2 doubles), and P in float32.
 HOST_EIGH_F2_BYTES = 8 * 5 + 4
+# Host memory no compiled program holds, counted from the shape (the "host" entry of the report):
+#   statistics: the key statistics C of every edited layer (d_ff^2 float32 each), held through an edit;
+#   alphaedit state: AlphaEdit's sequence state, P and C_p of every edited layer (2 d_ff^2 float32 each);
+#   eigendecomposition: HOST_EIGH_F2_BYTES d_ff^2 while one layer's projector is made;
+#   save: orbax's reservation for the arrays it writes at once (jaxedit.save bounds it by the largest array,
+#   rounded up to whole GB).
 UNITS = {"trace": "prompt", "saliency": "example", "statistics": "text", "z step": "request"}
 MAX_ROWS = 1 << 16
 
@@ -218,6 +225,18 @@ def param_bytes(cfg: ModelConfig, dtype: str, sizes: dict) -> tuple:
                 shape[i] = -(-shape[i] // m)
         per += int(np.prod(shape)) * a.dtype.itemsize
     return total, per
+
+
+def host_bytes(cfg: ModelConfig, settings: dict) -> dict:
+    """Host memory beside the compiled programs (see HOST_EIGH_F2_BYTES and the note above UNITS), in bytes."""
+    import jax
+    import numpy as np
+
+    f, n = cfg.d_ff, len(settings["layers"])
+    largest = max(int(np.prod(a.shape)) * a.dtype.itemsize
+                  for a in jax.tree.leaves(abstract_params(cfg, settings["dtype"])))
+    return {"statistics": 4 * n * f * f, "alphaedit state": 2 * 4 * n * f * f,
+            "eigendecomposition": HOST_EIGH_F2_BYTES * f * f, "save": max(1, math.ceil(largest / 1e9)) * 10**9}
 
 
 def _peak(m) -> dict:
@@ -451,6 +470,7 @@ def _summarize(name, cfg, settings, sizes, dev_name, dev_bytes, headroom, measur
             "mesh": mesh_name(sizes), "devices": sizes["data"] * sizes["model"], "parameters": int(total),
             "parameters_per_device": int(per), "programs": progs, "fits": bool(fits),
             "host_eigh_bytes": measured.get("host_eigh_bytes"),
+            "host": host_bytes(cfg, settings),
             "analysis": ("nothing compiled (the weights alone do not fit)" if platform == "none" else
                          "XLA:CPU (standing in for the accelerator)" if platform == "cpu" and not dev_name.startswith(
                              "cpu") else f"XLA:{platform.upper()}"),
@@ -549,9 +569,13 @@ def format_plan(report: dict) -> str:
                     + ("yes" if p["fits"] else "no") + " |")
     verdict = "fits" if report["fits"] else "does NOT fit"
     host = []
-    if report.get("host_eigh_bytes"):
-        host = ["", f"projected solve: AlphaEdit's projector P is made on the host (a float64 eigendecomposition of "
-                    f"C, one layer at a time): about {g(report['host_eigh_bytes'])} GiB of host memory"]
+    if report.get("host"):
+        h = report["host"]
+        host = ["", f"host memory beside the programs: the key statistics of the {len(report['settings']['layers'])} "
+                    f"edited layers, held through an edit, {g(h['statistics'])} GiB; AlphaEdit's state (P and C_p of "
+                    f"those layers) {g(h['alphaedit state'])} GiB; its projector's float64 eigendecomposition (one "
+                    f"layer at a time) {g(h['eigendecomposition'])} GiB; writing the edited model (orbax's buffers) "
+                    f"about {g(h['save'])} GiB"]
     return "\n".join([head, ""] + rows + host + ["", f"plan: {verdict}"])
 
 

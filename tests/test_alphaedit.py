@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import jaxedit
-from jaxedit import JaxeditError
+from jaxedit import JaxeditError, planning
 from jaxedit.edit import alphaedit as ae
 from jaxedit.edit import memit as ed
 
@@ -195,6 +195,11 @@ def test_sequential_equals_chained_calls(gpt2_tiny):
     stats = spectrum_stats(model.config.d_ff, (1, 2))
     e1, r1 = jaxedit.alphaedit(model, REQS4[:2], tokenizer=tok, stats=stats, l2=0.5, **HP)
     e2, r2 = jaxedit.alphaedit(e1, REQS4[2:], tokenizer=tok, state=r1["state"], l2=0.5, **HP)
+    # the plan's host terms are the bytes of the arrays an edit holds: the layers' statistics and the state
+    host = planning.host_bytes(model.config, {"layers": HP["layers"], "dtype": "float32"})
+    assert host["statistics"] == sum(np.asarray(stats[l], np.float32).nbytes for l in HP["layers"])
+    assert host["alphaedit state"] == sum(np.asarray(r1["state"][k][l]).nbytes for k in ("P", "C_p")
+                                          for l in HP["layers"])
     before = ed.optimize_deltas._cache_size()
     seq, rep = jaxedit.edit_sequential(model, REQS4, method="alphaedit", batch_size=2, tokenizer=tok, stats=stats,
                                        l2=0.5, **HP)
