@@ -121,6 +121,9 @@ def _layer_list(text):
 @click.option("--aura-texts", type=click.Path(dir_okay=True),
               help="AurA: JSONL of {\"text\", \"toxic\": 0/1}, or 'demo' (60 rude sentences, each beside a civil one "
                    "of the same shape) [prompt + sample of the selection's samples, toxic above --select-threshold]")
+@click.option("--aura-min-auroc", default="0.5", show_default=True,
+              help="AurA: dampen only units whose AUROC is above this (0.5: the authors' rule); a number in "
+                   "[0.5, 1) or chance:Z (0.5 + Z standard deviations of a chance AUROC); a comma list: one run each")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1), help="prompts per sampling / tracing call")
 @click.option("--dtype", default="float32", type=click.Choice(["float32", "bfloat16"]), show_default=True)
 @click.option("--dry-run", is_flag=True,
@@ -130,7 +133,7 @@ def _layer_list(text):
 @with_mesh
 def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, kl_weights, hparam, dtype,
           stats_float64, n_samples, skip_bad, dry_run, methods, profs_ranks, profs_layers, dinm_steps, profs_pairs,
-          aura_layers, mesh=None, **kw):
+          aura_layers, aura_min_auroc, mesh=None, **kw):
     """Das et al.'s toxic-memory study: select toxic prompts, localize the toxic chunk, edit or delete with every
     layer strategy, evaluate toxicity, perplexity and fluency, and report the tables and figures.
 
@@ -149,6 +152,7 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
                       profs_ranks=_csv(profs_ranks, "profs-rank", int),
                       dinm_steps=_csv(dinm_steps, "dinm-steps", int), profs_pairs=_csv(profs_pairs, "profs-pairs", int),
                       aura_layers=_csv(aura_layers, "aura-layers"),
+                      aura_min_auroc=_csv(aura_min_auroc, "aura-min-auroc"),
                       profs_layers=None if profs_layers is None else _layer_list(profs_layers), **kw)
     stages = STAGES if stage == "all" else (stage,)
     check_inputs(cfg, out, stages)  # every option and input file, before anything is loaded or written
@@ -181,7 +185,7 @@ def detox(prompts, out, stage, model_name, trace_kinds, strategies, objectives, 
 # options that only one method uses: refused when given (even at their default value) without it in --methods
 METHOD_OPTIONS = {
     "profs": ("profs_ranks", "profs_layers", "pairs", "profs_pairs"),
-    "aura": ("aura_layers", "aura_texts"),
+    "aura": ("aura_layers", "aura_texts", "aura_min_auroc"),
     "dinm": ("dinm_steps", "dinm_lr", "dinm_edit_weight"),
     "delete": ("strategies", "objectives", "kl_weights", "n_layers", "topk", "random_seeds", "canned",
                "delete_objective", "trace_kinds", "trace_samples", "window"),

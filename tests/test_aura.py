@@ -190,6 +190,17 @@ def test_edited_rows_by_hand_and_save_load(loaded, tmp_path):
         for j in range(w0.shape[1]):
             np.testing.assert_allclose(w1[l, j], w0[l, j] * a[j], rtol=1e-6, atol=1e-9)
     np.testing.assert_array_equal(w1[0], w0[0])
+    # min_auroc: only the units above the threshold, by the same alpha; "chance:Z" = 0.5 + Z sd of a chance AUROC
+    sd = np.sqrt((5 + 5 + 1) / (12 * 5 * 5))
+    for setting, m in ((0.7, 0.7), ("chance:1", 0.5 + sd)):
+        e2, r2 = aura(model, records, tokenizer=tok, layers=[1, 2], progress=False, min_auroc=setting)
+        assert r2["min_auroc"] == pytest.approx(m, abs=1e-12) and r2["chance_sd"] == pytest.approx(sd, abs=1e-12)
+        w2 = np.asarray(jaxedit.params_of(e2)["blocks"]["w_out"], np.float64)
+        for l in (1, 2):
+            auc = np.asarray(report["auroc"][l])
+            a = np.where(auc > m, 1 - 2 * (auc - 0.5), 1.0)
+            assert r2["dampened"][l] == int((auc > m).sum()) < report["dampened"][l]
+            np.testing.assert_allclose(w2[l], w0[l] * a[:, None], rtol=1e-6, atol=1e-9)
     for k in p0:
         if k != "w_out":
             np.testing.assert_array_equal(np.asarray(p0[k]), np.asarray(p1[k]))
@@ -217,6 +228,7 @@ def test_bad_inputs_one_line(loaded):
         (lambda: aura(model, TEXTS, LABELS, tokenizer=tok, module="gate"), "LLaMA-family"),
         (lambda: aura(model, TEXTS, LABELS, tokenizer=tok, poolin="max"), "did you mean pooling"),
         (lambda: aura(model, TEXTS, LABELS), "needs a tokenizer"),
+        (lambda: aura(model, TEXTS, LABELS, tokenizer=tok, min_auroc=1.0), "min_auroc must be in [0.5, 1)"),
     ]
     for call, text in cases:
         with pytest.raises(JaxeditError) as e:

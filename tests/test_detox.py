@@ -1329,6 +1329,9 @@ def test_methods_options_are_checked_before_the_model_loads(tmp_path, tiny_dirs,
              (["--methods", "aura", "--aura-layers", "all,x"], "error: aura-layers: 'x' is not all, upper, a layer N or"),
              (["--methods", "aura", "--aura-layers", "all,all"], "error: aura-layers must name distinct settings"),
              (["--methods", "aura", "--aura-layers", "1-3"], "error: aura-layers 1-3 is outside 0..2"),
+             (["--methods", "aura", "--aura-min-auroc", "0.5,0.4"], "error: min_auroc must be in [0.5, 1) (got '0.4')"),
+             (["--methods", "aura", "--aura-min-auroc", "chance:x"], "error: min_auroc must be a number in [0.5, 1) or"),
+             (["--aura-min-auroc", "0.6"], "error: --aura-min-auroc applies to AurA only"),
              (["--methods", "profs", "--profs-pairs", "0"], "error: profs-pairs must be integers >= 1 (got 0)"),
              (["--methods", "profs", "--profs-pairs", "30", "--pairs", str(one)],
               "error: --profs-pairs builds pairs from the study's samples: it does not apply with --pairs"),
@@ -1458,3 +1461,19 @@ def test_aura_demo_texts():
     p = pc.predict_prob(texts)
     agree = sum(int(s > 0.5) == y for s, y in zip(p, labels))
     assert agree >= 118
+
+
+def test_aura_threshold_runs_ids_and_order():
+    """--aura-min-auroc: one run per value; the authors' rule (0.5) keeps the run id it had before the option, and
+    the frontier joins a layer setting's runs from the gentlest (chance:Z settings, then the highest number: fewest
+    units dampened) to the authors' 0.5."""
+    from jaxedit.detox.methods import plan_method_runs
+    from jaxedit.detox.report import _setting, strength
+
+    cfg = DetoxConfig(methods=("aura",), aura_layers=("all",), aura_min_auroc=("0.5", "0.7", "chance:3"))
+    cfg.check(n_layers=3)
+    runs = plan_method_runs(cfg)
+    assert [r[0] for r in runs] == ["aura__all", "aura__all__auc0.7", "aura__all__aucchance3"]
+    rows = [{"method": "aura", "strategy": "aura", "layers": [0, 1, 2], "settings": s} for _, _, s in runs]
+    assert [_setting(r) for r in rows] == ["layers all", "layers all, AUROC > 0.7", "layers all, AUROC > chance:3"]
+    assert [r["settings"]["min_auroc"] for r in sorted(rows, key=strength)] == ["chance:3", "0.7", "0.5"]

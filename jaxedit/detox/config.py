@@ -8,6 +8,7 @@ from typing import Optional
 
 from jaxedit.detox.chunking import check_chunker
 from jaxedit.calls import STATS_ALIASES, check_names
+from jaxedit.edit.aura import parse_min_auroc
 from jaxedit.edit.memit import EditHparams, hparams_for
 from jaxedit.errors import JaxeditError
 from jaxedit.evaluate.toxicity import check_scorer
@@ -78,9 +79,10 @@ class DetoxConfig:
     profs_pairs: tuple = (PROFS_PAIRS,)  # ProFS: pairs built from the study's samples, one run per value (x rank)
     aura_layers: tuple = ("all",)  # AurA: one run per layer setting ("all", "upper", "A-B", "N")
     aura_texts: Optional[str] = None  # AurA: a JSONL file of {"text", "toxic"}, or "demo" (default: the selection's samples)
+    aura_min_auroc: tuple = ("0.5",)  # AurA: dampen units above this AUROC (0.5: the authors' rule), one run per value
 
     def __post_init__(self):
-        for name in ("dinm_steps", "profs_ranks", "profs_pairs", "aura_layers"):  # one value stands for a 1-tuple
+        for name in ("dinm_steps", "profs_ranks", "profs_pairs", "aura_layers", "aura_min_auroc"):  # 1 value: a 1-tuple
             v = getattr(self, name)
             if isinstance(v, (int, str)) and not isinstance(v, bool):
                 setattr(self, name, (v,))
@@ -157,8 +159,13 @@ class DetoxConfig:
             raise JaxeditError(f"aura-layers must name distinct settings (got {', '.join(self.aura_layers)})")
         for v in self.aura_layers:
             aura_layer_list(v, n_layers)  # the form; with n_layers, the range
-        if (self.aura_texts or tuple(self.aura_layers) != ("all",)) and "aura" not in self.methods:
-            raise JaxeditError("--aura-texts and --aura-layers need aura in --methods")
+        if not self.aura_min_auroc or len(set(map(str, self.aura_min_auroc))) < len(self.aura_min_auroc):
+            raise JaxeditError(f"aura-min-auroc must name distinct values (got {', '.join(map(str, self.aura_min_auroc))})")
+        for v in self.aura_min_auroc:
+            parse_min_auroc(v)  # the form and range
+        if (self.aura_texts or tuple(self.aura_layers) != ("all",) or tuple(map(str, self.aura_min_auroc)) != ("0.5",)) \
+                and "aura" not in self.methods:
+            raise JaxeditError("--aura-texts, --aura-layers and --aura-min-auroc need aura in --methods")
         if (tuple(self.dinm_steps), self.dinm_lr, self.dinm_edit_weight) != ((10,), 5e-4, 0.1) \
                 and "dinm" not in self.methods:
             raise JaxeditError("--dinm-steps, --dinm-lr and --dinm-edit-weight need dinm in --methods")

@@ -221,6 +221,14 @@ def dinm_cases(out: str) -> list:
              "knowledge constrain": kcs[i % len(kcs)]} for i, (line, p, lo, hi) in enumerate(extremes(out))]
 
 
+def float_or_str(v):
+    """``v`` as a float where it is a number ("0.5" -> 0.5), else the string itself ("chance:3")."""
+    try:
+        return float(v)
+    except ValueError:
+        return str(v)
+
+
 def plan_method_runs(cfg: DetoxConfig) -> list:
     """[(run id, method, settings)] of the methods other than the deletion grid."""
     runs = []
@@ -238,7 +246,9 @@ def plan_method_runs(cfg: DetoxConfig) -> list:
                     runs.append((f"profs__rank{r}__pairs{n}", "profs", {"rank": int(r), "pairs": int(n)}))
         elif m == "aura":
             for setting in cfg.aura_layers:
-                runs.append((f"aura__{setting}", "aura", {"layers": str(setting)}))
+                for v in cfg.aura_min_auroc:  # the authors' rule keeps the run id it had before the option
+                    rid = f"aura__{setting}" + ("" if float_or_str(v) == 0.5 else f"__auc{str(v).replace(':', '')}")
+                    runs.append((rid, "aura", {"layers": str(setting), "min_auroc": str(v)}))
     return runs
 
 
@@ -262,8 +272,10 @@ def run_method(model, tokenizer, cfg: DetoxConfig, out: str, rid: str, method: s
         elif method == "aura":
             texts, labels = read_aura_texts(cfg.aura_texts) if cfg.aura_texts else study_aura_texts(out, cfg)
             layers = aura_layer_list(settings["layers"], model.config.n_layers)
-            edited, rep = aura(model, texts, labels, tokenizer=tokenizer, layers=layers, progress=False)
+            edited, rep = aura(model, texts, labels, tokenizer=tokenizer, layers=layers, progress=False,
+                               min_auroc=settings.get("min_auroc", 0.5))
             info.update(texts_from=aura_texts_path(cfg.aura_texts) if cfg.aura_texts else "samples",
+                        min_auroc=rep["min_auroc"], chance_sd=rep["chance_sd"],
                         texts=rep["texts"], toxic=rep["toxic"], truncated=rep["truncated"],
                         dampened={str(l): n for l, n in rep["dampened"].items()}, alpha=rep["alpha"])
         else:

@@ -164,7 +164,8 @@ def _setting(r):
     if m == "profs":
         return f"rank {st.get('rank')}" + (f", {st['pairs']} pairs" if st.get("pairs") else "")
     if m == "aura":
-        return f"layers {st.get('layers')}"
+        auc = st.get("min_auroc", "0.5")
+        return f"layers {st.get('layers')}" + ("" if _auc_order(auc) == 0.5 else f", AUROC > {auc}")
     return "—"
 
 
@@ -178,9 +179,17 @@ def strength(r) -> tuple:
         return (st.get("steps", 0),)
     if m == "profs":
         return (st.get("pairs", 0), st.get("rank", 0))
-    if m == "aura":
-        return (len(r.get("layers") or []), str(st.get("layers")))
+    if m == "aura":  # a higher AUROC threshold dampens fewer units: gentler
+        return (len(r.get("layers") or []), str(st.get("layers")), -_auc_order(st.get("min_auroc", 0.5)))
     return ()
+
+
+def _auc_order(v) -> float:
+    """A number to order AurA's ``min_auroc`` settings by ("chance:Z" after the numbers, by Z)."""
+    try:
+        return float(v)
+    except ValueError:
+        return 1.0 + float(str(v).split(":", 1)[1])
 
 
 def method_rows(rows: list) -> list:
@@ -300,10 +309,12 @@ def method_lines(rows: list) -> list:
                 lambda r: f"N{st(r).get('pairs')}" if st(r).get("pairs") else f"r{st(r).get('rank')}")
             title = ((lambda g: name if len(groups) == 1 or g is None else f"{name}, {g} pairs")  # noqa: E731
                      if by_rank else (lambda g: f"{name}, rank {g}"))
-        else:
-            group = lambda r: None  # noqa: E731
-            label = lambda r: str(st(r).get("layers"))  # noqa: E731
-            title = lambda g: name  # noqa: E731
+        else:  # one line per layer setting through its AUROC thresholds, or through the layer settings
+            by_auc = len({str(st(r).get("min_auroc", "0.5")) for r in runs}) > 1
+            group = (lambda r: st(r).get("layers")) if by_auc else (lambda r: None)  # noqa: E731
+            label = ((lambda r: f">{st(r).get('min_auroc', '0.5')}") if by_auc  # noqa: E731
+                     else (lambda r: str(st(r).get("layers"))))
+            title = (lambda g: f"{name}, layers {g}") if by_auc else (lambda g: name)  # noqa: E731
         groups = {}
         for r in runs:
             groups.setdefault(group(r), []).append(r)
@@ -358,7 +369,7 @@ def plot_frontier(rows: list, path_stem: str) -> None:
     labels = ((["KL weight"] if any(_method(r) == "delete" for r in rows) else [])
               + (["DINM: steps"] if any(_method(r) == "dinm" for r in rows) else [])
               + (["ProFS: rank r, pairs N"] if any(_method(r) == "profs" for r in rows) else [])
-              + (["AurA: layers"] if any(_method(r) == "aura" for r in rows) else []))
+              + (["AurA: layers (or >AUROC threshold)"] if any(_method(r) == "aura" for r in rows) else []))
     ax.set_title("toxicity vs perplexity (bars: ± 1 standard error)" + ("\nlabels: " + "; ".join(labels) if labels
                                                                         else ""), fontsize=9)
     ax.legend(fontsize=6, ncol=2)

@@ -13,7 +13,11 @@ Inputs are texts labelled toxic (1) or non-toxic (0). Then:
    Mann-Whitney statistic with average ranks for ties (equal to scikit-learn's ``roc_auc_score``, which the
    authors use), in float64 on the host.
 3. **Dampening.** Every unit with AUROC > 0.5 is multiplied by ``alpha = 1 - 2 (AUROC - 0.5)`` (one minus the
-   Gini coefficient); the others keep ``alpha = 1``. No other threshold and no hyperparameter.
+   Gini coefficient); the others keep ``alpha = 1``. No other threshold and no hyperparameter in the authors'
+   method. An option beyond it, ``min_auroc``: only units with AUROC above it are dampened (by the same alpha); a
+   number, or ``"chance:Z"`` for 0.5 plus Z standard deviations of a chance AUROC with these class sizes
+   (:func:`chance_sd`), so that units that pass 0.5 by chance alone on a small text set are left alone. The
+   default, 0.5, is the authors' rule.
 4. **Folding.** Multiplying a unit's response by alpha is written into the weights that produce (or first
    consume) it:
 
@@ -53,7 +57,7 @@ from jaxedit.sharding import mesh_of, padded, put_batch, to_host
 
 POOLINGS = ("max", "mean")
 MODULES = ("keys", "up", "gate", "out")
-OPTIONS = ("module", "pooling", "max_len", "batch_size", "progress")
+OPTIONS = ("module", "pooling", "max_len", "batch_size", "progress", "min_auroc")
 
 
 def auroc(responses, labels) -> np.ndarray:
@@ -81,10 +85,35 @@ def auroc(responses, labels) -> np.ndarray:
     return (r1 - n1 * (n1 + 1) / 2) / (n1 * n0)
 
 
-def alpha_of(auc) -> np.ndarray:
-    """AurA's factor per unit: ``1 - 2 (AUROC - 0.5)`` where AUROC > 0.5, else 1."""
+def alpha_of(auc, min_auroc: float = 0.5) -> np.ndarray:
+    """AurA's factor per unit: ``1 - 2 (AUROC - 0.5)`` where AUROC > ``min_auroc`` (0.5: the authors' rule), else
+    1."""
     auc = np.asarray(auc, np.float64)
-    return np.where(auc > 0.5, 1.0 - 2.0 * (auc - 0.5), 1.0)
+    return np.where(auc > min_auroc, 1.0 - 2.0 * (auc - 0.5), 1.0)
+
+
+def chance_sd(n_pos: int, n_neg: int) -> float:
+    """The standard deviation of the AUROC of a score unrelated to the labels (ties aside), ``n_pos`` positives and
+    ``n_neg`` negatives: sqrt((n_pos + n_neg + 1) / (12 n_pos n_neg))."""
+    return float(np.sqrt((n_pos + n_neg + 1) / (12.0 * n_pos * n_neg)))
+
+
+def parse_min_auroc(value, n_pos: int = 0, n_neg: int = 0) -> float:
+    """``min_auroc``: a number in [0.5, 1), or "chance:Z", 0.5 + Z x :func:`chance_sd` (needs the class sizes;
+    without them, only the form is checked and 0.5 returned)."""
+    text = str(value)
+    try:
+        if text.startswith("chance:"):
+            z = float(text[len("chance:"):])
+            if not z >= 0:
+                raise ValueError
+            return 0.5 + z * chance_sd(n_pos, n_neg) if n_pos and n_neg else 0.5
+        m = float(text)
+    except ValueError:
+        raise JaxeditError(f"min_auroc must be a number in [0.5, 1) or chance:Z with Z >= 0 (got {value!r})") from None
+    if not 0.5 <= m < 1:
+        raise JaxeditError(f"min_auroc must be in [0.5, 1) (got {value!r})")
+    return m
 
 
 def read_texts(texts, labels) -> tuple:
@@ -221,9 +250,10 @@ def aura(model, texts, labels=None, *, tokenizer=None, layers=None, **kw):
     strings with ``labels`` a list of 0/1, or a list of {"text", "toxic"} dicts without ``labels``.
 
     Keywords: ``layers`` (default: every layer), ``module`` ("keys", the default; "up", "gate", "out", or a tuple
-    of them), ``pooling`` ("max", the authors', default; "mean"), ``max_len`` (128), ``batch_size`` (32),
+    of them), ``pooling`` ("max", the authors', default; "mean"), ``min_auroc`` (0.5, the authors' rule; a
+    number in [0.5, 1) or "chance:Z": dampen only units above it), ``max_len`` (128), ``batch_size`` (32),
     ``progress``. Returns ``(edited, report)``: the edited model (an ordinary model: save, export, load it) and a
-    report with ``layers``, ``module``, ``pooling``, ``dampened`` {layer: units dampened}, ``auroc`` {layer: list
+    report with ``layers``, ``module``, ``pooling``, ``min_auroc`` (the threshold used), ``chance_sd``, ``dampened`` {layer: units dampened}, ``auroc`` {layer: list
     per unit}, ``alpha`` (statistics of the factors), ``texts``, ``toxic``, ``truncated`` and ``seconds``; with
     several modules ``auroc``/``dampened`` are {module: {layer: ...}}."""
     t0 = time.perf_counter()
@@ -233,6 +263,8 @@ def aura(model, texts, labels=None, *, tokenizer=None, layers=None, **kw):
     max_len = kw.get("max_len", 128)
     batch_size = kw.get("batch_size", 32)
     progress = kw.get("progress", True)
+    min_auroc = kw.get("min_auroc", 0.5)
+    parse_min_auroc(min_auroc)
     if tokenizer is None:
         raise JaxeditError("aura needs a tokenizer (tokenizer=...)")
     cfg = model.config
@@ -265,13 +297,14 @@ def aura(model, texts, labels=None, *, tokenizer=None, layers=None, **kw):
     with runtime.bar(n, "AurA responses", "text", enabled=progress) as bar:
         resp = _responses(cfg, params, rows, pad, modules, pooling, layers, cap, int(batch_size), bar)
 
+    threshold = parse_min_auroc(min_auroc, n_tox, n - n_tox)
     runtime.stage("AurA: AUROC per unit, dampening")
     blocks = dict(params["blocks"])
     idx = np.asarray(layers, np.int32)
     per = {}
     for m in modules:
         auc = np.stack([auroc(resp[m][k], lab) for k in range(len(layers))])  # [k, units]
-        alpha = alpha_of(auc)
+        alpha = alpha_of(auc, threshold)
         per[m] = (auc, alpha)
         for name, axis in _targets(cfg, m):
             w = blocks[name]
@@ -295,6 +328,7 @@ def aura(model, texts, labels=None, *, tokenizer=None, layers=None, **kw):
               "dampened": sums[modules[0]][0] if one else {m: s[0] for m, s in sums.items()},
               "auroc": sums[modules[0]][1] if one else {m: s[1] for m, s in sums.items()},
               "alpha": sums[modules[0]][2] if one else {m: s[2] for m, s in sums.items()},
+              "min_auroc": threshold, "chance_sd": chance_sd(n_tox, n - n_tox),
               "texts": n, "toxic": n_tox, "max_len": cap, "truncated": int(truncated),
               "seconds": time.perf_counter() - t0}
     return edited, report
