@@ -315,7 +315,8 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
             elif method == "aura":
                 src = (f"the {len(read_aura_texts(cfg.aura_texts)[0])} texts of {cfg.aura_texts}" if cfg.aura_texts
                        else "the selection's samples of the prompts not held out (toxic above --select-threshold)")
-                what = f"AurA on {src}, layers {st['layers']}"
+                what = f"AurA on {src}, layers {st['layers']}" + (
+                    "" if str(st.get("min_auroc", "0.5")) == "0.5" else f", units with AUROC > {st['min_auroc']}")
             else:
                 if cfg.pairs:
                     src = f"the {len(read_pairs_file(cfg.pairs))} pairs of {cfg.pairs}"
