@@ -4,8 +4,8 @@ For an example (prompt X, target Y) the loss is the NLL of Y given X (mean over 
 |dL/dtheta|; the saliency of a column (the weights feeding one output unit: a column of jaxedit's [in, out]
 matrices, i.e. a row of a torch nn.Linear weight) is the mean over it; the saliency of a layer, or of a module of a
 layer, is the mean of its columns' saliencies over its weight matrices (norm gains and biases are not columns and
-are left out). Per-example gradients are reduced to these per-layer numbers inside the jitted computation, so no
-per-example copy of all parameter gradients is ever kept beyond one chunk.
+are left out). Gradients are reduced to these per-layer numbers inside the jitted computation as backpropagation
+reaches each layer (:func:`_one_example`), so no more than one layer's parameter gradient exists at a time.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from jaxedit import runtime
 from jaxedit.batching import pad_rows
 from jaxedit.config import ModelConfig
 from jaxedit.errors import JaxeditError
-from jaxedit.forward import apply
+from jaxedit.forward import block, causal_allowed, embed, positions_from_mask
+from jaxedit.models import FAMILY_MODULES
 from jaxedit.model import forward, params_of
 from jaxedit.sharding import data_size, mesh_of, put_batch, to_host
 
@@ -45,36 +46,61 @@ class SaliencyResult:
         return [int(i) for i in np.argsort(-prof, kind="stable")[:k]]
 
 
-def _layer_profiles(cfg: ModelConfig, grads) -> dict:
-    """|grad| -> per-layer mean of column means, for the block and each module. grads: the blocks' stacked grads."""
-    col = {n: jnp.abs(g.astype(jnp.float32)).mean(axis=1) for n, g in grads.items() if g.ndim == 3}  # [L, out]
+def _profiles_of_layer(cfg: ModelConfig, grads) -> dict:
+    """One layer's weight gradients -> its saliency per group (the block and each module): the mean over the
+    group's columns of the column's mean |grad| (norm gains and biases, not matrices, are left out)."""
+    col = {n: jnp.abs(g.astype(jnp.float32)).mean(axis=0) for n, g in grads.items() if g.ndim == 2}  # [out]
     out = {}
     groups = dict(MODULES[cfg.family], block=tuple(col))
     for name, mats in groups.items():
-        total = sum(col[m].sum(-1) for m in mats)
-        out[name] = total / sum(col[m].shape[-1] for m in mats)
+        out[name] = sum(col[m].sum() for m in mats) / sum(col[m].shape[-1] for m in mats)
     return out
 
 
-def _nll(cfg, params, ids, mask, target_mask):
-    """Mean NLL of the tokens marked by target_mask (each predicted from the position before it)."""
-    logits = apply(cfg, params, ids[None], mask[None]).logits[0]
-    logp = jax.nn.log_softmax(logits[:-1], -1)
+def _head_nll(cfg, params, h, ids, target_mask):
+    """Mean NLL of the tokens marked by target_mask (each predicted from the position before it), from the last
+    block's output h [T, d]."""
+    fam = FAMILY_MODULES[cfg.family]
+    logits = fam.lm_head(cfg, params, fam.final_norm(cfg, params, h[None]))[0]
+    logp = jax.nn.log_softmax(logits[:-1].astype(jnp.float32), -1)
     tok_logp = jnp.take_along_axis(logp, ids[1:, None], -1)[:, 0]
     w = target_mask[1:].astype(jnp.float32)
     return -(tok_logp * w).sum() / jnp.maximum(w.sum(), 1)
 
 
+def _one_example(cfg, params, ids, mask, target_mask):
+    """(loss, {group: [L]}) of one example [T]. Backpropagation by hand, one layer at a time: the forward keeps each
+    block's input; then, from the last block down, the block is run again under ``jax.vjp`` for its parameters'
+    and its input's gradients, the parameters' gradient is reduced to the layer's numbers at once, and only the
+    input's gradient goes on. So one layer's gradient exists at a time, never the whole model's (which is as large
+    as the weights), for one more forward pass of the blocks."""
+    ids, mask = ids[None], mask[None]
+    positions, allowed = positions_from_mask(mask), causal_allowed(mask)
+    run = lambda pl, x: block(cfg, pl, x, positions, allowed)[0]  # noqa: E731
+
+    def forward_step(x, pl):
+        return run(pl, x), x
+
+    h, inputs = jax.lax.scan(forward_step, embed(cfg, params, ids, positions), params["blocks"])
+    loss, dh = jax.value_and_grad(lambda h: _head_nll(cfg, params, h[0], ids[0], target_mask))(h)
+
+    def backward_step(dx, layer):
+        pl, x = layer
+        _, vjp = jax.vjp(run, pl, x)
+        dpl, dx_in = vjp(dx)
+        return dx_in, _profiles_of_layer(cfg, dpl)
+
+    _, prof = jax.lax.scan(backward_step, dh, (params["blocks"], inputs), reverse=True)
+    return loss, prof
+
+
 @partial(jax.jit, static_argnames=("cfg", "chunk"))
 def saliency_profiles(cfg, params, ids, mask, target_mask, *, chunk=1):
     """Per-example profiles for a right-padded batch: ids/mask/target_mask [B, T]. Returns (losses [B], dict of
-    [B, L] profiles). Examples run ``chunk`` at a time (vmapped), reduced to per-layer numbers before the next.
-    Inputs [steps, C, T] run C examples per step (the mesh layout: C split over the data axis), and the outputs
-    are [steps, C] and [steps, C, L]."""
+    [B, L] profiles). Examples run ``chunk`` at a time (vmapped). Inputs [steps, C, T] run C examples per step (the
+    mesh layout: C split over the data axis), and the outputs are [steps, C] and [steps, C, L]."""
     def one(args):
-        i, m, t = args
-        loss, g = jax.value_and_grad(_nll, argnums=1)(cfg, params, i, m, t)
-        return loss, _layer_profiles(cfg, g["blocks"])
+        return _one_example(cfg, params, *args)
 
     if ids.ndim == 3:
         return jax.lax.map(jax.vmap(one), (ids, mask, target_mask))
@@ -131,9 +157,10 @@ def saliency_batch(model, requests, *, tokenizer=None, chunk=None):
         tmask[b, len(p):len(p) + len(t)] = True
     mesh = mesh_of(model)
     k = data_size(mesh)
-    if chunk is None:  # one chunk holds a full gradient per example (per device): keep it near 1 GiB
-        n_params = sum(int(x.size) for x in jax.tree.leaves(params)) / (1 if mesh is None else mesh.shape["model"])
-        chunk = max(1, min(-(-B // k), int(2**30 // (8 * n_params))))
+    if chunk is None:  # an example holds one layer's gradient at a time (per device): a chunk near 1 GiB, <= 8
+        layer = sum(int(x.size) for x in jax.tree.leaves(params["blocks"])) / cfg.n_layers
+        layer /= 1 if mesh is None else mesh.shape["model"]
+        chunk = max(1, min(-(-B // k), 8, int(2**30 // (8 * layer))))
     if mesh is None:
         args = (cfg, params, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(tmask))
     else:  # steps of chunk x data examples, each step's examples split over the data axis
