@@ -381,6 +381,7 @@ def layer_stats(model, layers: Sequence[int], *, tokenizer=None, corpus: str = D
     note = lambda: (f"key statistics: {done_texts} of {n_samples} texts done, "  # noqa: E731
                     f"{saved[0]} saved in the cache; rerun to resume")
     saved = [done_texts]
+    pending = 0  # texts of the last batch dispatched and not yet counted by the bar
     with runtime.resume_note_while(note), \
             runtime.bar(n_samples, f"key statistics, layers {list(todo)}", "text", done_texts,
                         progress and main) as bar:
@@ -388,24 +389,38 @@ def layer_stats(model, layers: Sequence[int], *, tokenizer=None, corpus: str = D
             longest = global_max(max(len(x) for x in batch))  # every process's share of the batch
             T = max(32, round_up(longest, 32))  # round lengths up: few shapes to compile
             ids, mask = pad_rows(batch, T, n_rows=rows)
+            if pending:  # the bar counts finished batches: wait for the one before (this batch's text was
+                jax.block_until_ready(dev)  # read and tokenized while it ran)
+                bar.update(pending)
             if precision == "float32":
                 dev = accumulate(cfg, params, put(ids), put(mask), dev, layers=todo)
+                pending = len(batch)
             else:
                 host += to_host(total(accumulate(cfg, params, put(ids), put(mask), zeros(), layers=todo))
                                 ).astype(np.float64)
+                bar.update(len(batch))
             done_texts += len(batch)
             tokens += global_sum(int(mask.sum()))
-            bar.update(len(batch))
             batches_since += 1
             if batches_since >= save_every or time.monotonic() - last_save >= save_seconds:
                 save_partial()
                 saved[0] = done_texts
                 batches_since, last_save = 0, time.monotonic()
+        if pending:
+            jax.block_until_ready(dev)
+            bar.update(pending)
     if tokens == 0:
         raise JaxeditError(f"corpus {corpus!r} gave no tokens")
-    sums = to_host(total(dev)).astype(np.float32) if precision == "float32" else host
+    if precision == "float32":
+        sums = to_host(total(dev))
+        dev = None  # the device's sums go before the means are made (on CPU the device's memory is the host's)
+        if sums.dtype != np.float32 or not sums.flags.writeable:
+            sums = np.array(sums, np.float32)
+    else:
+        sums = host
     for i, l in enumerate(todo):
-        mom2 = (sums[i] / tokens).astype(acc_dtype)
+        sums[i] /= tokens  # in place: the layers' sums become their means without another copy of them all
+        mom2 = sums[i]
         if not np.all(np.isfinite(mom2)):
             raise JaxeditError(f"non-finite key statistics at layer {l}")
         if main:
