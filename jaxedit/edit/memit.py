@@ -422,6 +422,10 @@ def _add_layer(w, dW, l):
     return w.at[l].add(dW.astype(w.dtype))
 
 
+# the later layers of an edit add into the copy the first one made (the unedited model keeps its own array)
+_add_layer_in_place = jax.jit(_add_layer.__wrapped__, donate_argnums=0)
+
+
 @jax.jit
 def _layer_norm2(w, l):
     return jnp.linalg.norm(w[l].astype(jnp.float32))
@@ -512,7 +516,7 @@ def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers
         if ndW > hp.max_update_ratio * nW:
             raise JaxeditError(f"layer {l}: the update's norm {ndW:.3g} exceeds {hp.max_update_ratio} x the "
                                f"weight's norm {nW:.3g}; refused, nothing was changed")
-        w_out = w_out.at[l].add(jnp.asarray(dW, w_out.dtype)) if mesh is None else _add_layer(w_out, dW, l)
+        w_out = (_add_layer if w_out is blocks["w_out"] else _add_layer_in_place)(w_out, jnp.asarray(dW), l)
         layer_report.append({"layer": l, "update_norm": ndW, "weight_norm": nW,
                              "residual_norm": float(np.linalg.norm(resid, axis=1).mean()), "solve_residual": rel})
     if not bool(jnp.all(jnp.isfinite(w_out))):
