@@ -45,10 +45,13 @@ STEP_PROGRAMS = {"load": (), "trace": ("trace",), "saliency": ("saliency",), "st
 
 def step_plan(step: str, report: dict, peaks: dict) -> int:
     """The plan's peak for a step on CPU (where the host is the device): its largest program, plus the host memory
-    the plan counts beside the programs (``report["host"]``) that is alive at the same time. An edit holds the
+    the plan counts beside the programs (``report["host"]``) that is alive at the same time. The statistics pass
+    ends with its sums on the host beside the device's (one statistics' worth). An edit holds the
     statistics of its layers through the solves and then writes the model; AlphaEdit also holds its state (P, C_p)
     and, while a projector is made, one layer's eigendecomposition."""
     top, host, weights = max(peaks.values()), report.get("host") or {}, report["parameters_per_device"]
+    if step == "stats" and host:  # the sums' host copy beside the device's, when the means are made
+        return top + host["statistics"]
     if step == "edit" and host:
         return max(top + host["statistics"], weights + host["save"])
     if step == "alphaedit" and host:
