@@ -200,6 +200,7 @@ def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, c
         else:
             edited, report = jaxedit.delete(model, rf.objects, layers=lay, kl_weight=kl_weight, tokenizer=tok,
                                             **hp)
+        del model  # the unedited copy of the edited projection goes before the save's buffers come
         report["model"] = model_name
         for r, line in zip(report["requests"], rf.lines):
             r["line"] = line
