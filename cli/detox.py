@@ -14,6 +14,7 @@ from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
 from jaxedit.detox.config import PROFS_PAIRS, STAGES, DetoxConfig
 from jaxedit.detox.data import prompt_of, read_facts, read_prompts, read_texts
 from jaxedit.detox.editing import grid_run_ids, plan_runs
+from jaxedit.edit.aura import is_authors_rule
 from jaxedit.detox.estimate import estimate_lines, text_tokens
 from jaxedit.detox.methods import (check_classes, extra_samples_needed, plan_method_runs, read_aura_texts,
                                    read_pairs_file, study_aura_texts)
@@ -316,7 +317,7 @@ def plan(cfg: DetoxConfig, config, out: str, stages, setup: str = setup_key()) -
                 src = (f"the {len(read_aura_texts(cfg.aura_texts)[0])} texts of {cfg.aura_texts}" if cfg.aura_texts
                        else "the selection's samples of the prompts not held out (toxic above --select-threshold)")
                 what = f"AurA on {src}, layers {st['layers']}" + (
-                    "" if str(st.get("min_auroc", "0.5")) == "0.5" else f", units with AUROC > {st['min_auroc']}")
+                    "" if is_authors_rule(st.get("min_auroc", 0.5)) else f", units with AUROC > {st['min_auroc']}")
             else:
                 if cfg.pairs:
                     src = f"the {len(read_pairs_file(cfg.pairs))} pairs of {cfg.pairs}"

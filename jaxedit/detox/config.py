@@ -8,7 +8,7 @@ from typing import Optional
 
 from jaxedit.detox.chunking import check_chunker
 from jaxedit.calls import STATS_ALIASES, check_names
-from jaxedit.edit.aura import parse_min_auroc
+from jaxedit.edit.aura import is_authors_rule, parse_min_auroc
 from jaxedit.edit.memit import EditHparams, hparams_for
 from jaxedit.errors import JaxeditError
 from jaxedit.evaluate.toxicity import check_scorer
@@ -163,8 +163,9 @@ class DetoxConfig:
             raise JaxeditError(f"aura-min-auroc must name distinct values (got {', '.join(map(str, self.aura_min_auroc))})")
         for v in self.aura_min_auroc:
             parse_min_auroc(v)  # the form and range
-        if (self.aura_texts or tuple(self.aura_layers) != ("all",) or tuple(map(str, self.aura_min_auroc)) != ("0.5",)) \
-                and "aura" not in self.methods:
+        thresholds = tuple(self.aura_min_auroc)
+        if (self.aura_texts or tuple(self.aura_layers) != ("all",)
+                or len(thresholds) != 1 or not is_authors_rule(thresholds[0])) and "aura" not in self.methods:
             raise JaxeditError("--aura-texts, --aura-layers and --aura-min-auroc need aura in --methods")
         if (tuple(self.dinm_steps), self.dinm_lr, self.dinm_edit_weight) != ((10,), 5e-4, 0.1) \
                 and "dinm" not in self.methods:

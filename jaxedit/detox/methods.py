@@ -29,7 +29,7 @@ import numpy as np
 
 from jaxedit.detox.common import read_selected, stage_scorer
 from jaxedit.detox.config import DetoxConfig, aura_layer_list, aura_texts_path
-from jaxedit.edit.aura import aura
+from jaxedit.edit.aura import aura, is_authors_rule
 from jaxedit.edit.dinm import dinm
 from jaxedit.edit.profs import profs
 from jaxedit.errors import JaxeditError
@@ -221,14 +221,6 @@ def dinm_cases(out: str) -> list:
              "knowledge constrain": kcs[i % len(kcs)]} for i, (line, p, lo, hi) in enumerate(extremes(out))]
 
 
-def float_or_str(v):
-    """``v`` as a float where it is a number ("0.5" -> 0.5), else the string itself ("chance:3")."""
-    try:
-        return float(v)
-    except ValueError:
-        return str(v)
-
-
 def plan_method_runs(cfg: DetoxConfig) -> list:
     """[(run id, method, settings)] of the methods other than the deletion grid."""
     runs = []
@@ -247,7 +239,7 @@ def plan_method_runs(cfg: DetoxConfig) -> list:
         elif m == "aura":
             for setting in cfg.aura_layers:
                 for v in cfg.aura_min_auroc:  # the authors' rule keeps the run id it had before the option
-                    rid = f"aura__{setting}" + ("" if float_or_str(v) == 0.5 else f"__auc{str(v).replace(':', '')}")
+                    rid = f"aura__{setting}" + ("" if is_authors_rule(v) else f"__auc{str(v).replace(':', '')}")
                     runs.append((rid, "aura", {"layers": str(setting), "min_auroc": str(v)}))
     return runs
 

@@ -21,6 +21,7 @@ import json
 import os
 
 from jaxedit.detox.config import OBJECTIVES, STRATEGIES, DetoxConfig
+from jaxedit.edit.aura import is_authors_rule
 from jaxedit.errors import JaxeditError
 from jaxedit.files import read_rows, write_atomic
 
@@ -165,7 +166,7 @@ def _setting(r):
         return f"rank {st.get('rank')}" + (f", {st['pairs']} pairs" if st.get("pairs") else "")
     if m == "aura":
         auc = st.get("min_auroc", "0.5")
-        return f"layers {st.get('layers')}" + ("" if _auc_order(auc) == 0.5 else f", AUROC > {auc}")
+        return f"layers {st.get('layers')}" + ("" if is_authors_rule(auc) else f", AUROC > {auc}")
     return "—"
 
 

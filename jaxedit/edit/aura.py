@@ -98,6 +98,14 @@ def chance_sd(n_pos: int, n_neg: int) -> float:
     return float(np.sqrt((n_pos + n_neg + 1) / (12.0 * n_pos * n_neg)))
 
 
+def is_authors_rule(min_auroc) -> bool:
+    """Whether a ``min_auroc`` setting is the authors' threshold, the number 0.5."""
+    try:
+        return float(min_auroc) == 0.5
+    except ValueError:
+        return False
+
+
 def parse_min_auroc(value, n_pos: int = 0, n_neg: int = 0) -> float:
     """``min_auroc``: a number in [0.5, 1), or "chance:Z", 0.5 + Z x :func:`chance_sd` (needs the class sizes;
     without them, only the form is checked and 0.5 returned)."""
