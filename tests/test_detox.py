@@ -1067,7 +1067,7 @@ def test_methods_runs_and_table(study, methods_study):
         assert 0 <= r["toxic_rate"] <= 1 and r["perplexity_prompts"] > 1 and r["layers"]
     assert runs["profs__rank2__pairs20"]["settings"] == {"rank": 2, "pairs": 20}
     assert runs["dinm__steps2"]["settings"] == {"steps": 2, "lr": 5e-4, "edit_weight": 0.1}
-    assert runs["aura__1-2"]["settings"] == {"layers": "1-2"} and runs["aura__1-2"]["layers"] == [1, 2]
+    assert runs["aura__1-2"]["settings"] == {"layers": "1-2", "min_auroc": "0.5"} and runs["aura__1-2"]["layers"] == [1, 2]
     assert runs["aura__all"]["layers"] == [0, 1, 2]
     summary = read(os.path.join(out, "summary.jsonl"))
     count = Counter(r["method"] for r in summary)
