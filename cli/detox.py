@@ -14,11 +14,11 @@ from jaxedit.cli.edit import _STATS_OPTIONS, parse_hparams
 from jaxedit.detox.config import PROFS_PAIRS, STAGES, DetoxConfig
 from jaxedit.detox.data import prompt_of, read_facts, read_prompts, read_texts
 from jaxedit.detox.editing import grid_run_ids, plan_runs
-from jaxedit.edit.aura import is_authors_rule
 from jaxedit.detox.estimate import estimate_lines, text_tokens
 from jaxedit.detox.methods import (check_classes, extra_samples_needed, plan_method_runs, read_aura_texts,
                                    read_pairs_file, study_aura_texts)
 from jaxedit.detox.pipeline import run_study
+from jaxedit.edit.aura import is_authors_rule
 from jaxedit.edit.profs import default_layers
 from jaxedit.edit.stats import DEFAULT_CORPUS
 from jaxedit.errors import JaxeditError

@@ -24,12 +24,10 @@ docs/scaling.md says how close it came to measured peaks).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
 import sys
-from typing import Optional
 
 from jaxedit import runtime
 from jaxedit.calls import check_names
@@ -37,6 +35,7 @@ from jaxedit.config import ModelConfig
 from jaxedit.edit.memit import _add_layer, _solve_f32, default_layers, hparams_for, optimize_deltas
 from jaxedit.edit.stats import accumulate
 from jaxedit.errors import JaxeditError
+from jaxedit.loading.native import save_reservation_gb
 from jaxedit.loading.peek import peek
 from jaxedit.locate.saliency import saliency_profiles
 from jaxedit.locate.tracing import SPLIT_FLOPS, auto_layers_per_step, row_flops, row_groups, trace_grid
@@ -236,7 +235,7 @@ def host_bytes(cfg: ModelConfig, settings: dict) -> dict:
     largest = max(int(np.prod(a.shape)) * a.dtype.itemsize
                   for a in jax.tree.leaves(abstract_params(cfg, settings["dtype"])))
     return {"statistics": 4 * n * f * f, "alphaedit state": 2 * 4 * n * f * f,
-            "eigendecomposition": HOST_EIGH_F2_BYTES * f * f, "save": max(1, math.ceil(largest / 1e9)) * 10**9}
+            "eigendecomposition": HOST_EIGH_F2_BYTES * f * f, "save": save_reservation_gb(largest) * 10**9}
 
 
 def _peak(m) -> dict:

@@ -21,7 +21,7 @@ import json
 import os
 
 from jaxedit.detox.config import OBJECTIVES, STRATEGIES, DetoxConfig
-from jaxedit.edit.aura import is_authors_rule
+from jaxedit.edit.aura import is_authors_rule, min_auroc_order
 from jaxedit.errors import JaxeditError
 from jaxedit.files import read_rows, write_atomic
 
@@ -181,16 +181,8 @@ def strength(r) -> tuple:
     if m == "profs":
         return (st.get("pairs", 0), st.get("rank", 0))
     if m == "aura":  # a higher AUROC threshold dampens fewer units: gentler
-        return (len(r.get("layers") or []), str(st.get("layers")), -_auc_order(st.get("min_auroc", 0.5)))
+        return (len(r.get("layers") or []), str(st.get("layers")), -min_auroc_order(st.get("min_auroc", 0.5)))
     return ()
-
-
-def _auc_order(v) -> float:
-    """A number to order AurA's ``min_auroc`` settings by ("chance:Z" after the numbers, by Z)."""
-    try:
-        return float(v)
-    except ValueError:
-        return 1.0 + float(str(v).split(":", 1)[1])
 
 
 def method_rows(rows: list) -> list:

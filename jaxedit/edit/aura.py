@@ -106,6 +106,13 @@ def is_authors_rule(min_auroc) -> bool:
         return False
 
 
+def min_auroc_order(value) -> float:
+    """A number that orders ``min_auroc`` settings from the most units dampened to the fewest, without the class
+    sizes: a number itself, "chance:Z" after every number, by Z."""
+    text = str(value)
+    return 1.0 + float(text[len("chance:"):]) if text.startswith("chance:") else float(text)
+
+
 def parse_min_auroc(value, n_pos: int = 0, n_neg: int = 0) -> float:
     """``min_auroc``: a number in [0.5, 1), or "chance:Z", 0.5 + Z x :func:`chance_sd` (needs the class sizes;
     without them, only the form is checked and 0.5 returned)."""

@@ -417,13 +417,13 @@ def solve_update(K, R, *, ridge: float, N=None, M=None, Cp=None, dtype: str = "f
     return dW, float(to_host(rel))
 
 
-@jax.jit
-def _add_layer(w, dW, l):
+def _add_to_layer(w, dW, l):
     return w.at[l].add(dW.astype(w.dtype))
 
 
+_add_layer = jax.jit(_add_to_layer)
 # the later layers of an edit add into the copy the first one made (the unedited model keeps its own array)
-_add_layer_in_place = jax.jit(_add_layer.__wrapped__, donate_argnums=0)
+_add_layer_in_place = jax.jit(_add_to_layer, donate_argnums=0)
 
 
 @jax.jit
