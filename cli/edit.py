@@ -188,11 +188,12 @@ def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, c
     if warn:
         runtime.stage(warn)
     with output_folder(out, export_hf_dir):
-        model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
-        if rf is None:
-            return run_sequence(model, tok, kind, records, requests, wheres, layers=lay, out=out, hp=hp,
+        if rf is None:  # it loads the model itself, so that the unedited one can go before the edited is written
+            return run_sequence(lambda: jaxedit.load(model_name, dtype=dtype, mesh=mesh), kind, records, requests,
+                                wheres, layers=lay, out=out, hp=hp,
                                 **{k: v for k, v in sequence.items() if k not in ("active", "read")})
         other = "jaxedit delete" if mode == "edit" else "jaxedit edit"
+        model, tok = jaxedit.load(model_name, dtype=dtype, mesh=mesh)
         rf.check(lambda r: parse_request(r, tok, mode, other=other) and None)  # FILE:LINE errors before any work
         runtime.set_resume_note(f"nothing written to {out}/ (it is written when the edit is complete)")
         if mode == "edit":

@@ -127,11 +127,13 @@ def plot_curve(points, kind, out):
     plt.close(fig)
 
 
-def run_sequence(model, tok, kind, records, requests, wheres, *, method, batch_size, layers, out, evaluate,
+def run_sequence(load, kind, records, requests, wheres, *, method, batch_size, layers, out, evaluate,
                  eval_every, hp, null_space_threshold, l2, generative=False, model_name=None, lr=None):
     """Edit (batch after batch, resumable under ``out/sequence/``), evaluate, save; prints the summary table.
-    Every result (eval.json, each curve.jsonl point, report.json) carries a "protocol" entry
+    ``load()`` gives (model, tokenizer): the unedited model is let go once the edits are done, before the edited
+    one is written. Every result (eval.json, each curve.jsonl point, report.json) carries a "protocol" entry
     (:func:`jaxedit.evaluate.editing.protocol_record`); ``generative`` adds the generative scores."""
+    model, tok = load()
     for r, where in zip(requests, wheres):  # FILE:LINE (or FILE: record i) errors before any work
         mode = "delete" if "suppress" in r and "target" not in r else "edit"
         try:
@@ -195,12 +197,13 @@ def run_sequence(model, tok, kind, records, requests, wheres, *, method, batch_s
     edited, report = jaxedit.edit_sequential(model, requests, method=method, batch_size=batch_size, layers=layers,
                                              tokenizer=tok, out=os.path.join(out, "sequence"), on_batch=on_batch,
                                              **kw)
+    del model  # the unedited weights of the edited layers
+    report.pop("state", None)  # P and C_p stay in out/sequence/
     if eval_every:  # a resumed run that had finished: the points of batches done before are in the file already
         on_batch(n_batches, edited)
     runtime.set_resume_note(f"the edits are kept in {out}/sequence/; rerun to finish")
     runtime.stage(f"writing {out}/model/")
     jaxedit.save(edited, os.path.join(out, "model"), tokenizer=tok)
-    report.pop("state", None)  # P and C_p stay in out/sequence/
     report["requests_file"] = wheres[0].rsplit(":", 1)[0] if wheres else None
     summary = None
     if evaluate:

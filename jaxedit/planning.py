@@ -32,6 +32,7 @@ import sys
 from jaxedit import runtime
 from jaxedit.calls import check_names
 from jaxedit.config import ModelConfig
+from jaxedit.edit.alphaedit import PROJECTOR_F2_BYTES
 from jaxedit.edit.memit import _add_layer, _solve_f32, default_layers, hparams_for, optimize_deltas
 from jaxedit.edit.stats import accumulate
 from jaxedit.errors import JaxeditError
@@ -78,8 +79,8 @@ DEVICES = {"h100-80g": 81559 * MIB, "h200-141g": 143771 * MIB, "a100-40g": 40960
 HEADROOM = 0.9  # the fraction of a device's memory a plan may fill (the rest: runtime, allocator, fragmentation)
 PROGRAMS = ("trace", "saliency", "statistics", "z step", "solve", "update", "projected solve")
 # AlphaEdit's projector P comes from a float64 eigendecomposition of C on the host (alphaedit.null_space_projector):
-# C, its eigenvectors, P in float64 and LAPACK's dsyevd workspace (1 + 6 f + 2 f^2 doubles), and P in float32.
-HOST_EIGH_F2_BYTES = 8 * 5 + 4
+# C's float64 copy, which LAPACK's MRRR solver overwrites, and the float64 eigenvectors (then P in float32)
+HOST_EIGH_F2_BYTES = PROJECTOR_F2_BYTES
 # Host memory no compiled program holds, counted from the shape (the "host" entry of the report):
 #   statistics: the key statistics C of every edited layer (d_ff^2 float32 each), held through an edit;
 #   alphaedit state: AlphaEdit's sequence state, P and C_p of every edited layer (2 d_ff^2 float32 each);

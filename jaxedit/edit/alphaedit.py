@@ -60,21 +60,29 @@ def null_space_projector(C, threshold=DEFAULT_THRESHOLD, *, layer=None):
     ``threshold`` (see :func:`parse_threshold`). Refuses a projector of rank 0 (every direction preserved: no
     edit could be written) or of full rank (nothing preserved: plain MEMIT without its regularizer).
 
-    The eigendecomposition and the product are float64, on the host (numpy), and only P is rounded to float32. A
+    The eigendecomposition and the product are float64, on the host, and only P is rounded to float32. A
     float32 eigensolver's eigenvectors are off by about 1e-7 ||C|| / (the gap to the next eigenvalue): key
     statistics with many eigenvalues near the threshold (e.g. from few texts, so that C is rank-deficient and its
     spectrum crowds the threshold) then move P by 1e-2 (Frobenius) and the update by percents, and an eigenvalue
-    within the float32 error of the threshold may land on either side."""
+    within the float32 error of the threshold may land on either side.
+
+    Memory: LAPACK's MRRR solver (``syevr``) works in a float64 copy of C that it overwrites and writes the
+    eigenvectors beside it (2 f^2 float64, no f x f workspace: the divide-and-conquer solver numpy uses needs
+    2 f^2 more); P is then made in blocks of rows from a view of the kept eigenvectors, straight into float32
+    (:data:`PROJECTOR_F2_BYTES` f^2 bytes at the peak beside C)."""
+    import scipy.linalg
+
     kind, t = parse_threshold(threshold)
-    C = np.asarray(to_host(C), np.float64)
-    w, U = np.linalg.eigh(C)  # ascending eigenvalues (the lower triangle is read)
+    C64 = np.array(to_host(C), np.float64, order="F")  # our copy, in LAPACK's order: the solver overwrites it
+    w, U = scipy.linalg.eigh(C64, lower=True, overwrite_a=True, check_finite=False, driver="evr")  # ascending
+    del C64
     f = w.shape[0]
     if kind == "absolute":
         keep = w < t
     else:
         trace = float(np.clip(w, 0, None).sum())
         keep = np.cumsum(np.clip(w, 0, None)) <= (1.0 - t) * trace
-    rank = int(keep.sum())
+    rank = int(keep.sum())  # the eigenvalues ascend, so the kept ones are the first ``rank``
     where = f"layer {layer}: " if layer is not None else ""
     if rank == 0:
         raise JaxeditError(f"{where}null_space_threshold {threshold!r} keeps no direction of the key statistics "
@@ -83,17 +91,24 @@ def null_space_projector(C, threshold=DEFAULT_THRESHOLD, *, layer=None):
         raise JaxeditError(f"{where}null_space_threshold {threshold!r} keeps all {f} directions of the key "
                            f"statistics (largest eigenvalue {w[-1]:.3g}), so nothing is preserved; lower it or "
                            f"use energy:F (e.g. energy:0.99)")
-    if rank <= f - rank:  # from the smaller set of eigenvectors: U_k U_k^T, or I - U_p U_p^T
-        V = U[:, keep]
-        P = V @ V.T
-    else:
-        V = U[:, ~keep]
-        P = -(V @ V.T)
-        P[np.diag_indices(f)] += 1.0
-    P = P.astype(np.float32)
+    complement = rank > f - rank  # from the smaller set of eigenvectors: U_k U_k^T, or I - U_p U_p^T
+    V = U[:, rank:] if complement else U[:, :rank]
+    P = np.empty((f, f), np.float32)
+    for i in range(0, f, _PROJECTOR_ROWS):
+        block = V[i:i + _PROJECTOR_ROWS] @ V.T  # [rows, f] float64
+        if complement:
+            np.negative(block, out=block)
+            block[np.arange(block.shape[0]), i + np.arange(block.shape[0])] += 1.0
+        P[i:i + _PROJECTOR_ROWS] = block
     kept = float(np.clip(w[keep], 0, None).sum() / max(np.clip(w, 0, None).sum(), 1e-30))
     return P, {"rank": rank, "dim": f, "energy_in_null_space": kept,
                "largest_kept_eigenvalue": float(w[keep].max())}
+
+
+_PROJECTOR_ROWS = 512  # rows of P made at a time (a float64 block of 512 x f)
+# host bytes per f^2 that making a projector adds to the caller's C: its float64 copy and the float64 eigenvectors
+# (then the eigenvectors, P in float32 and a block); tests/test_plan.py measures it
+PROJECTOR_F2_BYTES = 8 + 8 + 1  # + the solver's vectors and workspace (measured: 16.4 f^2 at f = 1536)
 
 
 def alphaedit_solver(state: dict, l2: float, dtype: str):
@@ -109,19 +124,24 @@ def alphaedit_solver(state: dict, l2: float, dtype: str):
 def new_state(model, tokenizer, layers, hp, *, stats=None, null_space_threshold=DEFAULT_THRESHOLD,
               contexts=None, progress=True) -> dict:
     """The state of a new sequence: P per layer from the key statistics, C_p = 0, the context templates."""
+    ours = stats is None  # statistics computed (or read from the cache) here go as soon as P is made from them
     stats = _memit.key_stats(model, tokenizer, layers, hp, stats, progress)
+    source = getattr(stats, "source", None)
     parse_threshold(null_space_threshold)
     P, info = {}, {}
     for l in layers:
         runtime.stage(f"null-space projector of layer {l}")
         P[l], info[l] = null_space_projector(stats[l], null_space_threshold, layer=l)
+        if ours:
+            stats[l] = None
+    del stats
     if contexts is None:
         runtime.stage("sampling context templates")
         contexts = _memit.context_templates(model, tokenizer, hp)
     f = model.config.d_ff
     return {"layers": list(layers), "P": P, "C_p": {l: np.zeros((f, f), np.float32) for l in layers},
             "null_space": info, "null_space_threshold": null_space_threshold, "contexts": list(contexts),
-            "edits": 0, "stats": getattr(stats, "source", None), "nas_mean_norm": None}
+            "edits": 0, "stats": source, "nas_mean_norm": None}
 
 
 def check_state(state, layers, d_ff: int) -> None:
