@@ -47,17 +47,20 @@ def step_plan(step: str, report: dict, peaks: dict) -> int:
     """The plan's peak for a step on CPU (where the host is the device): its largest program, plus the host memory
     the plan counts beside the programs (``report["host"]``) that is alive at the same time. The statistics pass
     ends with its sums on the host beside the device's (one statistics' worth). An edit holds the
-    statistics of its layers through the solves and then writes the model. AlphaEdit makes its projectors first
-    (the statistics not yet used and the projectors made: one statistics' worth, and one layer's
-    eigendecomposition), then edits holding its state (P, C_p), and lets the state go before writing the model."""
+    statistics of its layers through the solves, each later layer's solve running beside the copy of the output
+    projection the first layer's update made (the update's peak plus the solve's own bytes), and then writes the
+    model. AlphaEdit makes its projectors first (the statistics not yet used and the projectors made: one
+    statistics' worth, and one layer's eigendecomposition), then edits holding its state (P, C_p) instead of the
+    statistics, and lets the state go before writing the model."""
     top, host, weights = max(peaks.values()), report.get("host") or {}, report["parameters_per_device"]
     if step == "stats" and host:  # the sums' host copy beside the device's, when the means are made
         return top + host["statistics"]
-    if step == "edit" and host:
-        return max(top + host["statistics"], weights + host["save"])
-    if step == "alphaedit" and host:
-        return max(weights + host["statistics"] + host["eigendecomposition"], top + host["alphaedit state"],
-                   weights + host["save"])
+    if step in ("edit", "alphaedit") and host:
+        solve = "solve" if step == "edit" else "projected solve"
+        held = host["statistics"] if step == "edit" else host["alphaedit state"]
+        spread = max(top, peaks["update"] + peaks[solve] - weights) + held  # the solves' peaks include the weights
+        first = weights + host["statistics"] + host["eigendecomposition"] if step == "alphaedit" else 0
+        return max(spread, first, weights + host["save"])
     return top
 
 
