@@ -78,13 +78,12 @@ GIB = 2**30
 DEVICES = {"h100-80g": 81559 * MIB, "h200-141g": 143771 * MIB, "a100-40g": 40960 * MIB, "cpu-24g": 24 * GIB}
 HEADROOM = 0.9  # the fraction of a device's memory a plan may fill (the rest: runtime, allocator, fragmentation)
 PROGRAMS = ("trace", "saliency", "statistics", "z step", "solve", "update", "projected solve")
-# AlphaEdit's projector P comes from a float64 eigendecomposition of C on the host (alphaedit.null_space_projector):
-# C's float64 copy, which LAPACK's MRRR solver overwrites, and the float64 eigenvectors (then P in float32)
-HOST_EIGH_F2_BYTES = PROJECTOR_F2_BYTES
 # Host memory no compiled program holds, counted from the shape (the "host" entry of the report):
 #   statistics: the key statistics C of every edited layer (d_ff^2 float32 each), held through an edit;
 #   alphaedit state: AlphaEdit's sequence state, P and C_p of every edited layer (2 d_ff^2 float32 each);
-#   eigendecomposition: HOST_EIGH_F2_BYTES d_ff^2 while one layer's projector is made;
+#   eigendecomposition: alphaedit.PROJECTOR_F2_BYTES d_ff^2 while one layer's projector is made (a float64
+#   eigendecomposition of C on the host: C's float64 copy, which LAPACK's MRRR solver overwrites, and the
+#   eigenvectors);
 #   save: orbax's reservation for the arrays it writes at once (jaxedit.save bounds it by the largest array,
 #   rounded up to whole GB).
 UNITS = {"trace": "prompt", "saliency": "example", "statistics": "text", "z step": "request"}
@@ -228,7 +227,7 @@ def param_bytes(cfg: ModelConfig, dtype: str, sizes: dict) -> tuple:
 
 
 def host_bytes(cfg: ModelConfig, settings: dict) -> dict:
-    """Host memory beside the compiled programs (see HOST_EIGH_F2_BYTES and the note above UNITS), in bytes."""
+    """Host memory beside the compiled programs (see the note above UNITS), in bytes."""
     import jax
     import numpy as np
 
@@ -236,7 +235,7 @@ def host_bytes(cfg: ModelConfig, settings: dict) -> dict:
     largest = max(int(np.prod(a.shape)) * a.dtype.itemsize
                   for a in jax.tree.leaves(abstract_params(cfg, settings["dtype"])))
     return {"statistics": 4 * n * f * f, "alphaedit state": 2 * 4 * n * f * f,
-            "eigendecomposition": HOST_EIGH_F2_BYTES * f * f, "save": save_reservation_gb(largest) * 10**9}
+            "eigendecomposition": PROJECTOR_F2_BYTES * f * f, "save": save_reservation_gb(largest) * 10**9}
 
 
 def _peak(m) -> dict:
@@ -389,7 +388,7 @@ def program_bytes(cfg: ModelConfig, sizes: dict, settings: dict, programs=PROGRA
 
     if "projected solve" in programs:  # AlphaEdit's: M = P and C_p (d_ff x d_ff each) on the device
         analyse("projected solve", lambda _: lower_solve(None, square, square))
-        out["host_eigh_bytes"] = HOST_EIGH_F2_BYTES * f * f
+        out["host_eigh_bytes"] = PROJECTOR_F2_BYTES * f * f
     return out
 
 

@@ -98,10 +98,18 @@ def chance_sd(n_pos: int, n_neg: int) -> float:
     return float(np.sqrt((n_pos + n_neg + 1) / (12.0 * n_pos * n_neg)))
 
 
+def _min_auroc_form(value) -> tuple:
+    """A ``min_auroc`` setting as ("chance", Z) or ("number", m); ValueError when it is neither."""
+    text = str(value)
+    if text.startswith("chance:"):
+        return "chance", float(text[len("chance:"):])
+    return "number", float(text)
+
+
 def is_authors_rule(min_auroc) -> bool:
     """Whether a ``min_auroc`` setting is the authors' threshold, the number 0.5."""
     try:
-        return float(min_auroc) == 0.5
+        return _min_auroc_form(min_auroc) == ("number", 0.5)
     except ValueError:
         return False
 
@@ -109,21 +117,19 @@ def is_authors_rule(min_auroc) -> bool:
 def min_auroc_order(value) -> float:
     """A number that orders ``min_auroc`` settings from the most units dampened to the fewest, without the class
     sizes: a number itself, "chance:Z" after every number, by Z."""
-    text = str(value)
-    return 1.0 + float(text[len("chance:"):]) if text.startswith("chance:") else float(text)
+    form, x = _min_auroc_form(value)
+    return 1.0 + x if form == "chance" else x
 
 
 def parse_min_auroc(value, n_pos: int = 0, n_neg: int = 0) -> float:
     """``min_auroc``: a number in [0.5, 1), or "chance:Z", 0.5 + Z x :func:`chance_sd` (needs the class sizes;
     without them, only the form is checked and 0.5 returned)."""
-    text = str(value)
     try:
-        if text.startswith("chance:"):
-            z = float(text[len("chance:"):])
-            if not z >= 0:
+        form, m = _min_auroc_form(value)
+        if form == "chance":
+            if not m >= 0:
                 raise ValueError
-            return 0.5 + z * chance_sd(n_pos, n_neg) if n_pos and n_neg else 0.5
-        m = float(text)
+            return 0.5 + m * chance_sd(n_pos, n_neg) if n_pos and n_neg else 0.5
     except ValueError:
         raise JaxeditError(f"min_auroc must be a number in [0.5, 1) or chance:Z with Z >= 0 (got {value!r})") from None
     if not 0.5 <= m < 1:
