@@ -197,11 +197,11 @@ def _edit_command(mode, model_name, requests_file, layers, out, export_hf_dir, c
         rf.check(lambda r: parse_request(r, tok, mode, other=other) and None)  # FILE:LINE errors before any work
         runtime.set_resume_note(f"nothing written to {out}/ (it is written when the edit is complete)")
         if mode == "edit":
-            edited, report = jaxedit.memit(model, rf.objects, layers=lay, tokenizer=tok, **hp)
+            edited, report = jaxedit.memit(model, rf.objects, layers=lay, tokenizer=tok, donate=True, **hp)
         else:
             edited, report = jaxedit.delete(model, rf.objects, layers=lay, kl_weight=kl_weight, tokenizer=tok,
-                                            **hp)
-        del model  # the unedited copy of the edited projection goes before the save's buffers come
+                                            donate=True, **hp)
+        del model  # used up by the edit (donate=True: its edited projection became the edited model's)
         report["model"] = model_name
         for r, line in zip(report["requests"], rf.lines):
             r["line"] = line

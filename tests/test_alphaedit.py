@@ -188,7 +188,7 @@ def _w(model, layers=(1, 2)):
     return np.asarray(jaxedit.params_of(model)["blocks"]["w_out"])[list(layers)]
 
 
-def test_sequential_equals_chained_calls(gpt2_tiny):
+def test_sequential_equals_chained_calls(gpt2_tiny, tiny_dirs):
     """Batches of 2 (padded to a fixed size and length bucket) = alphaedit on each batch with the state carried
     over; and the z program is compiled once for batches of different prompt lengths."""
     model, tok = gpt2_tiny
@@ -209,6 +209,24 @@ def test_sequential_equals_chained_calls(gpt2_tiny):
     np.testing.assert_allclose(_w(seq), ref, atol=1e-5 * np.abs(ref - _w(model)).max())
     np.testing.assert_allclose(rep["state"]["C_p"][2], r2["state"]["C_p"][2], rtol=1e-4,
                                atol=1e-6 * np.abs(r2["state"]["C_p"][2]).max())
+
+    # donate=True: the same edits, made in the given model's own output projection (which is then gone); the
+    # evaluation's "before" probabilities are taken before the spread
+    fresh = lambda: jaxedit.load(tiny_dirs["gpt2"][0])[0]
+    donor = fresh()
+    d1, q1 = jaxedit.alphaedit(donor, REQS4[:2], tokenizer=tok, stats=stats, l2=0.5, donate=True, **HP)
+    assert jaxedit.params_of(donor)["blocks"]["w_out"].is_deleted()
+    assert not jaxedit.params_of(model)["blocks"]["w_out"].is_deleted()
+    np.testing.assert_array_equal(_w(d1), _w(e1))
+    assert [r["p_before"] for r in q1["requests"]] == [r["p_before"] for r in r1["requests"]]
+    assert [r["p_after"] for r in q1["requests"]] == [r["p_after"] for r in r1["requests"]]
+    donor = fresh()
+    seqd, repd = jaxedit.edit_sequential(donor, REQS4, method="alphaedit", batch_size=2, tokenizer=tok, stats=stats,
+                                         l2=0.5, donate=True, **HP)
+    assert jaxedit.params_of(donor)["blocks"]["w_out"].is_deleted()
+    np.testing.assert_array_equal(_w(seqd), _w(seq))
+    with pytest.raises(JaxeditError, match="donate must be True or False"):
+        jaxedit.alphaedit(model, REQS4[:2], tokenizer=tok, stats=stats, donate="yes", **HP)
 
 
 @pytest.mark.slow

@@ -178,26 +178,30 @@ def accumulate(model, tokenizer, reqs, state: dict, layers, *, key_length: Optio
 
 
 def run_batch(model, tokenizer, reqs, mode: str, hp, layers, state: dict, l2: float, *, evaluate=True,
-              pad_to: int = 0, shape: Optional[dict] = None):
+              pad_to: int = 0, shape: Optional[dict] = None, donate: bool = False):
     """One AlphaEdit batch on parsed requests: the edit, then C_p updated. Returns (edited, report, new state).
-    With ``hp.nas``, the targets are rescaled to the sequence's ``state["nas_mean_norm"]``."""
+    With ``hp.nas``, the targets are rescaled to the sequence's ``state["nas_mean_norm"]``. ``donate``: as
+    :func:`jaxedit.edit.memit.edit_batch`'s (``model`` is used up)."""
     edited, report = _memit.edit_batch(model, tokenizer, reqs, mode, hp, layers, state["contexts"], None,
                                        solver=alphaedit_solver(state, l2, hp.solve_dtype), evaluate=evaluate,
-                                       pad_to=pad_to, shape=shape, nas_mean_norm=state.get("nas_mean_norm"))
+                                       pad_to=pad_to, shape=shape, nas_mean_norm=state.get("nas_mean_norm"),
+                                       donate=donate)
     runtime.stage("adding the batch's keys to the preserved set")
     return edited, report, accumulate(edited, tokenizer, reqs, state, layers, key_length=shape and shape["Tk"])
 
 
 @public("requests", old=("layers", "tokenizer"))
 def alphaedit(model, requests, *, tokenizer=None, layers=None, stats=None, state=None,
-              null_space_threshold=DEFAULT_THRESHOLD, l2: float = 10.0, progress=True, **hparams):
+              null_space_threshold=DEFAULT_THRESHOLD, l2: float = 10.0, progress=True, donate: bool = False,
+              **hparams):
     """AlphaEdit: MEMIT's edit of each request's subject -> "target", with the null-space projected solve
     (``nas=True``: AlphaEdit + NAS, the targets rescaled to the mean |v*| of clean edits, computed once per
     sequence on the model it starts from and kept in the state; ``nas_mean_norm=`` gives it).
     Returns ``(edited_model, report)``; ``report["state"]`` continues the sequence when passed as ``state=`` to the
     next call (its P is reused, its C_p holds the keys of every batch so far). ``stats``: {layer: E[k k^T]}
     (default computed and cached like MEMIT's; only needed for a new sequence). ``null_space_threshold``: a number
-    (eigenvalues below it span the null space) or "energy:F". Other keywords are MEMIT's hyperparameters."""
+    (eigenvalues below it span the null space) or "energy:F". ``donate=True``: as :func:`jaxedit.memit`'s (``model``
+    is used up). Other keywords are MEMIT's hyperparameters."""
     t0 = time.perf_counter()
     if isinstance(l2, bool) or not isinstance(l2, (int, float)) or not l2 >= 0:
         raise JaxeditError(f"l2 must be a number >= 0 (got {l2!r})")
@@ -214,7 +218,8 @@ def alphaedit(model, requests, *, tokenizer=None, layers=None, stats=None, state
         state = dict(state, nas_mean_norm=_memit.nas_mean(model, tokenizer, reqs, hp, layers, given_mean))
     elif not hp.nas and given_mean is not None:
         raise JaxeditError("nas_mean_norm is NAS's (nas=True)")
-    edited, report, state = run_batch(model, tokenizer, reqs, "edit", hp, layers, state, float(l2))
+    edited, report, state = run_batch(model, tokenizer, reqs, "edit", hp, layers, state, float(l2),
+                                      donate=_memit._donate_flag(donate))
     report.update(method="alphaedit", l2=float(l2), null_space_threshold=state["null_space_threshold"],
                   null_space=state["null_space"], state=state, seconds=time.perf_counter() - t0)
     return edited, report

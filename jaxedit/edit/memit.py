@@ -422,8 +422,11 @@ def _add_to_layer(w, dW, l):
 
 
 _add_layer = jax.jit(_add_to_layer)
-# the later layers of an edit add into the copy the first one made (the unedited model keeps its own array)
+# the later layers of an edit add into the copy the first one made (the unedited model keeps its own array); with
+# donate=True the first layer adds into the given model's array too (no copy: the given model is used up)
 _add_layer_in_place = jax.jit(_add_to_layer, donate_argnums=0)
+
+DONATED = "; the model given with donate=True is used up"
 
 
 @jax.jit
@@ -474,11 +477,12 @@ def memit_solver(stats, hp: EditHparams):
 
 
 def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers, hp: EditHparams, *,
-           solver=None, key_length: Optional[int] = None):
+           solver=None, key_length: Optional[int] = None, donate: bool = False):
     """Write the target vectors ``z`` [n, d] (at the output of the last layer of ``layers``) into the layers in
     order: per layer, keys and current z on the partially edited model, residual / layers left, solve, add.
     ``solver(layer, K [f, n], R [d, n], sharding) -> (dW [f, d], relative residual)`` (default MEMIT's, with
-    ``stats``). Returns (new params, per-layer report)."""
+    ``stats``). Returns (new params, per-layer report). ``donate``: the first layer adds into ``params``' own output
+    projection instead of a copy of it (``params`` is then used up: its output projection is deleted)."""
     n = len(reqs)
     L = layers[-1]
     solver = solver or memit_solver(stats, hp)
@@ -495,6 +499,8 @@ def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers
     start = min(layers)
     h0 = _hidden_before(cfg, params, kids, kmask, stop=start) if start > 0 else None
     for i, l in enumerate(layers):
+        # after a donated first layer the given model is gone: "nothing was changed" no longer holds for it
+        gone = DONATED if donate and w_out is not blocks["w_out"] else ""
         cur_params = dict(params, blocks=dict(blocks, w_out=w_out))
         keys, hidden = to_host(_keys_and_hidden(cfg, cur_params, kids, kmask, kpos, l, h0, start=start, stop=L + 1))
         keys = np.asarray(keys, np.float32).reshape(n, C, -1)
@@ -509,18 +515,20 @@ def spread(cfg: ModelConfig, params, tokenizer, reqs, contexts, z, stats, layers
             nW, ndW = float(to_host(_layer_norm2(w_out, l))), float(to_host(jnp.linalg.norm(dW)))
             finite = bool(to_host(jnp.all(jnp.isfinite(dW))))
         if not finite:
-            raise JaxeditError(f"layer {l}: the update is not finite (ill-conditioned solve); nothing was changed")
+            raise JaxeditError(f"layer {l}: the update is not finite (ill-conditioned solve); nothing was changed"
+                               + gone)
         if rel > 1e-2:
             raise JaxeditError(f"layer {l}: ill-conditioned solve (relative residual {rel:.1e}); nothing was "
-                               f"changed ({getattr(solver, 'hint', 'a better-conditioned system is needed')})")
+                               f"changed ({getattr(solver, 'hint', 'a better-conditioned system is needed')}){gone}")
         if ndW > hp.max_update_ratio * nW:
             raise JaxeditError(f"layer {l}: the update's norm {ndW:.3g} exceeds {hp.max_update_ratio} x the "
-                               f"weight's norm {nW:.3g}; refused, nothing was changed")
-        w_out = (_add_layer if w_out is blocks["w_out"] else _add_layer_in_place)(w_out, jnp.asarray(dW), l)
+                               f"weight's norm {nW:.3g}; refused, nothing was changed{gone}")
+        copy = w_out is blocks["w_out"] and not donate
+        w_out = (_add_layer if copy else _add_layer_in_place)(w_out, jnp.asarray(dW), l)
         layer_report.append({"layer": l, "update_norm": ndW, "weight_norm": nW,
                              "residual_norm": float(np.linalg.norm(resid, axis=1).mean()), "solve_residual": rel})
     if not bool(jnp.all(jnp.isfinite(w_out))):
-        raise JaxeditError("the edited weights are not finite; nothing was changed")
+        raise JaxeditError("the edited weights are not finite; nothing was changed" + (DONATED if donate else ""))
     return dict(params, blocks=dict(blocks, w_out=w_out)), layer_report
 
 
@@ -763,10 +771,11 @@ def vstar_mean_norm(model, tokenizer, reqs, hp: EditHparams, layers, batch_size:
 
 def edit_batch(model, tokenizer, reqs, mode: str, hp: EditHparams, layers, contexts, stats, *, solver=None,
                evaluate: bool = True, pad_to: int = 0, shape: Optional[dict] = None,
-               nas_mean_norm: Optional[float] = None):
+               nas_mean_norm: Optional[float] = None, donate: bool = False):
     """One batch edit of parsed requests: targets (:func:`optimize_targets`; with ``hp.nas``, rescaled by
     :func:`nas_targets` to ``nas_mean_norm``), then :func:`spread` with ``solver`` (default MEMIT's with
-    ``stats``). Returns (edited model, report)."""
+    ``stats``). Returns (edited model, report). ``donate``: ``model``'s edited projection is reused (``model`` is used
+    up; the evaluation's "before" probabilities are taken before the spread)."""
     t0 = time.perf_counter()
     cfg = model.config
     z, h_init, delta, losses, mains, n_run, v0 = optimize_targets(model, tokenizer, reqs, mode, hp, layers, contexts,
@@ -777,9 +786,11 @@ def edit_batch(model, tokenizer, reqs, mode: str, hp: EditHparams, layers, conte
             raise JaxeditError("nas=True needs the mean |v*| of clean edits (nas_mean_norm)")
         z, written, vnorm = nas_targets(h_init, delta, v0, nas_mean_norm)
         nas = {"mean_norm": float(nas_mean_norm), "written": written.tolist(), "vstar_norm": vnorm.tolist()}
+    before = _before(model, tokenizer, reqs, mode) if evaluate else None
     runtime.stage(f"spreading the update over layers {list(layers)}")
     new_params, layer_report = spread(cfg, params_of(model), tokenizer, reqs, contexts, z, stats, layers, hp,
-                                      solver=solver, key_length=shape and shape["Tk"])
+                                      solver=solver, key_length=shape and shape["Tk"], donate=donate)
+    del model
     edited = model_from_params(cfg, new_params)
 
     report = {"mode": mode, "layers": list(layers), "hparams": dataclasses.asdict(hp), "contexts": contexts,
@@ -794,7 +805,7 @@ def edit_batch(model, tokenizer, reqs, mode: str, hp: EditHparams, layers, conte
             "delta_norm": float(np.linalg.norm(delta[j])), "h_norm": float(h_norm[j])})
     if evaluate:
         runtime.stage("evaluating the edited model")
-        _evaluate(model, edited, tokenizer, reqs, mode, report)
+        _evaluate(before, edited, tokenizer, reqs, mode, report)
     report["seconds"] = time.perf_counter() - t0
     return edited, report
 
@@ -819,7 +830,7 @@ def nas_mean(model, tokenizer, reqs, hp: EditHparams, layers, nas_mean_norm=None
     return vstar_mean_norm(model, tokenizer, sample, hp, layers)["mean_norm"]
 
 
-def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides):
+def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides, donate=False):
     hp_overrides = dict(hp_overrides)
     given_mean = hp_overrides.pop("nas_mean_norm", None)
     hp, layers = prepare(model, layers, hp_overrides)
@@ -831,14 +842,20 @@ def _run(model, requests, mode, layers, tokenizer, stats, progress, hp_overrides
     mean = nas_mean(model, tokenizer, reqs, hp, layers, given_mean) if mode == "edit" else None
     runtime.stage("sampling context templates")
     contexts = context_templates(model, tokenizer, hp)
-    edited, report = edit_batch(model, tokenizer, reqs, mode, hp, layers, contexts, stats, nas_mean_norm=mean)
+    edited, report = edit_batch(model, tokenizer, reqs, mode, hp, layers, contexts, stats, nas_mean_norm=mean,
+                                donate=_donate_flag(donate))
     report["seconds"] = time.perf_counter() - t0
     return edited, report
 
 
-def _evaluate(model, edited, tokenizer, reqs, mode, report):
-    """Before/after next-token probabilities of the target's first token (edit) or the suppressed tokens (delete)
-    and of the unedited model's argmax, on the prompt, paraphrases and neighbourhood prompts."""
+def _donate_flag(donate) -> bool:
+    if not isinstance(donate, bool):
+        raise JaxeditError(f"donate must be True or False (got {donate!r})")
+    return donate
+
+
+def _eval_prompts(reqs, mode):
+    """The prompts :func:`_evaluate` scores: (prompts, tracked token ids per prompt, (request, kind, text) each)."""
     prompts, toks, where = [], [], []
     for j, r in enumerate(reqs):
         prompt = r.template.replace("{}", r.subject)
@@ -849,7 +866,21 @@ def _evaluate(model, edited, tokenizer, reqs, mode, report):
                 prompts.append(t)
                 toks.append(tracked)
                 where.append((j, kind, t))
-    pb, pa = next_token_dist(model, tokenizer, prompts), next_token_dist(edited, tokenizer, prompts)
+    return prompts, toks, where
+
+
+def _before(model, tokenizer, reqs, mode):
+    """The unedited model's next-token distributions on :func:`_eval_prompts`' prompts (taken before the spread, so
+    that a donated model need not outlive it)."""
+    return next_token_dist(model, tokenizer, _eval_prompts(reqs, mode)[0])
+
+
+def _evaluate(pb, edited, tokenizer, reqs, mode, report):
+    """Before (``pb``, from :func:`_before`) and after next-token probabilities of the target's first token (edit)
+    or the suppressed tokens (delete) and of the unedited model's argmax, on the prompt, paraphrases and
+    neighbourhood prompts."""
+    prompts, toks, where = _eval_prompts(reqs, mode)
+    pa = next_token_dist(edited, tokenizer, prompts)
     for i, ((j, kind, text), t) in enumerate(zip(where, toks)):
         ab, aa = int(pb[i].argmax()), int(pa[i].argmax())
         entry = {"text": text, "tokens": [tokenizer.decode([x]) for x in t],
@@ -865,21 +896,26 @@ def _evaluate(model, edited, tokenizer, reqs, mode, report):
 
 
 @public("requests", old=("layers", "tokenizer"))
-def memit(model, requests, *, tokenizer=None, layers=None, stats=None, progress=True, **hparams):
+def memit(model, requests, *, tokenizer=None, layers=None, stats=None, progress=True, donate: bool = False,
+          **hparams):
     """MEMIT: rewrite each request's subject -> "target" association. Returns ``(edited_model, report)``; the input
-    model is untouched. ``layers``: the layers to edit (default: the preset's; see :func:`hparams_for`).
+    model is untouched (unless ``donate=True``). ``layers``: the layers to edit (default: the preset's; see :func:`hparams_for`).
     ``stats``: {layer: E[k k^T]} (default: computed with :func:`jaxedit.edit.stats.layer_stats`, cached).
     Other keyword arguments override :class:`EditHparams` fields (``preset="gpt2-xl"``/``"llama-7b"`` picks one),
     among them the key statistics' ``corpus``, ``stats_samples`` and ``max_len`` (the names ``jaxedit.layer_stats``
-    and the command line use; the MEMIT paper's ``mom2_corpus``, ``mom2_samples``, ``mom2_max_len`` are aliases)."""
-    return _run(model, requests, "edit", layers, tokenizer, stats, progress, hparams)
+    and the command line use; the MEMIT paper's ``mom2_corpus``, ``mom2_samples``, ``mom2_max_len`` are aliases).
+    ``donate=True``: the edit reuses the memory of ``model``'s edited projection (the stacked output projection of
+    every layer: one copy of it less at the peak), and ``model`` is used up: do not use it afterwards."""
+    return _run(model, requests, "edit", layers, tokenizer, stats, progress, hparams, donate)
 
 
 @public("requests", old=("layers", "kl_weight", "tokenizer"))
 def delete(model, requests, *, tokenizer=None, layers=None, kl_weight: float = 0.0625, stats=None, progress=True,
-           **hparams):
+           donate: bool = False, **hparams):
     """Das et al.'s deletion: lower p("suppress" | prompt) under a KL constraint (``kl_weight`` x KL(P_orig ||
-    P_edited) on "{subject} is a"), spread over ``layers`` like MEMIT. Returns ``(edited_model, report)``."""
+    P_edited) on "{subject} is a"), spread over ``layers`` like MEMIT. Returns ``(edited_model, report)``.
+    ``donate=True``: as :func:`memit`'s (``model`` is used up)."""
     if kl_weight < 0:
         raise JaxeditError("kl_weight must be >= 0")
-    return _run(model, requests, "delete", layers, tokenizer, stats, progress, dict(hparams, kl_factor=kl_weight))
+    return _run(model, requests, "delete", layers, tokenizer, stats, progress, dict(hparams, kl_factor=kl_weight),
+                donate)

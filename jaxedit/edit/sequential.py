@@ -225,7 +225,7 @@ def _short(v) -> str:
 @public("requests")
 def edit_sequential(model, requests, *, tokenizer=None, method: str = "alphaedit", batch_size: int = 100,
                     layers=None, stats=None, out: Optional[str] = None, progress=True,
-                    on_batch: Optional[Callable] = None, **hparams):
+                    on_batch: Optional[Callable] = None, donate: bool = False, **hparams):
     """Edit ``requests`` (jaxedit requests, or CounterFact / zsRE records as :func:`jaxedit.load_counterfact` and
     :func:`jaxedit.load_zsre` return them) in consecutive batches of ``batch_size`` with ``method`` ("memit", "alphaedit" or
     "ultraedit": a batch is then one UltraEdit turn, and ``lr``, ``micro_batch``, ``solve_dtype`` are its options),
@@ -233,13 +233,16 @@ def edit_sequential(model, requests, *, tokenizer=None, method: str = "alphaedit
     one entry per batch (its requests' indices, z losses, the layers' update norms, seconds) and, for AlphaEdit,
     ``report["state"]`` the sequence's state. ``out``: a folder where each finished batch is saved, so that a
     killed run resumes at the next batch. ``on_batch(batches_done, model)`` is called after each batch (e.g. to
-    evaluate every K batches). AlphaEdit's ``null_space_threshold`` and ``l2`` and MEMIT's hyperparameters go in
-    the keywords."""
+    evaluate every K batches). ``donate=True`` (MEMIT, AlphaEdit): each batch reuses the memory of the edited
+    projection of the model it starts from (one copy of it less at the peak): ``model``, and each model given to
+    ``on_batch``, is used up by the next batch, so do not keep them. AlphaEdit's ``null_space_threshold`` and ``l2``
+    and MEMIT's hyperparameters go in the keywords."""
     t0 = time.perf_counter()
     if method not in METHODS:
         raise JaxeditError(f"method must be one of {', '.join(METHODS)} (got {method!r})")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise JaxeditError(f"batch_size must be an integer >= 1 (got {batch_size!r})")
+    donate = _memit._donate_flag(donate)
     if method == "ultraedit":
         return _ultraedit_sequential(model, requests, tokenizer=tokenizer, batch_size=batch_size, layers=layers,
                                      stats=stats, out=out, progress=progress, on_batch=on_batch, **hparams)
@@ -308,11 +311,13 @@ def edit_sequential(model, requests, *, tokenizer=None, method: str = "alphaedit
                     continue
                 if method == "alphaedit":
                     model, rep, state = _alpha.run_batch(model, tokenizer, reqs, mode, hp, layers, state, float(l2),
-                                                         evaluate=False, pad_to=batch_size, shape=shape)
+                                                         evaluate=False, pad_to=batch_size, shape=shape,
+                                                         donate=donate)
                 else:
                     model, rep = _memit.edit_batch(model, tokenizer, reqs, mode, hp, layers, contexts, stats,
                                                    evaluate=False, pad_to=batch_size, shape=shape,
-                                                   nas_mean_norm=nas_mean if mode == "edit" else None)
+                                                   nas_mean_norm=nas_mean if mode == "edit" else None,
+                                                   donate=donate)
                 entry["parts"].append({
                     "mode": mode, "layers_report": rep["layers_report"],
                     "loss_last": [r["loss_last"] for r in rep["requests"]],
