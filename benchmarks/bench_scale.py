@@ -47,9 +47,9 @@ def step_plan(step: str, report: dict, peaks: dict) -> int:
     """The plan's peak for a step on CPU (where the host is the device): its largest program, plus the host memory
     the plan counts beside the programs (``report["host"]``) that is alive at the same time. The statistics pass
     ends with its sums on the host beside the device's (one statistics' worth). An edit holds the
-    statistics of its layers through the solves, each later layer's solve running beside the copy of the output
-    projection the first layer's update made (the update's peak plus the solve's own bytes), and then writes the
-    model. AlphaEdit makes its projectors first (the statistics not yet used and the projectors made: one
+    statistics of its layers through the solves, each later layer's solve running beside what the update left
+    (the update's peak plus the solve's own bytes; the command line's update adds in place, donate=True), and then
+    writes the model. AlphaEdit makes its projectors first (the statistics not yet used and the projectors made: one
     statistics' worth, and one layer's eigendecomposition), then edits holding its state (P, C_p) instead of the
     statistics, and lets the state go before writing the model."""
     top, host, weights = max(peaks.values()), report.get("host") or {}, report["parameters_per_device"]
@@ -184,6 +184,7 @@ def main():
 
     name, cfg = planner.resolve_config(args.model)
     settings = planner.settings_of(cfg, {"dtype": args.dtype})
+    settings["usable"] = planner.parse_bytes(args.budget)  # rows that fit: compiled near the limit
     layers = settings["layers"]
     lay = f"{layers[0]}-{layers[-1]}"
     # the process's baseline: a bare JAX process (plan bytes are the programs' alone)

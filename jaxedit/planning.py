@@ -33,7 +33,7 @@ from jaxedit import runtime
 from jaxedit.calls import check_names
 from jaxedit.config import ModelConfig
 from jaxedit.edit.alphaedit import PROJECTOR_F2_BYTES
-from jaxedit.edit.memit import _add_layer, _solve_f32, default_layers, hparams_for, optimize_deltas
+from jaxedit.edit.memit import _add_layer_in_place, _solve_f32, default_layers, hparams_for, optimize_deltas
 from jaxedit.edit.stats import accumulate
 from jaxedit.errors import JaxeditError
 from jaxedit.loading.native import save_reservation_gb
@@ -88,6 +88,11 @@ PROGRAMS = ("trace", "saliency", "statistics", "z step", "solve", "update", "pro
 #   rounded up to whole GB).
 UNITS = {"trace": "prompt", "saliency": "example", "statistics": "text", "z step": "request"}
 MAX_ROWS = 1 << 16
+# The rows that fit are found on compiled programs, not on the line through 1 and 2 rows: as rows grow a program's
+# peak can move to another instruction with a larger cost per row (the statistics' k k^T product holds copies of
+# the keys that a one-row program's peak, in the MLP, does not see: 25 MiB a text against the line's 4.6 on
+# Llama-3-8B). Each guess is compiled and the line redrawn through the compiled counts nearest the limit.
+REFINE_COMPILES = 5
 
 VALID = ("device_memory", "mesh", "dtype", "headroom", "trace_tokens", "samples", "kinds", "stats_len",
          "stats_layers", "saliency_tokens", "z_rows", "z_tokens", "requests", "memory_budget", "refuse", "progress",
@@ -245,9 +250,51 @@ def _peak(m) -> dict:
     return out
 
 
+def fit_guess(points: dict, usable: float):
+    """(rows to compile next or None, the largest compiled count that fits or 0, bytes per row of the line used)
+    from compiled ``points`` {rows: peak bytes}: the line through the largest count that fits and the nearest one
+    above it (or the one below it when none above was compiled), extended to ``usable``."""
+    good = [r for r in points if points[r] <= usable]
+    if not good:
+        return None, 0, None
+    lo = max(good)
+    above = [r for r in points if r > lo]
+    other = min(above) if above else max((r for r in points if r < lo), default=None)
+    if other is None:
+        return None, lo, None
+    slope = (points[other] - points[lo]) / (other - lo)
+    if slope <= 0:
+        guess = MAX_ROWS
+    else:
+        guess = lo + int((usable - points[lo]) // slope)
+    guess = min(guess, MAX_ROWS, (min(above) - 1) if above else MAX_ROWS)
+    return (guess if guess > lo else None), lo, max(0.0, slope)
+
+
+def refine_rows(peak_at, points: dict, usable: float, compiles: int = REFINE_COMPILES) -> dict:
+    """Add to ``points`` {rows: peak} the counts :func:`fit_guess` proposes, ``peak_at(rows)`` each, until a guess
+    is within 2 % (or one row) of the largest count that fits, or after ``compiles`` of them."""
+    for _ in range(compiles):
+        guess, lo, _ = fit_guess(points, usable)
+        if guess is None or guess in points or (lo and guess - lo <= max(1, lo // 50)):
+            break
+        points[guess] = peak_at(guess)
+    return points
+
+
+def rows_that_fit(points: dict, usable: float, refined: bool = True) -> tuple:
+    """(rows per device, bytes per row) from compiled ``points``: the largest compiled count that fits when
+    :func:`refine_rows` ran on them, else (``refined=False``) the line's count beyond the largest."""
+    guess, lo, slope = fit_guess(points, usable)
+    fit = lo if refined or guess is None else guess
+    return min(fit, MAX_ROWS), int(slope or 0)
+
+
 def program_bytes(cfg: ModelConfig, sizes: dict, settings: dict, programs=PROGRAMS, rows=(1, 2)) -> dict:
     """{program: {rows: memory analysis dict}} of the compiled per-device programs; needs data x model devices in
-    this process. ``rows``: per-device rows of the batched programs."""
+    this process. ``rows``: per-device rows of the batched programs. With ``settings["usable"]`` (bytes per device)
+    the batched programs are also compiled at the row counts :func:`fit_guess` proposes, up to
+    ``REFINE_COMPILES`` more, so that the rows that fit are a compiled count."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -281,11 +328,22 @@ def program_bytes(cfg: ModelConfig, sizes: dict, settings: dict, programs=PROGRA
     budget = settings["memory_budget"] or 2 * GIB
     out: dict = {}
 
-    def analyse(name, fn):
+    usable = settings.get("usable")
+
+    def analyse(name, fn, at=None):
+        """``fn(r)``: the program lowered at r rows; or ``at(r)``: its memory analysis dict."""
+        at = at or (lambda r: _peak(fn(r).compile().memory_analysis()))
         res = {}
         for r in (rows if name in UNITS else (1,)):
             runtime.stage(f"compiling {name} ({r} row{'s' * (r > 1)} per device) on {mesh_name(sizes)}")
-            res[r] = _peak(fn(r).compile().memory_analysis())
+            res[r] = at(r)
+        if name in UNITS and usable:
+            def peak_at(r):
+                runtime.stage(f"compiling {name} ({r} rows per device, near the limit) on {mesh_name(sizes)}")
+                res[r] = at(r)
+                return res[r]["peak"]
+
+            refine_rows(peak_at, {r: v["peak"] for r, v in res.items()}, usable)
         out[name] = res
 
     if "trace" in programs:
@@ -296,7 +354,7 @@ def program_bytes(cfg: ModelConfig, sizes: dict, settings: dict, programs=PROGRA
                       cells_per_step=max(1, int(budget // (8 * S * T * (f + 4 * d)))))
         kinds = settings["kinds"]
 
-        def trace(r, kinds_):
+        def lower_trace(r, kinds_):
             B = r * D
             return trace_grid.lower(cfg, params, data((B, T), jnp.int32), data((B,), jnp.int32),
                                     data((B, T), jnp.bool_), data((B, S, T, d), jnp.float32), data((B,), jnp.int32),
@@ -304,17 +362,18 @@ def program_bytes(cfg: ModelConfig, sizes: dict, settings: dict, programs=PROGRA
 
         split = D * S * L * T * (T + 1) / 2 * row_flops(cfg, 2 * T) > SPLIT_FLOPS
         parts = [(k,) for k in kinds] if split else [kinds]
-        res = {}
-        for r in rows:
+
+        def trace_at(r):  # split: one program per kind, the largest counts
             best = None
             for part in parts:
                 runtime.stage(f"compiling trace {', '.join(part)} ({r} prompt{'s' * (r > 1)} per device) on "
                               f"{mesh_name(sizes)}")
-                one = _peak(trace(r, part).compile().memory_analysis())
+                one = _peak(lower_trace(r, part).compile().memory_analysis())
                 if best is None or one["peak"] > best["peak"]:
                     best = one
-            res[r] = best
-        out["trace"] = res
+            return best
+
+        analyse("trace", None, trace_at)
         out["trace_split"] = split
 
     if "saliency" in programs:
@@ -382,7 +441,9 @@ def program_bytes(cfg: ModelConfig, sizes: dict, settings: dict, programs=PROGRA
         def update(_):
             dW = sds((f, d), jnp.float32) if mesh is None else sds((f, d), jnp.float32,
                                                                    sharding=NamedSharding(mesh, row_spec))
-            return _add_layer.lower(w, dW, rep((), jnp.int32))
+            # the command line's update adds into the model's own projection (donate=True; without it, one more
+            # stacked projection: w_out_bytes)
+            return _add_layer_in_place.lower(w, dW, rep((), jnp.int32))
 
         analyse("update", update)
 
@@ -450,14 +511,9 @@ def _summarize(name, cfg, settings, sizes, dev_name, dev_bytes, headroom, measur
             one["peak"] += per - measured["w_out_bytes"]
         entry = dict(one, unit=UNITS.get(prog))
         if prog in UNITS:
-            row = max(0, res[2]["peak"] - res[1]["peak"])
-            entry["per_row"] = row
-            if one["peak"] > usable:
-                fit = 0
-            elif row == 0:
-                fit = MAX_ROWS
-            else:
-                fit = min(MAX_ROWS, 1 + int((usable - one["peak"]) // row))
+            points = {int(r): v["peak"] for r, v in res.items()}
+            fit, entry["per_row"] = rows_that_fit(points, usable, refined=bool(settings.get("usable")))
+            entry["compiled"] = {r: points[r] for r in sorted(points)}  # {rows: peak} of every compiled count
             entry["rows_per_device"] = fit
             entry["batch"] = fit * D
         entry["fits"] = one["peak"] <= usable
@@ -512,6 +568,7 @@ def _plan(model, device_memory="h100-80g", mesh=None, dtype="float32", headroom=
     if settings["memory_budget"] is None and not dev_name.startswith("cpu"):
         settings["memory_budget"] = dev_bytes / 4  # tracing's chunk budget on an accelerator (runtime's rule)
     usable = headroom * dev_bytes
+    settings["usable"] = usable  # the batched programs are compiled near the rows that fit (refine_rows)
     total, per = param_bytes(cfg, dtype, sizes)
     if per > usable and refuse:
         about = f"{dev_name} ({dev_bytes / GIB:.1f} GiB, " if dev_name in DEVICES else f"{dev_name} ("

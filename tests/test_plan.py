@@ -175,10 +175,29 @@ def test_plan_refusals_without_compiling():
     assert planner.model_axes(ModelConfig.from_hf(planner.SHAPES["gpt2-xl"])) == [1, 5, 25]
 
 
+def test_rows_that_fit_follow_a_kinked_peak():
+    """A peak whose cost per row grows past a count (as the statistics' does when its peak moves from the MLP to
+    the k k^T product): the line through 1 and 2 rows overshoots; refine_rows compiles its guesses until the rows
+    that fit are a compiled count within 2 % of the true limit, in a few compiles."""
+    usable = 10_000.0
+    for a, b, kink, c in [(100, 1.0, 4, 10.0), (100, 1.0, 1, 7.0), (100, 0.5, 50, 3.0), (100, 2.0, 10**6, 0.0)]:
+        peak = lambda r, a=a, b=b, kink=kink, c=c: a + b * r + c * max(0, r - kink)  # noqa: E731
+        true = max(r for r in range(1, planner.MAX_ROWS + 1) if peak(r) <= usable) if peak(1) <= usable else 0
+        calls = []
+        points = planner.refine_rows(lambda r: calls.append(r) or peak(r), {1: peak(1), 2: peak(2)}, usable)
+        fit, per_row = planner.rows_that_fit(points, usable)
+        assert fit in points and peak(fit) <= usable and 0.98 * true <= fit <= true, (a, b, kink, c, fit, true)
+        assert len(calls) <= planner.REFINE_COMPILES and per_row >= 0
+    # the line through 1 and 2 rows alone (nothing refined) is the extrapolated count
+    assert planner.rows_that_fit({1: 100.0, 2: 110.0}, 1000.0, refined=False) == (91, 10)
+    assert planner.rows_that_fit({1: 100.0, 2: 110.0}, 1000.0) == (2, 10)
+    assert planner.rows_that_fit({1: 2000.0, 2: 2010.0}, 1000.0)[0] == 0
+
+
 @pytest.mark.slow
 def test_plan_report_rows():
-    """The batch sizes follow from the two compiled row counts: the rows that fit are the most whose peak stays
-    within the usable memory."""
+    """The batch sizes are compiled counts: the rows that fit are the most whose compiled peak stays within the
+    usable memory (each guess compiled, the line redrawn through the counts nearest the limit)."""
     cfg = ModelConfig.from_hf(dict(TINY_SHAPES["llama"], tie_word_embeddings=False))
     r = planner.plan(cfg, device_memory="64MiB", progress=False, trace_tokens=8, samples=2, stats_len=8,
                      z_tokens=8)
@@ -186,10 +205,12 @@ def test_plan_report_rows():
     for name, p in r["programs"].items():
         assert p["peak"] > 0 and p["fits"] == (p["peak"] <= usable)
         if p.get("unit"):
-            assert p["peak"] + (p["rows_per_device"] - 1) * p["per_row"] <= usable
-            if p["per_row"]:
-                assert p["peak"] + p["rows_per_device"] * p["per_row"] > usable or \
-                    p["rows_per_device"] == planner.MAX_ROWS
+            fit, compiled = p["rows_per_device"], p["compiled"]
+            assert fit in compiled and compiled[fit] <= usable
+            above = [r for r in compiled if r > fit]
+            # the next count up was compiled and does not fit, or the line puts the limit within 2 % of fit
+            assert (above and compiled[min(above)] > usable) or fit == planner.MAX_ROWS or \
+                compiled[fit] + (max(1, fit // 50) + 1) * p["per_row"] > usable
     assert r["fits"] and r["parameters_per_device"] == r["parameters"]
     table = planner.format_plan(r)
     assert "| z step |" in table and "plan: fits" in table
