@@ -869,24 +869,27 @@ def _eval_prompts(reqs, mode):
     return prompts, toks, where
 
 
-def _before(model, tokenizer, reqs, mode):
-    """The unedited model's next-token distributions on :func:`_eval_prompts`' prompts (taken before the spread, so
-    that a donated model need not outlive it)."""
-    return next_token_dist(model, tokenizer, _eval_prompts(reqs, mode)[0])
+def _before(model, tokenizer, reqs, mode) -> list:
+    """Per prompt of :func:`_eval_prompts`, the unedited model's (p of each tracked token, argmax id, p of the argmax),
+    taken before the spread, so that a donated model need not outlive it (and not its whole distributions)."""
+    prompts, toks, _ = _eval_prompts(reqs, mode)
+    pb = next_token_dist(model, tokenizer, prompts)
+    return [([float(pb[i, x]) for x in t], int(pb[i].argmax()), float(pb[i].max())) for i, t in enumerate(toks)]
 
 
-def _evaluate(pb, edited, tokenizer, reqs, mode, report):
-    """Before (``pb``, from :func:`_before`) and after next-token probabilities of the target's first token (edit)
-    or the suppressed tokens (delete) and of the unedited model's argmax, on the prompt, paraphrases and
-    neighbourhood prompts."""
+def _evaluate(before, edited, tokenizer, reqs, mode, report):
+    """Before (from :func:`_before`) and after next-token probabilities of the target's first token (edit) or the
+    suppressed tokens (delete) and of the unedited model's argmax, on the prompt, paraphrases and neighbourhood
+    prompts."""
     prompts, toks, where = _eval_prompts(reqs, mode)
     pa = next_token_dist(edited, tokenizer, prompts)
     for i, ((j, kind, text), t) in enumerate(zip(where, toks)):
-        ab, aa = int(pb[i].argmax()), int(pa[i].argmax())
+        p_before, ab, p_ab = before[i]
+        aa = int(pa[i].argmax())
         entry = {"text": text, "tokens": [tokenizer.decode([x]) for x in t],
-                 "p_before": [float(pb[i, x]) for x in t], "p_after": [float(pa[i, x]) for x in t],
+                 "p_before": p_before, "p_after": [float(pa[i, x]) for x in t],
                  "original_argmax": tokenizer.decode([ab]),
-                 "p_original_before": float(pb[i, ab]), "p_original_after": float(pa[i, ab]),
+                 "p_original_before": p_ab, "p_original_after": float(pa[i, ab]),
                  "argmax_after": tokenizer.decode([aa]), "argmax_kept": ab == aa}
         rep = report["requests"][j]
         if kind == "prompt":
