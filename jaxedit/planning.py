@@ -12,8 +12,9 @@ counted from d_ff (``host_eigh_bytes``), as are the other host-side terms (``hos
 an edit, AlphaEdit's state, the buffers of writing the edited model).
 
 Each batched program is compiled for 1 and 2 rows per device (a row: a traced prompt, a saliency example, a text of
-the statistics pass, an edit request); the difference is the cost of a row, and the rows that fit are those whose
-peak stays within the usable memory (``headroom`` x the device's memory).
+the statistics pass, an edit request), then at the counts :func:`fit_guess` proposes until the limit is bracketed
+within 2 % (:func:`refine_rows`); the rows that fit are the largest compiled count whose peak stays within the
+usable memory (``headroom`` x the device's memory).
 
 Where the programs are compiled: on this process's devices when it has as many as the mesh (a GPU host compiles for
 its GPUs: the accelerator's own analysis); otherwise in a child process with that many simulated CPU devices
@@ -91,8 +92,9 @@ MAX_ROWS = 1 << 16
 # The rows that fit are found on compiled programs, not on the line through 1 and 2 rows: as rows grow a program's
 # peak can move to another instruction with a larger cost per row (the statistics' k k^T product holds copies of
 # the keys that a one-row program's peak, in the MLP, does not see: 25 MiB a text against the line's 4.6 on
-# Llama-3-8B). Each guess is compiled and the line redrawn through the compiled counts nearest the limit.
-REFINE_COMPILES = 5
+# Llama-3-8B). Each guess is compiled and the line redrawn through the compiled counts nearest the limit, with a
+# bisection floor so that a line bent by a far kink cannot creep (fit_guess).
+REFINE_COMPILES = 8
 
 VALID = ("device_memory", "mesh", "dtype", "headroom", "trace_tokens", "samples", "kinds", "stats_len",
          "stats_layers", "saliency_tokens", "z_rows", "z_tokens", "requests", "memory_budget", "refuse", "progress",
@@ -252,42 +254,65 @@ def _peak(m) -> dict:
 
 def fit_guess(points: dict, usable: float):
     """(rows to compile next or None, the largest compiled count that fits or 0, bytes per row of the line used)
-    from compiled ``points`` {rows: peak bytes}: the line through the largest count that fits and the nearest one
-    above it (or the one below it when none above was compiled), extended to ``usable``."""
+    from compiled ``points`` {rows: peak bytes}. With a compiled count above the largest that fits (``lo``), the
+    limit lies between them: None once they are within 2 % (or one row) of each other, else the count where the line
+    through the two meets ``usable``, but at least a quarter of the way up (the line through a far kink is steep and
+    would creep). With none above: the line through ``lo`` and the count below it, extended to ``usable`` (None when
+    it puts the limit within 2 % of ``lo``, or when the peak does not grow: MAX_ROWS by the line)."""
     good = [r for r in points if points[r] <= usable]
     if not good:
-        return None, 0, None
+        two = sorted(points)[:2]
+        slope = (points[two[1]] - points[two[0]]) / (two[1] - two[0]) if len(two) == 2 else None
+        return None, 0, slope
     lo = max(good)
     above = [r for r in points if r > lo]
-    other = min(above) if above else max((r for r in points if r < lo), default=None)
-    if other is None:
+    tol = max(1, lo // 50)
+    if above:
+        hi = min(above)
+        slope = (points[hi] - points[lo]) / (hi - lo)
+        if hi - lo <= tol:
+            return None, lo, slope
+        guess = lo + int((usable - points[lo]) // slope) if slope > 0 else hi - 1
+        guess = min(max(guess, lo + (hi - lo) // 4, lo + 1), hi - 1)
+        return guess, lo, slope
+    below = [r for r in points if r < lo]
+    if not below:
         return None, lo, None
-    slope = (points[other] - points[lo]) / (other - lo)
+    other = max(below)
+    slope = (points[lo] - points[other]) / (lo - other)
     if slope <= 0:
-        guess = MAX_ROWS
-    else:
-        guess = lo + int((usable - points[lo]) // slope)
-    guess = min(guess, MAX_ROWS, (min(above) - 1) if above else MAX_ROWS)
-    return (guess if guess > lo else None), lo, max(0.0, slope)
+        return None, lo, 0.0
+    guess = min(lo + int((usable - points[lo]) // slope), MAX_ROWS)
+    return (guess if guess - lo > tol else None), lo, slope
 
 
 def refine_rows(peak_at, points: dict, usable: float, compiles: int = REFINE_COMPILES) -> dict:
-    """Add to ``points`` {rows: peak} the counts :func:`fit_guess` proposes, ``peak_at(rows)`` each, until a guess
-    is within 2 % (or one row) of the largest count that fits, or after ``compiles`` of them."""
+    """Add to ``points`` {rows: peak} the counts :func:`fit_guess` proposes, ``peak_at(rows)`` each, until it
+    proposes none or after ``compiles`` of them (a count that fails to compile ends the search: the counts so far
+    stand)."""
     for _ in range(compiles):
-        guess, lo, _ = fit_guess(points, usable)
-        if guess is None or guess in points or (lo and guess - lo <= max(1, lo // 50)):
+        guess, _, _ = fit_guess(points, usable)
+        if guess is None:
             break
-        points[guess] = peak_at(guess)
+        try:
+            points[guess] = peak_at(guess)
+        except Exception:  # e.g. a program too large for the compiler at that count
+            break
     return points
 
 
 def rows_that_fit(points: dict, usable: float, refined: bool = True) -> tuple:
     """(rows per device, bytes per row) from compiled ``points``: the largest compiled count that fits when
-    :func:`refine_rows` ran on them, else (``refined=False``) the line's count beyond the largest."""
-    guess, lo, slope = fit_guess(points, usable)
-    fit = lo if refined or guess is None else guess
-    return min(fit, MAX_ROWS), int(slope or 0)
+    :func:`refine_rows` ran on them (MAX_ROWS when the peak does not grow with the rows), else (``refined=False``)
+    the line's count beyond the largest."""
+    _, lo, slope = fit_guess(points, usable)
+    above = any(r > lo for r in points)
+    if lo and not above and slope is not None and slope <= 0:
+        return MAX_ROWS, 0
+    fit = lo
+    if not refined and lo and not above and slope:
+        fit = lo + int((usable - points[lo]) // slope)
+    return min(fit, MAX_ROWS), int(max(0.0, slope or 0.0))
 
 
 def program_bytes(cfg: ModelConfig, sizes: dict, settings: dict, programs=PROGRAMS, rows=(1, 2)) -> dict:
@@ -546,8 +571,10 @@ def plan(model, **kw) -> dict:
     with ``fits`` False); ``search`` (True: with ``refuse``, compile larger model axes to find that mesh).
 
     Returns a dict: the shape, ``parameters_per_device``, ``programs`` {name: argument / output / temp / alias /
-    peak bytes per device at one row, ``per_row``, ``rows_per_device`` and ``batch`` (rows that fit, per device and
-    over the data axis), ``fits``}, ``fits``; :func:`format_plan` prints it as a table."""
+    peak bytes per device at one row, ``per_row`` (bytes per row of the line through the compiled counts nearest
+    the limit), ``compiled`` ({rows: peak} of every count compiled), ``rows_per_device`` and ``batch`` (the largest
+    compiled count that fits, per device and over the data axis), ``fits``}, ``fits``; :func:`format_plan` prints
+    it as a table."""
     kw = check_names(kw, VALID, what="plan option")
     progress = kw.pop("progress", True)
     with runtime.progress_scope(progress):
@@ -599,7 +626,7 @@ def _smallest_hint(cfg, settings, sizes, dev_bytes, headroom, search=True) -> st
             continue
         if not search:
             return f"the smallest mesh whose weights fit is model={m} ({m} devices; its programs not checked)"
-        measured, platform = measure(cfg, cand, settings)
+        measured, platform = measure(cfg, cand, dict(settings, usable=None))  # only whether one row fits
         rep = _summarize("", cfg, settings, cand, "", dev_bytes, headroom, measured, platform)
         if rep["fits"]:
             return f"the smallest mesh that fits is model={m} ({m} devices)"

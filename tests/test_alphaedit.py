@@ -249,9 +249,10 @@ def test_sequential_memit_one_batch_is_memit(gpt2_tiny):
 
 
 @pytest.mark.slow
-def test_sequential_resumes_and_refuses_changed_options(gpt2_tiny, tmp_path):
+def test_sequential_resumes_and_refuses_changed_options(gpt2_tiny, tiny_dirs, tmp_path):
     """A run killed after its first batch resumes at the second and ends with the uninterrupted run's weights;
-    a suppress request is edited with deletion's objective; a rerun with another option is refused by name."""
+    a suppress request is edited with deletion's objective; a rerun with another option is refused by name. The
+    killed run and the resumed one donate their models (donate=True, as the command line does): same weights."""
     model, tok = gpt2_tiny
     stats = spectrum_stats(model.config.d_ff, (1, 2))
     reqs = REQS4[:2] + [{"prompt": "The Eiffel Tower is in the city of", "subject": "The Eiffel Tower",
@@ -265,10 +266,13 @@ def test_sequential_resumes_and_refuses_changed_options(gpt2_tiny, tmp_path):
 
     out = str(tmp_path / "seq")
     with pytest.raises(KeyboardInterrupt):
-        jaxedit.edit_sequential(model, reqs, batch_size=2, tokenizer=tok, stats=stats, l2=0.5, out=out,
-                                on_batch=stop, **HP)
+        jaxedit.edit_sequential(jaxedit.load(tiny_dirs["gpt2"][0])[0], reqs, batch_size=2, tokenizer=tok,
+                                stats=stats, l2=0.5, out=out, on_batch=stop, donate=True, **HP)
     assert sorted(os.listdir(out)) == ["ckpt-00001", "projection.npz", "sequence.json"]
-    resumed, rep = jaxedit.edit_sequential(model, reqs, batch_size=2, tokenizer=tok, l2=0.5, out=out, **HP)
+    donor = jaxedit.load(tiny_dirs["gpt2"][0])[0]
+    resumed, rep = jaxedit.edit_sequential(donor, reqs, batch_size=2, tokenizer=tok, l2=0.5, out=out,
+                                           donate=True, **HP)
+    assert jaxedit.params_of(donor)["blocks"]["w_out"].is_deleted()
     assert rep["resumed_at"] == 1 and len(rep["batches"]) == 2
     ref = _w(full)
     np.testing.assert_allclose(_w(resumed), ref, atol=1e-5 * np.abs(ref - _w(model)).max())

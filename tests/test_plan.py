@@ -180,7 +180,8 @@ def test_rows_that_fit_follow_a_kinked_peak():
     the k k^T product): the line through 1 and 2 rows overshoots; refine_rows compiles its guesses until the rows
     that fit are a compiled count within 2 % of the true limit, in a few compiles."""
     usable = 10_000.0
-    for a, b, kink, c in [(100, 1.0, 4, 10.0), (100, 1.0, 1, 7.0), (100, 0.5, 50, 3.0), (100, 2.0, 10**6, 0.0)]:
+    for a, b, kink, c in [(100, 1.0, 4, 10.0), (100, 1.0, 1, 7.0), (100, 0.5, 50, 3.0), (100, 2.0, 10**6, 0.0),
+                          (100, 1.0, 5000, 1000.0), (100, 1.0, 30, 50.0)]:  # the last two: a far, steep kink
         peak = lambda r, a=a, b=b, kink=kink, c=c: a + b * r + c * max(0, r - kink)  # noqa: E731
         true = max(r for r in range(1, planner.MAX_ROWS + 1) if peak(r) <= usable) if peak(1) <= usable else 0
         calls = []
@@ -188,6 +189,10 @@ def test_rows_that_fit_follow_a_kinked_peak():
         fit, per_row = planner.rows_that_fit(points, usable)
         assert fit in points and peak(fit) <= usable and 0.98 * true <= fit <= true, (a, b, kink, c, fit, true)
         assert len(calls) <= planner.REFINE_COMPILES and per_row >= 0
+    # a peak that does not grow: MAX_ROWS, nothing compiled; one that does not fit at one row: 0
+    calls = []
+    points = planner.refine_rows(lambda r: calls.append(r) or 100.0, {1: 100.0, 2: 100.0}, usable)
+    assert planner.rows_that_fit(points, usable) == (planner.MAX_ROWS, 0) and not calls
     # the line through 1 and 2 rows alone (nothing refined) is the extrapolated count
     assert planner.rows_that_fit({1: 100.0, 2: 110.0}, 1000.0, refined=False) == (91, 10)
     assert planner.rows_that_fit({1: 100.0, 2: 110.0}, 1000.0) == (2, 10)
@@ -208,9 +213,10 @@ def test_plan_report_rows():
             fit, compiled = p["rows_per_device"], p["compiled"]
             assert fit in compiled and compiled[fit] <= usable
             above = [r for r in compiled if r > fit]
-            # the next count up was compiled and does not fit, or the line puts the limit within 2 % of fit
-            assert (above and compiled[min(above)] > usable) or fit == planner.MAX_ROWS or \
-                compiled[fit] + (max(1, fit // 50) + 1) * p["per_row"] > usable
+            # the limit is bracketed within 2 % by a compiled count that does not fit, or (none above) the line
+            # through the last two counts puts it within 2 % of fit
+            assert (above and min(above) - fit <= max(1, fit // 50)) or fit == planner.MAX_ROWS or \
+                (not above and compiled[fit] + (max(1, fit // 50) + 1) * p["per_row"] > usable), (name, compiled)
     assert r["fits"] and r["parameters_per_device"] == r["parameters"]
     table = planner.format_plan(r)
     assert "| z step |" in table and "plan: fits" in table

@@ -112,15 +112,18 @@ def _model_signature(model, layers) -> dict:
             "edited_layer_norms": [round(float(x), 4) for x in norms]}
 
 
-@jax.jit
-def _set_layers(w, idx, values):
+def _set_layers_fn(w, idx, values):
     return w.at[idx].set(values.astype(w.dtype))
 
 
-def _with_layers(model, layers, values: np.ndarray):
+_set_layers = jax.jit(_set_layers_fn)
+_set_layers_in_place = jax.jit(_set_layers_fn, donate_argnums=0)  # donate=True: no copy of the stacked projection
+
+
+def _with_layers(model, layers, values: np.ndarray, donate: bool = False):
     params = params_of(model)
     w = params["blocks"]["w_out"]
-    new = _set_layers(w, jnp.asarray(list(layers)), jnp.asarray(values))
+    new = (_set_layers_in_place if donate else _set_layers)(w, jnp.asarray(list(layers)), jnp.asarray(values))
     if getattr(w, "sharding", None) is not None:
         new = jax.device_put(new, w.sharding)
     return model_from_params(model.config, dict(params, blocks=dict(params["blocks"], w_out=new)))
@@ -271,7 +274,7 @@ def edit_sequential(model, requests, *, tokenizer=None, method: str = "alphaedit
         done, batch_reports = int(seq["done"]), list(seq["batches"])
         runtime.stage(f"resuming at batch {done + 1} of {len(chunks)} from {out}/" if done < len(chunks) else
                       f"all {len(chunks)} batches were done earlier in {out}/: nothing to edit")
-        model = _with_layers(model, layers, ckpt.weights(seq))
+        model = _with_layers(model, layers, ckpt.weights(seq), donate)
         if method == "alphaedit":
             state = ckpt.state(seq, layers)
     contexts = seq["contexts"] if seq is not None else None
