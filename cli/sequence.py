@@ -197,7 +197,7 @@ def run_sequence(load, kind, records, requests, wheres, *, method, batch_size, l
     edited, report = jaxedit.edit_sequential(model, requests, method=method, batch_size=batch_size, layers=layers,
                                              tokenizer=tok, out=os.path.join(out, "sequence"), on_batch=on_batch,
                                              donate=True, **kw)
-    del model  # used up by the edit (donate=True: its edited projection became the edited model's)
+    del model  # MEMIT and AlphaEdit used it up (donate=True: its edited projection became the edited model's)
     report.pop("state", None)  # P and C_p stay in out/sequence/
     if eval_every:  # a resumed run that had finished: the points of batches done before are in the file already
         on_batch(n_batches, edited)
