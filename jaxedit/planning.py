@@ -626,8 +626,9 @@ def _smallest_hint(cfg, settings, sizes, dev_bytes, headroom, search=True) -> st
             continue
         if not search:
             return f"the smallest mesh whose weights fit is model={m} ({m} devices; its programs not checked)"
-        measured, platform = measure(cfg, cand, dict(settings, usable=None))  # only whether one row fits
-        rep = _summarize("", cfg, settings, cand, "", dev_bytes, headroom, measured, platform)
+        one_row = dict(settings, usable=None)  # only whether one row fits: no search for the rows that fit
+        measured, platform = measure(cfg, cand, one_row)
+        rep = _summarize("", cfg, one_row, cand, "", dev_bytes, headroom, measured, platform)
         if rep["fits"]:
             return f"the smallest mesh that fits is model={m} ({m} devices)"
     return f"no model axis up to {model_axes(cfg)[-1]} fits (model axes this shape allows: {model_axes(cfg)})"
